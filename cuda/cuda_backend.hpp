@@ -1,0 +1,12 @@
+#pragma once
+// The CUDA side as seen from C++: no CUDA or Eigen types cross this header.
+#include <memory>
+
+#include "backend/backend.hpp"
+
+namespace hysparse::cuda {
+
+CudaStatus status();
+std::unique_ptr<Backend> make_backend(int device_index);  // device_index < status().devices.size()
+
+}  // namespace hysparse::cuda

@@ -1,0 +1,63 @@
+#pragma once
+// The operations that differ between compute devices. The replay engine is
+// written once against this interface; `cpu` and `cuda` implement it.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace hysparse {
+
+// Exact softmax statistics of the query rows of the heads that share one KV head.
+// Inputs are float32; logits z_j = scale * q . k_j for keys j <= t (causal).
+struct StatsRequest {
+  const float* q = nullptr;       // [heads][seq_len][head_dim] (the group's heads, consecutive)
+  const float* k = nullptr;       // [seq_len][head_dim]
+  const float* v = nullptr;       // [seq_len][head_dim] or nullptr (no output wanted)
+  const float* sink_logits = nullptr;  // [heads] or nullptr
+  const float* attn = nullptr;    // dense layer instead of q/k: [heads][seq_len][seq_len] probabilities
+  std::int64_t heads = 1, seq_len = 0, head_dim = 0;
+  double scale = 1.0;
+  const std::int64_t* rows = nullptr;  // query positions, ascending
+  std::int64_t num_rows = 0;
+  std::int64_t block_size = 64;
+};
+
+// Per (head, row, block): m = max logit in the block, l = sum exp(z - m) over the
+// block's causal keys (m = -inf, l = 0 for an empty block). Per (head, row):
+// lse_tokens = log sum_j exp(z_j), lse_all = log(exp(sink) + sum_j exp(z_j)).
+// A dense layer uses z_j = log p_j, so lse_all = 0 when rows sum to one.
+// output (when v is given) = sum_j exp(z_j - lse_all) v_j, the exact attention output.
+struct StatsTile {
+  std::int64_t heads = 0, rows = 0, num_blocks = 0, head_dim = 0;
+  std::vector<float> block_max;   // [heads][rows][num_blocks]
+  std::vector<float> block_sum;   // [heads][rows][num_blocks]
+  std::vector<double> lse_tokens, lse_all;  // [heads][rows]
+  std::vector<float> output;      // [heads][rows][head_dim] or empty
+  std::size_t at(std::int64_t h, std::int64_t r, std::int64_t b) const {
+    return static_cast<std::size_t>((h * rows + r) * num_blocks + b);
+  }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;    // "cpu" or "cuda"
+  virtual std::string device() const = 0;  // e.g. "x86_64 CPU, 2 OpenMP threads"
+  // Thread-safe: the engine calls it from several OpenMP threads at once.
+  virtual void block_statistics(const StatsRequest& request, StatsTile& out) const = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// "cpu" or "cuda" / "cuda:N". Throws Error(kDevice) when the device is unusable.
+std::unique_ptr<Backend> make_backend(const std::string& device);
+
+// Build and runtime facts for `hysparse info`.
+struct CudaStatus {
+  bool compiled = false;
+  std::vector<std::string> devices;  // one description per visible GPU
+  std::string why_none;              // when devices is empty
+};
+CudaStatus cuda_status();
+
+}  // namespace hysparse

@@ -1,0 +1,170 @@
+// CPU backend: Eigen for the tile products, exact one-pass block statistics.
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "backend/backend.hpp"
+#include "common/error.hpp"
+
+namespace hysparse {
+namespace {
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Keys are streamed in chunks of whole blocks of at least this many keys.
+constexpr std::int64_t kMinKeyChunk = 256;
+
+double log_add_exp(double a, double b) {
+  if (a == -std::numeric_limits<double>::infinity()) return b;
+  if (b == -std::numeric_limits<double>::infinity()) return a;
+  const double m = std::max(a, b);
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+void allocate(const StatsRequest& req, StatsTile& out) {
+  const std::int64_t last = req.rows[req.num_rows - 1];
+  out.heads = req.heads;
+  out.rows = req.num_rows;
+  out.head_dim = req.head_dim;
+  out.num_blocks = last / req.block_size + 1;
+  const auto cells = static_cast<std::size_t>(out.heads * out.rows * out.num_blocks);
+  out.block_max.assign(cells, kNegInf);
+  out.block_sum.assign(cells, 0.0f);
+  out.lse_tokens.assign(static_cast<std::size_t>(out.heads * out.rows), 0.0);
+  out.lse_all.assign(static_cast<std::size_t>(out.heads * out.rows), 0.0);
+  if (req.v) out.output.assign(static_cast<std::size_t>(out.heads * out.rows * out.head_dim), 0.0f);
+  else out.output.clear();
+}
+
+// Row statistics from the finished per-block (max, sum) pairs.
+void finish_rows(const StatsRequest& req, StatsTile& out, std::int64_t h) {
+  for (std::int64_t r = 0; r < out.rows; ++r) {
+    const std::int64_t blocks = req.rows[r] / req.block_size + 1;
+    float row_max = kNegInf;
+    for (std::int64_t b = 0; b < blocks; ++b) row_max = std::max(row_max, out.block_max[out.at(h, r, b)]);
+    double total = 0.0;
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      const float m = out.block_max[out.at(h, r, b)];
+      if (m != kNegInf) total += static_cast<double>(out.block_sum[out.at(h, r, b)]) * std::exp(static_cast<double>(m) - row_max);
+    }
+    const double lse_tokens = static_cast<double>(row_max) + std::log(total);
+    double lse_all = lse_tokens;
+    if (req.sink_logits) lse_all = log_add_exp(lse_tokens, static_cast<double>(req.sink_logits[h]));
+    out.lse_tokens[static_cast<std::size_t>(h * out.rows + r)] = lse_tokens;
+    out.lse_all[static_cast<std::size_t>(h * out.rows + r)] = lse_all;
+  }
+}
+
+void dense_layer_statistics(const StatsRequest& req, StatsTile& out) {
+  const std::int64_t T = req.seq_len, B = req.block_size;
+  for (std::int64_t h = 0; h < req.heads; ++h) {
+    for (std::int64_t r = 0; r < req.num_rows; ++r) {
+      const std::int64_t t = req.rows[r];
+      const float* p = req.attn + (h * T + t) * T;
+      for (std::int64_t b = 0; b * B <= t; ++b) {
+        const std::int64_t end = std::min(t + 1, (b + 1) * B);
+        float peak = 0.0f;
+        double sum = 0.0;
+        for (std::int64_t j = b * B; j < end; ++j) {
+          peak = std::max(peak, p[j]);
+          sum += p[j];
+        }
+        if (peak > 0.0f) {
+          out.block_max[out.at(h, r, b)] = std::log(peak);
+          out.block_sum[out.at(h, r, b)] = static_cast<float>(sum / peak);
+        }
+      }
+    }
+    finish_rows(req, out, h);
+    for (std::int64_t r = 0; r < req.num_rows; ++r) out.lse_all[static_cast<std::size_t>(h * out.rows + r)] = 0.0;
+  }
+}
+
+void qk_layer_statistics(const StatsRequest& req, StatsTile& out) {
+  const std::int64_t d = req.head_dim, B = req.block_size, R = req.num_rows;
+  const std::int64_t last = req.rows[R - 1];
+  const std::int64_t chunk = ((std::max(kMinKeyChunk, B) + B - 1) / B) * B;
+  const auto scale = static_cast<float>(req.scale);
+
+  RowMatrix q_rows(R, d), scores, probabilities, output;
+  std::vector<float> running_max(static_cast<std::size_t>(R));
+  Eigen::Map<const RowMatrix> keys(req.k, req.seq_len, d);
+  for (std::int64_t h = 0; h < req.heads; ++h) {
+    const float* q_head = req.q + h * req.seq_len * d;
+    for (std::int64_t r = 0; r < R; ++r) {
+      q_rows.row(r) = Eigen::Map<const Eigen::RowVectorXf>(q_head + req.rows[r] * d, d) * scale;
+    }
+    if (req.v) {
+      output.setZero(R, d);
+      std::fill(running_max.begin(), running_max.end(), kNegInf);
+    }
+    for (std::int64_t c0 = 0; c0 <= last; c0 += chunk) {
+      const std::int64_t width = std::min(chunk, last + 1 - c0);
+      // First row that sees any key of this chunk (rows are ascending).
+      const std::int64_t r_begin = std::lower_bound(req.rows, req.rows + R, c0) - req.rows;
+      const std::int64_t active = R - r_begin;
+      if (active <= 0) continue;
+      scores.noalias() = q_rows.bottomRows(active) * keys.middleRows(c0, width).transpose();
+      if (req.v) probabilities.setZero(active, width);
+      for (std::int64_t i = 0; i < active; ++i) {
+        const std::int64_t r = r_begin + i;
+        const std::int64_t visible = std::min(width, req.rows[r] + 1 - c0);
+        float* z = scores.row(i).data();
+        for (std::int64_t b0 = 0; b0 < visible; b0 += B) {
+          const std::int64_t len = std::min(B, visible - b0);
+          Eigen::Map<Eigen::ArrayXf> segment(z + b0, len);
+          const float m = segment.maxCoeff();
+          const float l = (segment - m).exp().sum();
+          const std::size_t cell = out.at(h, r, (c0 + b0) / B);
+          out.block_max[cell] = m;
+          out.block_sum[cell] = l;
+        }
+        if (req.v) {
+          Eigen::Map<Eigen::ArrayXf> visible_scores(z, visible);
+          const float previous = running_max[static_cast<std::size_t>(r)];
+          const float current = std::max(previous, visible_scores.maxCoeff());
+          if (previous != kNegInf) output.row(r) *= std::exp(previous - current);
+          running_max[static_cast<std::size_t>(r)] = current;
+          probabilities.row(i).head(visible) = (visible_scores - current).exp().matrix().transpose();
+        }
+      }
+      if (req.v) {
+        Eigen::Map<const RowMatrix> values(req.v + c0 * d, width, d);
+        output.bottomRows(active).noalias() += probabilities * values;
+      }
+    }
+    finish_rows(req, out, h);
+    if (req.v) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        const double lse_all = out.lse_all[static_cast<std::size_t>(h * R + r)];
+        const auto factor = static_cast<float>(std::exp(static_cast<double>(running_max[static_cast<std::size_t>(r)]) - lse_all));
+        Eigen::Map<Eigen::RowVectorXf>(&out.output[static_cast<std::size_t>((h * R + r) * d)], d) = output.row(r) * factor;
+      }
+    }
+  }
+}
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  std::string device() const override {
+    return fmt::format("CPU, {} OpenMP threads, Eigen {}.{}.{}", omp_get_max_threads(), EIGEN_WORLD_VERSION,
+                       EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION);
+  }
+  void block_statistics(const StatsRequest& req, StatsTile& out) const override {
+    if (req.num_rows <= 0) throw Error(ErrorKind::kInternal, "block_statistics: no rows");
+    allocate(req, out);
+    if (req.attn) dense_layer_statistics(req, out);
+    else qk_layer_statistics(req, out);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace hysparse

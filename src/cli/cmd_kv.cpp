@@ -1,0 +1,4 @@
+#include "cli/commands.hpp"
+namespace hysparse::cli {
+void add_kv_command(CLI::App&) {}
+}  // namespace hysparse::cli

@@ -1,0 +1,4 @@
+#include "cli/commands.hpp"
+namespace hysparse::cli {
+void add_replay_command(CLI::App&) {}
+}  // namespace hysparse::cli

@@ -1,0 +1,40 @@
+#pragma once
+// Who made a report, from what, when and how: written to every HDF5 report.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "io/h5.hpp"
+
+namespace hysparse {
+
+const char* tool_version();
+const char* git_sha();
+
+struct Provenance {
+  std::string command_line;           // shell-quoted argv
+  std::string created_utc;            // ISO 8601, e.g. 2026-11-28T03:00:00Z
+  std::string backend = "cpu";        // cpu | cuda
+  std::string device;                 // human description of the device
+  std::uint64_t seed = 0;
+  int threads = 1;
+  std::vector<std::string> input_files;
+  std::vector<std::string> input_sha256;
+
+  void add_input(const std::string& path);  // hashes the file
+};
+
+// Fills command_line and created_utc; backend/device/seed/inputs are set by the caller.
+Provenance make_provenance(int argc, const char* const* argv);
+void set_command_line(int argc, const char* const* argv);  // called once by main()
+const std::string& command_line();
+
+std::string utc_now_iso8601();
+std::string shell_quote(const std::string& word);
+
+// Root attributes: format, format_version, tool_version, git_sha, command_line,
+// created_utc, backend, device, seed, threads, input_files, input_sha256.
+void write_provenance(const h5::File& file, const std::string& format, std::int64_t format_version,
+                      const Provenance& provenance);
+
+}  // namespace hysparse
