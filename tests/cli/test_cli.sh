@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# CLI behaviour through the real binary: exit codes and one-line messages.
+set -u
+HYSPARSE=$1
+WORK=$2
+rm -rf "$WORK" && mkdir -p "$WORK"
+failures=0
+pass=0
+
+expect() {  # expect NAME EXPECTED_CODE PATTERN -- command...
+  local name=$1 code=$2 pattern=$3
+  shift 4
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  if [[ $rc -ne $code ]]; then
+    echo "FAIL $name: exit $rc, expected $code. Output:"; echo "$out" | head -5
+    failures=$((failures + 1)); return
+  fi
+  if [[ -n $pattern ]] && ! grep -qE -- "$pattern" <<<"$out"; then
+    echo "FAIL $name: output lacks /$pattern/. Output:"; echo "$out" | head -5
+    failures=$((failures + 1)); return
+  fi
+  pass=$((pass + 1))
+}
+
+expect version 0 '^hysparse [0-9]+\.[0-9]+\.[0-9]+' -- "$HYSPARSE" --version
+expect help 0 'synth' -- "$HYSPARSE" --help
+for sub in synth inspect info replay kv; do
+  expect "help-$sub" 0 "Usage: .*$sub" -- "$HYSPARSE" "$sub" --help
+done
+expect no-subcommand 2 'usage error' -- "$HYSPARSE"
+expect unknown-option 2 'usage error' -- "$HYSPARSE" synth --bogus -o "$WORK/x.h5"
+expect info 0 'CUDA devices' -- "$HYSPARSE" info
+expect synth 0 'wrote' -- "$HYSPARSE" synth -o "$WORK/s.h5" --layers 2 --seq-len 128 --head-dim 16 --q-heads 4 --kv-heads 2
+expect synth-bad-heads 2 'not a multiple' -- "$HYSPARSE" synth -o "$WORK/bad.h5" --q-heads 6 --kv-heads 4
+[[ -e "$WORK/bad.h5" ]] && { echo "FAIL synth-bad-heads left a file"; failures=$((failures + 1)); }
+expect synth-bad-dtype 2 'dtype' -- "$HYSPARSE" synth -o "$WORK/bad.h5" --dtype int8
+expect synth-unwritable 4 'not writable|does not exist' -- "$HYSPARSE" synth -o /nonexistent-dir/x.h5
+expect inspect 0 'valid hysparse capture' -- "$HYSPARSE" inspect "$WORK/s.h5"
+expect inspect-missing 3 'cannot open' -- "$HYSPARSE" inspect "$WORK/missing.h5"
+echo "this is not hdf5" > "$WORK/text.h5"
+expect inspect-not-hdf5 3 'not an HDF5 file' -- "$HYSPARSE" inspect "$WORK/text.h5"
+head -c 3000 "$WORK/s.h5" > "$WORK/truncated.h5"
+expect inspect-truncated 3 'truncated|corrupted|cannot' -- "$HYSPARSE" inspect "$WORK/truncated.h5"
+
+echo "cli tests: $pass passed, $failures failed"
+[[ $failures -eq 0 ]]

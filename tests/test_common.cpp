@@ -1,0 +1,60 @@
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "catch.hpp"
+#include "common/half.hpp"
+#include "common/random.hpp"
+#include "common/sha256.hpp"
+
+using namespace hysparse;
+
+TEST_CASE("sha256 matches the FIPS 180-4 test vectors", "[common]") {
+  CHECK(sha256_hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  CHECK(sha256_hex(std::string(1000000, 'a')) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST_CASE("float16 conversion is exact on representable values and rounds to nearest even", "[common]") {
+  for (float v : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.9604644775390625e-08f, 0.333251953125f}) {
+    CHECK(half_to_float(float_to_half(v)) == v);
+  }
+  CHECK(std::isinf(half_to_float(float_to_half(65520.0f))));
+  CHECK(half_to_float(float_to_half(65519.0f)) == 65504.0f);
+  CHECK(std::isnan(half_to_float(float_to_half(std::numeric_limits<float>::quiet_NaN()))));
+  // 1 + 2^-11 is halfway between 1 and 1 + 2^-10: ties go to the even mantissa (1).
+  CHECK(half_to_float(float_to_half(1.0f + 0.00048828125f)) == 1.0f);
+  CHECK(half_to_float(float_to_half(1.0f + 3 * 0.00048828125f)) == 1.0f + 4 * 0.00048828125f);
+  // Exhaustive round trip of every finite half value.
+  for (std::uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const float f = half_to_float(static_cast<std::uint16_t>(bits));
+    if (std::isnan(f)) continue;
+    REQUIRE(float_to_half(f) == static_cast<std::uint16_t>(bits));
+  }
+}
+
+TEST_CASE("bfloat16 conversion rounds to nearest even", "[common]") {
+  CHECK(bfloat16_to_float(float_to_bfloat16(1.0f)) == 1.0f);
+  CHECK(bfloat16_to_float(float_to_bfloat16(-3.0f)) == -3.0f);
+  CHECK(bfloat16_to_float(float_to_bfloat16(1.0f + 1.0f / 256)) == 1.0f);            // tie -> even
+  CHECK(bfloat16_to_float(float_to_bfloat16(1.0f + 3.0f / 256)) == 1.0f + 4.0f / 256);  // tie -> even
+  CHECK(std::isnan(bfloat16_to_float(float_to_bfloat16(std::numeric_limits<float>::quiet_NaN()))));
+}
+
+TEST_CASE("the random generator is deterministic and roughly normal", "[common]") {
+  Rng a(42), b(42), c(43);
+  for (int i = 0; i < 100; ++i) REQUIRE(a.next() == b.next());
+  CHECK(Rng(42).next() != c.next());
+  Rng g(test::seed());
+  double sum = 0, sum2 = 0;
+  const int n = 200000;
+  for (int i = 0; i < n; ++i) {
+    const double x = g.normal();
+    sum += x;
+    sum2 += x * x;
+  }
+  CHECK(std::abs(sum / n) < 0.02);
+  CHECK(std::abs(sum2 / n - 1.0) < 0.02);
+}
