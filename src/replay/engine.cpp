@@ -1,0 +1,852 @@
+#include "replay/engine.hpp"
+
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <numeric>
+
+#include "common/error.hpp"
+#include "common/interrupt.hpp"
+#include "common/memory.hpp"
+#include "replay/selector.hpp"
+
+namespace hysparse {
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+// Model-level recall quantiles come from a histogram of this many bins on [0, 1]
+// (value = bin centre, so within 0.5 / kModelHistogramBins of the exact quantile).
+constexpr int kModelHistogramBins = 100000;
+// A tile holds at most this many (head, row, base block) cells, bounding per-thread memory.
+constexpr std::int64_t kMaxTileCells = std::int64_t{4} << 20;
+// Dense attention rows may exceed one by rounding in the tool that wrote them.
+constexpr double kDenseRowSumTolerance = 1e-3;
+
+std::int64_t gcd(std::int64_t a, std::int64_t b) { return b == 0 ? a : gcd(b, a % b); }
+
+// Keys forced into a row's attended set: [0, sink_end) and [window_begin, t].
+struct ForcedRanges {
+  std::int64_t sink_end = 0, window_begin = 0, t = 0;
+  ForcedRanges(std::int64_t sinks, std::int64_t window, std::int64_t t_) : t(t_) {
+    sink_end = std::min(sinks, t + 1);
+    window_begin = window > 0 ? std::max<std::int64_t>(0, t - window + 1) : t + 1;
+    if (window_begin <= sink_end) window_begin = sink_end;  // merge overlapping ranges
+  }
+  std::int64_t count() const { return sink_end + (t + 1 - window_begin); }
+  // Number of forced keys in [lo, hi).
+  std::int64_t count_in(std::int64_t lo, std::int64_t hi) const {
+    hi = std::min(hi, t + 1);
+    const std::int64_t a = std::max<std::int64_t>(0, std::min(hi, sink_end) - lo);
+    const std::int64_t b = std::max<std::int64_t>(0, hi - std::max(lo, window_begin));
+    return std::max<std::int64_t>(0, a) + std::max<std::int64_t>(0, b);
+  }
+};
+
+// One (layer, KV group) worth of inputs, shared read-only by the tile workers.
+struct LayerInputs {
+  const CaptureHeader* header = nullptr;
+  const LayerTensors* tensors = nullptr;
+  bool dense = false;
+  bool want_output = false;
+  double scale = 1.0;
+};
+
+// Exact row quantities that metrics need beyond the block statistics.
+class RowAccess {
+ public:
+  RowAccess(const LayerInputs& in, const StatsTile& tile, std::int64_t kv_group, std::int64_t head_local,
+            std::int64_t r, std::int64_t t)
+      : in_(in), tile_(tile), t_(t), r_(r), head_local_(head_local) {
+    const auto& h = *in.header;
+    head_ = kv_group * h.group_size() + head_local;
+    d_ = h.head_dim;
+    T_ = h.seq_len;
+    lse_tokens_ = tile.lse_tokens[static_cast<std::size_t>(head_local * tile.rows + r)];
+    lse_all_ = tile.lse_all[static_cast<std::size_t>(head_local * tile.rows + r)];
+    if (!in.dense) {
+      q_ = in.tensors->q.data() + (head_ * T_ + t) * d_;
+      k_ = in.tensors->k.data() + kv_group * T_ * d_;
+      if (in.want_output) v_ = in.tensors->v.data() + kv_group * T_ * d_;
+    } else {
+      p_ = in.tensors->attn.data() + (head_ * T_ + t) * T_;
+    }
+  }
+  double logit(std::int64_t j) const {
+    if (p_) return p_[j] > 0.0f ? std::log(static_cast<double>(p_[j])) : kNegInf;
+    double dot = 0.0;
+    const float* key = k_ + j * d_;
+    for (std::int64_t c = 0; c < d_; ++c) dot += static_cast<double>(q_[c]) * key[c];
+    return in_.scale * dot;
+  }
+  // p_j normalised by the row's token mass.
+  double token_share(std::int64_t j) const { return std::exp(logit(j) - lse_tokens_); }
+  // For keys [j0, j1): share[j - j0] = p_j / token mass and, when weight is given,
+  // weight[j - j0] = exp(z_j - lse_all) (the true probability). Vectorised over keys.
+  void range(std::int64_t j0, std::int64_t j1, std::vector<double>& share, std::vector<double>* weight) const {
+    const std::int64_t n = std::max<std::int64_t>(0, j1 - j0);
+    share.resize(static_cast<std::size_t>(n));
+    if (weight) weight->resize(static_cast<std::size_t>(n));
+    if (n == 0) return;
+    if (p_) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        const double z = p_[j0 + i] > 0.0f ? std::log(static_cast<double>(p_[j0 + i])) : kNegInf;
+        share[static_cast<std::size_t>(i)] = std::exp(z - lse_tokens_);
+        if (weight) (*weight)[static_cast<std::size_t>(i)] = std::exp(z - lse_all_);
+      }
+      return;
+    }
+    using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<const RowMajor> keys(k_ + j0 * d_, n, d_);
+    Eigen::Map<const Eigen::VectorXf> query(q_, d_);
+    thread_local Eigen::VectorXf dots;
+    dots.noalias() = keys * query;
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double z = in_.scale * static_cast<double>(dots[i]);
+      share[static_cast<std::size_t>(i)] = std::exp(z - lse_tokens_);
+      if (weight) (*weight)[static_cast<std::size_t>(i)] = std::exp(z - lse_all_);
+    }
+  }
+  // Adds sum_j exp(z_j - lse_all) v_j over keys [j0, j1) into numerator, the weights into denominator.
+  void add_output(std::int64_t j0, std::int64_t j1, std::vector<double>& numerator, double& denominator) const {
+    if (j1 <= j0) return;
+    thread_local std::vector<double> share, weight;
+    thread_local Eigen::VectorXf weight_f, sum_f;
+    range(j0, j1, share, &weight);
+    const std::int64_t n = j1 - j0;
+    weight_f.resize(n);
+    for (std::int64_t i = 0; i < n; ++i) {
+      weight_f[i] = static_cast<float>(weight[static_cast<std::size_t>(i)]);
+      denominator += weight[static_cast<std::size_t>(i)];
+    }
+    using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<const RowMajor> values(v_ + j0 * d_, n, d_);
+    sum_f.noalias() = values.transpose() * weight_f;
+    for (std::int64_t c = 0; c < d_; ++c) numerator[static_cast<std::size_t>(c)] += sum_f[c];
+  }
+  double sink_weight() const {
+    const auto& sinks = in_.tensors->sink_logits;
+    return sinks.empty() ? 0.0 : std::exp(static_cast<double>(sinks[static_cast<std::size_t>(head_)]) - lse_all_);
+  }
+  double output_error(const std::vector<double>& numerator, double denominator) const {
+    const float* o = &tile_.output[static_cast<std::size_t>((head_local_ * tile_.rows + r_) * d_)];
+    const double total = denominator + sink_weight();
+    double diff = 0.0, norm = 0.0;
+    for (std::int64_t c = 0; c < d_; ++c) {
+      const double approx = total > 0 ? numerator[static_cast<std::size_t>(c)] / total : 0.0;
+      diff += (approx - o[c]) * (approx - o[c]);
+      norm += static_cast<double>(o[c]) * o[c];
+    }
+    return norm > 0 ? std::sqrt(diff / norm) : kNaN;
+  }
+  std::int64_t t() const { return t_; }
+  std::int64_t dim() const { return d_; }
+
+ private:
+  const LayerInputs& in_;
+  const StatsTile& tile_;
+  std::int64_t t_, r_, head_local_, head_ = 0, d_ = 0, T_ = 0;
+  double lse_tokens_ = 0, lse_all_ = 0;
+  const float* q_ = nullptr;
+  const float* k_ = nullptr;
+  const float* v_ = nullptr;
+  const float* p_ = nullptr;
+};
+
+// Forced keys of one (head, row): their total share, per-block share, and output part.
+struct ForcedSummary {
+  double mass = 0;
+  std::int64_t count = 0;
+  std::vector<std::pair<std::int64_t, double>> block_mass;  // (block, share), few entries
+  std::vector<double> numerator;
+  double denominator = 0;
+  double mass_in(std::int64_t block) const {
+    for (const auto& [b, m] : block_mass) {
+      if (b == block) return m;
+    }
+    return 0.0;
+  }
+};
+
+ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced, std::int64_t block, bool output) {
+  ForcedSummary s;
+  s.count = forced.count();
+  if (output) s.numerator.assign(static_cast<std::size_t>(row.dim()), 0.0);
+  thread_local std::vector<double> share;
+  for (auto [j0, j1] : {std::pair<std::int64_t, std::int64_t>{0, forced.sink_end}, {forced.window_begin, forced.t + 1}}) {
+    row.range(j0, j1, share, nullptr);
+    for (std::int64_t j = j0; j < j1; ++j) {
+      const double p = share[static_cast<std::size_t>(j - j0)];
+      s.mass += p;
+      const std::int64_t b = j / block;
+      if (s.block_mass.empty() || s.block_mass.back().first != b) s.block_mass.emplace_back(b, 0.0);
+      s.block_mass.back().second += p;
+    }
+    if (output) row.add_output(j0, j1, s.numerator, s.denominator);
+  }
+  return s;
+}
+
+// Everything one selector needs at one block size, per layer tile.
+struct SelectorPlan {
+  Selector* selector = nullptr;
+  std::int64_t view_index = 0;       // which BlockView
+  std::int64_t reference_config = 0; // fixed forced config (oracle reference, residual scores)
+  bool budget_window = false;        // swa without a fixed window
+};
+
+// Per-thread scratch, reused across tiles.
+struct Workspace {
+  StatsTile tile;
+  std::vector<BlockView> views;
+  std::vector<std::vector<double>> forced_mass;  // per fixed forced config: [heads][rows][num_blocks]
+  std::vector<Rankings> rankings;                // per selector
+  std::vector<std::int32_t> stamp;
+  std::vector<double> scores, shares;
+  std::vector<std::int32_t> oracle_order, pure_order;
+  std::vector<double> reuse_sums;                // [source layer]
+  std::vector<std::int32_t> reuse_ranking;
+};
+
+void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions,
+                BlockView& view) {
+  const std::int64_t factor = block / base;
+  view.block = block;
+  view.heads = tile.heads;
+  view.rows = tile.rows;
+  view.positions = positions;
+  view.num_blocks = positions[tile.rows - 1] / block + 1;
+  const auto cells = static_cast<std::size_t>(view.heads * view.rows * view.num_blocks);
+  view.mass.assign(cells, 0.0);
+  view.max_prob.assign(cells, 0.0);
+  for (std::int64_t h = 0; h < tile.heads; ++h) {
+    for (std::int64_t r = 0; r < tile.rows; ++r) {
+      const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
+      const double lse_all = tile.lse_all[static_cast<std::size_t>(h * tile.rows + r)];
+      const std::int64_t base_blocks = positions[r] / base + 1;
+      for (std::int64_t b = 0; b < view.causal_blocks(r); ++b) {
+        double m = kNegInf;
+        const std::int64_t first = b * factor, last = std::min((b + 1) * factor, base_blocks);
+        for (std::int64_t i = first; i < last; ++i) m = std::max(m, static_cast<double>(tile.block_max[tile.at(h, r, i)]));
+        if (m == kNegInf) continue;
+        double l = 0.0;
+        for (std::int64_t i = first; i < last; ++i) {
+          const double mi = tile.block_max[tile.at(h, r, i)];
+          if (mi != kNegInf) l += static_cast<double>(tile.block_sum[tile.at(h, r, i)]) * std::exp(mi - m);
+        }
+        view.mass[view.at(h, r, b)] = l * std::exp(m - lse_tokens);
+        view.max_prob[view.at(h, r, b)] = std::exp(m - lse_all);
+      }
+    }
+  }
+}
+
+// Per-row metric values of one layer: [metric][selector][budget][head][row].
+class RowMetrics {
+ public:
+  void reset(std::int64_t selectors, std::int64_t budgets, std::int64_t heads, std::int64_t rows) {
+    s_ = selectors;
+    b_ = budgets;
+    h_ = heads;
+    r_ = rows;
+    for (auto& values : values_) values.assign(static_cast<std::size_t>(s_ * b_ * h_ * r_), kNaN);
+    saturated_.assign(static_cast<std::size_t>(s_ * b_ * h_ * r_), 0);
+  }
+  double& at(int metric, std::int64_t s, std::int64_t b, std::int64_t h, std::int64_t r) {
+    return values_[metric][index(s, b, h, r)];
+  }
+  const double* head_row(int metric, std::int64_t s, std::int64_t b, std::int64_t h) const {
+    return &values_[metric][index(s, b, h, 0)];
+  }
+  char& saturated(std::int64_t s, std::int64_t b, std::int64_t h, std::int64_t r) { return saturated_[index(s, b, h, r)]; }
+
+ private:
+  std::size_t index(std::int64_t s, std::int64_t b, std::int64_t h, std::int64_t r) const {
+    return static_cast<std::size_t>(((s * b_ + b) * h_ + h) * r_ + r);
+  }
+  std::int64_t s_ = 0, b_ = 0, h_ = 0, r_ = 0;
+  std::vector<double> values_[kNumMetrics];
+  std::vector<char> saturated_;
+};
+
+double nearest_rank(std::vector<double>& values, double q) {
+  if (values.empty()) return kNaN;
+  const auto n = static_cast<std::int64_t>(values.size());
+  const std::int64_t rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(n))));
+  std::nth_element(values.begin(), values.begin() + (rank - 1), values.end());
+  return values[static_cast<std::size_t>(rank - 1)];
+}
+
+double mean_of(const double* values, std::int64_t n) {
+  double sum = 0.0;
+  std::int64_t count = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (!std::isnan(values[i])) {
+      sum += values[i];
+      ++count;
+    }
+  }
+  return count ? sum / static_cast<double>(count) : kNaN;
+}
+
+struct ModelAccumulator {
+  double sum[2][kNumMetrics] = {};
+  std::int64_t count[2][kNumMetrics] = {};
+  std::vector<std::int64_t> histogram;
+  double min = std::numeric_limits<double>::infinity();
+  std::int64_t rows = 0;
+};
+
+}  // namespace
+
+void Table::reset(std::vector<std::uint64_t> d, double fill) {
+  dims = std::move(d);
+  std::uint64_t n = 1;
+  for (auto x : dims) n *= x;
+  values.assign(n, fill);
+}
+
+const char* metric_name(int metric) {
+  static const char* names[] = {"mass_recall", "recall_vs_oracle", "topk_overlap", "attended_keys", "budget_keys",
+                                "output_rel_error"};
+  return names[metric];
+}
+const char* metric_units(int metric) {
+  static const char* units[] = {"1", "1", "1", "keys", "keys", "1"};
+  return units[metric];
+}
+const char* metric_long_name(int metric) {
+  static const char* names[] = {
+      "share of the row's token attention mass inside the attended set",
+      "mass recall divided by the per-head oracle's at the same block size, budget and forced keys",
+      "share of the keys of the layer's own top-n blocks (by mass) that the attended set contains",
+      "keys in the attended set (selected blocks' causal keys and forced keys, counted once)",
+      "nominal budget in keys (selected blocks x block size; window + sinks for a fixed window)",
+      "||o_A - o|| / ||o||, the relative error of the output renormalised over the attended set"};
+  return names[metric];
+}
+
+ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& options, const Backend& backend,
+                        bool progress) {
+  const auto started = std::chrono::steady_clock::now();
+  const CaptureReader reader = CaptureReader::open(capture_path);
+  const CaptureHeader& header = reader.header();
+  const std::int64_t L = header.num_layers, Hq = header.num_q_heads, Hkv = header.num_kv_heads, G = header.group_size();
+
+  ReplayResult result;
+  result.header = header;
+  result.capture_path = capture_path;
+  result.backend = backend.name();
+  result.device = backend.device();
+  result.rows = select_query_rows(options.queries, header.seq_len, options.seed);
+  result.budgets = options.budgets;
+  const auto& rows = result.rows;
+  const auto R = static_cast<std::int64_t>(rows.size());
+  const auto NB = static_cast<std::int64_t>(options.budgets.size());
+  if (NB == 0) fail(ErrorKind::kUsage, "no budgets: give --budget or --sparsity");
+  if (options.selectors.empty()) fail(ErrorKind::kUsage, "no selectors: give --selectors");
+  if (options.block_size < 1) fail(ErrorKind::kUsage, "--block must be >= 1");
+  if (options.sinks < 0 || options.window < 0) fail(ErrorKind::kUsage, "--sinks and --window must be >= 0");
+
+  // Selectors, with unique labels.
+  std::vector<std::unique_ptr<Selector>> selectors;
+  const SelectorDefaults defaults{options.block_size, options.sinks, options.window};
+  for (const auto& spec : options.selectors) {
+    selectors.push_back(make_selector(spec, defaults));
+    int same = 0;
+    for (const auto& other : selectors) same += other->name() == spec.name ? 1 : 0;
+    if (same > 1) selectors.back()->set_label(spec.name + "_" + std::to_string(same));
+  }
+  const auto S = static_cast<std::int64_t>(selectors.size());
+  for (const auto& sel : selectors) {
+    for (const auto& budget : options.budgets) {
+      if (budget.kind == Budget::Kind::kTokens && budget.value < static_cast<double>(sel->block_size())) {
+        fail(ErrorKind::kUsage, "budget {} tokens is smaller than one block of selector {} (block {})", budget.label(),
+             sel->label(), sel->block_size());
+      }
+    }
+  }
+  const bool reuse_enabled = options.reuse_budget > 0 && L > 0;
+  if (reuse_enabled && options.reuse_budget < options.block_size) {
+    fail(ErrorKind::kUsage, "--reuse-budget {} is smaller than one block ({})", options.reuse_budget, options.block_size);
+  }
+
+  // Block sizes: every selector's, and the reuse matrix's; statistics at their gcd.
+  std::vector<std::int64_t> block_sizes;
+  auto view_of = [&](std::int64_t block) {
+    const auto found = std::find(block_sizes.begin(), block_sizes.end(), block);
+    if (found != block_sizes.end()) return static_cast<std::int64_t>(found - block_sizes.begin());
+    block_sizes.push_back(block);
+    return static_cast<std::int64_t>(block_sizes.size() - 1);
+  };
+  // Fixed forced configurations (block view, sinks, window): residual scores and oracle references.
+  struct ForcedConfig {
+    std::int64_t view, sinks, window;
+  };
+  std::vector<ForcedConfig> configs;
+  auto config_of = [&](std::int64_t view, std::int64_t sinks, std::int64_t window) {
+    for (std::size_t i = 0; i < configs.size(); ++i) {
+      if (configs[i].view == view && configs[i].sinks == sinks && configs[i].window == window) return static_cast<std::int64_t>(i);
+    }
+    configs.push_back({view, sinks, window});
+    return static_cast<std::int64_t>(configs.size() - 1);
+  };
+  std::vector<SelectorPlan> plans;
+  for (const auto& sel : selectors) {
+    SelectorPlan plan;
+    plan.selector = sel.get();
+    plan.view_index = view_of(sel->block_size());
+    plan.budget_window = sel->window() < 0;
+    plan.reference_config = config_of(plan.view_index, sel->sinks(), std::max<std::int64_t>(0, sel->window()));
+    plans.push_back(plan);
+  }
+  const std::int64_t reuse_view = reuse_enabled ? view_of(options.block_size) : -1;
+  std::int64_t base_block = 0;
+  for (auto b : block_sizes) base_block = gcd(base_block, b);
+
+  ReplayPlan replay_plan;
+  replay_plan.header = &header;
+  replay_plan.rows = rows;
+  replay_plan.budgets = options.budgets;
+  replay_plan.schedule = options.schedule;
+  for (auto& sel : selectors) sel->begin(replay_plan);
+
+  LayerInputs inputs;
+  inputs.header = &header;
+  inputs.scale = header.effective_softmax_scale();
+  bool any_v = false;
+  for (std::int64_t l = 0; l < L; ++l) any_v = any_v || reader.layer(l).has_v;
+  result.has_output_error = options.output_error && any_v;
+
+  // Memory: per-row metrics of one layer, reuse rankings of every layer, one layer of tensors.
+  const std::int64_t reuse_count = reuse_enabled ? options.reuse_budget / options.block_size : 0;
+  const std::uint64_t row_metric_bytes =
+      checked_mul(static_cast<std::uint64_t>(S * NB * Hq), static_cast<std::uint64_t>(R) * (kNumMetrics * 8 + 1), "metric storage");
+  const std::uint64_t reuse_bytes = static_cast<std::uint64_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 0)) * 4;
+  require_memory(row_metric_bytes + reuse_bytes + reader.layer_bytes(0, result.has_output_error),
+                 fmt::format("replay of {} ({} query rows)", capture_path, R));
+
+  // Results.
+  result.selectors.resize(static_cast<std::size_t>(S));
+  for (std::int64_t s = 0; s < S; ++s) {
+    SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
+    const Selector& sel = *selectors[static_cast<std::size_t>(s)];
+    out.label = sel.label();
+    out.spec = sel.spec_text();
+    out.description = sel.description();
+    out.block = sel.block_size();
+    out.sinks = sel.sinks();
+    out.window = sel.window();
+    out.shared_by_group = !sel.ranks_per_head();
+    for (std::int64_t l = 0; l < L; ++l) out.is_full_layer.push_back(sel.role(l) == LayerRole::kFull ? 1 : 0);
+    const auto nb = static_cast<std::uint64_t>(NB), nl = static_cast<std::uint64_t>(L), nh = static_cast<std::uint64_t>(Hq);
+    for (int m = 0; m < kNumMetrics; ++m) {
+      out.head_mean[m].reset({nb, nl, nh}, kNaN);
+      out.layer_mean[m].reset({nb, nl}, kNaN);
+      out.model_mean[m].reset({nb}, kNaN);
+      out.model_sparse_mean[m].reset({nb}, kNaN);
+    }
+    for (Table* t : {&out.head_recall_p10, &out.head_recall_p50, &out.head_recall_min}) t->reset({nb, nl, nh}, kNaN);
+    for (Table* t : {&out.layer_recall_p10, &out.layer_recall_p50, &out.layer_recall_min, &out.saturated_rows}) {
+      t->reset({nb, nl}, kNaN);
+    }
+    for (Table* t : {&out.model_recall_p10, &out.model_recall_p50, &out.model_recall_min}) t->reset({nb}, kNaN);
+  }
+  std::vector<ModelAccumulator> model(static_cast<std::size_t>(S * NB));
+  for (auto& acc : model) acc.histogram.assign(kModelHistogramBins, 0);
+  if (reuse_enabled) {
+    result.reuse_budget = options.reuse_budget;
+    result.reuse_block = options.block_size;
+    result.reuse.reset({static_cast<std::uint64_t>(L), static_cast<std::uint64_t>(L)}, kNaN);
+  }
+  std::vector<std::int32_t> reuse_store(static_cast<std::size_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 1)), 0);
+  std::vector<std::int32_t> reuse_length(static_cast<std::size_t>(L * Hkv * R), 0);
+
+  // Tiles of consecutive query rows; fewer rows when blocks are many (small blocks, long rows).
+  const std::int64_t base_blocks_max = rows.empty() ? 1 : rows.back() / base_block + 1;
+  const std::int64_t tile_rows =
+      std::max<std::int64_t>(1, std::min(options.tile_rows, kMaxTileCells / std::max<std::int64_t>(1, G * base_blocks_max)));
+  const std::int64_t tiles = (R + tile_rows - 1) / tile_rows;
+  const int threads = omp_get_max_threads();
+  std::vector<Workspace> workspaces(static_cast<std::size_t>(threads));
+  RowMetrics metrics;
+
+  for (std::int64_t layer = 0; layer < L; ++layer) {
+    check_interrupted();
+    const auto layer_started = std::chrono::steady_clock::now();
+    const LayerInfo& info = reader.layer(layer);
+    const bool want_output = result.has_output_error && info.has_v && info.has_qk();
+    const LayerTensors tensors = reader.read_layer(layer, want_output);
+    if (!info.has_qk()) {
+      // Dense probabilities must be probabilities.
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        for (std::int64_t t : rows) {
+          const float* p = &tensors.attn[static_cast<std::size_t>((h * header.seq_len + t) * header.seq_len)];
+          double sum = 0.0;
+          for (std::int64_t j = 0; j <= t; ++j) {
+            if (p[j] < 0.0f) {
+              fail_input(capture_path, fmt::format("/layers/{}/attn", layer),
+                         "holds a negative probability at head {}, query {}, key {} (expected probabilities)", h, t, j);
+            }
+            sum += p[j];
+          }
+          if (sum <= 0.0 || sum > 1.0 + kDenseRowSumTolerance) {
+            fail_input(capture_path, fmt::format("/layers/{}/attn", layer),
+                       "row of head {}, query {} sums to {} over keys 0..{} (expected (0, 1])", h, t, sum, t);
+          }
+        }
+      }
+    }
+    inputs.tensors = &tensors;
+    inputs.dense = !info.has_qk();
+    inputs.want_output = want_output;
+    metrics.reset(S, NB, Hq, R);
+    for (auto& ws : workspaces) ws.reuse_sums.assign(static_cast<std::size_t>(L), 0.0);
+
+    std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (std::int64_t item = 0; item < Hkv * tiles; ++item) {
+      if (failure) continue;
+      try {
+        Workspace& ws = workspaces[static_cast<std::size_t>(omp_get_thread_num())];
+        const std::int64_t g = item / tiles, tile_index = item % tiles;
+        const std::int64_t i0 = tile_index * tile_rows, i1 = std::min(R, i0 + tile_rows), nr = i1 - i0;
+        const std::int64_t* positions = rows.data() + i0;
+
+        StatsRequest request;
+        request.heads = G;
+        request.seq_len = header.seq_len;
+        request.head_dim = header.head_dim;
+        request.scale = inputs.scale;
+        request.rows = positions;
+        request.num_rows = nr;
+        request.block_size = base_block;
+        if (inputs.dense) {
+          request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
+        } else {
+          request.q = tensors.q.data() + g * G * header.seq_len * header.head_dim;
+          request.k = tensors.k.data() + g * header.seq_len * header.head_dim;
+          if (want_output) request.v = tensors.v.data() + g * header.seq_len * header.head_dim;
+        }
+        if (!tensors.sink_logits.empty()) request.sink_logits = tensors.sink_logits.data() + g * G;
+        backend.block_statistics(request, ws.tile);
+
+        ws.views.resize(block_sizes.size());
+        for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
+
+        // Forced-key summaries per fixed config, head and row; dense forced mass for residual scores.
+        std::vector<std::vector<ForcedSummary>> summaries(configs.size());
+        ws.forced_mass.resize(configs.size());
+        for (std::size_t c = 0; c < configs.size(); ++c) {
+          const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
+          ws.forced_mass[c].assign(view.mass.size(), 0.0);
+          summaries[c].resize(static_cast<std::size_t>(G * nr));
+          for (std::int64_t h = 0; h < G; ++h) {
+            for (std::int64_t r = 0; r < nr; ++r) {
+              const RowAccess row(inputs, ws.tile, g, h, r, positions[r]);
+              const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
+              ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
+              summary = summarise_forced(row, ranges, view.block, want_output);
+              for (const auto& [b, m] : summary.block_mass) ws.forced_mass[c][view.at(h, r, b)] = m;
+            }
+          }
+        }
+
+        // Rankings from every selector.
+        ws.rankings.resize(static_cast<std::size_t>(S));
+        for (std::int64_t s = 0; s < S; ++s) {
+          const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
+          const BlockView& view = ws.views[static_cast<std::size_t>(plan.view_index)];
+          std::vector<std::int64_t> length(static_cast<std::size_t>(nr));
+          for (std::int64_t r = 0; r < nr; ++r) {
+            std::int64_t n = 0;
+            for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(positions[r], view.block));
+            length[static_cast<std::size_t>(r)] = std::min(n, view.causal_blocks(r));
+          }
+          RankContext context;
+          context.layer = layer;
+          context.kv_group = g;
+          context.group_size = G;
+          context.row_begin = i0;
+          context.rows = nr;
+          context.positions = positions;
+          context.view = &view;
+          context.ranking_length = length.data();
+          context.forced_mass = &ws.forced_mass[static_cast<std::size_t>(plan.reference_config)];
+          plan.selector->rank(context, ws.rankings[static_cast<std::size_t>(s)]);
+        }
+
+        // Metrics per selector, head, row and budget.
+        for (std::int64_t s = 0; s < S; ++s) {
+          const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
+          const Selector& sel = *plan.selector;
+          const BlockView& view = ws.views[static_cast<std::size_t>(plan.view_index)];
+          const Rankings& ranking = ws.rankings[static_cast<std::size_t>(s)];
+          const bool full_layer = sel.role(layer) == LayerRole::kFull;
+          const std::int64_t B = view.block;
+          ws.stamp.assign(static_cast<std::size_t>(view.num_blocks), std::numeric_limits<std::int32_t>::max());
+          for (std::int64_t h = 0; h < G; ++h) {
+            const std::int64_t head = g * G + h;
+            for (std::int64_t r = 0; r < nr; ++r) {
+              const std::int64_t t = positions[r], row_index = i0 + r;
+              const std::int64_t causal = view.causal_blocks(r);
+              if (full_layer) {
+                for (std::int64_t b = 0; b < NB; ++b) {
+                  metrics.at(kMassRecall, s, b, head, row_index) = 1.0;
+                  metrics.at(kRecallVsOracle, s, b, head, row_index) = 1.0;
+                  metrics.at(kTopkOverlap, s, b, head, row_index) = 1.0;
+                  metrics.at(kAttendedKeys, s, b, head, row_index) = static_cast<double>(t + 1);
+                  metrics.at(kBudgetKeys, s, b, head, row_index) = static_cast<double>(t + 1);
+                  if (want_output) metrics.at(kOutputError, s, b, head, row_index) = 0.0;
+                }
+                continue;
+              }
+              const RowAccess row(inputs, ws.tile, g, h, r, t);
+              const ForcedSummary& fixed = summaries[static_cast<std::size_t>(plan.reference_config)][static_cast<std::size_t>(h * nr + r)];
+              const ForcedRanges fixed_ranges(sel.sinks(), std::max<std::int64_t>(0, sel.window()), t);
+              auto block_keys = [&](std::int64_t b) { return std::min((b + 1) * B, t + 1) - b * B; };
+
+              // Per-head oracle with the fixed forced keys (reference), and the plain top blocks by mass.
+              std::int64_t longest = 0;
+              for (const auto& budget : options.budgets) longest = std::max(longest, budget.blocks_for_row(t, B));
+              longest = std::min(longest, causal);
+              const std::vector<double>& fmass = ws.forced_mass[static_cast<std::size_t>(plan.reference_config)];
+              ws.scores.resize(static_cast<std::size_t>(causal));
+              for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = view.mass[view.at(h, r, b)] - fmass[view.at(h, r, b)];
+              ws.oracle_order.resize(static_cast<std::size_t>(longest));
+              rank_top(ws.scores.data(), causal, longest, ws.oracle_order.data());
+              for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = view.mass[view.at(h, r, b)];
+              ws.pure_order.resize(static_cast<std::size_t>(longest));
+              rank_top(ws.scores.data(), causal, longest, ws.pure_order.data());
+
+              const std::int64_t set = sel.ranks_per_head() ? h : 0;
+              const std::int32_t* order = sel.selects_blocks() ? ranking.row(set, r) : nullptr;
+              const std::int64_t order_length = sel.selects_blocks() ? ranking.size(set, r) : 0;
+              for (std::int64_t i = 0; i < order_length; ++i) ws.stamp[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
+
+              // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
+              double oracle_mass = fixed.mass;
+              std::int64_t oracle_taken = 0;
+              double selected_mass = 0.0;
+              std::int64_t selected_keys = 0, taken = 0;
+              std::vector<double> numerator = want_output ? fixed.numerator : std::vector<double>();
+              double denominator = fixed.denominator;
+              double window_mass = 0.0;                  // budget-window SWA: keys added so far
+              std::int64_t window_begin = t + 1;
+              for (std::int64_t bi = 0; bi < NB; ++bi) {
+                const Budget& budget = options.budgets[static_cast<std::size_t>(bi)];
+                const std::int64_t n = std::min(budget.blocks_for_row(t, B), causal);
+                double mass, error = kNaN;
+                std::int64_t keys, nominal;
+                if (plan.budget_window) {
+                  // SWA whose window is the budget: windows grow with the budget, so keys are added incrementally.
+                  const ForcedRanges ranges(sel.sinks(), budget.blocks_for_row(t, B) * B, t);
+                  const std::int64_t from = std::max(ranges.window_begin, ranges.sink_end);
+                  const std::int64_t to = std::max(window_begin, ranges.sink_end);
+                  if (from < to) {
+                    row.range(from, to, ws.shares, nullptr);
+                    for (double p : ws.shares) window_mass += p;
+                    if (want_output) row.add_output(from, to, numerator, denominator);
+                    window_begin = from;
+                  }
+                  mass = fixed.mass + window_mass;
+                  keys = ranges.count();
+                  nominal = budget.blocks_for_row(t, B) * B;
+                  if (want_output) error = row.output_error(numerator, denominator);
+                  // Overlap against the top-n blocks by mass.
+                  double in = 0, all = 0;
+                  for (std::int64_t i = 0; i < n; ++i) {
+                    const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
+                    in += static_cast<double>(ranges.count_in(b * B, (b + 1) * B));
+                    all += static_cast<double>(block_keys(b));
+                  }
+                  metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
+                } else {
+                  const std::int64_t use = std::min<std::int64_t>(n, order_length);
+                  for (; taken < use; ++taken) {
+                    const std::int64_t b = order[taken];
+                    selected_mass += view.mass[view.at(h, r, b)] - fixed.mass_in(b);
+                    selected_keys += block_keys(b) - fixed_ranges.count_in(b * B, (b + 1) * B);
+                    if (want_output) {
+                      // The block's keys outside the forced ranges: at most two runs.
+                      const std::int64_t lo = b * B, hi = std::min((b + 1) * B, t + 1);
+                      const std::int64_t a0 = std::max(lo, fixed_ranges.sink_end);
+                      const std::int64_t a1 = std::min(hi, fixed_ranges.window_begin);
+                      row.add_output(a0, a1, numerator, denominator);
+                    }
+                  }
+                  mass = fixed.mass + selected_mass;
+                  keys = fixed.count + selected_keys;
+                  nominal = sel.selects_blocks() ? n * B : fixed.count;
+                  if (want_output) error = row.output_error(numerator, denominator);
+                  double in = 0, all = 0;
+                  for (std::int64_t i = 0; i < n; ++i) {
+                    const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
+                    const bool chosen = ws.stamp[static_cast<std::size_t>(b)] < use;
+                    in += static_cast<double>(chosen ? block_keys(b) : fixed_ranges.count_in(b * B, (b + 1) * B));
+                    all += static_cast<double>(block_keys(b));
+                  }
+                  metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
+                }
+                for (; oracle_taken < n; ++oracle_taken) {
+                  const std::int64_t b = ws.oracle_order[static_cast<std::size_t>(oracle_taken)];
+                  oracle_mass += view.mass[view.at(h, r, b)] - fixed.mass_in(b);
+                }
+                const bool whole_row = keys >= t + 1;
+                if (whole_row) mass = 1.0;  // exact: every causal key is attended
+                metrics.at(kMassRecall, s, bi, head, row_index) = mass;
+                metrics.at(kRecallVsOracle, s, bi, head, row_index) = oracle_mass > 0 ? mass / oracle_mass : kNaN;
+                metrics.at(kAttendedKeys, s, bi, head, row_index) = static_cast<double>(keys);
+                metrics.at(kBudgetKeys, s, bi, head, row_index) = static_cast<double>(nominal);
+                if (want_output) metrics.at(kOutputError, s, bi, head, row_index) = whole_row ? 0.0 : error;
+                metrics.saturated(s, bi, head, row_index) = budget.blocks_for_row(t, B) >= causal ? 1 : 0;
+              }
+              for (std::int64_t i = 0; i < order_length; ++i) {
+                ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
+              }
+            }
+          }
+        }
+
+        // Cross-layer reuse: this layer's selection is stored; earlier layers' selections are scored here.
+        if (reuse_enabled) {
+          const BlockView& view = ws.views[static_cast<std::size_t>(reuse_view)];
+          for (std::int64_t r = 0; r < nr; ++r) {
+            const std::int64_t causal = view.causal_blocks(r);
+            ws.scores.resize(static_cast<std::size_t>(causal));
+            for (std::int64_t b = 0; b < causal; ++b) {
+              double best = 0.0;
+              for (std::int64_t h = 0; h < G; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
+              ws.scores[static_cast<std::size_t>(b)] = best;
+            }
+            const std::int64_t count = std::min(reuse_count, causal);
+            const std::size_t slot = static_cast<std::size_t>((layer * Hkv + g) * R + i0 + r);
+            rank_top(ws.scores.data(), causal, count, &reuse_store[slot * static_cast<std::size_t>(reuse_count)]);
+            reuse_length[slot] = static_cast<std::int32_t>(count);
+            for (std::int64_t f = 0; f <= layer; ++f) {
+              const std::size_t source = static_cast<std::size_t>((f * Hkv + g) * R + i0 + r);
+              const std::int32_t* chosen = &reuse_store[source * static_cast<std::size_t>(reuse_count)];
+              for (std::int64_t h = 0; h < G; ++h) {
+                double recall = 0.0;
+                for (std::int32_t i = 0; i < reuse_length[source]; ++i) recall += view.mass[view.at(h, r, chosen[i])];
+                ws.reuse_sums[static_cast<std::size_t>(f)] += std::min(1.0, recall);
+              }
+            }
+          }
+        }
+      } catch (...) {
+#pragma omp critical(hysparse_replay_failure)
+        if (!failure) failure = std::current_exception();
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+
+    // Reduce the layer.
+    if (reuse_enabled) {
+      for (std::int64_t f = 0; f <= layer; ++f) {
+        double sum = 0.0;
+        for (const auto& ws : workspaces) sum += ws.reuse_sums[static_cast<std::size_t>(f)];
+        result.reuse.at(static_cast<std::uint64_t>(f), static_cast<std::uint64_t>(layer)) = sum / static_cast<double>(Hq * R);
+      }
+    }
+    for (std::int64_t s = 0; s < S; ++s) {
+      SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
+      const bool sparse = out.is_full_layer[static_cast<std::size_t>(layer)] == 0;
+      const auto ul = static_cast<std::uint64_t>(layer);
+      for (std::int64_t bi = 0; bi < NB; ++bi) {
+        const auto ub = static_cast<std::uint64_t>(bi);
+        std::vector<double> pooled;
+        pooled.reserve(static_cast<std::size_t>(Hq * R));
+        double saturated = 0;
+        for (std::int64_t h = 0; h < Hq; ++h) {
+          const auto uh = static_cast<std::uint64_t>(h);
+          for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
+          const double* recall = metrics.head_row(kMassRecall, s, bi, h);
+          std::vector<double> values(recall, recall + R);
+          pooled.insert(pooled.end(), values.begin(), values.end());
+          out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
+          out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
+          out.head_recall_p50.at(ub, ul, uh) = nearest_rank(values, 0.50);
+          for (std::int64_t r = 0; r < R; ++r) saturated += metrics.saturated(s, bi, h, r);
+        }
+        for (int m = 0; m < kNumMetrics; ++m) {
+          double sum = 0;
+          std::int64_t count = 0;
+          for (std::int64_t h = 0; h < Hq; ++h) {
+            const double* values = metrics.head_row(m, s, bi, h);
+            for (std::int64_t r = 0; r < R; ++r) {
+              if (!std::isnan(values[r])) {
+                sum += values[r];
+                ++count;
+              }
+            }
+          }
+          out.layer_mean[m].at(ub, ul) = count ? sum / static_cast<double>(count) : kNaN;
+          ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
+          acc.sum[0][m] += sum;
+          acc.count[0][m] += count;
+          if (sparse) {
+            acc.sum[1][m] += sum;
+            acc.count[1][m] += count;
+          }
+        }
+        out.saturated_rows.at(ub, ul) = saturated;
+        ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
+        for (double v : pooled) {
+          const auto bin = std::clamp<std::int64_t>(static_cast<std::int64_t>(v * kModelHistogramBins), 0, kModelHistogramBins - 1);
+          ++acc.histogram[static_cast<std::size_t>(bin)];
+          acc.min = std::min(acc.min, v);
+        }
+        acc.rows += static_cast<std::int64_t>(pooled.size());
+        out.layer_recall_min.at(ub, ul) = pooled.empty() ? kNaN : *std::min_element(pooled.begin(), pooled.end());
+        out.layer_recall_p10.at(ub, ul) = nearest_rank(pooled, 0.10);
+        out.layer_recall_p50.at(ub, ul) = nearest_rank(pooled, 0.50);
+      }
+    }
+    std::uint64_t layer_elements = 0;
+    if (info.has_qk()) {
+      for (std::int64_t t : rows) layer_elements += static_cast<std::uint64_t>(t + 1);
+      layer_elements *= static_cast<std::uint64_t>(Hq);
+    }
+    result.score_elements += layer_elements;
+    if (progress) {
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
+      fmt::print(stderr, "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s)\n", layer + 1, L, seconds,
+                 seconds > 0 ? static_cast<double>(layer_elements) / seconds : 0.0);
+    }
+  }
+
+  // Model aggregates.
+  for (std::int64_t s = 0; s < S; ++s) {
+    SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
+    for (std::int64_t bi = 0; bi < NB; ++bi) {
+      const auto ub = static_cast<std::uint64_t>(bi);
+      const ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
+      for (int m = 0; m < kNumMetrics; ++m) {
+        out.model_mean[m].values[ub] = acc.count[0][m] ? acc.sum[0][m] / static_cast<double>(acc.count[0][m]) : kNaN;
+        out.model_sparse_mean[m].values[ub] = acc.count[1][m] ? acc.sum[1][m] / static_cast<double>(acc.count[1][m]) : kNaN;
+      }
+      out.model_recall_min.values[ub] = acc.rows ? acc.min : kNaN;
+      for (auto [q, table] : {std::pair<double, Table*>{0.10, &out.model_recall_p10}, {0.50, &out.model_recall_p50}}) {
+        const auto rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(acc.rows))));
+        std::int64_t seen = 0;
+        for (int bin = 0; bin < kModelHistogramBins && acc.rows; ++bin) {
+          seen += acc.histogram[static_cast<std::size_t>(bin)];
+          if (seen >= rank) {
+            table->values[ub] = std::min(1.0, (bin + 0.5) / kModelHistogramBins);
+            break;
+          }
+        }
+      }
+    }
+  }
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  return result;
+}
+
+}  // namespace hysparse

@@ -1,0 +1,62 @@
+// oracle: the layer's own top blocks by residual mass (exact optimum given the forced keys).
+#include <algorithm>
+
+#include "replay/selector.hpp"
+
+namespace hysparse {
+namespace {
+
+class OracleSelector final : public Selector {
+ public:
+  OracleSelector(const SelectorSpec& spec, const SelectorDefaults& defaults) : Selector(spec, defaults) {
+    window_ = take_int("window", defaults.window, 0);
+    group_ = take_choice("group", {"none", "sum", "max"}, "none");
+    reject_unknown_keys();
+  }
+  std::string description() const override {
+    if (group_ == "none") return "per-head top blocks by residual attention mass (the ideal selection)";
+    return "top blocks by residual attention mass, " + group_ + " over the heads of each KV group (one shared selection)";
+  }
+  bool ranks_per_head() const override { return group_ == "none"; }
+  bool uses_residual_mass() const override { return true; }
+
+  void rank(const RankContext& c, Rankings& out) override {
+    const BlockView& v = *c.view;
+    const std::vector<double>& forced = *c.forced_mass;
+    out.reset(ranks_per_head() ? c.group_size : 1, c.rows, v.num_blocks);
+    std::vector<double> scores(static_cast<std::size_t>(v.num_blocks));
+    for (std::int64_t r = 0; r < c.rows; ++r) {
+      const std::int64_t blocks = v.causal_blocks(r);
+      const std::int64_t count = c.ranking_length[r];
+      if (ranks_per_head()) {
+        for (std::int64_t h = 0; h < c.group_size; ++h) {
+          for (std::int64_t b = 0; b < blocks; ++b) scores[b] = v.mass[v.at(h, r, b)] - forced[v.at(h, r, b)];
+          rank_top(scores.data(), blocks, count, out.row(h, r));
+          out.size(h, r) = static_cast<std::int32_t>(std::min(count, blocks));
+        }
+      } else {
+        for (std::int64_t b = 0; b < blocks; ++b) {
+          double score = group_ == "sum" ? 0.0 : -1.0;
+          for (std::int64_t h = 0; h < c.group_size; ++h) {
+            const double residual = v.mass[v.at(h, r, b)] - forced[v.at(h, r, b)];
+            score = group_ == "sum" ? score + residual : std::max(score, residual);
+          }
+          scores[static_cast<std::size_t>(b)] = score;
+        }
+        rank_top(scores.data(), blocks, count, out.row(0, r));
+        out.size(0, r) = static_cast<std::int32_t>(std::min(count, blocks));
+      }
+    }
+  }
+
+ private:
+  std::string group_;
+};
+
+}  // namespace
+
+std::unique_ptr<Selector> make_oracle_selector(const SelectorSpec& spec, const SelectorDefaults& defaults) {
+  return std::make_unique<OracleSelector>(spec, defaults);
+}
+
+}  // namespace hysparse
