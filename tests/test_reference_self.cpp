@@ -363,8 +363,9 @@ TEST_CASE("reference: swa window equals the budget", "[reference]") {
   CHECK(r[0][0][2].mass_recall == Approx(6.0 / 7));  // A = {1,2}
   CHECK(r[0][0][2].attended == 2);
   CHECK(r[0][0][0].mass_recall == 1.0);
-  // The per-head oracle at the same forced keys (window 2): row 3 picks block 0 -> everything.
-  CHECK(r[0][0][3].oracle_recall == Approx(1.0));
+  // The per-head oracle spends the same budget on blocks (the budget window is not a fixed forced key):
+  // row 3's best single block is block 1 = {2, 3}, 5/8 of the mass.
+  CHECK(r[0][0][3].oracle_recall == Approx(5.0 / 8));
   CHECK(r[0][0][3].topk_overlap == 1.0);  // O = block 1 = {2,3}
   // Same as an explicit window 2.
   const auto e = naive_metrics(c, swa(2, 2), tokens(2), rows);
@@ -625,7 +626,8 @@ TEST_CASE("reference: budgets are nested and no selector beats the per-head orac
         for (std::size_t h = 0; h < 4; ++h) {
           for (std::size_t i = 0; i < rows.size(); ++i) {
             const RefRowMetrics& m = r[l][h][i];
-            CHECK(m.mass_recall <= m.oracle_recall + 1e-12);
+            // A budget-sized window spans up to n+1 blocks, so it may beat the n-block oracle.
+            if (!(sel.kind == "swa" && sel.window == -1)) CHECK(m.mass_recall <= m.oracle_recall + 1e-12);
             CHECK(m.mass_recall <= 1.0 + 1e-12);
             CHECK(m.topk_overlap >= 0.0);
             CHECK(m.topk_overlap <= 1.0);

@@ -118,7 +118,8 @@ void qk_layer_statistics(const StatsRequest& req, StatsTile& out) {
           const std::int64_t len = std::min(B, visible - b0);
           Eigen::Map<Eigen::ArrayXf> segment(z + b0, len);
           const float m = segment.maxCoeff();
-          const float l = (segment - m).exp().sum();
+          // Summed in double so that blocks holding the same logits in another order tie exactly.
+          const auto l = static_cast<float>((segment - m).exp().cast<double>().sum());
           const std::size_t cell = out.at(h, r, (c0 + b0) / B);
           out.block_max[cell] = m;
           out.block_sum[cell] = l;

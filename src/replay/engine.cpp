@@ -158,19 +158,14 @@ class RowAccess {
   const float* p_ = nullptr;
 };
 
-// Forced keys of one (head, row): their total share, per-block share, and output part.
+// Forced keys of one (head, row): their total share, output part, and the residual share
+// (mass of the non-forced keys) of every block they touch.
 struct ForcedSummary {
   double mass = 0;
   std::int64_t count = 0;
-  std::vector<std::pair<std::int64_t, double>> block_mass;  // (block, share), few entries
+  std::vector<std::pair<std::int64_t, double>> residual;  // (block, share of its non-forced keys), few entries
   std::vector<double> numerator;
   double denominator = 0;
-  double mass_in(std::int64_t block) const {
-    for (const auto& [b, m] : block_mass) {
-      if (b == block) return m;
-    }
-    return 0.0;
-  }
 };
 
 ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced, std::int64_t block, bool output) {
@@ -178,16 +173,28 @@ ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced,
   s.count = forced.count();
   if (output) s.numerator.assign(static_cast<std::size_t>(row.dim()), 0.0);
   thread_local std::vector<double> share;
+  std::int64_t last_block = -1;
   for (auto [j0, j1] : {std::pair<std::int64_t, std::int64_t>{0, forced.sink_end}, {forced.window_begin, forced.t + 1}}) {
+    if (j1 <= j0) continue;
     row.range(j0, j1, share, nullptr);
-    for (std::int64_t j = j0; j < j1; ++j) {
-      const double p = share[static_cast<std::size_t>(j - j0)];
-      s.mass += p;
-      const std::int64_t b = j / block;
-      if (s.block_mass.empty() || s.block_mass.back().first != b) s.block_mass.emplace_back(b, 0.0);
-      s.block_mass.back().second += p;
-    }
+    for (double p : share) s.mass += p;
     if (output) row.add_output(j0, j1, s.numerator, s.denominator);
+    // Blocks touched by this range: their non-forced keys form one run between the two ranges.
+    for (std::int64_t b = j0 / block; b <= (j1 - 1) / block; ++b) {
+      if (b == last_block) continue;
+      last_block = b;
+      const std::int64_t lo = std::max(b * block, forced.sink_end);
+      const std::int64_t hi = std::min(std::min((b + 1) * block, forced.t + 1), forced.window_begin);
+      double residual = 0.0;
+      if (lo < hi) {
+        // Summed in ascending order so that equal multisets of probabilities tie exactly.
+        std::vector<double> run;
+        row.range(lo, hi, run, nullptr);
+        std::sort(run.begin(), run.end());
+        for (double p : run) residual += p;
+      }
+      s.residual.emplace_back(b, residual);
+    }
   }
   return s;
 }
@@ -204,7 +211,7 @@ struct SelectorPlan {
 struct Workspace {
   StatsTile tile;
   std::vector<BlockView> views;
-  std::vector<std::vector<double>> forced_mass;  // per fixed forced config: [heads][rows][num_blocks]
+  std::vector<std::vector<double>> residual_mass;  // per fixed forced config: [heads][rows][num_blocks]
   std::vector<Rankings> rankings;                // per selector
   std::vector<std::int32_t> stamp;
   std::vector<double> scores, shares;
@@ -539,12 +546,13 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
         ws.views.resize(block_sizes.size());
         for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
 
-        // Forced-key summaries per fixed config, head and row; dense forced mass for residual scores.
+        // Forced-key summaries per fixed config, head and row, and the residual mass of every block
+        // (its mass outside the forced keys: what selecting it adds).
         std::vector<std::vector<ForcedSummary>> summaries(configs.size());
-        ws.forced_mass.resize(configs.size());
+        ws.residual_mass.resize(configs.size());
         for (std::size_t c = 0; c < configs.size(); ++c) {
           const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
-          ws.forced_mass[c].assign(view.mass.size(), 0.0);
+          ws.residual_mass[c] = view.mass;
           summaries[c].resize(static_cast<std::size_t>(G * nr));
           for (std::int64_t h = 0; h < G; ++h) {
             for (std::int64_t r = 0; r < nr; ++r) {
@@ -552,7 +560,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
               const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
               ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
               summary = summarise_forced(row, ranges, view.block, want_output);
-              for (const auto& [b, m] : summary.block_mass) ws.forced_mass[c][view.at(h, r, b)] = m;
+              for (const auto& [b, m] : summary.residual) ws.residual_mass[c][view.at(h, r, b)] = m;
             }
           }
         }
@@ -577,7 +585,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
           context.positions = positions;
           context.view = &view;
           context.ranking_length = length.data();
-          context.forced_mass = &ws.forced_mass[static_cast<std::size_t>(plan.reference_config)];
+          context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
           plan.selector->rank(context, ws.rankings[static_cast<std::size_t>(s)]);
         }
 
@@ -615,9 +623,9 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
               std::int64_t longest = 0;
               for (const auto& budget : options.budgets) longest = std::max(longest, budget.blocks_for_row(t, B));
               longest = std::min(longest, causal);
-              const std::vector<double>& fmass = ws.forced_mass[static_cast<std::size_t>(plan.reference_config)];
+              const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
               ws.scores.resize(static_cast<std::size_t>(causal));
-              for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = view.mass[view.at(h, r, b)] - fmass[view.at(h, r, b)];
+              for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = residual[view.at(h, r, b)];
               ws.oracle_order.resize(static_cast<std::size_t>(longest));
               rank_top(ws.scores.data(), causal, longest, ws.oracle_order.data());
               for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = view.mass[view.at(h, r, b)];
@@ -670,7 +678,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
                   const std::int64_t use = std::min<std::int64_t>(n, order_length);
                   for (; taken < use; ++taken) {
                     const std::int64_t b = order[taken];
-                    selected_mass += view.mass[view.at(h, r, b)] - fixed.mass_in(b);
+                    selected_mass += residual[view.at(h, r, b)];
                     selected_keys += block_keys(b) - fixed_ranges.count_in(b * B, (b + 1) * B);
                     if (want_output) {
                       // The block's keys outside the forced ranges: at most two runs.
@@ -695,10 +703,15 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
                 }
                 for (; oracle_taken < n; ++oracle_taken) {
                   const std::int64_t b = ws.oracle_order[static_cast<std::size_t>(oracle_taken)];
-                  oracle_mass += view.mass[view.at(h, r, b)] - fixed.mass_in(b);
+                  oracle_mass += residual[view.at(h, r, b)];
                 }
                 const bool whole_row = keys >= t + 1;
-                if (whole_row) mass = 1.0;  // exact: every causal key is attended
+                if (whole_row) {
+                  // Exact: every causal key is attended. With the same forced keys the oracle is never
+                  // worse, so it attends them all too.
+                  mass = 1.0;
+                  if (!plan.budget_window) oracle_mass = 1.0;
+                }
                 metrics.at(kMassRecall, s, bi, head, row_index) = mass;
                 metrics.at(kRecallVsOracle, s, bi, head, row_index) = oracle_mass > 0 ? mass / oracle_mass : kNaN;
                 metrics.at(kAttendedKeys, s, bi, head, row_index) = static_cast<double>(keys);

@@ -48,8 +48,9 @@ struct RankContext {
   const std::int64_t* positions = nullptr;
   const BlockView* view = nullptr;          // at the selector's block size
   const std::int64_t* ranking_length = nullptr;  // [rows]: blocks to rank (max budget, capped at the causal blocks)
-  // Forced-key mass per head and block (for residual scores): [heads][rows][num_blocks], or null.
-  const std::vector<double>* forced_mass = nullptr;
+  // Residual mass per head and block: the block's mass outside the selector's fixed forced keys
+  // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks].
+  const std::vector<double>* residual_mass = nullptr;
 };
 
 struct ReplayPlan {
@@ -84,7 +85,6 @@ class Selector {
   std::int64_t window() const { return window_; }   // -1: window = budget (swa)
   virtual bool ranks_per_head() const = 0;          // false: one ranking per KV group
   virtual bool selects_blocks() const { return true; }
-  virtual bool uses_residual_mass() const { return false; }  // needs forced_mass in the context
   virtual LayerRole role(std::int64_t /*layer*/) const { return LayerRole::kSparse; }
   virtual void begin(const ReplayPlan& /*plan*/) {}
   // Called for every (layer, KV group, tile) in layer order, possibly from several

@@ -119,10 +119,14 @@ std::vector<double> block_mass(const Row& r, std::int64_t B, std::int64_t t, con
   const std::int64_t nb = naive_num_blocks(t, B);
   std::vector<double> out(idx(nb), 0.0);
   for (std::int64_t b = 0; b < nb; ++b) {
-    double sum = 0;
+    // Summed in ascending order, so blocks holding the same probabilities in another order tie exactly.
+    std::vector<double> terms;
     for (std::int64_t j = block_begin(b, B); j < block_end(b, B, t); ++j) {
-      if (!excluded[idx(j)]) sum += r.p[idx(j)];
+      if (!excluded[idx(j)]) terms.push_back(r.p[idx(j)]);
     }
+    std::sort(terms.begin(), terms.end());
+    double sum = 0;
+    for (double term : terms) sum += term;
     out[idx(b)] = sum / r.mass;
   }
   return out;
@@ -374,9 +378,12 @@ std::vector<std::vector<std::vector<RefRowMetrics>>> naive_metrics(const Capture
         m.mass_recall = naive_recall(r.p, A);
         m.attended = dbl(count(A));
 
-        // Per-head oracle at the same block size, budget and forced keys.
+        // Per-head oracle at the same block size, budget and fixed forced keys (a window that is
+        // the budget itself is not a fixed forced key: the oracle spends that budget on blocks).
+        const std::vector<bool> oracle_forced =
+            (is_swa && selector.window == -1) ? naive_forced(t, selector.sinks, 0) : forced;
         const std::vector<bool> A_star =
-            union_of(forced, keys_of_top(naive_rank(block_mass(r, B, t, forced)), n, B, t));
+            union_of(oracle_forced, keys_of_top(naive_rank(block_mass(r, B, t, oracle_forced)), n, B, t));
         m.oracle_recall = naive_recall(r.p, A_star);
 
         // O: the top-n blocks by plain M_b, no forced keys.

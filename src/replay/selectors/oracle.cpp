@@ -18,11 +18,10 @@ class OracleSelector final : public Selector {
     return "top blocks by residual attention mass, " + group_ + " over the heads of each KV group (one shared selection)";
   }
   bool ranks_per_head() const override { return group_ == "none"; }
-  bool uses_residual_mass() const override { return true; }
 
   void rank(const RankContext& c, Rankings& out) override {
     const BlockView& v = *c.view;
-    const std::vector<double>& forced = *c.forced_mass;
+    const std::vector<double>& residual = *c.residual_mass;
     out.reset(ranks_per_head() ? c.group_size : 1, c.rows, v.num_blocks);
     std::vector<double> scores(static_cast<std::size_t>(v.num_blocks));
     for (std::int64_t r = 0; r < c.rows; ++r) {
@@ -30,7 +29,7 @@ class OracleSelector final : public Selector {
       const std::int64_t count = c.ranking_length[r];
       if (ranks_per_head()) {
         for (std::int64_t h = 0; h < c.group_size; ++h) {
-          for (std::int64_t b = 0; b < blocks; ++b) scores[b] = v.mass[v.at(h, r, b)] - forced[v.at(h, r, b)];
+          for (std::int64_t b = 0; b < blocks; ++b) scores[b] = residual[v.at(h, r, b)];
           rank_top(scores.data(), blocks, count, out.row(h, r));
           out.size(h, r) = static_cast<std::int32_t>(std::min(count, blocks));
         }
@@ -38,8 +37,8 @@ class OracleSelector final : public Selector {
         for (std::int64_t b = 0; b < blocks; ++b) {
           double score = group_ == "sum" ? 0.0 : -1.0;
           for (std::int64_t h = 0; h < c.group_size; ++h) {
-            const double residual = v.mass[v.at(h, r, b)] - forced[v.at(h, r, b)];
-            score = group_ == "sum" ? score + residual : std::max(score, residual);
+            const double value = residual[v.at(h, r, b)];
+            score = group_ == "sum" ? score + value : std::max(score, value);
           }
           scores[static_cast<std::size_t>(b)] = score;
         }

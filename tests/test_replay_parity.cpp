@@ -1,0 +1,399 @@
+// The streaming replay engine against the naive float64 reference (tests/reference),
+// on random and adversarial captures: every aggregate the report carries is compared.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "backend/backend.hpp"
+#include "capture/capture.hpp"
+#include "catch.hpp"
+#include "common/random.hpp"
+#include "kv/schedule.hpp"
+#include "reference/naive_replay.hpp"
+#include "replay/engine.hpp"
+
+using namespace hysparse;
+namespace ref = hysparse::reference;
+
+namespace {
+
+// Mass recall and its quantiles: the README promises 1e-6 against float64.
+constexpr double kMassTolerance = 1e-6;
+// Ratios and overlaps inherit the mass error; attended keys are exact integers.
+constexpr double kRatioTolerance = 1e-5;
+// Output error compares fp32 products against float64 sums of up to T terms.
+constexpr double kOutputTolerance = 2e-5;
+// Properties (bounds, monotonicity) compare numbers that reach the same value by different
+// fp32-derived paths (block statistics vs direct dot products).
+constexpr double kPropertyTolerance = 1e-7;
+
+struct Shape {
+  std::int64_t layers = 2, q_heads = 4, kv_heads = 2, head_dim = 16, seq_len = 100;
+  bool with_v = true, sinks = false;
+  std::vector<std::int64_t> dense_layers;  // layers stored as `attn` probabilities
+  enum class Values { kGaussian, kTies, kIdentical } values = Values::kGaussian;
+  double logit_scale = 2.0;  // multiplies q: larger = peakier attention
+};
+
+Capture random_capture(const Shape& s, std::uint64_t seed) {
+  Capture c;
+  c.header.model = "parity-test";
+  c.header.source = "tests";
+  c.header.num_layers = s.layers;
+  c.header.num_q_heads = s.q_heads;
+  c.header.num_kv_heads = s.kv_heads;
+  c.header.head_dim = s.head_dim;
+  c.header.seq_len = s.seq_len;
+  Rng rng(seed);
+  auto draw = [&]() -> float {
+    switch (s.values) {
+      case Shape::Values::kTies: return static_cast<float>(static_cast<int>(rng.below(3)) - 1);  // {-1, 0, 1}
+      case Shape::Values::kIdentical: return 0.5f;
+      default: return static_cast<float>(rng.normal());
+    }
+  };
+  const auto T = s.seq_len, d = s.head_dim;
+  for (std::int64_t l = 0; l < s.layers; ++l) {
+    LayerTensors t;
+    const bool dense = std::find(s.dense_layers.begin(), s.dense_layers.end(), l) != s.dense_layers.end();
+    std::vector<float> q(static_cast<std::size_t>(s.q_heads * T * d)), k(static_cast<std::size_t>(s.kv_heads * T * d));
+    for (auto& x : q) x = static_cast<float>(s.logit_scale) * draw();
+    for (auto& x : k) x = draw();
+    std::vector<float> sinks;
+    if (s.sinks) {
+      for (std::int64_t h = 0; h < s.q_heads; ++h) sinks.push_back(static_cast<float>(2.0 * rng.normal() + 1.0));
+    }
+    if (dense) {
+      // Probabilities of the same construction, computed in double: rows sum to one (less the sink).
+      const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+      t.attn.assign(static_cast<std::size_t>(s.q_heads * T * T), 0.0f);
+      for (std::int64_t h = 0; h < s.q_heads; ++h) {
+        const std::int64_t g = h / (s.q_heads / s.kv_heads);
+        for (std::int64_t row = 0; row < T; ++row) {
+          std::vector<double> z(static_cast<std::size_t>(row + 1));
+          double m = s.sinks ? sinks[static_cast<std::size_t>(h)] : -1e300;
+          for (std::int64_t j = 0; j <= row; ++j) {
+            double dot = 0;
+            for (std::int64_t c2 = 0; c2 < d; ++c2) dot += static_cast<double>(q[static_cast<std::size_t>((h * T + row) * d + c2)]) * k[static_cast<std::size_t>((g * T + j) * d + c2)];
+            z[static_cast<std::size_t>(j)] = dot * scale;
+            m = std::max(m, z[static_cast<std::size_t>(j)]);
+          }
+          double total = s.sinks ? std::exp(sinks[static_cast<std::size_t>(h)] - m) : 0.0;
+          for (double v : z) total += std::exp(v - m);
+          for (std::int64_t j = 0; j <= row; ++j) {
+            t.attn[static_cast<std::size_t>((h * T + row) * T + j)] = static_cast<float>(std::exp(z[static_cast<std::size_t>(j)] - m) / total);
+          }
+        }
+      }
+    } else {
+      t.q = q;
+      t.k = k;
+      if (s.with_v) {
+        t.v.resize(k.size());
+        for (auto& x : t.v) x = static_cast<float>(rng.normal());
+      }
+    }
+    if (s.sinks) t.sink_logits = sinks;
+    c.layers.push_back(std::move(t));
+  }
+  return c;
+}
+
+std::string temp_path(const std::string& name) { return std::string(HYSPARSE_TEST_DATA_DIR) + "/parity_" + name + ".h5"; }
+
+double nearest_rank(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  const auto rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(v.size()))));
+  return v[static_cast<std::size_t>(rank - 1)];
+}
+
+ref::RefBudget to_ref(const Budget& b) { return {b.kind == Budget::Kind::kSparsity, b.value}; }
+
+// Compares one selector of an engine result with the reference, for every budget, layer and head.
+void compare_selector(const ReplayResult& result, std::size_t index, const Capture& capture, const ref::RefSelector& selector) {
+  const SelectorResult& s = result.selectors[index];
+  INFO("selector " << s.spec);
+  const auto L = capture.header.num_layers, H = capture.header.num_q_heads;
+  for (std::size_t bi = 0; bi < result.budgets.size(); ++bi) {
+    INFO("budget " << result.budgets[bi].label());
+    const auto rows = ref::naive_metrics(capture, selector, to_ref(result.budgets[bi]), result.rows);
+    for (std::int64_t l = 0; l < L; ++l) {
+      INFO("layer " << l);
+      double saturated = 0;
+      bool full = false;
+      for (std::int64_t h = 0; h < H; ++h) {
+        INFO("head " << h);
+        std::vector<double> recall, ratio, overlap, attended, error;
+        for (const auto& m : rows[static_cast<std::size_t>(l)][static_cast<std::size_t>(h)]) {
+          recall.push_back(m.mass_recall);
+          ratio.push_back(m.mass_recall / m.oracle_recall);
+          overlap.push_back(m.topk_overlap);
+          attended.push_back(m.attended);
+          error.push_back(m.output_rel_error);
+          saturated += m.saturated && !m.full_layer ? 1 : 0;
+          full = m.full_layer;
+        }
+        auto mean = [](const std::vector<double>& v) {
+          double sum = 0;
+          for (double x : v) sum += x;
+          return sum / static_cast<double>(v.size());
+        };
+        const auto ub = static_cast<std::uint64_t>(bi), ul = static_cast<std::uint64_t>(l), uh = static_cast<std::uint64_t>(h);
+        CHECK(s.head_mean[kMassRecall].at(ub, ul, uh) == Approx(mean(recall)).margin(kMassTolerance));
+        CHECK(s.head_recall_min.at(ub, ul, uh) == Approx(*std::min_element(recall.begin(), recall.end())).margin(kMassTolerance));
+        CHECK(s.head_recall_p10.at(ub, ul, uh) == Approx(nearest_rank(recall, 0.10)).margin(kMassTolerance));
+        CHECK(s.head_recall_p50.at(ub, ul, uh) == Approx(nearest_rank(recall, 0.50)).margin(kMassTolerance));
+        CHECK(s.head_mean[kRecallVsOracle].at(ub, ul, uh) == Approx(mean(ratio)).margin(kRatioTolerance));
+        CHECK(s.head_mean[kTopkOverlap].at(ub, ul, uh) == Approx(mean(overlap)).margin(kRatioTolerance));
+        CHECK(s.head_mean[kAttendedKeys].at(ub, ul, uh) == Approx(mean(attended)).margin(1e-9));
+        const double reference_error = mean(error);
+        const double engine_error = s.head_mean[kOutputError].at(ub, ul, uh);
+        if (result.has_output_error && !std::isnan(reference_error)) {
+          CHECK(engine_error == Approx(reference_error).margin(kOutputTolerance));
+        } else {
+          CHECK(std::isnan(engine_error));
+        }
+      }
+      CHECK(s.saturated_rows.at(bi, static_cast<std::uint64_t>(l)) == Approx(full ? 0.0 : saturated));
+      CHECK(s.is_full_layer[static_cast<std::size_t>(l)] == (full ? 1 : 0));
+    }
+  }
+}
+
+ReplayResult replay(const Capture& capture, const std::string& name, ReplayOptions options) {
+  const std::string path = temp_path(name);
+  write_capture(path, capture);
+  const auto backend = make_cpu_backend();
+  return run_replay(path, options, *backend, false);
+}
+
+ReplayOptions base_options(const std::string& selectors, const std::vector<Budget>& budgets) {
+  ReplayOptions o;
+  o.selectors = parse_selector_list(selectors);
+  o.budgets = budgets;
+  o.reuse_budget = 0;
+  o.tile_rows = 7;  // several tiles per group, rows split unevenly
+  return o;
+}
+
+std::vector<Budget> tokens(std::initializer_list<double> values) {
+  std::vector<Budget> b;
+  for (double v : values) b.push_back({Budget::Kind::kTokens, v});
+  return b;
+}
+std::vector<Budget> sparsities(std::initializer_list<double> values) {
+  std::vector<Budget> b;
+  for (double v : values) b.push_back({Budget::Kind::kSparsity, v});
+  return b;
+}
+
+ref::RefSelector oracle(std::int64_t block, std::string group = "none", std::int64_t sinks = 0, std::int64_t window = 0) {
+  ref::RefSelector s;
+  s.kind = "oracle";
+  s.block = block;
+  s.group = std::move(group);
+  s.sinks = sinks;
+  s.window = window;
+  return s;
+}
+ref::RefSelector swa(std::int64_t block, std::int64_t window, std::int64_t sinks = 0) {
+  ref::RefSelector s;
+  s.kind = "swa";
+  s.block = block;
+  s.window = window;
+  s.sinks = sinks;
+  return s;
+}
+ref::RefSelector hysparse_ref(std::int64_t block, std::int64_t window, const std::string& schedule, std::int64_t layers,
+                              std::string score = "max", std::string group = "max") {
+  ref::RefSelector s;
+  s.kind = "hysparse";
+  s.block = block;
+  s.window = window;
+  s.score = std::move(score);
+  s.group = std::move(group);
+  s.full_layers = parse_schedule(schedule, layers);
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("replay matches the float64 reference on a random GQA capture", "[replay][parity]") {
+  Shape shape;
+  shape.layers = 3;
+  shape.seq_len = 150;  // not a multiple of the block size
+  const Capture capture = random_capture(shape, test::seed());
+  ReplayOptions options = base_options(
+      "oracle,oracle:group=sum,oracle:group=max,swa,swa:window=20,sinks=2,oracle:sinks=3,window=10,"
+      "hysparse:block=16,window=8,hysparse:block=16,window=0,score=mass,group=sum",
+      tokens({16, 48, 160}));
+  options.block_size = 16;
+  options.schedule = "FSS";
+  const ReplayResult result = replay(capture, "gqa", options);
+  REQUIRE(result.selectors.size() == 8);
+  compare_selector(result, 0, capture, oracle(16));
+  compare_selector(result, 1, capture, oracle(16, "sum"));
+  compare_selector(result, 2, capture, oracle(16, "max"));
+  compare_selector(result, 3, capture, swa(16, -1));
+  compare_selector(result, 4, capture, swa(16, 20, 2));
+  compare_selector(result, 5, capture, oracle(16, "none", 3, 10));
+  compare_selector(result, 6, capture, hysparse_ref(16, 8, "FSS", 3));
+  compare_selector(result, 7, capture, hysparse_ref(16, 0, "FSS", 3, "mass", "sum"));
+}
+
+TEST_CASE("replay matches the reference for MHA and MQA with sparsity budgets and sink logits", "[replay][parity]") {
+  for (const auto& [q_heads, kv_heads] : {std::pair<std::int64_t, std::int64_t>{3, 3}, {4, 1}}) {
+    Shape shape;
+    shape.q_heads = q_heads;
+    shape.kv_heads = kv_heads;
+    shape.seq_len = 77;
+    shape.sinks = true;
+    CAPTURE(q_heads, kv_heads);
+    const Capture capture = random_capture(shape, test::seed() + static_cast<std::uint64_t>(q_heads));
+    ReplayOptions options = base_options("oracle,oracle:group=sum,swa:sinks=1,hysparse:block=8,window=4",
+                                         sparsities({0.9, 0.7, 0.5, 0.0}));
+    options.block_size = 8;
+    options.schedule = "FS";
+    const ReplayResult result = replay(capture, "mha_mqa_" + std::to_string(q_heads), options);
+    compare_selector(result, 0, capture, oracle(8));
+    compare_selector(result, 1, capture, oracle(8, "sum"));
+    compare_selector(result, 2, capture, swa(8, -1, 1));
+    compare_selector(result, 3, capture, hysparse_ref(8, 4, "FS", 2));
+  }
+}
+
+TEST_CASE("replay matches the reference at token level (block 1), for a single token, and on sampled rows",
+          "[replay][parity]") {
+  SECTION("block size 1") {
+    Shape shape;
+    shape.seq_len = 37;
+    const Capture capture = random_capture(shape, test::seed() + 11);
+    ReplayOptions options = base_options("oracle,swa,oracle:group=max", tokens({1, 5, 40}));
+    options.block_size = 1;
+    const ReplayResult result = replay(capture, "block1", options);
+    compare_selector(result, 0, capture, oracle(1));
+    compare_selector(result, 1, capture, swa(1, -1));
+    compare_selector(result, 2, capture, oracle(1, "max"));
+  }
+  SECTION("seq_len 1") {
+    Shape shape;
+    shape.seq_len = 1;
+    const Capture capture = random_capture(shape, test::seed() + 12);
+    ReplayOptions options = base_options("oracle,swa,hysparse:block=4", tokens({4, 8}));
+    options.block_size = 4;
+    options.schedule = "FS";
+    const ReplayResult result = replay(capture, "single", options);
+    compare_selector(result, 0, capture, oracle(4));
+    compare_selector(result, 1, capture, swa(4, -1));
+    compare_selector(result, 2, capture, hysparse_ref(4, 128, "FS", 2));
+    CHECK(result.selectors[0].model_mean[kMassRecall].values[0] == 1.0);
+  }
+  SECTION("sampled query rows") {
+    Shape shape;
+    shape.seq_len = 120;
+    const Capture capture = random_capture(shape, test::seed() + 13);
+    for (const std::string queries : {"last:17", "stride:9", "random:23"}) {
+      CAPTURE(queries);
+      ReplayOptions options = base_options("oracle,swa", tokens({8, 32}));
+      options.block_size = 8;
+      options.queries = queries;
+      options.seed = test::seed();
+      const ReplayResult result = replay(capture, "sampled", options);
+      compare_selector(result, 0, capture, oracle(8));
+      compare_selector(result, 1, capture, swa(8, -1));
+    }
+  }
+}
+
+TEST_CASE("replay resolves ties exactly as the reference (lower index first)", "[replay][parity]") {
+  for (const auto values : {Shape::Values::kTies, Shape::Values::kIdentical}) {
+    Shape shape;
+    shape.values = values;
+    shape.seq_len = 64;
+    shape.logit_scale = 1.0;
+    const Capture capture = random_capture(shape, test::seed() + 21);
+    ReplayOptions options = base_options("oracle,oracle:group=sum,oracle:sinks=2,window=5,hysparse:block=4,window=2",
+                                         tokens({4, 12, 28}));
+    options.block_size = 4;
+    options.schedule = "FS";
+    const ReplayResult result = replay(capture, "ties", options);
+    compare_selector(result, 0, capture, oracle(4));
+    compare_selector(result, 1, capture, oracle(4, "sum"));
+    compare_selector(result, 2, capture, oracle(4, "none", 2, 5));
+    compare_selector(result, 3, capture, hysparse_ref(4, 2, "FS", 2));
+  }
+}
+
+TEST_CASE("replay reads dense attn layers like q/k layers (mass metrics only)", "[replay][parity]") {
+  Shape shape;
+  shape.layers = 3;
+  shape.seq_len = 50;
+  shape.dense_layers = {0, 2};
+  shape.sinks = true;
+  const Capture capture = random_capture(shape, test::seed() + 31);
+  ReplayOptions options = base_options("oracle,swa,hysparse:block=8,window=4", tokens({8, 24}));
+  options.block_size = 8;
+  options.schedule = "FSS";
+  const ReplayResult result = replay(capture, "dense", options);
+  compare_selector(result, 0, capture, oracle(8));
+  compare_selector(result, 1, capture, swa(8, -1));
+  compare_selector(result, 2, capture, hysparse_ref(8, 4, "FSS", 3));
+}
+
+TEST_CASE("selectors with different block sizes share one statistics pass (gcd) and the reuse matrix matches",
+          "[replay][parity]") {
+  Shape shape;
+  shape.layers = 4;
+  shape.seq_len = 130;
+  const Capture capture = random_capture(shape, test::seed() + 41);
+  ReplayOptions options = base_options("oracle:block=8,hysparse:block=32,window=16,swa:window=24", tokens({32, 64}));
+  options.block_size = 16;
+  options.reuse_budget = 48;
+  options.schedule = "FSFS";
+  const ReplayResult result = replay(capture, "gcd", options);
+  compare_selector(result, 0, capture, oracle(8));
+  compare_selector(result, 1, capture, hysparse_ref(32, 16, "FSFS", 4));
+  compare_selector(result, 2, capture, swa(16, 24));
+  const auto reuse = ref::naive_reuse_matrix(capture, 16, 48, result.rows);
+  for (std::uint64_t f = 0; f < 4; ++f) {
+    for (std::uint64_t l = 0; l < 4; ++l) {
+      CAPTURE(f, l);
+      if (f > l) {
+        CHECK(std::isnan(result.reuse.at(f, l)));
+      } else {
+        CHECK(result.reuse.at(f, l) == Approx(reuse[f][l]).margin(kMassTolerance));
+      }
+    }
+  }
+}
+
+TEST_CASE("replay properties: full budget gives recall 1, the oracle bounds every selector, recall grows with budget",
+          "[replay][properties]") {
+  Shape shape;
+  shape.layers = 3;
+  shape.seq_len = 96;
+  shape.sinks = true;
+  const Capture capture = random_capture(shape, test::seed() + 51);
+  ReplayOptions options = base_options("oracle,oracle:group=sum,swa,hysparse:block=8,window=8", tokens({8, 16, 32, 64, 96}));
+  options.block_size = 8;
+  options.schedule = "FSS";
+  const ReplayResult result = replay(capture, "properties", options);
+  const std::uint64_t last = result.budgets.size() - 1;
+  for (const auto& s : result.selectors) {
+    INFO(s.spec);
+    CHECK(s.model_mean[kMassRecall].values[last] == Approx(1.0).margin(1e-12));
+    for (std::uint64_t l = 0; l < 3; ++l) {
+      for (std::uint64_t h = 0; h < 4; ++h) {
+        for (std::uint64_t b = 0; b < result.budgets.size(); ++b) {
+          CHECK(s.head_mean[kRecallVsOracle].at(b, l, h) <= 1.0 + kPropertyTolerance);
+          // Selectors with no forced keys and no full layers cannot beat the per-head oracle.
+          if (s.sinks == 0 && s.window <= 0 && s.label != "hysparse") {
+            CHECK(s.head_mean[kMassRecall].at(b, l, h) <= result.selectors[0].head_mean[kMassRecall].at(b, l, h) + kPropertyTolerance);
+          }
+          if (b > 0) CHECK(s.head_mean[kMassRecall].at(b, l, h) >= s.head_mean[kMassRecall].at(b - 1, l, h) - kPropertyTolerance);
+          if (b > 0) CHECK(s.head_recall_min.at(b, l, h) >= s.head_recall_min.at(b - 1, l, h) - kPropertyTolerance);
+        }
+      }
+    }
+  }
+}
