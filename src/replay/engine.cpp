@@ -363,11 +363,17 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
   // Selectors, with unique labels.
   std::vector<std::unique_ptr<Selector>> selectors;
   const SelectorDefaults defaults{options.block_size, options.sinks, options.window};
+  // Labels name report groups: the selector's name, or its spec as written when the name repeats.
+  std::vector<std::string> labels;
   for (const auto& spec : options.selectors) {
     selectors.push_back(make_selector(spec, defaults));
-    int same = 0;
-    for (const auto& other : selectors) same += other->name() == spec.name ? 1 : 0;
-    if (same > 1) selectors.back()->set_label(spec.name + "_" + std::to_string(same));
+    const auto repeats = std::count_if(options.selectors.begin(), options.selectors.end(),
+                                       [&](const SelectorSpec& other) { return other.name == spec.name; });
+    std::string label = repeats > 1 ? spec.text() : spec.name;
+    const auto same = std::count(labels.begin(), labels.end(), label);
+    if (same > 0) label += "_" + std::to_string(same + 1);
+    labels.push_back(label);
+    selectors.back()->set_label(label);
   }
   const auto S = static_cast<std::int64_t>(selectors.size());
   for (const auto& sel : selectors) {

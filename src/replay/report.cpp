@@ -179,7 +179,7 @@ void print_replay_summary(std::FILE* out, const ReplayResult& r) {
   for (std::size_t bi = 0; bi < r.budgets.size(); ++bi) {
     const Budget& budget = r.budgets[bi];
     fmt::print(out, "\nbudget {}{}\n", budget.label(), budget.kind == Budget::Kind::kTokens ? " tokens" : " (sparsity)");
-    fmt::print(out, "  {:<14} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>7}\n", "selector", "recall", "sparse-L",
+    fmt::print(out, "  {:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>7}\n", "selector", "recall", "sparse-L",
                "p10", "min", "vs-oracle", "overlap", "attended", "out-err", "sat%");
     std::vector<std::size_t> order(r.selectors.size());
     for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -192,7 +192,7 @@ void print_replay_summary(std::FILE* out, const ReplayResult& r) {
       double saturated = 0;
       for (std::int64_t l = 0; l < h.num_layers; ++l) saturated += s.saturated_rows.at(bi, static_cast<std::uint64_t>(l));
       auto show = [](double v, int digits) { return std::isnan(v) ? std::string("-") : fmt::format("{:.{}f}", v, digits); };
-      fmt::print(out, "  {:<14} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>7}\n", s.label,
+      fmt::print(out, "  {:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>7}\n", s.label,
                  show(s.model_mean[kMassRecall].values[bi], 4), show(s.model_sparse_mean[kMassRecall].values[bi], 4),
                  show(s.model_recall_p10.values[bi], 3), show(s.model_recall_min.values[bi], 3),
                  show(s.model_mean[kRecallVsOracle].values[bi], 4), show(s.model_mean[kTopkOverlap].values[bi], 3),

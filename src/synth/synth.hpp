@@ -21,15 +21,15 @@ struct SynthOptions {
 
   // Each strength is the logit (after the softmax scale) the structure adds.
   std::int64_t sink_tokens = 4;        // first tokens every query attends to
-  double sink_strength = 4.0;
-  double locality = 3.0;               // logit at distance 0 of the RoPE-like decay
+  double sink_strength = 6.0;
+  double locality = 4.0;               // logit at distance 0 of the RoPE-like decay
   double heavy_fraction = 0.01;        // share of positions that are heavy hitters
-  double heavy_strength = 2.5;
+  double heavy_strength = 4.0;
   double retrieval_heads = 0.25;       // share of query heads that retrieve far tokens
   double retrieval_strength = 6.0;
   std::int64_t retrieval_min_distance = 256;  // targets lie at least this far back
-  double content_std = 1.0;            // std of the random content logits
-  double cross_layer = 0.8;            // 0: layers independent, 1: identical layers
+  double content_std = 4.0;            // std of the random content logits (sets how peaked rows are)
+  double cross_layer = 0.9;            // 0: layers independent, 1: identical layers
 };
 
 // Validates options (Error kUsage on nonsense values).
