@@ -68,7 +68,7 @@ void write_attribute_raw(const File& file, const std::string& object_path, const
   Handle plist = make_plist(H5P_ATTRIBUTE_CREATE);
   Handle attribute(H5Acreate_by_name(file.id(), object_path.c_str(), name.c_str(), file_type, space, H5P_DEFAULT,
                                      H5P_DEFAULT, H5P_DEFAULT));
-  if (!attribute.valid() || H5Awrite(attribute.id(), mem_type, data) < 0) {
+  if (!attribute.valid() || (point_count(space) > 0 && H5Awrite(attribute.id(), mem_type, data) < 0)) {
     fail(ErrorKind::kOutput, "{}: cannot write {}", file.path(), attribute_where(object_path, name));
   }
 }

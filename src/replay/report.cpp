@@ -7,6 +7,8 @@
 
 #include "common/atomic_file.hpp"
 #include "io/h5.hpp"
+#include "kv/kv.hpp"
+#include "kv/report.hpp"
 
 namespace hysparse {
 namespace {
@@ -164,6 +166,20 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
                 "KV group, without forced keys; NaN where f > l");
     h5::write_attribute(file, "/reuse", "budget_tokens", r.reuse_budget);
     h5::write_attribute(file, "/reuse", "block_size", r.reuse_block);
+  }
+  // KV-cache accounting of the replayed model shape: full attention, the model's own layer
+  // types, and the hybrid SWA and HySparse layouts of the replay's schedule (bf16, batch 1).
+  {
+    KvModel model = kv_model_from_shape(h.model, h.num_layers, h.num_q_heads, h.num_kv_heads, h.head_dim,
+                                        h.layer_types, h.sliding_window);
+    KvOverrides overrides;
+    overrides.schedule = options.schedule.empty() ? "1:3" : options.schedule;
+    std::vector<KvMethod> methods;
+    for (const auto& spec : default_method_specs(model, overrides)) methods.push_back(resolve_method(spec, model, overrides));
+    std::vector<std::uint64_t> contexts = {static_cast<std::uint64_t>(h.seq_len), 32768, 131072};
+    std::sort(contexts.begin(), contexts.end());
+    contexts.erase(std::unique(contexts.begin(), contexts.end()), contexts.end());
+    write_kv_table(file, "/kv", compute_kv_table(model, methods, KvDtype::kBf16, 1, contexts));
   }
   h5::write_attribute(file, "/", "replay_seconds", r.seconds);
   h5::write_attribute(file, "/", "score_elements", static_cast<std::int64_t>(r.score_elements));
