@@ -21,6 +21,9 @@ struct StatsRequest {
   const std::int64_t* rows = nullptr;  // query positions, ascending
   std::int64_t num_rows = 0;
   std::int64_t block_size = 64;
+  // Identify the layer and KV head, so a device backend can keep their keys resident
+  // across tiles; -1 means "unknown" (nothing is cached).
+  std::int64_t layer = -1, kv_head = -1;
 };
 
 // Per (head, row, block): m = max logit in the block, l = sum exp(z - m) over the
@@ -44,6 +47,8 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;    // "cpu" or "cuda"
   virtual std::string device() const = 0;  // e.g. "x86_64 CPU, 2 OpenMP threads"
+  // Rows per request that use the device well (the engine may send fewer).
+  virtual std::int64_t preferred_tile_rows() const { return 64; }
   // Thread-safe: the engine calls it from several OpenMP threads at once.
   virtual void block_statistics(const StatsRequest& request, StatsTile& out) const = 0;
 };

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "backend/backend.hpp"
+#include "backend/row_statistics.hpp"
 #include "common/error.hpp"
 
 namespace hysparse {
@@ -18,13 +19,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Keys are streamed in chunks of whole blocks of at least this many keys.
 constexpr std::int64_t kMinKeyChunk = 256;
 
-double log_add_exp(double a, double b) {
-  if (a == -std::numeric_limits<double>::infinity()) return b;
-  if (b == -std::numeric_limits<double>::infinity()) return a;
-  const double m = std::max(a, b);
-  return m + std::log(std::exp(a - m) + std::exp(b - m));
-}
-
 // Sums in double over eight lanes: vectorises, and is exact whenever a sequential double
 // sum is, so blocks holding the same logits in another order tie exactly.
 double sum_in_double(const float* values, std::int64_t n) {
@@ -35,40 +29,6 @@ double sum_in_double(const float* values, std::int64_t n) {
   }
   for (; j < n; ++j) lanes[0] += static_cast<double>(values[j]);
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
-void allocate(const StatsRequest& req, StatsTile& out) {
-  const std::int64_t last = req.rows[req.num_rows - 1];
-  out.heads = req.heads;
-  out.rows = req.num_rows;
-  out.head_dim = req.head_dim;
-  out.num_blocks = last / req.block_size + 1;
-  const auto cells = static_cast<std::size_t>(out.heads * out.rows * out.num_blocks);
-  out.block_max.assign(cells, kNegInf);
-  out.block_sum.assign(cells, 0.0f);
-  out.lse_tokens.assign(static_cast<std::size_t>(out.heads * out.rows), 0.0);
-  out.lse_all.assign(static_cast<std::size_t>(out.heads * out.rows), 0.0);
-  if (req.v) out.output.assign(static_cast<std::size_t>(out.heads * out.rows * out.head_dim), 0.0f);
-  else out.output.clear();
-}
-
-// Row statistics from the finished per-block (max, sum) pairs.
-void finish_rows(const StatsRequest& req, StatsTile& out, std::int64_t h) {
-  for (std::int64_t r = 0; r < out.rows; ++r) {
-    const std::int64_t blocks = req.rows[r] / req.block_size + 1;
-    float row_max = kNegInf;
-    for (std::int64_t b = 0; b < blocks; ++b) row_max = std::max(row_max, out.block_max[out.at(h, r, b)]);
-    double total = 0.0;
-    for (std::int64_t b = 0; b < blocks; ++b) {
-      const float m = out.block_max[out.at(h, r, b)];
-      if (m != kNegInf) total += static_cast<double>(out.block_sum[out.at(h, r, b)]) * std::exp(static_cast<double>(m) - row_max);
-    }
-    const double lse_tokens = static_cast<double>(row_max) + std::log(total);
-    double lse_all = lse_tokens;
-    if (req.sink_logits) lse_all = log_add_exp(lse_tokens, static_cast<double>(req.sink_logits[h]));
-    out.lse_tokens[static_cast<std::size_t>(h * out.rows + r)] = lse_tokens;
-    out.lse_all[static_cast<std::size_t>(h * out.rows + r)] = lse_all;
-  }
 }
 
 void dense_layer_statistics(const StatsRequest& req, StatsTile& out) {
@@ -91,7 +51,7 @@ void dense_layer_statistics(const StatsRequest& req, StatsTile& out) {
         }
       }
     }
-    finish_rows(req, out, h);
+    finish_row_statistics(req, out, h);
     for (std::int64_t r = 0; r < req.num_rows; ++r) out.lse_all[static_cast<std::size_t>(h * out.rows + r)] = 0.0;
   }
 }
@@ -151,7 +111,7 @@ void qk_layer_statistics(const StatsRequest& req, StatsTile& out) {
         output.bottomRows(active).noalias() += probabilities * values;
       }
     }
-    finish_rows(req, out, h);
+    finish_row_statistics(req, out, h);
     if (req.v) {
       for (std::int64_t r = 0; r < R; ++r) {
         const double lse_all = out.lse_all[static_cast<std::size_t>(h * R + r)];
@@ -171,7 +131,7 @@ class CpuBackend final : public Backend {
   }
   void block_statistics(const StatsRequest& req, StatsTile& out) const override {
     if (req.num_rows <= 0) throw Error(ErrorKind::kInternal, "block_statistics: no rows");
-    allocate(req, out);
+    allocate_tile(req, out);
     if (req.attn) dense_layer_statistics(req, out);
     else qk_layer_statistics(req, out);
   }

@@ -1,0 +1,634 @@
+"""Loader for hysparse HDF5 replay reports.
+
+`load_report(path)` is the only place in the analysis package that touches h5py.
+It validates the file (HDF5, ``format == "hysparse-report"``, a supported
+``format_version``, the structure of that version) and returns a `Report`:
+plain Python metadata and read-only numpy arrays, named and carrying their
+units, for plotting and summary code.
+
+Any problem with the input raises `ReportError`, whose message is one line:
+``FILE: what is wrong; expected what``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+try:
+    import numpy as np
+    import h5py
+except ImportError as _e:  # pragma: no cover - depends on the interpreter
+    raise ImportError(
+        f"the hysparse analysis package needs numpy, h5py and matplotlib ({_e}); use /usr/bin/python3 on "
+        "Debian/Ubuntu (python3-h5py, python3-matplotlib) or 'pip install h5py numpy matplotlib'") from _e
+
+__all__ = [
+    "REPORT_FORMAT",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "METRICS",
+    "RECALL_QUANTILES",
+    "ReportError",
+    "Array",
+    "Budgets",
+    "Selector",
+    "Reuse",
+    "KvTable",
+    "Report",
+    "load_report",
+    "parse_spec",
+]
+
+REPORT_FORMAT = "hysparse-report"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+# Per selector x budget x layer x head metrics (README, "Replay: definitions").
+# output_rel_error is present only when v was captured (and not switched off).
+METRICS = ("mass_recall", "recall_vs_oracle", "topk_overlap", "attended_keys", "budget_keys", "output_rel_error")
+OPTIONAL_METRICS = ("output_rel_error",)
+RECALL_QUANTILES = ("p10", "p50", "min")
+
+_KNOWN_FORMATS = {
+    "hysparse-capture": "a hysparse capture, not a report (run 'hysparse replay' on it to make a report)",
+    "hysparse-kv-report": "a KV-accounting report of 'hysparse kv', not a replay report",
+}
+
+
+class ReportError(Exception):
+    """A file that is not a readable hysparse report. ``str(e)`` is one line."""
+
+    def __init__(self, path: Union[str, os.PathLike], problem: str, expected: str):
+        self.path = os.fspath(path)
+        self.problem = _one_line(problem)
+        self.expected = _one_line(expected)
+        super().__init__(f"{self.path}: {self.problem}; expected {self.expected}")
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+# ----------------------------------------------------------------------------
+# Value types handed to plotting code.
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Array:
+    """One dataset: read-only values with their dimension names, units and description."""
+
+    path: str                 # HDF5 path, e.g. "/selectors/oracle/mass_recall_mean"
+    values: np.ndarray        # read-only; float64 for real data, int64 for integers
+    dims: Tuple[str, ...]     # e.g. ("budget", "layer", "head")
+    units: str
+    long_name: str
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.values.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Budgets:
+    """The budget axis: token budgets (``kind == "tokens"``) or sparsities (``kind == "sparsity"``)."""
+
+    values: np.ndarray          # float64, in report order
+    kind: str                   # "tokens" | "sparsity"
+    units: str                  # "tokens" | "1"
+    labels: Tuple[str, ...]     # e.g. ("128", "256") or ("s=0.95", "s=0.9")
+    long_name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.labels)
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.kind == "tokens"
+
+    @property
+    def is_sparsity(self) -> bool:
+        return self.kind == "sparsity"
+
+    def default_index(self) -> int:
+        """The middle budget (upper middle for an even count)."""
+        return len(self) // 2
+
+    def describe(self, i: int) -> str:
+        """Human-readable budget, e.g. "256 tokens" or "sparsity 0.9"."""
+        if self.is_tokens:
+            return f"{self.labels[i]} tokens"
+        return f"sparsity {self.values[i]:g}"
+
+    def index(self, budget: Union[str, int, float]) -> int:
+        """Index of a budget given by label ("256", "s=0.9", "4K") or value (256, 0.9).
+
+        Raises ValueError naming the available budgets.
+        """
+        text = str(budget).strip()
+        for i, label in enumerate(self.labels):
+            if text == label:
+                return i
+        candidates = [text]
+        if text.lower().startswith("s="):
+            candidates.append(text[2:])
+        for cand in candidates:
+            value = _parse_number(cand)
+            if value is None:
+                continue
+            for i, v in enumerate(self.values):
+                if np.isclose(v, value, rtol=1e-9, atol=1e-12):
+                    return i
+        raise ValueError(f"budget {text!r} is not in the report; available: {', '.join(self.labels)}")
+
+
+def _parse_number(text: str) -> Optional[float]:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        return None
+    scale = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2).lower()]
+    return float(m.group(1)) * scale
+
+
+def parse_spec(spec: str) -> Tuple[str, Dict[str, str]]:
+    """``"oracle:block=64,group=sum"`` -> ``("oracle", {"block": "64", "group": "sum"})``."""
+    name, _, rest = spec.partition(":")
+    params: Dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+@dataclass(frozen=True, eq=False)
+class Selector:
+    """One selector of a report: its attributes and every dataset of its group."""
+
+    label: str                  # unique label in the report ("oracle", "oracle_2", ...)
+    name: str                   # selector family from the spec ("oracle", "swa", "hysparse", ...)
+    spec: str                   # canonical spec with every parameter
+    params: Dict[str, str]      # parsed spec parameters
+    description: str
+    block_size: int
+    sinks: int
+    window: int                 # -1 when the window is the budget (window_is_budget)
+    window_is_budget: bool
+    selection: str              # "per query head" | "shared by the heads of a KV group"
+    is_full_layer: np.ndarray   # bool [layer]
+    arrays: Dict[str, Array]    # dataset name -> Array (e.g. "layer_mass_recall_mean")
+    attrs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shared_by_group(self) -> bool:
+        return self.selection.startswith("shared")
+
+    @property
+    def full_layers(self) -> np.ndarray:
+        return np.flatnonzero(self.is_full_layer)
+
+    @property
+    def sparse_layers(self) -> np.ndarray:
+        return np.flatnonzero(~self.is_full_layer)
+
+    @property
+    def has_full_layers(self) -> bool:
+        return bool(self.is_full_layer.any())
+
+    def has(self, dataset: str) -> bool:
+        return dataset in self.arrays
+
+    def get(self, dataset: str) -> Optional[Array]:
+        return self.arrays.get(dataset)
+
+    def __getitem__(self, dataset: str) -> np.ndarray:
+        try:
+            return self.arrays[dataset].values
+        except KeyError:
+            raise KeyError(f"selector {self.label!r} has no dataset {dataset!r}; it has: "
+                           f"{', '.join(sorted(self.arrays))}") from None
+
+    @staticmethod
+    def dataset_name(metric: str, level: str = "head", stat: str = "mean", sparse_layers: bool = False) -> str:
+        """Name of a metric dataset.
+
+        level: "head" [budget, layer, head], "layer" [budget, layer] or "model" [budget];
+        stat: "mean" for every metric, or "p10" / "p50" / "min" for mass_recall;
+        sparse_layers: the model mean over the selector's sparse layers only.
+        """
+        if level not in ("head", "layer", "model"):
+            raise ValueError(f"level must be head, layer or model, not {level!r}")
+        prefix = {"head": "", "layer": "layer_", "model": "model_"}[level]
+        name = f"{prefix}{metric}_{stat}"
+        if sparse_layers:
+            if level != "model" or stat != "mean":
+                raise ValueError("sparse_layers exists only for model-level means")
+            name += "_sparse_layers"
+        return name
+
+    def metric(self, metric: str, level: str = "head", stat: str = "mean",
+               sparse_layers: bool = False) -> Optional[np.ndarray]:
+        """A metric's array, or None when the report does not have it (e.g. output_rel_error)."""
+        a = self.arrays.get(self.dataset_name(metric, level, stat, sparse_layers))
+        return None if a is None else a.values
+
+    @property
+    def saturated_rows(self) -> np.ndarray:
+        return self["saturated_rows"]
+
+
+@dataclass(frozen=True, eq=False)
+class Reuse:
+    """Cross-layer reuse matrix ``mass_recall[f, l]``, NaN where f > l."""
+
+    mass_recall: np.ndarray     # [source_layer, layer]
+    budget_tokens: int
+    block_size: int
+    units: str
+    long_name: str
+
+    def masked(self) -> np.ma.MaskedArray:
+        """The matrix with f > l (and any non-finite value) masked."""
+        m = self.mass_recall
+        f, l = np.indices(m.shape)
+        return np.ma.masked_array(m, mask=(f > l) | ~np.isfinite(m))
+
+
+@dataclass(frozen=True, eq=False)
+class KvTable:
+    """KV-cache accounting: datasets over method x context (x layer).
+
+    Loaded from a report's /kv group when present (``Report.kv``); ``None`` otherwise.
+    """
+
+    group: str
+    methods: Tuple[str, ...]
+    contexts: np.ndarray                    # int64 tokens
+    layers: Optional[np.ndarray]
+    arrays: Dict[str, Array]                # name -> Array, dims ("method", "context"[, "layer"])
+    attrs: Dict[str, Any]                   # the group's attributes (model, dtype, batch, ...)
+    method_attrs: Dict[str, Any]            # attributes of the method axis (resolved, source, ...)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self.arrays[name].values
+        except KeyError:
+            raise KeyError(f"KV table has no dataset {name!r}; it has: {', '.join(sorted(self.arrays))}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Report:
+    """A loaded hysparse report. Arrays are read-only numpy arrays; metadata are Python values."""
+
+    path: str
+    format_version: int
+    provenance: Dict[str, Any]      # root attributes: tool, tool_version, git_sha, created_utc, ...
+    config: Dict[str, Any]          # /config (parsed from its json attribute)
+    capture: Dict[str, Any]         # /capture attributes (model, num_layers, ...)
+    budgets: Budgets
+    layers: np.ndarray              # int64 [layer]
+    heads: np.ndarray               # int64 [head]
+    query_positions: np.ndarray     # int64 [row]
+    selectors: Dict[str, Selector]  # label -> Selector, in the report's order
+    reuse: Optional[Reuse]
+    kv: Optional[KvTable]
+
+    @property
+    def selector_order(self) -> Tuple[str, ...]:
+        return tuple(self.selectors)
+
+    def selector(self, label: str) -> Selector:
+        try:
+            return self.selectors[label]
+        except KeyError:
+            raise KeyError(f"no selector {label!r}; the report has: {', '.join(self.selectors)}") from None
+
+    def selectors_named(self, name: str) -> List[Selector]:
+        """Every selector of one family (e.g. all "hysparse" variants), in order."""
+        return [s for s in self.selectors.values() if s.name == name]
+
+    @property
+    def hysparse(self) -> Optional[Selector]:
+        """The first selector of the hysparse family, or None."""
+        found = self.selectors_named("hysparse")
+        return found[0] if found else None
+
+    @property
+    def has_output_error(self) -> bool:
+        return bool(self.selectors) and all(s.has("output_rel_error_mean") for s in self.selectors.values())
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.layers.size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.heads.size)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.query_positions.size)
+
+    @property
+    def input_files(self) -> List[str]:
+        files = self.provenance.get("input_files")
+        if isinstance(files, str):
+            return [files]
+        if files:
+            return [str(f) for f in files]
+        path = self.capture.get("path")
+        return [str(path)] if path else []
+
+    @property
+    def input_name(self) -> str:
+        files = self.input_files
+        return ", ".join(os.path.basename(f) for f in files) if files else "(unknown input)"
+
+    def provenance_line(self) -> str:
+        """Short one-line provenance: tool version, git sha, creation time, input file."""
+        p = self.provenance
+        sha = str(p.get("git_sha", "unknown"))
+        dirty = sha.endswith("-dirty")
+        short = sha[:-len("-dirty")] if dirty else sha
+        short = short[:12] + ("-dirty" if dirty else "")
+        tool = p.get("tool", "hysparse")
+        return (f"{tool} {p.get('tool_version', '?')} (git {short}), {p.get('created_utc', '?')}, "
+                f"input {self.input_name}")
+
+
+# ----------------------------------------------------------------------------
+# Reading.
+# ----------------------------------------------------------------------------
+
+def _py(value: Any) -> Any:
+    """HDF5 attribute value -> plain Python (str, int, float, bool, list)."""
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            return _py(value[()])
+        return [_py(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if h5py is not None and isinstance(value, h5py.Empty):
+        return None
+    return value
+
+
+def _attrs(obj: Any, skip: Sequence[str] = ("CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST",
+                                             "DIMENSION_LABELS", "_Netcdf4Dimid")) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key in obj.attrs:
+        if key in skip:
+            continue
+        out[key] = _py(obj.attrs[key])
+    return out
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+class _Reader:
+    """Reads one open file, turning every structural problem into a ReportError."""
+
+    def __init__(self, path: str, f: Any):
+        self.path = path
+        self.f = f
+
+    def fail(self, problem: str, expected: str) -> "ReportError":
+        return ReportError(self.path, problem, expected)
+
+    def group(self, name: str, required: bool = True) -> Any:
+        obj = self.f.get(name)
+        if obj is None:
+            if required:
+                raise self.fail(f"missing group '{name}'", f"a complete format_version 1 report ('{name}' group)")
+            return None
+        if not isinstance(obj, h5py.Group):
+            raise self.fail(f"'{name}' is not a group", "a group")
+        return obj
+
+    def dataset(self, name: str, required: bool = True) -> Any:
+        obj = self.f.get(name)
+        if obj is None:
+            if required:
+                raise self.fail(f"missing dataset '{name}'", "a complete format_version 1 report")
+            return None
+        if not isinstance(obj, h5py.Dataset):
+            raise self.fail(f"'{name}' is not a dataset", "a dataset")
+        return obj
+
+    def numbers(self, ds: Any, ndim: Optional[int] = None) -> np.ndarray:
+        if ds.dtype.kind not in "iufb":
+            raise self.fail(f"dataset '{ds.name}' has type {ds.dtype}", "numbers")
+        values = np.asarray(ds[()])
+        if ndim is not None and values.ndim != ndim:
+            raise self.fail(f"dataset '{ds.name}' has {values.ndim} dimensions {values.shape}", f"{ndim}")
+        if values.dtype.kind == "f":
+            values = values.astype(np.float64)
+        elif values.dtype.kind in "iub":
+            values = values.astype(np.int64)
+        return _readonly(values)
+
+    def strings(self, ds: Any) -> List[str]:
+        if ds.dtype.kind not in "OSU":
+            raise self.fail(f"dataset '{ds.name}' has type {ds.dtype}", "strings")
+        raw = ds[()]
+        if isinstance(raw, np.ndarray):
+            return [_py(v) if not isinstance(v, str) else v for v in raw.tolist()]
+        return [_py(raw)]
+
+    def array(self, ds: Any) -> Array:
+        dims = ds.attrs.get("DIMENSION_LABELS")
+        dims_t: Tuple[str, ...]
+        if dims is not None:
+            dims_t = tuple(str(_py(d)) for d in np.atleast_1d(dims))
+        else:
+            dims_t = tuple(d.label or f"dim{i}" for i, d in enumerate(ds.dims))
+        a = ds.attrs
+        return Array(path=ds.name, values=self.numbers(ds), dims=dims_t,
+                     units=str(_py(a["units"])) if "units" in a else "",
+                     long_name=str(_py(a["long_name"])) if "long_name" in a else "")
+
+    def check_shape(self, arr: Array, expected: Tuple[int, ...], dims: Tuple[str, ...]) -> None:
+        if arr.shape != expected:
+            shape = " x ".join(f"{d} {n}" for d, n in zip(dims, expected))
+            raise self.fail(f"dataset '{arr.path}' has shape {arr.shape}", f"[{shape}]")
+
+
+def load_report(path: Union[str, os.PathLike]) -> Report:
+    """Open and validate a hysparse report; raise ReportError for anything else."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ReportError(path, "no such file", "a hysparse report (HDF5 file)")
+    if os.path.isdir(path):
+        raise ReportError(path, "is a directory", "a hysparse report (HDF5 file)")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as e:
+        raise ReportError(path, f"cannot be read ({e})", "a readable hysparse report") from None
+    if not is_hdf5:
+        raise ReportError(path, "not an HDF5 file", f"a hysparse report (HDF5 with format='{REPORT_FORMAT}')")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ReportError(path, f"cannot be opened as HDF5 ({e})", "a readable hysparse report") from None
+    try:
+        with f:
+            return _load(_Reader(path, f))
+    except ReportError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise ReportError(path, f"cannot be read ({type(e).__name__}: {e})",
+                          f"a well-formed format_version {SUPPORTED_FORMAT_VERSIONS[-1]} report") from None
+
+
+def _load(r: _Reader) -> Report:
+    f = r.f
+    root = _attrs(f)
+    fmt = root.get("format")
+    if fmt is None:
+        raise r.fail("not a hysparse report (no root attribute 'format')", f"format='{REPORT_FORMAT}'")
+    if fmt != REPORT_FORMAT:
+        what = _KNOWN_FORMATS.get(str(fmt), "not a hysparse replay report")
+        raise r.fail(f"format is '{fmt}': {what}", f"format='{REPORT_FORMAT}'")
+    version = root.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise r.fail(f"format_version is {version!r}", "an integer format_version")
+    supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise r.fail(f"format_version {version} is not supported by this analysis package",
+                     f"format_version {supported} (update analysis/ for newer reports)")
+
+    # Axes.
+    budget_ds = r.dataset("/axes/budget")
+    budget_values = r.numbers(budget_ds, ndim=1).astype(np.float64)
+    ba = _attrs(budget_ds)
+    kind = ba.get("kind") or _attrs(r.group("/config")).get("budget_kind", "tokens")
+    if kind not in ("tokens", "sparsity"):
+        raise r.fail(f"/axes/budget kind is '{kind}'", "kind 'tokens' or 'sparsity'")
+    labels = ba.get("labels")
+    if labels is None:
+        labels = [f"{v:g}" if kind == "tokens" else f"s={v:g}" for v in budget_values]
+    labels = [str(x) for x in (labels if isinstance(labels, list) else [labels])]
+    if len(labels) != budget_values.size:
+        raise r.fail(f"/axes/budget has {budget_values.size} values but {len(labels)} labels", "one label per budget")
+    if budget_values.size == 0:
+        raise r.fail("/axes/budget is empty", "at least one budget")
+    budgets = Budgets(values=_readonly(budget_values), kind=str(kind),
+                      units=str(ba.get("units", "tokens" if kind == "tokens" else "1")),
+                      labels=tuple(labels), long_name=str(ba.get("long_name", "")))
+    layers = r.numbers(r.dataset("/axes/layer"), ndim=1)
+    heads = r.numbers(r.dataset("/axes/head"), ndim=1)
+    qpos_ds = r.dataset("/axes/query_position", required=False)
+    qpos = r.numbers(qpos_ds, ndim=1) if qpos_ds is not None else _readonly(np.zeros(0, dtype=np.int64))
+    B, L, H = budgets.values.size, layers.size, heads.size
+    sizes = {"budget": B, "layer": L, "head": H, "source_layer": L}
+
+    # Config and capture.
+    config_g = r.group("/config")
+    config_attrs = _attrs(config_g)
+    config: Dict[str, Any]
+    try:
+        config = json.loads(config_attrs["json"]) if "json" in config_attrs else dict(config_attrs)
+        if not isinstance(config, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        config = {k: v for k, v in config_attrs.items() if k != "json"}
+    capture = _attrs(r.group("/capture"))
+    if "num_layers" in capture and int(capture["num_layers"]) != L:
+        raise r.fail(f"/capture num_layers {capture['num_layers']} but /axes/layer has {L}", "the same layer count")
+
+    # Selectors.
+    sg = r.group("/selectors")
+    order = _attrs(sg).get("order")
+    if order is None:
+        order = sorted(k for k in sg if isinstance(sg[k], h5py.Group))
+    order = [str(x) for x in (order if isinstance(order, list) else [order])]
+    if not order:
+        raise r.fail("/selectors is empty", "at least one selector")
+    selectors: Dict[str, Selector] = {}
+    for label in order:
+        g = r.group(f"/selectors/{label}")
+        arrays: Dict[str, Array] = {}
+        for key in g:
+            obj = g[key]
+            if isinstance(obj, h5py.Dataset):
+                arrays[key] = r.array(obj)
+        # Required datasets and their shapes.
+        required: List[Tuple[str, Tuple[str, ...]]] = [("is_full_layer", ("layer",)),
+                                                        ("saturated_rows", ("budget", "layer"))]
+        for m in METRICS:
+            if m in OPTIONAL_METRICS and f"{m}_mean" not in arrays:
+                continue
+            required += [(f"{m}_mean", ("budget", "layer", "head")), (f"layer_{m}_mean", ("budget", "layer")),
+                         (f"model_{m}_mean", ("budget",)), (f"model_{m}_mean_sparse_layers", ("budget",))]
+        for q in RECALL_QUANTILES:
+            required += [(f"mass_recall_{q}", ("budget", "layer", "head")), (f"layer_mass_recall_{q}", ("budget", "layer")),
+                         (f"model_mass_recall_{q}", ("budget",))]
+        for name, dims in required:
+            if name not in arrays:
+                raise r.fail(f"missing dataset '/selectors/{label}/{name}'", "a complete format_version 1 report")
+            r.check_shape(arrays[name], tuple(sizes[d] for d in dims), dims)
+        a = _attrs(g)
+        spec = str(a.get("spec", label))
+        name, params = parse_spec(spec)
+        window = int(a.get("window", 0))
+        full = arrays["is_full_layer"].values.astype(bool)
+        full.setflags(write=False)
+        selectors[label] = Selector(
+            label=label, name=name or re.sub(r"_\d+$", "", label), spec=spec, params=params,
+            description=str(a.get("description", "")), block_size=int(a.get("block_size", 0)),
+            sinks=int(a.get("sinks", 0)), window=window,
+            window_is_budget=bool(a.get("window_is_budget", window < 0)),
+            selection=str(a.get("selection", "")), is_full_layer=full, arrays=arrays, attrs=a)
+
+    # Cross-layer reuse (absent with --reuse-budget 0).
+    reuse = None
+    rd = r.dataset("/reuse/mass_recall", required=False)
+    if rd is not None:
+        arr = r.array(rd)
+        r.check_shape(arr, (L, L), ("source_layer", "layer"))
+        ra = _attrs(r.group("/reuse"))
+        reuse = Reuse(mass_recall=arr.values, budget_tokens=int(ra.get("budget_tokens", 0)),
+                      block_size=int(ra.get("block_size", 0)), units=arr.units, long_name=arr.long_name)
+
+    kv = _load_kv(r, "/kv") if r.group("/kv", required=False) is not None else None
+
+    return Report(path=r.path, format_version=int(version), provenance=root, config=config, capture=capture,
+                  budgets=budgets, layers=layers, heads=heads, query_positions=qpos, selectors=selectors,
+                  reuse=reuse, kv=kv)
+
+
+def _load_kv(r: _Reader, group: str) -> KvTable:
+    """KV accounting: every dataset of `group` over [method, context(, layer)]."""
+    g = r.group(group)
+    method_ds = r.dataset(f"{group}/method")
+    methods = r.strings(method_ds)
+    contexts = r.numbers(r.dataset(f"{group}/context"), ndim=1)
+    layer_ds = r.dataset(f"{group}/layer", required=False)
+    layers = r.numbers(layer_ds, ndim=1) if layer_ds is not None else None
+    M, C = len(methods), contexts.size
+    arrays: Dict[str, Array] = {}
+    for key in g:
+        obj = g[key]
+        if key in ("method", "context", "layer") or not isinstance(obj, h5py.Dataset):
+            continue
+        if obj.dtype.kind not in "iufb" or obj.ndim < 2 or obj.shape[:2] != (M, C):
+            continue  # not a method x context table
+        arr = r.array(obj)
+        if not arr.dims or arr.dims[0].startswith("dim"):
+            arr = Array(arr.path, arr.values, ("method", "context", "layer")[:arr.values.ndim], arr.units, arr.long_name)
+        arrays[key] = arr
+    return KvTable(group=group, methods=tuple(methods), contexts=contexts, layers=layers, arrays=arrays,
+                   attrs=_attrs(g), method_attrs=_attrs(method_ds))

@@ -1,0 +1,227 @@
+"""Markdown summary of a hysparse report: provenance, the key table per budget, the figure index."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .report import Report
+
+__all__ = ["ranked_table", "summary_markdown", "write_text_atomic"]
+
+# Columns of the key table: (header, dataset, digits).
+KEY_COLUMNS: Tuple[Tuple[str, str, int], ...] = (
+    ("mean R", "model_mass_recall_mean", 4),
+    ("mean R, sparse layers", "model_mass_recall_mean_sparse_layers", 4),
+    ("p10", "model_mass_recall_p10", 3),
+    ("min", "model_mass_recall_min", 3),
+    ("vs oracle", "model_recall_vs_oracle_mean", 4),
+    ("attended keys", "model_attended_keys_mean", 1),
+    ("output error", "model_output_rel_error_mean", 4),
+)
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _bytes(value: float) -> str:
+    """Bytes in binary units: 1536 -> "1.50 KiB"."""
+    for div, unit in ((1024.0 ** 4, "TiB"), (1024.0 ** 3, "GiB"), (1024.0 ** 2, "MiB"), (1024.0, "KiB")):
+        if abs(value) >= div:
+            return f"{value / div:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _md(text: Any) -> str:
+    """Escape a value for a Markdown table cell."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _text(text: Any) -> str:
+    """A value for running Markdown text (one line)."""
+    return " ".join(str(text).split())
+
+
+def ranked_table(report: Report, budget_index: int) -> List[Dict[str, Any]]:
+    """Selectors at one budget, ranked by model mean mass recall (higher first, ties in report order, NaN last).
+
+    Each row: label, spec, and the KEY_COLUMNS values (None where the report lacks the dataset),
+    plus saturated_pct: saturated rows over all evaluated rows of all layers and heads, in percent.
+    """
+    rows = []
+    total_rows = report.num_rows * report.num_heads * report.num_layers
+    for order, (label, s) in enumerate(report.selectors.items()):
+        row: Dict[str, Any] = {"label": label, "spec": s.spec, "order": order}
+        for _, name, _ in KEY_COLUMNS:
+            a = s.get(name)
+            row[name] = None if a is None else float(a.values[budget_index])
+        sat = float(np.sum(s.saturated_rows[budget_index]))
+        row["saturated_pct"] = 100.0 * sat / total_rows if total_rows else None
+        rows.append(row)
+
+    def key(r: Dict[str, Any]) -> Tuple[int, float, int]:
+        v = r["model_mass_recall_mean"]
+        finite = v is not None and np.isfinite(v)
+        return (0 if finite else 1, -v if finite else 0.0, r["order"])
+
+    rows.sort(key=key)
+    return rows
+
+
+def summary_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[Tuple[str, str]],
+                     formats: Sequence[str] = ("png", "pdf"), figures_dir: str = ".") -> str:
+    """The whole summary.md text. `figures` are Rendered objects (name, title, caption)."""
+    p = report.provenance
+    cap = report.capture
+    cfg = report.config
+    out: List[str] = []
+    w = out.append
+    w(f"# hysparse report: {os.path.basename(report.path)}")
+    w("")
+    w(f"_{_md(report.provenance_line())}_")
+    w("")
+    w("## Provenance")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    files = report.input_files
+    shas = p.get("input_sha256") or []
+    if isinstance(shas, str):
+        shas = [shas]
+    inputs = "; ".join(f"`{_md(f)}`" + (f" (sha256 `{_md(shas[i])}`)" if i < len(shas) else "")
+                       for i, f in enumerate(files)) or "-"
+    for key, value in (
+        ("report", f"`{_md(report.path)}` (format {p.get('format')} v{report.format_version})"),
+        ("tool", f"{_md(p.get('tool', 'hysparse'))} {_md(p.get('tool_version', '?'))}"),
+        ("git sha", f"`{_md(p.get('git_sha', '?'))}`"),
+        ("created (UTC)", _md(p.get("created_utc", "?"))),
+        ("command line", f"`{_md(p.get('command_line', '?'))}`"),
+        ("input", inputs),
+        ("backend, device", f"{_md(p.get('backend', '?'))}, {_md(p.get('device', '?'))}"),
+        ("threads, seed", f"{_md(p.get('threads', '?'))}, {_md(p.get('seed', '?'))}"),
+        ("replay time", f"{p['replay_seconds']:.2f} s" if isinstance(p.get("replay_seconds"), float) else "-"),
+        ("analysed with", f"Python {platform.python_version()}, numpy {np.__version__}, "
+                          f"matplotlib {_mpl_version()}"),
+    ):
+        w(f"| {key} | {value} |")
+    w("")
+    w("## Capture and configuration")
+    w("")
+    w(f"- model `{_md(cap.get('model', '?'))}`: {report.num_layers} layers x {cap.get('num_q_heads', report.num_heads)} "
+      f"query heads ({cap.get('num_kv_heads', '?')} KV heads), head_dim {cap.get('head_dim', '?')}, "
+      f"seq_len {cap.get('seq_len', '?')}")
+    if cap.get("source"):
+        w(f"- source: `{_md(cap['source'])}`")
+    b = report.budgets
+    w(f"- budgets ({b.kind}): {', '.join(b.labels)}; queries `{_md(cfg.get('queries', '?'))}` "
+      f"({report.num_rows} rows per head)")
+    w(f"- block {cfg.get('block', '?')}, sinks {cfg.get('sinks', '?')}, window {cfg.get('window', '?')}, "
+      f"schedule `{_md(cfg.get('schedule') or '-')}`, reuse budget {cfg.get('reuse_budget', '?')}")
+    w("")
+    w("| selector | spec | selection | full layers | description |")
+    w("|---|---|---|---|---|")
+    for label, s in report.selectors.items():
+        full = ", ".join(str(int(l)) for l in s.full_layers) or "-"
+        w(f"| {_md(label)} | `{_md(s.spec)}` | {_md(s.selection)} | {full} | {_md(s.description)} |")
+    w("")
+    w("## Results per budget")
+    w("")
+    w("Selectors ranked by model mean mass recall R (pooled over every layer, head and query row; a full layer "
+      "of a hybrid selector counts with R = 1). _sparse layers_: the mean over the selector's sparse layers only. "
+      "p10 and min: over all rows (p10 from a histogram, within 5e-6). _vs oracle_: R / R of the per-head oracle "
+      "with the same forced keys. _attended keys_: mean |A|, forced keys included. _output error_: mean "
+      "||o_A - o|| / ||o||" + ("" if report.has_output_error else " (not in this report)") +
+      ". _saturated_: rows whose budget covers the whole causal row, share of all rows.")
+    w("")
+    for bi in range(len(b)):
+        w(f"### {b.describe(bi)}")
+        w("")
+        w("| rank | selector | " + " | ".join(h for h, _, _ in KEY_COLUMNS) + " | saturated |")
+        w("|---:|---|" + "---:|" * (len(KEY_COLUMNS) + 1))
+        for rank, row in enumerate(ranked_table(report, bi), 1):
+            cells = [_fmt(row[name], digits) for _, name, digits in KEY_COLUMNS]
+            sat = row["saturated_pct"]
+            w(f"| {rank} | {_md(row['label'])} | " + " | ".join(cells) + f" | {_fmt(sat, 1)}% |")
+        w("")
+    if report.reuse is not None:
+        r = report.reuse
+        m = r.masked()
+        L = m.shape[0]
+        w("## Cross-layer reuse")
+        w("")
+        diag = np.diag(r.mass_recall)
+        w(f"Mean mass recall of layer l under the blocks layer f selects (HySparse's rule), {r.budget_tokens} tokens, "
+          f"block {r.block_size}, no forced keys. Diagonal (own selection) mean {np.nanmean(diag):.3f}; "
+          + ", ".join(f"distance {d}: {np.nanmean(np.diag(r.mass_recall, d)):.3f}" for d in range(1, min(L, 4)))
+          + ".")
+        w("")
+        if L <= 16:
+            w("| f \\ l | " + " | ".join(str(l) for l in range(L)) + " |")
+            w("|---:|" + "---:|" * L)
+            for f in range(L):
+                cells = ["" if m.mask[f, l] else f"{m[f, l]:.3f}" for l in range(L)]
+                w(f"| {f} | " + " | ".join(cells) + " |")
+            w("")
+    if report.kv is not None:
+        kv = report.kv
+        w("## KV accounting")
+        w("")
+        w(f"From the report's /kv group ({len(kv.methods)} methods x {kv.contexts.size} contexts; datasets "
+          f"{', '.join(sorted(kv.arrays))}). No figure for it yet.")
+        w("")
+        shown = [(name, head) for name, head in (("resident_bytes", "resident"), ("ratio_to_full", "full / resident"),
+                                                  ("read_bytes_per_decoded_token", "read per decoded token"))
+                 if name in kv.arrays and kv.arrays[name].values.ndim == 2]
+        if shown:
+            w("| method | context (tokens) | " + " | ".join(head for _, head in shown) + " |")
+            w("|---|---:|" + "---:|" * len(shown))
+            for i, method in enumerate(kv.methods):
+                for j, context in enumerate(kv.contexts):
+                    cells = []
+                    for name, _ in shown:
+                        a = kv.arrays[name]
+                        v = float(a.values[i, j])
+                        cells.append(_bytes(v) if a.units == "bytes" else _fmt(v, 2))
+                    w(f"| {_md(method)} | {int(context)} | " + " | ".join(cells) + " |")
+            w("")
+    w("## Figures")
+    w("")
+    for fig in figures:
+        links = ", ".join(f"[{fmt.upper()}]({_link(figures_dir, fig.name, fmt)})" for fmt in formats)
+        w(f"- **{_text(fig.title)}** (`{fig.name}`; {links}): {_text(fig.caption)}")
+    for name, reason in skipped:
+        w(f"- `{name}`: not drawn: {_text(reason)}")
+    w("")
+    return "\n".join(out)
+
+
+def _link(figures_dir: str, name: str, fmt: str) -> str:
+    rel = f"{name}.{fmt}"
+    return rel if figures_dir in ("", ".") else f"{figures_dir.rstrip('/')}/{rel}"
+
+
+def _mpl_version() -> str:
+    try:
+        import matplotlib
+        return matplotlib.__version__
+    except ImportError:  # pragma: no cover
+        return "-"
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a text file via a temporary name in the same directory and os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,604 @@
+#!/usr/bin/env python3
+"""Tests of the analysis package (loader, figures, summary, command line) against real reports.
+
+Run from the repository root:
+
+    /usr/bin/python3 tests/analysis/test_analysis.py --hysparse build/src/cli/hysparse --workdir /tmp/analysis-tests
+
+It makes small captures and reports with the tool (synth, then replay with v and a reuse matrix; a
+sparsity report; a report without v and without a reuse matrix), renders every figure, and checks
+that the numbers the loader hands to the plots are the datasets read directly with h5py, that the
+files are valid PNG/PDF of paper size with provenance metadata, and that bad inputs give ReportError
+and exit code 2. Standard library unittest only; the last line printed is "N passed, M failed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis import ReportError, load_report  # noqa: E402
+from analysis import figures as figs  # noqa: E402
+from analysis.summary import ranked_table  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PAPER_WIDTHS_PX = {int(round(figs.SINGLE_COLUMN_IN * figs.PNG_DPI)), int(round(figs.DOUBLE_COLUMN_IN * figs.PNG_DPI))}
+
+
+class Fixtures:
+    """Reports made once per run by the hysparse binary."""
+
+    hysparse: str = ""
+    work: Path = Path(".")
+    tokens: Path = Path(".")      # token budgets, v captured, reuse matrix, 5 selectors (FSSS)
+    sparsity: Path = Path(".")    # sparsity budgets, default selectors
+    lean: Path = Path(".")        # no v, no reuse matrix, last:N queries
+    capture: Path = Path(".")
+
+    @classmethod
+    def build(cls, hysparse: str, workdir: str) -> None:
+        cls.hysparse = str(Path(hysparse).resolve())
+        os.makedirs(workdir, exist_ok=True)
+        cls.work = Path(tempfile.mkdtemp(prefix="analysis-", dir=workdir))
+        cls.capture = cls.work / "cap.h5"
+        nov = cls.work / "cap_nov.h5"
+        cls.tokens, cls.sparsity, cls.lean = cls.work / "r.h5", cls.work / "rs.h5", cls.work / "rl.h5"
+        shape = ["--layers", "6", "--seq-len", "384", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "32"]
+        cls.run_tool(["synth", "-o", str(cls.capture)] + shape)
+        cls.run_tool(["synth", "-o", str(nov), "--no-v", "--seed", "3"] + shape)
+        cls.run_tool(["replay", str(cls.capture), "-o", str(cls.tokens), "--budget", "64,128,256",
+                      "--selectors", "oracle,oracle:group=sum,swa,swa:window=64,hysparse", "--schedule", "FSSS",
+                      "--reuse-budget", "128", "--threads", "2", "-q"])
+        cls.run_tool(["replay", str(cls.capture), "-o", str(cls.sparsity), "--sparsity", "0.5,0.75,0.9",
+                      "--threads", "2", "-q"])
+        cls.run_tool(["replay", str(nov), "-o", str(cls.lean), "--budget", "128,256", "--selectors",
+                      "oracle,hysparse", "--schedule", "1:2", "--reuse-budget", "0", "--queries", "last:64",
+                      "--threads", "2", "-q"])
+
+    @classmethod
+    def run_tool(cls, args: list) -> None:
+        proc = subprocess.run([cls.hysparse] + args, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"hysparse {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis", *map(str, args)], cwd=str(REPO), capture_output=True,
+                          text=True, timeout=300)
+
+
+def h5_attr(obj, key):
+    v = obj.attrs[key]
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray):
+        return [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def matplotlib_rgb(colour):
+    from matplotlib import colors
+    return colors.to_rgb(colour)
+
+
+def assert_same(test: unittest.TestCase, a, b, what: str) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    test.assertEqual(a.shape, b.shape, f"{what}: shape")
+    test.assertTrue(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"),
+                    f"{what}: values differ\n{a}\n{b}")
+
+
+def png_info(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path}: not a PNG"
+    assert data[12:16] == b"IHDR", f"{path}: first chunk is not IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    text = {}
+    pos = 8
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        crc = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0]
+        assert zlib.crc32(ctype + body) & 0xFFFFFFFF == crc, f"{path}: bad CRC in {ctype!r}"
+        if ctype == b"tEXt":
+            k, _, v = body.partition(b"\0")
+            text[k.decode("latin-1")] = v.decode("latin-1")
+        elif ctype == b"iTXt":
+            k, _, rest = body.partition(b"\0")
+            flag, method = rest[0], rest[1]
+            rest = rest[2:]
+            _, _, rest = rest.partition(b"\0")  # language
+            _, _, v = rest.partition(b"\0")     # translated keyword
+            text[k.decode("latin-1")] = (zlib.decompress(v) if flag else v).decode("utf-8")
+        pos += 12 + length
+        if ctype == b"IEND":
+            break
+    assert pos == len(data), f"{path}: data after IEND or truncated"
+    return width, height, text
+
+
+class LoaderTest(unittest.TestCase):
+    """The loader hands out exactly what the files hold."""
+
+    def check_report(self, path: Path) -> None:
+        rep = load_report(path)
+        with h5py.File(path, "r") as f:
+            for key in ("format", "format_version", "tool_version", "git_sha", "command_line", "created_utc",
+                        "backend", "device", "seed", "threads", "input_files", "input_sha256"):
+                self.assertEqual(rep.provenance[key], h5_attr(f, key), key)
+            b = f["axes/budget"]
+            assert_same(self, rep.budgets.values, b[()], "budgets")
+            self.assertEqual(list(rep.budgets.labels), h5_attr(b, "labels"))
+            self.assertEqual(rep.budgets.kind, h5_attr(b, "kind"))
+            self.assertEqual(rep.budgets.units, h5_attr(b, "units"))
+            assert_same(self, rep.layers, f["axes/layer"][()], "layers")
+            assert_same(self, rep.heads, f["axes/head"][()], "heads")
+            assert_same(self, rep.query_positions, f["axes/query_position"][()], "query positions")
+            self.assertEqual(list(rep.selector_order), h5_attr(f["selectors"], "order"))
+            self.assertEqual(rep.config, json.loads(h5_attr(f["config"], "json")))
+            self.assertEqual(rep.capture["num_layers"], h5_attr(f["capture"], "num_layers"))
+            n_checked = 0
+            for label in rep.selector_order:
+                g = f["selectors"][label]
+                s = rep.selector(label)
+                for key in ("spec", "description", "block_size", "sinks", "window", "selection"):
+                    self.assertEqual(getattr(s, key), h5_attr(g, key), f"{label} {key}")
+                self.assertEqual(s.window_is_budget, bool(h5_attr(g, "window_is_budget")))
+                self.assertEqual(s.name, h5_attr(g, "spec").split(":")[0])
+                self.assertEqual(set(s.arrays), {k for k in g if isinstance(g[k], h5py.Dataset)})
+                for name, ds in g.items():
+                    assert_same(self, s[name], ds[()], f"{label}/{name}")
+                    if name != "is_full_layer":
+                        self.assertEqual(s.arrays[name].units, h5_attr(ds, "units"), f"{label}/{name} units")
+                        self.assertEqual(s.arrays[name].long_name, h5_attr(ds, "long_name"))
+                    n_checked += 1
+                assert_same(self, s.is_full_layer, g["is_full_layer"][()] != 0, f"{label} full layers")
+                # The helper names point at the right datasets.
+                assert_same(self, s.metric("mass_recall", "model", "p10"), g["model_mass_recall_p10"][()], "p10")
+                assert_same(self, s.metric("mass_recall", "model", sparse_layers=True),
+                            g["model_mass_recall_mean_sparse_layers"][()], "sparse")
+                assert_same(self, s.metric("attended_keys", "layer"), g["layer_attended_keys_mean"][()], "keys")
+                self.assertFalse(s["mass_recall_mean"].flags.writeable, "arrays are read-only")
+            self.assertGreater(n_checked, 30)
+            if "reuse" in f:
+                assert_same(self, rep.reuse.mass_recall, f["reuse/mass_recall"][()], "reuse")
+                self.assertEqual(rep.reuse.budget_tokens, h5_attr(f["reuse"], "budget_tokens"))
+                self.assertEqual(rep.reuse.block_size, h5_attr(f["reuse"], "block_size"))
+            else:
+                self.assertIsNone(rep.reuse)
+            self.assertEqual(rep.has_output_error, "output_rel_error_mean" in f["selectors"][rep.selector_order[0]])
+            if "kv" in f:  # KV accounting, written by newer tools
+                kv = f["kv"]
+                self.assertEqual(list(rep.kv.methods), [m.decode() if isinstance(m, bytes) else m
+                                                        for m in kv["method"][()].tolist()])
+                assert_same(self, rep.kv.contexts, kv["context"][()], "kv contexts")
+                M, C = len(rep.kv.methods), rep.kv.contexts.size
+                tables = [k for k in kv if k not in ("method", "context", "layer") and kv[k].shape[:2] == (M, C)]
+                self.assertEqual(sorted(rep.kv.arrays), sorted(tables))
+                for k in tables:
+                    assert_same(self, rep.kv[k], kv[k][()], f"kv/{k}")
+            else:
+                self.assertIsNone(rep.kv)
+
+    def test_tokens_report(self):
+        self.check_report(Fixtures.tokens)
+        rep = load_report(Fixtures.tokens)
+        self.assertTrue(rep.budgets.is_tokens)
+        self.assertTrue(rep.has_output_error)
+        self.assertIsNotNone(rep.reuse)
+        # Labels: "oracle", then "oracle:group=sum" (or "oracle_2" from older tools), ...
+        self.assertEqual(len(rep.selector_order), 5)
+        self.assertEqual((rep.selector_order[0], rep.selector_order[2], rep.selector_order[4]),
+                         ("oracle", "swa", "hysparse"))
+        self.assertEqual([rep.selector(l).name for l in rep.selector_order],
+                         ["oracle", "oracle", "swa", "swa", "hysparse"])
+        self.assertEqual(rep.selector(rep.selector_order[1]).params["group"], "sum")
+        self.assertEqual(rep.hysparse.label, "hysparse")
+        self.assertEqual(list(rep.hysparse.full_layers), [0, 4])
+        self.assertEqual(rep.budgets.index("128"), 1)
+        self.assertEqual(rep.budgets.index(256), 2)
+        with self.assertRaises(ValueError):
+            rep.budgets.index("100")
+        m = rep.reuse.masked()
+        f, l = np.indices(m.shape)
+        assert_same(self, m.mask, f > l, "reuse mask")
+
+    def test_sparsity_report(self):
+        self.check_report(Fixtures.sparsity)
+        rep = load_report(Fixtures.sparsity)
+        self.assertTrue(rep.budgets.is_sparsity)
+        self.assertEqual(rep.budgets.index("s=0.9"), rep.budgets.index(0.9))
+
+    def test_lean_report(self):
+        self.check_report(Fixtures.lean)
+        rep = load_report(Fixtures.lean)
+        self.assertFalse(rep.has_output_error)
+        self.assertIsNone(rep.reuse)
+        self.assertIsNone(rep.selector("oracle").metric("output_rel_error", "model"))
+        self.assertEqual(rep.num_rows, 64)
+
+    def test_kv_group(self):
+        """A /kv group (method x context datasets) is loaded when present."""
+        path = Fixtures.work / "with_kv.h5"
+        shutil.copy(Fixtures.tokens, path)
+        with h5py.File(path, "r+") as f:
+            if "kv" in f:
+                del f["kv"]
+        methods = ["full", "hysparse"]
+        contexts = np.array([4096, 32768], dtype=np.int64)
+        resident = np.array([[100, 800], [40, 300]], dtype=np.int64)
+        per_layer = np.arange(2 * 2 * 6, dtype=np.int64).reshape(2, 2, 6)
+        with h5py.File(path, "r+") as f:
+            g = f.create_group("kv")
+            g.attrs["model"] = "hysparse-7b"
+            g.create_dataset("method", data=np.array(methods, dtype=h5py.string_dtype()))
+            g.create_dataset("context", data=contexts)
+            g.create_dataset("layer", data=np.arange(6, dtype=np.int64))
+            d = g.create_dataset("resident_bytes", data=resident)
+            d.attrs["units"] = "bytes"
+            d.attrs["long_name"] = "resident KV cache"
+            g.create_dataset("resident_bytes_per_layer", data=per_layer)
+        rep = load_report(path)
+        self.assertIsNotNone(rep.kv)
+        self.assertEqual(rep.kv.methods, tuple(methods))
+        assert_same(self, rep.kv.contexts, contexts, "kv contexts")
+        assert_same(self, rep.kv["resident_bytes"], resident, "kv resident")
+        assert_same(self, rep.kv["resident_bytes_per_layer"], per_layer, "kv per layer")
+        self.assertEqual(rep.kv.arrays["resident_bytes"].units, "bytes")
+        self.assertEqual(rep.kv.attrs["model"], "hysparse-7b")
+        out = Fixtures.work / "out_kv"
+        proc = run_cli(path, "--out", out, "-q")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("KV accounting", (out / "summary.md").read_text())
+
+
+class FigureDataTest(unittest.TestCase):
+    """What the figures draw is what the file holds (read here with h5py, not through the loader)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.rep = load_report(Fixtures.tokens)
+        cls.f = h5py.File(Fixtures.tokens, "r")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.f.close()
+
+    def ds(self, label, name):
+        return self.f["selectors"][label][name][()]
+
+    @staticmethod
+    def lines_by_gid(fig):
+        out = {}
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if line.get_gid():
+                    out[line.get_gid()] = line
+        return out
+
+    def test_recall_vs_budget(self):
+        r = figs.build(self.rep, "recall_vs_budget")
+        lines = self.lines_by_gid(r.figure)
+        budgets = self.f["axes/budget"][()]
+        for label in h5_attr(self.f["selectors"], "order"):
+            d = r.data["selectors"][label]
+            assert_same(self, d["mean"], self.ds(label, "model_mass_recall_mean"), f"{label} mean")
+            assert_same(self, d["p10"], self.ds(label, "model_mass_recall_p10"), f"{label} p10")
+            assert_same(self, d["p50"], self.ds(label, "model_mass_recall_p50"), f"{label} p50")
+            assert_same(self, lines[f"mean:{label}"].get_ydata(), self.ds(label, "model_mass_recall_mean"), label)
+            assert_same(self, lines[f"mean:{label}"].get_xdata(), budgets, f"{label} x")
+            assert_same(self, lines[f"keys:{label}"].get_xdata(), self.ds(label, "model_attended_keys_mean"), label)
+            self.assertEqual(lines[f"mean:{label}"].get_color(), figs.report_styles(self.rep)[label]["color"])
+        assert_same(self, lines["sparse:hysparse"].get_ydata(),
+                    self.ds("hysparse", "model_mass_recall_mean_sparse_layers"), "hysparse sparse layers")
+        self.assertNotIn("sparse:oracle", lines)
+        # The p10..p50 band: its polygon spans exactly p10..p50.
+        ax = r.figure.axes[0]
+        bands = {c.get_gid(): c for c in ax.collections if (c.get_gid() or "").startswith("band:")}
+        verts = bands["band:oracle"].get_paths()[0].vertices[:, 1]
+        lo, hi = self.ds("oracle", "model_mass_recall_p10"), self.ds("oracle", "model_mass_recall_p50")
+        self.assertAlmostEqual(float(np.min(verts)), float(np.min(lo)), places=12)
+        self.assertAlmostEqual(float(np.max(verts)), float(np.max(hi)), places=12)
+        self.assertEqual(ax.get_xscale(), "log")
+
+    def test_layer_heatmap(self):
+        for bi in (None, 0):
+            r = figs.build(self.rep, "layer_heatmap", budget_index=bi)
+            b = len(self.f["axes/budget"]) // 2 if bi is None else bi
+            order = h5_attr(self.f["selectors"], "order")
+            expected = np.stack([self.ds(l, "layer_mass_recall_mean")[b] for l in order])
+            image = [im for im in r.figure.axes[0].get_images() if im.get_gid() == "heatmap"][0]
+            assert_same(self, np.asarray(image.get_array()), expected, "heatmap image")
+            assert_same(self, r.data["matrix"], expected, "heatmap data")
+            full = list(np.flatnonzero(self.ds("hysparse", "is_full_layer")))
+            self.assertEqual(r.data["full_layers"]["hysparse"], full)
+            markers = [l for l in r.figure.axes[0].get_lines() if l.get_gid() == "full-marker"]
+            self.assertEqual(sorted(float(m.get_xdata()[0]) for m in markers), [float(x) for x in full])
+
+    def test_reuse_matrix(self):
+        r = figs.build(self.rep, "reuse_matrix")
+        raw = self.f["reuse/mass_recall"][()]
+        image = [im for im in r.figure.axes[0].get_images() if im.get_gid() == "reuse"][0]
+        arr = image.get_array()
+        f, l = np.indices(raw.shape)
+        assert_same(self, np.ma.getmaskarray(arr), f > l, "reuse mask")
+        assert_same(self, arr.data[f <= l], raw[f <= l], "reuse values")
+        self.assertTrue(np.all(np.isnan(raw[f > l])), "the file has NaN where f > l")
+        # Used pairs: every sparse layer with its preceding full layer (FSSS over 6 layers: full 0 and 4).
+        self.assertEqual(r.data["used_pairs"], [(0, 1), (0, 2), (0, 3), (4, 5)])
+
+    def test_hysparse_distance(self):
+        r = figs.build(self.rep, "hysparse_distance")
+        full = self.ds("hysparse", "is_full_layer") != 0
+        # Distance computed independently here.
+        dist, last = [], None
+        for i, is_full in enumerate(full):
+            last = i if is_full else last
+            dist.append(i - last)
+        dist = np.array(dist)
+        assert_same(self, r.data["distance"], dist, "distance")
+        lines = self.lines_by_gid(r.figure)
+        rec = self.ds("hysparse", "layer_mass_recall_mean")
+        vso = self.ds("hysparse", "layer_recall_vs_oracle_mean")
+        labels = h5_attr(self.f["axes/budget"], "labels")
+        for bi, lab in enumerate(labels):
+            for key, values in (("mass_recall", rec), ("recall_vs_oracle", vso)):
+                expected = [np.mean(values[bi, dist == d]) for d in (1, 2, 3)]
+                np.testing.assert_allclose(r.data[key][lab], expected, rtol=0, atol=1e-15)
+                np.testing.assert_allclose(lines[f"mean:{key}:{lab}"].get_ydata(), expected, rtol=0, atol=1e-15)
+                assert_same(self, lines[f"mean:{key}:{lab}"].get_xdata(), [1, 2, 3], "distances")
+
+    def test_output_error(self):
+        r = figs.build(self.rep, "output_error")
+        lines = self.lines_by_gid(r.figure)
+        for label in self.rep.selector_order:
+            assert_same(self, lines[f"mean:{label}"].get_ydata(), self.ds(label, "model_output_rel_error_mean"), label)
+        assert_same(self, lines["sparse:hysparse"].get_ydata(),
+                    self.ds("hysparse", "model_output_rel_error_mean_sparse_layers"), "sparse")
+
+    def test_head_boxplot(self):
+        r = figs.build(self.rep, "head_boxplot", budget_index=0, layer=2)
+        for label in self.rep.selector_order:
+            expected = self.ds(label, "mass_recall_mean")[0, 2, :]
+            assert_same(self, r.data["per_head"][label], expected, label)
+            pts = [c for c in r.figure.axes[0].collections if c.get_gid() == f"heads:{label}"][0]
+            assert_same(self, pts.get_offsets()[:, 0], expected, f"{label} points")
+        # Default layer: the first sparse layer of hysparse (1 here).
+        self.assertEqual(figs.build(self.rep, "head_boxplot").data["layer"], 1)
+
+    def test_summary_ranking(self):
+        for bi in range(len(self.rep.budgets)):
+            rows = ranked_table(self.rep, bi)
+            means = [self.ds(r["label"], "model_mass_recall_mean")[bi] for r in rows]
+            self.assertEqual(means, sorted(means, reverse=True))
+            for row in rows:
+                self.assertEqual(row["model_recall_vs_oracle_mean"],
+                                 self.ds(row["label"], "model_recall_vs_oracle_mean")[bi])
+                self.assertEqual(row["model_mass_recall_min"], self.ds(row["label"], "model_mass_recall_min")[bi])
+
+    def test_style(self):
+        """Fixed colours per selector label; paper widths; every text at least 8 pt."""
+        self.assertEqual(figs.selector_style("oracle")["color"], "#000000")
+        self.assertEqual(figs.selector_style("hysparse")["color"], "#D55E00")
+        self.assertEqual(figs.selector_style("my_proxy"), figs.selector_style("my_proxy"))
+        for variant in ("oracle:group=sum", "oracle_2"):
+            st = figs.selector_style(variant)
+            self.assertNotEqual((st["color"], st["linestyle"]), ("#000000", "-"), variant)
+        # In one report, no two selectors look alike.
+        styles = figs.report_styles(self.rep)
+        looks = {(st["color"], str(st["linestyle"]), st["marker"]) for st in styles.values()}
+        self.assertEqual(len(looks), len(styles))
+        # Colours are consistent across the figures of a report (lines, box plot points).
+        box = figs.build(self.rep, "head_boxplot")
+        for label in self.rep.selector_order:
+            pts = [c for c in box.figure.axes[0].collections if c.get_gid() == f"heads:{label}"][0]
+            self.assertEqual(tuple(np.round(pts.get_facecolor()[0][:3], 6)),
+                             tuple(np.round(matplotlib_rgb(styles[label]["color"]), 6)), label)
+        sparse_rep = load_report(Fixtures.sparsity)
+        for rep in (self.rep, sparse_rep):
+            for name in figs.FIGURES:
+                r = figs.build(rep, name)
+                if r is None:
+                    continue
+                w, _ = r.figure.get_size_inches()
+                self.assertIn(round(w, 2), (figs.SINGLE_COLUMN_IN, figs.DOUBLE_COLUMN_IN), name)
+                for t in r.figure.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text")):
+                    if t.get_text().strip() and t.get_visible():
+                        self.assertGreaterEqual(t.get_fontsize(), 8.0, f"{name}: {t.get_text()!r}")
+            lines = self.lines_by_gid(figs.build(rep, "recall_vs_budget").figure)
+            self.assertEqual(lines["mean:oracle"].get_color(), "#000000")
+            self.assertEqual(lines["mean:hysparse"].get_color(), "#D55E00")
+
+
+class CliTest(unittest.TestCase):
+    """python3 -m analysis: files, formats, metadata, summary, exit codes."""
+
+    def check_outputs(self, report: Path, out: Path, expect_figures, expect_skipped=()):
+        files = sorted(p.name for p in out.iterdir())
+        self.assertFalse([n for n in files if n.startswith(".")], f"temporary files left: {files}")
+        with h5py.File(report, "r") as f:
+            sha = h5_attr(f, "git_sha")
+            created = h5_attr(f, "created_utc")
+        for name in expect_figures:
+            png, pdf = out / f"{name}.png", out / f"{name}.pdf"
+            self.assertTrue(png.is_file() and pdf.is_file(), name)
+            w, h, text = png_info(png)
+            self.assertIn(w, PAPER_WIDTHS_PX, f"{name}.png width {w}")
+            self.assertTrue(300 <= h <= 2400, f"{name}.png height {h}")
+            self.assertIn("Comment", text, f"{name}.png metadata: {sorted(text)}")
+            meta = json.loads(text["Comment"])
+            self.assertEqual(meta["git_sha"], sha)
+            self.assertEqual(meta["created_utc"], created)
+            self.assertIn(os.path.basename(meta["input_files"][0]), text.get("Source", ""))
+            raw = pdf.read_bytes()
+            self.assertTrue(raw.startswith(b"%PDF-"), f"{name}.pdf magic")
+            self.assertIn(b"%%EOF", raw[-64:], f"{name}.pdf end")
+            self.assertIn(sha.encode(), raw, f"{name}.pdf metadata has the git sha")
+            self.assertGreater(len(raw), 2000)
+        for name in expect_skipped:
+            self.assertFalse((out / f"{name}.png").exists(), name)
+        summary = (out / "summary.md").read_text()
+        self.assertIn(sha, summary)
+        self.assertIn(created, summary)
+        for name in expect_figures:
+            self.assertIn(f"]({name}.png)", summary)
+            self.assertIn(f"]({name}.pdf)", summary)
+        for name in expect_skipped:
+            self.assertIn(f"`{name}`: not drawn", summary)
+        return summary
+
+    def test_tokens(self):
+        out = Fixtures.work / "out_tokens"
+        proc = run_cli(Fixtures.tokens, "--out", out)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        summary = self.check_outputs(Fixtures.tokens, out, list(figs.FIGURES))
+        rep = load_report(Fixtures.tokens)
+        for bi in range(len(rep.budgets)):
+            self.assertIn(f"### {rep.budgets.describe(bi)}", summary)
+            best = ranked_table(rep, bi)[0]
+            self.assertIn(f"| 1 | {best['label']} | {best['model_mass_recall_mean']:.4f} |", summary)
+
+    def test_sparsity_and_options(self):
+        out = Fixtures.work / "out_sparsity"
+        proc = run_cli(Fixtures.sparsity, "--out", out, "--budget", "s=0.9", "--layer", "3", "--formats", "png,pdf,svg")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.check_outputs(Fixtures.sparsity, out, list(figs.FIGURES))
+        svg = (out / "recall_vs_budget.svg").read_text()
+        self.assertIn("<svg", svg)
+        summary = (out / "summary.md").read_text()
+        self.assertIn("layer 3 of each head", summary)
+        self.assertIn("at sparsity 0.9", summary)
+
+    def test_lean_report_skips(self):
+        out = Fixtures.work / "out_lean"
+        proc = run_cli(Fixtures.lean, "--out", out)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.check_outputs(Fixtures.lean, out, ["recall_vs_budget", "layer_heatmap", "hysparse_distance",
+                                                "head_boxplot"], ["reuse_matrix", "output_error"])
+
+    def test_bad_options(self):
+        out = Fixtures.work / "out_bad"
+        for args, needle in ((("--budget", "100"), "budget '100' is not in the report"),
+                             (("--layer", "99"), "layer 99 is not in the report"),
+                             (("--formats", "gif"), "--formats")):
+            proc = run_cli(Fixtures.tokens, "--out", out, *args)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+            self.assertIn(needle, proc.stderr)
+
+
+class BadInputTest(unittest.TestCase):
+    """Files that are not readable reports: ReportError with one clear line; exit code 2."""
+
+    def expect_error(self, path: Path, *needles: str) -> None:
+        with self.assertRaises(ReportError) as ctx:
+            load_report(path)
+        msg = str(ctx.exception)
+        self.assertEqual(len(msg.splitlines()), 1, msg)
+        self.assertTrue(msg.startswith(str(path) + ": "), msg)
+        self.assertIn("expected", msg)
+        for n in needles:
+            self.assertIn(n, msg)
+        proc = run_cli(path, "--out", Fixtures.work / "out_error")
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertEqual(proc.stderr.strip().splitlines(), [f"analysis: {msg}"])
+        self.assertEqual(proc.stdout, "")
+
+    def test_text_file(self):
+        p = Fixtures.work / "notes.txt"
+        p.write_text("not a report\n")
+        self.expect_error(p, "not an HDF5 file", "hysparse-report")
+
+    def test_missing_file(self):
+        self.expect_error(Fixtures.work / "does-not-exist.h5", "no such file")
+
+    def test_non_report_hdf5(self):
+        p = Fixtures.work / "other.h5"
+        with h5py.File(p, "w") as f:
+            f.create_dataset("x", data=np.arange(3))
+        self.expect_error(p, "no root attribute 'format'", "format='hysparse-report'")
+
+    def test_other_format(self):
+        p = Fixtures.work / "other_format.h5"
+        with h5py.File(p, "w") as f:
+            f.attrs["format"] = "netcdf-thing"
+            f.attrs["format_version"] = 1
+        self.expect_error(p, "format is 'netcdf-thing'")
+
+    def test_capture_is_not_a_report(self):
+        self.expect_error(Fixtures.capture, "hysparse capture, not a report")
+
+    def test_unknown_format_version(self):
+        p = Fixtures.work / "v2.h5"
+        shutil.copy(Fixtures.tokens, p)
+        with h5py.File(p, "r+") as f:
+            f.attrs["format_version"] = np.int64(2)
+        self.expect_error(p, "format_version 2 is not supported", "expected format_version 1")
+
+    def test_missing_dataset(self):
+        p = Fixtures.work / "broken.h5"
+        shutil.copy(Fixtures.tokens, p)
+        with h5py.File(p, "r+") as f:
+            del f["selectors/swa/layer_mass_recall_p10"]
+        self.expect_error(p, "missing dataset '/selectors/swa/layer_mass_recall_p10'")
+
+    def test_wrong_shape(self):
+        p = Fixtures.work / "badshape.h5"
+        shutil.copy(Fixtures.tokens, p)
+        with h5py.File(p, "r+") as f:
+            del f["selectors/oracle/model_mass_recall_mean"]
+            f["selectors/oracle"].create_dataset("model_mass_recall_mean", data=np.zeros(7))
+        self.expect_error(p, "/selectors/oracle/model_mass_recall_mean", "shape (7,)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hysparse", required=True, help="path to the hysparse binary")
+    ap.add_argument("--workdir", default=None, help="directory for fixtures and outputs (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the fixtures and outputs")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    start = time.time()
+    workdir = args.workdir or tempfile.gettempdir()
+    suite = unittest.TestSuite()
+    loader = unittest.TestLoader()
+    for case in (LoaderTest, FigureDataTest, CliTest, BadInputTest):
+        suite.addTests(loader.loadTestsFromTestCase(case))
+    try:
+        Fixtures.build(args.hysparse, workdir)
+    except Exception as e:  # noqa: BLE001 - every test needs the fixtures
+        print(f"cannot make the test reports: {e}", file=sys.stderr)
+        print(f"0 passed, {suite.countTestCases()} failed")
+        return 1
+    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2 if args.verbose else 1).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    passed = result.testsRun - failed - len(result.skipped)
+    if not args.keep and failed == 0:
+        shutil.rmtree(Fixtures.work, ignore_errors=True)
+    else:
+        print(f"fixtures and outputs kept in {Fixtures.work}")
+    print(f"({time.time() - start:.1f} s)")
+    print(f"{passed} passed, {failed + len(result.skipped)} failed")
+    return 0 if failed == 0 and not result.skipped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
