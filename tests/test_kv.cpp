@@ -103,7 +103,7 @@ TEST_CASE("schedules: every malformed spec is a usage error naming the problem",
 // ---------------------------------------------------------------- the paper's numbers
 
 TEST_CASE("hysparse-80b-a3b in BF16 reproduces the KV numbers", "[kv]") {
-  const KvModel& m = find_kv_preset("hysparse-80b-a3b");
+  const KvModel m = find_kv_preset("hysparse-80b-a3b");
   CHECK(kv_bytes_per_token_per_layer(m, KvDtype::kBf16) == 2048);
   CHECK(kv_bytes_per_token_full(m, KvDtype::kBf16) == 100352);
 
@@ -150,7 +150,7 @@ TEST_CASE("hysparse-80b-a3b in BF16 reproduces the KV numbers", "[kv]") {
 }
 
 TEST_CASE("hysparse-7b: 10 full layers, 40,960 marginal bytes per token", "[kv]") {
-  const KvModel& m = find_kv_preset("hysparse-7b");
+  const KvModel m = find_kv_preset("hysparse-7b");
   CHECK(kv_bytes_per_token_full(m, KvDtype::kBf16) == 147456);
   const KvAccounting hys = run(m, "hysparse", 16 * K);
   CHECK(hys.marginal_bytes_per_token == 40960.0);
@@ -164,9 +164,9 @@ TEST_CASE("hysparse-7b: 10 full layers, 40,960 marginal bytes per token", "[kv]"
 }
 
 TEST_CASE("the baseline presets are the paper's Full-Attn and Hybrid SWA models", "[kv]") {
-  const KvModel& full = find_kv_preset("hysparse-80b-a3b-full-attn");
-  const KvModel& swa = find_kv_preset("hysparse-80b-a3b-hybrid-swa");
-  const KvModel& hys = find_kv_preset("hysparse-80b-a3b");
+  const KvModel full = find_kv_preset("hysparse-80b-a3b-full-attn");
+  const KvModel swa = find_kv_preset("hysparse-80b-a3b-hybrid-swa");
+  const KvModel hys = find_kv_preset("hysparse-80b-a3b");
   CHECK(run(full, "native", 32 * K).resident_bytes == run(hys, "full", 32 * K).resident_bytes);
   CHECK(run(swa, "native", 32 * K).resident_bytes == run(hys, "hybrid-swa", 32 * K).resident_bytes);
   CHECK(default_method_specs(hys, {}) == std::vector<std::string>{"full", "hybrid-swa", "hysparse"});
@@ -177,7 +177,7 @@ TEST_CASE("the baseline presets are the paper's Full-Attn and Hybrid SWA models"
 // ---------------------------------------------------------------- hand-computed shapes
 
 TEST_CASE("GQA, MQA, MHA and K/V head dims, all dtypes", "[kv]") {
-  const KvModel& llama = find_kv_preset("llama-3.1-8b");
+  const KvModel llama = find_kv_preset("llama-3.1-8b");
   CHECK(llama.attention_kind() == "GQA");
   CHECK(kv_bytes_per_token_full(llama, KvDtype::kBf16) == 131072);  // 32 x 2 x 8 x 128 x 2
   CHECK(kv_bytes_per_token_full(llama, KvDtype::kFp16) == 131072);
@@ -209,7 +209,7 @@ TEST_CASE("GQA, MQA, MHA and K/V head dims, all dtypes", "[kv]") {
 }
 
 TEST_CASE("MLA caches one latent plus a rope key per token per layer", "[kv]") {
-  const KvModel& ds = find_kv_preset("deepseek-v3");
+  const KvModel ds = find_kv_preset("deepseek-v3");
   CHECK(ds.attention_kind() == "MLA");
   CHECK(kv_bytes_per_token_per_layer(ds, KvDtype::kBf16) == (512 + 64) * 2);
   CHECK(kv_bytes_per_token_full(ds, KvDtype::kBf16) == 61 * 1152);  // 70,272 B: the L factor is there
@@ -229,7 +229,7 @@ TEST_CASE("MLA caches one latent plus a rope key per token per layer", "[kv]") {
 }
 
 TEST_CASE("windows shorter and longer than the context", "[kv]") {
-  const KvModel& oss = find_kv_preset("gpt-oss-120b");
+  const KvModel oss = find_kv_preset("gpt-oss-120b");
   CHECK(oss.layer_type(0) == KvLayerType::kSliding);
   CHECK(oss.layer_type(1) == KvLayerType::kFull);
   const std::uint64_t c = 8 * (64 + 64) * 2;  // 2,048 B per layer per token
@@ -249,7 +249,7 @@ TEST_CASE("windows shorter and longer than the context", "[kv]") {
   CHECK(long_ctx.marginal_bytes_per_token == 18.0 * c);
   CHECK(long_ctx.read_bytes_per_decoded_token == 18 * 4096 * c + 18 * 128 * c);
 
-  const KvModel& gemma = find_kv_preset("gemma-3-27b");
+  const KvModel gemma = find_kv_preset("gemma-3-27b");
   CHECK(std::count(gemma.layer_types.begin(), gemma.layer_types.end(), KvLayerType::kFull) == 10);
   CHECK(gemma.layer_type(5) == KvLayerType::kFull);
   CHECK(gemma.layer_type(0) == KvLayerType::kSliding);
@@ -297,7 +297,7 @@ TEST_CASE("hybrid schedules on a model that has none, and with windows longer th
 // ---------------------------------------------------------------- proxies
 
 TEST_CASE("proxy metadata and budgets follow the footprint table", "[kv]") {
-  const KvModel& llama = find_kv_preset("llama-3.1-8b");
+  const KvModel llama = find_kv_preset("llama-3.1-8b");
   const std::uint64_t T = 16 * K, c = 8 * 256 * 2, per_head = 256 * 2;
   // Quest: 2*d bf16 elements per 16-token page per KV head = 1/16 of K+V.
   const KvAccounting quest = run(llama, "quest", T);
@@ -347,7 +347,7 @@ TEST_CASE("proxy metadata and budgets follow the footprint table", "[kv]") {
   CHECK(run(llama, "duo:streaming=75", T).kv_bytes == 64 * T * per_head + 192 * 384 * per_head);
 
   // Proxies leave a model's own window layers alone.
-  const KvModel& oss = find_kv_preset("gpt-oss-120b");
+  const KvModel oss = find_kv_preset("gpt-oss-120b");
   const KvAccounting oq = run(oss, "quest", 4096);
   CHECK(oq.metadata_bytes == 18ull * 8 * 256 * 2 * 64 * 2);
   CHECK(oq.kv_bytes == run(oss, "native", 4096).kv_bytes);
@@ -375,7 +375,7 @@ TEST_CASE("the footprint table is complete and cited", "[kv]") {
 }
 
 TEST_CASE("method specs: keys, global overrides, lists and errors", "[kv]") {
-  const KvModel& m = find_kv_preset("hysparse-80b-a3b");
+  const KvModel m = find_kv_preset("hysparse-80b-a3b");
   KvOverrides o;
   o.values = {{"window", 256}, {"budget", 4096}};
   const KvMethod h = resolve_method("hysparse:topk=2048", m, o);
@@ -427,7 +427,7 @@ TEST_CASE("contexts accept binary suffixes and reject nonsense", "[kv]") {
 }
 
 TEST_CASE("byte counts that overflow 64 bits are errors, not wraps", "[kv]") {
-  const KvModel& m = find_kv_preset("hysparse-80b-a3b");
+  const KvModel m = find_kv_preset("hysparse-80b-a3b");
   require_error([&] { run(m, "full", 1ull << 62); }, ErrorKind::kUsage, "overflows 64 bits");
   require_error([&] { run(m, "full", 1ull << 62); }, ErrorKind::kUsage, "at context 4611686018427387904");
   require_error([&] { run(m, "hysparse", 1ull << 50, KvDtype::kBf16, {}, 1ull << 20); }, ErrorKind::kUsage,
@@ -553,7 +553,7 @@ TEST_CASE("HF config.json: clear errors for what cannot be interpreted", "[kv]")
 // ---------------------------------------------------------------- reports
 
 TEST_CASE("the HDF5 report, JSON and text carry the same accounting", "[kv]") {
-  const KvModel& m = find_kv_preset("hysparse-80b-a3b");
+  const KvModel m = find_kv_preset("hysparse-80b-a3b");
   std::vector<KvMethod> methods;
   for (const char* spec : {"full", "hybrid-swa", "hysparse", "quest"}) methods.push_back(resolve_method(spec, m));
   const KvTable table = compute_kv_table(m, methods, KvDtype::kBf16, 2, {16 * K, 32 * K, 128 * K});

@@ -16,7 +16,8 @@ std::uint64_t seed() { return g_seed; }
 
 int main(int argc, char** argv) {
   if (const char* text = std::getenv("HYSPARSE_TEST_SEED")) hysparse::test::g_seed = std::stoull(text);
-  std::printf("hysparse tests: seed %llu (set HYSPARSE_TEST_SEED to override)\n",
+  // On stderr: test discovery reads test names from stdout.
+  std::fprintf(stderr, "hysparse tests: seed %llu (set HYSPARSE_TEST_SEED to override)\n",
               static_cast<unsigned long long>(hysparse::test::g_seed));
   hysparse::h5::silence_hdf5_errors();
   return Catch::Session().run(argc, argv);

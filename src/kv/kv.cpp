@@ -352,11 +352,13 @@ std::vector<std::string> split_method_list(const std::string& list, const KvMode
 }
 
 std::vector<std::string> default_method_specs(const KvModel& model, const KvOverrides& overrides) {
-  std::vector<std::string> specs = {"full"};
-  if (model.has_non_full_layers()) specs.push_back("native");
-  if (!overrides.schedule.empty() || !model.hybrid_schedule.empty()) {
-    specs.push_back("hybrid-swa");
-    specs.push_back("hysparse");
+  const bool native = model.has_non_full_layers();
+  const bool hybrid = !overrides.schedule.empty() || !model.hybrid_schedule.empty();
+  std::vector<std::string> specs;
+  specs.reserve(4);
+  for (const char* name : {"full", "native", "hybrid-swa", "hysparse"}) {
+    const std::string method(name);
+    if (method == "full" || (method == "native" && native) || (method != "native" && hybrid)) specs.push_back(method);
   }
   return specs;
 }

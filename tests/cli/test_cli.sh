@@ -31,7 +31,7 @@ for sub in synth inspect info replay kv; do
 done
 expect no-subcommand 2 'usage error' -- "$HYSPARSE"
 expect unknown-option 2 'usage error' -- "$HYSPARSE" synth --bogus -o "$WORK/x.h5"
-expect info 0 'CUDA devices' -- "$HYSPARSE" info
+expect info 0 'CUDA device' -- "$HYSPARSE" info
 expect synth 0 'wrote' -- "$HYSPARSE" synth -o "$WORK/s.h5" --layers 2 --seq-len 128 --head-dim 16 --q-heads 4 --kv-heads 2
 expect synth-bad-heads 2 'not a multiple' -- "$HYSPARSE" synth -o "$WORK/bad.h5" --q-heads 6 --kv-heads 4
 [[ -e "$WORK/bad.h5" ]] && { echo "FAIL synth-bad-heads left a file"; failures=$((failures + 1)); }
