@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@ constexpr int kKeys = 64;     // keys per chunk
 constexpr int kDepth = 32;    // head_dim slice staged in shared memory
 constexpr int kThreads = 256;
 constexpr int kMaxHeadDim = 256;
+constexpr long long kSegmentKeys = 1024;  // keys per thread block in the statistics kernel
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -48,11 +50,10 @@ __device__ void score_chunk(const float* __restrict__ q, const float* __restrict
     __syncthreads();
 #pragma unroll 8
     for (int c = 0; c < kDepth; ++c) {
-      float qv[4], kv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) qv[i] = q_stage[c][ty + 16 * i];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) kv[i] = k_stage[c][tx + 16 * i];
+      // One 16-byte shared load each for this thread's 4 rows and 4 keys.
+      const float4 q4 = *reinterpret_cast<const float4*>(&q_stage[c][4 * ty]);
+      const float4 k4 = *reinterpret_cast<const float4*>(&k_stage[c][4 * tx]);
+      const float qv[4] = {q4.x, q4.y, q4.z, q4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -63,11 +64,11 @@ __device__ void score_chunk(const float* __restrict__ q, const float* __restrict
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int r = ty + 16 * i;
+    const int r = 4 * ty + i;
     const long long t = r < rows_here ? pos[r] : -1;
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
-      const int j = tx + 16 * jj;
+      const int j = 4 * tx + jj;
       scores[r][j] = (j < width && c0 + j <= t) ? acc[i][jj] : -INFINITY;
     }
   }
@@ -84,20 +85,25 @@ __device__ float warp_sum(float v) {
 }
 
 // grid (row tiles, heads). q: [heads][rows][d]; block_max/sum: [heads][rows][num_blocks].
+// grid (row tiles, heads, key segments of `segment` keys, a multiple of both kKeys and block).
 __global__ void block_statistics_kernel(const float* __restrict__ q, const float* __restrict__ k,
                                         const long long* __restrict__ positions, int rows, int d, long long block,
-                                        long long num_blocks, float* __restrict__ block_max, float* __restrict__ block_sum) {
+                                        long long segment, long long num_blocks, float* __restrict__ block_max,
+                                        float* __restrict__ block_sum) {
   __shared__ float scores[kRows][kKeys + 1];
-  __shared__ float q_stage[kDepth][kRows];
-  __shared__ float k_stage[kDepth][kKeys];
+  __shared__ __align__(16) float q_stage[kDepth][kRows];
+  __shared__ __align__(16) float k_stage[kDepth][kKeys];
   const int head = blockIdx.y, r0 = blockIdx.x * kRows;
   const int rows_here = min(kRows, rows - r0);
   const long long* pos = positions + r0;
   const float* q_tile = q + (static_cast<long long>(head) * rows + r0) * d;
   const long long last = pos[rows_here - 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (long long c0 = 0; c0 <= last; c0 += kKeys) {
-    const int width = static_cast<int>(min(static_cast<long long>(kKeys), last + 1 - c0));
+  // This thread block's key segment: whole key blocks, so no other block writes its cells.
+  const long long segment_begin = static_cast<long long>(blockIdx.z) * segment;
+  const long long segment_end = min(segment_begin + segment, last + 1);
+  for (long long c0 = segment_begin; c0 < segment_end; c0 += kKeys) {
+    const int width = static_cast<int>(min(static_cast<long long>(kKeys), segment_end - c0));
     score_chunk(q_tile, k, pos, rows_here, d, c0, width, scores, q_stage, k_stage);
     for (int r = warp; r < rows_here; r += kThreads / 32) {
       const long long t = pos[r];
@@ -130,8 +136,8 @@ __global__ void output_kernel(const float* __restrict__ q, const float* __restri
                               const long long* __restrict__ positions, const float* __restrict__ lse_all, int rows, int d,
                               float* __restrict__ output) {
   __shared__ float scores[kRows][kKeys + 1];
-  __shared__ float q_stage[kDepth][kRows];
-  __shared__ float k_stage[kDepth][kKeys];
+  __shared__ __align__(16) float q_stage[kDepth][kRows];
+  __shared__ __align__(16) float k_stage[kDepth][kKeys];
   extern __shared__ float v_stage[];  // [kKeys][d]
   const int head = blockIdx.y, r0 = blockIdx.x * kRows;
   const int rows_here = min(kRows, rows - r0);
@@ -273,8 +279,12 @@ class CudaBackend final : public Backend {
     fill_kernel<<<256, 256>>>(block_max, cells, -INFINITY);
     fill_kernel<<<256, 256>>>(block_sum, cells, 0.0f);
     const dim3 grid(static_cast<unsigned>((R + kRows - 1) / kRows), static_cast<unsigned>(G));
-    block_statistics_kernel<<<grid, kThreads>>>(q, k_.get(), pos, static_cast<int>(R), static_cast<int>(d), req.block_size,
-                                                out.num_blocks, block_max, block_sum);
+    // Key segments of whole blocks spread a long row over many thread blocks.
+    const long long unit = std::lcm(static_cast<long long>(kKeys), static_cast<long long>(req.block_size));
+    const long long segment = unit * std::max(1LL, kSegmentKeys / unit);
+    const dim3 split_grid(grid.x, grid.y, static_cast<unsigned>((keys + segment - 1) / segment));
+    block_statistics_kernel<<<split_grid, kThreads>>>(q, k_.get(), pos, static_cast<int>(R), static_cast<int>(d),
+                                                      req.block_size, segment, out.num_blocks, block_max, block_sum);
     check(cudaGetLastError(), "block statistics kernel launch");
     check(cudaMemcpy(out.block_max.data(), block_max, static_cast<std::size_t>(cells) * sizeof(float), cudaMemcpyDeviceToHost),
           "block statistics kernel");
