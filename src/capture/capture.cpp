@@ -1,6 +1,7 @@
 #include "capture/capture.hpp"
 
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "common/error.hpp"
@@ -13,7 +14,35 @@ const std::set<std::string> kKnownLayerTypes = {"full_attention", "sliding_atten
 
 std::string layer_path(std::int64_t index) { return "/layers/" + std::to_string(index); }
 
+// A required root attribute: its absence is reported with what the format expects there.
+void require_root_attribute(const h5::File& file, const char* name, const std::string& expected) {
+  if (!h5::has_attribute(file, "/", name)) {
+    fail_input(file.path(), "", "missing root attribute '{}' (expected {})", name, expected);
+  }
+}
+
+// a * b for a size the header implies; an overflow names the file and the attributes.
+std::uint64_t header_mul(const h5::File& file, std::uint64_t a, std::uint64_t b, const char* what) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) {
+    fail_input(file.path(), "", "{} overflows 64 bits ({} x {}) (expected dimensions whose product fits in 64 bits)",
+               what, a, b);
+  }
+  return a * b;
+}
+
+// "0", "1", ... "N-1" exactly as the writer spells layer groups (no sign, no leading zeros).
+bool is_layer_name(const std::string& name, std::int64_t num_layers) {
+  if (name.empty() || name.size() > 19 || (name.size() > 1 && name[0] == '0')) return false;
+  std::uint64_t value = 0;
+  for (char c : name) {
+    if (c < '0' || c > '9') return false;
+    value = value * 10 + static_cast<std::uint64_t>(c - '0');  // 19 digits fit in 64 bits
+  }
+  return value < static_cast<std::uint64_t>(num_layers);
+}
+
 std::int64_t read_positive(const h5::File& file, const char* name) {
+  require_root_attribute(file, name, "a positive integer");
   const std::int64_t value = h5::read_int_attribute(file, "/", name);
   if (value <= 0) fail_input(file.path(), "", "attribute '{}' is {} (expected a positive integer)", name, value);
   return value;
@@ -78,11 +107,14 @@ CaptureReader CaptureReader::open(const std::string& path) {
   if (format != kCaptureFormat) {
     fail_input(path, "", "attribute 'format' is \"{}\" (expected \"{}\")", format, kCaptureFormat);
   }
+  require_root_attribute(file, "format_version", fmt::format("the integer {}", kCaptureFormatVersion));
   const std::int64_t version = h5::read_int_attribute(file, "/", "format_version");
   if (version != kCaptureFormatVersion) {
     fail_input(path, "", "attribute 'format_version' is {} (expected {})", version, kCaptureFormatVersion);
   }
+  require_root_attribute(file, "model", "a string naming the model");
   header.model = h5::read_string_attribute(file, "/", "model");
+  require_root_attribute(file, "source", "a string naming what produced the file");
   header.source = h5::read_string_attribute(file, "/", "source");
   header.num_layers = read_positive(file, "num_layers");
   header.num_q_heads = read_positive(file, "num_q_heads");
@@ -93,11 +125,19 @@ CaptureReader CaptureReader::open(const std::string& path) {
     fail_input(path, "", "num_q_heads = {} is not a multiple of num_kv_heads = {} (expected MHA, GQA or MQA)",
                header.num_q_heads, header.num_kv_heads);
   }
-  // Every byte count the replay will form must fit in 64 bits.
+  // Every byte count the replay will form must fit in 64 bits, q, k and v of a layer together included.
   const auto T = static_cast<std::uint64_t>(header.seq_len);
-  checked_mul(checked_mul(checked_mul(static_cast<std::uint64_t>(header.num_q_heads), T, "num_q_heads x seq_len"),
-                          static_cast<std::uint64_t>(header.head_dim), "num_q_heads x seq_len x head_dim"),
-              sizeof(float), "layer size in bytes");
+  const auto q_heads = static_cast<std::uint64_t>(header.num_q_heads);
+  const auto kv_heads = static_cast<std::uint64_t>(header.num_kv_heads);
+  const auto dim = static_cast<std::uint64_t>(header.head_dim);
+  header_mul(file, header_mul(file, header_mul(file, q_heads, T, "num_q_heads x seq_len"), dim,
+                              "num_q_heads x seq_len x head_dim"),
+             sizeof(float), "num_q_heads x seq_len x head_dim x 4 bytes");
+  // Here kv_heads <= q_heads < 2^62, so the unsigned head sum cannot overflow.
+  header_mul(file,
+             header_mul(file, header_mul(file, q_heads + 2 * kv_heads, T, "(num_q_heads + 2 x num_kv_heads) x seq_len"),
+                        dim, "(num_q_heads + 2 x num_kv_heads) x seq_len x head_dim"),
+             sizeof(float), "(num_q_heads + 2 x num_kv_heads) x seq_len x head_dim x 4 bytes (q, k and v of a layer)");
   if (h5::has_attribute(file, "/", "softmax_scale")) {
     const double scale = h5::read_double_attribute(file, "/", "softmax_scale");
     if (!std::isfinite(scale) || scale <= 0) {
@@ -125,10 +165,8 @@ CaptureReader CaptureReader::open(const std::string& path) {
   }
 
   if (!h5::is_group(file.id(), "/layers")) fail_input(path, "/layers", "missing group (expected one subgroup per layer)");
-  std::set<std::string> expected_layers;
-  for (std::int64_t i = 0; i < header.num_layers; ++i) expected_layers.insert(std::to_string(i));
   for (const auto& child : h5::list_children(file, "/layers")) {
-    if (!expected_layers.count(child)) {
+    if (!is_layer_name(child, header.num_layers)) {
       fail_input(path, "/layers/" + child, "unexpected layer (expected /layers/0 .. /layers/{})", header.num_layers - 1);
     }
   }
@@ -138,7 +176,10 @@ CaptureReader CaptureReader::open(const std::string& path) {
   const auto d = static_cast<std::uint64_t>(header.head_dim);
   for (std::int64_t i = 0; i < header.num_layers; ++i) {
     const std::string lp = layer_path(i);
-    if (!h5::is_group(file.id(), lp)) fail_input(path, lp, "missing layer group (num_layers = {})", header.num_layers);
+    if (!h5::is_group(file.id(), lp)) {
+      fail_input(path, lp, "missing layer group (expected /layers/0 .. /layers/{} for num_layers = {})",
+                 header.num_layers - 1, header.num_layers);
+    }
     LayerInfo info;
     info.has_q = h5::is_dataset(file.id(), lp + "/q");
     info.has_k = h5::is_dataset(file.id(), lp + "/k");
@@ -146,12 +187,14 @@ CaptureReader CaptureReader::open(const std::string& path) {
     info.has_attn = h5::is_dataset(file.id(), lp + "/attn");
     info.has_sinks = h5::is_dataset(file.id(), lp + "/sink_logits");
     if (info.has_q != info.has_k) {
-      fail_input(path, lp + (info.has_q ? "/k" : "/q"), "missing dataset (q and k come together)");
+      fail_input(path, lp + (info.has_q ? "/k" : "/q"), "missing dataset (expected q and k together)");
+    }
+    if (info.has_v && !info.has_qk()) {
+      fail_input(path, lp + "/v", "present without q and k (expected v only alongside q and k)");
     }
     if (!info.has_qk() && !info.has_attn) {
       fail_input(path, lp, "holds neither q/k nor attn (expected q [Hq, T, d] and k [Hkv, T, d], or attn [Hq, T, T])");
     }
-    if (info.has_v && !info.has_qk()) fail_input(path, lp + "/v", "present without q and k");
     if (info.has_qk()) {
       const auto q_info = h5::dataset_info(file, lp + "/q");
       expect_dims(file, lp + "/q", q_info, {Hq, T, d}, "[num_q_heads, seq_len, head_dim]");
@@ -167,8 +210,9 @@ CaptureReader CaptureReader::open(const std::string& path) {
       }
     }
     if (info.has_attn) {
-      checked_mul(checked_mul(checked_mul(Hq, T, "num_q_heads x seq_len"), T, "attn elements"), sizeof(float),
-                  "attn size in bytes");
+      header_mul(file, header_mul(file, header_mul(file, Hq, T, "num_q_heads x seq_len"), T,
+                                  "num_q_heads x seq_len x seq_len"),
+                 sizeof(float), "attn size in bytes");
       const auto a_info = h5::dataset_info(file, lp + "/attn");
       expect_dims(file, lp + "/attn", a_info, {Hq, T, T}, "[num_q_heads, seq_len, seq_len]");
       expect_float_type(file, lp + "/attn", a_info);

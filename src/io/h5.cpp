@@ -491,7 +491,7 @@ std::string read_string_dataset(const File& file, const std::string& path) {
   Handle type(H5Dget_type(dataset.id()));
   Handle space(H5Dget_space(dataset.id()));
   if (H5Tget_class(type.id()) != H5T_STRING || point_count(space.id()) != 1) {
-    fail_object(file.path(), path, "is not a scalar string dataset");
+    fail_object(file.path(), path, "is not a scalar string dataset (expected one string)");
   }
   if (H5Tis_variable_str(type.id()) > 0) {
     Handle memtype(H5Tcopy(H5T_C_S1));
