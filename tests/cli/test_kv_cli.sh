@@ -4,25 +4,7 @@ set -u
 HYSPARSE=$1
 WORK=$2
 rm -rf "$WORK" && mkdir -p "$WORK"
-failures=0
-pass=0
-
-expect() {  # expect NAME EXPECTED_CODE PATTERN -- command...
-  local name=$1 code=$2 pattern=$3
-  shift 4
-  local out rc
-  out=$("$@" 2>&1)
-  rc=$?
-  if [[ $rc -ne $code ]]; then
-    echo "FAIL $name: exit $rc, expected $code. Output:"; echo "$out" | head -5
-    failures=$((failures + 1)); return
-  fi
-  if [[ -n $pattern ]] && ! grep -qE -- "$pattern" <<<"$out"; then
-    echo "FAIL $name: output lacks /$pattern/. Output:"; echo "$out" | head -5
-    failures=$((failures + 1)); return
-  fi
-  pass=$((pass + 1))
-}
+source "$(dirname "$0")/lib.sh"
 
 KV=("$HYSPARSE" kv)
 expect kv-help 0 'Usage: .*kv' -- "${KV[@]}" --help
