@@ -10,5 +10,6 @@ void add_inspect_command(CLI::App& app);
 void add_info_command(CLI::App& app);
 void add_replay_command(CLI::App& app);
 void add_kv_command(CLI::App& app);
+void add_list_command(CLI::App& app);
 
 }  // namespace hysparse::cli

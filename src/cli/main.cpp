@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   cli::add_info_command(app);
   cli::add_replay_command(app);
   cli::add_kv_command(app);
+  cli::add_list_command(app);
 
   try {
     app.parse(argc, argv);

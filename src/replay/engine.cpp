@@ -2,6 +2,8 @@
 
 #include <omp.h>
 
+#include <fmt/ranges.h>
+
 #include <Eigen/Core>
 #include <algorithm>
 #include <chrono>
@@ -113,7 +115,9 @@ class RowAccess {
     }
   }
   // Adds sum_j exp(z_j - lse_all) v_j over keys [j0, j1) into numerator, the weights into denominator.
-  void add_output(std::int64_t j0, std::int64_t j1, std::vector<double>& numerator, double& denominator) const {
+  // With `factor`, every key enters with exp(z_j) * factor (an importance weight).
+  void add_output(std::int64_t j0, std::int64_t j1, std::vector<double>& numerator, double& denominator,
+                  double factor = 1.0) const {
     if (j1 <= j0) return;
     thread_local std::vector<double> share, weight;
     thread_local Eigen::VectorXf weight_f, sum_f;
@@ -121,8 +125,9 @@ class RowAccess {
     const std::int64_t n = j1 - j0;
     weight_f.resize(n);
     for (std::int64_t i = 0; i < n; ++i) {
-      weight_f[i] = static_cast<float>(weight[static_cast<std::size_t>(i)]);
-      denominator += weight[static_cast<std::size_t>(i)];
+      const double w = weight[static_cast<std::size_t>(i)] * factor;
+      weight_f[i] = static_cast<float>(w);
+      denominator += w;
     }
     using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Eigen::Map<const RowMajor> values(v_ + j0 * d_, n, d_);
@@ -205,6 +210,9 @@ struct SelectorPlan {
   std::int64_t view_index = 0;       // which BlockView
   std::int64_t reference_config = 0; // fixed forced config (oracle reference, residual scores)
   bool budget_window = false;        // swa without a fixed window
+  BudgetUse budget_use = BudgetUse::kNested;
+  std::int64_t first_scored = 0;     // rows before this position are not scored
+  std::vector<char> applicable;      // [budget]: the budget holds at least one of the selector's blocks
 };
 
 // Per-thread scratch, reused across tiles.
@@ -212,7 +220,7 @@ struct Workspace {
   StatsTile tile;
   std::vector<BlockView> views;
   std::vector<std::vector<double>> residual_mass;  // per fixed forced config: [heads][rows][num_blocks]
-  std::vector<Rankings> rankings;                // per selector
+  std::vector<std::vector<Rankings>> rankings;   // per selector: one, or one per budget (kPerBudget)
   std::vector<std::int32_t> stamp;
   std::vector<double> scores, shares;
   std::vector<std::int32_t> oracle_order, pure_order;
@@ -360,14 +368,15 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
   if (options.block_size < 1) fail(ErrorKind::kUsage, "--block must be >= 1");
   if (options.sinks < 0 || options.window < 0) fail(ErrorKind::kUsage, "--sinks and --window must be >= 0");
 
-  // Selectors, with unique labels.
+  // Selectors, with unique labels (`all` expands to every registered selector).
+  const std::vector<SelectorSpec> specs = expand_selector_specs(options.selectors);
   std::vector<std::unique_ptr<Selector>> selectors;
   const SelectorDefaults defaults{options.block_size, options.sinks, options.window};
   // Labels name report groups: the selector's name, or its spec as written when the name repeats.
   std::vector<std::string> labels;
-  for (const auto& spec : options.selectors) {
+  for (const auto& spec : specs) {
     selectors.push_back(make_selector(spec, defaults));
-    const auto repeats = std::count_if(options.selectors.begin(), options.selectors.end(),
+    const auto repeats = std::count_if(specs.begin(), specs.end(),
                                        [&](const SelectorSpec& other) { return other.name == spec.name; });
     std::string label = repeats > 1 ? spec.text() : spec.name;
     const auto same = std::count(labels.begin(), labels.end(), label);
@@ -376,14 +385,6 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     selectors.back()->set_label(label);
   }
   const auto S = static_cast<std::int64_t>(selectors.size());
-  for (const auto& sel : selectors) {
-    for (const auto& budget : options.budgets) {
-      if (budget.kind == Budget::Kind::kTokens && budget.value < static_cast<double>(sel->block_size())) {
-        fail(ErrorKind::kUsage, "budget {} tokens is smaller than one block of selector {} (block {})", budget.label(),
-             sel->label(), sel->block_size());
-      }
-    }
-  }
   const bool reuse_enabled = options.reuse_budget > 0 && L > 0;
   if (reuse_enabled && options.reuse_budget < options.block_size) {
     fail(ErrorKind::kUsage, "--reuse-budget {} is smaller than one block ({})", options.reuse_budget, options.block_size);
@@ -416,6 +417,20 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     plan.view_index = view_of(sel->block_size());
     plan.budget_window = sel->window() < 0;
     plan.reference_config = config_of(plan.view_index, sel->sinks(), std::max<std::int64_t>(0, sel->window()));
+    plan.budget_use = sel->budget_use();
+    // A token budget below one block selects nothing: that budget's metrics are NaN for the selector
+    // (budget-free selectors do not use the budget).
+    std::vector<std::string> skipped;
+    for (const auto& budget : options.budgets) {
+      const bool below = budget.kind == Budget::Kind::kTokens && budget.value < static_cast<double>(sel->block_size()) &&
+                         plan.budget_use != BudgetUse::kFree;
+      plan.applicable.push_back(below ? 0 : 1);
+      if (below) skipped.push_back(budget.label());
+    }
+    if (!skipped.empty() && progress) {
+      fmt::print(stderr, "replay: {} (block {}): budget{} {} below one block, reported as NaN\n", sel->label(),
+                 sel->block_size(), skipped.size() > 1 ? "s" : "", fmt::join(skipped, ", "));
+    }
     plans.push_back(plan);
   }
   const std::int64_t reuse_view = reuse_enabled ? view_of(options.block_size) : -1;
@@ -427,7 +442,9 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
   replay_plan.rows = rows;
   replay_plan.budgets = options.budgets;
   replay_plan.schedule = options.schedule;
+  replay_plan.seed = options.seed;
   for (auto& sel : selectors) sel->begin(replay_plan);
+  for (std::size_t s = 0; s < selectors.size(); ++s) plans[s].first_scored = selectors[s]->first_scored_position();
 
   LayerInputs inputs;
   inputs.header = &header;
@@ -456,6 +473,9 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     out.sinks = sel.sinks();
     out.window = sel.window();
     out.shared_by_group = !sel.ranks_per_head();
+    out.info = sel.info();
+    out.budget_use = sel.budget_use();
+    out.first_scored = sel.first_scored_position();
     for (std::int64_t l = 0; l < L; ++l) out.is_full_layer.push_back(sel.role(l) == LayerRole::kFull ? 1 : 0);
     const auto nb = static_cast<std::uint64_t>(NB), nl = static_cast<std::uint64_t>(L), nh = static_cast<std::uint64_t>(Hq);
     for (int m = 0; m < kNumMetrics; ++m) {
@@ -489,6 +509,31 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
   std::vector<Workspace> workspaces(static_cast<std::size_t>(threads));
   RowMetrics metrics;
 
+  LayerContext layer_context;
+  layer_context.header = &header;
+  layer_context.rows = &result.rows;
+  layer_context.scale = inputs.scale;
+
+  // Calibration pass over every layer, for selectors calibrated on the whole capture (DuoAttention).
+  std::vector<Selector*> calibrating;
+  for (auto& sel : selectors) {
+    if (sel->calibrates()) calibrating.push_back(sel.get());
+  }
+  if (!calibrating.empty()) {
+    for (std::int64_t layer = 0; layer < L; ++layer) {
+      check_interrupted();
+      const LayerInfo& info = reader.layer(layer);
+      const LayerTensors tensors = reader.read_layer(layer, info.has_v);
+      layer_context.layer = layer;
+      layer_context.tensors = &tensors;
+      layer_context.has_qk = info.has_qk();
+      layer_context.has_v = !tensors.v.empty();
+      for (Selector* sel : calibrating) sel->calibrate_layer(layer_context);
+    }
+    for (Selector* sel : calibrating) sel->finish_calibration();
+    if (progress) fmt::print(stderr, "replay: calibration pass over {} layers done\n", L);
+  }
+
   for (std::int64_t layer = 0; layer < L; ++layer) {
     check_interrupted();
     const auto layer_started = std::chrono::steady_clock::now();
@@ -518,6 +563,11 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     inputs.tensors = &tensors;
     inputs.dense = !info.has_qk();
     inputs.want_output = want_output;
+    layer_context.layer = layer;
+    layer_context.tensors = &tensors;
+    layer_context.has_qk = info.has_qk();
+    layer_context.has_v = !tensors.v.empty();
+    for (auto& sel : selectors) sel->prepare_layer(layer_context);
     metrics.reset(S, NB, Hq, R);
     for (auto& ws : workspaces) ws.reuse_sums.assign(static_cast<std::size_t>(L), 0.0);
 
@@ -571,7 +621,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
           }
         }
 
-        // Rankings from every selector.
+        // Rankings from every selector (eviction selectors: one per budget).
         ws.rankings.resize(static_cast<std::size_t>(S));
         for (std::int64_t s = 0; s < S; ++s) {
           const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
@@ -592,7 +642,20 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
           context.view = &view;
           context.ranking_length = length.data();
           context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-          plan.selector->rank(context, ws.rankings[static_cast<std::size_t>(s)]);
+          context.layer_context = &layer_context;
+          std::vector<Rankings>& out = ws.rankings[static_cast<std::size_t>(s)];
+          if (plan.budget_use == BudgetUse::kPerBudget) {
+            out.resize(static_cast<std::size_t>(NB));
+            for (std::int64_t bi = 0; bi < NB; ++bi) {
+              if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
+              context.budget_index = bi;
+              context.budget = &options.budgets[static_cast<std::size_t>(bi)];
+              plan.selector->rank(context, out[static_cast<std::size_t>(bi)]);
+            }
+          } else {
+            out.resize(1);
+            plan.selector->rank(context, out[0]);
+          }
         }
 
         // Metrics per selector, head, row and budget.
@@ -600,7 +663,8 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
           const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
           const Selector& sel = *plan.selector;
           const BlockView& view = ws.views[static_cast<std::size_t>(plan.view_index)];
-          const Rankings& ranking = ws.rankings[static_cast<std::size_t>(s)];
+          const std::vector<Rankings>& rankings = ws.rankings[static_cast<std::size_t>(s)];
+          const bool nested = plan.budget_use == BudgetUse::kNested;
           const bool full_layer = sel.role(layer) == LayerRole::kFull;
           const std::int64_t B = view.block;
           ws.stamp.assign(static_cast<std::size_t>(view.num_blocks), std::numeric_limits<std::int32_t>::max());
@@ -609,8 +673,10 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
             for (std::int64_t r = 0; r < nr; ++r) {
               const std::int64_t t = positions[r], row_index = i0 + r;
               const std::int64_t causal = view.causal_blocks(r);
+              if (t < plan.first_scored) continue;  // not scored by this selector: its metrics stay NaN
               if (full_layer) {
                 for (std::int64_t b = 0; b < NB; ++b) {
+                  if (!plan.applicable[static_cast<std::size_t>(b)]) continue;
                   metrics.at(kMassRecall, s, b, head, row_index) = 1.0;
                   metrics.at(kRecallVsOracle, s, b, head, row_index) = 1.0;
                   metrics.at(kTopkOverlap, s, b, head, row_index) = 1.0;
@@ -624,10 +690,20 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
               const ForcedSummary& fixed = summaries[static_cast<std::size_t>(plan.reference_config)][static_cast<std::size_t>(h * nr + r)];
               const ForcedRanges fixed_ranges(sel.sinks(), std::max<std::int64_t>(0, sel.window()), t);
               auto block_keys = [&](std::int64_t b) { return std::min((b + 1) * B, t + 1) - b * B; };
+              const std::int64_t set = sel.ranks_per_head() ? h : 0;
 
-              // Per-head oracle with the fixed forced keys (reference), and the plain top blocks by mass.
+              // Per-head oracle with the fixed forced keys (reference), and the plain top blocks by mass, as
+              // long as any budget needs: the budget (nested), or the selection's own size (equal-size oracle).
               std::int64_t longest = 0;
-              for (const auto& budget : options.budgets) longest = std::max(longest, budget.blocks_for_row(t, B));
+              for (std::int64_t bi = 0; bi < NB; ++bi) {
+                if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
+                if (nested) {
+                  longest = std::max(longest, options.budgets[static_cast<std::size_t>(bi)].blocks_for_row(t, B));
+                } else if (sel.selects_blocks()) {
+                  const Rankings& rk = rankings[plan.budget_use == BudgetUse::kPerBudget ? static_cast<std::size_t>(bi) : 0];
+                  longest = std::max<std::int64_t>(longest, rk.size(set, r));
+                }
+              }
               longest = std::min(longest, causal);
               const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
               ws.scores.resize(static_cast<std::size_t>(causal));
@@ -638,25 +714,40 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
               ws.pure_order.resize(static_cast<std::size_t>(longest));
               rank_top(ws.scores.data(), causal, longest, ws.pure_order.data());
 
-              const std::int64_t set = sel.ranks_per_head() ? h : 0;
-              const std::int32_t* order = sel.selects_blocks() ? ranking.row(set, r) : nullptr;
-              const std::int64_t order_length = sel.selects_blocks() ? ranking.size(set, r) : 0;
-              for (std::int64_t i = 0; i < order_length; ++i) ws.stamp[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
+              // The ranking being walked: its blocks are stamped with their rank; sums grow incrementally.
+              const std::int32_t* order = nullptr;
+              const double* log_weight = nullptr;
+              std::int64_t order_length = 0, taken = 0, selected_keys = 0;
+              double selected_mass = 0.0;
+              std::vector<double> numerator;
+              double denominator = 0.0;
+              auto start = [&](const Rankings& rk) {
+                for (std::int64_t i = 0; i < order_length; ++i) {
+                  ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
+                }
+                order = sel.selects_blocks() ? rk.row(set, r) : nullptr;
+                order_length = sel.selects_blocks() ? rk.size(set, r) : 0;
+                log_weight = sel.selects_blocks() && rk.weighted() ? rk.weights(set, r) : nullptr;
+                for (std::int64_t i = 0; i < order_length; ++i) ws.stamp[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
+                taken = selected_keys = 0;
+                selected_mass = 0.0;
+                if (want_output) numerator = fixed.numerator;
+                denominator = fixed.denominator;
+              };
+              if (plan.budget_use != BudgetUse::kPerBudget) start(rankings[0]);
 
               // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
               double oracle_mass = fixed.mass;
               std::int64_t oracle_taken = 0;
-              double selected_mass = 0.0;
-              std::int64_t selected_keys = 0, taken = 0;
-              std::vector<double> numerator = want_output ? fixed.numerator : std::vector<double>();
-              double denominator = fixed.denominator;
               double window_mass = 0.0;                  // budget-window SWA: keys added so far
               std::int64_t window_begin = t + 1;
               for (std::int64_t bi = 0; bi < NB; ++bi) {
+                if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
                 const Budget& budget = options.budgets[static_cast<std::size_t>(bi)];
                 const std::int64_t n = std::min(budget.blocks_for_row(t, B), causal);
+                if (plan.budget_use == BudgetUse::kPerBudget) start(rankings[static_cast<std::size_t>(bi)]);
                 double mass, error = kNaN;
-                std::int64_t keys, nominal;
+                std::int64_t keys, nominal, compared = n;  // compared: blocks of the oracle and overlap references
                 if (plan.budget_window) {
                   // SWA whose window is the budget: windows grow with the budget, so keys are added incrementally.
                   const ForcedRanges ranges(sel.sinks(), budget.blocks_for_row(t, B) * B, t);
@@ -681,7 +772,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
                   }
                   metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
                 } else {
-                  const std::int64_t use = std::min<std::int64_t>(n, order_length);
+                  const std::int64_t use = nested ? std::min<std::int64_t>(n, order_length) : order_length;
                   for (; taken < use; ++taken) {
                     const std::int64_t b = order[taken];
                     selected_mass += residual[view.at(h, r, b)];
@@ -691,15 +782,16 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
                       const std::int64_t lo = b * B, hi = std::min((b + 1) * B, t + 1);
                       const std::int64_t a0 = std::max(lo, fixed_ranges.sink_end);
                       const std::int64_t a1 = std::min(hi, fixed_ranges.window_begin);
-                      row.add_output(a0, a1, numerator, denominator);
+                      row.add_output(a0, a1, numerator, denominator, log_weight ? std::exp(log_weight[taken]) : 1.0);
                     }
                   }
                   mass = fixed.mass + selected_mass;
                   keys = fixed.count + selected_keys;
-                  nominal = sel.selects_blocks() ? n * B : fixed.count;
+                  if (!nested) compared = std::min(use, causal);
+                  nominal = plan.budget_use == BudgetUse::kFree ? keys : sel.selects_blocks() ? n * B : fixed.count;
                   if (want_output) error = row.output_error(numerator, denominator);
                   double in = 0, all = 0;
-                  for (std::int64_t i = 0; i < n; ++i) {
+                  for (std::int64_t i = 0; i < compared; ++i) {
                     const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
                     const bool chosen = ws.stamp[static_cast<std::size_t>(b)] < use;
                     in += static_cast<double>(chosen ? block_keys(b) : fixed_ranges.count_in(b * B, (b + 1) * B));
@@ -707,9 +799,15 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
                   }
                   metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
                 }
-                for (; oracle_taken < n; ++oracle_taken) {
-                  const std::int64_t b = ws.oracle_order[static_cast<std::size_t>(oracle_taken)];
-                  oracle_mass += residual[view.at(h, r, b)];
+                if (nested) {
+                  for (; oracle_taken < n; ++oracle_taken) {
+                    const std::int64_t b = ws.oracle_order[static_cast<std::size_t>(oracle_taken)];
+                    oracle_mass += residual[view.at(h, r, b)];
+                  }
+                } else {
+                  // Equal-size oracle: as many blocks as the selection holds, beside the same forced keys.
+                  oracle_mass = fixed.mass;
+                  for (std::int64_t i = 0; i < compared; ++i) oracle_mass += residual[view.at(h, r, ws.oracle_order[static_cast<std::size_t>(i)])];
                 }
                 const bool whole_row = keys >= t + 1;
                 if (whole_row) {
@@ -722,8 +820,10 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
                 metrics.at(kRecallVsOracle, s, bi, head, row_index) = oracle_mass > 0 ? mass / oracle_mass : kNaN;
                 metrics.at(kAttendedKeys, s, bi, head, row_index) = static_cast<double>(keys);
                 metrics.at(kBudgetKeys, s, bi, head, row_index) = static_cast<double>(nominal);
-                if (want_output) metrics.at(kOutputError, s, bi, head, row_index) = whole_row ? 0.0 : error;
-                metrics.saturated(s, bi, head, row_index) = budget.blocks_for_row(t, B) >= causal ? 1 : 0;
+                // An importance-weighted estimate is not exact even over the whole row.
+                if (want_output) metrics.at(kOutputError, s, bi, head, row_index) = whole_row && !log_weight ? 0.0 : error;
+                const bool saturated = plan.budget_use == BudgetUse::kFree ? whole_row : budget.blocks_for_row(t, B) >= causal;
+                metrics.saturated(s, bi, head, row_index) = saturated ? 1 : 0;
               }
               for (std::int64_t i = 0; i < order_length; ++i) {
                 ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
@@ -785,8 +885,13 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
         for (std::int64_t h = 0; h < Hq; ++h) {
           const auto uh = static_cast<std::uint64_t>(h);
           for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
+          // Rows a selector does not score (or budgets it cannot use) are NaN and left out.
           const double* recall = metrics.head_row(kMassRecall, s, bi, h);
-          std::vector<double> values(recall, recall + R);
+          std::vector<double> values;
+          values.reserve(static_cast<std::size_t>(R));
+          for (std::int64_t r = 0; r < R; ++r) {
+            if (!std::isnan(recall[r])) values.push_back(recall[r]);
+          }
           pooled.insert(pooled.end(), values.begin(), values.end());
           out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
           out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
@@ -814,7 +919,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
             acc.count[1][m] += count;
           }
         }
-        out.saturated_rows.at(ub, ul) = saturated;
+        out.saturated_rows.at(ub, ul) = plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? saturated : kNaN;
         ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
         for (double v : pooled) {
           const auto bin = std::clamp<std::int64_t>(static_cast<std::int64_t>(v * kModelHistogramBins), 0, kModelHistogramBins - 1);
@@ -843,6 +948,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
   // Model aggregates.
   for (std::int64_t s = 0; s < S; ++s) {
     SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
+    out.calibration = selectors[static_cast<std::size_t>(s)]->calibration_note();  // after calibration
     for (std::int64_t bi = 0; bi < NB; ++bi) {
       const auto ub = static_cast<std::uint64_t>(bi);
       const ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];

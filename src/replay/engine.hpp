@@ -9,6 +9,7 @@
 #include "backend/backend.hpp"
 #include "capture/capture.hpp"
 #include "replay/options.hpp"
+#include "replay/selector.hpp"
 
 namespace hysparse {
 
@@ -33,6 +34,10 @@ struct SelectorResult {
   std::string label, spec, description;
   std::int64_t block = 0, sinks = 0, window = 0;  // window -1: equals the budget
   bool shared_by_group = false;
+  SelectorInfo info;                 // granularity, budget semantics, post-RoPE handling, KV footprint
+  BudgetUse budget_use = BudgetUse::kNested;
+  std::int64_t first_scored = 0;     // rows t < first_scored are not scored (NaN)
+  std::string calibration;           // which positions calibrated it ("" when not calibrated)
   std::vector<std::int64_t> is_full_layer;  // [layer] 1 where the selector attends everything
   // [budget][layer][head]
   Table head_mean[kNumMetrics];

@@ -124,6 +124,20 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
     h5::write_attribute(file, g, "window", s.window);
     h5::write_attribute(file, g, "window_is_budget", std::int64_t{s.window < 0});
     h5::write_attribute(file, g, "selection", s.shared_by_group ? "shared by the heads of a KV group" : "per query head");
+    h5::write_attribute(file, g, "granularity", s.info.granularity);
+    h5::write_attribute(file, g, "budget_semantics", s.info.budget);
+    h5::write_attribute(file, g, "budget_use", to_string(s.budget_use));
+    h5::write_attribute(file, g, "post_rope", s.info.post_rope);
+    h5::write_attribute(file, g, "source", s.info.source);
+    h5::write_attribute(file, g, "calibrates", s.info.calibration.empty() ? std::string("nothing") : s.info.calibration);
+    const SelectorPrice price = selector_price(s.info, h.head_dim, h.group_size(), h.num_kv_heads);
+    h5::write_attribute(file, g, "evicts", std::int64_t{s.info.evicts});
+    h5::write_attribute(file, g, "kv_footprint", price.footprint);
+    h5::write_attribute(file, g, "kv_residency", price.residency);
+    h5::write_attribute(file, g, "kv_metadata", price.formula);
+    h5::write_attribute(file, g, "kv_metadata_bytes_per_token_per_kv_head", price.metadata_bytes_per_token);
+    h5::write_attribute(file, g, "first_scored_position", s.first_scored);
+    h5::write_attribute(file, g, "calibration", s.calibration.empty() ? std::string("none") : s.calibration);
     h5::write_ints(file, g + "/is_full_layer", {s.is_full_layer.size()}, s.is_full_layer.data());
     h5::label_dimensions(file, g + "/is_full_layer", {"layer"});
     h5::attach_scale(file, g + "/is_full_layer", "/axes/layer", 0);
@@ -199,9 +213,12 @@ void print_replay_summary(std::FILE* out, const ReplayResult& r) {
                "p10", "min", "vs-oracle", "overlap", "attended", "out-err", "sat%");
     std::vector<std::size_t> order(r.selectors.size());
     for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-      return r.selectors[a].model_mean[kMassRecall].values[bi] > r.selectors[b].model_mean[kMassRecall].values[bi];
-    });
+    // NaN (a budget below the selector's block, or no scored row) sorts last.
+    auto key = [&](std::size_t i) {
+      const double v = r.selectors[i].model_mean[kMassRecall].values[bi];
+      return std::isnan(v) ? -1.0 : v;
+    };
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return key(a) > key(b); });
     const double rows_total = static_cast<double>(r.rows.size() * static_cast<std::size_t>(h.num_q_heads * h.num_layers));
     for (std::size_t i : order) {
       const SelectorResult& s = r.selectors[i];

@@ -3,23 +3,52 @@
 #include <algorithm>
 #include <functional>
 #include <numeric>
+#include <utility>
 
 #include "common/error.hpp"
+#include "common/random.hpp"
+#include "kv/footprint.hpp"
 
 namespace hysparse {
 
 std::unique_ptr<Selector> make_oracle_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_oracle_topp_selector(const SelectorSpec&, const SelectorDefaults&);
 std::unique_ptr<Selector> make_swa_selector(const SelectorSpec&, const SelectorDefaults&);
 std::unique_ptr<Selector> make_hysparse_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_reuse_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_quest_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_moba_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_nsa_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_infllm_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_snapkv_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_h2o_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_doublesparsity_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_loki_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_sparq_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_magicpig_selector(const SelectorSpec&, const SelectorDefaults&);
+std::unique_ptr<Selector> make_duo_selector(const SelectorSpec&, const SelectorDefaults&);
 
 namespace {
 using Factory = std::function<std::unique_ptr<Selector>(const SelectorSpec&, const SelectorDefaults&)>;
-// The registry: one line per selector.
-const std::map<std::string, Factory>& registry() {
-  static const std::map<std::string, Factory> entries = {
+// The registry: one line per selector, in listing order.
+const std::vector<std::pair<std::string, Factory>>& registry() {
+  static const std::vector<std::pair<std::string, Factory>> entries = {
       {"oracle", make_oracle_selector},
+      {"oracle_topp", make_oracle_topp_selector},
       {"swa", make_swa_selector},
       {"hysparse", make_hysparse_selector},
+      {"reuse", make_reuse_selector},
+      {"quest", make_quest_selector},
+      {"moba", make_moba_selector},
+      {"nsa", make_nsa_selector},
+      {"infllm", make_infllm_selector},
+      {"snapkv", make_snapkv_selector},
+      {"h2o", make_h2o_selector},
+      {"doublesparsity", make_doublesparsity_selector},
+      {"loki", make_loki_selector},
+      {"sparq", make_sparq_selector},
+      {"magicpig", make_magicpig_selector},
+      {"duo", make_duo_selector},
   };
   return entries;
 }
@@ -31,6 +60,7 @@ void Rankings::reset(std::int64_t sets_, std::int64_t rows_, std::int64_t stride
   stride = stride_;
   blocks.resize(static_cast<std::size_t>(sets * rows * stride));
   length.assign(static_cast<std::size_t>(sets * rows), 0);
+  log_weight.clear();
 }
 
 void rank_top(const double* scores, std::int64_t num, std::int64_t count, std::int32_t* out) {
@@ -58,6 +88,73 @@ std::int64_t ReplayPlan::max_ranking_length(std::int64_t block) const {
   return longest;
 }
 
+CalibrationSplit calibration_split(const ReplayPlan& plan, std::int64_t max_positions, std::uint64_t purpose) {
+  CalibrationSplit split;
+  const std::int64_t T = plan.header->seq_len;
+  std::vector<char> evaluated(static_cast<std::size_t>(T), 0);
+  for (std::int64_t t : plan.rows) evaluated[static_cast<std::size_t>(t)] = 1;
+  std::vector<std::int64_t> pool;
+  for (std::int64_t t = 0; t < T; ++t) {
+    if (!evaluated[static_cast<std::size_t>(t)]) pool.push_back(t);
+  }
+  std::string where;
+  if (pool.empty()) {
+    split.first_scored = T / 2;
+    for (std::int64_t t = 0; t < T / 2; ++t) pool.push_back(t);
+    where = fmt::format("the first half [0, {}) of the positions (the query set is every position; scored on rows >= {})",
+                        T / 2, T / 2);
+  } else {
+    where = fmt::format("the {} positions outside the query set", pool.size());
+  }
+  const auto available = static_cast<std::int64_t>(pool.size());
+  if (max_positions > 0 && available > max_positions) {
+    // Partial Fisher-Yates with the replay's seed.
+    Rng rng(mix_seed(plan.seed, 0xca11b, purpose));
+    for (std::int64_t i = 0; i < max_positions; ++i) {
+      const auto j = i + static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(available - i)));
+      std::swap(pool[static_cast<std::size_t>(i)], pool[static_cast<std::size_t>(j)]);
+    }
+    pool.resize(static_cast<std::size_t>(max_positions));
+    std::sort(pool.begin(), pool.end());
+    split.note = fmt::format("{} positions sampled (seed {}) from {}", max_positions, plan.seed, where);
+  } else {
+    split.note = fmt::format("all {}", where);
+  }
+  split.positions = std::move(pool);
+  return split;
+}
+
+SelectorPrice selector_price(const SelectorInfo& info, std::int64_t head_dim, std::int64_t group_size,
+                             std::int64_t num_kv_heads) {
+  const KvFootprint& f = find_footprint(info.footprint);
+  std::vector<KvParam> params = f.params;
+  for (auto& p : params) {
+    const auto found = info.footprint_params.find(p.name);
+    if (found != info.footprint_params.end()) p.value = found->second;
+  }
+  SelectorPrice price;
+  price.footprint = f.method;
+  price.residency = to_string(f.residency);
+  price.formula = f.metadata.formula.empty() ? "none" : f.metadata.formula;
+  price.evicts = f.evicts;
+  constexpr std::int64_t kBf16Bits = 16;
+  double bits = static_cast<double>(metadata_bits_per_entry(f.metadata, head_dim, kBf16Bits, params)) /
+                static_cast<double>(metadata_period(f.metadata, params));
+  if (f.metadata.scope == KvMetaScope::kQueryHead) bits *= static_cast<double>(group_size);
+  if (f.metadata.scope == KvMetaScope::kLayer) bits /= static_cast<double>(std::max<std::int64_t>(1, num_kv_heads));
+  price.metadata_bytes_per_token = bits / 8.0;
+  return price;
+}
+
+const char* to_string(BudgetUse use) {
+  switch (use) {
+    case BudgetUse::kNested: return "nested";
+    case BudgetUse::kPerBudget: return "per-budget";
+    case BudgetUse::kFree: return "budget-free";
+  }
+  return "?";
+}
+
 Selector::Selector(const SelectorSpec& spec, const SelectorDefaults& defaults) : spec_(spec), label_(spec.name) {
   block_ = take_int("block", defaults.block, 1);
   sinks_ = take_int("sinks", defaults.sinks, 0);
@@ -82,6 +179,26 @@ std::int64_t Selector::take_int(const std::string& key, std::int64_t fallback, s
   return value;
 }
 
+double Selector::take_double(const std::string& key, double fallback, double minimum, double maximum) {
+  known_keys_.insert(key);
+  double value = fallback;
+  const auto found = spec_.params.find(key);
+  if (found != spec_.params.end()) {
+    try {
+      std::size_t used = 0;
+      value = std::stod(found->second, &used);
+      if (used != found->second.size()) throw std::invalid_argument("trailing");
+    } catch (const std::exception&) {
+      fail(ErrorKind::kUsage, "selector {}: {}={} is not a number", spec_.name, key, found->second);
+    }
+  }
+  if (!(value >= minimum && value <= maximum)) {
+    fail(ErrorKind::kUsage, "selector {}: {}={} (expected a value in [{}, {}])", spec_.name, key, value, minimum, maximum);
+  }
+  resolved_[key] = fmt::format("{:g}", value);
+  return value;
+}
+
 std::string Selector::take_choice(const std::string& key, const std::set<std::string>& choices,
                                   const std::string& fallback) {
   known_keys_.insert(key);
@@ -96,6 +213,34 @@ std::string Selector::take_choice(const std::string& key, const std::set<std::st
   return value;
 }
 
+std::vector<std::int64_t> Selector::take_int_list(const std::string& key, const std::string& fallback) {
+  known_keys_.insert(key);
+  const auto found = spec_.params.find(key);
+  const std::string text = found == spec_.params.end() ? fallback : found->second;
+  std::vector<std::int64_t> values;
+  std::size_t begin = 0;
+  while (begin <= text.size()) {
+    const std::size_t end = std::min(text.find('+', begin), text.size());
+    const std::string part = text.substr(begin, end - begin);
+    try {
+      std::size_t used = 0;
+      const long long value = std::stoll(part, &used);
+      if (used != part.size() || value < 0) throw std::invalid_argument("bad");
+      values.push_back(value);
+    } catch (const std::exception&) {
+      fail(ErrorKind::kUsage, "selector {}: {}={} (expected non-negative integers joined by '+', e.g. 2+13)", spec_.name,
+           key, text);
+    }
+    begin = end + 1;
+  }
+  std::sort(values.begin(), values.end());
+  values.erase(std::unique(values.begin(), values.end()), values.end());
+  std::string canonical;
+  for (auto v : values) canonical += (canonical.empty() ? "" : "+") + std::to_string(v);
+  resolved_[key] = canonical;
+  return values;
+}
+
 void Selector::reject_unknown_keys() const {
   for (const auto& [key, value] : spec_.params) {
     if (!known_keys_.count(key)) {
@@ -103,6 +248,14 @@ void Selector::reject_unknown_keys() const {
       for (const auto& k : known_keys_) expected += (expected.empty() ? "" : ", ") + k;
       fail(ErrorKind::kUsage, "selector {}: unknown parameter '{}' (expected {})", spec_.name, key, expected);
     }
+  }
+}
+
+void Selector::require_qk(const LayerContext& layer) const {
+  if (!layer.has_qk) {
+    fail(ErrorKind::kInput,
+         "selector {} scores from q and k, but layer {} of the capture stores only attention probabilities (attn)",
+         label_, layer.layer);
   }
 }
 
@@ -117,19 +270,31 @@ std::string Selector::spec_text() const {
 }
 
 std::unique_ptr<Selector> make_selector(const SelectorSpec& spec, const SelectorDefaults& defaults) {
-  const auto found = registry().find(spec.name);
-  if (found == registry().end()) {
-    std::string names;
-    for (const auto& [name, factory] : registry()) names += (names.empty() ? "" : ", ") + name;
-    fail(ErrorKind::kUsage, "unknown selector '{}' (expected one of {})", spec.name, names);
+  for (const auto& [name, factory] : registry()) {
+    if (name == spec.name) return factory(spec, defaults);
   }
-  return found->second(spec, defaults);
+  std::string names;
+  for (const auto& [name, factory] : registry()) names += (names.empty() ? "" : ", ") + name;
+  fail(ErrorKind::kUsage, "unknown selector '{}' (expected one of {}, or all)", spec.name, names);
 }
 
 std::vector<std::string> selector_names() {
   std::vector<std::string> names;
   for (const auto& [name, factory] : registry()) names.push_back(name);
   return names;
+}
+
+std::vector<SelectorSpec> expand_selector_specs(const std::vector<SelectorSpec>& specs) {
+  std::vector<SelectorSpec> out;
+  for (const auto& spec : specs) {
+    if (spec.name != "all") {
+      out.push_back(spec);
+      continue;
+    }
+    if (!spec.params.empty()) fail(ErrorKind::kUsage, "--selectors: 'all' takes no parameters (got {})", spec.text());
+    for (const auto& name : selector_names()) out.push_back({name, {}});
+  }
+  return out;
 }
 
 }  // namespace hysparse

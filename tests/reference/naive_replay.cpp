@@ -291,6 +291,35 @@ std::vector<double> naive_output(const Capture& c, std::int64_t layer, std::int6
   return o;
 }
 
+std::vector<double> naive_logits(const Capture& c, std::int64_t layer, std::int64_t head, std::int64_t t) {
+  check_shapes(c, layer);
+  check_row(c, head, t);
+  return logits(c, layer, head, t);
+}
+
+std::vector<double> naive_block_mass(const std::vector<double>& p, std::int64_t block, std::int64_t t,
+                                     const std::vector<bool>& excluded) {
+  Row r;
+  r.p = p;
+  for (double x : p) r.mass += x;
+  return block_mass(r, block, t, excluded);
+}
+
+std::vector<double> naive_block_max(const std::vector<double>& p, std::int64_t block, std::int64_t t) {
+  Row r;
+  r.p = p;
+  return block_max(r, block, t);
+}
+
+std::vector<bool> naive_keys_of_top(const std::vector<std::int64_t>& ranking, std::int64_t n, std::int64_t block,
+                                    std::int64_t t) {
+  return keys_of_top(ranking, n, block, t);
+}
+
+std::vector<double> naive_aggregate(const std::vector<std::vector<double>>& per_head, const std::string& how) {
+  return aggregate(per_head, how);
+}
+
 // ---------------------------------------------------------------- metrics
 
 std::vector<std::vector<std::vector<RefRowMetrics>>> naive_metrics(const Capture& capture, const RefSelector& selector,

@@ -34,6 +34,10 @@ struct RefRowMetrics {
          output_rel_error = std::numeric_limits<double>::quiet_NaN();
   bool saturated = false;   // budget covered every causal block of the row
   bool full_layer = false;  // hysparse full layer: attends everything
+  bool scored = true;       // proxies: false for rows the selector leaves out (prompt, calibration half)
+  // Proxies with a threshold (oracle top-p): distance of the row's decisive cumulative sums from the
+  // threshold; rows closer than the engine's float statistics can resolve are not compared exactly.
+  double threshold_margin = std::numeric_limits<double>::infinity();
 };
 
 // result[layer][q_head][i] for rows[i]
@@ -65,5 +69,17 @@ std::vector<bool> naive_forced(std::int64_t t, std::int64_t sinks, std::int64_t 
 std::vector<std::int64_t> naive_rank(const std::vector<double>& scores);
 // R(A) = sum_{j in A} p_j / sum_j p_j over the row (attended.size() == p.size()).
 double naive_recall(const std::vector<double>& p, const std::vector<bool>& attended);
+// z_j = scale * q_t . k_j, j = 0..t, summed in double over channels in ascending order (q/k layers).
+std::vector<double> naive_logits(const Capture& c, std::int64_t layer, std::int64_t head, std::int64_t t);
+// Per block of row t: the mass of its keys outside `excluded`, divided by the row's token mass.
+std::vector<double> naive_block_mass(const std::vector<double>& p, std::int64_t block, std::int64_t t,
+                                     const std::vector<bool>& excluded);
+// Per block of row t: max_{j in b} p_j.
+std::vector<double> naive_block_max(const std::vector<double>& p, std::int64_t block, std::int64_t t);
+// Mask over keys 0..t of the first n blocks of `ranking`.
+std::vector<bool> naive_keys_of_top(const std::vector<std::int64_t>& ranking, std::int64_t n, std::int64_t block,
+                                    std::int64_t t);
+// Elementwise "sum" or "max" of per-head block scores.
+std::vector<double> naive_aggregate(const std::vector<std::vector<double>>& per_head, const std::string& how);
 
 }  // namespace hysparse::reference

@@ -17,6 +17,16 @@ class OracleSelector final : public Selector {
     if (group_ == "none") return "per-head top blocks by residual attention mass (the ideal selection)";
     return "top blocks by residual attention mass, " + group_ + " over the heads of each KV group (one shared selection)";
   }
+  SelectorInfo info() const override {
+    SelectorInfo i;
+    i.granularity = "block of " + std::to_string(block_) + " keys, " +
+                    (group_ == "none" ? std::string("per query head") : "one selection per KV group (" + group_ + ")");
+    i.budget = "selected blocks count against the budget (top-n by residual mass); sinks and window forced on top";
+    i.post_rope = "exact: ranks by the true attention mass of the layer itself";
+    i.footprint = "oracle";
+    i.source = "exact top-k of the true attention (upper bound); group sum is the fair shared oracle (Kascade)";
+    return i;
+  }
   bool ranks_per_head() const override { return group_ == "none"; }
 
   void rank(const RankContext& c, Rankings& out) override {

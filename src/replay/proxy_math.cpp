@@ -1,0 +1,225 @@
+#include "replay/proxy_math.hpp"
+
+#include <Eigen/Eigenvalues>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "common/random.hpp"
+
+namespace hysparse::proxy {
+namespace {
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr double kPi = 3.14159265358979323846;
+}  // namespace
+
+double dot(const float* a, const float* b, std::int64_t d) {
+  double sum = 0.0;
+  for (std::int64_t c = 0; c < d; ++c) sum += static_cast<double>(a[c]) * static_cast<double>(b[c]);
+  return sum;
+}
+
+double dot(const float* a, const double* b, std::int64_t d) {
+  double sum = 0.0;
+  for (std::int64_t c = 0; c < d; ++c) sum += static_cast<double>(a[c]) * b[c];
+  return sum;
+}
+
+void row_logits(const LayerContext& layer, std::int64_t h, std::int64_t t, std::int64_t n, std::vector<double>& z) {
+  z.resize(static_cast<std::size_t>(n));
+  if (!layer.has_qk) {
+    const std::int64_t T = layer.seq_len();
+    const float* p = layer.tensors->attn.data() + (h * T + t) * T;
+    for (std::int64_t j = 0; j < n; ++j) z[static_cast<std::size_t>(j)] = p[j] > 0.0f ? std::log(static_cast<double>(p[j])) : kNegInf;
+    return;
+  }
+  const std::int64_t d = layer.head_dim(), g = h / layer.header->group_size();
+  const float* q = layer.q(h, t);
+  for (std::int64_t j = 0; j < n; ++j) z[static_cast<std::size_t>(j)] = layer.scale * dot(q, layer.k(g, j), d);
+}
+
+double log_partition(const double* z, std::int64_t n, bool has_sink, double sink) {
+  double m = has_sink ? sink : kNegInf;
+  for (std::int64_t j = 0; j < n; ++j) m = std::max(m, z[j]);
+  if (m == kNegInf) return kNegInf;
+  double sum = has_sink ? std::exp(sink - m) : 0.0;
+  for (std::int64_t j = 0; j < n; ++j) sum += std::exp(z[j] - m);
+  return m + std::log(sum);
+}
+
+void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p) {
+  row_logits(layer, h, t, t + 1, p);
+  if (!layer.has_qk) {  // dense layers store the probabilities themselves
+    for (double& x : p) x = std::exp(x);
+    return;
+  }
+  const double lse = log_partition(p.data(), t + 1, layer.has_sinks(), layer.has_sinks() ? layer.sink_logit(h) : 0.0);
+  for (double& x : p) x = std::exp(x - lse);
+}
+
+void max_over_blocks(const double* token, std::int64_t tokens, std::int64_t block, double* out) {
+  const std::int64_t blocks = (tokens + block - 1) / block;
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    double best = kNegInf;
+    for (std::int64_t j = b * block; j < std::min((b + 1) * block, tokens); ++j) best = std::max(best, token[j]);
+    out[b] = best;
+  }
+}
+
+std::vector<double> pool1d(const std::vector<double>& scores, std::int64_t kernel, bool max) {
+  const auto n = static_cast<std::int64_t>(scores.size());
+  const std::int64_t half = kernel / 2;
+  std::vector<double> out(scores.size());
+  for (std::int64_t j = 0; j < n; ++j) {
+    // Window [j - half, j - half + kernel): centred for odd kernels, as torch's padding kernel//2.
+    const std::int64_t lo = std::max<std::int64_t>(0, j - half), hi = std::min(n, j - half + kernel);
+    double acc = max ? kNegInf : 0.0;
+    for (std::int64_t i = lo; i < hi; ++i) acc = max ? std::max(acc, scores[static_cast<std::size_t>(i)]) : acc + scores[static_cast<std::size_t>(i)];
+    out[static_cast<std::size_t>(j)] = max ? acc : acc / static_cast<double>(kernel);
+  }
+  return out;
+}
+
+double quest_bound(const float* q, const double* lo, const double* hi, std::int64_t d) {
+  double sum = 0.0;
+  for (std::int64_t c = 0; c < d; ++c) {
+    const double qc = static_cast<double>(q[c]);
+    sum += std::max(qc * hi[c], qc * lo[c]);
+  }
+  return sum;
+}
+
+void channel_bounds(const float* keys, std::int64_t count, std::int64_t d, double* lo, double* hi) {
+  for (std::int64_t c = 0; c < d; ++c) {
+    lo[c] = std::numeric_limits<double>::infinity();
+    hi[c] = -std::numeric_limits<double>::infinity();
+  }
+  for (std::int64_t j = 0; j < count; ++j) {
+    for (std::int64_t c = 0; c < d; ++c) {
+      const double x = static_cast<double>(keys[j * d + c]);
+      lo[c] = std::min(lo[c], x);
+      hi[c] = std::max(hi[c], x);
+    }
+  }
+}
+
+void mean_key(const float* keys, std::int64_t count, std::int64_t d, double* out) {
+  for (std::int64_t c = 0; c < d; ++c) out[c] = 0.0;
+  for (std::int64_t j = 0; j < count; ++j) {
+    for (std::int64_t c = 0; c < d; ++c) out[c] += static_cast<double>(keys[j * d + c]);
+  }
+  for (std::int64_t c = 0; c < d; ++c) out[c] /= static_cast<double>(count);
+}
+
+std::vector<std::int64_t> top_channels(const std::vector<double>& stat, std::int64_t r) {
+  std::vector<std::int32_t> order(static_cast<std::size_t>(r));
+  rank_top(stat.data(), static_cast<std::int64_t>(stat.size()), r, order.data());
+  std::vector<std::int64_t> channels(order.begin(), order.end());
+  std::sort(channels.begin(), channels.end());
+  return channels;
+}
+
+std::vector<double> principal_components(const std::vector<const float*>& keys, std::int64_t d, std::int64_t r) {
+  const auto n = static_cast<std::int64_t>(keys.size());
+  Eigen::VectorXd mean = Eigen::VectorXd::Zero(d);
+  for (const float* k : keys) {
+    for (std::int64_t c = 0; c < d; ++c) mean[c] += static_cast<double>(k[c]);
+  }
+  if (n > 0) mean /= static_cast<double>(n);
+  Eigen::MatrixXd cov = Eigen::MatrixXd::Zero(d, d);
+  Eigen::VectorXd x(d);
+  for (const float* k : keys) {
+    for (std::int64_t c = 0; c < d; ++c) x[c] = static_cast<double>(k[c]) - mean[c];
+    cov.selfadjointView<Eigen::Lower>().rankUpdate(x);
+  }
+  cov = cov.selfadjointView<Eigen::Lower>();
+  if (n > 0) cov /= static_cast<double>(n);
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(cov);
+  // Eigenvalues ascend: the last r columns are the principal directions, largest first.
+  std::vector<double> out(static_cast<std::size_t>(d * r));
+  for (std::int64_t i = 0; i < r; ++i) {
+    const Eigen::Index column = d - 1 - i;
+    for (std::int64_t c = 0; c < d; ++c) out[static_cast<std::size_t>(c * r + i)] = solver.eigenvectors()(c, column);
+  }
+  return out;
+}
+
+double simhash_sample_probability(double cosine, std::int64_t bits, std::int64_t tables) {
+  const double theta = std::acos(std::clamp(cosine, -1.0, 1.0));
+  const double u = 1.0 - theta / kPi;
+  const double hit = std::pow(u, static_cast<double>(bits));
+  const double L = static_cast<double>(tables);
+  return 1.0 - std::pow(1.0 - hit, L) - L * hit * std::pow(1.0 - hit, L - 1.0);
+}
+
+std::uint32_t simhash_code(const double* x, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
+                           std::int64_t bits) {
+  std::uint32_t code = 0;
+  for (std::int64_t b = 0; b < bits; ++b) {
+    const double* w = &planes[static_cast<std::size_t>((table * bits + b) * d)];
+    double s = 0.0;
+    for (std::int64_t c = 0; c < d; ++c) s += w[c] * x[c];
+    if (s > 0.0) code |= std::uint32_t{1} << b;
+  }
+  return code;
+}
+
+std::vector<double> simhash_planes(std::uint64_t seed, std::int64_t kv_head, std::int64_t d, std::int64_t count) {
+  Rng rng(mix_seed(seed, 0x9167, static_cast<std::uint64_t>(kv_head)));
+  std::vector<double> planes(static_cast<std::size_t>(count * d));
+  for (double& w : planes) w = rng.normal();
+  return planes;
+}
+
+void CrossLayerStore::reset(std::int64_t num_sets, std::int64_t rows, std::int64_t stride) {
+  rows_ = rows;
+  stride_ = std::max<std::int64_t>(1, stride);
+  stored_.assign(static_cast<std::size_t>(num_sets * rows_ * stride_), 0);
+  length_.assign(static_cast<std::size_t>(num_sets * rows_), 0);
+}
+
+void CrossLayerStore::record(const RankContext& c, Score score, Group group) {
+  const BlockView& v = *c.view;
+  const std::vector<double>& source = score == Score::kMax ? v.max_prob : v.mass;
+  std::vector<double> scores(static_cast<std::size_t>(v.num_blocks));
+  const std::int64_t sets = group == Group::kNone ? c.group_size : 1;
+  for (std::int64_t r = 0; r < c.rows; ++r) {
+    const std::int64_t blocks = v.causal_blocks(r);
+    const std::int64_t count = std::min(c.ranking_length[r], blocks);
+    for (std::int64_t s = 0; s < sets; ++s) {
+      for (std::int64_t b = 0; b < blocks; ++b) {
+        double value;
+        if (group == Group::kNone) {
+          value = source[v.at(s, r, b)];
+        } else {
+          value = group == Group::kSum ? 0.0 : -1.0;
+          for (std::int64_t h = 0; h < c.group_size; ++h) {
+            const double x = source[v.at(h, r, b)];
+            value = group == Group::kSum ? value + x : std::max(value, x);
+          }
+        }
+        scores[static_cast<std::size_t>(b)] = value;
+      }
+      const std::int64_t set = c.kv_group * sets + s;
+      const auto slot = static_cast<std::size_t>(set * rows_ + c.row_begin + r);
+      rank_top(scores.data(), blocks, count, &stored_[slot * static_cast<std::size_t>(stride_)]);
+      length_[slot] = static_cast<std::int32_t>(count);
+    }
+  }
+}
+
+void CrossLayerStore::recall(const RankContext& c, Group group, Rankings& out) const {
+  const std::int64_t sets = group == Group::kNone ? c.group_size : 1;
+  out.reset(sets, c.rows, stride_);
+  for (std::int64_t s = 0; s < sets; ++s) {
+    for (std::int64_t r = 0; r < c.rows; ++r) {
+      const auto slot = static_cast<std::size_t>((c.kv_group * sets + s) * rows_ + c.row_begin + r);
+      const std::int32_t count = length_[slot];
+      std::copy_n(&stored_[slot * static_cast<std::size_t>(stride_)], count, out.row(s, r));
+      out.size(s, r) = count;
+    }
+  }
+}
+
+}  // namespace hysparse::proxy

@@ -1,0 +1,77 @@
+#pragma once
+// Primitives shared by the proxy selectors (and exercised directly by the property tests).
+// Every score is computed in double with a fixed summation order (channels ascending, keys
+// ascending), so that rankings do not depend on vectorisation or thread count and near-ties
+// resolve like the float64 reference.
+#include <cstdint>
+#include <vector>
+
+#include "replay/selector.hpp"
+
+namespace hysparse::proxy {
+
+// sum_c a[c] * b[c] in double, c ascending.
+double dot(const float* a, const float* b, std::int64_t d);
+double dot(const float* a, const double* b, std::int64_t d);
+
+// Logits z_j of query head h at row t for keys j in [0, n): scale * q.k in double on a q/k layer,
+// log p_j on a dense attn layer (-inf for p_j = 0).
+void row_logits(const LayerContext& layer, std::int64_t h, std::int64_t t, std::int64_t n, std::vector<double>& z);
+// log(exp(sink) + sum_{j<n} exp(z_j)) (the sink term only when has_sink).
+double log_partition(const double* z, std::int64_t n, bool has_sink, double sink);
+// True probabilities p_j, j = 0..t, of query head h at t (sink logit in the denominator).
+void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p);
+
+// out[b] = max over the causal tokens [bB, min((b+1)B, tokens)) of token[j].
+void max_over_blocks(const double* token, std::int64_t tokens, std::int64_t block, double* out);
+
+// 1-D pooling with stride 1 and padding kernel/2 (max, or average over the kernel with zero padding
+// as torch's avg_pool1d with count_include_pad).
+std::vector<double> pool1d(const std::vector<double>& scores, std::int64_t kernel, bool max);
+
+// Quest's bound sum_i max(q_i * hi_i, q_i * lo_i) for a page with per-channel key minima lo and maxima hi:
+// at least q . k for every key k of the page.
+double quest_bound(const float* q, const double* lo, const double* hi, std::int64_t d);
+
+// Per-channel min and max of `count` keys starting at `keys` (row-major, d channels).
+void channel_bounds(const float* keys, std::int64_t count, std::int64_t d, double* lo, double* hi);
+// Mean of `count` keys starting at `keys`.
+void mean_key(const float* keys, std::int64_t count, std::int64_t d, double* out);
+
+// The r largest of `stat` (ties to the lower index), returned in ascending channel order.
+std::vector<std::int64_t> top_channels(const std::vector<double>& stat, std::int64_t r);
+
+// Top-r principal directions of the rows (keys) given, as columns of a d x r row-major matrix:
+// eigenvectors of the centred covariance with the largest eigenvalues. Keys are not centred
+// when projected (Loki).
+std::vector<double> principal_components(const std::vector<const float*>& keys, std::int64_t d, std::int64_t r);
+
+// MagicPIG's SimHash collision probability: with u = 1 - arccos(cos)/pi, the probability that
+// K bits agree in at least 2 of L tables: 1 - (1 - u^K)^L - L u^K (1 - u^K)^(L-1).
+double simhash_sample_probability(double cosine, std::int64_t bits, std::int64_t tables);
+// The hash of one vector in one table: bit b set when hyperplane (table*K + b) . x > 0.
+std::uint32_t simhash_code(const double* x, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
+                           std::int64_t bits);
+// Gaussian hyperplanes [K*L][d] for one KV head (deterministic in seed and KV head).
+std::vector<double> simhash_planes(std::uint64_t seed, std::int64_t kv_head, std::int64_t d, std::int64_t count);
+
+// Rankings recorded at one layer and reused by later layers (HySparse's block reuse and the
+// token-level reuse selector share this): per set and evaluated row, the ranked blocks.
+// Sets are KV groups (shared selection) or query heads (per-head selection).
+class CrossLayerStore {
+ public:
+  enum class Score { kMax, kMass };       // block max probability P_b, or block mass M_b
+  enum class Group { kMax, kSum, kNone };  // over a KV group's heads; kNone: one ranking per query head
+  void reset(std::int64_t num_sets, std::int64_t rows, std::int64_t stride);
+  // Ranks the causal blocks of every row of the tile by the view's statistics and stores the
+  // first ranking_length[r] of them.
+  void record(const RankContext& context, Score score, Group group);
+  // The stored rankings of the tile's rows (one set per KV group, or the group's query heads).
+  void recall(const RankContext& context, Group group, Rankings& out) const;
+
+ private:
+  std::int64_t rows_ = 0, stride_ = 1;
+  std::vector<std::int32_t> stored_, length_;  // [set][row][stride]
+};
+
+}  // namespace hysparse::proxy

@@ -1,0 +1,145 @@
+// h2o: heavy hitters by accumulated attention plus recent keys, with eviction simulated step by
+// step along the sequence (H2O, arXiv 2306.14048; FMInference/H2O).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common/error.hpp"
+#include "replay/proxy_math.hpp"
+#include "replay/selector.hpp"
+
+namespace hysparse {
+namespace {
+
+constexpr std::int32_t kNever = std::numeric_limits<std::int32_t>::max();
+
+class H2oSelector final : public Selector {
+ public:
+  H2oSelector(const SelectorSpec& spec, const SelectorDefaults& defaults) : Selector(spec, SelectorDefaults{1, 0, 0}) {
+    (void)defaults;
+    if (block_ != 1) fail(ErrorKind::kUsage, "selector h2o: evicts single keys (block must be 1, got {})", block_);
+    if (sinks_ != 0) fail(ErrorKind::kUsage, "selector h2o: keeps no forced sinks (sinks must be 0)");
+    recent_ = take_int("recent", 50, 0);
+    if (recent_ > 100) fail(ErrorKind::kUsage, "selector h2o: recent={} (expected a percentage in [0, 100])", recent_);
+    group_ = take_choice("group", {"sum", "none"}, "sum");
+    reject_unknown_keys();
+  }
+  std::string description() const override {
+    return fmt::format("H2O: a cache of C keys per {}: the {}% most recent keys and the heaviest others by attention "
+                       "accumulated over every query so far; the lightest is evicted for good at each step",
+                       group_ == "sum" ? "KV head (attention summed over its query heads)" : "query head", recent_);
+  }
+  SelectorInfo info() const override {
+    SelectorInfo i;
+    i.granularity = std::string("token, ") + (group_ == "sum" ? "per KV head (scores summed over the group)" : "per query head");
+    i.budget = fmt::format("the budget C is the cache size including the current key ({}% recent, the rest heavy "
+                           "hitters); every position is a decoding step from an empty cache",
+                           recent_);
+    i.post_rope = "accumulates the attention the model computes over its cache (post-RoPE scores, renormalised over the cache)";
+    i.footprint = "h2o";
+    i.source = "H2O, arXiv 2306.14048; FMInference/H2O: h2o_hf/utils_real_drop/modify_llama.py (heavy 10% + recent 10%)";
+    i.evicts = true;
+    return i;
+  }
+  bool ranks_per_head() const override { return group_ == "none"; }
+  BudgetUse budget_use() const override { return BudgetUse::kPerBudget; }
+
+  void begin(const ReplayPlan& plan) override { budgets_ = plan.budgets; }
+
+  // Simulates the cache of every set over all positions for every budget: evicted_[budget][set][j] is
+  // the first step whose cache no longer holds key j (kNever if none).
+  void prepare_layer(const LayerContext& layer) override {
+    const std::int64_t T = layer.seq_len(), G = layer.header->group_size();
+    const std::int64_t sets = group_ == "none" ? layer.header->num_q_heads : layer.header->num_kv_heads;
+    const auto NB = static_cast<std::int64_t>(budgets_.size());
+    seq_len_ = T;
+    sets_ = sets;
+    evicted_.assign(static_cast<std::size_t>(NB * sets * T), kNever);
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (std::int64_t bi = 0; bi < NB; ++bi) {
+      for (std::int64_t s = 0; s < sets; ++s) {
+        const std::int64_t h0 = group_ == "none" ? s : s * G, h1 = group_ == "none" ? s + 1 : (s + 1) * G;
+        simulate(layer, budgets_[static_cast<std::size_t>(bi)], h0, h1, &evicted_[static_cast<std::size_t>((bi * sets + s) * T)]);
+      }
+    }
+  }
+
+  void rank(const RankContext& c, Rankings& out) override {
+    const BlockView& v = *c.view;
+    const std::int64_t sets = ranks_per_head() ? c.group_size : 1;
+    out.reset(sets, c.rows, v.num_blocks);
+    for (std::int64_t s = 0; s < sets; ++s) {
+      const std::int64_t set = ranks_per_head() ? c.kv_group * c.group_size + s : c.kv_group;
+      const std::int32_t* evicted = &evicted_[static_cast<std::size_t>((c.budget_index * sets_ + set) * seq_len_)];
+      for (std::int64_t r = 0; r < c.rows; ++r) {
+        const std::int64_t t = c.positions[r];
+        std::int32_t* row = out.row(s, r);
+        std::int32_t count = 0;
+        for (std::int64_t j = 0; j <= t; ++j) {
+          if (evicted[j] > t) row[count++] = static_cast<std::int32_t>(j);
+        }
+        out.size(s, r) = count;
+      }
+    }
+  }
+
+ private:
+  // Step t: the cache holds the survivors and key t; every query head of the set attends over it
+  // (softmax over the cache, sink included) and adds the probabilities to the keys' scores; then the
+  // cache shrinks to C(t+1) - 1 keys for the next step, protecting its recent keys and evicting the
+  // lowest score (ties: the later key goes).
+  void simulate(const LayerContext& layer, const Budget& budget, std::int64_t h0, std::int64_t h1, std::int32_t* evicted) const {
+    const std::int64_t T = layer.seq_len();
+    std::vector<std::int64_t> cache;
+    std::vector<double> score(static_cast<std::size_t>(T), 0.0), z;
+    for (std::int64_t t = 0; t < T; ++t) {
+      cache.push_back(t);
+      for (std::int64_t h = h0; h < h1; ++h) {
+        z.resize(cache.size());
+        for (std::size_t i = 0; i < cache.size(); ++i) z[i] = logit(layer, h, t, cache[i]);
+        const double lse = proxy::log_partition(z.data(), static_cast<std::int64_t>(z.size()), layer.has_sinks(),
+                                                layer.has_sinks() ? layer.sink_logit(h) : 0.0);
+        for (std::size_t i = 0; i < cache.size(); ++i) score[static_cast<std::size_t>(cache[i])] += std::exp(z[i] - lse);
+      }
+      if (t + 1 == T) break;
+      const std::int64_t capacity = std::min(budget.blocks_for_row(t + 1, 1), t + 2);
+      const std::int64_t recent = capacity * recent_ / 100;
+      const std::int64_t protected_from = t + 2 - recent;  // keys >= this stay (recent for step t+1)
+      while (static_cast<std::int64_t>(cache.size()) > capacity - 1) {
+        std::size_t victim = cache.size();
+        for (std::size_t i = 0; i < cache.size(); ++i) {
+          if (cache[i] >= protected_from) continue;
+          if (victim == cache.size() || score[static_cast<std::size_t>(cache[i])] <= score[static_cast<std::size_t>(cache[victim])]) victim = i;
+        }
+        if (victim == cache.size()) victim = 0;  // everything recent: the oldest goes
+        evicted[cache[victim]] = static_cast<std::int32_t>(t + 1);
+        cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(victim));
+      }
+    }
+  }
+
+  // z_j of query head h at t: scale * q . k_j, or log p_j on a dense attn layer.
+  static double logit(const LayerContext& layer, std::int64_t h, std::int64_t t, std::int64_t j) {
+    if (!layer.has_qk) {
+      const std::int64_t T = layer.seq_len();
+      const float p = layer.tensors->attn[static_cast<std::size_t>((h * T + t) * T + j)];
+      return p > 0.0f ? std::log(static_cast<double>(p)) : -std::numeric_limits<double>::infinity();
+    }
+    return layer.scale * proxy::dot(layer.q(h, t), layer.k(h / layer.header->group_size(), j), layer.head_dim());
+  }
+
+  std::int64_t recent_ = 50, seq_len_ = 0, sets_ = 0;
+  std::string group_;
+  std::vector<Budget> budgets_;
+  std::vector<std::int32_t> evicted_;  // [budget][set][key]
+};
+
+}  // namespace
+
+std::unique_ptr<Selector> make_h2o_selector(const SelectorSpec& spec, const SelectorDefaults& defaults) {
+  return std::make_unique<H2oSelector>(spec, defaults);
+}
+
+}  // namespace hysparse

@@ -1,0 +1,855 @@
+// Proxy selectors: hand-computed cases, the properties of their math, and full replays against the
+// float64 reference (tests/reference/naive_proxies).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "backend/backend.hpp"
+#include "capture/capture.hpp"
+#include "catch.hpp"
+#include "common/error.hpp"
+#include "common/random.hpp"
+#include "kv/footprint.hpp"
+#include "reference/naive_proxies.hpp"
+#include "reference/random_capture.hpp"
+#include "replay/engine.hpp"
+#include "replay/proxy_math.hpp"
+#include "replay/selector.hpp"
+
+using namespace hysparse;
+namespace ref = hysparse::reference;
+
+namespace {
+
+constexpr double kMassTolerance = 1e-6;
+constexpr double kRatioTolerance = 1e-5;
+constexpr double kOutputTolerance = 2e-5;
+// Rows whose threshold decision (top-p) lies closer than this to the threshold are not compared exactly
+// (both sides decide on float64 probabilities, summed in different orders).
+constexpr double kThresholdMargin = 1e-12;
+
+std::string temp_path(const std::string& name) { return std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_" + name + ".h5"; }
+
+ReplayResult replay(const Capture& capture, const std::string& name, ReplayOptions options) {
+  const std::string path = temp_path(name);
+  write_capture(path, capture);
+  const auto backend = make_cpu_backend();
+  return run_replay(path, options, *backend, false);
+}
+
+ReplayOptions options_for(const std::string& selectors, const std::vector<Budget>& budgets) {
+  ReplayOptions o;
+  o.selectors = parse_selector_list(selectors);
+  o.budgets = budgets;
+  o.reuse_budget = 0;
+  o.tile_rows = 7;  // several tiles per group, rows split unevenly
+  return o;
+}
+
+std::vector<Budget> tokens(std::initializer_list<double> values) {
+  std::vector<Budget> b;
+  for (double v : values) b.push_back({Budget::Kind::kTokens, v});
+  return b;
+}
+std::vector<Budget> sparsities(std::initializer_list<double> values) {
+  std::vector<Budget> b;
+  for (double v : values) b.push_back({Budget::Kind::kSparsity, v});
+  return b;
+}
+
+double nearest_rank(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  const auto rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(v.size()))));
+  return v[static_cast<std::size_t>(rank - 1)];
+}
+
+double mean_skip_nan(const std::vector<double>& v) {
+  double sum = 0;
+  std::int64_t n = 0;
+  for (double x : v) {
+    if (!std::isnan(x)) {
+      sum += x;
+      ++n;
+    }
+  }
+  return n ? sum / static_cast<double>(n) : std::numeric_limits<double>::quiet_NaN();
+}
+
+// Compares one selector of a replay with the reference proxy, for every budget, layer and head.
+// Returns the number of (budget, layer, head) cells compared.
+std::int64_t compare_proxy(const ReplayResult& result, std::size_t index, const Capture& capture, const ref::RefProxy& proxy,
+                           std::uint64_t seed = 0) {
+  const SelectorResult& s = result.selectors[index];
+  INFO("selector " << s.spec);
+  const auto L = capture.header.num_layers, H = capture.header.num_q_heads;
+  std::int64_t compared = 0, skipped = 0;
+  for (std::size_t bi = 0; bi < result.budgets.size(); ++bi) {
+    INFO("budget " << result.budgets[bi].label());
+    const Budget& budget = result.budgets[bi];
+    const auto ub = static_cast<std::uint64_t>(bi);
+    if (budget.kind == Budget::Kind::kTokens && budget.value < static_cast<double>(proxy.block) &&
+        s.budget_use != BudgetUse::kFree) {
+      for (std::int64_t l = 0; l < L; ++l) CHECK(std::isnan(s.layer_mean[kMassRecall].at(ub, static_cast<std::uint64_t>(l))));
+      continue;
+    }
+    const auto rows = ref::naive_proxy_metrics(capture, proxy, {budget.kind == Budget::Kind::kSparsity, budget.value},
+                                               result.rows, seed);
+    for (std::int64_t l = 0; l < L; ++l) {
+      INFO("layer " << l);
+      double saturated = 0;
+      bool full = false;
+      for (std::int64_t h = 0; h < H; ++h) {
+        INFO("head " << h);
+        std::vector<double> recall, ratio, overlap, attended, error;
+        bool ambiguous = false;
+        for (const auto& m : rows[static_cast<std::size_t>(l)][static_cast<std::size_t>(h)]) {
+          if (!m.scored) continue;
+          ambiguous = ambiguous || m.threshold_margin < kThresholdMargin;
+          recall.push_back(m.mass_recall);
+          ratio.push_back(m.oracle_recall > 0 ? m.mass_recall / m.oracle_recall : std::numeric_limits<double>::quiet_NaN());
+          overlap.push_back(m.topk_overlap);
+          attended.push_back(m.attended);
+          error.push_back(m.output_rel_error);
+          saturated += m.saturated && !m.full_layer ? 1 : 0;
+          full = m.full_layer;
+        }
+        const auto ul = static_cast<std::uint64_t>(l), uh = static_cast<std::uint64_t>(h);
+        if (recall.empty()) {
+          CHECK(std::isnan(s.head_mean[kMassRecall].at(ub, ul, uh)));
+          continue;
+        }
+        if (ambiguous) {
+          ++skipped;
+          continue;
+        }
+        ++compared;
+        CHECK(s.head_mean[kMassRecall].at(ub, ul, uh) == Approx(mean_skip_nan(recall)).margin(kMassTolerance));
+        CHECK(s.head_recall_min.at(ub, ul, uh) == Approx(*std::min_element(recall.begin(), recall.end())).margin(kMassTolerance));
+        CHECK(s.head_recall_p10.at(ub, ul, uh) == Approx(nearest_rank(recall, 0.10)).margin(kMassTolerance));
+        CHECK(s.head_recall_p50.at(ub, ul, uh) == Approx(nearest_rank(recall, 0.50)).margin(kMassTolerance));
+        const double engine_ratio = s.head_mean[kRecallVsOracle].at(ub, ul, uh), reference_ratio = mean_skip_nan(ratio);
+        if (std::isnan(reference_ratio)) {
+          CHECK(std::isnan(engine_ratio));
+        } else {
+          CHECK(engine_ratio == Approx(reference_ratio).margin(kRatioTolerance));
+        }
+        CHECK(s.head_mean[kTopkOverlap].at(ub, ul, uh) == Approx(mean_skip_nan(overlap)).margin(kRatioTolerance));
+        CHECK(s.head_mean[kAttendedKeys].at(ub, ul, uh) == Approx(mean_skip_nan(attended)).margin(1e-9));
+        const double reference_error = mean_skip_nan(error), engine_error = s.head_mean[kOutputError].at(ub, ul, uh);
+        if (result.has_output_error && !std::isnan(reference_error)) {
+          CHECK(engine_error == Approx(reference_error).margin(kOutputTolerance));
+        } else {
+          CHECK(std::isnan(engine_error));
+        }
+      }
+      CHECK(s.is_full_layer[static_cast<std::size_t>(l)] == (full ? 1 : 0));
+      const double engine_saturated = s.saturated_rows.at(bi, static_cast<std::uint64_t>(l));
+      if (skipped == 0) CHECK(engine_saturated == Approx(full ? 0.0 : saturated));
+    }
+  }
+  // Ambiguous cells are rare: most of them must be compared exactly.
+  CHECK(skipped <= compared / 10);
+  return compared;
+}
+
+ref::RefProxy make_ref(const std::string& kind, std::int64_t block) {
+  ref::RefProxy p;
+  p.kind = kind;
+  p.block = block;
+  return p;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------ quest
+
+TEST_CASE("quest: a hand-computed page bound and page choice", "[proxies]") {
+  // q = (1, -2); page keys (1, 3), (-1, 0): max = (1, 3), min = (-1, 0).
+  // bound = max(1*1, 1*-1) + max(-2*3, -2*0) = 1 + 0 = 1 >= q.k = (1 - 6, -1 + 0) = (-5, -1).
+  const float q[2] = {1.0f, -2.0f};
+  const double lo[2] = {-1.0, 0.0}, hi[2] = {1.0, 3.0};
+  CHECK(proxy::quest_bound(q, lo, hi, 2) == 1.0);
+  CHECK(ref::naive_quest_bound({1, -2}, {{1, 3}, {-1, 0}}) == 1.0);
+
+  // One head, d = 2, pages of 2 over 8 keys; the last query t = 7 sits in page 3 (forced first).
+  // Page bounds for q = (1, 0): page 0 keys x = (0, 0.5) -> 0.5; page 1 x = (2, -3) -> 2; page 2 x = (1, 1) -> 1.
+  // A budget of 4 tokens = 2 pages: page 3 and page 1 (bound 2).
+  Capture c;
+  c.header.model = "hand";
+  c.header.source = "tests";
+  c.header.num_layers = 1;
+  c.header.num_q_heads = 1;
+  c.header.num_kv_heads = 1;
+  c.header.head_dim = 2;
+  c.header.seq_len = 8;
+  LayerTensors t;
+  const float xs[8] = {0.0f, 0.5f, 2.0f, -3.0f, 1.0f, 1.0f, 0.0f, 0.0f};
+  for (int j = 0; j < 8; ++j) {
+    t.q.push_back(1.0f);
+    t.q.push_back(0.0f);
+    t.k.push_back(xs[j]);
+    t.k.push_back(static_cast<float>(j) * 0.1f);
+  }
+  c.layers.push_back(t);
+  ReplayOptions o = options_for("quest:block=2,dense=0", tokens({4}));
+  o.queries = "last:1";
+  const ReplayResult r = replay(c, "quest_hand", o);
+  const std::vector<double> p = ref::naive_probabilities(c, 0, 0, 7);
+  const double expected = p[2] + p[3] + p[6] + p[7];
+  CHECK(r.selectors[0].head_mean[kMassRecall].at(0, 0, 0) == Approx(expected).margin(1e-7));
+  CHECK(r.selectors[0].head_mean[kAttendedKeys].at(0, 0, 0) == 4.0);
+}
+
+TEST_CASE("quest: the page bound is at least the true maximum logit of every page", "[proxies][properties]") {
+  Rng rng(test::seed() + 101);
+  for (int trial = 0; trial < 200; ++trial) {
+    const std::int64_t d = 1 + static_cast<std::int64_t>(rng.below(32)), n = 1 + static_cast<std::int64_t>(rng.below(20));
+    std::vector<float> q(static_cast<std::size_t>(d)), keys(static_cast<std::size_t>(n * d));
+    for (auto& x : q) x = static_cast<float>(3.0 * rng.normal());
+    for (auto& x : keys) x = static_cast<float>(rng.normal());
+    std::vector<double> lo(static_cast<std::size_t>(d)), hi(static_cast<std::size_t>(d));
+    proxy::channel_bounds(keys.data(), n, d, lo.data(), hi.data());
+    const double bound = proxy::quest_bound(q.data(), lo.data(), hi.data(), d);
+    for (std::int64_t j = 0; j < n; ++j) CHECK(bound >= proxy::dot(q.data(), &keys[static_cast<std::size_t>(j * d)], d) - 1e-12);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ moba
+
+TEST_CASE("moba: scores are q . mean(K_block), the current block first", "[proxies]") {
+  // d = 1, blocks of 2: keys 1, 3 | -2, 0 | 5 ; query t = 4 (block 2, forced first), q = 1.
+  // Means: block 0 = 2, block 1 = -1 -> ranking 2, 0, 1. A budget of 4 tokens = 2 blocks: keys 0, 1, 4.
+  Capture c;
+  c.header.model = "hand";
+  c.header.source = "tests";
+  c.header.num_layers = 1;
+  c.header.num_q_heads = 1;
+  c.header.num_kv_heads = 1;
+  c.header.head_dim = 1;
+  c.header.seq_len = 5;
+  LayerTensors t;
+  t.q.assign(5, 1.0f);
+  t.k = {1.0f, 3.0f, -2.0f, 0.0f, 5.0f};
+  c.layers.push_back(t);
+  ReplayOptions o = options_for("moba:block=2", tokens({4}));
+  o.queries = "last:1";
+  const ReplayResult r = replay(c, "moba_hand", o);
+  const std::vector<double> p = ref::naive_probabilities(c, 0, 0, 4);
+  CHECK(r.selectors[0].head_mean[kMassRecall].at(0, 0, 0) == Approx(p[0] + p[1] + p[4]).margin(1e-7));
+  CHECK(r.selectors[0].head_mean[kAttendedKeys].at(0, 0, 0) == 3.0);
+}
+
+TEST_CASE("moba with block 1 (current block not forced) equals the token-level oracle", "[proxies][properties]") {
+  ref::Shape shape;
+  shape.seq_len = 60;
+  const Capture capture = ref::random_capture(shape, test::seed() + 102);
+  const ReplayResult r = replay(capture, "moba_oracle", options_for("oracle:block=1,moba:block=1,current=0", tokens({1, 4, 16, 64})));
+  for (std::uint64_t b = 0; b < 4; ++b) {
+    for (std::uint64_t l = 0; l < 2; ++l) {
+      for (std::uint64_t h = 0; h < 4; ++h) {
+        CHECK(r.selectors[1].head_mean[kMassRecall].at(b, l, h) == Approx(r.selectors[0].head_mean[kMassRecall].at(b, l, h)).margin(1e-6));
+        CHECK(r.selectors[1].head_recall_min.at(b, l, h) == Approx(r.selectors[0].head_recall_min.at(b, l, h)).margin(1e-6));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ reuse
+
+TEST_CASE("reuse from a layer to itself equals the oracle", "[proxies][properties]") {
+  ref::Shape shape;
+  shape.layers = 3;
+  shape.seq_len = 50;
+  shape.sinks = true;
+  const Capture capture = ref::random_capture(shape, test::seed() + 103);
+  // Every layer a selection layer attending its own exact top-k: the per-head (group none) selection is
+  // the oracle's, and with group sum the shared oracle's.
+  const ReplayResult r = replay(capture, "reuse_self",
+                                options_for("oracle:block=1,reuse:layers=0+1+2,anchor=topk,group=none,"
+                                            "oracle:block=4,group=sum,reuse:layers=0+1+2,anchor=topk,block=4",
+                                            tokens({4, 8, 20})));
+  for (std::uint64_t b = 0; b < 3; ++b) {
+    for (std::uint64_t l = 0; l < 3; ++l) {
+      for (std::uint64_t h = 0; h < 4; ++h) {
+        CHECK(r.selectors[1].head_mean[kMassRecall].at(b, l, h) == Approx(r.selectors[0].head_mean[kMassRecall].at(b, l, h)).margin(1e-9));
+        CHECK(r.selectors[3].head_mean[kMassRecall].at(b, l, h) == Approx(r.selectors[2].head_mean[kMassRecall].at(b, l, h)).margin(1e-9));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ oracle_topp
+
+TEST_CASE("oracle_topp: every row reaches p with the fewest keys, whatever the budget", "[proxies][properties]") {
+  ref::Shape shape;
+  shape.seq_len = 80;
+  shape.sinks = true;
+  const Capture capture = ref::random_capture(shape, test::seed() + 104);
+  const ReplayResult r = replay(capture, "topp", options_for("oracle_topp:p=0.8,oracle_topp:p=0.95,sinks=2", tokens({8, 32})));
+  for (const auto& s : r.selectors) {
+    INFO(s.spec);
+    CHECK(s.budget_use == BudgetUse::kFree);
+    const double p = s.spec.find("p=0.8") != std::string::npos ? 0.8 : 0.95;
+    for (std::uint64_t l = 0; l < 2; ++l) {
+      CHECK(s.layer_recall_min.at(0, l) >= p - 1e-6);
+      // The same set at every budget, and it is the equal-size oracle.
+      CHECK(s.layer_mean[kAttendedKeys].at(0, l) == s.layer_mean[kAttendedKeys].at(1, l));
+      CHECK(s.layer_mean[kRecallVsOracle].at(0, l) == Approx(1.0).margin(1e-6));
+    }
+  }
+  CHECK(r.selectors[1].model_mean[kAttendedKeys].values[0] > r.selectors[0].model_mean[kAttendedKeys].values[0]);
+}
+
+// ------------------------------------------------------------------------------------------ parity
+
+TEST_CASE("proxies match the float64 reference in full replays: quest, moba, reuse, oracle_topp",
+          "[proxies][parity]") {
+  SECTION("GQA, token budgets, no sinks") {
+    ref::Shape shape;
+    shape.layers = 3;
+    shape.seq_len = 90;
+    shape.layer_correlation = 0.7;
+    const Capture capture = ref::random_capture(shape, test::seed() + 111);
+    ReplayOptions o = options_for(
+        "quest:block=4,dense=1,quest:block=8,dense=0,moba:block=8,moba:block=4,current=0,"
+        "reuse:layers=0+2,reuse:layers=1,block=4,group=max,score=prob,sinks=2,window=3,reuse:layers=0,group=none,anchor=topk,"
+        "oracle_topp,oracle_topp:p=0.5,block=4,sinks=1,window=2",
+        tokens({4, 16, 40}));
+    const ReplayResult r = replay(capture, "parity_a", o);
+    ref::RefProxy q1 = make_ref("quest", 4), q2 = make_ref("quest", 8), m1 = make_ref("moba", 8), m2 = make_ref("moba", 4);
+    q1.dense = 1;
+    m2.current = false;
+    ref::RefProxy u1 = make_ref("reuse", 1), u2 = make_ref("reuse", 4), u3 = make_ref("reuse", 1);
+    u1.layers = {0, 2};
+    u2.layers = {1};
+    u2.group = "max";
+    u2.score = "prob";
+    u2.sinks = 2;
+    u2.window = 3;
+    u3.layers = {0};
+    u3.group = "none";
+    u3.anchor = "topk";
+    ref::RefProxy t1 = make_ref("oracle_topp", 1), t2 = make_ref("oracle_topp", 4);
+    t2.p = 0.5;
+    t2.sinks = 1;
+    t2.window = 2;
+    const ref::RefProxy expected[] = {q1, q2, m1, m2, u1, u2, u3, t1, t2};
+    REQUIRE(r.selectors.size() == 9);
+    for (std::size_t i = 0; i < 9; ++i) CHECK(compare_proxy(r, i, capture, expected[i]) > 0);
+  }
+  SECTION("MHA and MQA, sparsity budgets, sink logits") {
+    for (const auto& [q_heads, kv_heads] : {std::pair<std::int64_t, std::int64_t>{3, 3}, {4, 1}}) {
+      CAPTURE(q_heads, kv_heads);
+      ref::Shape shape;
+      shape.q_heads = q_heads;
+      shape.kv_heads = kv_heads;
+      shape.seq_len = 57;
+      shape.sinks = true;
+      const Capture capture = ref::random_capture(shape, test::seed() + 112 + static_cast<std::uint64_t>(q_heads));
+      ReplayOptions o = options_for("quest:block=4,dense=0,moba:block=4,reuse:layers=0,group=sum,block=2,oracle_topp:p=0.7",
+                                    sparsities({0.9, 0.6, 0.2}));
+      o.queries = "stride:4";
+      const ReplayResult r = replay(capture, "parity_b_" + std::to_string(q_heads), o);
+      ref::RefProxy q = make_ref("quest", 4), u = make_ref("reuse", 2), t = make_ref("oracle_topp", 1);
+      u.layers = {0};
+      t.p = 0.7;
+      compare_proxy(r, 0, capture, q);
+      compare_proxy(r, 1, capture, make_ref("moba", 4));
+      compare_proxy(r, 2, capture, u);
+      compare_proxy(r, 3, capture, t);
+    }
+  }
+  SECTION("ties: integer-valued q and k") {
+    ref::Shape shape;
+    shape.values = ref::Shape::Values::kTies;
+    shape.seq_len = 40;
+    shape.logit_scale = 1.0;
+    const Capture capture = ref::random_capture(shape, test::seed() + 113);
+    const ReplayResult r = replay(capture, "parity_ties", options_for("quest:block=4,dense=0,moba:block=4", tokens({4, 12})));
+    compare_proxy(r, 0, capture, make_ref("quest", 4));
+    compare_proxy(r, 1, capture, make_ref("moba", 4));
+  }
+}
+
+TEST_CASE("budgets below a selector's block are NaN, not an error; dense attn layers need q/k", "[proxies]") {
+  ref::Shape shape;
+  shape.seq_len = 40;
+  shape.dense_layers = {1};
+  const Capture capture = ref::random_capture(shape, test::seed() + 114);
+  ReplayOptions o = options_for("oracle:block=1,moba:block=16", tokens({8, 32}));
+  o.queries = "last:5";
+  CHECK_THROWS_AS(replay(capture, "dense_moba", o), Error);
+  o.selectors = parse_selector_list("oracle:block=1,oracle:block=16,reuse:layers=0,block=16");
+  const ReplayResult r = replay(capture, "below_block", o);
+  CHECK(std::isnan(r.selectors[1].model_mean[kMassRecall].values[0]));
+  CHECK(!std::isnan(r.selectors[1].model_mean[kMassRecall].values[1]));
+  CHECK(std::isnan(r.selectors[2].model_mean[kMassRecall].values[0]));
+  // Selectors that need only probabilities also run on dense attn layers.
+  o.selectors = parse_selector_list("oracle_topp,snapkv:observe=4,h2o,duo:sinks=1,recent=2");
+  const ReplayResult dense = replay(capture, "dense_ok", o);
+  for (const auto& s : dense.selectors) {
+    INFO(s.spec);
+    CHECK(s.layer_mean[kMassRecall].at(1, 1) > 0.0);
+    CHECK(s.layer_mean[kMassRecall].at(1, 1) <= 1.0 + 1e-9);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ step 2
+
+namespace {
+
+// Calls a selector directly on every position of one layer (a harness for set-level properties).
+struct Harness {
+  Capture capture;
+  std::vector<std::int64_t> rows;
+  std::vector<Budget> budgets;
+  std::unique_ptr<Selector> selector;
+  ReplayPlan plan;
+  LayerContext layer;
+
+  Harness(Capture c, const std::string& spec, std::vector<Budget> b, std::vector<std::int64_t> r = {})
+      : capture(std::move(c)), rows(std::move(r)), budgets(std::move(b)) {
+    if (rows.empty()) {
+      for (std::int64_t t = 0; t < capture.header.seq_len; ++t) rows.push_back(t);
+    }
+    selector = make_selector(parse_selector_list(spec).front(), SelectorDefaults{});
+    plan.header = &capture.header;
+    plan.rows = rows;
+    plan.budgets = budgets;
+    plan.seed = test::seed();
+    selector->begin(plan);
+  }
+  void prepare(std::int64_t l) {
+    layer.layer = l;
+    layer.header = &capture.header;
+    layer.tensors = &capture.layers[static_cast<std::size_t>(l)];
+    layer.has_qk = !layer.tensors->q.empty();
+    layer.has_v = !layer.tensors->v.empty();
+    layer.rows = &rows;
+    layer.scale = capture.header.effective_softmax_scale();
+    selector->prepare_layer(layer);
+  }
+  // The attended keys (the ranking's blocks, token level) of every row, for one KV group and budget.
+  std::vector<std::vector<std::vector<std::int32_t>>> sets(std::int64_t l, std::int64_t g, std::int64_t budget_index) {
+    const std::int64_t G = capture.header.group_size(), R = static_cast<std::int64_t>(rows.size());
+    BlockView view;
+    view.block = selector->block_size();
+    view.heads = G;
+    view.rows = R;
+    view.positions = rows.data();
+    view.num_blocks = rows.back() / view.block + 1;
+    view.mass.assign(static_cast<std::size_t>(G * R * view.num_blocks), 0.0);
+    view.max_prob = view.mass;
+    std::vector<std::int64_t> length(static_cast<std::size_t>(R));
+    for (std::int64_t r = 0; r < R; ++r) length[static_cast<std::size_t>(r)] = view.causal_blocks(r);
+    RankContext c;
+    c.layer = l;
+    c.kv_group = g;
+    c.group_size = G;
+    c.rows = R;
+    c.positions = rows.data();
+    c.view = &view;
+    c.ranking_length = length.data();
+    c.residual_mass = &view.mass;
+    c.layer_context = &layer;
+    c.budget_index = budget_index;
+    c.budget = &budgets[static_cast<std::size_t>(budget_index)];
+    Rankings out;
+    selector->rank(c, out);
+    std::vector<std::vector<std::vector<std::int32_t>>> result(static_cast<std::size_t>(out.sets));
+    for (std::int64_t s = 0; s < out.sets; ++s) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        std::vector<std::int32_t> keys(out.row(s, r), out.row(s, r) + out.size(s, r));
+        std::sort(keys.begin(), keys.end());
+        result[static_cast<std::size_t>(s)].push_back(keys);
+      }
+    }
+    return result;
+  }
+};
+
+Capture one_head_capture(std::vector<float> q, std::vector<float> k, std::int64_t d) {
+  Capture c;
+  c.header.model = "hand";
+  c.header.source = "tests";
+  c.header.num_layers = 1;
+  c.header.num_q_heads = 1;
+  c.header.num_kv_heads = 1;
+  c.header.head_dim = d;
+  c.header.seq_len = static_cast<std::int64_t>(k.size()) / d;
+  LayerTensors t;
+  t.q = std::move(q);
+  t.k = std::move(k);
+  c.layers.push_back(t);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("snapkv pooling and h2o's accumulation, by hand", "[proxies]") {
+  CHECK(proxy::pool1d({0, 5, 1, 0, 0, 3, 0}, 3, true) == std::vector<double>{5, 5, 5, 1, 3, 3, 3});
+  const auto avg = proxy::pool1d({0, 3, 3, 0}, 3, false);
+  CHECK(avg[0] == Approx(1.0));
+  CHECK(avg[1] == Approx(2.0));
+  CHECK(avg[3] == Approx(1.0));
+
+  // H2O with a cache of 2 keys, half recent (the current key): key 0 holds all of step 0's attention,
+  // so its accumulated score (>= 1) beats every later key's (< 1), and it is never evicted. Row 3
+  // attends {0, 3}; keys 1 and 2 went at steps 2 and 3.
+  Harness h(one_head_capture({1, 1, 1, 1}, {0.5f, 2.0f, 3.0f, -1.0f}, 1), "h2o:recent=50", tokens({2}));
+  h.prepare(0);
+  const auto sets = h.sets(0, 0, 0)[0];
+  CHECK(sets[0] == std::vector<std::int32_t>{0});
+  CHECK(sets[1] == std::vector<std::int32_t>{0, 1});
+  CHECK(sets[2] == std::vector<std::int32_t>{0, 2});
+  CHECK(sets[3] == std::vector<std::int32_t>{0, 3});
+}
+
+TEST_CASE("eviction never brings a key back (h2o, snapkv)", "[proxies][properties]") {
+  ref::Shape shape;
+  shape.seq_len = 70;
+  shape.sinks = true;
+  const Capture capture = ref::random_capture(shape, test::seed() + 121);
+  for (const std::string spec : {"h2o", "h2o:recent=20,group=none", "snapkv:observe=8,kernel=3"}) {
+    CAPTURE(spec);
+    std::vector<Budget> budgets = tokens({6, 20});
+    budgets.push_back({Budget::Kind::kSparsity, 0.7});
+    Harness h(capture, spec, budgets);
+    h.prepare(1);
+    for (std::int64_t bi = 0; bi < 3; ++bi) {
+      for (std::int64_t g = 0; g < 2; ++g) {
+        for (const auto& rows : h.sets(1, g, bi)) {
+          std::int64_t evicted_once = 0;
+          for (std::size_t r = 1; r < rows.size(); ++r) {
+            const auto t = static_cast<std::int32_t>(h.rows[r]);
+            for (std::int32_t j : rows[r]) {
+              const bool was_there = std::binary_search(rows[r - 1].begin(), rows[r - 1].end(), j);
+              // A key attended now was attended at the previous step, or is new (the current key; for
+              // snapkv also every key of the prompt at its first scored row).
+              if (!was_there && !rows[r - 1].empty()) CHECK(j == t);
+            }
+            for (std::int32_t j : rows[r - 1]) evicted_once += std::binary_search(rows[r].begin(), rows[r].end(), j) ? 0 : 1;
+          }
+          if (spec.rfind("h2o", 0) == 0 && bi == 0) CHECK(evicted_once > 0);
+          // The cache never exceeds the budget (h2o).
+          if (spec.rfind("h2o", 0) == 0 && bi < 2) {
+            for (const auto& keys : rows) CHECK(static_cast<double>(keys.size()) <= budgets[static_cast<std::size_t>(bi)].value);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("proxies match the float64 reference in full replays: nsa, infllm, snapkv, h2o", "[proxies][parity]") {
+  SECTION("GQA, token budgets") {
+    ref::Shape shape;
+    shape.layers = 2;
+    shape.seq_len = 96;
+    const Capture capture = ref::random_capture(shape, test::seed() + 131);
+    ReplayOptions o = options_for(
+        "nsa:block=8,cmp=4,stride=2,window=6,nsa:block=8,cmp=8,stride=4,window=0,initial=2,local=1,sinks=2,"
+        "infllm:block=8,sinks=3,window=12,repr=2,infllm:block=4,sinks=0,window=0,repr=1,"
+        "snapkv:observe=8,kernel=3,snapkv:observe=4,kernel=5,pool=avg,group=sum,prompt=60,"
+        "h2o,h2o:recent=25,group=none",
+        tokens({8, 24, 48}));
+    o.queries = "last:40";
+    const ReplayResult r = replay(capture, "parity_c", o);
+    ref::RefProxy n1 = make_ref("nsa", 8), n2 = make_ref("nsa", 8);
+    n1.cmp = 4, n1.stride = 2, n1.window = 6;
+    n2.cmp = 8, n2.stride = 4, n2.window = 0, n2.initial = 2, n2.local = 1, n2.sinks = 2;
+    ref::RefProxy f1 = make_ref("infllm", 8), f2 = make_ref("infllm", 4);
+    f1.sinks = 3, f1.window = 12, f1.repr = 2;
+    f2.sinks = 0, f2.window = 0, f2.repr = 1;
+    ref::RefProxy s1 = make_ref("snapkv", 1), s2 = make_ref("snapkv", 1);
+    s1.observe = 8, s1.kernel = 3, s1.group = "none";
+    s2.observe = 4, s2.kernel = 5, s2.pool = "avg", s2.group = "sum", s2.prompt = 60;
+    ref::RefProxy e1 = make_ref("h2o", 1), e2 = make_ref("h2o", 1);
+    e1.group = "sum";
+    e2.recent = 25, e2.group = "none";
+    const ref::RefProxy expected[] = {n1, n2, f1, f2, s1, s2, e1, e2};
+    REQUIRE(r.selectors.size() == 8);
+    for (std::size_t i = 0; i < 8; ++i) CHECK(compare_proxy(r, i, capture, expected[i]) > 0);
+    // SnapKV is scored after the prompt only.
+    CHECK(r.selectors[4].first_scored == 56);
+    CHECK(r.selectors[5].first_scored == 60);
+  }
+  SECTION("MQA with sink logits, sparsity budgets, every row") {
+    ref::Shape shape;
+    shape.q_heads = 4;
+    shape.kv_heads = 1;
+    shape.seq_len = 48;
+    shape.sinks = true;
+    const Capture capture = ref::random_capture(shape, test::seed() + 132);
+    ReplayOptions o = options_for("nsa:block=4,cmp=4,stride=2,window=3,infllm:block=4,sinks=1,window=6,snapkv:observe=6,h2o:recent=50",
+                                  sparsities({0.8, 0.5}));
+    const ReplayResult r = replay(capture, "parity_d", o);
+    ref::RefProxy n = make_ref("nsa", 4), f = make_ref("infllm", 4), s = make_ref("snapkv", 1), e = make_ref("h2o", 1);
+    n.cmp = 4, n.stride = 2, n.window = 3;
+    f.sinks = 1, f.window = 6;
+    s.observe = 6, s.group = "none";
+    e.group = "sum";
+    compare_proxy(r, 0, capture, n);
+    compare_proxy(r, 1, capture, f);
+    compare_proxy(r, 2, capture, s);
+    compare_proxy(r, 3, capture, e);
+    CHECK(r.selectors[2].first_scored == 24);  // every position queried: the prompt is the first half
+  }
+}
+
+// ------------------------------------------------------------------------------------------ step 3
+
+TEST_CASE("magicpig's sampling probability, channel choice and PCA, by hand", "[proxies]") {
+  // u = 1 - theta/pi; p = 1 - (1 - u^K)^L - L u^K (1 - u^K)^(L-1).
+  CHECK(proxy::simhash_sample_probability(1.0, 10, 150) == Approx(1.0));
+  CHECK(proxy::simhash_sample_probability(-1.0, 10, 150) == Approx(0.0).margin(1e-300));
+  CHECK(proxy::simhash_sample_probability(0.0, 1, 2) == Approx(0.25));  // both tables agree on one bit: 0.5^2
+  CHECK(proxy::simhash_sample_probability(0.0, 1, 3) == Approx(0.5));   // 1 - 1/8 - 3/8
+  double previous = 0.0;
+  for (double c = -1.0; c <= 1.0; c += 0.05) {
+    const double p = proxy::simhash_sample_probability(c, 4, 20);
+    CHECK(p >= previous - 1e-15);
+    CHECK(p <= 1.0 + 1e-15);
+    previous = p;
+  }
+  CHECK(proxy::top_channels({1, 5, 3, 5, 0}, 2) == std::vector<std::int64_t>{1, 3});
+  CHECK(proxy::top_channels({1, 5, 3, 5, 0}, 3) == std::vector<std::int64_t>{1, 2, 3});
+  // Keys spread along (1, 1, 0) with small noise along z: the first principal direction is (1, 1, 0)/sqrt(2).
+  std::vector<std::vector<float>> keys = {{2, 2, 0.1f}, {-2, -2, -0.1f}, {1, 1, 0.0f}, {-1, -1, 0.05f}, {0.5f, 0.5f, -0.05f}};
+  std::vector<const float*> pointers;
+  for (const auto& k : keys) pointers.push_back(k.data());
+  const std::vector<double> P = proxy::principal_components(pointers, 3, 1);
+  CHECK(std::abs(P[0]) == Approx(1.0 / std::sqrt(2.0)).margin(1e-3));
+  CHECK(std::abs(P[1]) == Approx(1.0 / std::sqrt(2.0)).margin(1e-3));
+  CHECK(std::abs(P[2]) < 0.05);
+}
+
+TEST_CASE("duo streams the heads that sinks and recent keys serve best, by hand", "[proxies]") {
+  // One layer of dense probabilities, 2 KV heads: head 0 puts its mass on key 0 and the current key
+  // (sink 1 + recent 1 keeps it), head 1 on the middle keys. With half of the heads streaming, head 0
+  // streams: its rows attend {0, t}; head 1 attends everything.
+  Capture c;
+  c.header.model = "hand";
+  c.header.source = "tests";
+  c.header.num_layers = 1;
+  c.header.num_q_heads = 2;
+  c.header.num_kv_heads = 2;
+  c.header.head_dim = 2;
+  c.header.seq_len = 8;
+  LayerTensors t;
+  t.attn.assign(2 * 8 * 8, 0.0f);
+  for (std::int64_t row = 0; row < 8; ++row) {
+    for (std::int64_t j = 0; j <= row; ++j) {
+      const bool edge = j == 0 || j == row;
+      t.attn[static_cast<std::size_t>((0 * 8 + row) * 8 + j)] = edge ? 1.0f : 0.0f;
+      t.attn[static_cast<std::size_t>((1 * 8 + row) * 8 + j)] = 1.0f;
+    }
+    const float edges = row == 0 ? 1.0f : 2.0f;
+    for (std::int64_t j = 0; j <= row; ++j) {
+      t.attn[static_cast<std::size_t>((0 * 8 + row) * 8 + j)] /= edges;
+      t.attn[static_cast<std::size_t>((1 * 8 + row) * 8 + j)] /= static_cast<float>(row + 1);
+    }
+  }
+  c.layers.push_back(t);
+  ReplayOptions o = options_for("duo:sinks=1,recent=1,streaming=50", tokens({4}));
+  o.queries = "last:2";
+  const ReplayResult r = replay(c, "duo_hand", o);
+  CHECK(r.selectors[0].head_mean[kAttendedKeys].at(0, 0, 0) == 2.0);
+  CHECK(r.selectors[0].head_mean[kAttendedKeys].at(0, 0, 1) == Approx(7.5));  // rows 6 and 7: 7 and 8 keys
+  CHECK(r.selectors[0].head_mean[kMassRecall].at(0, 0, 0) == Approx(1.0).margin(1e-6));
+  CHECK(r.selectors[0].calibration.find("1 of 2 KV heads streaming") != std::string::npos);
+}
+
+TEST_CASE("low-rank and channel proxies at full rank equal the token-level oracle", "[proxies][properties]") {
+  ref::Shape shape;
+  shape.q_heads = 2;
+  shape.kv_heads = 2;  // MHA: SparQ's group sum is the head itself
+  shape.seq_len = 60;
+  const Capture capture = ref::random_capture(shape, test::seed() + 141);
+  ReplayOptions o = options_for("oracle:block=1,doublesparsity:r=16,loki:r=16,sparq:r=16,local=0", tokens({2, 8, 30}));
+  o.queries = "last:30";
+  const ReplayResult r = replay(capture, "full_rank", o);
+  for (std::size_t s = 1; s < 4; ++s) {
+    INFO(r.selectors[s].spec);
+    for (std::uint64_t b = 0; b < 3; ++b) {
+      for (std::uint64_t l = 0; l < 2; ++l) {
+        for (std::uint64_t h = 0; h < 2; ++h) {
+          CHECK(r.selectors[s].head_mean[kMassRecall].at(b, l, h) == Approx(r.selectors[0].head_mean[kMassRecall].at(b, l, h)).margin(1e-6));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("magicpig with one hash bit samples (almost) every key and its estimator stays close", "[proxies][properties]") {
+  ref::Shape shape;
+  shape.seq_len = 50;
+  const Capture capture = ref::random_capture(shape, test::seed() + 142);
+  ReplayOptions o = options_for("magicpig:bits=1,tables=60,sinks=0,window=0,magicpig:bits=6,tables=10,sinks=2,window=4", tokens({8}));
+  o.queries = "last:20";
+  const ReplayResult r = replay(capture, "magicpig_dense", o);
+  CHECK(r.selectors[0].model_mean[kMassRecall].values[0] > 0.999);
+  CHECK(r.selectors[0].model_mean[kOutputError].values[0] < 0.01);
+  CHECK(r.selectors[1].model_mean[kAttendedKeys].values[0] < r.selectors[0].model_mean[kAttendedKeys].values[0]);
+  CHECK(r.selectors[1].model_mean[kAttendedKeys].values[0] >= 6.0);  // the static keys at least
+}
+
+TEST_CASE("calibration uses held-out positions and is deterministic for a seed", "[proxies][properties]") {
+  CaptureHeader header;
+  header.seq_len = 100;
+  ReplayPlan plan;
+  plan.header = &header;
+  for (std::int64_t t = 60; t < 100; ++t) plan.rows.push_back(t);
+  plan.seed = 5;
+  const CalibrationSplit a = calibration_split(plan, 10, 1), b = calibration_split(plan, 10, 1);
+  CHECK(a.positions == b.positions);
+  CHECK(a.positions.size() == 10);
+  CHECK(a.first_scored == 0);
+  for (std::int64_t t : a.positions) CHECK(t < 60);  // outside the query set
+  plan.seed = 6;
+  CHECK(calibration_split(plan, 10, 1).positions != a.positions);
+  CHECK(calibration_split(plan, 0, 1).positions.size() == 60);
+  plan.rows.clear();
+  for (std::int64_t t = 0; t < 100; ++t) plan.rows.push_back(t);  // every position queried: the first half
+  const CalibrationSplit all = calibration_split(plan, 0, 1);
+  CHECK(all.first_scored == 50);
+  CHECK(all.positions.size() == 50);
+  CHECK(all.positions.back() == 49);
+
+  // The same seed gives the same replay; the report names the calibration positions.
+  ref::Shape shape;
+  shape.layers = 2;
+  shape.seq_len = 64;
+  const Capture capture = ref::random_capture(shape, test::seed() + 143);
+  ReplayOptions o = options_for("doublesparsity:calib=8,loki:calib=8,r=2,duo:calib=8,sinks=2,recent=4", tokens({4, 16}));
+  o.seed = 11;
+  const ReplayResult r1 = replay(capture, "calib_1", o), r2 = replay(capture, "calib_2", o);
+  for (std::size_t s = 0; s < 3; ++s) {
+    CHECK(r1.selectors[s].head_mean[kMassRecall].values == r2.selectors[s].head_mean[kMassRecall].values);
+    CHECK(r1.selectors[s].calibration.find("8 positions sampled (seed 11) from the first half [0, 32)") != std::string::npos);
+    CHECK(r1.selectors[s].first_scored == 32);
+    CHECK(std::isnan(r1.selectors[s].head_mean[kMassRecall].at(0, 0, 0)) == false);
+  }
+}
+
+TEST_CASE("proxies match the float64 reference in full replays: doublesparsity, loki, sparq, magicpig, duo",
+          "[proxies][parity]") {
+  SECTION("GQA, token budgets, held-out calibration positions") {
+    ref::Shape shape;
+    shape.layers = 2;
+    shape.seq_len = 80;
+    shape.layer_correlation = 0.5;
+    const Capture capture = ref::random_capture(shape, test::seed() + 151);
+    ReplayOptions o = options_for(
+        "doublesparsity,doublesparsity:r=3,channel=q,block=4,sinks=1,window=2,doublesparsity:r=5,channel=k,"
+        "loki,loki:r=2,block=2,"
+        "sparq,sparq:r=3,local=3,block=4,"
+        "magicpig:bits=2,tables=12,sinks=2,window=4,magicpig:bits=3,tables=20,collisions=1,sinks=0,window=0,"
+        "duo:sinks=2,recent=6,duo:sinks=1,recent=3,streaming=25,error=output",
+        tokens({4, 12, 32}));
+    o.queries = "last:30";
+    o.seed = 3;
+    const ReplayResult r = replay(capture, "parity_e", o);
+    ref::RefProxy d1 = make_ref("doublesparsity", 1), d2 = make_ref("doublesparsity", 4), d3 = make_ref("doublesparsity", 1);
+    d2.r = 3, d2.channel = "q", d2.sinks = 1, d2.window = 2;
+    d3.r = 5, d3.channel = "k";
+    ref::RefProxy l1 = make_ref("loki", 1), l2 = make_ref("loki", 2);
+    l2.r = 2;
+    ref::RefProxy s1 = make_ref("sparq", 1), s2 = make_ref("sparq", 4);
+    s2.r = 3, s2.sparq_local = 3;
+    ref::RefProxy m1 = make_ref("magicpig", 1), m2 = make_ref("magicpig", 1);
+    m1.bits = 2, m1.tables = 12, m1.sinks = 2, m1.window = 4;
+    m2.bits = 3, m2.tables = 20, m2.collisions = 1;
+    ref::RefProxy u1 = make_ref("duo", 1), u2 = make_ref("duo", 1);
+    u1.sink = 2, u1.recent = 6;
+    u2.sink = 1, u2.recent = 3, u2.streaming = 25, u2.error = "output";
+    const ref::RefProxy expected[] = {d1, d2, d3, l1, l2, s1, s2, m1, m2, u1, u2};
+    REQUIRE(r.selectors.size() == 11);
+    for (std::size_t i = 0; i < 11; ++i) CHECK(compare_proxy(r, i, capture, expected[i], 3) > 0);
+  }
+  SECTION("MQA with sink logits, every row queried (calibration on the first half), sparsity budgets") {
+    ref::Shape shape;
+    shape.q_heads = 4;
+    shape.kv_heads = 1;
+    shape.seq_len = 40;
+    shape.sinks = true;
+    const Capture capture = ref::random_capture(shape, test::seed() + 152);
+    ReplayOptions o = options_for("doublesparsity:r=2,loki:r=3,sparq:r=2,magicpig:bits=2,tables=10,sinks=1,window=2,"
+                                  "duo:sinks=1,recent=4",
+                                  sparsities({0.8, 0.4}));
+    o.seed = 9;
+    const ReplayResult r = replay(capture, "parity_f", o);
+    ref::RefProxy d = make_ref("doublesparsity", 1), l = make_ref("loki", 1), s = make_ref("sparq", 1);
+    ref::RefProxy m = make_ref("magicpig", 1), u = make_ref("duo", 1);
+    d.r = 2, l.r = 3, s.r = 2;
+    m.bits = 2, m.tables = 10, m.sinks = 1, m.window = 2;
+    u.sink = 1, u.recent = 4;
+    compare_proxy(r, 0, capture, d, 9);
+    compare_proxy(r, 1, capture, l, 9);
+    compare_proxy(r, 2, capture, s, 9);
+    compare_proxy(r, 3, capture, m, 9);
+    compare_proxy(r, 4, capture, u, 9);
+    CHECK(r.selectors[0].first_scored == 20);
+    CHECK(r.selectors[2].first_scored == 0);  // SparQ is not calibrated
+  }
+}
+
+// ------------------------------------------------------------------------------------------ step 4
+
+TEST_CASE("every selector declares its granularity, budget, post-RoPE handling and a KV footprint", "[proxies]") {
+  const std::vector<std::string> names = selector_names();
+  CHECK(names.size() == 16);
+  for (const auto& name : names) {
+    INFO(name);
+    const auto selector = make_selector(SelectorSpec{name, {}}, SelectorDefaults{});
+    const SelectorInfo info = selector->info();
+    CHECK(!info.granularity.empty());
+    CHECK(!info.budget.empty());
+    CHECK(!info.post_rope.empty());
+    CHECK(!info.source.empty());
+    const KvFootprint& footprint = find_footprint(info.footprint);  // the one KV accounting table
+    CHECK(footprint.evicts == info.evicts);
+    const SelectorPrice price = selector_price(info, 128, 4, 8);
+    CHECK(price.metadata_bytes_per_token >= 0.0);
+    CHECK(!selector->description().empty());
+  }
+  // Quest keeps 2 x head_dim bf16 values per 16-key page: 32 bytes per token per KV head at d = 128.
+  const auto quest = make_selector(SelectorSpec{"quest", {}}, SelectorDefaults{});
+  CHECK(selector_price(quest->info(), 128, 4, 8).metadata_bytes_per_token == 32.0);
+  const auto quest32 = make_selector(SelectorSpec{"quest", {{"block", "32"}}}, SelectorDefaults{});
+  CHECK(selector_price(quest32->info(), 128, 4, 8).metadata_bytes_per_token == 16.0);
+  CHECK_THROWS_AS(expand_selector_specs(parse_selector_list("all:block=4")), Error);
+  CHECK_THROWS_AS(make_selector(SelectorSpec{"quest", {{"bogus", "1"}}}, SelectorDefaults{}), Error);
+  CHECK_THROWS_AS(make_selector(SelectorSpec{"reuse", {{"layers", "2,3"}}}, SelectorDefaults{}), Error);
+  CHECK_THROWS_AS(make_selector(SelectorSpec{"oracle_topp", {{"p", "1.5"}}}, SelectorDefaults{}), Error);
+}
+
+TEST_CASE("selectors=all replays every registered selector with its defaults in one report", "[proxies]") {
+  ref::Shape shape;
+  shape.layers = 3;
+  shape.seq_len = 64;
+  const Capture capture = ref::random_capture(shape, test::seed() + 161);
+  ReplayOptions o = options_for("all,oracle:block=16", tokens({16, 64}));
+  o.queries = "last:16";
+  o.block_size = 16;
+  const ReplayResult r = replay(capture, "all", o);
+  const std::vector<std::string> names = selector_names();
+  REQUIRE(r.selectors.size() == names.size() + 1);
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    INFO(names[i]);
+    CHECK(r.selectors[i].spec.rfind(names[i], 0) == 0);
+    // Budgets that hold at least one of the selector's blocks have a finite recall in [0, 1].
+    for (std::size_t b = 0; b < 2; ++b) {
+      const double recall = r.selectors[i].model_mean[kMassRecall].values[b];
+      const bool usable = r.selectors[i].budget_use == BudgetUse::kFree || static_cast<double>(r.selectors[i].block) <= r.budgets[b].value;
+      if (usable) {
+        CHECK(recall >= 0.0);
+        CHECK(recall <= 1.0 + 1e-9);
+      } else {
+        CHECK(std::isnan(recall));
+      }
+    }
+  }
+  CHECK(r.selectors.back().label != r.selectors.front().label);  // oracle repeated: labels stay unique
+}
