@@ -24,7 +24,7 @@ void add_replay_command(CLI::App& app) {
   auto* sparsity = cmd->add_option("--sparsity", st->sparsity, "Budgets as fractions of the causal row dropped, e.g. 0.5,0.9,0.95");
   budget->excludes(sparsity);
   cmd->add_option("--selectors", st->selectors,
-                  "Selector specs, comma-separated: oracle, swa, hysparse, with name:key=value parameters")
+                  "Selector specs, comma-separated, with name:key=value parameters, or all ('hysparse list' shows them)")
       ->capture_default_str();
   cmd->add_option("--block", st->options.block_size, "Default block size in tokens (and the reuse matrix's)")->capture_default_str();
   cmd->add_option("--sinks", st->options.sinks, "Default forced sink tokens")->capture_default_str();

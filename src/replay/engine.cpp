@@ -309,12 +309,36 @@ double mean_of(const double* values, std::int64_t n) {
   return count ? sum / static_cast<double>(count) : kNaN;
 }
 
+// Recall values of many rows, kept as a fine histogram on [0, 1] (bounded memory at any size).
+struct RecallDistribution {
+  std::vector<std::int64_t> histogram = std::vector<std::int64_t>(kModelHistogramBins, 0);
+  double min = std::numeric_limits<double>::infinity();
+  std::int64_t rows = 0;
+  void add(double v) {
+    const auto bin = std::clamp<std::int64_t>(static_cast<std::int64_t>(v * kModelHistogramBins), 0, kModelHistogramBins - 1);
+    ++histogram[static_cast<std::size_t>(bin)];
+    min = std::min(min, v);
+    ++rows;
+  }
+  // Nearest-rank quantile, as the centre of its bin.
+  double quantile(double q) const {
+    if (rows == 0) return kNaN;
+    const auto rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(rows))));
+    std::int64_t seen = 0;
+    for (int bin = 0; bin < kModelHistogramBins; ++bin) {
+      seen += histogram[static_cast<std::size_t>(bin)];
+      if (seen >= rank) return std::min(1.0, (bin + 0.5) / kModelHistogramBins);
+    }
+    return kNaN;
+  }
+  double minimum() const { return rows ? min : kNaN; }
+};
+
+// [0]: every layer; [1]: the layers where the selector is sparse.
 struct ModelAccumulator {
   double sum[2][kNumMetrics] = {};
   std::int64_t count[2][kNumMetrics] = {};
-  std::vector<std::int64_t> histogram;
-  double min = std::numeric_limits<double>::infinity();
-  std::int64_t rows = 0;
+  RecallDistribution recall[2];
 };
 
 }  // namespace
@@ -488,10 +512,12 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     for (Table* t : {&out.layer_recall_p10, &out.layer_recall_p50, &out.layer_recall_min, &out.saturated_rows}) {
       t->reset({nb, nl}, kNaN);
     }
-    for (Table* t : {&out.model_recall_p10, &out.model_recall_p50, &out.model_recall_min}) t->reset({nb}, kNaN);
+    for (Table* t : {&out.model_recall_p10, &out.model_recall_p50, &out.model_recall_min, &out.model_sparse_recall_p10,
+                     &out.model_sparse_recall_p50, &out.model_sparse_recall_min}) {
+      t->reset({nb}, kNaN);
+    }
   }
   std::vector<ModelAccumulator> model(static_cast<std::size_t>(S * NB));
-  for (auto& acc : model) acc.histogram.assign(kModelHistogramBins, 0);
   if (reuse_enabled) {
     result.reuse_budget = options.reuse_budget;
     result.reuse_block = options.block_size;
@@ -502,8 +528,9 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
 
   // Tiles of consecutive query rows; fewer rows when blocks are many (small blocks, long rows).
   const std::int64_t base_blocks_max = rows.empty() ? 1 : rows.back() / base_block + 1;
+  const std::int64_t wanted_rows = options.tile_rows > 0 ? options.tile_rows : backend.preferred_tile_rows();
   const std::int64_t tile_rows =
-      std::max<std::int64_t>(1, std::min(options.tile_rows, kMaxTileCells / std::max<std::int64_t>(1, G * base_blocks_max)));
+      std::max<std::int64_t>(1, std::min(wanted_rows, kMaxTileCells / std::max<std::int64_t>(1, G * base_blocks_max)));
   const std::int64_t tiles = (R + tile_rows - 1) / tile_rows;
   const int threads = omp_get_max_threads();
   std::vector<Workspace> workspaces(static_cast<std::size_t>(threads));
@@ -589,6 +616,8 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
         request.rows = positions;
         request.num_rows = nr;
         request.block_size = base_block;
+        request.layer = layer;
+        request.kv_head = g;
         if (inputs.dense) {
           request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
         } else {
@@ -922,11 +951,9 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
         out.saturated_rows.at(ub, ul) = plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? saturated : kNaN;
         ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
         for (double v : pooled) {
-          const auto bin = std::clamp<std::int64_t>(static_cast<std::int64_t>(v * kModelHistogramBins), 0, kModelHistogramBins - 1);
-          ++acc.histogram[static_cast<std::size_t>(bin)];
-          acc.min = std::min(acc.min, v);
+          acc.recall[0].add(v);
+          if (sparse) acc.recall[1].add(v);
         }
-        acc.rows += static_cast<std::int64_t>(pooled.size());
         out.layer_recall_min.at(ub, ul) = pooled.empty() ? kNaN : *std::min_element(pooled.begin(), pooled.end());
         out.layer_recall_p10.at(ub, ul) = nearest_rank(pooled, 0.10);
         out.layer_recall_p50.at(ub, ul) = nearest_rank(pooled, 0.50);
@@ -956,18 +983,12 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
         out.model_mean[m].values[ub] = acc.count[0][m] ? acc.sum[0][m] / static_cast<double>(acc.count[0][m]) : kNaN;
         out.model_sparse_mean[m].values[ub] = acc.count[1][m] ? acc.sum[1][m] / static_cast<double>(acc.count[1][m]) : kNaN;
       }
-      out.model_recall_min.values[ub] = acc.rows ? acc.min : kNaN;
-      for (auto [q, table] : {std::pair<double, Table*>{0.10, &out.model_recall_p10}, {0.50, &out.model_recall_p50}}) {
-        const auto rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(acc.rows))));
-        std::int64_t seen = 0;
-        for (int bin = 0; bin < kModelHistogramBins && acc.rows; ++bin) {
-          seen += acc.histogram[static_cast<std::size_t>(bin)];
-          if (seen >= rank) {
-            table->values[ub] = std::min(1.0, (bin + 0.5) / kModelHistogramBins);
-            break;
-          }
-        }
-      }
+      out.model_recall_min.values[ub] = acc.recall[0].minimum();
+      out.model_recall_p10.values[ub] = acc.recall[0].quantile(0.10);
+      out.model_recall_p50.values[ub] = acc.recall[0].quantile(0.50);
+      out.model_sparse_recall_min.values[ub] = acc.recall[1].minimum();
+      out.model_sparse_recall_p10.values[ub] = acc.recall[1].quantile(0.10);
+      out.model_sparse_recall_p50.values[ub] = acc.recall[1].quantile(0.50);
     }
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

@@ -49,6 +49,7 @@ struct SelectorResult {
   // [budget]: all layers, and only the layers where the selector is sparse
   Table model_mean[kNumMetrics], model_sparse_mean[kNumMetrics];
   Table model_recall_p10, model_recall_p50, model_recall_min;
+  Table model_sparse_recall_p10, model_sparse_recall_p50, model_sparse_recall_min;  // sparse layers only
 };
 
 struct ReplayResult {

@@ -101,6 +101,10 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
   h5::write_ints(file, "/axes/query_position", {r.rows.size()}, r.rows.data());
   h5::write_ints(file, "/axes/source_layer", {layers.size()}, layers.data());
   h5::write_attribute(file, "/axes/layer", "units", "1");
+  h5::write_attribute(file, "/axes/layer", "long_name", "layer index (0-based)");
+  h5::write_attribute(file, "/axes/head", "long_name", "query head index (0-based); KV head = head / (num_q_heads / num_kv_heads)");
+  h5::write_attribute(file, "/axes/source_layer", "units", "1");
+  h5::write_attribute(file, "/axes/source_layer", "long_name", "layer whose selection is reused (reuse matrix rows)");
   h5::write_attribute(file, "/axes/head", "units", "1");
   h5::write_attribute(file, "/axes/query_position", "units", "tokens");
   h5::write_attribute(file, "/axes/query_position", "long_name", "evaluated query positions (0-based)");
@@ -139,6 +143,10 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
     h5::write_attribute(file, g, "first_scored_position", s.first_scored);
     h5::write_attribute(file, g, "calibration", s.calibration.empty() ? std::string("none") : s.calibration);
     h5::write_ints(file, g + "/is_full_layer", {s.is_full_layer.size()}, s.is_full_layer.data());
+    h5::write_attribute(file, g + "/is_full_layer", "units", "1");
+    h5::write_attribute(file, g + "/is_full_layer", "long_name", "1 where the selector attends every key of the layer");
+    h5::write_attribute(file, g, "label", s.label);
+    h5::write_attribute(file, g, "name", s.spec.substr(0, s.spec.find(':')));
     h5::label_dimensions(file, g + "/is_full_layer", {"layer"});
     h5::attach_scale(file, g + "/is_full_layer", "/axes/layer", 0);
     for (int m = 0; m < kNumMetrics; ++m) {
@@ -171,6 +179,12 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
     write_table(file, g + "/model_mass_recall_p50", s.model_recall_p50, b, "1",
                 "median over all layers, heads and rows (histogram, within 5e-6)");
     write_table(file, g + "/model_mass_recall_min", s.model_recall_min, b, "1", "minimum over all layers, heads and rows");
+    write_table(file, g + "/model_mass_recall_p10_sparse_layers", s.model_sparse_recall_p10, b, "1",
+                "10th percentile over the selector's sparse layers (histogram, within 5e-6)");
+    write_table(file, g + "/model_mass_recall_p50_sparse_layers", s.model_sparse_recall_p50, b, "1",
+                "median over the selector's sparse layers (histogram, within 5e-6)");
+    write_table(file, g + "/model_mass_recall_min_sparse_layers", s.model_sparse_recall_min, b, "1",
+                "minimum over the selector's sparse layers");
   }
 
   // Cross-layer reuse matrix.

@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 
 expect version 0 '^hysparse [0-9]+\.[0-9]+\.[0-9]+' -- "$HYSPARSE" --version
 expect help 0 'synth' -- "$HYSPARSE" --help
-for sub in synth inspect info replay kv; do
+for sub in synth inspect info replay kv list; do
   expect "help-$sub" 0 "Usage: .*$sub" -- "$HYSPARSE" "$sub" --help
 done
 expect no-subcommand 2 'usage error' -- "$HYSPARSE"
