@@ -931,8 +931,8 @@ TEST_CASE("malformed capture: unreadable files", "[capture]") {
     write_bytes(half, bytes.substr(0, bytes.size() / 2));
     require_open_fails(half, {"truncated"});
     // Only the superblock's first bytes left.
-    const std::string stub = temp_path(fmt::format("truncated_stub_gz{}", gzip));
-    write_bytes(stub, bytes.substr(0, 100));
-    require_open_fails(stub, {});
+    const std::string fragment = temp_path(fmt::format("truncated_fragment_gz{}", gzip));
+    write_bytes(fragment, bytes.substr(0, 100));
+    require_open_fails(fragment, {});
   }
 }
