@@ -2,6 +2,8 @@
 
     python3 -m analysis REPORT --out DIR [--budget B] [--layer L] [--formats png,pdf]
 
+REPORT is a replay report ('hysparse replay', every figure) or a KV-accounting report
+('hysparse kv -o', the KV figures and table only; --budget and --layer do not apply to it).
 Run from the repository root (analysis/ is a package there). Exit codes follow the C++ tool:
 0 success, 1 internal error or missing Python packages, 2 bad input (not a report, unknown
 format_version, a budget or layer the report does not have; one line on stderr),
@@ -26,8 +28,9 @@ FORMATS = ("png", "pdf", "svg")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python3 -m analysis",
-        description="Figures (PNG + PDF) and a Markdown summary (summary.md) of a hysparse replay report.")
-    p.add_argument("report", help="hysparse report (HDF5, format 'hysparse-report')")
+        description="Figures (PNG + PDF) and a Markdown summary (summary.md) of a hysparse replay report, or of a "
+                    "KV-accounting report of 'hysparse kv -o' (KV figures and table only).")
+    p.add_argument("report", help="hysparse report (HDF5, format 'hysparse-report' or 'hysparse-kv-report')")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--budget", help="budget of the per-layer heatmap and the per-head box plot, by label or value "
                                     "(e.g. 256, s=0.9, 0.9); default: the middle budget")
@@ -62,6 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ReportError as e:
         return _fail(EXIT_BAD_INPUT, str(e))
 
+    if report.is_kv_report:
+        for option, value in (("--budget", args.budget), ("--layer", args.layer)):
+            if value is not None:
+                return _fail(EXIT_BAD_INPUT, f"{args.report}: {option} does not apply to a KV-accounting report "
+                                             f"(no budgets or per-layer figures); expected a replay report")
     budget_index = None
     if args.budget is not None:
         try:

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
+from .kvbytes import RULE_TEXT, pareto_frontier, selector_kv
 from .report import Report, Selector
 
 __all__ = [
@@ -54,6 +55,10 @@ __all__ = [
     "fig_hysparse_distance",
     "fig_output_error",
     "fig_head_boxplot",
+    "fig_kv_memory",
+    "fig_recall_vs_kv",
+    "method_styles",
+    "bytes_label",
     "render_all",
     "save",
 ]
@@ -702,6 +707,290 @@ def fig_head_boxplot(report: Report, layer: Optional[int] = None, budget_index: 
     return Rendered("head_boxplot", "Per-head recall distribution", caption, fig, data)
 
 
+# ----------------------------------------------------------------------------
+# KV-cache figures.
+# ----------------------------------------------------------------------------
+
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+_METHOD_STYLES = {
+    "full": {"color": "#000000", "marker": "o", "linestyle": (0, (5, 2))},
+    "native": {"color": "#999999", "marker": "x", "linestyle": "-"},
+    "hybrid-swa": {"color": "#0072B2", "marker": "^", "linestyle": (0, (5, 1.5, 1.5, 1.5))},
+    "hysparse": {"color": "#D55E00", "marker": "s", "linestyle": "-"},
+}
+FULL_KV_COLOUR = "#777777"
+
+
+def bytes_label(value: float) -> str:
+    """Bytes in binary units, compact: 1536 -> "1.5 KiB", 8388608 -> "8 MiB"."""
+    v = float(value)
+    if not np.isfinite(v) or v <= 0:
+        return f"{v:g} B"
+    u = min(int(np.floor(np.log2(v) / 10)), len(_BINARY_UNITS) - 1) if v >= 1024 else 0
+    x = v / 1024.0 ** u
+    text = f"{x:.0f}" if abs(x - round(x)) < 1e-9 else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
+    return f"{text} {_BINARY_UNITS[u]}"
+
+
+def _log2_bytes_axis(axis: Any, lo: float, hi: float, max_ticks: int = 6) -> Tuple[float, float]:
+    """A log2 bytes axis from lo to hi (padded): ticks at powers of two in binary units. Returns the limits."""
+    lo2, hi2 = np.log2(lo), np.log2(hi)
+    pad = max(0.25, 0.06 * (hi2 - lo2))
+    lo2, hi2 = lo2 - pad, hi2 + pad
+    span = int(np.ceil(hi2) - np.floor(lo2))
+    step = next((k for k in (1, 2, 3, 5, 10, 20, 30) if span / k <= max_ticks - 1), 40)
+    first = int(np.ceil(lo2 / step) * step)
+    ticks = [2.0 ** e for e in range(first, int(np.floor(hi2)) + 1, step)]
+    if len(ticks) < 2:  # a narrow range: every power of two inside
+        ticks = [2.0 ** e for e in range(int(np.ceil(lo2)), int(np.floor(hi2)) + 1)]
+    axis.set_major_locator(ticker.FixedLocator(ticks))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: bytes_label(v)))
+    axis.set_minor_locator(ticker.NullLocator())
+    axis.set_minor_formatter(ticker.NullFormatter())
+    return 2.0 ** lo2, 2.0 ** hi2
+
+
+def method_styles(methods: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Fixed styles of KV-accounting methods: full black dashed, hysparse vermillion, hybrid-swa blue
+    dash-dot, native grey; the rest as the selector of the same name (quest green, h2o pink, ...)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    seen = set()
+    for m in methods:
+        st = dict(_METHOD_STYLES.get(m) or selector_style(m))
+        k = 1
+        while (st["color"], str(st["linestyle"]), st["marker"]) in seen and k < len(_VARIANTS):
+            st = selector_style(m, k)
+            k += 1
+        seen.add((st["color"], str(st["linestyle"]), st["marker"]))
+        out[m] = st
+    return out
+
+
+def _spread_labels(y: List[float], gap: float) -> List[float]:
+    """Positions near y (same order) with at least `gap` between neighbours: pushed apart upwards,
+    then the whole stack moved back so that on average the labels sit at their points."""
+    if not y:
+        return []
+    yv = np.asarray(y, dtype=np.float64)
+    order = np.argsort(yv, kind="stable")
+    placed = yv[order].copy()
+    for i in range(1, placed.size):
+        placed[i] = max(placed[i], placed[i - 1] + gap)
+    placed -= float(np.mean(placed - yv[order]))
+    out = np.empty_like(placed)
+    out[order] = placed
+    return out.tolist()
+
+
+def fig_kv_memory(report: Report) -> Optional[Rendered]:
+    """KV-cache memory vs context length per method (log-log), with the ratio to full attention at the largest context."""
+    kv = report.kv
+    if kv is None or not kv.has("resident_bytes") or kv["resident_bytes"].ndim != 2:
+        return None
+    resident = np.asarray(kv["resident_bytes"], dtype=np.float64)
+    ctx = np.asarray(kv.contexts, dtype=np.float64)
+    order = np.argsort(ctx)
+    ctx, resident = ctx[order], resident[:, order]
+    full = kv.full_attention_bytes()
+    full = None if full is None else np.asarray(full, dtype=np.float64)[order]
+    if kv.has("ratio_to_full") and kv["ratio_to_full"].ndim == 2:
+        ratio = np.asarray(kv["ratio_to_full"], dtype=np.float64)[:, order]
+        ratio_source = "ratio_to_full"
+    elif full is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = full[None, :] / resident
+        ratio_source = "full_attention_bytes / resident_bytes"
+    else:
+        ratio, ratio_source = None, ""
+    with np.errstate(invalid="ignore"):
+        positive = resident[np.isfinite(resident) & (resident > 0)]
+    values = [positive] + ([full[np.isfinite(full) & (full > 0)]] if full is not None else [])
+    allv = np.concatenate(values)
+    if allv.size == 0:
+        return None  # nothing positive to draw on log axes
+    methods = list(kv.methods)
+    styles = method_styles(methods + ([] if "full" in methods else ["full"]))
+    # Legend below the axes, two columns when they fit.
+    entries = methods + ([] if "full" in methods or full is None else ["full attention (every layer full)"])
+    column_in = (max(len(e) for e in entries) * FONT_PT * 0.57 + 3.4 * FONT_PT) / 72
+    ncol = 2 if 2 * column_in <= SINGLE_COLUMN_IN - 0.1 else 1
+    legend_h = (((len(entries) + ncol - 1) // ncol) * FONT_PT * 1.45 + 6) / 72
+    plot_h = 2.55
+    fig, _ = _new_figure(report, SINGLE_COLUMN_IN, plot_h + legend_h)
+    gs = fig.add_gridspec(2, 1, height_ratios=[plot_h - 0.35, legend_h])
+    ax = fig.add_subplot(gs[0, 0])
+    data: Dict[str, Any] = {"contexts": ctx, "methods": {}, "full_attention_bytes": full, "ratio_at_largest": {},
+                            "largest_context": float(ctx[-1])}
+    handles, labels = [], []
+    for i, m in enumerate(methods):
+        st = dict(styles[m])
+        y = resident[i]
+        # A method with the same sizes as earlier ones is drawn thinner on top of them, so both show.
+        same = sum(1 for k in range(i) if np.array_equal(resident[k], y))
+        if same:
+            st.update(linewidth=max(1.3 - 0.45 * same, 0.5), markersize=max(4.0 - 1.4 * same, 1.5))
+        z = 2.0 + same + (1.5 if m == "full" else 0.0)
+        ax.plot(ctx, np.where(y > 0, y, np.nan), gid=f"kv:{m}", zorder=z, **st)
+        data["methods"][m] = y
+        handles.append(_selector_handle(st))
+        labels.append(m)
+    if full is not None and "full" not in methods:
+        st = styles["full"]
+        ax.plot(ctx, full, gid="kv:full-attention", zorder=3.5, **st)
+        handles.append(_selector_handle(st))
+        labels.append("full attention (every layer full)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    # x: the contexts, room on the right for the ratio labels.
+    lo_x, hi_x = float(ctx[0]), float(ctx[-1])
+    span2 = max(np.log2(hi_x / lo_x), 1.0)
+    ax.set_xlim(lo_x / 2 ** (0.06 * span2 + 0.1), hi_x * 2 ** (0.2 * span2 + 1.0))
+    ax.set_xticks(ctx)
+    ax.set_xticklabels([tokens_label(v) for v in ctx])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    if ctx.size > 6:  # keep the tick labels apart
+        for t in ax.get_xticklabels()[1::2]:
+            t.set_visible(False)
+    ylo, yhi = _log2_bytes_axis(ax.yaxis, float(allv.min()), float(allv.max()))
+    ax.set_ylim(ylo, yhi)
+    ax.set_xlabel("context length T (tokens, log2 scale)")
+    ax.set_ylabel("resident KV cache (log2 scale)")
+    ax.set_title(f"KV cache vs context, {kv.attrs.get('model', report.capture.get('model', '?'))}", loc="left")
+    # Ratio to full attention at the largest context: one label per distinct resident size.
+    if ratio is not None:
+        groups: Dict[float, List[int]] = {}
+        for i, m in enumerate(methods):
+            if m == "full" or not np.isfinite(resident[i, -1]) or resident[i, -1] <= 0:
+                continue
+            groups.setdefault(float(resident[i, -1]), []).append(i)
+        ys = list(groups)
+        axes_h_pt = (plot_h - 0.9) * 72
+        gap = 9.5 / axes_h_pt * (np.log2(yhi) - np.log2(ylo))
+        placed = _spread_labels([float(np.log2(y)) for y in ys], gap)
+        for y, y2 in zip(ys, placed):
+            members = groups[y]
+            r = float(ratio[members[0], -1])
+            for i in members:
+                data["ratio_at_largest"][methods[i]] = float(ratio[i, -1])
+            colour = styles[methods[members[0]]]["color"] if len(members) == 1 else "#333333"
+            ax.annotate(f"{r:.3g}x", xy=(hi_x, y), xytext=(hi_x * 2 ** (0.06 * span2 + 0.15), 2.0 ** y2),
+                        textcoords="data", ha="left", va="center", fontsize=FONT_PT, color=colour,
+                        arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.5, "shrinkA": 0, "shrinkB": 2},
+                        gid="ratio:" + ",".join(methods[i] for i in members))
+    _legend_axes(fig, gs[1, 0], handles, labels, ncol=ncol, loc="upper center")
+    batch = kv.batch
+    dtype = kv.attrs.get("kv_dtype", "?")
+    model = kv.attrs.get("model_description") or kv.attrs.get("model", "?")
+    where = "the report's /kv table (the replayed model shape)" if not report.is_kv_report else "the KV report"
+    caption = (f"Resident KV cache (K and V plus each method's resident metadata, {dtype}, batch {batch}: "
+               f"resident_bytes) against the context length, log-log, per method, from {where}: {model}. ")
+    if full is not None:
+        caption += ("Black dashed: full attention (every layer keeps every token). " if "full" in methods else
+                    "Black dashed: full attention (full_attention_bytes). ")
+    if ratio is not None:
+        caption += (f"Numbers at the right: full-attention bytes / resident bytes ({ratio_source}) at "
+                    f"{tokens_label(ctx[-1])} tokens (x > 1: smaller than full attention)")
+        if any(len(g) > 1 for g in groups.values()):
+            caption += "; a grey number stands for several methods with the same size"
+        caption += ". "
+    same_as = [m for i, m in enumerate(methods) if any(np.array_equal(resident[k], resident[i]) for k in range(i))]
+    if same_as:
+        caption += (f"Thinner on top: {', '.join(same_as)}, the same sizes as a method drawn before "
+                    f"(the lines coincide). ")
+    caption += "Binary units (KiB = 1024 B; K = 1024 tokens)."
+    data["coincident"] = same_as
+    return Rendered("kv_memory", "KV-cache memory vs context", caption, fig, data)
+
+
+def fig_recall_vs_kv(report: Report) -> Optional[Rendered]:
+    """Pareto view: model mean recall of each selector at each budget vs the KV bytes it keeps per sequence."""
+    acc = selector_kv(report)
+    if acc is None:
+        return None
+    names = display_labels(report)
+    styles = report_styles(report)
+    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, 3.1)
+    gs = fig.add_gridspec(1, 2, width_ratios=[1.0, 0.42])
+    ax = fig.add_subplot(gs[0, 0])
+    data: Dict[str, Any] = {"seq_len": acc.seq_len, "full_kv_bytes": acc.full_kv_bytes, "selectors": {},
+                            "bytes_per_token_per_layer": acc.bytes_per_token_per_layer, "skipped": dict(acc.skipped)}
+    handles, labels = [], []
+    points: List[Tuple[str, int, float, float]] = []
+    all_x, all_y = [acc.full_kv_bytes], []
+    for label, s in report.selectors.items():
+        sk = acc.selectors.get(label)
+        if sk is None:
+            continue
+        st = styles[label]
+        recall = s.metric("mass_recall", "model")
+        x = sk.total_bytes
+        ax.plot(x, recall, gid=f"kv:{label}", **st)
+        data["selectors"][label] = {"bytes": x, "kv_bytes": sk.kv_bytes, "metadata_bytes": sk.metadata_bytes,
+                                    "resident_tokens": sk.resident_tokens, "recall": recall, "rule": sk.rule,
+                                    "source": sk.source}
+        points += [(label, bi, float(x[bi]), float(recall[bi])) for bi in range(len(report.budgets))]
+        all_x += list(x[np.isfinite(x)])
+        all_y += list(recall[np.isfinite(recall)])
+        handles.append(_selector_handle(st))
+        labels.append(names[label])
+    frontier = pareto_frontier(points)
+    data["frontier"] = [(lab, report.budgets.labels[bi], xb, yr) for lab, bi, xb, yr in frontier]
+    if frontier:
+        fx = [p[2] for p in frontier]
+        fy = [p[3] for p in frontier]
+        ax.step(fx, fy, where="post", color="#555555", linewidth=0.9, alpha=0.8, zorder=1, gid="frontier")
+        ax.plot(fx, fy, linestyle="none", marker="o", markersize=9, markerfacecolor="none", markeredgecolor="#555555",
+                markeredgewidth=0.9, zorder=4, gid="frontier-points")
+        for n, (lab, bi, xb, yr) in enumerate(frontier):
+            last = n == len(frontier) - 1 and len(frontier) > 1  # at the right: label on the left
+            ax.annotate(report.budgets.labels[bi], xy=(xb, yr), xytext=(-5 if last else 5, -9),
+                        textcoords="offset points", ha="right" if last else "left", fontsize=FONT_PT,
+                        color="#555555", gid=f"frontier-label:{lab}:{bi}")
+        handles.append(Line2D([], [], color="#555555", linewidth=0.9, marker="o", markersize=9, markerfacecolor="none"))
+        labels.append("Pareto frontier\n(budget next to it)")
+    ax.axvline(acc.full_kv_bytes, color=FULL_KV_COLOUR, linestyle=":", linewidth=1.0, zorder=0, gid="full-kv")
+    handles.append(Line2D([], [], color=FULL_KV_COLOUR, linestyle=":", linewidth=1.0))
+    labels.append(f"full KV ({bytes_label(acc.full_kv_bytes)})")
+    ax.set_xscale("log", base=2)
+    lo, hi = _log2_bytes_axis(ax.xaxis, float(min(all_x)), float(max(all_x)), max_ticks=7)
+    ax.set_xlim(lo, hi)
+    ylo, yhi = _finite_range(np.array(all_y))
+    ax.set_ylim(max(0.0, ylo - 0.05), min(1.02, yhi + 0.04) if yhi <= 1.0 else yhi + 0.04)
+    ax.set_xlabel(f"KV bytes kept per sequence at T = {tokens_label(acc.seq_len)} tokens (log2 scale)")
+    ax.set_ylabel("mass recall R (model mean)")
+    ax.set_title("Recall vs KV memory", loc="left")
+    _legend_axes(fig, gs[0, 1], handles, labels)
+    # Caption: exactly what is counted.
+    by_rule: Dict[str, List[str]] = {}
+    for label, sk in acc.selectors.items():
+        by_rule.setdefault(sk.rule, []).append(label)
+    budget_word = "token budget" if report.budgets.is_tokens else "sparsity"
+    parts = []
+    for rule in RULE_TEXT:
+        if rule not in by_rule:
+            continue
+        members = by_rule[rule]
+        srcs = sorted({acc.selectors[l].source for l in members})
+        src = "" if srcs == ["formula"] else f" [{'; '.join(srcs)}]"
+        parts.append(f"{', '.join(members)}: {RULE_TEXT[rule]}{src}")
+    meta = [f"{l} {sk.metadata_per_token:g} B" for l, sk in acc.selectors.items() if sk.metadata_per_token > 0]
+    caption = (f"Model mean mass recall (over all layers, heads and query rows) of each selector at each {budget_word} "
+               f"against the KV cache it keeps for one sequence at the capture's length T = {acc.seq_len} tokens, "
+               f"when the last token is decoded: K and V in {acc.dtype} at {acc.bytes_per_token_per_layer:g} B per "
+               f"token per layer ({acc.bytes_source}; {acc.num_layers} layers x {acc.num_kv_heads} KV heads), "
+               "counting per layer and KV head: " + "; ".join(parts) + ". Plus resident metadata = "
+               "kv_metadata_bytes_per_token_per_kv_head x resident tokens x KV heads x layers"
+               + (f" ({', '.join(meta)} per token per KV head)" if meta else " (none of these selectors has any)")
+               + ". Not counted: activations, transient selection state (block scores, top-k indices), fixed-size "
+               f"gates. Dotted: full attention's K/V ({bytes_label(acc.full_kv_bytes)}, {acc.full_source}). "
+               "Circled and joined by the grey staircase: the Pareto frontier, the points that no other selector "
+               "or budget beats with at least the same recall for no more bytes.")
+    if acc.skipped:
+        caption += " Not priced: " + "; ".join(f"{l} ({why})" for l, why in acc.skipped.items()) + "."
+    return Rendered("recall_vs_kv", "Recall vs KV memory (Pareto)", caption, fig, data)
+
+
 # name -> (builder, needs budget, needs layer)
 FIGURES: Dict[str, Callable[..., Optional[Rendered]]] = {
     "recall_vs_budget": fig_recall_vs_budget,
@@ -710,12 +999,19 @@ FIGURES: Dict[str, Callable[..., Optional[Rendered]]] = {
     "hysparse_distance": fig_hysparse_distance,
     "output_error": fig_output_error,
     "head_boxplot": fig_head_boxplot,
+    "kv_memory": fig_kv_memory,
+    "recall_vs_kv": fig_recall_vs_kv,
 }
+
+# The figures a KV-accounting report ('hysparse kv -o': no selectors) can have.
+KV_REPORT_FIGURES = ("kv_memory",)
 
 SKIP_REASONS = {
     "reuse_matrix": "the report has no /reuse matrix (replayed with --reuse-budget 0)",
     "hysparse_distance": "the report has no hysparse selector with both full and sparse layers",
     "output_error": "the report has no output_rel_error (capture without v, or --no-output-error)",
+    "kv_memory": "the report has no KV accounting (/kv group with resident_bytes)",
+    "recall_vs_kv": "the report's selectors have no KV attributes (kv_residency, evicts) or no sequence length",
 }
 
 
@@ -765,6 +1061,8 @@ def build(report: Report, name: str, budget_index: Optional[int] = None,
           layer: Optional[int] = None) -> Optional[Rendered]:
     """Build one figure by name under the package style (None when the report lacks what it needs)."""
     builder = FIGURES[name]
+    if report.is_kv_report and name not in KV_REPORT_FIGURES:
+        return None  # a KV-accounting report has no selectors, budgets or layers to plot
     kwargs: Dict[str, Any] = {}
     if name in ("layer_heatmap", "head_boxplot"):
         kwargs["budget_index"] = budget_index
@@ -780,7 +1078,7 @@ def render_all(report: Report, out_dir: str, budget_index: Optional[int] = None,
     """Build and save every applicable figure. Returns (rendered, skipped as (name, reason))."""
     os.makedirs(out_dir, exist_ok=True)
     rendered, skipped = [], []
-    for name in FIGURES:
+    for name in (KV_REPORT_FIGURES if report.is_kv_report else FIGURES):
         r = build(report, name, budget_index, layer)
         if r is None:
             skipped.append((name, SKIP_REASONS.get(name, "not applicable")))

@@ -1,10 +1,15 @@
-"""Loader for hysparse HDF5 replay reports.
+"""Loader for hysparse HDF5 reports: replay reports and KV-accounting reports.
 
 `load_report(path)` is the only place in the analysis package that touches h5py.
-It validates the file (HDF5, ``format == "hysparse-report"``, a supported
-``format_version``, the structure of that version) and returns a `Report`:
-plain Python metadata and read-only numpy arrays, named and carrying their
-units, for plotting and summary code.
+It validates the file (HDF5, ``format`` one of ``"hysparse-report"`` (replay,
+``Report.kind == "replay"``) or ``"hysparse-kv-report"`` (``hysparse kv -o``,
+``Report.kind == "kv"``), a supported ``format_version``, the structure of that
+version) and returns a `Report`: plain Python metadata and read-only numpy arrays,
+named and carrying their units, for plotting and summary code.
+
+A KV-accounting report has no selectors, budgets or query rows: its `Report` has
+empty ones, and ``Report.kv`` holds its method x context table (datasets at the
+file's root, or under /kv).
 
 Any problem with the input raises `ReportError`, whose message is one line:
 ``FILE: what is wrong; expected what``.
@@ -28,7 +33,9 @@ except ImportError as _e:  # pragma: no cover - depends on the interpreter
 
 __all__ = [
     "REPORT_FORMAT",
+    "KV_REPORT_FORMAT",
     "SUPPORTED_FORMAT_VERSIONS",
+    "SUPPORTED_KV_FORMAT_VERSIONS",
     "METRICS",
     "RECALL_QUANTILES",
     "ReportError",
@@ -44,6 +51,12 @@ __all__ = [
 
 REPORT_FORMAT = "hysparse-report"
 SUPPORTED_FORMAT_VERSIONS = (1,)
+KV_REPORT_FORMAT = "hysparse-kv-report"
+SUPPORTED_KV_FORMAT_VERSIONS = (1,)
+# format -> (Report.kind, supported format_version values)
+_READABLE_FORMATS = {REPORT_FORMAT: ("replay", SUPPORTED_FORMAT_VERSIONS),
+                     KV_REPORT_FORMAT: ("kv", SUPPORTED_KV_FORMAT_VERSIONS)}
+_EXPECTED_FORMATS = f"format='{REPORT_FORMAT}' or '{KV_REPORT_FORMAT}'"
 
 # Per selector x budget x layer x head metrics (README, "Replay: definitions").
 # output_rel_error is present only when v was captured (and not switched off).
@@ -53,7 +66,6 @@ RECALL_QUANTILES = ("p10", "p50", "min")
 
 _KNOWN_FORMATS = {
     "hysparse-capture": "a hysparse capture, not a report (run 'hysparse replay' on it to make a report)",
-    "hysparse-kv-report": "a KV-accounting report of 'hysparse kv', not a replay report",
 }
 
 
@@ -282,6 +294,47 @@ class KvTable:
         except KeyError:
             raise KeyError(f"KV table has no dataset {name!r}; it has: {', '.join(sorted(self.arrays))}") from None
 
+    def has(self, name: str) -> bool:
+        return name in self.arrays
+
+    @property
+    def batch(self) -> int:
+        """Sequences per batch (whole-batch datasets divide by it to give one sequence); 1 when not recorded."""
+        b = self.attrs.get("batch", 1)
+        return int(b) if isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 1 else 1
+
+    def method_index(self, method: str) -> Optional[int]:
+        """Index of a method by its name as given ("hysparse", "quest:page=32"), or None."""
+        try:
+            return self.methods.index(method)
+        except ValueError:
+            return None
+
+    def context_index(self, tokens: int) -> Optional[int]:
+        """Index of a context length in tokens, or None."""
+        hits = np.flatnonzero(self.contexts == int(tokens))
+        return int(hits[0]) if hits.size else None
+
+    def method_attr(self, key: str, i: int) -> Optional[str]:
+        """One method's entry of a list attribute of the method axis ("resolved", "schedule", "source")."""
+        values = self.method_attrs.get(key)
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or len(values) != len(self.methods):
+            return None
+        return str(values[i])
+
+    def full_attention_bytes(self) -> Optional[np.ndarray]:
+        """Whole-batch K/V of the model with every layer full, per context: the `full_attention_bytes`
+        dataset (the same for every method), else the resident bytes of a method named "full"; None
+        when the table has neither."""
+        if "full_attention_bytes" in self.arrays and self.arrays["full_attention_bytes"].values.ndim == 2:
+            return self.arrays["full_attention_bytes"].values[0]
+        i = self.method_index("full")
+        if i is not None and "resident_bytes" in self.arrays:
+            return self.arrays["resident_bytes"].values[i]
+        return None
+
 
 @dataclass(frozen=True, eq=False)
 class Report:
@@ -296,9 +349,15 @@ class Report:
     layers: np.ndarray              # int64 [layer]
     heads: np.ndarray               # int64 [head]
     query_positions: np.ndarray     # int64 [row]
-    selectors: Dict[str, Selector]  # label -> Selector, in the report's order
+    selectors: Dict[str, Selector]  # label -> Selector, in the report's order (empty for a KV report)
     reuse: Optional[Reuse]
     kv: Optional[KvTable]
+    kind: str = "replay"            # "replay" (format hysparse-report) | "kv" (format hysparse-kv-report)
+
+    @property
+    def is_kv_report(self) -> bool:
+        """A KV-accounting report of 'hysparse kv -o': no selectors or budgets, only `kv`."""
+        return self.kind == "kv"
 
     @property
     def selector_order(self) -> Tuple[str, ...]:
@@ -478,7 +537,7 @@ def load_report(path: Union[str, os.PathLike]) -> Report:
     except OSError as e:
         raise ReportError(path, f"cannot be read ({e})", "a readable hysparse report") from None
     if not is_hdf5:
-        raise ReportError(path, "not an HDF5 file", f"a hysparse report (HDF5 with format='{REPORT_FORMAT}')")
+        raise ReportError(path, "not an HDF5 file", f"a hysparse report (HDF5 with {_EXPECTED_FORMATS})")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -498,17 +557,20 @@ def _load(r: _Reader) -> Report:
     root = _attrs(f)
     fmt = root.get("format")
     if fmt is None:
-        raise r.fail("not a hysparse report (no root attribute 'format')", f"format='{REPORT_FORMAT}'")
-    if fmt != REPORT_FORMAT:
-        what = _KNOWN_FORMATS.get(str(fmt), "not a hysparse replay report")
-        raise r.fail(f"format is '{fmt}': {what}", f"format='{REPORT_FORMAT}'")
+        raise r.fail("not a hysparse report (no root attribute 'format')", _EXPECTED_FORMATS)
+    if fmt not in _READABLE_FORMATS:
+        what = _KNOWN_FORMATS.get(str(fmt), "not a hysparse report this analysis package reads")
+        raise r.fail(f"format is '{fmt}': {what}", _EXPECTED_FORMATS)
+    kind, versions = _READABLE_FORMATS[str(fmt)]
     version = root.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise r.fail(f"format_version is {version!r}", "an integer format_version")
-    supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    supported = ", ".join(str(v) for v in versions)
+    if version not in versions:
         raise r.fail(f"format_version {version} is not supported by this analysis package",
                      f"format_version {supported} (update analysis/ for newer reports)")
+    if kind == "kv":
+        return _load_kv_report(r, root, int(version))
 
     # Axes.
     budget_ds = r.dataset("/axes/budget")
@@ -604,6 +666,8 @@ def _load(r: _Reader) -> Report:
                       block_size=int(ra.get("block_size", 0)), units=arr.units, long_name=arr.long_name)
 
     kv = _load_kv(r, "/kv") if r.group("/kv", required=False) is not None else None
+    if kv is not None and not kv.arrays:
+        kv = None  # an empty /kv group: nothing to show
 
     return Report(path=r.path, format_version=int(version), provenance=root, config=config, capture=capture,
                   budgets=budgets, layers=layers, heads=heads, query_positions=qpos, selectors=selectors,
@@ -611,12 +675,13 @@ def _load(r: _Reader) -> Report:
 
 
 def _load_kv(r: _Reader, group: str) -> KvTable:
-    """KV accounting: every dataset of `group` over [method, context(, layer)]."""
+    """KV accounting: every dataset of `group` ("/kv", or "/" for a KV report) over [method, context(, layer)]."""
     g = r.group(group)
-    method_ds = r.dataset(f"{group}/method")
+    prefix = group.rstrip("/")
+    method_ds = r.dataset(f"{prefix}/method")
     methods = r.strings(method_ds)
-    contexts = r.numbers(r.dataset(f"{group}/context"), ndim=1)
-    layer_ds = r.dataset(f"{group}/layer", required=False)
+    contexts = r.numbers(r.dataset(f"{prefix}/context"), ndim=1)
+    layer_ds = r.dataset(f"{prefix}/layer", required=False)
     layers = r.numbers(layer_ds, ndim=1) if layer_ds is not None else None
     M, C = len(methods), contexts.size
     arrays: Dict[str, Array] = {}
@@ -632,3 +697,37 @@ def _load_kv(r: _Reader, group: str) -> KvTable:
         arrays[key] = arr
     return KvTable(group=group, methods=tuple(methods), contexts=contexts, layers=layers, arrays=arrays,
                    attrs=_attrs(g), method_attrs=_attrs(method_ds))
+
+
+def _load_kv_report(r: _Reader, root: Dict[str, Any], version: int) -> Report:
+    """A 'hysparse kv -o' report: the method x context table at the root (or under /kv)."""
+    f = r.f
+    if isinstance(f.get("method"), h5py.Dataset):
+        group = "/"
+    elif isinstance(f.get("kv"), h5py.Group) and isinstance(f["kv"].get("method"), h5py.Dataset):
+        group = "/kv"
+    else:
+        raise r.fail("missing dataset 'method' (at the root or under /kv)",
+                     f"a complete {KV_REPORT_FORMAT} format_version {version} report")
+    kv = _load_kv(r, group)
+    if not kv.methods or kv.contexts.size == 0:
+        raise r.fail(f"the KV table has {len(kv.methods)} methods and {kv.contexts.size} contexts",
+                     "at least one method and one context")
+    if "resident_bytes" not in kv.arrays or kv.arrays["resident_bytes"].values.ndim != 2:
+        raise r.fail(f"missing dataset '{group.rstrip('/')}/resident_bytes' [method, context]",
+                     f"a complete {KV_REPORT_FORMAT} format_version {version} report")
+    a = kv.attrs if group != "/" else root
+    layers = kv.layers
+    if layers is None:
+        n = a.get("num_layers")
+        layers = _readonly(np.arange(int(n) if isinstance(n, int) else 0, dtype=np.int64))
+    nq = a.get("num_q_heads")
+    heads = _readonly(np.arange(int(nq) if isinstance(nq, int) else 0, dtype=np.int64))
+    empty = _readonly(np.zeros(0, dtype=np.float64))
+    budgets = Budgets(values=empty, kind="tokens", units="tokens", labels=(), long_name="(no budgets: KV report)")
+    shape = {k: a[k] for k in ("model", "num_layers", "num_q_heads", "num_kv_heads", "head_dim", "v_head_dim",
+                               "kv_lora_rank", "qk_rope_head_dim", "attention", "sliding_window", "chunk_size")
+             if k in a}
+    return Report(path=r.path, format_version=version, provenance=root, config={}, capture=shape, budgets=budgets,
+                  layers=layers, heads=heads, query_positions=_readonly(np.zeros(0, dtype=np.int64)), selectors={},
+                  reuse=None, kv=kv, kind="kv")

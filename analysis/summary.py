@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .kvbytes import RULE_TEXT, selector_kv
 from .report import Report
 
 __all__ = ["ranked_table", "summary_markdown", "write_text_atomic"]
@@ -74,18 +75,9 @@ def ranked_table(report: Report, budget_index: int) -> List[Dict[str, Any]]:
     return rows
 
 
-def summary_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[Tuple[str, str]],
-                     formats: Sequence[str] = ("png", "pdf"), figures_dir: str = ".") -> str:
-    """The whole summary.md text. `figures` are Rendered objects (name, title, caption)."""
+def _provenance(report: Report, w: Any) -> None:
+    """The provenance section (root attributes of the report)."""
     p = report.provenance
-    cap = report.capture
-    cfg = report.config
-    out: List[str] = []
-    w = out.append
-    w(f"# hysparse report: {os.path.basename(report.path)}")
-    w("")
-    w(f"_{_md(report.provenance_line())}_")
-    w("")
     w("## Provenance")
     w("")
     w("| | |")
@@ -105,11 +97,30 @@ def summary_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[T
         ("input", inputs),
         ("backend, device", f"{_md(p.get('backend', '?'))}, {_md(p.get('device', '?'))}"),
         ("threads, seed", f"{_md(p.get('threads', '?'))}, {_md(p.get('seed', '?'))}"),
-        ("replay time", f"{p['replay_seconds']:.2f} s" if isinstance(p.get("replay_seconds"), float) else "-"),
+        ("replay time", None if report.is_kv_report else
+         f"{p['replay_seconds']:.2f} s" if isinstance(p.get("replay_seconds"), float) else "-"),
         ("analysed with", f"Python {platform.python_version()}, numpy {np.__version__}, "
                           f"matplotlib {_mpl_version()}"),
     ):
-        w(f"| {key} | {value} |")
+        if value is not None:
+            w(f"| {key} | {value} |")
+    w("")
+
+
+def summary_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[Tuple[str, str]],
+                     formats: Sequence[str] = ("png", "pdf"), figures_dir: str = ".") -> str:
+    """The whole summary.md text. `figures` are Rendered objects (name, title, caption)."""
+    if report.is_kv_report:
+        return _kv_report_markdown(report, figures, skipped, formats, figures_dir)
+    cap = report.capture
+    cfg = report.config
+    out: List[str] = []
+    w = out.append
+    w(f"# hysparse report: {os.path.basename(report.path)}")
+    w("")
+    w(f"_{_md(report.provenance_line())}_")
+    w("")
+    _provenance(report, w)
     w("")
     w("## Capture and configuration")
     w("")
@@ -172,24 +183,65 @@ def summary_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[T
         kv = report.kv
         w("## KV accounting")
         w("")
-        w(f"From the report's /kv group ({len(kv.methods)} methods x {kv.contexts.size} contexts; datasets "
-          f"{', '.join(sorted(kv.arrays))}). No figure for it yet.")
+        w(f"From the report's /kv group, the replayed model shape ({len(kv.methods)} methods x {kv.contexts.size} "
+          f"contexts; datasets {', '.join(sorted(kv.arrays))}); figure `kv_memory`.")
         w("")
-        shown = [(name, head) for name, head in (("resident_bytes", "resident"), ("ratio_to_full", "full / resident"),
-                                                  ("read_bytes_per_decoded_token", "read per decoded token"))
-                 if name in kv.arrays and kv.arrays[name].values.ndim == 2]
-        if shown:
-            w("| method | context (tokens) | " + " | ".join(head for _, head in shown) + " |")
-            w("|---|---:|" + "---:|" * len(shown))
-            for i, method in enumerate(kv.methods):
-                for j, context in enumerate(kv.contexts):
-                    cells = []
-                    for name, _ in shown:
-                        a = kv.arrays[name]
-                        v = float(a.values[i, j])
-                        cells.append(_bytes(v) if a.units == "bytes" else _fmt(v, 2))
-                    w(f"| {_md(method)} | {int(context)} | " + " | ".join(cells) + " |")
-            w("")
+        _kv_table(kv, w)
+    _selector_kv_section(report, w)
+    _figure_index(figures, skipped, formats, figures_dir, w)
+    return "\n".join(out)
+
+
+def _kv_table(kv: Any, w: Any) -> None:
+    """Method x context table of the main KV datasets (bytes in binary units)."""
+    shown = [(name, head) for name, head in (("resident_bytes", "resident"), ("ratio_to_full", "full / resident"),
+                                              ("read_bytes_per_decoded_token", "read per decoded token"))
+             if name in kv.arrays and kv.arrays[name].values.ndim == 2]
+    if not shown:
+        return
+    w("| method | context (tokens) | " + " | ".join(head for _, head in shown) + " |")
+    w("|---|---:|" + "---:|" * len(shown))
+    for i, method in enumerate(kv.methods):
+        for j, context in enumerate(kv.contexts):
+            cells = []
+            for name, _ in shown:
+                a = kv.arrays[name]
+                v = float(a.values[i, j])
+                cells.append(_bytes(v) if a.units == "bytes" else _fmt(v, 2))
+            w(f"| {_md(method)} | {int(context)} | " + " | ".join(cells) + " |")
+    w("")
+
+
+def _selector_kv_section(report: Report, w: Any) -> None:
+    """Per selector and budget: KV bytes kept per sequence at T and model mean recall (figure recall_vs_kv)."""
+    acc = selector_kv(report)
+    if acc is None:
+        return
+    b = report.budgets
+    w("## KV bytes per selector")
+    w("")
+    w(f"K/V ({acc.dtype}, {acc.bytes_per_token_per_layer:g} B per token per layer) plus resident metadata that each "
+      f"selector keeps for one sequence at T = {acc.seq_len} tokens, and its model mean mass recall R; full attention "
+      f"keeps {_bytes(acc.full_kv_bytes)}. Counted as in figure `recall_vs_kv`; _source_ is the report dataset "
+      f"used, or _formula_ (the selector's attributes).")
+    w("")
+    w("| selector | counted | source | metadata B/token/KV head | " + " | ".join(_md(b.describe(i)) for i in range(len(b)))
+      + " |")
+    w("|---|---|---|---:|" + "---:|" * len(b))
+    for label, s in report.selectors.items():
+        sk = acc.selectors.get(label)
+        if sk is None:
+            w(f"| {_md(label)} | not priced: {_md(acc.skipped.get(label, '?'))} | - | - |" + " - |" * len(b))
+            continue
+        recall = s.metric("mass_recall", "model")
+        cells = [f"{_bytes(float(sk.total_bytes[i]))} (R {_fmt(float(recall[i]), 3)})" for i in range(len(b))]
+        w(f"| {_md(label)} | {_md(RULE_TEXT[sk.rule])} | {_md(sk.source)} | {sk.metadata_per_token:g} | "
+          + " | ".join(cells) + " |")
+    w("")
+
+
+def _figure_index(figures: Sequence[Any], skipped: Sequence[Tuple[str, str]], formats: Sequence[str],
+                  figures_dir: str, w: Any) -> None:
     w("## Figures")
     w("")
     for fig in figures:
@@ -198,6 +250,46 @@ def summary_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[T
     for name, reason in skipped:
         w(f"- `{name}`: not drawn: {_text(reason)}")
     w("")
+
+
+def _kv_report_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[Tuple[str, str]],
+                        formats: Sequence[str], figures_dir: str) -> str:
+    """summary.md of a KV-accounting report ('hysparse kv -o'): provenance, model, methods, the KV table."""
+    kv = report.kv
+    a = kv.attrs
+    out: List[str] = []
+    w = out.append
+    w(f"# hysparse KV report: {os.path.basename(report.path)}")
+    w("")
+    w(f"_{_md(report.provenance_line())}_")
+    w("")
+    _provenance(report, w)
+    w("## Model")
+    w("")
+    w(f"- {_md(a.get('model_description') or a.get('model', '?'))}")
+    if a.get("model_source"):
+        w(f"- source: {_text(a['model_source'])}")
+    w(f"- KV dtype {_md(a.get('kv_dtype', '?'))}, batch {kv.batch}: {_md(a.get('bytes_per_token_per_layer', '?'))} B "
+      f"per token per layer, {_md(a.get('bytes_per_token_full_attention', '?'))} B per token with every layer full")
+    schedules = a.get("schedules")
+    for sched in ([schedules] if isinstance(schedules, str) else schedules or []):
+        w(f"- schedule {_text(sched)}")
+    w(f"- contexts (tokens): {', '.join(str(int(c)) for c in kv.contexts)}")
+    w("")
+    w("## Methods")
+    w("")
+    w("| method | resolved | source |")
+    w("|---|---|---|")
+    for i, m in enumerate(kv.methods):
+        w(f"| {_md(m)} | `{_md(kv.method_attr('resolved', i) or m)}` | {_md(kv.method_attr('source', i) or '-')} |")
+    w("")
+    w("## KV accounting")
+    w("")
+    w(f"Resident bytes are for the whole batch, reads per sequence and decoded token ({len(kv.methods)} methods x "
+      f"{kv.contexts.size} contexts; datasets {', '.join(sorted(kv.arrays))}). Binary units.")
+    w("")
+    _kv_table(kv, w)
+    _figure_index(figures, skipped, formats, figures_dir, w)
     return "\n".join(out)
 
 

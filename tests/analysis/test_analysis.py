@@ -6,9 +6,12 @@ Run from the repository root:
     /usr/bin/python3 tests/analysis/test_analysis.py --hysparse build/src/cli/hysparse --workdir /tmp/analysis-tests
 
 It makes small captures and reports with the tool (synth, then replay with v and a reuse matrix; a
-sparsity report; a report without v and without a reuse matrix), renders every figure, and checks
-that the numbers the loader hands to the plots are the datasets read directly with h5py, that the
-files are valid PNG/PDF of paper size with provenance metadata, and that bad inputs give ReportError
+sparsity report; a report without v and without a reuse matrix; a report of the proxy selectors that
+keep, evict or split the KV cache; two KV-accounting reports of 'hysparse kv -o'), renders every figure,
+and checks
+that the numbers the loader hands to the plots are the datasets read directly with h5py (the KV bytes
+of the recall-vs-KV figure: the /kv datasets, or the documented formula from the selector attributes), that
+the files are valid PNG/PDF of paper size with provenance metadata, and that bad inputs give ReportError
 and exit code 2. Standard library unittest only; the last line printed is "N passed, M failed".
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -49,6 +53,9 @@ class Fixtures:
     tokens: Path = Path(".")      # token budgets, v captured, reuse matrix, 5 selectors (FSSS)
     sparsity: Path = Path(".")    # sparsity budgets, default selectors
     lean: Path = Path(".")        # no v, no reuse matrix, last:N queries
+    kvsel: Path = Path(".")       # selectors that keep, evict or split the KV cache (quest, h2o, snapkv, duo, ...)
+    kv: Path = Path(".")          # hysparse kv -o: hysparse-80b-a3b, full / hybrid-swa / hysparse, 4K..1M
+    kv2: Path = Path(".")         # hysparse kv -o: llama-3.1-8b, full / quest / snapkv / h2o / duo
     capture: Path = Path(".")
 
     @classmethod
@@ -70,6 +77,13 @@ class Fixtures:
         cls.run_tool(["replay", str(nov), "-o", str(cls.lean), "--budget", "128,256", "--selectors",
                       "oracle,hysparse", "--schedule", "1:2", "--reuse-budget", "0", "--queries", "last:64",
                       "--threads", "2", "-q"])
+        cls.kvsel, cls.kv, cls.kv2 = cls.work / "rkv.h5", cls.work / "kv.h5", cls.work / "kv2.h5"
+        cls.run_tool(["replay", str(nov), "-o", str(cls.kvsel), "--budget", "64,128,256", "--selectors",
+                      "oracle,quest,h2o,snapkv,duo:sinks=16,recent=64,swa:window=64,sinks=4,hysparse:window=64",
+                      "--schedule", "1:2", "--reuse-budget", "0", "--threads", "2", "-q"])
+        cls.run_tool(["kv", "--preset", "hysparse-80b-a3b", "--context", "4K,16K,32K,128K,1M", "-o", str(cls.kv)])
+        cls.run_tool(["kv", "--preset", "llama-3.1-8b", "--context", "4K,32K,128K", "--method",
+                      "full,quest,snapkv,h2o,duo", "-o", str(cls.kv2)])
 
     @classmethod
     def run_tool(cls, args: list) -> None:
@@ -104,6 +118,70 @@ def assert_same(test: unittest.TestCase, a, b, what: str) -> None:
     test.assertEqual(a.shape, b.shape, f"{what}: shape")
     test.assertTrue(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"),
                     f"{what}: values differ\n{a}\n{b}")
+
+
+def summary_bytes(value) -> str:
+    """Binary units as summary.md writes them (2 decimals)."""
+    v = float(value)
+    for div, unit in ((1024.0 ** 4, "TiB"), (1024.0 ** 3, "GiB"), (1024.0 ** 2, "MiB"), (1024.0, "KiB")):
+        if v >= div:
+            return f"{v / div:.2f} {unit}"
+    return f"{v:.0f} B"
+
+
+def h5_strings(ds):
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in np.atleast_1d(ds[()]).tolist()]
+
+
+def kv_root(f):
+    """The group of a KV table: /kv in a replay report, the root (or /kv) of a KV report."""
+    return f if "method" in f else f["kv"]
+
+
+def expected_kv_bytes(f, label):
+    """KV bytes per sequence at T of one selector per budget, from the README's rules and the attributes
+    (read here with h5py, independently of analysis/kvbytes.py): (K/V bytes, metadata bytes)."""
+    g = f["selectors"][label]
+    cap = f["capture"]
+    T, L, hkv = int(h5_attr(cap, "seq_len")), int(h5_attr(cap, "num_layers")), int(h5_attr(cap, "num_kv_heads"))
+    bpt = int(h5_attr(f["kv"], "bytes_per_token_per_layer"))          # one token, one layer, all KV heads
+    assert bpt == 2 * hkv * int(h5_attr(cap, "head_dim")) * 2, "bf16 K and V"
+    budgets = f["axes/budget"][()]
+    sparsity = h5_attr(f["axes/budget"], "kind") == "sparsity"
+    B = int(h5_attr(g, "block_size"))
+    sinks, window = int(h5_attr(g, "sinks")), int(h5_attr(g, "window"))
+    residency = h5_attr(g, "kv_residency")
+    spec = dict(p.split("=", 1) for p in h5_attr(g, "spec").partition(":")[2].split(",") if "=" in p)
+
+    def budget_tokens(b, block, row):  # Budget::blocks_for_row x block
+        if not sparsity:
+            return int(b) // block * block
+        return max(1, int(np.ceil((1 - b) * (row + 1) / block - 1e-9))) * block
+
+    per_layer = []  # tokens per KV head, summed over layers, per budget
+    for b in budgets:
+        if residency == "full KV, a budget attended per step":
+            n = T * L
+        elif residency.startswith("full layers all tokens"):
+            full = g["is_full_layer"][()] != 0
+            n = int(full.sum()) * T + int((~full).sum()) * min(T, window + sinks)
+        elif residency == "sinks + window on every layer":
+            w = budget_tokens(b, B, T - 1) if window < 0 else window
+            n = min(T, w + sinks) * L
+        elif residency == "a token budget kept" and h5_attr(g, "kv_footprint") == "snapkv":
+            P = int(h5_attr(g, "first_scored_position"))
+            n = min(T, budget_tokens(b, 1, P - 1) + (T - P)) * L
+        elif residency == "a token budget kept":
+            n = min(T, budget_tokens(b, 1, T)) * L
+        elif residency == "retrieval heads full, streaming heads sinks + recent":
+            streaming = L * hkv * int(spec["streaming"]) // 100
+            n = (streaming * min(T, int(spec["sinks"]) + int(spec["recent"])) + (L * hkv - streaming) * T) / hkv
+        else:
+            raise AssertionError(f"{label}: residency {residency!r} not covered by the test")
+        per_layer.append(float(n))
+    tokens = np.array(per_layer) * hkv
+    meta = float(h5_attr(g, "kv_metadata_bytes_per_token_per_kv_head"))
+    return tokens * (bpt / hkv), tokens * meta
 
 
 def png_info(path: Path):
@@ -270,6 +348,65 @@ class LoaderTest(unittest.TestCase):
         self.assertIn("KV accounting", (out / "summary.md").read_text())
 
 
+class KvReportLoaderTest(unittest.TestCase):
+    """'hysparse kv -o' reports load through the same loader: no selectors, the KV table from the root."""
+
+    def check_kv_report(self, path: Path) -> None:
+        rep = load_report(path)
+        self.assertEqual(rep.kind, "kv")
+        self.assertTrue(rep.is_kv_report)
+        self.assertEqual(rep.selectors, {})
+        self.assertEqual(len(rep.budgets), 0)
+        self.assertIsNone(rep.reuse)
+        with h5py.File(path, "r") as f:
+            self.assertEqual(h5_attr(f, "format"), "hysparse-kv-report")
+            for key in ("format_version", "tool_version", "git_sha", "command_line", "created_utc", "input_files"):
+                self.assertEqual(rep.provenance[key], h5_attr(f, key), key)
+            g = kv_root(f)
+            self.assertEqual(list(rep.kv.methods), h5_strings(g["method"]))
+            assert_same(self, rep.kv.contexts, g["context"][()], "contexts")
+            M, C = len(rep.kv.methods), rep.kv.contexts.size
+            tables = [k for k in g if isinstance(g[k], h5py.Dataset) and k not in ("method", "context", "layer")
+                      and g[k].shape[:2] == (M, C)]
+            self.assertIn("resident_bytes", tables)
+            self.assertEqual(sorted(rep.kv.arrays), sorted(tables))
+            for k in tables:
+                assert_same(self, rep.kv[k], g[k][()], k)
+                self.assertEqual(rep.kv.arrays[k].units, h5_attr(g[k], "units"), k)
+            self.assertEqual(rep.kv.batch, h5_attr(f, "batch"))
+            self.assertEqual(rep.num_layers, h5_attr(f, "num_layers"))
+            self.assertEqual([rep.kv.method_attr("resolved", i) for i in range(M)], h5_attr(g["method"], "resolved"))
+
+    def test_kv_reports(self):
+        self.check_kv_report(Fixtures.kv)
+        self.check_kv_report(Fixtures.kv2)
+        rep = load_report(Fixtures.kv)
+        self.assertEqual(rep.kv.methods, ("full", "hybrid-swa", "hysparse"))
+        self.assertEqual(rep.input_name, "preset:hysparse-80b-a3b")
+
+    def test_kv_report_with_kv_group(self):
+        """The same table under /kv instead of the root loads the same."""
+        path = Fixtures.work / "kv_group.h5"
+        with h5py.File(Fixtures.kv, "r") as src, h5py.File(path, "w") as dst:
+            for k, v in src.attrs.items():
+                dst.attrs[k] = v
+            g = dst.create_group("kv")
+            for k in src:
+                data = src[k][()]
+                ds = g.create_dataset(k, data=data)
+                for a, v in src[k].attrs.items():
+                    if a not in ("DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME"):
+                        ds.attrs[a] = v
+        a, b = load_report(Fixtures.kv), load_report(path)
+        self.assertEqual(a.kv.methods, b.kv.methods)
+        self.assertEqual(sorted(a.kv.arrays), sorted(b.kv.arrays))
+        for k in a.kv.arrays:
+            assert_same(self, a.kv[k], b.kv[k], k)
+        rendered = figs.build(b, "kv_memory")
+        for i, m in enumerate(b.kv.methods):
+            assert_same(self, rendered.data["methods"][m], a.kv["resident_bytes"][i], m)
+
+
 class FigureDataTest(unittest.TestCase):
     """What the figures draw is what the file holds (read here with h5py, not through the loader)."""
 
@@ -384,6 +521,83 @@ class FigureDataTest(unittest.TestCase):
         # Default layer: the first sparse layer of hysparse (1 here).
         self.assertEqual(figs.build(self.rep, "head_boxplot").data["layer"], 1)
 
+    def test_kv_memory(self):
+        """The replay report's /kv table: one line per method, resident_bytes over context, ratios at the end."""
+        r = figs.build(self.rep, "kv_memory")
+        kv = self.f["kv"]
+        methods = h5_strings(kv["method"])
+        ctx = kv["context"][()]
+        resident = kv["resident_bytes"][()]
+        lines = self.lines_by_gid(r.figure)
+        for i, m in enumerate(methods):
+            assert_same(self, lines[f"kv:{m}"].get_xdata(), ctx, f"{m} contexts")
+            assert_same(self, lines[f"kv:{m}"].get_ydata(), resident[i], f"{m} resident bytes")
+            assert_same(self, r.data["methods"][m], resident[i], m)
+        assert_same(self, r.data["full_attention_bytes"], kv["full_attention_bytes"][0], "full")
+        ax = r.figure.axes[0]
+        self.assertEqual((ax.get_xscale(), ax.get_yscale()), ("log", "log"))
+        ratio = kv["ratio_to_full"][()]
+        texts = {t.get_gid(): t.get_text() for t in ax.texts if (t.get_gid() or "").startswith("ratio:")}
+        for gid, text in texts.items():
+            members = gid[len("ratio:"):].split(",")
+            for m in members:
+                self.assertEqual(text, f"{ratio[methods.index(m), -1]:.3g}x", gid)
+        # Every method but full has its ratio at the largest context; full attention is the reference.
+        self.assertEqual(sorted(m for gid in texts for m in gid[len("ratio:"):].split(",")),
+                         sorted(m for m in methods if m != "full"))
+        for m in methods:
+            if m != "full":
+                self.assertEqual(r.data["ratio_at_largest"][m], ratio[methods.index(m), -1])
+        labels = [figs.bytes_label(t) for t in ax.get_yticks()]
+        self.assertTrue(all(l.endswith("iB") or l.endswith(" B") for l in labels), labels)
+
+    def test_recall_vs_kv(self):
+        """x: KV bytes per sequence at T (the /kv datasets and the documented formula); y: model mean recall."""
+        r = figs.build(self.rep, "recall_vs_kv")
+        lines = self.lines_by_gid(r.figure)
+        kv = self.f["kv"]
+        T = int(h5_attr(self.f["capture"], "seq_len"))
+        j = list(kv["context"][()]).index(T)
+        methods = h5_strings(kv["method"])
+        batch = int(h5_attr(kv, "batch"))
+        full = kv["full_attention_bytes"][0, j] / batch
+        self.assertEqual(r.data["full_kv_bytes"], full)
+        hys = kv["kv_bytes"][methods.index("hysparse"), j] / batch
+        points = []
+        for label in h5_attr(self.f["selectors"], "order"):
+            kv_b, meta = expected_kv_bytes(self.f, label)
+            d = r.data["selectors"][label]
+            recall = self.ds(label, "model_mass_recall_mean")
+            assert_same(self, lines[f"kv:{label}"].get_ydata(), recall, f"{label} recall")
+            assert_same(self, d["recall"], recall, label)
+            np.testing.assert_allclose(d["kv_bytes"], kv_b, rtol=1e-12, err_msg=label)
+            np.testing.assert_allclose(d["metadata_bytes"], meta, rtol=1e-12, err_msg=label)
+            assert_same(self, lines[f"kv:{label}"].get_xdata(), d["kv_bytes"] + d["metadata_bytes"], f"{label} x")
+            points += [(label, bi, x, y) for bi, (x, y) in enumerate(zip(kv_b + meta, recall))]
+        # Numbers from the report: full-cache selectors use /kv/full_attention_bytes, hysparse its /kv row.
+        for label in ("oracle", "oracle:group=sum"):
+            if label in r.data["selectors"]:
+                assert_same(self, r.data["selectors"][label]["kv_bytes"], np.full(3, full), label)
+        assert_same(self, r.data["selectors"]["hysparse"]["kv_bytes"], np.full(3, hys), "hysparse /kv")
+        self.assertTrue(r.data["selectors"]["hysparse"]["source"].startswith("/kv/kv_bytes[hysparse"))
+        # The Pareto frontier, by brute force: no other point with no more bytes and at least the recall.
+        labels = h5_attr(self.f["axes/budget"], "labels")
+        frontier = sorted((lab, labels[bi]) for lab, bi, x, y in points
+                          if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for _, _, x2, y2 in points))
+        got = sorted((lab, b) for lab, b, _, _ in r.data["frontier"])
+        # Ties (the same bytes and recall) keep one point only.
+        self.assertTrue(set(got) <= set(frontier) and len({(x, y) for _, _, x, y in r.data["frontier"]}) ==
+                        len({(x, y) for lab, bi, x, y in points if (lab, labels[bi]) in frontier}), (got, frontier))
+        fp = lines["frontier-points"]
+        assert_same(self, fp.get_xdata(), [x for _, _, x, _ in r.data["frontier"]], "frontier x")
+        assert_same(self, fp.get_ydata(), [y for _, _, _, y in r.data["frontier"]], "frontier y")
+        self.assertEqual(r.figure.axes[0].get_xscale(), "log")
+        full_line = lines["full-kv"]
+        self.assertEqual(float(full_line.get_xdata()[0]), full)
+        for word in (f"T = {T} tokens", "kv_metadata_bytes_per_token_per_kv_head", "Pareto frontier",
+                     "/kv/full_attention_bytes", "/kv/kv_bytes[hysparse"):
+            self.assertIn(word, r.caption)
+
     def test_summary_ranking(self):
         for bi in range(len(self.rep.budgets)):
             rows = ranked_table(self.rep, bi)
@@ -428,6 +642,97 @@ class FigureDataTest(unittest.TestCase):
             self.assertEqual(lines["mean:hysparse"].get_color(), "#D55E00")
 
 
+class KvFigureTest(unittest.TestCase):
+    """Selectors that keep, evict or split the cache; sparsity budgets; standalone KV reports."""
+
+    def check_recall_vs_kv(self, path: Path):
+        rep = load_report(path)
+        r = figs.build(rep, "recall_vs_kv")
+        self.assertIsNotNone(r)
+        with h5py.File(path, "r") as f:
+            for label in h5_attr(f["selectors"], "order"):
+                kv_b, meta = expected_kv_bytes(f, label)
+                d = r.data["selectors"][label]
+                np.testing.assert_allclose(d["kv_bytes"], kv_b, rtol=1e-12, err_msg=label)
+                np.testing.assert_allclose(d["metadata_bytes"], meta, rtol=1e-12, err_msg=label)
+                assert_same(self, d["recall"], f["selectors"][label]["model_mass_recall_mean"][()], label)
+        return rep, r
+
+    def test_proxy_selectors(self):
+        rep, r = self.check_recall_vs_kv(Fixtures.kvsel)
+        d = r.data["selectors"]
+        self.assertEqual(set(d), set(rep.selector_order), r.data["skipped"])
+        self.assertEqual({k: d[k]["rule"] for k in ("quest", "h2o", "snapkv", "duo", "hysparse")},
+                         {"quest": "full", "h2o": "evict", "snapkv": "evict-prompt", "duo": "head-split",
+                          "hysparse": "hybrid"})
+        # hysparse:window=64 is not the /kv hysparse row (window 128): the formula, said so.
+        self.assertTrue(d["hysparse"]["source"].startswith("formula"), d["hysparse"]["source"])
+        self.assertGreater(float(d["quest"]["metadata_bytes"][0]), 0.0)
+        self.assertGreater(float(d["h2o"]["metadata_bytes"][0]), 0.0)
+        self.assertIn("quest", r.caption)
+        self.assertIn("after the prompt", r.caption)
+
+    def test_sparsity_budgets(self):
+        self.check_recall_vs_kv(Fixtures.sparsity)
+
+    def test_kv_report_figure(self):
+        for path in (Fixtures.kv, Fixtures.kv2):
+            rep = load_report(path)
+            self.assertIsNone(figs.build(rep, "recall_vs_kv"))
+            r = figs.build(rep, "kv_memory")
+            lines = {l.get_gid(): l for l in r.figure.axes[0].get_lines() if l.get_gid()}
+            with h5py.File(path, "r") as f:
+                methods = h5_strings(f["method"])
+                for i, m in enumerate(methods):
+                    assert_same(self, lines[f"kv:{m}"].get_ydata(), f["resident_bytes"][i], m)
+                    assert_same(self, lines[f"kv:{m}"].get_xdata(), f["context"][()], m)
+                    if m != "full":
+                        self.assertEqual(r.data["ratio_at_largest"][m], f["ratio_to_full"][i, -1])
+                self.assertIn(h5_attr(f, "kv_dtype"), r.caption)
+            w, _ = r.figure.get_size_inches()
+            self.assertEqual(round(w, 2), figs.SINGLE_COLUMN_IN)
+
+    def test_minimal_kv_table(self):
+        """A /kv group with resident_bytes only (no ratio, no attributes): the ratio is full / resident, and the
+        Pareto view prices from /capture (bf16) since T is not among the contexts."""
+        path = Fixtures.work / "minimal_kv.h5"
+        shutil.copy(Fixtures.tokens, path)
+        with h5py.File(path, "r+") as f:
+            del f["kv"]
+            g = f.create_group("kv")
+            g.create_dataset("method", data=np.array(["full", "hysparse"], dtype=h5py.string_dtype()))
+            g.create_dataset("context", data=np.array([4096, 32768], dtype=np.int64))
+            g.create_dataset("resident_bytes", data=np.array([[400, 3200], [100, 640]], dtype=np.int64))
+        rep = load_report(path)
+        r = figs.build(rep, "kv_memory")
+        self.assertEqual(r.data["ratio_at_largest"]["hysparse"], 3200 / 640)
+        p = figs.build(rep, "recall_vs_kv")
+        with h5py.File(path, "r") as f:
+            for label in rep.selector_order:
+                kv_b, meta = expected_kv_bytes_without_kv(f, label)
+                np.testing.assert_allclose(p.data["selectors"][label]["kv_bytes"], kv_b, rtol=1e-12, err_msg=label)
+                self.assertTrue(p.data["selectors"][label]["source"].startswith("formula"), label)
+
+
+def expected_kv_bytes_without_kv(f, label):
+    """expected_kv_bytes for a report whose /kv table has no attributes: bf16 K and V from /capture."""
+    cap = f["capture"]
+    bpt = 2 * int(h5_attr(cap, "num_kv_heads")) * int(h5_attr(cap, "head_dim")) * 2
+
+    class _View:  # the report with bytes_per_token_per_layer as a /kv attribute would have it
+        def __init__(self, f):
+            self.f = f
+
+        def __getitem__(self, key):
+            return _Attrs(bpt) if key == "kv" else self.f[key]
+
+    class _Attrs:
+        def __init__(self, v):
+            self.attrs = {"bytes_per_token_per_layer": np.int64(v)}
+
+    return expected_kv_bytes(_View(f), label)
+
+
 class CliTest(unittest.TestCase):
     """python3 -m analysis: files, formats, metadata, summary, exit codes."""
 
@@ -452,6 +757,11 @@ class CliTest(unittest.TestCase):
             self.assertTrue(raw.startswith(b"%PDF-"), f"{name}.pdf magic")
             self.assertIn(b"%%EOF", raw[-64:], f"{name}.pdf end")
             self.assertIn(sha.encode(), raw, f"{name}.pdf metadata has the git sha")
+            box = re.search(rb"/MediaBox \[ *0 0 ([0-9.]+) ([0-9.]+) *\]", raw)
+            self.assertIsNotNone(box, f"{name}.pdf has no page box")
+            self.assertIn(round(float(box.group(1)) / 72, 2), (figs.SINGLE_COLUMN_IN, figs.DOUBLE_COLUMN_IN),
+                          f"{name}.pdf page width {box.group(1)} pt")
+            self.assertTrue(1.0 <= float(box.group(2)) / 72 <= 8.0, f"{name}.pdf page height {box.group(2)} pt")
             self.assertGreater(len(raw), 2000)
         for name in expect_skipped:
             self.assertFalse((out / f"{name}.png").exists(), name)
@@ -493,6 +803,36 @@ class CliTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.check_outputs(Fixtures.lean, out, ["recall_vs_budget", "layer_heatmap", "hysparse_distance",
                                                 "head_boxplot"], ["reuse_matrix", "output_error"])
+
+    def test_kv_report(self):
+        """A standalone KV report: only the KV figure, a summary with the KV table; --budget is refused."""
+        out = Fixtures.work / "out_kvreport"
+        proc = run_cli(Fixtures.kv, "--out", out)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        summary = self.check_outputs(Fixtures.kv, out, ["kv_memory"])
+        # The replay figures do not apply (and are not listed as "not drawn").
+        self.assertEqual(sorted(p.name for p in out.iterdir()), ["kv_memory.pdf", "kv_memory.png", "summary.md"])
+        self.assertIn("# hysparse KV report: kv.h5", summary)
+        self.assertIn("## KV accounting", summary)
+        with h5py.File(Fixtures.kv, "r") as f:
+            last = f["resident_bytes"][2, -1]
+            self.assertIn(f"| hysparse | {int(f['context'][-1])} | {summary_bytes(last)} |", summary)
+        self.assertNotIn("not drawn", summary)
+        proc = run_cli(Fixtures.kv, "--out", out, "--budget", "256")
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+        self.assertIn("does not apply to a KV-accounting report", proc.stderr)
+
+    def test_kv_selector_table(self):
+        out = Fixtures.work / "out_kvsel"
+        proc = run_cli(Fixtures.kvsel, "--out", out)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        summary = self.check_outputs(Fixtures.kvsel, out, ["recall_vs_kv", "kv_memory"], ["output_error"])
+        self.assertIn("## KV bytes per selector", summary)
+        with h5py.File(Fixtures.kvsel, "r") as f:
+            kv_b, meta = expected_kv_bytes(f, "h2o")
+            r = f["selectors/h2o/model_mass_recall_mean"][()]
+        self.assertIn(f"{summary_bytes(kv_b[0] + meta[0])} (R {r[0]:.3f})", summary)
 
     def test_bad_options(self):
         out = Fixtures.work / "out_bad"
@@ -541,7 +881,21 @@ class BadInputTest(unittest.TestCase):
         with h5py.File(p, "w") as f:
             f.attrs["format"] = "netcdf-thing"
             f.attrs["format_version"] = 1
-        self.expect_error(p, "format is 'netcdf-thing'")
+        self.expect_error(p, "format is 'netcdf-thing'", "format='hysparse-report' or 'hysparse-kv-report'")
+
+    def test_kv_report_unknown_version(self):
+        p = Fixtures.work / "kv_v2.h5"
+        shutil.copy(Fixtures.kv, p)
+        with h5py.File(p, "r+") as f:
+            f.attrs["format_version"] = np.int64(2)
+        self.expect_error(p, "format_version 2 is not supported", "expected format_version 1")
+
+    def test_kv_report_without_table(self):
+        p = Fixtures.work / "kv_empty.h5"
+        with h5py.File(Fixtures.kv, "r") as src, h5py.File(p, "w") as dst:
+            for k, v in src.attrs.items():
+                dst.attrs[k] = v
+        self.expect_error(p, "missing dataset 'method'", "hysparse-kv-report")
 
     def test_capture_is_not_a_report(self):
         self.expect_error(Fixtures.capture, "hysparse capture, not a report")
@@ -580,7 +934,7 @@ def main() -> int:
     workdir = args.workdir or tempfile.gettempdir()
     suite = unittest.TestSuite()
     loader = unittest.TestLoader()
-    for case in (LoaderTest, FigureDataTest, CliTest, BadInputTest):
+    for case in (LoaderTest, KvReportLoaderTest, FigureDataTest, KvFigureTest, CliTest, BadInputTest):
         suite.addTests(loader.loadTestsFromTestCase(case))
     try:
         Fixtures.build(args.hysparse, workdir)
