@@ -20,6 +20,14 @@ expect synth-bad-heads 2 'not a multiple' -- "$HYSPARSE" synth -o "$WORK/bad.h5"
 expect synth-bad-dtype 2 'dtype' -- "$HYSPARSE" synth -o "$WORK/bad.h5" --dtype int8
 expect synth-unwritable 4 'not writable|does not exist' -- "$HYSPARSE" synth -o /nonexistent-dir/x.h5
 expect inspect 0 'valid hysparse capture' -- "$HYSPARSE" inspect "$WORK/s.h5"
+expect replay 0 'wrote' -- "$HYSPARSE" replay "$WORK/s.h5" -o "$WORK/r.h5" --budget 16,32 --block 16 -q
+expect replay-bad-selector 2 "unknown selector 'bogus'" -- "$HYSPARSE" replay "$WORK/s.h5" -o "$WORK/bad.h5" --selectors bogus
+[[ -e "$WORK/bad.h5" ]] && { echo "FAIL replay-bad-selector left a report"; failures=$((failures + 1)); }
+if "$HYSPARSE" info | grep -q "CUDA devices  none"; then
+  # No usable GPU: asking for one is an error (exit 6), never a silent CPU run.
+  expect replay-cuda-without-gpu 6 'device error' -- "$HYSPARSE" replay "$WORK/s.h5" -o "$WORK/gpu.h5" --device cuda
+  [[ -e "$WORK/gpu.h5" ]] && { echo "FAIL replay-cuda-without-gpu left a report"; failures=$((failures + 1)); }
+fi
 expect inspect-missing 3 'cannot open' -- "$HYSPARSE" inspect "$WORK/missing.h5"
 echo "this is not hdf5" > "$WORK/text.h5"
 expect inspect-not-hdf5 3 'not an HDF5 file' -- "$HYSPARSE" inspect "$WORK/text.h5"
