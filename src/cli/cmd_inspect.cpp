@@ -2,6 +2,7 @@
 
 #include "capture/capture.hpp"
 #include "cli/commands.hpp"
+#include "common/interrupt.hpp"
 
 namespace hysparse::cli {
 namespace {
@@ -50,6 +51,7 @@ void add_inspect_command(CLI::App& app) {
     fmt::print("\n{:>5}  {:<9} {:<3} {:<3} {:<3} {:<4} {:<5} {:<17}  {}\n", "layer", "dtype", "q", "k", "v", "attn", "sinks",
                "type", "value statistics");
     for (std::int64_t i = 0; i < h.num_layers; ++i) {
+      check_interrupted();
       const LayerInfo& info = reader.layer(i);
       std::string stats;
       if (!*header_only) {

@@ -601,7 +601,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     std::exception_ptr failure;
 #pragma omp parallel for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < Hkv * tiles; ++item) {
-      if (failure) continue;
+      if (failure || interrupted()) continue;  // a signal stops the layer at the next tile
       try {
         Workspace& ws = workspaces[static_cast<std::size_t>(omp_get_thread_num())];
         const std::int64_t g = item / tiles, tile_index = item % tiles;
@@ -893,6 +893,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
       }
     }
     if (failure) std::rethrow_exception(failure);
+    check_interrupted();
 
     // Reduce the layer.
     if (reuse_enabled) {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "common/interrupt.hpp"
 #include "common/random.hpp"
 
 namespace hysparse {
@@ -113,6 +114,7 @@ void generate_synthetic(const SynthOptions& o,
 
   LayerState state;
   for (std::int64_t layer = 0; layer < o.num_layers; ++layer) {
+    check_interrupted();
     const bool first = layer == 0;
     auto rng_for = [&](Stream s) { return Rng(mix_seed(o.seed, static_cast<std::uint64_t>(layer), s)); };
 

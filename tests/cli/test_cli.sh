@@ -34,5 +34,21 @@ expect inspect-not-hdf5 3 'not an HDF5 file' -- "$HYSPARSE" inspect "$WORK/text.
 head -c 3000 "$WORK/s.h5" > "$WORK/truncated.h5"
 expect inspect-truncated 3 'truncated|corrupted|cannot' -- "$HYSPARSE" inspect "$WORK/truncated.h5"
 
+# SIGINT and SIGTERM stop a real replay with exit 7 and leave no report, not even a partial one.
+"$HYSPARSE" synth -o "$WORK/long.h5" --layers 6 --seq-len 4096 --head-dim 64 > /dev/null
+for signal in INT TERM; do
+  "$HYSPARSE" replay "$WORK/long.h5" -o "$WORK/killed.h5" --selectors all -q > /dev/null 2>&1 &
+  victim=$!
+  sleep 1
+  kill -"$signal" "$victim"
+  wait "$victim"
+  rc=$?
+  if [[ $rc -ne 7 ]] || compgen -G "$WORK/killed.h5*" > /dev/null; then
+    echo "FAIL replay-sig$signal: exit $rc (expected 7) or a report was left"; failures=$((failures + 1))
+  else
+    pass=$((pass + 1))
+  fi
+done
+
 echo "cli tests: $pass passed, $failures failed"
 [[ $failures -eq 0 ]]
