@@ -53,6 +53,10 @@ class QuestSelector final : public Selector {
   }
 
   void rank(const RankContext& c, Rankings& out) override {
+    if (c.layer < dense_) {  // a dense layer attends everything: no page bounds, no ranking
+      out.reset(c.group_size, c.rows, 0);
+      return;
+    }
     const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
     out.reset(c.group_size, c.rows, v.num_blocks);
