@@ -8,6 +8,7 @@
 #include "backend/backend.hpp"
 #include "capture/capture.hpp"
 #include "catch.hpp"
+#include "replay_test_support.hpp"
 #include "common/error.hpp"
 #include "common/random.hpp"
 #include "kv/footprint.hpp"
@@ -18,6 +19,10 @@
 #include "replay/selector.hpp"
 
 using namespace hysparse;
+using hysparse::test::replay_capture;
+using hysparse::test::replay_options;
+using hysparse::test::sparsities;
+using hysparse::test::tokens;
 namespace ref = hysparse::reference;
 
 namespace {
@@ -29,34 +34,9 @@ constexpr double kOutputTolerance = 2e-5;
 // (both sides decide on float64 probabilities, summed in different orders).
 constexpr double kThresholdMargin = 1e-12;
 
-std::string temp_path(const std::string& name) { return std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_" + name + ".h5"; }
 
-ReplayResult replay(const Capture& capture, const std::string& name, ReplayOptions options) {
-  const std::string path = temp_path(name);
-  write_capture(path, capture);
-  const auto backend = make_cpu_backend();
-  return run_replay(path, options, *backend, false);
-}
 
-ReplayOptions options_for(const std::string& selectors, const std::vector<Budget>& budgets) {
-  ReplayOptions o;
-  o.selectors = parse_selector_list(selectors);
-  o.budgets = budgets;
-  o.reuse_budget = 0;
-  o.tile_rows = 7;  // several tiles per group, rows split unevenly
-  return o;
-}
 
-std::vector<Budget> tokens(std::initializer_list<double> values) {
-  std::vector<Budget> b;
-  for (double v : values) b.push_back({Budget::Kind::kTokens, v});
-  return b;
-}
-std::vector<Budget> sparsities(std::initializer_list<double> values) {
-  std::vector<Budget> b;
-  for (double v : values) b.push_back({Budget::Kind::kSparsity, v});
-  return b;
-}
 
 double nearest_rank(std::vector<double> v, double q) {
   std::sort(v.begin(), v.end());
@@ -192,9 +172,9 @@ TEST_CASE("quest: a hand-computed page bound and page choice", "[proxies]") {
     t.k.push_back(static_cast<float>(j) * 0.1f);
   }
   c.layers.push_back(t);
-  ReplayOptions o = options_for("quest:block=2,dense=0", tokens({4}));
+  ReplayOptions o = replay_options("quest:block=2,dense=0", tokens({4}));
   o.queries = "last:1";
-  const ReplayResult r = replay(c, "quest_hand", o);
+  const ReplayResult r = replay_capture(c, "proxies_quest_hand", o);
   const std::vector<double> p = ref::naive_probabilities(c, 0, 0, 7);
   const double expected = p[2] + p[3] + p[6] + p[7];
   CHECK(r.selectors[0].head_mean[kMassRecall].at(0, 0, 0) == Approx(expected).margin(1e-7));
@@ -232,9 +212,9 @@ TEST_CASE("moba: scores are q . mean(K_block), the current block first", "[proxi
   t.q.assign(5, 1.0f);
   t.k = {1.0f, 3.0f, -2.0f, 0.0f, 5.0f};
   c.layers.push_back(t);
-  ReplayOptions o = options_for("moba:block=2", tokens({4}));
+  ReplayOptions o = replay_options("moba:block=2", tokens({4}));
   o.queries = "last:1";
-  const ReplayResult r = replay(c, "moba_hand", o);
+  const ReplayResult r = replay_capture(c, "proxies_moba_hand", o);
   const std::vector<double> p = ref::naive_probabilities(c, 0, 0, 4);
   CHECK(r.selectors[0].head_mean[kMassRecall].at(0, 0, 0) == Approx(p[0] + p[1] + p[4]).margin(1e-7));
   CHECK(r.selectors[0].head_mean[kAttendedKeys].at(0, 0, 0) == 3.0);
@@ -244,7 +224,7 @@ TEST_CASE("moba with block 1 (current block not forced) equals the token-level o
   ref::Shape shape;
   shape.seq_len = 60;
   const Capture capture = ref::random_capture(shape, test::seed() + 102);
-  const ReplayResult r = replay(capture, "moba_oracle", options_for("oracle:block=1,moba:block=1,current=0", tokens({1, 4, 16, 64})));
+  const ReplayResult r = replay_capture(capture, "proxies_moba_oracle", replay_options("oracle:block=1,moba:block=1,current=0", tokens({1, 4, 16, 64})));
   for (std::uint64_t b = 0; b < 4; ++b) {
     for (std::uint64_t l = 0; l < 2; ++l) {
       for (std::uint64_t h = 0; h < 4; ++h) {
@@ -265,8 +245,8 @@ TEST_CASE("reuse from a layer to itself equals the oracle", "[proxies][propertie
   const Capture capture = ref::random_capture(shape, test::seed() + 103);
   // Every layer a selection layer attending its own exact top-k: the per-head (group none) selection is
   // the oracle's, and with group sum the shared oracle's.
-  const ReplayResult r = replay(capture, "reuse_self",
-                                options_for("oracle:block=1,reuse:layers=0+1+2,anchor=topk,group=none,"
+  const ReplayResult r = replay_capture(capture, "proxies_reuse_self",
+                                replay_options("oracle:block=1,reuse:layers=0+1+2,anchor=topk,group=none,"
                                             "oracle:block=4,group=sum,reuse:layers=0+1+2,anchor=topk,block=4",
                                             tokens({4, 8, 20})));
   for (std::uint64_t b = 0; b < 3; ++b) {
@@ -286,7 +266,7 @@ TEST_CASE("oracle_topp: every row reaches p with the fewest keys, whatever the b
   shape.seq_len = 80;
   shape.sinks = true;
   const Capture capture = ref::random_capture(shape, test::seed() + 104);
-  const ReplayResult r = replay(capture, "topp", options_for("oracle_topp:p=0.8,oracle_topp:p=0.95,sinks=2", tokens({8, 32})));
+  const ReplayResult r = replay_capture(capture, "proxies_topp", replay_options("oracle_topp:p=0.8,oracle_topp:p=0.95,sinks=2", tokens({8, 32})));
   for (const auto& s : r.selectors) {
     INFO(s.spec);
     CHECK(s.budget_use == BudgetUse::kFree);
@@ -311,12 +291,12 @@ TEST_CASE("proxies match the float64 reference in full replays: quest, moba, reu
     shape.seq_len = 90;
     shape.layer_correlation = 0.7;
     const Capture capture = ref::random_capture(shape, test::seed() + 111);
-    ReplayOptions o = options_for(
+    ReplayOptions o = replay_options(
         "quest:block=4,dense=1,quest:block=8,dense=0,moba:block=8,moba:block=4,current=0,"
         "reuse:layers=0+2,reuse:layers=1,block=4,group=max,score=prob,sinks=2,window=3,reuse:layers=0,group=none,anchor=topk,"
         "oracle_topp,oracle_topp:p=0.5,block=4,sinks=1,window=2",
         tokens({4, 16, 40}));
-    const ReplayResult r = replay(capture, "parity_a", o);
+    const ReplayResult r = replay_capture(capture, "proxies_parity_a", o);
     ref::RefProxy q1 = make_ref("quest", 4), q2 = make_ref("quest", 8), m1 = make_ref("moba", 8), m2 = make_ref("moba", 4);
     q1.dense = 1;
     m2.current = false;
@@ -347,10 +327,10 @@ TEST_CASE("proxies match the float64 reference in full replays: quest, moba, reu
       shape.seq_len = 57;
       shape.sinks = true;
       const Capture capture = ref::random_capture(shape, test::seed() + 112 + static_cast<std::uint64_t>(q_heads));
-      ReplayOptions o = options_for("quest:block=4,dense=0,moba:block=4,reuse:layers=0,group=sum,block=2,oracle_topp:p=0.7",
+      ReplayOptions o = replay_options("quest:block=4,dense=0,moba:block=4,reuse:layers=0,group=sum,block=2,oracle_topp:p=0.7",
                                     sparsities({0.9, 0.6, 0.2}));
       o.queries = "stride:4";
-      const ReplayResult r = replay(capture, "parity_b_" + std::to_string(q_heads), o);
+      const ReplayResult r = replay_capture(capture, "proxies_parity_b_" + std::to_string(q_heads), o);
       ref::RefProxy q = make_ref("quest", 4), u = make_ref("reuse", 2), t = make_ref("oracle_topp", 1);
       u.layers = {0};
       t.p = 0.7;
@@ -366,7 +346,7 @@ TEST_CASE("proxies match the float64 reference in full replays: quest, moba, reu
     shape.seq_len = 40;
     shape.logit_scale = 1.0;
     const Capture capture = ref::random_capture(shape, test::seed() + 113);
-    const ReplayResult r = replay(capture, "parity_ties", options_for("quest:block=4,dense=0,moba:block=4", tokens({4, 12})));
+    const ReplayResult r = replay_capture(capture, "proxies_parity_ties", replay_options("quest:block=4,dense=0,moba:block=4", tokens({4, 12})));
     compare_proxy(r, 0, capture, make_ref("quest", 4));
     compare_proxy(r, 1, capture, make_ref("moba", 4));
   }
@@ -377,17 +357,17 @@ TEST_CASE("budgets below a selector's block are NaN, not an error; dense attn la
   shape.seq_len = 40;
   shape.dense_layers = {1};
   const Capture capture = ref::random_capture(shape, test::seed() + 114);
-  ReplayOptions o = options_for("oracle:block=1,moba:block=16", tokens({8, 32}));
+  ReplayOptions o = replay_options("oracle:block=1,moba:block=16", tokens({8, 32}));
   o.queries = "last:5";
-  CHECK_THROWS_AS(replay(capture, "dense_moba", o), Error);
+  CHECK_THROWS_AS(replay_capture(capture, "proxies_dense_moba", o), Error);
   o.selectors = parse_selector_list("oracle:block=1,oracle:block=16,reuse:layers=0,block=16");
-  const ReplayResult r = replay(capture, "below_block", o);
+  const ReplayResult r = replay_capture(capture, "proxies_below_block", o);
   CHECK(std::isnan(r.selectors[1].model_mean[kMassRecall].values[0]));
   CHECK(!std::isnan(r.selectors[1].model_mean[kMassRecall].values[1]));
   CHECK(std::isnan(r.selectors[2].model_mean[kMassRecall].values[0]));
   // Selectors that need only probabilities also run on dense attn layers.
   o.selectors = parse_selector_list("oracle_topp,snapkv:observe=4,h2o,duo:sinks=1,recent=2");
-  const ReplayResult dense = replay(capture, "dense_ok", o);
+  const ReplayResult dense = replay_capture(capture, "proxies_dense_ok", o);
   for (const auto& s : dense.selectors) {
     INFO(s.spec);
     CHECK(s.layer_mean[kMassRecall].at(1, 1) > 0.0);
@@ -548,14 +528,14 @@ TEST_CASE("proxies match the float64 reference in full replays: nsa, infllm, sna
     shape.layers = 2;
     shape.seq_len = 96;
     const Capture capture = ref::random_capture(shape, test::seed() + 131);
-    ReplayOptions o = options_for(
+    ReplayOptions o = replay_options(
         "nsa:block=8,cmp=4,stride=2,window=6,nsa:block=8,cmp=8,stride=4,window=0,initial=2,local=1,sinks=2,"
         "infllm:block=8,sinks=3,window=12,repr=2,infllm:block=4,sinks=0,window=0,repr=1,"
         "snapkv:observe=8,kernel=3,snapkv:observe=4,kernel=5,pool=avg,group=sum,prompt=60,"
         "h2o,h2o:recent=25,group=none",
         tokens({8, 24, 48}));
     o.queries = "last:40";
-    const ReplayResult r = replay(capture, "parity_c", o);
+    const ReplayResult r = replay_capture(capture, "proxies_parity_c", o);
     ref::RefProxy n1 = make_ref("nsa", 8), n2 = make_ref("nsa", 8);
     n1.cmp = 4, n1.stride = 2, n1.window = 6;
     n2.cmp = 8, n2.stride = 4, n2.window = 0, n2.initial = 2, n2.local = 1, n2.sinks = 2;
@@ -582,9 +562,9 @@ TEST_CASE("proxies match the float64 reference in full replays: nsa, infllm, sna
     shape.seq_len = 48;
     shape.sinks = true;
     const Capture capture = ref::random_capture(shape, test::seed() + 132);
-    ReplayOptions o = options_for("nsa:block=4,cmp=4,stride=2,window=3,infllm:block=4,sinks=1,window=6,snapkv:observe=6,h2o:recent=50",
+    ReplayOptions o = replay_options("nsa:block=4,cmp=4,stride=2,window=3,infllm:block=4,sinks=1,window=6,snapkv:observe=6,h2o:recent=50",
                                   sparsities({0.8, 0.5}));
-    const ReplayResult r = replay(capture, "parity_d", o);
+    const ReplayResult r = replay_capture(capture, "proxies_parity_d", o);
     ref::RefProxy n = make_ref("nsa", 4), f = make_ref("infllm", 4), s = make_ref("snapkv", 1), e = make_ref("h2o", 1);
     n.cmp = 4, n.stride = 2, n.window = 3;
     f.sinks = 1, f.window = 6;
@@ -652,9 +632,9 @@ TEST_CASE("duo streams the heads that sinks and recent keys serve best, by hand"
     }
   }
   c.layers.push_back(t);
-  ReplayOptions o = options_for("duo:sinks=1,recent=1,streaming=50", tokens({4}));
+  ReplayOptions o = replay_options("duo:sinks=1,recent=1,streaming=50", tokens({4}));
   o.queries = "last:2";
-  const ReplayResult r = replay(c, "duo_hand", o);
+  const ReplayResult r = replay_capture(c, "proxies_duo_hand", o);
   CHECK(r.selectors[0].head_mean[kAttendedKeys].at(0, 0, 0) == 2.0);
   CHECK(r.selectors[0].head_mean[kAttendedKeys].at(0, 0, 1) == Approx(7.5));  // rows 6 and 7: 7 and 8 keys
   CHECK(r.selectors[0].head_mean[kMassRecall].at(0, 0, 0) == Approx(1.0).margin(1e-6));
@@ -667,9 +647,9 @@ TEST_CASE("low-rank and channel proxies at full rank equal the token-level oracl
   shape.kv_heads = 2;  // MHA: SparQ's group sum is the head itself
   shape.seq_len = 60;
   const Capture capture = ref::random_capture(shape, test::seed() + 141);
-  ReplayOptions o = options_for("oracle:block=1,doublesparsity:r=16,loki:r=16,sparq:r=16,local=0", tokens({2, 8, 30}));
+  ReplayOptions o = replay_options("oracle:block=1,doublesparsity:r=16,loki:r=16,sparq:r=16,local=0", tokens({2, 8, 30}));
   o.queries = "last:30";
-  const ReplayResult r = replay(capture, "full_rank", o);
+  const ReplayResult r = replay_capture(capture, "proxies_full_rank", o);
   for (std::size_t s = 1; s < 4; ++s) {
     INFO(r.selectors[s].spec);
     for (std::uint64_t b = 0; b < 3; ++b) {
@@ -686,9 +666,9 @@ TEST_CASE("magicpig with one hash bit samples (almost) every key and its estimat
   ref::Shape shape;
   shape.seq_len = 50;
   const Capture capture = ref::random_capture(shape, test::seed() + 142);
-  ReplayOptions o = options_for("magicpig:bits=1,tables=60,sinks=0,window=0,magicpig:bits=6,tables=10,sinks=2,window=4", tokens({8}));
+  ReplayOptions o = replay_options("magicpig:bits=1,tables=60,sinks=0,window=0,magicpig:bits=6,tables=10,sinks=2,window=4", tokens({8}));
   o.queries = "last:20";
-  const ReplayResult r = replay(capture, "magicpig_dense", o);
+  const ReplayResult r = replay_capture(capture, "proxies_magicpig_dense", o);
   CHECK(r.selectors[0].model_mean[kMassRecall].values[0] > 0.999);
   CHECK(r.selectors[0].model_mean[kOutputError].values[0] < 0.01);
   CHECK(r.selectors[1].model_mean[kAttendedKeys].values[0] < r.selectors[0].model_mean[kAttendedKeys].values[0]);
@@ -722,9 +702,9 @@ TEST_CASE("calibration uses held-out positions and is deterministic for a seed",
   shape.layers = 2;
   shape.seq_len = 64;
   const Capture capture = ref::random_capture(shape, test::seed() + 143);
-  ReplayOptions o = options_for("doublesparsity:calib=8,loki:calib=8,r=2,duo:calib=8,sinks=2,recent=4", tokens({4, 16}));
+  ReplayOptions o = replay_options("doublesparsity:calib=8,loki:calib=8,r=2,duo:calib=8,sinks=2,recent=4", tokens({4, 16}));
   o.seed = 11;
-  const ReplayResult r1 = replay(capture, "calib_1", o), r2 = replay(capture, "calib_2", o);
+  const ReplayResult r1 = replay_capture(capture, "proxies_calib_1", o), r2 = replay_capture(capture, "proxies_calib_2", o);
   for (std::size_t s = 0; s < 3; ++s) {
     CHECK(r1.selectors[s].head_mean[kMassRecall].values == r2.selectors[s].head_mean[kMassRecall].values);
     CHECK(r1.selectors[s].calibration.find("8 positions sampled (seed 11) from the first half [0, 32)") != std::string::npos);
@@ -741,7 +721,7 @@ TEST_CASE("proxies match the float64 reference in full replays: doublesparsity, 
     shape.seq_len = 80;
     shape.layer_correlation = 0.5;
     const Capture capture = ref::random_capture(shape, test::seed() + 151);
-    ReplayOptions o = options_for(
+    ReplayOptions o = replay_options(
         "doublesparsity,doublesparsity:r=3,channel=q,block=4,sinks=1,window=2,doublesparsity:r=5,channel=k,"
         "loki,loki:r=2,block=2,"
         "sparq,sparq:r=3,local=3,block=4,"
@@ -750,7 +730,7 @@ TEST_CASE("proxies match the float64 reference in full replays: doublesparsity, 
         tokens({4, 12, 32}));
     o.queries = "last:30";
     o.seed = 3;
-    const ReplayResult r = replay(capture, "parity_e", o);
+    const ReplayResult r = replay_capture(capture, "proxies_parity_e", o);
     ref::RefProxy d1 = make_ref("doublesparsity", 1), d2 = make_ref("doublesparsity", 4), d3 = make_ref("doublesparsity", 1);
     d2.r = 3, d2.channel = "q", d2.sinks = 1, d2.window = 2;
     d3.r = 5, d3.channel = "k";
@@ -775,11 +755,11 @@ TEST_CASE("proxies match the float64 reference in full replays: doublesparsity, 
     shape.seq_len = 40;
     shape.sinks = true;
     const Capture capture = ref::random_capture(shape, test::seed() + 152);
-    ReplayOptions o = options_for("doublesparsity:r=2,loki:r=3,sparq:r=2,magicpig:bits=2,tables=10,sinks=1,window=2,"
+    ReplayOptions o = replay_options("doublesparsity:r=2,loki:r=3,sparq:r=2,magicpig:bits=2,tables=10,sinks=1,window=2,"
                                   "duo:sinks=1,recent=4",
                                   sparsities({0.8, 0.4}));
     o.seed = 9;
-    const ReplayResult r = replay(capture, "parity_f", o);
+    const ReplayResult r = replay_capture(capture, "proxies_parity_f", o);
     ref::RefProxy d = make_ref("doublesparsity", 1), l = make_ref("loki", 1), s = make_ref("sparq", 1);
     ref::RefProxy m = make_ref("magicpig", 1), u = make_ref("duo", 1);
     d.r = 2, l.r = 3, s.r = 2;
@@ -830,10 +810,10 @@ TEST_CASE("selectors=all replays every registered selector with its defaults in 
   shape.layers = 3;
   shape.seq_len = 64;
   const Capture capture = ref::random_capture(shape, test::seed() + 161);
-  ReplayOptions o = options_for("all,oracle:block=16", tokens({16, 64}));
+  ReplayOptions o = replay_options("all,oracle:block=16", tokens({16, 64}));
   o.queries = "last:16";
   o.block_size = 16;
-  const ReplayResult r = replay(capture, "all", o);
+  const ReplayResult r = replay_capture(capture, "proxies_all", o);
   const std::vector<std::string> names = selector_names();
   REQUIRE(r.selectors.size() == names.size() + 1);
   for (std::size_t i = 0; i < names.size(); ++i) {

@@ -7,6 +7,7 @@
 #include "backend/backend.hpp"
 #include "capture/capture.hpp"
 #include "catch.hpp"
+#include "replay_test_support.hpp"
 #include "common/random.hpp"
 #include "kv/schedule.hpp"
 #include "reference/naive_replay.hpp"
@@ -14,6 +15,10 @@
 #include "replay/engine.hpp"
 
 using namespace hysparse;
+using hysparse::test::replay_capture;
+using hysparse::test::replay_options;
+using hysparse::test::sparsities;
+using hysparse::test::tokens;
 namespace ref = hysparse::reference;
 
 namespace {
@@ -31,7 +36,6 @@ constexpr double kPropertyTolerance = 1e-7;
 using ref::Shape;
 using ref::random_capture;
 
-std::string temp_path(const std::string& name) { return std::string(HYSPARSE_TEST_DATA_DIR) + "/parity_" + name + ".h5"; }
 
 double nearest_rank(std::vector<double> v, double q) {
   std::sort(v.begin(), v.end());
@@ -92,32 +96,8 @@ void compare_selector(const ReplayResult& result, std::size_t index, const Captu
   }
 }
 
-ReplayResult replay(const Capture& capture, const std::string& name, ReplayOptions options) {
-  const std::string path = temp_path(name);
-  write_capture(path, capture);
-  const auto backend = make_cpu_backend();
-  return run_replay(path, options, *backend, false);
-}
 
-ReplayOptions base_options(const std::string& selectors, const std::vector<Budget>& budgets) {
-  ReplayOptions o;
-  o.selectors = parse_selector_list(selectors);
-  o.budgets = budgets;
-  o.reuse_budget = 0;
-  o.tile_rows = 7;  // several tiles per group, rows split unevenly
-  return o;
-}
 
-std::vector<Budget> tokens(std::initializer_list<double> values) {
-  std::vector<Budget> b;
-  for (double v : values) b.push_back({Budget::Kind::kTokens, v});
-  return b;
-}
-std::vector<Budget> sparsities(std::initializer_list<double> values) {
-  std::vector<Budget> b;
-  for (double v : values) b.push_back({Budget::Kind::kSparsity, v});
-  return b;
-}
 
 ref::RefSelector oracle(std::int64_t block, std::string group = "none", std::int64_t sinks = 0, std::int64_t window = 0) {
   ref::RefSelector s;
@@ -155,13 +135,13 @@ TEST_CASE("replay matches the float64 reference on a random GQA capture", "[repl
   shape.layers = 3;
   shape.seq_len = 150;  // not a multiple of the block size
   const Capture capture = random_capture(shape, test::seed());
-  ReplayOptions options = base_options(
+  ReplayOptions options = replay_options(
       "oracle,oracle:group=sum,oracle:group=max,swa,swa:window=20,sinks=2,oracle:sinks=3,window=10,"
       "hysparse:block=16,window=8,hysparse:block=16,window=0,score=mass,group=sum",
       tokens({16, 48, 160}));
   options.block_size = 16;
   options.schedule = "FSS";
-  const ReplayResult result = replay(capture, "gqa", options);
+  const ReplayResult result = replay_capture(capture, "parity_gqa", options);
   REQUIRE(result.selectors.size() == 8);
   compare_selector(result, 0, capture, oracle(16));
   compare_selector(result, 1, capture, oracle(16, "sum"));
@@ -182,11 +162,11 @@ TEST_CASE("replay matches the reference for MHA and MQA with sparsity budgets an
     shape.sinks = true;
     CAPTURE(q_heads, kv_heads);
     const Capture capture = random_capture(shape, test::seed() + static_cast<std::uint64_t>(q_heads));
-    ReplayOptions options = base_options("oracle,oracle:group=sum,swa:sinks=1,hysparse:block=8,window=4",
+    ReplayOptions options = replay_options("oracle,oracle:group=sum,swa:sinks=1,hysparse:block=8,window=4",
                                          sparsities({0.9, 0.7, 0.5, 0.0}));
     options.block_size = 8;
     options.schedule = "FS";
-    const ReplayResult result = replay(capture, "mha_mqa_" + std::to_string(q_heads), options);
+    const ReplayResult result = replay_capture(capture, "parity_mha_mqa_" + std::to_string(q_heads), options);
     compare_selector(result, 0, capture, oracle(8));
     compare_selector(result, 1, capture, oracle(8, "sum"));
     compare_selector(result, 2, capture, swa(8, -1, 1));
@@ -200,9 +180,9 @@ TEST_CASE("replay matches the reference at token level (block 1), for a single t
     Shape shape;
     shape.seq_len = 37;
     const Capture capture = random_capture(shape, test::seed() + 11);
-    ReplayOptions options = base_options("oracle,swa,oracle:group=max", tokens({1, 5, 40}));
+    ReplayOptions options = replay_options("oracle,swa,oracle:group=max", tokens({1, 5, 40}));
     options.block_size = 1;
-    const ReplayResult result = replay(capture, "block1", options);
+    const ReplayResult result = replay_capture(capture, "parity_block1", options);
     compare_selector(result, 0, capture, oracle(1));
     compare_selector(result, 1, capture, swa(1, -1));
     compare_selector(result, 2, capture, oracle(1, "max"));
@@ -211,10 +191,10 @@ TEST_CASE("replay matches the reference at token level (block 1), for a single t
     Shape shape;
     shape.seq_len = 1;
     const Capture capture = random_capture(shape, test::seed() + 12);
-    ReplayOptions options = base_options("oracle,swa,hysparse:block=4", tokens({4, 8}));
+    ReplayOptions options = replay_options("oracle,swa,hysparse:block=4", tokens({4, 8}));
     options.block_size = 4;
     options.schedule = "FS";
-    const ReplayResult result = replay(capture, "single", options);
+    const ReplayResult result = replay_capture(capture, "parity_single", options);
     compare_selector(result, 0, capture, oracle(4));
     compare_selector(result, 1, capture, swa(4, -1));
     compare_selector(result, 2, capture, hysparse_ref(4, 128, "FS", 2));
@@ -226,11 +206,11 @@ TEST_CASE("replay matches the reference at token level (block 1), for a single t
     const Capture capture = random_capture(shape, test::seed() + 13);
     for (const std::string queries : {"last:17", "stride:9", "random:23"}) {
       CAPTURE(queries);
-      ReplayOptions options = base_options("oracle,swa", tokens({8, 32}));
+      ReplayOptions options = replay_options("oracle,swa", tokens({8, 32}));
       options.block_size = 8;
       options.queries = queries;
       options.seed = test::seed();
-      const ReplayResult result = replay(capture, "sampled", options);
+      const ReplayResult result = replay_capture(capture, "parity_sampled", options);
       compare_selector(result, 0, capture, oracle(8));
       compare_selector(result, 1, capture, swa(8, -1));
     }
@@ -244,11 +224,11 @@ TEST_CASE("replay resolves ties exactly as the reference (lower index first)", "
     shape.seq_len = 64;
     shape.logit_scale = 1.0;
     const Capture capture = random_capture(shape, test::seed() + 21);
-    ReplayOptions options = base_options("oracle,oracle:group=sum,oracle:sinks=2,window=5,hysparse:block=4,window=2",
+    ReplayOptions options = replay_options("oracle,oracle:group=sum,oracle:sinks=2,window=5,hysparse:block=4,window=2",
                                          tokens({4, 12, 28}));
     options.block_size = 4;
     options.schedule = "FS";
-    const ReplayResult result = replay(capture, "ties", options);
+    const ReplayResult result = replay_capture(capture, "parity_ties", options);
     compare_selector(result, 0, capture, oracle(4));
     compare_selector(result, 1, capture, oracle(4, "sum"));
     compare_selector(result, 2, capture, oracle(4, "none", 2, 5));
@@ -263,10 +243,10 @@ TEST_CASE("replay reads dense attn layers like q/k layers (mass metrics only)", 
   shape.dense_layers = {0, 2};
   shape.sinks = true;
   const Capture capture = random_capture(shape, test::seed() + 31);
-  ReplayOptions options = base_options("oracle,swa,hysparse:block=8,window=4", tokens({8, 24}));
+  ReplayOptions options = replay_options("oracle,swa,hysparse:block=8,window=4", tokens({8, 24}));
   options.block_size = 8;
   options.schedule = "FSS";
-  const ReplayResult result = replay(capture, "dense", options);
+  const ReplayResult result = replay_capture(capture, "parity_dense", options);
   compare_selector(result, 0, capture, oracle(8));
   compare_selector(result, 1, capture, swa(8, -1));
   compare_selector(result, 2, capture, hysparse_ref(8, 4, "FSS", 3));
@@ -278,11 +258,11 @@ TEST_CASE("selectors with different block sizes share one statistics pass (gcd) 
   shape.layers = 4;
   shape.seq_len = 130;
   const Capture capture = random_capture(shape, test::seed() + 41);
-  ReplayOptions options = base_options("oracle:block=8,hysparse:block=32,window=16,swa:window=24", tokens({32, 64}));
+  ReplayOptions options = replay_options("oracle:block=8,hysparse:block=32,window=16,swa:window=24", tokens({32, 64}));
   options.block_size = 16;
   options.reuse_budget = 48;
   options.schedule = "FSFS";
-  const ReplayResult result = replay(capture, "gcd", options);
+  const ReplayResult result = replay_capture(capture, "parity_gcd", options);
   compare_selector(result, 0, capture, oracle(8));
   compare_selector(result, 1, capture, hysparse_ref(32, 16, "FSFS", 4));
   compare_selector(result, 2, capture, swa(16, 24));
@@ -306,10 +286,10 @@ TEST_CASE("replay properties: full budget gives recall 1, the oracle bounds ever
   shape.seq_len = 96;
   shape.sinks = true;
   const Capture capture = random_capture(shape, test::seed() + 51);
-  ReplayOptions options = base_options("oracle,oracle:group=sum,swa,hysparse:block=8,window=8", tokens({8, 16, 32, 64, 96}));
+  ReplayOptions options = replay_options("oracle,oracle:group=sum,swa,hysparse:block=8,window=8", tokens({8, 16, 32, 64, 96}));
   options.block_size = 8;
   options.schedule = "FSS";
-  const ReplayResult result = replay(capture, "properties", options);
+  const ReplayResult result = replay_capture(capture, "parity_properties", options);
   const std::uint64_t last = result.budgets.size() - 1;
   for (const auto& s : result.selectors) {
     INFO(s.spec);
