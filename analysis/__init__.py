@@ -1,4 +1,4 @@
-"""Analysis of hysparse reports (replay and KV accounting): one loader, paper-ready figures and a Markdown summary.
+"""Analysis of hysparse reports (replay, sweep and KV accounting): one loader, paper-ready figures and a Markdown summary.
 
     from analysis import load_report          # analysis.report: the only module that uses h5py
     report = load_report("r.h5")
@@ -10,9 +10,9 @@ The names below are imported lazily, so ``python3 -m analysis`` can report missi
 (h5py, numpy, matplotlib) in one line instead of a traceback.
 """
 
-_EXPORTS = ("METRICS", "RECALL_QUANTILES", "REPORT_FORMAT", "KV_REPORT_FORMAT", "SUPPORTED_FORMAT_VERSIONS",
+_EXPORTS = ("METRICS", "RECALL_QUANTILES", "REPORT_FORMAT", "KV_REPORT_FORMAT", "SWEEP_FORMAT", "SUPPORTED_FORMAT_VERSIONS",
             "SUPPORTED_KV_FORMAT_VERSIONS", "Array", "Budgets", "KvTable", "Report", "ReportError", "Reuse",
-            "Selector", "load_report", "parse_spec")
+            "Selector", "SweepInstance", "SweepPoints", "SweepReport", "load_report", "load_sweep", "parse_spec")
 
 __all__ = list(_EXPORTS)
 

@@ -35,6 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.transforms import Bbox
 
 from .kvbytes import RULE_TEXT, pareto_frontier, selector_kv
 from .report import Report, Selector
@@ -903,6 +904,50 @@ def fig_kv_memory(report: Report) -> Optional[Rendered]:
     return Rendered("kv_memory", "KV-cache memory vs context", caption, fig, data)
 
 
+_LABEL_OFFSETS = ((6, -11), (6, 4), (-6, 4), (-6, -11), (0, 8), (0, -15), (10, -4), (-10, -4))
+
+
+def place_point_labels(fig: Figure, ax: Any, items: Sequence[Tuple[str, float, float, str]],
+                       avoid: Optional[np.ndarray] = None) -> List[Optional[Tuple[int, int]]]:
+    """Short labels (text, x, y, gid) next to circled points (a Pareto frontier), in data coordinates.
+
+    Each label goes to the first of eight offsets around its point where the drawn text (padded by 5 pt
+    sideways) stays inside the axes and overlaps no label placed before, no circled point (5.5 pt) and no
+    point of `avoid` ([n, 2] data coordinates, 3 pt); a point without such a place gets no label. Returns
+    the offset (points) of each label, or None."""
+    fig.canvas.draw()  # the final layout, so that data -> pixels holds
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    scale = fig.dpi / 72.0
+    centres = [(ax.transData.transform((x, y)), 5.5 * scale) for _, x, y, _ in items]
+    if avoid is not None and np.size(avoid):
+        a = np.asarray(avoid, dtype=np.float64).reshape(-1, 2)
+        a = a[np.all(np.isfinite(a), axis=1) & (a[:, 0] > 0 if ax.get_xscale() == "log" else True)]
+        centres += [(p, 3.0 * scale) for p in ax.transData.transform(a)] if a.size else []
+    placed: List[Any] = []
+    out: List[Optional[Tuple[int, int]]] = []
+    for text, x, y, gid in items:
+        t = ax.annotate(text, xy=(x, y), xytext=_LABEL_OFFSETS[0], textcoords="offset points", va="bottom",
+                        fontsize=FONT_PT, color="#555555", gid=gid)
+        choice = None
+        for dx, dy in _LABEL_OFFSETS:
+            t.set_position((dx, dy))
+            t.set_horizontalalignment("right" if dx < 0 else ("center" if dx == 0 else "left"))
+            tight = t.get_window_extent(renderer)
+            box = Bbox.from_extents(tight.x0 - 5 * scale, tight.y0 - scale, tight.x1 + 5 * scale, tight.y1 + scale)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            clear = not any(box.overlaps(b) for b in placed) and not any(
+                box.x0 - r < px < box.x1 + r and box.y0 - r < py < box.y1 + r for (px, py), r in centres)
+            if inside and clear:
+                choice = (dx, dy)
+                placed.append(box)
+                break
+        out.append(choice)
+        if choice is None:
+            t.remove()
+    return out
+
+
 def fig_recall_vs_kv(report: Report) -> Optional[Rendered]:
     """Pareto view: model mean recall of each selector at each budget vs the KV bytes it keeps per sequence."""
     acc = selector_kv(report)
@@ -928,7 +973,7 @@ def fig_recall_vs_kv(report: Report) -> Optional[Rendered]:
         ax.plot(x, recall, gid=f"kv:{label}", **st)
         data["selectors"][label] = {"bytes": x, "kv_bytes": sk.kv_bytes, "metadata_bytes": sk.metadata_bytes,
                                     "resident_tokens": sk.resident_tokens, "recall": recall, "rule": sk.rule,
-                                    "source": sk.source}
+                                    "source": sk.source, "origin": sk.origin}
         points += [(label, bi, float(x[bi]), float(recall[bi])) for bi in range(len(report.budgets))]
         all_x += list(x[np.isfinite(x)])
         all_y += list(recall[np.isfinite(recall)])
@@ -942,13 +987,8 @@ def fig_recall_vs_kv(report: Report) -> Optional[Rendered]:
         ax.step(fx, fy, where="post", color="#555555", linewidth=0.9, alpha=0.8, zorder=1, gid="frontier")
         ax.plot(fx, fy, linestyle="none", marker="o", markersize=9, markerfacecolor="none", markeredgecolor="#555555",
                 markeredgewidth=0.9, zorder=4, gid="frontier-points")
-        for n, (lab, bi, xb, yr) in enumerate(frontier):
-            last = n == len(frontier) - 1 and len(frontier) > 1  # at the right: label on the left
-            ax.annotate(report.budgets.labels[bi], xy=(xb, yr), xytext=(-5 if last else 5, -9),
-                        textcoords="offset points", ha="right" if last else "left", fontsize=FONT_PT,
-                        color="#555555", gid=f"frontier-label:{lab}:{bi}")
         handles.append(Line2D([], [], color="#555555", linewidth=0.9, marker="o", markersize=9, markerfacecolor="none"))
-        labels.append("Pareto frontier\n(budget next to it)")
+        labels.append("Pareto frontier (budget\nnext to it where room)")
     ax.axvline(acc.full_kv_bytes, color=FULL_KV_COLOUR, linestyle=":", linewidth=1.0, zorder=0, gid="full-kv")
     handles.append(Line2D([], [], color=FULL_KV_COLOUR, linestyle=":", linewidth=1.0))
     labels.append(f"full KV ({bytes_label(acc.full_kv_bytes)})")
@@ -957,38 +997,63 @@ def fig_recall_vs_kv(report: Report) -> Optional[Rendered]:
     ax.set_xlim(lo, hi)
     ylo, yhi = _finite_range(np.array(all_y))
     ax.set_ylim(max(0.0, ylo - 0.05), min(1.02, yhi + 0.04) if yhi <= 1.0 else yhi + 0.04)
+    if frontier:  # after the axes limits: labels where they fit
+        items = [(report.budgets.labels[bi], xb, yr, f"frontier-label:{lab}:{bi}") for lab, bi, xb, yr in frontier]
+        avoid = np.array([(p[2], p[3]) for p in points], dtype=np.float64)
+        data["frontier_label_offsets"] = place_point_labels(fig, ax, items, avoid)
     ax.set_xlabel(f"KV bytes kept per sequence at T = {tokens_label(acc.seq_len)} tokens (log2 scale)")
     ax.set_ylabel("mass recall R (model mean)")
     ax.set_title("Recall vs KV memory", loc="left")
     _legend_axes(fig, gs[0, 1], handles, labels)
-    # Caption: exactly what is counted.
-    by_rule: Dict[str, List[str]] = {}
-    for label, sk in acc.selectors.items():
-        by_rule.setdefault(sk.rule, []).append(label)
-    budget_word = "token budget" if report.budgets.is_tokens else "sparsity"
-    parts = []
-    for rule in RULE_TEXT:
-        if rule not in by_rule:
-            continue
-        members = by_rule[rule]
-        srcs = sorted({acc.selectors[l].source for l in members})
-        src = "" if srcs == ["formula"] else f" [{'; '.join(srcs)}]"
-        parts.append(f"{', '.join(members)}: {RULE_TEXT[rule]}{src}")
-    meta = [f"{l} {sk.metadata_per_token:g} B" for l, sk in acc.selectors.items() if sk.metadata_per_token > 0]
-    caption = (f"Model mean mass recall (over all layers, heads and query rows) of each selector at each {budget_word} "
-               f"against the KV cache it keeps for one sequence at the capture's length T = {acc.seq_len} tokens, "
-               f"when the last token is decoded: K and V in {acc.dtype} at {acc.bytes_per_token_per_layer:g} B per "
-               f"token per layer ({acc.bytes_source}; {acc.num_layers} layers x {acc.num_kv_heads} KV heads), "
-               "counting per layer and KV head: " + "; ".join(parts) + ". Plus resident metadata = "
-               "kv_metadata_bytes_per_token_per_kv_head x resident tokens x KV heads x layers"
-               + (f" ({', '.join(meta)} per token per KV head)" if meta else " (none of these selectors has any)")
-               + ". Not counted: activations, transient selection state (block scores, top-k indices), fixed-size "
-               f"gates. Dotted: full attention's K/V ({bytes_label(acc.full_kv_bytes)}, {acc.full_source}). "
-               "Circled and joined by the grey staircase: the Pareto frontier, the points that no other selector "
-               "or budget beats with at least the same recall for no more bytes.")
+    caption = _recall_vs_kv_caption(report, acc) + (
+        f" Dotted: full attention's K/V ({bytes_label(acc.full_kv_bytes)}, {acc.full_source}). "
+        "Circled and joined by the grey staircase: the Pareto frontier, the points that no other selector "
+        "or budget beats with at least the same recall for no more bytes, labelled with the budget where the "
+        "label fits.")
     if acc.skipped:
         caption += " Not priced: " + "; ".join(f"{l} ({why})" for l, why in acc.skipped.items()) + "."
     return Rendered("recall_vs_kv", "Recall vs KV memory (Pareto)", caption, fig, data)
+
+
+def _recall_vs_kv_caption(report: Report, acc: Any) -> str:
+    """What the x axis of recall_vs_kv counts: the report's kv_resident_bytes, or (older reports) the fallback."""
+    budget_word = "token budget" if report.budgets.is_tokens else "sparsity"
+    text = (f"Model mean mass recall (over all layers, heads and query rows) of each selector at each {budget_word} "
+            f"against the KV cache it keeps resident for one sequence at the capture's length T = {acc.seq_len} "
+            "tokens. ")
+    ours = acc.from_report()
+    if ours:
+        kinds: Dict[str, List[str]] = {}
+        for label in ours:
+            kinds.setdefault(acc.selectors[label].residency or "?", []).append(label)
+        text += ("KV bytes as the replay priced them from hysparse's footprint table (kv_resident_bytes: K and V "
+                 "in bf16 plus the selector's resident metadata, whole model, batch 1)"
+                 + ("" if len(ours) == len(acc.selectors) else f" for {', '.join(ours)}") + "; what is kept: "
+                 + "; ".join(f"{', '.join(m)}: {r}" for r, m in kinds.items()) + ". ")
+    fallback = acc.from_fallback()
+    if fallback:
+        by_rule: Dict[str, List[str]] = {}
+        for label in fallback:
+            by_rule.setdefault(acc.selectors[label].rule, []).append(label)
+        parts = []
+        for rule in RULE_TEXT:
+            if rule not in by_rule:
+                continue
+            members = by_rule[rule]
+            srcs = sorted({acc.selectors[l].origin for l in members})
+            src = "" if srcs == ["formula"] else f" [{'; '.join(srcs)}]"
+            parts.append(f"{', '.join(members)}: {RULE_TEXT[rule]}{src}")
+        meta = [f"{l} {acc.selectors[l].metadata_per_token:g} B" for l in fallback
+                if acc.selectors[l].metadata_per_token > 0]
+        text += ("Re-derived by the analysis package (FALLBACK for a report written before kv_resident_bytes): "
+                 f"when the last token is decoded, K and V in {acc.dtype} at {acc.bytes_per_token_per_layer:g} B "
+                 f"per token per layer ({acc.bytes_source}; {acc.num_layers} layers x {acc.num_kv_heads} KV heads), "
+                 "counting per layer and KV head: " + "; ".join(parts) + ". Plus resident metadata = "
+                 "kv_metadata_bytes_per_token_per_kv_head x resident tokens x KV heads x layers"
+                 + (f" ({', '.join(meta)} per token per KV head)" if meta else " (none of these selectors has any)")
+                 + ". ")
+    text += "Not counted: activations, transient selection state (block scores, top-k indices), fixed-size gates."
+    return text
 
 
 # name -> (builder, needs budget, needs layer)

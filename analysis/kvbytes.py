@@ -1,7 +1,17 @@
 """KV bytes each selector of a replay report keeps, per sequence, at the capture's length.
 
 `selector_kv(report)` prices every selector of a replay report at every budget, for the
-recall-vs-KV (Pareto) figure and the summary. Numbers come from the report where it has them:
+recall-vs-KV (Pareto) figure and the summary.
+
+One source of truth: reports of current tools carry ``/selectors/<label>/kv_resident_bytes``
+[budget] (K/V in bf16 plus the selector's metadata, whole model, batch 1, at the capture's
+length, computed in C++ from the one footprint table) and ``/selectors`` attribute
+``kv_full_bytes``. Those numbers are used as they are (``SelectorKv.source == "report"``).
+
+FALLBACK, for older reports without ``kv_resident_bytes`` only (``source == "fallback"``,
+said so in captions and the summary): the bytes are re-derived here from the selector
+attributes, following the README's residency rules. This re-derivation is not maintained
+against new selectors; a selector whose ``kv_residency`` it does not know is left out.
 
 - bytes of one token's K and V in one layer: ``/kv`` attribute ``bytes_per_token_per_layer``
   (the KV dtype of the /kv table, bf16 for replay reports); without /kv,
@@ -56,19 +66,31 @@ RULE_TEXT = {
 
 @dataclass(frozen=True, eq=False)
 class SelectorKv:
-    """One selector's KV bytes per sequence at T, per budget (float64 arrays over the budget axis)."""
+    """One selector's resident KV bytes per sequence at T, per budget (float64 arrays over the budget axis).
+
+    ``resident_bytes`` (K/V + metadata) is the number to plot. From the report (``source == "report"``)
+    it is ``kv_resident_bytes`` as written; the breakdown fields are then None. From the fallback
+    (``source == "fallback"``) it is ``kv_bytes + metadata_bytes`` and ``rule`` names the residency rule.
+    """
 
     label: str
-    rule: str                     # a RULE_TEXT key: full, hybrid, window, evict, evict-prompt, head-split
-    resident_tokens: np.ndarray   # tokens held, summed over layers and KV heads
-    kv_bytes: np.ndarray          # K and V bytes
-    metadata_bytes: np.ndarray    # kv_metadata_bytes_per_token_per_kv_head x resident_tokens
-    metadata_per_token: float     # the selector's kv_metadata_bytes_per_token_per_kv_head
-    source: str                   # where kv_bytes comes from: a /kv dataset, or "formula"
+    resident_bytes: np.ndarray            # K/V + resident metadata, bytes
+    source: str                           # "report" | "fallback"
+    origin: str                           # the dataset used ("/selectors/x/kv_resident_bytes", "/kv/...") or "formula"
+    residency: str                        # the selector's kv_residency attribute (what one KV head holds), or ""
+    metadata_per_token: float             # the selector's kv_metadata_bytes_per_token_per_kv_head
+    rule: Optional[str] = None            # fallback only: a RULE_TEXT key (full, hybrid, window, evict, ...)
+    resident_tokens: Optional[np.ndarray] = None   # fallback only: tokens held, summed over layers and KV heads
+    kv_bytes: Optional[np.ndarray] = None          # fallback only: K and V bytes
+    metadata_bytes: Optional[np.ndarray] = None    # fallback only: metadata x resident tokens
 
     @property
     def total_bytes(self) -> np.ndarray:
-        return self.kv_bytes + self.metadata_bytes
+        return self.resident_bytes
+
+    @property
+    def from_report(self) -> bool:
+        return self.source == "report"
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +111,19 @@ class KvAccounting:
     @property
     def bytes_per_token_per_kv_head(self) -> float:
         return self.bytes_per_token_per_layer / self.num_kv_heads
+
+    @property
+    def source(self) -> str:
+        """"report" when every priced selector's bytes come from kv_resident_bytes, "fallback" when none
+        does, else "mixed"."""
+        kinds = {sk.source for sk in self.selectors.values()}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def from_report(self) -> List[str]:
+        return [l for l, sk in self.selectors.items() if sk.from_report]
+
+    def from_fallback(self) -> List[str]:
+        return [l for l, sk in self.selectors.items() if not sk.from_report]
 
 
 def _int(value: Any, default: Optional[int] = None) -> Optional[int]:
@@ -167,7 +202,9 @@ def _kv_hybrid_bytes(report: Report, s: Selector, T: int) -> Optional[Tuple[floa
 
 def selector_kv(report: Report) -> Optional[KvAccounting]:
     """Price every selector of a replay report; None when the report cannot be priced at all
-    (a KV report, no sequence length, or selectors without the KV attributes)."""
+    (a KV report, no sequence length, or selectors with neither kv_resident_bytes nor the KV attributes).
+
+    A selector with ``kv_resident_bytes`` gets those numbers; the others (older reports) the fallback."""
     if report.is_kv_report or not report.selectors:
         return None
     cap = report.capture
@@ -190,10 +227,8 @@ def selector_kv(report: Report) -> Optional[KvAccounting]:
         dtype = str(kv.attrs.get("kv_dtype", "bf16"))
         bytes_source = "/kv attribute bytes_per_token_per_layer"
     else:
-        head_dim = _int(cap.get("head_dim"))
-        v_dim = _int(cap.get("v_head_dim"), head_dim)
-        if not head_dim:
-            return None
+        head_dim = _int(cap.get("head_dim")) or 0   # 0: only kv_resident_bytes can price the selectors
+        v_dim = _int(cap.get("v_head_dim"), head_dim) or head_dim
         bpt = float(hkv * (head_dim + v_dim) * 2)
         dtype = "bf16"
         bytes_source = "2 x num_kv_heads x head_dim x 2 bytes (bf16, from /capture)"
@@ -206,18 +241,30 @@ def selector_kv(report: Report) -> Optional[KvAccounting]:
             full_kv = float(full_row[j]) / kv.batch
             full_source = (f"/kv/full_attention_bytes[:, {T}]" if kv.has("full_attention_bytes")
                            else f"/kv/resident_bytes[full, {T}]")
+    if report.kv_full_bytes is not None and report.kv_full_bytes > 0:
+        full_kv, full_source = float(report.kv_full_bytes), "/selectors attribute kv_full_bytes"
     acc = KvAccounting(seq_len=T, num_layers=L, num_kv_heads=hkv, bytes_per_token_per_layer=bpt, dtype=dtype,
                        bytes_source=bytes_source, full_kv_bytes=full_kv, full_source=full_source)
     per_head = bpt / hkv
     NB = len(report.budgets)
     for label, s in report.selectors.items():
+        meta = s.attrs.get("kv_metadata_bytes_per_token_per_kv_head", 0.0)
+        meta = float(meta) if isinstance(meta, (int, float)) and not isinstance(meta, bool) else 0.0
+        residency = str(s.attrs.get("kv_residency", ""))
+        resident = s.get("kv_resident_bytes")
+        if resident is not None:  # the one source of truth: the C++ footprint table, as the replay ran it
+            acc.selectors[label] = SelectorKv(label=label, resident_bytes=resident.values, source="report",
+                                              origin=resident.path, residency=residency, metadata_per_token=meta)
+            continue
+        # FALLBACK (older reports without kv_resident_bytes): re-derived from the selector attributes.
+        if bpt <= 0:
+            acc.skipped[label] = "no kv_resident_bytes and no K/V size (head_dim) to re-derive it"
+            continue
         rule = _rule(s)
         if rule is None:
             acc.skipped[label] = (f"kv_residency {s.attrs.get('kv_residency')!r} is not known to this analysis package"
                                   if "kv_residency" in s.attrs else "the report has no KV attributes for it")
             continue
-        meta = s.attrs.get("kv_metadata_bytes_per_token_per_kv_head", 0.0)
-        meta = float(meta) if isinstance(meta, (int, float)) and not isinstance(meta, bool) else 0.0
         tokens = np.zeros(NB, dtype=np.float64)   # per layer and KV head, summed
         source = "formula"
         kv_bytes: Optional[np.ndarray] = None
@@ -267,17 +314,20 @@ def selector_kv(report: Report) -> Optional[KvAccounting]:
             tokens[:] = float(streaming * min(T, sinks + recent) + (heads - streaming) * T)
         if kv_bytes is None:
             kv_bytes = tokens * per_head
-        acc.selectors[label] = SelectorKv(label=label, rule=rule, resident_tokens=tokens, kv_bytes=kv_bytes,
-                                          metadata_bytes=meta * tokens, metadata_per_token=meta, source=source)
+        meta_bytes = meta * tokens
+        acc.selectors[label] = SelectorKv(label=label, resident_bytes=kv_bytes + meta_bytes, source="fallback",
+                                          origin=source, residency=residency, metadata_per_token=meta, rule=rule,
+                                          resident_tokens=tokens, kv_bytes=kv_bytes, metadata_bytes=meta_bytes)
     return acc if acc.selectors else None
 
 
-def pareto_frontier(points: List[Tuple[str, int, float, float]]) -> List[Tuple[str, int, float, float]]:
+def pareto_frontier(points: List[Tuple[Any, int, float, float]]) -> List[Tuple[Any, int, float, float]]:
     """The points (label, budget index, bytes, recall) no other point beats: none has fewer or equal
-    bytes with higher or equal recall (one of the two strictly). Sorted by bytes; NaN points ignored."""
+    bytes with higher or equal recall (one of the two strictly). Sorted by bytes; NaN points ignored;
+    of several points with the same bytes and recall, the first one given is kept."""
     finite = [p for p in points if np.isfinite(p[2]) and np.isfinite(p[3])]
-    finite.sort(key=lambda p: (p[2], -p[3]))
-    out: List[Tuple[str, int, float, float]] = []
+    finite.sort(key=lambda p: (p[2], -p[3]))  # stable: ties keep their order
+    out: List[Tuple[Any, int, float, float]] = []
     best = -np.inf
     for p in finite:
         if p[3] > best:

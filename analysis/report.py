@@ -1,11 +1,18 @@
-"""Loader for hysparse HDF5 reports: replay reports and KV-accounting reports.
+"""Loader for hysparse HDF5 reports: replay, sweep and KV-accounting reports.
 
 `load_report(path)` is the only place in the analysis package that touches h5py.
 It validates the file (HDF5, ``format`` one of ``"hysparse-report"`` (replay,
-``Report.kind == "replay"``) or ``"hysparse-kv-report"`` (``hysparse kv -o``,
+``Report.kind == "replay"``), ``"hysparse-sweep"`` (``hysparse sweep``, a
+`SweepReport`, ``kind == "sweep"``) or ``"hysparse-kv-report"`` (``hysparse kv -o``,
 ``Report.kind == "kv"``), a supported ``format_version``, the structure of that
-version) and returns a `Report`: plain Python metadata and read-only numpy arrays,
-named and carrying their units, for plotting and summary code.
+version) and returns a `Report` or `SweepReport`: plain Python metadata and
+read-only numpy arrays, named and carrying their units, for plotting and summary code.
+
+A sweep report holds one flat table of points (``SweepReport.points``: one row per
+capture or pooled, selector instance and budget; every column a named array), the
+same values on an N-d grid (``SweepReport.grid``), the work units, and under
+``/captures/<c>/`` one replay report per capture (``SweepReport.captures``, each a
+`Report` loaded by the replay loader).
 
 A KV-accounting report has no selectors, budgets or query rows: its `Report` has
 empty ones, and ``Report.kv`` holds its method x context table (datasets at the
@@ -34,7 +41,9 @@ except ImportError as _e:  # pragma: no cover - depends on the interpreter
 __all__ = [
     "REPORT_FORMAT",
     "KV_REPORT_FORMAT",
+    "SWEEP_FORMAT",
     "SUPPORTED_FORMAT_VERSIONS",
+    "SUPPORTED_SWEEP_FORMAT_VERSIONS",
     "SUPPORTED_KV_FORMAT_VERSIONS",
     "METRICS",
     "RECALL_QUANTILES",
@@ -45,7 +54,14 @@ __all__ = [
     "Reuse",
     "KvTable",
     "Report",
+    "SweepPoints",
+    "SweepInstance",
+    "SweepReport",
+    "SWEEP_AXES",
+    "SWEEP_PARAM_AXES",
+    "SWEEP_METRIC_COLUMNS",
     "load_report",
+    "load_sweep",
     "parse_spec",
 ]
 
@@ -53,10 +69,24 @@ REPORT_FORMAT = "hysparse-report"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 KV_REPORT_FORMAT = "hysparse-kv-report"
 SUPPORTED_KV_FORMAT_VERSIONS = (1,)
+SWEEP_FORMAT = "hysparse-sweep"
+SUPPORTED_SWEEP_FORMAT_VERSIONS = (1,)
 # format -> (Report.kind, supported format_version values)
 _READABLE_FORMATS = {REPORT_FORMAT: ("replay", SUPPORTED_FORMAT_VERSIONS),
+                     SWEEP_FORMAT: ("sweep", SUPPORTED_SWEEP_FORMAT_VERSIONS),
                      KV_REPORT_FORMAT: ("kv", SUPPORTED_KV_FORMAT_VERSIONS)}
-_EXPECTED_FORMATS = f"format='{REPORT_FORMAT}' or '{KV_REPORT_FORMAT}'"
+_EXPECTED_FORMATS = f"format='{REPORT_FORMAT}', '{SWEEP_FORMAT}' or '{KV_REPORT_FORMAT}'"
+
+# Sweep report, format_version 1: the columns of /sweep/points (name -> "i" int64, "f" float64, "s" string).
+SWEEP_ID_COLUMNS = {"capture": "i", "capture_path": "s", "selector": "s", "spec": "s", "label": "s", "block": "i",
+                    "window": "i", "sinks": "i", "schedule": "s", "group": "s", "budget": "f", "budget_kind": "s"}
+SWEEP_METRIC_COLUMNS = ("sparsity", "mass_recall", "mass_recall_p10", "mass_recall_p50", "mass_recall_min",
+                        "mass_recall_sparse_layers", "recall_vs_oracle", "topk_overlap", "attended_keys",
+                        "budget_keys", "output_rel_error", "kv_bytes", "kv_full_bytes", "kv_ratio")
+SWEEP_AXES = ("capture", "selector", "block", "window", "sinks", "schedule", "group", "budget")
+# The axes that tell the instances of one selector apart (legend text, facets).
+SWEEP_PARAM_AXES = ("block", "window", "sinks", "schedule", "group")
+SWEEP_UNIT_COLUMNS = ("capture", "layer", "done", "seconds")
 
 # Per selector x budget x layer x head metrics (README, "Replay: definitions").
 # output_rel_error is present only when v was captured (and not switched off).
@@ -92,7 +122,7 @@ class Array:
     """One dataset: read-only values with their dimension names, units and description."""
 
     path: str                 # HDF5 path, e.g. "/selectors/oracle/mass_recall_mean"
-    values: np.ndarray        # read-only; float64 for real data, int64 for integers
+    values: np.ndarray        # read-only; float64 for real data, int64 for integers, str for string columns
     dims: Tuple[str, ...]     # e.g. ("budget", "layer", "head")
     units: str
     long_name: str
@@ -353,6 +383,12 @@ class Report:
     reuse: Optional[Reuse]
     kv: Optional[KvTable]
     kind: str = "replay"            # "replay" (format hysparse-report) | "kv" (format hysparse-kv-report)
+    kv_full_bytes: Optional[float] = None   # /selectors attribute kv_full_bytes (newer tools), else None
+    group: str = "/"                # where the report lives in the file ("/captures/<c>" inside a sweep)
+
+    @property
+    def is_sweep(self) -> bool:
+        return False
 
     @property
     def is_kv_report(self) -> bool:
@@ -422,6 +458,183 @@ class Report:
                 f"input {self.input_name}")
 
 
+@dataclass(frozen=True, eq=False)
+class SweepInstance:
+    """One selector instance of a sweep: a selector with every parameter fixed (spec), on one schedule."""
+
+    selector: str       # name, e.g. "hysparse"
+    spec: str           # resolved spec with every parameter
+    label: str          # the instance's group name under /captures/<c>/selectors/
+    block: int
+    window: int         # -1: the window is the budget (swa)
+    sinks: int
+    schedule: str       # "" where the selector has none
+    group: str          # "" where the selector has none
+
+    @property
+    def key(self) -> Tuple[Any, ...]:
+        return (self.selector, self.spec, self.block, self.window, self.sinks, self.schedule, self.group)
+
+    def param(self, axis: str) -> str:
+        """The value of one parameter axis as text ("budget" for window -1, "" where it does not apply)."""
+        v = getattr(self, axis)
+        if axis == "window" and v < 0:
+            return "budget"
+        return str(v)
+
+    def params_text(self, axes: Sequence[str]) -> str:
+        """e.g. "block=64 window=128" for the given axes (those that apply to this selector)."""
+        return " ".join(f"{a}={self.param(a)}" for a in axes if self.param(a) != "")
+
+
+@dataclass(frozen=True, eq=False)
+class SweepPoints:
+    """/sweep/points: a flat table, one row per (capture or pooled, selector instance, budget).
+
+    ``points["mass_recall"]`` is a read-only numpy column (float64, int64 or str); ``points.column(name)``
+    the `Array` with its units and long name.
+    """
+
+    columns: Dict[str, Array]
+
+    def __len__(self) -> int:
+        return int(next(iter(self.columns.values())).values.size) if self.columns else 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self.columns[name].values
+        except KeyError:
+            raise KeyError(f"the sweep points have no column {name!r}; they have: "
+                           f"{', '.join(self.columns)}") from None
+
+    def column(self, name: str) -> Array:
+        return self.columns[name]
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(self.columns)
+
+    def instance_at(self, row: int) -> SweepInstance:
+        c = self.columns
+        return SweepInstance(selector=str(c["selector"].values[row]), spec=str(c["spec"].values[row]),
+                             label=str(c["label"].values[row]), block=int(c["block"].values[row]),
+                             window=int(c["window"].values[row]), sinks=int(c["sinks"].values[row]),
+                             schedule=str(c["schedule"].values[row]), group=str(c["group"].values[row]))
+
+    def instances(self, rows: Optional[np.ndarray] = None) -> List[Tuple[SweepInstance, np.ndarray]]:
+        """The selector instances among `rows` (indices or a bool mask; default all) in order of first
+        appearance, each with its row indices sorted by budget."""
+        idx = np.arange(len(self)) if rows is None else np.asarray(rows)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        found: Dict[Tuple[Any, ...], Tuple[SweepInstance, List[int]]] = {}
+        for i in idx.tolist():
+            inst = self.instance_at(i)
+            found.setdefault(inst.key, (inst, []))[1].append(i)
+        budget = self["budget"]
+        out = []
+        for inst, members in found.values():
+            m = np.array(members, dtype=np.int64)
+            out.append((inst, m[np.argsort(budget[m], kind="stable")]))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class SweepReport:
+    """A loaded sweep report ('hysparse sweep', format hysparse-sweep)."""
+
+    path: str
+    format_version: int
+    provenance: Dict[str, Any]          # root attributes
+    config: Dict[str, Any]              # /config json: the resolved sweep configuration
+    status: str                         # "complete" | "partial"
+    units_total: int
+    units_done: int
+    budget_kind: str                    # "tokens" | "sparsity"
+    points: SweepPoints                 # /sweep/points
+    axes: Dict[str, Array]              # /sweep/axes/<name>: capture, selector, block, ..., budget
+    capture_labels: Tuple[str, ...]     # /sweep/axes/capture attribute labels: capture paths, then "pooled"
+    grid: Dict[str, Array]              # /sweep/grid/<column>, dims SWEEP_AXES
+    units: Dict[str, Array]             # /sweep/units/{capture,layer,done,seconds}
+    captures: List[Report]              # /captures/<c>, each a replay report
+    sweep_attrs: Dict[str, Any] = field(default_factory=dict)
+    kind: str = "sweep"
+
+    @property
+    def is_kv_report(self) -> bool:
+        return False
+
+    @property
+    def is_sweep(self) -> bool:
+        return True
+
+    @property
+    def is_partial(self) -> bool:
+        return self.status != "complete"
+
+    @property
+    def num_captures(self) -> int:
+        return len(self.captures)
+
+    @property
+    def budget_values(self) -> np.ndarray:
+        return self.axes["budget"].values
+
+    def budget_label(self, value: float) -> str:
+        return f"{value:g}" if self.budget_kind == "tokens" else f"s={value:g}"
+
+    def describe_budget(self, value: float) -> str:
+        return f"{value:g} tokens" if self.budget_kind == "tokens" else f"sparsity {value:g}"
+
+    def pooled_rows(self) -> np.ndarray:
+        """Row indices pooled over every capture (capture == -1); with a single capture and no pooled rows,
+        that capture's rows."""
+        cap = self.points["capture"]
+        rows = np.flatnonzero(cap == -1)
+        if rows.size == 0 and self.num_captures == 1:
+            rows = np.flatnonzero(cap == 0)
+        return rows
+
+    def capture_rows(self, c: int) -> np.ndarray:
+        return np.flatnonzero(self.points["capture"] == c)
+
+    def capture_name(self, c: int) -> str:
+        """Short name of capture c (its file name), or "pooled" for -1."""
+        if c < 0:
+            return "pooled"
+        if c < len(self.capture_labels):
+            return os.path.basename(self.capture_labels[c]) or self.capture_labels[c]
+        return f"capture {c}"
+
+    @property
+    def input_files(self) -> List[str]:
+        files = self.provenance.get("input_files")
+        if isinstance(files, str):
+            return [files]
+        if files:
+            return [str(f) for f in files]
+        return [str(c.capture.get("path", "")) for c in self.captures if c.capture.get("path")]
+
+    @property
+    def input_name(self) -> str:
+        files = self.input_files
+        if not files:
+            return "(unknown input)"
+        names = [os.path.basename(f) for f in files]
+        if len(names) <= 3:
+            return ", ".join(names)
+        return f"{len(names)} captures ({', '.join(names[:2])}, ...)"
+
+    def provenance_line(self) -> str:
+        line = Report.provenance_line(self)  # type: ignore[arg-type]  # the same fields
+        if self.is_partial:
+            line += f" [PARTIAL sweep: {self.units_done} of {self.units_total} work units]"
+        return line
+
+
 # ----------------------------------------------------------------------------
 # Reading.
 # ----------------------------------------------------------------------------
@@ -460,28 +673,40 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 class _Reader:
     """Reads one open file, turning every structural problem into a ReportError."""
 
-    def __init__(self, path: str, f: Any):
+    def __init__(self, path: str, f: Any, prefix: str = "", what: str = "report"):
         self.path = path
         self.f = f
+        self.prefix = prefix.rstrip("/")   # "" for the file's root, "/captures/0" for a capture of a sweep
+        self.what = what                   # "report" or "sweep report", for messages
+
+    def sub(self, prefix: str) -> "_Reader":
+        """A reader of the replay report stored under `prefix` (absolute) of the same file."""
+        return _Reader(self.path, self.f, prefix, self.what)
 
     def fail(self, problem: str, expected: str) -> "ReportError":
         return ReportError(self.path, problem, expected)
 
+    def full(self, name: str) -> str:
+        return self.prefix + name if name.startswith("/") else f"{self.prefix}/{name}"
+
     def group(self, name: str, required: bool = True) -> Any:
+        name = self.full(name) or "/"
         obj = self.f.get(name)
         if obj is None:
             if required:
-                raise self.fail(f"missing group '{name}'", f"a complete format_version 1 report ('{name}' group)")
+                raise self.fail(f"missing group '{name}'",
+                                f"a complete format_version 1 {self.what} ('{name}' group)")
             return None
         if not isinstance(obj, h5py.Group):
             raise self.fail(f"'{name}' is not a group", "a group")
         return obj
 
     def dataset(self, name: str, required: bool = True) -> Any:
+        name = self.full(name)
         obj = self.f.get(name)
         if obj is None:
             if required:
-                raise self.fail(f"missing dataset '{name}'", "a complete format_version 1 report")
+                raise self.fail(f"missing dataset '{name}'", f"a complete format_version 1 {self.what}")
             return None
         if not isinstance(obj, h5py.Dataset):
             raise self.fail(f"'{name}' is not a dataset", "a dataset")
@@ -506,6 +731,28 @@ class _Reader:
         if isinstance(raw, np.ndarray):
             return [_py(v) if not isinstance(v, str) else v for v in raw.tolist()]
         return [_py(raw)]
+
+    def column(self, ds: Any, kind: str) -> Array:
+        """A 1-D table column: "i" int64, "f" float64 or "s" strings (a read-only numpy str array)."""
+        if ds.ndim != 1:
+            raise self.fail(f"dataset '{ds.name}' has {ds.ndim} dimensions {ds.shape}", "a 1-D column")
+        if kind == "s":
+            values = _readonly(np.array(self.strings(ds), dtype=str))
+            a = ds.attrs
+            dims = ds.attrs.get("DIMENSION_LABELS")
+            return Array(path=ds.name, values=values,
+                         dims=tuple(str(_py(d)) for d in np.atleast_1d(dims)) if dims is not None else ("point",),
+                         units=str(_py(a["units"])) if "units" in a else "",
+                         long_name=str(_py(a["long_name"])) if "long_name" in a else "")
+        arr = self.array(ds)
+        if kind == "i" and arr.values.dtype.kind != "i":
+            raise self.fail(f"dataset '{ds.name}' has type {ds.dtype}", "integers")
+        if kind == "f" and arr.values.dtype.kind != "f":
+            values = _readonly(arr.values.astype(np.float64))
+            arr = Array(arr.path, values, arr.dims, arr.units, arr.long_name)
+        if arr.dims and arr.dims[0].startswith("dim"):
+            arr = Array(arr.path, arr.values, ("point",), arr.units, arr.long_name)
+        return arr
 
     def array(self, ds: Any) -> Array:
         dims = ds.attrs.get("DIMENSION_LABELS")
@@ -552,7 +799,16 @@ def load_report(path: Union[str, os.PathLike]) -> Report:
                           f"a well-formed format_version {SUPPORTED_FORMAT_VERSIONS[-1]} report") from None
 
 
-def _load(r: _Reader) -> Report:
+def load_sweep(path: Union[str, os.PathLike]) -> "SweepReport":
+    """`load_report` for a sweep report; any other report is a ReportError."""
+    rep = load_report(path)
+    if not isinstance(rep, SweepReport):
+        raise ReportError(path, f"format is '{rep.provenance.get('format')}', not a sweep report",
+                          f"format='{SWEEP_FORMAT}' (written by 'hysparse sweep')")
+    return rep
+
+
+def _load(r: _Reader) -> Union[Report, "SweepReport"]:
     f = r.f
     root = _attrs(f)
     fmt = root.get("format")
@@ -571,12 +827,21 @@ def _load(r: _Reader) -> Report:
                      f"format_version {supported} (update analysis/ for newer reports)")
     if kind == "kv":
         return _load_kv_report(r, root, int(version))
+    if kind == "sweep":
+        return _load_sweep(_Reader(r.path, r.f, "", "sweep report"), root, int(version))
+    return _load_replay(r, root, int(version))
 
+
+def _load_replay(r: _Reader, root: Dict[str, Any], version: int, config: Optional[Dict[str, Any]] = None,
+                 capture: Optional[Dict[str, Any]] = None) -> Report:
+    """A replay report at r.prefix: the file's root, or /captures/<c> of a sweep (`config` and `capture`
+    then come from the sweep when the capture's group has no /config or /capture of its own)."""
     # Axes.
     budget_ds = r.dataset("/axes/budget")
     budget_values = r.numbers(budget_ds, ndim=1).astype(np.float64)
     ba = _attrs(budget_ds)
-    kind = ba.get("kind") or _attrs(r.group("/config")).get("budget_kind", "tokens")
+    kind = ba.get("kind") or (config or {}).get("budget_kind") or \
+        _attrs(r.group("/config")).get("budget_kind", "tokens")
     if kind not in ("tokens", "sparsity"):
         raise r.fail(f"/axes/budget kind is '{kind}'", "kind 'tokens' or 'sparsity'")
     labels = ba.get("labels")
@@ -598,16 +863,13 @@ def _load(r: _Reader) -> Report:
     sizes = {"budget": B, "layer": L, "head": H, "source_layer": L}
 
     # Config and capture.
-    config_g = r.group("/config")
-    config_attrs = _attrs(config_g)
-    config: Dict[str, Any]
-    try:
-        config = json.loads(config_attrs["json"]) if "json" in config_attrs else dict(config_attrs)
-        if not isinstance(config, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        config = {k: v for k, v in config_attrs.items() if k != "json"}
-    capture = _attrs(r.group("/capture"))
+    config_g = r.group("/config", required=config is None)
+    if config_g is not None:
+        config = _config(config_g)
+    capture_g = r.group("/capture", required=capture is None)
+    if capture_g is not None:
+        capture = dict(capture or {}, **_attrs(capture_g))
+    assert config is not None and capture is not None
     if "num_layers" in capture and int(capture["num_layers"]) != L:
         raise r.fail(f"/capture num_layers {capture['num_layers']} but /axes/layer has {L}", "the same layer count")
 
@@ -638,9 +900,12 @@ def _load(r: _Reader) -> Report:
         for q in RECALL_QUANTILES:
             required += [(f"mass_recall_{q}", ("budget", "layer", "head")), (f"layer_mass_recall_{q}", ("budget", "layer")),
                          (f"model_mass_recall_{q}", ("budget",))]
+        if "kv_resident_bytes" in arrays:  # newer tools: resident KV bytes priced by the C++ footprint table
+            required.append(("kv_resident_bytes", ("budget",)))
         for name, dims in required:
             if name not in arrays:
-                raise r.fail(f"missing dataset '/selectors/{label}/{name}'", "a complete format_version 1 report")
+                raise r.fail(f"missing dataset '{r.full('/selectors')}/{label}/{name}'",
+                             f"a complete format_version 1 {r.what}")
             r.check_shape(arrays[name], tuple(sizes[d] for d in dims), dims)
         a = _attrs(g)
         spec = str(a.get("spec", label))
@@ -669,9 +934,25 @@ def _load(r: _Reader) -> Report:
     if kv is not None and not kv.arrays:
         kv = None  # an empty /kv group: nothing to show
 
+    full_bytes = _attrs(sg).get("kv_full_bytes")
+    if isinstance(full_bytes, bool) or not isinstance(full_bytes, (int, float)):
+        full_bytes = None
     return Report(path=r.path, format_version=int(version), provenance=root, config=config, capture=capture,
                   budgets=budgets, layers=layers, heads=heads, query_positions=qpos, selectors=selectors,
-                  reuse=reuse, kv=kv)
+                  reuse=reuse, kv=kv, kv_full_bytes=None if full_bytes is None else float(full_bytes),
+                  group=r.prefix or "/")
+
+
+def _config(g: Any) -> Dict[str, Any]:
+    """A /config group: its JSON document (attribute json), else its attributes."""
+    config_attrs = _attrs(g)
+    try:
+        config = json.loads(config_attrs["json"]) if "json" in config_attrs else dict(config_attrs)
+        if not isinstance(config, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        config = {k: v for k, v in config_attrs.items() if k != "json"}
+    return config
 
 
 def _load_kv(r: _Reader, group: str) -> KvTable:
@@ -731,3 +1012,117 @@ def _load_kv_report(r: _Reader, root: Dict[str, Any], version: int) -> Report:
     return Report(path=r.path, format_version=version, provenance=root, config={}, capture=shape, budgets=budgets,
                   layers=layers, heads=heads, query_positions=_readonly(np.zeros(0, dtype=np.int64)), selectors={},
                   reuse=None, kv=kv, kind="kv")
+
+
+def _load_sweep(r: _Reader, root: Dict[str, Any], version: int) -> SweepReport:
+    """A 'hysparse sweep' report, format_version 1."""
+    f = r.f
+    config = _config(r.group("/config"))
+    sweep_g = r.group("/sweep")
+    sa = _attrs(sweep_g)
+    status = sa.get("status")
+    if status not in ("complete", "partial"):
+        raise r.fail(f"/sweep status is {status!r}", "status 'complete' or 'partial'")
+    counts = {}
+    for key in ("units_total", "units_done"):
+        v = sa.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise r.fail(f"/sweep {key} is {v!r}", f"a non-negative integer {key}")
+        counts[key] = int(v)
+    if counts["units_done"] > counts["units_total"]:
+        raise r.fail(f"/sweep units_done {counts['units_done']} > units_total {counts['units_total']}",
+                     "units_done <= units_total")
+    budget_kind = sa.get("budget_kind")
+    if budget_kind not in ("tokens", "sparsity"):
+        raise r.fail(f"/sweep budget_kind is {budget_kind!r}", "budget_kind 'tokens' or 'sparsity'")
+
+    # Points: every column 1-D, all of one length.
+    pg = r.group("/sweep/points")
+    columns: Dict[str, Array] = {}
+    wanted = dict(SWEEP_ID_COLUMNS, **{m: "f" for m in SWEEP_METRIC_COLUMNS})
+    for name, kind in wanted.items():
+        columns[name] = r.column(r.dataset(f"/sweep/points/{name}"), kind)
+    for name in pg:  # columns a newer tool adds: numbers or strings, as they are
+        obj = pg[name]
+        if name in columns or not isinstance(obj, h5py.Dataset) or obj.ndim != 1:
+            continue
+        columns[name] = r.column(obj, "s" if obj.dtype.kind in "OSU" else ("i" if obj.dtype.kind in "iub" else "f"))
+    n = columns["capture"].values.size
+    for name, col in columns.items():
+        if col.values.size != n:
+            raise r.fail(f"/sweep/points/{name} has {col.values.size} rows but /sweep/points/capture has {n}",
+                         "columns of one length")
+    if n == 0 and status == "complete":
+        raise r.fail("/sweep/points is empty", "at least one point in a complete sweep")
+    if n and set(np.unique(columns["budget_kind"].values).tolist()) - {budget_kind}:
+        raise r.fail(f"/sweep/points/budget_kind has {sorted(set(columns['budget_kind'].values.tolist()))}",
+                     f"'{budget_kind}' as /sweep budget_kind")
+
+    # Axes (dimension scales) and the grid.
+    axes: Dict[str, Array] = {}
+    for name in SWEEP_AXES:
+        kind = "s" if name in ("selector", "schedule", "group") else ("f" if name == "budget" else "i")
+        axes[name] = r.column(r.dataset(f"/sweep/axes/{name}"), kind)
+    cap_ds = r.dataset("/sweep/axes/capture")
+    labels = _attrs(cap_ds).get("labels")
+    labels = [str(x) for x in (labels if isinstance(labels, list) else ([labels] if labels is not None else []))]
+    C = axes["capture"].values.size - 1
+    if C < 0:
+        raise r.fail("/sweep/axes/capture is empty", "the capture indices and 'pooled'")
+    if labels and len(labels) != C + 1:
+        raise r.fail(f"/sweep/axes/capture has {C + 1} values but {len(labels)} labels", "one label per value")
+    shape = tuple(axes[a].values.size for a in SWEEP_AXES)
+    grid: Dict[str, Array] = {}
+    gg = r.group("/sweep/grid", required=False)
+    for name in (gg or {}):
+        obj = gg[name]
+        if not isinstance(obj, h5py.Dataset):
+            continue
+        arr = r.array(obj)
+        if arr.shape != shape:
+            raise r.fail(f"dataset '/sweep/grid/{name}' has shape {arr.shape}",
+                         "[" + " x ".join(f"{a} {k}" for a, k in zip(SWEEP_AXES, shape)) + "]")
+        if not arr.dims or arr.dims[0].startswith("dim"):
+            arr = Array(arr.path, arr.values, SWEEP_AXES, arr.units, arr.long_name)
+        grid[name] = arr
+
+    # Work units.
+    units: Dict[str, Array] = {}
+    if r.group("/sweep/units", required=False) is not None:
+        for name in SWEEP_UNIT_COLUMNS:
+            ds = r.dataset(f"/sweep/units/{name}")
+            units[name] = r.column(ds, "f" if name == "seconds" else "i")
+        sizes = {a.values.size for a in units.values()}
+        if len(sizes) > 1:
+            raise r.fail(f"/sweep/units columns have lengths {sorted(sizes)}", "columns of one length")
+
+    # Captures: each a replay report under /captures/<c>.
+    cg = r.group("/captures")
+    names = sorted((k for k in cg if isinstance(cg[k], h5py.Group)), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    if [k for k in names] != [str(i) for i in range(len(names))]:
+        raise r.fail(f"/captures has groups {names}", "groups named 0, 1, ... (one per capture)")
+    if len(names) != C:
+        raise r.fail(f"/captures has {len(names)} groups but /sweep/axes/capture has {C} captures",
+                     "one group per capture")
+    captures: List[Report] = []
+    for c in names:
+        g = cg[c]
+        ga = _attrs(g)
+        sub = _Reader(r.path, f, f"/captures/{c}", "sweep report")
+        prov = dict(root)
+        if "path" in ga:
+            prov["input_files"] = [str(ga["path"])]
+        if "sha256" in ga:
+            prov["input_sha256"] = [str(ga["sha256"])]
+        cap_attrs = {k: v for k, v in ga.items() if k not in ("sha256",)}
+        captures.append(_load_replay(sub, prov, version, config=config, capture=cap_attrs))
+    if not labels:
+        labels = [str(c.capture.get("path", f"capture {i}")) for i, c in enumerate(captures)] + ["pooled"]
+    cap_col = columns["capture"].values
+    bad = cap_col[(cap_col < -1) | (cap_col >= C)]
+    if bad.size:
+        raise r.fail(f"/sweep/points/capture has {int(bad[0])}", f"-1 (pooled) or 0 to {C - 1}")
+    return SweepReport(path=r.path, format_version=version, provenance=root, config=config, status=str(status),
+                       units_total=counts["units_total"], units_done=counts["units_done"],
+                       budget_kind=str(budget_kind), points=SweepPoints(columns), axes=axes,
+                       capture_labels=tuple(labels), grid=grid, units=units, captures=captures, sweep_attrs=sa)

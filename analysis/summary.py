@@ -11,7 +11,7 @@ import numpy as np
 from .kvbytes import RULE_TEXT, selector_kv
 from .report import Report
 
-__all__ = ["ranked_table", "summary_markdown", "write_text_atomic"]
+__all__ = ["ranked_table", "summary_markdown", "sweep_markdown", "sweep_best_table", "write_text_atomic"]
 
 # Columns of the key table: (header, dataset, digits).
 KEY_COLUMNS: Tuple[Tuple[str, str, int], ...] = (
@@ -97,8 +97,11 @@ def _provenance(report: Report, w: Any) -> None:
         ("input", inputs),
         ("backend, device", f"{_md(p.get('backend', '?'))}, {_md(p.get('device', '?'))}"),
         ("threads, seed", f"{_md(p.get('threads', '?'))}, {_md(p.get('seed', '?'))}"),
-        ("replay time", None if report.is_kv_report else
+        ("replay time", None if report.is_kv_report or getattr(report, "is_sweep", False) else
          f"{p['replay_seconds']:.2f} s" if isinstance(p.get("replay_seconds"), float) else "-"),
+        ("sweep time", None if not getattr(report, "is_sweep", False) else
+         f"{float(np.nansum(report.units['seconds'].values)):.2f} s over {report.units['seconds'].values.size} work "
+         "units" if "seconds" in report.units else "-"),
         ("analysed with", f"Python {platform.python_version()}, numpy {np.__version__}, "
                           f"matplotlib {_mpl_version()}"),
     ):
@@ -110,6 +113,8 @@ def _provenance(report: Report, w: Any) -> None:
 def summary_markdown(report: Report, figures: Sequence[Any], skipped: Sequence[Tuple[str, str]],
                      formats: Sequence[str] = ("png", "pdf"), figures_dir: str = ".") -> str:
     """The whole summary.md text. `figures` are Rendered objects (name, title, caption)."""
+    if getattr(report, "is_sweep", False):
+        return sweep_markdown(report, figures, skipped, formats, figures_dir)
     if report.is_kv_report:
         return _kv_report_markdown(report, figures, skipped, formats, figures_dir)
     cap = report.capture
@@ -220,10 +225,14 @@ def _selector_kv_section(report: Report, w: Any) -> None:
     b = report.budgets
     w("## KV bytes per selector")
     w("")
-    w(f"K/V ({acc.dtype}, {acc.bytes_per_token_per_layer:g} B per token per layer) plus resident metadata that each "
-      f"selector keeps for one sequence at T = {acc.seq_len} tokens, and its model mean mass recall R; full attention "
-      f"keeps {_bytes(acc.full_kv_bytes)}. Counted as in figure `recall_vs_kv`; _source_ is the report dataset "
-      f"used, or _formula_ (the selector's attributes).")
+    w(f"K/V plus resident metadata that each selector keeps for one sequence at T = {acc.seq_len} tokens, and its "
+      f"model mean mass recall R; full attention keeps {_bytes(acc.full_kv_bytes)} ({_md(acc.full_source)}). "
+      "Counted as in figure `recall_vs_kv`; _source_ is the report dataset used: `kv_resident_bytes` (priced by "
+      "hysparse from its footprint table)" + (
+          "" if acc.source == "report" else
+          f", or, FALLBACK for a report without it, the analysis package's re-derivation ({acc.dtype}, "
+          f"{acc.bytes_per_token_per_layer:g} B per token per layer; _formula_: from the selector's attributes)")
+      + ".")
     w("")
     w("| selector | counted | source | metadata B/token/KV head | " + " | ".join(_md(b.describe(i)) for i in range(len(b)))
       + " |")
@@ -235,7 +244,9 @@ def _selector_kv_section(report: Report, w: Any) -> None:
             continue
         recall = s.metric("mass_recall", "model")
         cells = [f"{_bytes(float(sk.total_bytes[i]))} (R {_fmt(float(recall[i]), 3)})" for i in range(len(b))]
-        w(f"| {_md(label)} | {_md(RULE_TEXT[sk.rule])} | {_md(sk.source)} | {sk.metadata_per_token:g} | "
+        counted = sk.residency if sk.from_report else RULE_TEXT[sk.rule]
+        origin = f"`{sk.origin}`" if sk.from_report else f"fallback: {sk.origin}"
+        w(f"| {_md(label)} | {_md(counted)} | {_md(origin)} | {sk.metadata_per_token:g} | "
           + " | ".join(cells) + " |")
     w("")
 
@@ -317,3 +328,152 @@ def write_text_atomic(path: str, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------
+# Sweep reports.
+# ----------------------------------------------------------------------------
+
+def sweep_best_table(report: Any, rows: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+    """Per budget and selector: the instance with the highest mass recall among `rows` (default: pooled).
+
+    Rows sorted by budget (report order of the budget axis), then by recall, highest first (NaN last).
+    Each row: budget, selector, label (legend text), spec, schedule, row (index into /sweep/points),
+    and the point's mass_recall, mass_recall_p10, mass_recall_p50, recall_vs_oracle, sparsity,
+    kv_bytes, kv_ratio, instances (how many instances of the selector had a finite recall there)."""
+    from .sweep_figures import sweep_lines
+    pts = report.points
+    rows = report.pooled_rows() if rows is None else rows
+    lines = sweep_lines(report, rows)
+    out: List[Dict[str, Any]] = []
+    for b in report.budget_values:
+        best: Dict[str, Tuple[Any, int, int]] = {}
+        for ln in lines:
+            sel = ln.rows[pts["budget"][ln.rows] == b]
+            for i in sel:
+                v = float(pts["mass_recall"][i])
+                fam = ln.instance.selector
+                if fam not in best:
+                    best[fam] = (ln, int(i), 0)
+                cur_ln, cur_i, count = best[fam]
+                count += int(np.isfinite(v))
+                if np.isfinite(v) and not (np.isfinite(pts["mass_recall"][cur_i]) and
+                                           pts["mass_recall"][cur_i] >= v):
+                    cur_ln, cur_i = ln, int(i)
+                best[fam] = (cur_ln, cur_i, count)
+        group = []
+        for fam, (ln, i, count) in best.items():
+            row = {"budget": float(b), "selector": fam, "label": ln.label, "spec": ln.instance.spec,
+                   "schedule": ln.instance.schedule, "row": i, "instances": count}
+            for col in ("mass_recall", "mass_recall_p10", "mass_recall_p50", "recall_vs_oracle", "sparsity",
+                        "kv_bytes", "kv_ratio"):
+                row[col] = float(pts[col][i])
+            group.append(row)
+        group.sort(key=lambda r: (0, -r["mass_recall"]) if np.isfinite(r["mass_recall"]) else (1, 0.0))
+        out += group
+    return out
+
+
+def sweep_markdown(report: Any, figures: Sequence[Any], skipped: Sequence[Tuple[str, str]],
+                   formats: Sequence[str] = ("png", "pdf"), figures_dir: str = ".") -> str:
+    """summary.md of a sweep report: provenance, the sweep, the best recall per selector at each budget,
+    the Pareto frontier, per-capture best recall, the figure index."""
+    from .sweep_figures import budget_text, sweep_frontier, sweep_lines
+    pts = report.points
+    out: List[str] = []
+    w = out.append
+    w(f"# hysparse sweep: {os.path.basename(report.path)}")
+    w("")
+    w(f"_{_md(report.provenance_line())}_")
+    w("")
+    if report.is_partial:
+        w(f"> **Warning: partial sweep.** {report.units_done} of {report.units_total} work units (capture x layer) "
+          "were done (`/sweep` status `partial`). Metrics of unfinished units are NaN in the report; the tables "
+          "and figures below show what was finished and may change when the sweep completes.")
+        w("")
+    _provenance(report, w)
+    C = report.num_captures
+    kind = report.budget_kind
+    w("## Sweep")
+    w("")
+    w(f"- status **{_md(report.status)}**: {report.units_done} of {report.units_total} work units")
+    w(f"- budgets ({kind}): {', '.join(budget_text(report, float(b)) for b in report.budget_values)}")
+    w(f"- {len(pts)} points: {C} capture{'s' if C != 1 else ''}"
+      + (" and pooled (mean over captures)" if (pts['capture'] == -1).any() else "")
+      + f" x {len(pts.instances(report.pooled_rows()))} selector instances x budgets")
+    w("")
+    w("| capture | file | sha256 | model | layers | q / kv heads | head_dim | seq_len |")
+    w("|---:|---|---|---|---:|---|---:|---:|")
+    for c, cap in enumerate(report.captures):
+        a = cap.capture
+        sha = (cap.provenance.get("input_sha256") or ["-"])[0]
+        w(f"| {c} | `{_md(report.capture_labels[c] if c < len(report.capture_labels) else a.get('path', '?'))}` | "
+          f"`{_md(str(sha)[:16])}` | {_md(a.get('model', '?'))} | {cap.num_layers} | "
+          f"{_md(a.get('num_q_heads', '?'))} / {_md(a.get('num_kv_heads', '?'))} | {_md(a.get('head_dim', '?'))} | "
+          f"{_md(a.get('seq_len', '?'))} |")
+    w("")
+    lines = sweep_lines(report)
+    w("| instance | selector | spec | schedule |")
+    w("|---|---|---|---|")
+    for ln in lines:
+        w(f"| {_md(ln.label)} | {_md(ln.instance.selector)} | `{_md(ln.instance.spec)}` | "
+          f"{_md(ln.instance.schedule or '-')} |")
+    w("")
+    pooled_word = "pooled over the captures" if C > 1 else "on the sweep's capture"
+    w(f"## Best recall per selector at each budget")
+    w("")
+    w(f"For each budget, each selector's instance with the highest model mean mass recall R, {pooled_word}; "
+      "ranked by R. _p10_, _p50_: percentiles of per-row recall; _vs oracle_: R / per-head oracle R; "
+      "_sparsity_: realised, 1 - attended / causal keys; _KV_: resident KV cache of the whole model (bf16, "
+      "batch 1, K/V + metadata), _x full_: full attention / KV; _of_: instances of the selector with a value.")
+    w("")
+    best = sweep_best_table(report)
+    for b in report.budget_values:
+        group = [r for r in best if r["budget"] == float(b)]
+        if not group:
+            continue
+        w(f"### {report.describe_budget(float(b))}")
+        w("")
+        w("| rank | selector | best instance | R | p10 | p50 | vs oracle | sparsity | KV | x full | of |")
+        w("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for rank, r in enumerate(group, 1):
+            w(f"| {rank} | {_md(r['selector'])} | {_md(r['label'])} | {_fmt(r['mass_recall'], 4)} | "
+              f"{_fmt(r['mass_recall_p10'], 3)} | {_fmt(r['mass_recall_p50'], 3)} | {_fmt(r['recall_vs_oracle'], 4)} | "
+              f"{_fmt(r['sparsity'], 3)} | {_bytes(r['kv_bytes']) if np.isfinite(r['kv_bytes']) else '-'} | "
+              f"{_fmt(r['kv_ratio'], 2)} | {r['instances']} |")
+        w("")
+    frontier = sweep_frontier(report, report.pooled_rows())
+    label_of = {int(i): ln.label for ln in lines for i in ln.rows}
+    w("## Pareto frontier: recall vs KV bytes")
+    w("")
+    w(f"The points ({pooled_word}) that no other point beats with at least the recall for no more resident KV "
+      "bytes, from the smallest cache up (figure `sweep_pareto`).")
+    w("")
+    w("| # | instance | budget | R | KV | x full | sparsity |")
+    w("|---:|---|---:|---:|---:|---:|---:|")
+    for n, i in enumerate(frontier, 1):
+        w(f"| {n} | {_md(label_of.get(i, '?'))} | {_md(budget_text(report, float(pts['budget'][i])))} | "
+          f"{_fmt(float(pts['mass_recall'][i]), 4)} | {_bytes(float(pts['kv_bytes'][i]))} | "
+          f"{_fmt(float(pts['kv_ratio'][i]), 2)} | {_fmt(float(pts['sparsity'][i]), 3)} |")
+    w("")
+    if C > 1:
+        w("## Per capture")
+        w("")
+        w("Each selector's best model mean mass recall R per capture and pooled (the instance may differ between "
+          "columns).")
+        w("")
+        names = [report.capture_name(c) for c in range(C)] + ["pooled"]
+        w("| budget | selector | " + " | ".join(_md(n) for n in names) + " |")
+        w("|---|---|" + "---:|" * len(names))
+        tables = [sweep_best_table(report, report.capture_rows(c)) for c in range(C)] + [best]
+        for b in report.budget_values:
+            fams = [r["selector"] for r in best if r["budget"] == float(b)]
+            for fam in fams:
+                cells = []
+                for t in tables:
+                    hit = [r for r in t if r["budget"] == float(b) and r["selector"] == fam]
+                    cells.append(_fmt(hit[0]["mass_recall"], 4) if hit else "-")
+                w(f"| {_md(budget_text(report, float(b)))} | {_md(fam)} | " + " | ".join(cells) + " |")
+        w("")
+    _figure_index(figures, skipped, formats, figures_dir, w)
+    return "\n".join(out)

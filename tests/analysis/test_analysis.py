@@ -184,6 +184,24 @@ def expected_kv_bytes(f, label):
     return tokens * (bpt / hkv), tokens * meta
 
 
+def has_kv_resident(path) -> bool:
+    """Whether a replay report carries the C++-priced kv_resident_bytes (newer tools)."""
+    with h5py.File(path, "r") as f:
+        return all("kv_resident_bytes" in f["selectors"][l] for l in h5_attr(f["selectors"], "order"))
+
+
+def strip_kv_resident(src, dst) -> Path:
+    """A copy of a replay report as older tools wrote it: no kv_resident_bytes, no kv_full_bytes."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        for label in h5_attr(f["selectors"], "order"):
+            if "kv_resident_bytes" in f["selectors"][label]:
+                del f["selectors"][label]["kv_resident_bytes"]
+        if "kv_full_bytes" in f["selectors"].attrs:
+            del f["selectors"].attrs["kv_full_bytes"]
+    return Path(dst)
+
+
 def png_info(path: Path):
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC, f"{path}: not a PNG"
@@ -551,12 +569,69 @@ class FigureDataTest(unittest.TestCase):
         labels = [figs.bytes_label(t) for t in ax.get_yticks()]
         self.assertTrue(all(l.endswith("iB") or l.endswith(" B") for l in labels), labels)
 
-    def test_recall_vs_kv(self):
-        """x: KV bytes per sequence at T (the /kv datasets and the documented formula); y: model mean recall."""
-        r = figs.build(self.rep, "recall_vs_kv")
+    def test_recall_vs_kv_report_bytes(self):
+        """x: the report's kv_resident_bytes as written, full KV its kv_full_bytes (a copy given values unlike any
+        formula, so that only reading them passes); y: model mean recall."""
+        path = strip_kv_resident(Fixtures.tokens, Fixtures.work / "tokens_kvres.h5")
+        with h5py.File(path, "r+") as f:
+            for i, label in enumerate(h5_attr(f["selectors"], "order")):
+                nb = f["axes/budget"].size
+                d = f["selectors"][label].create_dataset("kv_resident_bytes",
+                                                         data=1000.0 * (i + 1) + 7.0 * np.arange(nb))
+                d.attrs["units"] = "bytes"
+                d.attrs["long_name"] = "resident KV bytes"
+            f["selectors"].attrs["kv_full_bytes"] = 123456.0
+        rep = load_report(path)
+        r = figs.build(rep, "recall_vs_kv")
         lines = self.lines_by_gid(r.figure)
-        kv = self.f["kv"]
-        T = int(h5_attr(self.f["capture"], "seq_len"))
+        with h5py.File(path, "r") as f:
+            for label in h5_attr(f["selectors"], "order"):
+                d = r.data["selectors"][label]
+                expected = f["selectors"][label]["kv_resident_bytes"][()]
+                assert_same(self, d["bytes"], expected, label)
+                assert_same(self, lines[f"kv:{label}"].get_xdata(), expected, f"{label} x")
+                assert_same(self, lines[f"kv:{label}"].get_ydata(), f["selectors"][label]["model_mass_recall_mean"][()],
+                            f"{label} y")
+                self.assertEqual((d["source"], d["origin"]), ("report", f"/selectors/{label}/kv_resident_bytes"))
+                self.assertIsNone(d["kv_bytes"])
+        self.assertEqual(r.data["full_kv_bytes"], 123456.0)
+        self.assertEqual(float(lines["full-kv"].get_xdata()[0]), 123456.0)
+        self.assertIn("kv_resident_bytes", r.caption)
+        self.assertNotIn("FALLBACK", r.caption)
+        # Mixed: one selector without it is re-derived, and the caption says which.
+        with h5py.File(path, "r+") as f:
+            del f["selectors/swa/kv_resident_bytes"]
+        r = figs.build(load_report(path), "recall_vs_kv")
+        self.assertEqual(r.data["selectors"]["swa"]["source"], "fallback")
+        self.assertEqual(r.data["selectors"]["oracle"]["source"], "report")
+        self.assertIn("FALLBACK", r.caption)
+
+    def test_kv_resident_bytes_match_readme_rules(self):
+        """When the tool writes kv_resident_bytes (C++ footprint table), they agree with the README's residency
+        rules (computed here from the attributes, independently of analysis/kvbytes.py)."""
+        from analysis.kvbytes import selector_kv
+        for path in (Fixtures.tokens, Fixtures.kvsel, Fixtures.sparsity):
+            acc = selector_kv(load_report(path))
+            if not has_kv_resident(path):  # an older tool: every selector priced by the labelled fallback
+                self.assertEqual(acc.source, "fallback", path.name)
+                continue
+            self.assertEqual(acc.source, "report", path.name)
+            with h5py.File(path, "r") as f:
+                for label in h5_attr(f["selectors"], "order"):
+                    kv_b, meta = expected_kv_bytes(f, label)
+                    np.testing.assert_allclose(f["selectors"][label]["kv_resident_bytes"][()], kv_b + meta,
+                                               rtol=1e-9, err_msg=f"{path.name} {label}")
+
+    def test_recall_vs_kv(self):
+        """Fallback for older reports (a copy without kv_resident_bytes): x re-derived from the /kv datasets and
+        the documented formula; y: model mean recall."""
+        path = strip_kv_resident(Fixtures.tokens, Fixtures.work / "tokens_fallback.h5")
+        f = h5py.File(path, "r")
+        self.addCleanup(f.close)
+        r = figs.build(load_report(path), "recall_vs_kv")
+        lines = self.lines_by_gid(r.figure)
+        kv = f["kv"]
+        T = int(h5_attr(f["capture"], "seq_len"))
         j = list(kv["context"][()]).index(T)
         methods = h5_strings(kv["method"])
         batch = int(h5_attr(kv, "batch"))
@@ -564,9 +639,10 @@ class FigureDataTest(unittest.TestCase):
         self.assertEqual(r.data["full_kv_bytes"], full)
         hys = kv["kv_bytes"][methods.index("hysparse"), j] / batch
         points = []
-        for label in h5_attr(self.f["selectors"], "order"):
-            kv_b, meta = expected_kv_bytes(self.f, label)
+        for label in h5_attr(f["selectors"], "order"):
+            kv_b, meta = expected_kv_bytes(f, label)
             d = r.data["selectors"][label]
+            self.assertEqual(d["source"], "fallback", label)
             recall = self.ds(label, "model_mass_recall_mean")
             assert_same(self, lines[f"kv:{label}"].get_ydata(), recall, f"{label} recall")
             assert_same(self, d["recall"], recall, label)
@@ -579,9 +655,9 @@ class FigureDataTest(unittest.TestCase):
             if label in r.data["selectors"]:
                 assert_same(self, r.data["selectors"][label]["kv_bytes"], np.full(3, full), label)
         assert_same(self, r.data["selectors"]["hysparse"]["kv_bytes"], np.full(3, hys), "hysparse /kv")
-        self.assertTrue(r.data["selectors"]["hysparse"]["source"].startswith("/kv/kv_bytes[hysparse"))
+        self.assertTrue(r.data["selectors"]["hysparse"]["origin"].startswith("/kv/kv_bytes[hysparse"))
         # The Pareto frontier, by brute force: no other point with no more bytes and at least the recall.
-        labels = h5_attr(self.f["axes/budget"], "labels")
+        labels = h5_attr(f["axes/budget"], "labels")
         frontier = sorted((lab, labels[bi]) for lab, bi, x, y in points
                           if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for _, _, x2, y2 in points))
         got = sorted((lab, b) for lab, b, _, _ in r.data["frontier"])
@@ -595,7 +671,7 @@ class FigureDataTest(unittest.TestCase):
         full_line = lines["full-kv"]
         self.assertEqual(float(full_line.get_xdata()[0]), full)
         for word in (f"T = {T} tokens", "kv_metadata_bytes_per_token_per_kv_head", "Pareto frontier",
-                     "/kv/full_attention_bytes", "/kv/kv_bytes[hysparse"):
+                     "/kv/full_attention_bytes", "/kv/kv_bytes[hysparse", "FALLBACK"):
             self.assertIn(word, r.caption)
 
     def test_summary_ranking(self):
@@ -646,6 +722,8 @@ class KvFigureTest(unittest.TestCase):
     """Selectors that keep, evict or split the cache; sparsity budgets; standalone KV reports."""
 
     def check_recall_vs_kv(self, path: Path):
+        """The fallback re-derivation (on a copy without kv_resident_bytes) against the README's rules."""
+        path = strip_kv_resident(path, Fixtures.work / f"fallback_{Path(path).name}")
         rep = load_report(path)
         r = figs.build(rep, "recall_vs_kv")
         self.assertIsNotNone(r)
@@ -666,7 +744,7 @@ class KvFigureTest(unittest.TestCase):
                          {"quest": "full", "h2o": "evict", "snapkv": "evict-prompt", "duo": "head-split",
                           "hysparse": "hybrid"})
         # hysparse:window=64 is not the /kv hysparse row (window 128): the formula, said so.
-        self.assertTrue(d["hysparse"]["source"].startswith("formula"), d["hysparse"]["source"])
+        self.assertTrue(d["hysparse"]["origin"].startswith("formula"), d["hysparse"]["origin"])
         self.assertGreater(float(d["quest"]["metadata_bytes"][0]), 0.0)
         self.assertGreater(float(d["h2o"]["metadata_bytes"][0]), 0.0)
         self.assertIn("quest", r.caption)
@@ -695,8 +773,7 @@ class KvFigureTest(unittest.TestCase):
     def test_minimal_kv_table(self):
         """A /kv group with resident_bytes only (no ratio, no attributes): the ratio is full / resident, and the
         Pareto view prices from /capture (bf16) since T is not among the contexts."""
-        path = Fixtures.work / "minimal_kv.h5"
-        shutil.copy(Fixtures.tokens, path)
+        path = strip_kv_resident(Fixtures.tokens, Fixtures.work / "minimal_kv.h5")
         with h5py.File(path, "r+") as f:
             del f["kv"]
             g = f.create_group("kv")
@@ -711,7 +788,7 @@ class KvFigureTest(unittest.TestCase):
             for label in rep.selector_order:
                 kv_b, meta = expected_kv_bytes_without_kv(f, label)
                 np.testing.assert_allclose(p.data["selectors"][label]["kv_bytes"], kv_b, rtol=1e-12, err_msg=label)
-                self.assertTrue(p.data["selectors"][label]["source"].startswith("formula"), label)
+                self.assertTrue(p.data["selectors"][label]["origin"].startswith("formula"), label)
 
 
 def expected_kv_bytes_without_kv(f, label):
@@ -830,9 +907,15 @@ class CliTest(unittest.TestCase):
         summary = self.check_outputs(Fixtures.kvsel, out, ["recall_vs_kv", "kv_memory"], ["output_error"])
         self.assertIn("## KV bytes per selector", summary)
         with h5py.File(Fixtures.kvsel, "r") as f:
-            kv_b, meta = expected_kv_bytes(f, "h2o")
+            if "kv_resident_bytes" in f["selectors/h2o"]:
+                total = f["selectors/h2o/kv_resident_bytes"][0]
+                self.assertIn("`/selectors/h2o/kv_resident_bytes`", summary)
+            else:
+                kv_b, meta = expected_kv_bytes(f, "h2o")
+                total = kv_b[0] + meta[0]
+                self.assertIn("fallback: formula", summary)
             r = f["selectors/h2o/model_mass_recall_mean"][()]
-        self.assertIn(f"{summary_bytes(kv_b[0] + meta[0])} (R {r[0]:.3f})", summary)
+        self.assertIn(f"{summary_bytes(total)} (R {r[0]:.3f})", summary)
 
     def test_bad_options(self):
         out = Fixtures.work / "out_bad"
@@ -881,7 +964,8 @@ class BadInputTest(unittest.TestCase):
         with h5py.File(p, "w") as f:
             f.attrs["format"] = "netcdf-thing"
             f.attrs["format_version"] = 1
-        self.expect_error(p, "format is 'netcdf-thing'", "format='hysparse-report' or 'hysparse-kv-report'")
+        self.expect_error(p, "format is 'netcdf-thing'",
+                          "format='hysparse-report', 'hysparse-sweep' or 'hysparse-kv-report'")
 
     def test_kv_report_unknown_version(self):
         p = Fixtures.work / "kv_v2.h5"

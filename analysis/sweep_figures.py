@@ -1,0 +1,580 @@
+"""Figures of a sweep report ('hysparse sweep', format hysparse-sweep).
+
+Every builder takes a `SweepReport` (never h5py) and returns a `Rendered` figure, like the replay
+figures in `figures.py`, whose style, colours, footer and `save()` they share:
+
+- `sweep_recall_vs_sparsity`: pooled mass recall vs sparsity per selector instance, mean line with a
+  p10..p50 band (the report has p10 and p50, not p90); x is the realised sparsity (token budgets) or
+  the requested sparsity (sparsity budgets). Instances of one selector differ by colour shade, dashes
+  and markers; when there are too many to tell apart, the panels split by the parameter axis that
+  separates them best (facets), and every legend entry names the parameters that differ.
+- `sweep_pareto`: pooled mass recall vs resident KV bytes (log2 x) of every point, the Pareto frontier
+  over all of them circled and joined.
+- `sweep_per_capture`: each instance's mass recall per capture (and pooled) at a few budgets, when the
+  sweep has several captures.
+
+An instance's legend text is its selector name and the parameters that differ between the instances
+of that selector (e.g. "hysparse window=128 schedule=1:2"), plus the facet parameters when facets are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import matplotlib
+from matplotlib import ticker
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from .figures import (DOUBLE_COLUMN_IN, FONT_PT, FULL_KV_COLOUR, STYLE, Rendered, _VARIANTS, _finite_range,
+                      _log2_bytes_axis, _new_figure, bytes_label, place_point_labels, save, selector_style,
+                      tokens_label)
+from .kvbytes import pareto_frontier
+from .report import SWEEP_PARAM_AXES, SweepInstance, SweepReport, parse_spec
+
+__all__ = ["SWEEP_FIGURES", "SweepLine", "sweep_lines", "fig_sweep_recall_vs_sparsity", "fig_sweep_pareto",
+           "fig_sweep_per_capture", "build_sweep", "render_sweep", "budget_text", "SWEEP_BAND_NOTE"]
+
+# Instances of one selector drawn in one panel before the figure splits into facets.
+MAX_VARIANTS_PER_PANEL = len(_VARIANTS)
+MAX_FACETS = 6
+SWEEP_BAND_NOTE = ("band: 10th to 50th percentile of per-row mass recall (mass_recall_p10 to mass_recall_p50; "
+                   "the report has these two, not p90)")
+_PARAM_ORDER = SWEEP_PARAM_AXES
+
+
+@dataclass
+class SweepLine:
+    """One selector instance as the sweep figures draw it."""
+
+    instance: SweepInstance
+    rows: np.ndarray              # row indices of /sweep/points (pooled rows, sorted by budget)
+    params: Dict[str, str]        # every parameter: the spec's and the axes' (block, window, sinks, schedule, group)
+    label: str                    # legend text, unique in the figure
+    style: Dict[str, Any]         # colour, marker, line style
+
+
+def budget_text(report: SweepReport, value: float) -> str:
+    return tokens_label(value) if report.budget_kind == "tokens" else f"s={value:g}"
+
+
+def _params(inst: SweepInstance) -> Dict[str, str]:
+    _, params = parse_spec(inst.spec)
+    out = dict(params)
+    for axis in _PARAM_ORDER:
+        v = inst.param(axis)
+        if v != "":
+            out[axis] = v
+        elif axis in ("schedule", "group"):
+            out.pop(axis, None)
+    return out
+
+
+def _key_order(keys: Sequence[str]) -> List[str]:
+    return [k for k in _PARAM_ORDER if k in keys] + sorted(k for k in keys if k not in _PARAM_ORDER)
+
+
+def sweep_lines(report: SweepReport, rows: Optional[np.ndarray] = None,
+                always: Sequence[str] = ()) -> List[SweepLine]:
+    """The instances among `rows` (default: the pooled rows) with legend text and a fixed style each.
+
+    Legend text: the selector name and the parameters whose values differ between the instances of that
+    selector, plus `always` (e.g. the facet axes) where they apply. Styles: the selector's fixed colour;
+    its instances, in parameter order, the variants of `figures.selector_style` (lighter shade, dashes,
+    marker), the first one solid in the full colour."""
+    rows = report.pooled_rows() if rows is None else rows
+    found = report.points.instances(rows)
+    by_family: Dict[str, List[Tuple[SweepInstance, np.ndarray, Dict[str, str]]]] = {}
+    for inst, idx in found:
+        by_family.setdefault(inst.selector, []).append((inst, idx, _params(inst)))
+    lines: List[SweepLine] = []
+    for family, members in by_family.items():
+        keys = set().union(*(set(p) for _, _, p in members))
+        varying = [k for k in _key_order(list(keys)) if len({p.get(k, "") for _, _, p in members}) > 1]
+        shown = varying + [a for a in always if a not in varying]
+        members.sort(key=lambda m: tuple(_sort_key(m[2].get(k, "")) for k in varying))
+        for k, (inst, idx, p) in enumerate(members):
+            text = " ".join(f"{a}={p[a]}" for a in _key_order(shown) if a in p)
+            style = selector_style(family, k % len(_VARIANTS))
+            if k >= len(_VARIANTS):  # more instances than variants: another marker as well
+                style = dict(style, marker=("x", "+", "1", "2", "3", "4")[(k // len(_VARIANTS) - 1) % 6])
+            lines.append(SweepLine(inst, idx, p, f"{family} {text}".strip(), style))
+    # Unique labels (instances that differ in nothing shown: add the spec).
+    seen: Dict[str, int] = {}
+    for ln in lines:
+        seen[ln.label] = seen.get(ln.label, 0) + 1
+    for ln in lines:
+        if seen[ln.label] > 1:
+            ln.label = f"{ln.label} [{ln.instance.spec}]"
+    return lines
+
+
+def _sort_key(v: str) -> Tuple[int, float, str]:
+    try:
+        return (0, float(v), v)
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def _choose_facets(lines: List[SweepLine]) -> List[str]:
+    """Up to two parameter axes to split the panels by, so that no panel holds more than
+    MAX_VARIANTS_PER_PANEL instances of one selector; [] when one panel is enough."""
+
+    def worst(axes: Sequence[str]) -> int:
+        counts: Dict[Tuple[str, Tuple[str, ...]], int] = {}
+        for ln in lines:
+            fam = [l for l in lines if l.instance.selector == ln.instance.selector]
+            values = []
+            for a in axes:
+                varies = len({l.params.get(a, "") for l in fam}) > 1
+                values.append(ln.params.get(a, "") if varies else "*")
+            key = (ln.instance.selector, tuple(values))
+            counts[key] = counts.get(key, 0) + 1
+        return max(counts.values()) if counts else 0
+
+    if worst([]) <= MAX_VARIANTS_PER_PANEL:
+        return []
+    candidates = [a for a in _PARAM_ORDER if _facet_values(lines, a)]
+    best: List[str] = []
+    best_score = (worst([]), 0)
+    for a in candidates:
+        if len(_facet_values(lines, a)) > MAX_FACETS:
+            continue
+        score = (worst([a]), len(_facet_values(lines, a)))
+        if score < best_score:
+            best, best_score = [a], score
+    if best and best_score[0] > MAX_VARIANTS_PER_PANEL:
+        for b in candidates:
+            if b == best[0] or len(_facet_values(lines, best[0])) * len(_facet_values(lines, b)) > 2 * MAX_FACETS:
+                continue
+            score = (worst([best[0], b]), len(_facet_values(lines, b)))
+            if score[0] < best_score[0]:
+                best, best_score = [best[0], b], score
+    return best
+
+
+def _facet_values(lines: List[SweepLine], axis: str) -> List[str]:
+    """The values of `axis` among the selectors whose instances differ in it."""
+    values = set()
+    families: Dict[str, set] = {}
+    for ln in lines:
+        families.setdefault(ln.instance.selector, set()).add(ln.params.get(axis, ""))
+    for vals in families.values():
+        if len(vals) > 1:
+            values |= vals
+    values.discard("")
+    return sorted(values, key=_sort_key) if len(values) > 1 else []
+
+
+def _in_facet(ln: SweepLine, lines: List[SweepLine], axis: str, value: str) -> bool:
+    fam = {l.params.get(axis, "") for l in lines if l.instance.selector == ln.instance.selector}
+    return len(fam) <= 1 or ln.params.get(axis, "") == value
+
+
+def _sparsity_axis(ax: Any, values: np.ndarray, label: str) -> None:
+    v = values[np.isfinite(values)]
+    if v.size and float(v.min()) > 0.0 and float(v.max()) < 1.0 and float(v.max()) >= 0.8:
+        ax.set_xscale("logit")
+        lo, hi = float(v.min()), float(v.max())
+        llo, lhi = np.log(lo / (1 - lo)), np.log(hi / (1 - hi))
+        pad = max(0.08 * (lhi - llo), 0.25)
+        ax.set_xlim(1 / (1 + np.exp(-(llo - pad))), 1 / (1 + np.exp(-(lhi + pad))))
+        lo_lim, hi_lim = ax.get_xlim()
+        ticks = [t for t in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+                 if lo_lim <= t <= hi_lim]
+        ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel(f"{label} (logit scale)")
+    else:
+        lo, hi = _finite_range(v, (0.0, 1.0))
+        pad = 0.05 * (hi - lo)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlabel(label)
+
+
+def _partial_mark(fig: Any, report: SweepReport) -> None:
+    if report.is_partial:
+        fig.text(0.995, 0.995, f"PARTIAL SWEEP: {report.units_done} of {report.units_total} work units",
+                 ha="right", va="top", fontsize=FONT_PT, color="#B00000", gid="partial")
+
+
+def _partial_caption(report: SweepReport) -> str:
+    if not report.is_partial:
+        return ""
+    return (f" PARTIAL SWEEP: {report.units_done} of {report.units_total} work units (capture x layer) were done; "
+            "points of unfinished units are missing or NaN.")
+
+
+def _pooled_text(report: SweepReport) -> str:
+    n = report.num_captures
+    if n == 1:
+        return f"on the sweep's capture ({report.capture_name(0)})"
+    return f"pooled over the {n} captures (the report's pooled rows, capture = -1)"
+
+
+def _legend(fig: Any, spec: Any, handles: List[Any], labels: List[str], ncol: int = 1) -> None:
+    lax = fig.add_subplot(spec)
+    lax.set_axis_off()
+    lax.legend(handles, labels, loc="upper left", ncol=ncol, handlelength=2.6, borderaxespad=0.0,
+               columnspacing=1.2)
+
+
+def _legend_width_in(labels: Sequence[str]) -> float:
+    longest = max((len(l) for l in labels), default=10)
+    return min((longest * FONT_PT * 0.55 + 3.6 * FONT_PT) / 72.0, 3.0)
+
+
+# ----------------------------------------------------------------------------
+# (a) Mass recall vs sparsity.
+# ----------------------------------------------------------------------------
+
+# Up to this many instances share one panel (their bands still readable); more: one panel per selector.
+MAX_LINES_ONE_PANEL = 4
+CONTEXT_COLOUR = "#c4c4c4"
+
+
+def _panels(lines: List[SweepLine]) -> List[Tuple[str, Dict[str, str], List[SweepLine]]]:
+    """(title, facet values, lines) per panel: one panel for a few instances, else one per selector, a
+    selector with more instances than line styles split further by the parameter that separates them best."""
+    if len(lines) <= MAX_LINES_ONE_PANEL:
+        return [("", {}, lines)]
+    out = []
+    families: Dict[str, List[SweepLine]] = {}
+    for ln in lines:
+        families.setdefault(ln.instance.selector, []).append(ln)
+    for fam, members in families.items():
+        axis = _choose_facets(members)[:1]
+        if not axis:
+            out.append((fam, {}, members))
+            continue
+        a = axis[0]
+        for v in _facet_values(members, a):
+            out.append((f"{fam}, {a} = {v}", {a: v}, [m for m in members if m.params.get(a, "") == v]))
+    return out
+
+
+def _short_label(ln: SweepLine, where: Dict[str, str]) -> str:
+    """Legend text inside a selector's panel: the parameters, without the name and the panel's facet."""
+    text = ln.label[len(ln.instance.selector):].strip()
+    for a, v in where.items():
+        text = text.replace(f"{a}={v}", "").strip()
+    return " ".join(text.split()) or ln.instance.selector
+
+
+def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
+    """Pooled mass recall vs sparsity per selector instance, mean line and p10..p50 band; small multiples
+    (one panel per selector, the others' means in grey) when one panel would hold too many bands."""
+    pooled = report.pooled_rows()
+    if pooled.size == 0:
+        return None
+    pts = report.points
+    use_budget = report.budget_kind == "sparsity"
+    x_col = "budget" if use_budget else "sparsity"
+    lines = sweep_lines(report, pooled)
+    panels = _panels(lines)
+    n = len(panels)
+    single = n == 1
+    ncols = 1 if single else (n if n <= 3 else (2 if n == 4 else 3))
+    nrows = (n + ncols - 1) // ncols
+    panel_h = 2.6 if nrows == 1 else (2.1 if nrows == 2 else 1.85)
+    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, 0.55 + panel_h * nrows)
+    if single:
+        legend_w = _legend_width_in([ln.label for ln in lines])
+        gs = fig.add_gridspec(1, 2, width_ratios=[DOUBLE_COLUMN_IN - legend_w, legend_w])
+    else:
+        gs = fig.add_gridspec(nrows, ncols)
+    all_x = pts[x_col][pooled]
+    data: Dict[str, Any] = {"x_column": x_col, "panels": [], "instances": {}}
+    axes = []
+    for k, (title, where, members) in enumerate(panels):
+        ax = fig.add_subplot(gs[k // ncols, k % ncols], sharex=axes[0] if axes else None,
+                             sharey=axes[0] if axes else None)
+        axes.append(ax)
+        if not single:  # the other selectors' means, for reference
+            for ln in lines:
+                if ln in members:
+                    continue
+                x, y = pts[x_col][ln.rows], pts["mass_recall"][ln.rows]
+                o = np.argsort(x, kind="stable")
+                ok = np.isfinite(x[o]) & np.isfinite(y[o])
+                ax.plot(x[o][ok], y[o][ok], color=CONTEXT_COLOUR, linewidth=0.6, zorder=0.5, gid=f"context:{k}:{ln.label}")
+        handles, labels = [], []
+        for ln in members:
+            idx = ln.rows
+            x = pts[x_col][idx]
+            order = np.argsort(x, kind="stable")
+            idx, x = idx[order], x[order]
+            mean, p10, p50 = pts["mass_recall"][idx], pts["mass_recall_p10"][idx], pts["mass_recall_p50"][idx]
+            ok = np.isfinite(x) & np.isfinite(mean)
+            data["instances"][ln.label] = {"rows": idx, "spec": ln.instance.spec, "schedule": ln.instance.schedule,
+                                           "x": x, "mean": mean, "p10": p10, "p50": p50, "panel": k}
+            if not ok.any():
+                continue
+            band = ok & np.isfinite(p10) & np.isfinite(p50)
+            ax.fill_between(x[band], p10[band], p50[band], color=ln.style["color"], alpha=0.15, linewidth=0,
+                            gid=f"band:{ln.label}")
+            ax.plot(x[ok], mean[ok], gid=f"mean:{ln.label}", zorder=3, **ln.style)
+            handles.append((Patch(facecolor=ln.style["color"], alpha=0.2, linewidth=0),
+                            Line2D([], [], color=ln.style["color"], marker=ln.style["marker"],
+                                   linestyle=ln.style["linestyle"])))
+            labels.append(ln.label if single else _short_label(ln, where))
+        data["panels"].append({"title": title, "where": where, "labels": [ln.label for ln in members]})
+        ax.set_title(title or "Mass recall vs sparsity", loc="left")
+        if k % ncols:
+            ax.tick_params(labelleft=False)
+        else:
+            ax.set_ylabel("mass recall R (share of mass)")
+        if k // ncols < nrows - 1 and k + ncols < n:
+            ax.tick_params(labelbottom=False)
+        if single:
+            handles.append(Patch(facecolor="#888888", alpha=0.3, linewidth=0))
+            labels.append("p10..p50 band")
+            _legend(fig, gs[0, 1], handles, labels)
+        elif len(members) > 1 or labels[:1] != [members[0].instance.selector]:
+            ax.legend(handles, labels, loc="lower left", handlelength=2.2, borderaxespad=0.3, labelspacing=0.25)
+    axes[0].set_ylim(0, 1.02)
+    xlabel = "sparsity s (requested)" if use_budget else "realised sparsity 1 - attended / causal keys"
+    _sparsity_axis(axes[0], all_x, xlabel)
+    xlabel = axes[0].get_xlabel()
+    for k, ax in enumerate(axes):
+        ax.set_xlabel(xlabel if k + ncols >= n else "")
+    _partial_mark(fig, report)
+    xdesc = ("the requested sparsity s (the budget axis: the share of each causal row dropped)" if use_budget else
+             "the realised sparsity, 1 - mean over scored rows of attended keys / causal keys (forced window and "
+             "sink keys and a hybrid selector's full layers count as attended), one point per token budget")
+    caption = (f"Model mean mass recall (over every layer, head and query row) of each selector instance, "
+               f"{_pooled_text(report)}, against {xdesc}. Lines: the mean; shaded {SWEEP_BAND_NOTE}, pooled like "
+               "the mean. Instances of one selector share its colour and differ in shade, dashes and marker; "
+               "legends name the parameters that differ between them.")
+    if not single:
+        caption += (" One panel per selector" + (" (split by a parameter where it has more instances than line "
+                                                  "styles)" if any(w for _, w, _ in panels) else "")
+                    + "; thin grey lines: the other selectors' means, for reference.")
+    caption += _partial_caption(report)
+    return Rendered("sweep_recall_vs_sparsity", "Mass recall vs sparsity (sweep)", caption, fig, data)
+
+
+# ----------------------------------------------------------------------------
+# (b) The Pareto view.
+# ----------------------------------------------------------------------------
+
+def sweep_frontier(report: SweepReport, rows: np.ndarray) -> List[int]:
+    """Row indices of the Pareto frontier of (kv_bytes, mass_recall) over `rows`, sorted by bytes."""
+    pts = report.points
+    points = [(int(i), 0, float(pts["kv_bytes"][i]), float(pts["mass_recall"][i])) for i in rows]
+    return [p[0] for p in pareto_frontier(points)]
+
+
+def _label_frontier(fig: Any, ax: Any, report: SweepReport, frontier: List[int], data: Dict[str, Any]) -> None:
+    """Budget labels next to the frontier points where they fit (`figures.place_point_labels`)."""
+    pts = report.points
+    rows = report.pooled_rows()
+    items = [(budget_text(report, float(pts["budget"][i])), float(pts["kv_bytes"][i]), float(pts["mass_recall"][i]),
+              f"frontier-label:{i}") for i in frontier]
+    avoid = np.column_stack([pts["kv_bytes"][rows], pts["mass_recall"][rows]])
+    for i, choice in zip(frontier, place_point_labels(fig, ax, items, avoid)):
+        data["frontier_label_offsets"][int(i)] = choice
+
+
+def fig_sweep_pareto(report: SweepReport) -> Optional[Rendered]:
+    """Pooled mass recall vs resident KV bytes (log2) of every point; the frontier over all points marked."""
+    pooled = report.pooled_rows()
+    pts = report.points
+    if pooled.size == 0:
+        return None
+    xs, ys = pts["kv_bytes"][pooled], pts["mass_recall"][pooled]
+    ok = np.isfinite(xs) & np.isfinite(ys) & (xs > 0)
+    if not ok.any():
+        return None
+    lines = sweep_lines(report, pooled)
+    legend_w = _legend_width_in([ln.label for ln in lines])
+    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, 3.3)
+    gs = fig.add_gridspec(1, 2, width_ratios=[DOUBLE_COLUMN_IN - legend_w, legend_w])
+    ax = fig.add_subplot(gs[0, 0])
+    data: Dict[str, Any] = {"instances": {}, "frontier_rows": []}
+    handles, labels = [], []
+    for ln in lines:
+        idx = ln.rows[np.argsort(pts["kv_bytes"][ln.rows], kind="stable")]
+        x, y = pts["kv_bytes"][idx], pts["mass_recall"][idx]
+        good = np.isfinite(x) & np.isfinite(y) & (x > 0)
+        ax.plot(x[good], y[good], gid=f"kv:{ln.label}", **dict(ln.style, linewidth=1.0))
+        data["instances"][ln.label] = {"rows": idx, "kv_bytes": x, "mass_recall": y, "spec": ln.instance.spec}
+        handles.append(Line2D([], [], color=ln.style["color"], marker=ln.style["marker"],
+                              linestyle=ln.style["linestyle"]))
+        labels.append(ln.label)
+    frontier = sweep_frontier(report, pooled)
+    data["frontier_rows"] = frontier
+    label_of = {int(i): ln.label for ln in lines for i in ln.rows}
+    if frontier:
+        fx, fy = pts["kv_bytes"][frontier], pts["mass_recall"][frontier]
+        ax.step(fx, fy, where="post", color="#555555", linewidth=0.9, alpha=0.8, zorder=1, gid="frontier")
+        ax.plot(fx, fy, linestyle="none", marker="o", markersize=9, markerfacecolor="none", markeredgecolor="#555555",
+                markeredgewidth=0.9, zorder=4, gid="frontier-points")
+        data["frontier_label_offsets"] = {}
+        handles.append(Line2D([], [], color="#555555", linewidth=0.9, marker="o", markersize=9, markerfacecolor="none"))
+        labels.append("Pareto frontier (budget\nnext to it where room)")
+        data["frontier"] = [(label_of.get(int(i), "?"), float(pts["budget"][i]), float(pts["kv_bytes"][i]),
+                             float(pts["mass_recall"][i])) for i in frontier]
+    full = pts["kv_full_bytes"][pooled]
+    full = full[np.isfinite(full) & (full > 0)]
+    all_x = list(xs[ok])
+    if full.size:
+        f0 = float(np.median(full))
+        data["kv_full_bytes"] = f0
+        all_x.append(f0)
+        ax.axvline(f0, color=FULL_KV_COLOUR, linestyle=":", linewidth=1.0, zorder=0, gid="full-kv")
+        handles.append(Line2D([], [], color=FULL_KV_COLOUR, linestyle=":", linewidth=1.0))
+        labels.append(f"full attention ({bytes_label(f0)})")
+    ax.set_xscale("log", base=2)
+    lo, hi = _log2_bytes_axis(ax.xaxis, float(min(all_x)), float(max(all_x)), max_ticks=7)
+    ax.set_xlim(lo, hi)
+    ylo, yhi = _finite_range(ys[ok])
+    ax.set_ylim(max(0.0, ylo - 0.05), min(1.02, yhi + 0.04) if yhi <= 1.0 else yhi + 0.04)
+    if frontier:
+        _label_frontier(fig, ax, report, frontier, data)
+    C = report.num_captures
+    ax.set_xlabel("resident KV cache, whole model (bytes, log2 scale)" + (", mean over captures" if C > 1 else ""))
+    ax.set_ylabel("mass recall R (model mean)")
+    ax.set_title("Recall vs KV memory", loc="left")
+    _legend(fig, gs[0, 1], handles, labels)
+    _partial_mark(fig, report)
+    ctx = sorted({int(c.capture.get("seq_len", 0)) for c in report.captures})
+    ctx_text = (f"at the capture's context ({ctx[0]} tokens)" if len(ctx) == 1 else
+                f"at each capture's context ({', '.join(str(c) for c in ctx)} tokens), averaged over the captures")
+    caption = (f"Model mean mass recall of every selector instance at every budget, {_pooled_text(report)}, against "
+               f"the resident KV cache it needs (kv_bytes: K and V in bf16 plus the selector's resident metadata, "
+               f"whole model, batch 1, {ctx_text}; priced by hysparse from its footprint table). One line per "
+               "instance through its budgets; selectors that keep the whole cache stack at one x. Circled and "
+               "joined by the grey staircase: the Pareto frontier over all points (no other point has at least "
+               "the recall for no more bytes), labelled with the budget where there is room (summary.md lists "
+               "every frontier point). Dotted: full attention (kv_full_bytes).")
+    caption += _partial_caption(report)
+    return Rendered("sweep_pareto", "Recall vs KV memory, Pareto frontier (sweep)", caption, fig, data)
+
+
+# ----------------------------------------------------------------------------
+# (c) Per capture.
+# ----------------------------------------------------------------------------
+
+def _default_budgets(report: SweepReport) -> List[float]:
+    b = [float(v) for v in report.budget_values]
+    if len(b) <= 3:
+        return b
+    return [b[0], b[len(b) // 2], b[-1]]
+
+
+def _tick_name(name: str, width: int = 12) -> str:
+    stem = name[:-3] if name.endswith(".h5") else name
+    return stem if len(stem) <= width else stem[:width - 1] + "\u2026"
+
+
+def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]] = None) -> Optional[Rendered]:
+    """Mass recall of every instance per capture (and pooled) at up to three budgets; several captures only."""
+    C = report.num_captures
+    if C < 2:
+        return None
+    pts = report.points
+    budgets = list(budgets) if budgets else _default_budgets(report)
+    lines = sweep_lines(report, np.arange(len(pts)))
+    legend_w = _legend_width_in([ln.label for ln in lines])
+    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, 3.0)
+    nb = len(budgets)
+    gs = fig.add_gridspec(1, nb + 1, width_ratios=[1.0] * nb + [legend_w / (DOUBLE_COLUMN_IN - legend_w) * nb])
+    positions = list(range(C)) + [C + 0.6]
+    names = [report.capture_name(c) for c in range(C)] + ["pooled"]
+    ticks = [_tick_name(t) for t in names]
+    data: Dict[str, Any] = {"budgets": budgets, "captures": names, "instances": {}}
+    axes = []
+    spread = 0.32
+    for j, b in enumerate(budgets):
+        ax = fig.add_subplot(gs[0, j], sharey=axes[0] if axes else None)
+        axes.append(ax)
+        ax.axvspan(C + 0.1, C + 1.1, color="#eeeeee", zorder=0, linewidth=0)
+        for k, ln in enumerate(lines):
+            y = np.full(C + 1, np.nan)
+            rows = np.full(C + 1, -1, dtype=np.int64)
+            sel = (pts["budget"][ln.rows] == b)
+            for i in ln.rows[sel]:
+                c = int(pts["capture"][i])
+                c = C if c < 0 else c
+                y[c], rows[c] = pts["mass_recall"][i], i
+            off = (k - (len(lines) - 1) / 2) / max(len(lines), 1) * spread
+            x = np.array(positions) + off
+            ax.plot(x[:C], y[:C], gid=f"cap:{j}:{ln.label}", **dict(ln.style, linewidth=0.7, markersize=3.5))
+            ax.plot(x[C:], y[C:], gid=f"pooled:{j}:{ln.label}",
+                    **dict(ln.style, linestyle="none", markersize=3.5))
+            data["instances"].setdefault(ln.label, {})[b] = {"mass_recall": y, "rows": rows}
+        ax.set_xticks(positions)
+        ax.set_xticklabels(ticks, rotation=35, ha="right", rotation_mode="anchor")
+        ax.set_xlim(-0.5, C + 1.1)
+        ax.set_xlabel("capture")
+        ax.grid(axis="x", visible=False)
+        ax.set_title(f"budget {budget_text(report, b)}" + (" tokens" if report.budget_kind == "tokens" else ""),
+                     loc="left")
+        if j == 0:
+            ax.set_ylabel("mass recall R (model mean)")
+        else:
+            ax.tick_params(labelleft=False)
+    allv = pts["mass_recall"][np.isin(pts["budget"], budgets)]
+    lo, hi = _finite_range(allv)
+    axes[0].set_ylim(max(0.0, lo - 0.05), min(1.02, hi + 0.04))
+    handles = [Line2D([], [], color=ln.style["color"], marker=ln.style["marker"], linestyle=ln.style["linestyle"])
+               for ln in lines]
+    _legend(fig, gs[0, nb], handles, [ln.label for ln in lines])
+    _partial_mark(fig, report)
+    caption = (f"Model mean mass recall of each selector instance on each of the {C} captures and pooled (grey "
+               f"column) at {'budgets' if nb > 1 else 'budget'} "
+               f"{', '.join(budget_text(report, b) for b in budgets)}; markers of one capture are spread sideways "
+               "by instance. Captures: " + "; ".join(f"{report.capture_name(c)} ({int(report.captures[c].capture.get('seq_len', 0))} tokens)"
+                                                     for c in range(C)) + ".")
+    caption += _partial_caption(report)
+    return Rendered("sweep_per_capture", "Mass recall per capture (sweep)", caption, fig, data)
+
+
+# ----------------------------------------------------------------------------
+# Registry and rendering.
+# ----------------------------------------------------------------------------
+
+SWEEP_FIGURES = {
+    "sweep_recall_vs_sparsity": fig_sweep_recall_vs_sparsity,
+    "sweep_pareto": fig_sweep_pareto,
+    "sweep_per_capture": fig_sweep_per_capture,
+}
+
+SWEEP_SKIP_REASONS = {
+    "sweep_recall_vs_sparsity": "the sweep has no pooled points",
+    "sweep_pareto": "the sweep has no pooled points with KV bytes and recall",
+    "sweep_per_capture": "the sweep has a single capture",
+}
+
+
+def build_sweep(report: SweepReport, name: str, budgets: Optional[Sequence[float]] = None) -> Optional[Rendered]:
+    builder = SWEEP_FIGURES[name]
+    with matplotlib.rc_context(STYLE):
+        if name == "sweep_per_capture":
+            return builder(report, budgets=budgets)
+        return builder(report)
+
+
+def render_sweep(report: SweepReport, out_dir: str, budgets: Optional[Sequence[float]] = None,
+                 formats: Sequence[str] = ("png", "pdf"), keep_figures: bool = False
+                 ) -> Tuple[List[Rendered], List[Tuple[str, str]]]:
+    """Build and save every sweep figure. Returns (rendered, skipped as (name, reason))."""
+    import os
+    os.makedirs(out_dir, exist_ok=True)
+    rendered, skipped = [], []
+    for name in SWEEP_FIGURES:
+        r = build_sweep(report, name, budgets)
+        if r is None:
+            skipped.append((name, SWEEP_SKIP_REASONS[name]))
+            continue
+        save(r, report, out_dir, formats)  # type: ignore[arg-type]  # provenance fields as a Report's
+        if not keep_figures:
+            r.figure = None  # type: ignore[assignment]
+        rendered.append(r)
+    return rendered, skipped
