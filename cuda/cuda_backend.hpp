@@ -7,6 +7,7 @@
 namespace hysparse::cuda {
 
 CudaStatus status();
-std::unique_ptr<Backend> make_backend(int device_index);  // device_index < status().devices.size()
+// device_index < status().devices.size()
+std::unique_ptr<Backend> make_backend(int device_index, Precision precision);
 
 }  // namespace hysparse::cuda

@@ -19,8 +19,34 @@ CudaStatus cuda_status() {
 #endif
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return make_cpu_backend();
+Precision parse_precision(const std::string& text) {
+  if (text == "fp32") return Precision::kFp32;
+  if (text == "bf16") return Precision::kBf16;
+  if (text == "fp16") return Precision::kFp16;
+  fail(ErrorKind::kUsage, "--precision {}: unknown precision (expected fp32, bf16 or fp16)", text);
+}
+
+const char* to_string(Precision precision) {
+  switch (precision) {
+    case Precision::kFp32: return "fp32";
+    case Precision::kBf16: return "bf16";
+    case Precision::kFp16: return "fp16";
+  }
+  return "?";
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& precision) {
+  return make_backend(device, parse_precision(precision));
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device, Precision precision) {
+  if (device == "cpu") {
+    if (precision != Precision::kFp32) {
+      fail(ErrorKind::kUsage, "--precision {}: the cpu device computes in fp32 only (use --device cuda for bf16/fp16)",
+           to_string(precision));
+    }
+    return make_cpu_backend();
+  }
   if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
     int index = 0;
     if (device.size() > 5) {
@@ -39,7 +65,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
       fail(ErrorKind::kDevice, "--device {}: only {} CUDA GPU(s) visible", device, status.devices.size());
     }
 #ifdef HYSPARSE_HAVE_CUDA
-    return cuda::make_backend(index);
+    return cuda::make_backend(index, precision);
 #endif
   }
   fail(ErrorKind::kUsage, "--device {}: unknown device (expected cpu, cuda or cuda:N)", device);

@@ -42,11 +42,20 @@ struct StatsTile {
   }
 };
 
+// What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
+// (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the
+// products on tensor cores with fp32 accumulation (CUDA only); on captures stored in that
+// type the rounding is exact and only the summation order differs from kFp32.
+enum class Precision { kFp32, kBf16, kFp16 };
+Precision parse_precision(const std::string& text);  // "fp32", "bf16", "fp16"; else Error(kUsage)
+const char* to_string(Precision precision);
+
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;    // "cpu" or "cuda"
   virtual std::string device() const = 0;  // e.g. "x86_64 CPU, 2 OpenMP threads"
+  virtual Precision precision() const { return Precision::kFp32; }
   // Rows per request that use the device well (the engine may send fewer).
   virtual std::int64_t preferred_tile_rows() const { return 64; }
   // Thread-safe: the engine calls it from several OpenMP threads at once.
@@ -54,8 +63,10 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
-// "cpu" or "cuda" / "cuda:N". Throws Error(kDevice) when the device is unusable.
-std::unique_ptr<Backend> make_backend(const std::string& device);
+// "cpu" or "cuda" / "cuda:N". Throws Error(kDevice) when the device is unusable, and
+// Error(kUsage) for a precision the device does not offer (the CPU computes in fp32 only).
+std::unique_ptr<Backend> make_backend(const std::string& device, Precision precision = Precision::kFp32);
+std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& precision);
 
 // Build and runtime facts for `hysparse info`.
 struct CudaStatus {

@@ -1,0 +1,77 @@
+#pragma once
+// The statistics pass on device-resident data, for the CUDA backend and the GPU benchmark.
+// Every pointer in these structs is a device pointer unless its name says host; nothing
+// here copies between host and device except the small work plan.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "tensor_core_statistics.hpp"
+
+namespace hysparse::cuda {
+
+// The element type q and k are held in on the device.
+enum class InputType { kFloat32, kBfloat16, kFloat16 };
+
+// Row stride in elements of q and k in the kernels' layout: head_dim for fp32; for bf16/fp16
+// head_dim padded with zeros to the tensor-core depth (64, 128 or 256; 0 when head_dim > 256).
+int input_stride(InputType type, int head_dim);
+std::size_t element_bytes(InputType type);
+
+// dst[r][0..stride) = round(multiplier * src[r][0..head_dim)), zeros up to the stride, for
+// `rows` rows of fp32 src (row stride head_dim). Sets *overflow to 1 when a finite value
+// rounds to infinity (fp16 above 65504); overflow may be nullptr for fp32 and bf16.
+void convert_rows(InputType type, const float* src, long long rows, int head_dim, float multiplier, void* dst,
+                  int* overflow, cudaStream_t stream);
+
+// Standard normal values (counter-based hash + Box-Muller), for benchmarks and tests that need
+// random inputs of many gigabytes without generating them on the host.
+void fill_normal(float* data, std::size_t count, std::uint64_t seed, cudaStream_t stream);
+
+struct StatsPassArgs {
+  InputType type = InputType::kFloat32;
+  const void* q = nullptr;  // [heads][rows][stride]
+  const void* k = nullptr;  // [keys][stride]; keys >= last position + 1, and for bf16/fp16 padded
+                            // with zero rows to a multiple of kTensorCoreKeyTile
+  const long long* positions = nullptr;       // [rows], ascending
+  const long long* host_positions = nullptr;  // the same positions on the host (the work is planned there)
+  int heads = 0, rows = 0, head_dim = 0;
+  // logit = score_scale * (q . k). fp32 callers pre-scale q (as the CPU backend does) and pass
+  // 1; bf16/fp16 callers fold the sign of the softmax scale into q and pass its magnitude.
+  float score_scale = 1.0f;
+  long long block = 64, num_blocks = 0;
+  const float* sink_logits = nullptr;  // [heads] or nullptr
+  float* block_max = nullptr;          // [heads][rows][num_blocks]: every cell is written
+  float* block_sum = nullptr;
+  double* lse_tokens = nullptr;        // [heads][rows]
+  double* lse_all = nullptr;
+};
+
+// Plans and enqueues one pass on `stream`: block statistics (tensor cores for bf16/fp16 when
+// the block size allows it, else the SIMT kernel on the same rounded inputs), then the row
+// log-sum-exps from the block pairs, in double, with the CPU backend's formula. Holds the
+// work-plan buffers, so one object serves one stream at a time.
+class StatsPass {
+ public:
+  explicit StatsPass(int multiprocessors) : multiprocessors_(multiprocessors) {}
+  StatsPass(const StatsPass&) = delete;
+  StatsPass& operator=(const StatsPass&) = delete;
+  ~StatsPass();
+  // Returns "tensor-core" or "simt": which kernel formed the scores.
+  const char* run(const StatsPassArgs& args, cudaStream_t stream);
+
+ private:
+  int multiprocessors_;
+  std::vector<TensorCoreWorkItem> plan_;
+  TensorCoreWorkItem* device_plan_ = nullptr;
+  std::size_t device_plan_capacity_ = 0;
+};
+
+// output[h][r][:] = sum_{j <= positions[r]} exp(score_scale * q.k_j - lse_all[h][r]) v_j, in fp32,
+// from q/k in `type` (the rounded values for bf16/fp16) and fp32 v [keys][head_dim].
+void launch_output_pass(InputType type, const void* q, const void* k, const float* v, const long long* positions,
+                        const double* lse_all, int heads, int rows, int head_dim, float score_scale, float* output,
+                        cudaStream_t stream);
+
+}  // namespace hysparse::cuda

@@ -1,0 +1,462 @@
+// The statistics pass on device-resident data: input rounding, the work plan and dispatch to
+// the tensor-core kernel, the SIMT kernel (exact fp32, and the fallback for block sizes the
+// tensor-core kernel does not take), the row log-sum-exps, and the attention output.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "common/error.hpp"
+#include "device_statistics.hpp"
+
+namespace hysparse::cuda {
+namespace {
+
+constexpr int kRows = 64;     // query rows per thread block (SIMT kernels)
+constexpr int kKeys = 64;     // keys per chunk (SIMT kernels)
+constexpr int kDepth = 32;    // head_dim slice staged in shared memory (SIMT kernels)
+constexpr int kThreads = 256;
+constexpr long long kSimtSegmentKeys = 1024;  // keys per thread block in the SIMT statistics kernel
+// Tensor-core work items: enough to fill every multiprocessor several times over, each long
+// enough that loading its query rows stays small next to streaming its keys.
+constexpr long long kMinItemsPerMultiprocessor = 8;
+constexpr long long kMinSegmentKeys = 512, kMaxSegmentKeys = 8192;
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// Scores S[r][j] = score_scale * (q_r . k_{c0+j}) for the tile's rows and one key chunk, -inf
+// where the key is beyond the row's position or the chunk. q rows and k rows have stride ld.
+template <typename In>
+__device__ void score_chunk(const In* __restrict__ q, const In* __restrict__ k, const long long* __restrict__ pos,
+                            int rows_here, int d, int ld, float score_scale, long long c0, int width,
+                            float (*scores)[kKeys + 1], float (*q_stage)[kRows], float (*k_stage)[kKeys]) {
+  const int tid = static_cast<int>(threadIdx.x), ty = tid / 16, tx = tid % 16;
+  float acc[4][4] = {};
+  for (int c_base = 0; c_base < d; c_base += kDepth) {
+    for (int i = tid; i < kRows * kDepth; i += kThreads) {
+      const int r = i / kDepth, c = i % kDepth;
+      q_stage[c][r] = (r < rows_here && c_base + c < d) ? to_float(q[static_cast<long long>(r) * ld + c_base + c]) : 0.0f;
+    }
+    for (int i = tid; i < kKeys * kDepth; i += kThreads) {
+      const int j = i / kDepth, c = i % kDepth;
+      k_stage[c][j] = (j < width && c_base + c < d) ? to_float(k[(c0 + j) * ld + c_base + c]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < kDepth; ++c) {
+      // One 16-byte shared load each for this thread's 4 rows and 4 keys.
+      const float4 q4 = *reinterpret_cast<const float4*>(&q_stage[c][4 * ty]);
+      const float4 k4 = *reinterpret_cast<const float4*>(&k_stage[c][4 * tx]);
+      const float qv[4] = {q4.x, q4.y, q4.z, q4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) acc[i][jj] = fmaf(qv[i], kv[jj], acc[i][jj]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = 4 * ty + i;
+    const long long t = r < rows_here ? pos[r] : -1;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = 4 * tx + jj;
+      scores[r][j] = (j < width && c0 + j <= t) ? acc[i][jj] * score_scale : -INFINITY;
+    }
+  }
+  __syncthreads();
+}
+
+__device__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+__device__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+__device__ double warp_sum(double v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// grid (row tiles, heads, key segments of `segment` keys, a multiple of both kKeys and block).
+// q: [heads][rows][ld]; block_max/sum: [heads][rows][num_blocks], pre-set to (-inf, 0).
+template <typename In>
+__global__ void simt_statistics_kernel(const In* __restrict__ q, const In* __restrict__ k,
+                                       const long long* __restrict__ positions, int rows, int d, int ld,
+                                       float score_scale, long long block, long long segment, long long num_blocks,
+                                       float* __restrict__ block_max, float* __restrict__ block_sum) {
+  __shared__ float scores[kRows][kKeys + 1];
+  __shared__ __align__(16) float q_stage[kDepth][kRows];
+  __shared__ __align__(16) float k_stage[kDepth][kKeys];
+  const int head = static_cast<int>(blockIdx.y), r0 = static_cast<int>(blockIdx.x) * kRows;
+  const int rows_here = min(kRows, rows - r0);
+  const long long* pos = positions + r0;
+  const In* q_tile = q + (static_cast<long long>(head) * rows + r0) * ld;
+  const long long last = pos[rows_here - 1];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  // This thread block's key segment: whole key blocks, so no other block writes its cells.
+  const long long segment_begin = static_cast<long long>(blockIdx.z) * segment;
+  const long long segment_end = min(segment_begin + segment, last + 1);
+  for (long long c0 = segment_begin; c0 < segment_end; c0 += kKeys) {
+    const int width = static_cast<int>(min(static_cast<long long>(kKeys), segment_end - c0));
+    score_chunk(q_tile, k, pos, rows_here, d, ld, score_scale, c0, width, scores, q_stage, k_stage);
+    for (int r = warp; r < rows_here; r += kThreads / 32) {
+      const long long t = pos[r];
+      if (t < c0) continue;
+      const long long visible_end = min(c0 + width, t + 1);  // exclusive
+      for (long long b = c0 / block; b * block < visible_end; ++b) {
+        const long long lo = max(b * block, c0), hi = min((b + 1) * block, visible_end);
+        float m = -INFINITY;
+        for (long long j = lo + lane; j < hi; j += 32) m = fmaxf(m, scores[r][j - c0]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (long long j = lo + lane; j < hi; j += 32) l += expf(scores[r][j - c0] - m);
+        l = warp_sum(l);
+        if (lane == 0) {
+          const long long cell = (static_cast<long long>(head) * rows + r0 + r) * num_blocks + b;
+          const float m_old = block_max[cell], l_old = block_sum[cell];
+          const float m_new = fmaxf(m_old, m);
+          block_sum[cell] = (m_old == -INFINITY ? 0.0f : l_old * expf(m_old - m_new)) + l * expf(m - m_new);
+          block_max[cell] = m_new;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// One warp per (head, row): the row log-sum-exps from the finished block pairs, with
+// finish_row_statistics' formula (row max in float, the sum in double); also writes
+// (-inf, 0) into the row's blocks beyond its position, which no statistics kernel touches.
+__global__ void row_lse_kernel(float* __restrict__ block_max, float* __restrict__ block_sum,
+                               const long long* __restrict__ positions, int heads, int rows, long long block,
+                               long long num_blocks, const float* __restrict__ sink_logits,
+                               double* __restrict__ lse_tokens, double* __restrict__ lse_all) {
+  const long long warp_id = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  if (warp_id >= static_cast<long long>(heads) * rows) return;
+  const int head = static_cast<int>(warp_id / rows), r = static_cast<int>(warp_id % rows);
+  const long long blocks = positions[r] / block + 1;
+  float* m = block_max + warp_id * num_blocks;
+  float* l = block_sum + warp_id * num_blocks;
+  float row_max = -INFINITY;
+  for (long long b = lane; b < blocks; b += 32) row_max = fmaxf(row_max, m[b]);
+  row_max = warp_max(row_max);
+  double total = 0.0;
+  for (long long b = lane; b < blocks; b += 32) {
+    if (m[b] != -INFINITY) total += static_cast<double>(l[b]) * exp(static_cast<double>(m[b]) - row_max);
+  }
+  total = warp_sum(total);
+  for (long long b = blocks + lane; b < num_blocks; b += 32) {
+    m[b] = -INFINITY;
+    l[b] = 0.0f;
+  }
+  if (lane == 0) {
+    const double tokens = static_cast<double>(row_max) + log(total);
+    double all = tokens;
+    if (sink_logits) {
+      const double s = sink_logits[head], hi = fmax(tokens, s);
+      all = hi + log(exp(tokens - hi) + exp(s - hi));
+    }
+    lse_tokens[warp_id] = tokens;
+    lse_all[warp_id] = all;
+  }
+}
+
+// grid (row tiles, heads). output[head][row][:] = sum_j exp(z_j - lse_all) v_j.
+template <typename In, int kCols>
+__global__ void output_kernel(const In* __restrict__ q, const In* __restrict__ k, const float* __restrict__ v,
+                              const long long* __restrict__ positions, const double* __restrict__ lse_all, int rows,
+                              int d, int ld, float score_scale, float* __restrict__ output) {
+  __shared__ float scores[kRows][kKeys + 1];
+  __shared__ __align__(16) float q_stage[kDepth][kRows];
+  __shared__ __align__(16) float k_stage[kDepth][kKeys];
+  extern __shared__ float v_stage[];  // [kKeys][d]
+  const int head = static_cast<int>(blockIdx.y), r0 = static_cast<int>(blockIdx.x) * kRows;
+  const int rows_here = min(kRows, rows - r0);
+  const long long* pos = positions + r0;
+  const In* q_tile = q + (static_cast<long long>(head) * rows + r0) * ld;
+  const long long last = pos[rows_here - 1];
+  const int row = static_cast<int>(threadIdx.x) / 4, part = static_cast<int>(threadIdx.x) % 4;  // 4 threads per row
+  const float lse = row < rows_here ? static_cast<float>(lse_all[static_cast<long long>(head) * rows + r0 + row]) : 0.0f;
+  float acc[kCols] = {};
+  for (long long c0 = 0; c0 <= last; c0 += kKeys) {
+    const int width = static_cast<int>(min(static_cast<long long>(kKeys), last + 1 - c0));
+    score_chunk(q_tile, k, pos, rows_here, d, ld, score_scale, c0, width, scores, q_stage, k_stage);
+    for (int i = static_cast<int>(threadIdx.x); i < kKeys * d; i += kThreads) {
+      const int j = i / d;
+      v_stage[i] = j < width ? v[(c0 + j) * d + i % d] : 0.0f;
+    }
+    __syncthreads();
+    if (row < rows_here) {
+      for (int j = 0; j < width; ++j) {
+        const float s = scores[row][j];
+        if (s == -INFINITY) continue;
+        const float p = expf(s - lse);
+#pragma unroll
+        for (int i = 0; i < kCols; ++i) {
+          const int c = part + 4 * i;
+          if (c < d) acc[i] = fmaf(p, v_stage[j * d + c], acc[i]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (row < rows_here) {
+    float* out = output + (static_cast<long long>(head) * rows + r0 + row) * d;
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+      const int c = part + 4 * i;
+      if (c < d) out[c] = acc[i];
+    }
+  }
+}
+
+__global__ void fill_kernel(float* data, long long n, float value) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    data[i] = value;
+  }
+}
+
+template <typename Out>
+__device__ Out from_float(float x);
+template <>
+__device__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <typename Out>
+__global__ void convert_kernel(const float* __restrict__ src, long long rows, int d, int stride, float multiplier,
+                               Out* __restrict__ dst, int* overflow) {
+  const long long n = rows * stride;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = i / stride;
+    const int c = static_cast<int>(i % stride);
+    const float x = c < d ? src[r * d + c] * multiplier : 0.0f;
+    const Out y = from_float<Out>(x);
+    if (overflow && isinf(to_float(y)) && isfinite(x)) *overflow = 1;
+    dst[i] = y;
+  }
+}
+
+// SplitMix64: a well-mixed 64-bit hash of a counter.
+__device__ unsigned long long mix64(unsigned long long x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+__global__ void fill_normal_kernel(float* data, long long n, unsigned long long seed) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const unsigned long long bits = mix64(seed ^ mix64(static_cast<unsigned long long>(i)));
+    // Two uniforms in (0, 1] from the hash's halves, then Box-Muller.
+    const float u1 = (static_cast<float>(bits >> 40) + 1.0f) * (1.0f / 16777216.0f);
+    const float u2 = static_cast<float>((bits >> 8) & 0xffffffULL) * (1.0f / 16777216.0f);
+    data[i] = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+  }
+}
+
+template <typename In>
+void launch_simt_statistics(const StatsPassArgs& a, int stride, cudaStream_t stream) {
+  const auto cells = static_cast<long long>(a.heads) * a.rows * a.num_blocks;
+  fill_kernel<<<1024, 256, 0, stream>>>(a.block_max, cells, -INFINITY);
+  fill_kernel<<<1024, 256, 0, stream>>>(a.block_sum, cells, 0.0f);
+  // Key segments of whole blocks spread a long row over many thread blocks.
+  const long long keys = a.host_positions[a.rows - 1] + 1;
+  const long long unit = std::lcm(static_cast<long long>(kKeys), a.block);
+  const long long segment = unit * std::max(1LL, kSimtSegmentKeys / unit);
+  const dim3 grid(static_cast<unsigned>((a.rows + kRows - 1) / kRows), static_cast<unsigned>(a.heads),
+                  static_cast<unsigned>((keys + segment - 1) / segment));
+  simt_statistics_kernel<In><<<grid, kThreads, 0, stream>>>(static_cast<const In*>(a.q), static_cast<const In*>(a.k),
+                                                            a.positions, a.rows, a.head_dim, stride, a.score_scale,
+                                                            a.block, segment, a.num_blocks, a.block_max, a.block_sum);
+  check(cudaGetLastError(), "SIMT statistics kernel launch");
+}
+
+template <typename In, int kCols>
+void launch_output_with(const void* q, const void* k, const float* v, const long long* positions, const double* lse_all,
+                        int heads, int rows, int d, int ld, float score_scale, float* output, cudaStream_t stream) {
+  const std::size_t shared = static_cast<std::size_t>(kKeys * d) * sizeof(float);
+  check(cudaFuncSetAttribute(output_kernel<In, kCols>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+        "output kernel shared memory");
+  const dim3 grid(static_cast<unsigned>((rows + kRows - 1) / kRows), static_cast<unsigned>(heads));
+  output_kernel<In, kCols><<<grid, kThreads, shared, stream>>>(static_cast<const In*>(q), static_cast<const In*>(k), v,
+                                                               positions, lse_all, rows, d, ld, score_scale, output);
+  check(cudaGetLastError(), "output kernel launch");
+}
+
+template <typename In>
+void launch_output_typed(const void* q, const void* k, const float* v, const long long* positions, const double* lse_all,
+                         int heads, int rows, int d, int ld, float score_scale, float* output, cudaStream_t stream) {
+  if (d <= 64) launch_output_with<In, 16>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, output, stream);
+  else if (d <= 128) launch_output_with<In, 32>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, output, stream);
+  else launch_output_with<In, 64>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, output, stream);
+}
+
+}  // namespace
+
+int input_stride(InputType type, int head_dim) {
+  if (type == InputType::kFloat32) return head_dim;
+  for (int depth : {64, 128, 256}) {
+    if (head_dim <= depth) return depth;
+  }
+  return 0;
+}
+
+std::size_t element_bytes(InputType type) { return type == InputType::kFloat32 ? 4 : 2; }
+
+void convert_rows(InputType type, const float* src, long long rows, int head_dim, float multiplier, void* dst,
+                  int* overflow, cudaStream_t stream) {
+  const int stride = input_stride(type, head_dim);
+  if (stride == 0) fail(ErrorKind::kInternal, "convert_rows: head_dim {} has no padded layout", head_dim);
+  if (rows == 0) return;
+  const long long n = rows * stride;
+  const auto blocks = static_cast<unsigned>(std::min<long long>(4096, (n + 255) / 256));
+  switch (type) {
+    case InputType::kFloat32:
+      convert_kernel<float><<<blocks, 256, 0, stream>>>(src, rows, head_dim, stride, multiplier, static_cast<float*>(dst), nullptr);
+      break;
+    case InputType::kBfloat16:
+      convert_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(src, rows, head_dim, stride, multiplier,
+                                                                static_cast<__nv_bfloat16*>(dst), nullptr);
+      break;
+    case InputType::kFloat16:
+      convert_kernel<__half><<<blocks, 256, 0, stream>>>(src, rows, head_dim, stride, multiplier, static_cast<__half*>(dst),
+                                                         overflow);
+      break;
+  }
+  check(cudaGetLastError(), "input conversion kernel launch");
+}
+
+void fill_normal(float* data, std::size_t count, std::uint64_t seed, cudaStream_t stream) {
+  if (count == 0) return;
+  const auto n = static_cast<long long>(count);
+  fill_normal_kernel<<<static_cast<unsigned>(std::min<long long>(8192, (n + 255) / 256)), 256, 0, stream>>>(data, n, seed);
+  check(cudaGetLastError(), "random fill kernel launch");
+}
+
+StatsPass::~StatsPass() {
+  if (device_plan_) cudaFree(device_plan_);
+}
+
+const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
+  if (a.rows <= 0 || a.heads <= 0) fail(ErrorKind::kInternal, "statistics pass: no rows");
+  const int stride = input_stride(a.type, a.head_dim);
+  const bool tensor_cores = a.type != InputType::kFloat32 && tensor_core_supports(a.block, stride) && a.score_scale > 0.0f;
+  const char* kernel = "simt";
+  if (tensor_cores) {
+    kernel = "tensor-core";
+    // Thread blocks of 8 warps: up to 8 heads of the group share each key tile (the keys are
+    // read once per row tile and head chunk, not once per head); the remaining warps take
+    // further 16-row slices of the same heads.
+    const int heads_per_cta = std::min(a.heads, kTensorCoreWarps);
+    const int subtiles = std::max(1, kTensorCoreWarps / heads_per_cta);
+    const int tile_rows = 16 * subtiles;
+    const int row_tiles = (a.rows + tile_rows - 1) / tile_rows;
+    const int head_chunks = (a.heads + heads_per_cta - 1) / heads_per_cta;
+    const long long unit = tensor_core_key_unit(a.block);
+    auto causal_keys = [&](int tile) {  // keys the tile's last row sees, rounded up to whole key tiles
+      const long long last = a.host_positions[std::min((tile + 1) * tile_rows, a.rows) - 1];
+      return (last + kTensorCoreKeyTile) / kTensorCoreKeyTile * kTensorCoreKeyTile;
+    };
+    long long total_keys = 0;
+    for (int tile = 0; tile < row_tiles; ++tile) total_keys += causal_keys(tile) * head_chunks;
+    // Segments of whole blocks, short enough for several items per multiprocessor.
+    const long long wanted_items = kMinItemsPerMultiprocessor * multiprocessors_;
+    long long segment = std::clamp(total_keys / std::max(1LL, wanted_items), kMinSegmentKeys, kMaxSegmentKeys);
+    segment = std::max(unit, segment / unit * unit);
+    plan_.clear();
+    for (int tile = row_tiles - 1; tile >= 0; --tile) {
+      const long long keys = causal_keys(tile);
+      for (long long begin = 0; begin < keys; begin += segment) {
+        const long long end = std::min(begin + segment, keys);
+        for (int chunk = 0; chunk < head_chunks; ++chunk) {
+          plan_.push_back({tile, chunk, static_cast<int>(begin), static_cast<int>(end)});
+        }
+      }
+    }
+    // Whole segments first, the shorter diagonal ones last: they fill the tail of the launch.
+    std::stable_partition(plan_.begin(), plan_.end(), [&](const TensorCoreWorkItem& w) { return w.key_end - w.key_begin == segment; });
+    if (plan_.size() > device_plan_capacity_) {
+      if (device_plan_) check(cudaFree(device_plan_), "free work plan");
+      device_plan_ = nullptr;
+      device_plan_capacity_ = 0;
+      const cudaError_t status = cudaMalloc(&device_plan_, plan_.size() * sizeof(TensorCoreWorkItem));
+      if (status != cudaSuccess) {
+        fail(ErrorKind::kResource, "CUDA: cannot allocate {} bytes of device memory for the work plan: {}",
+             plan_.size() * sizeof(TensorCoreWorkItem), cudaGetErrorString(status));
+      }
+      device_plan_capacity_ = plan_.size();
+    }
+    check(cudaMemcpyAsync(device_plan_, plan_.data(), plan_.size() * sizeof(TensorCoreWorkItem), cudaMemcpyHostToDevice, stream),
+          "work plan upload");
+    TensorCoreLaunch launch;
+    launch.fp16 = a.type == InputType::kFloat16;
+    launch.q = a.q;
+    launch.k = a.k;
+    launch.positions = a.positions;
+    launch.work = device_plan_;
+    launch.num_items = static_cast<long long>(plan_.size());
+    launch.heads = a.heads;
+    launch.rows = a.rows;
+    launch.depth = stride;
+    launch.heads_per_cta = heads_per_cta;
+    launch.row_subtiles = subtiles;
+    launch.block = a.block;
+    launch.num_blocks = a.num_blocks;
+    launch.score_scale = a.score_scale;
+    launch.block_max = a.block_max;
+    launch.block_sum = a.block_sum;
+    launch_tensor_core_statistics(launch, stream);
+  } else {
+    switch (a.type) {
+      case InputType::kFloat32: launch_simt_statistics<float>(a, stride, stream); break;
+      case InputType::kBfloat16: launch_simt_statistics<__nv_bfloat16>(a, stride, stream); break;
+      case InputType::kFloat16: launch_simt_statistics<__half>(a, stride, stream); break;
+    }
+  }
+  const long long warps = static_cast<long long>(a.heads) * a.rows;
+  const auto lse_blocks = static_cast<unsigned>((warps * 32 + 255) / 256);
+  row_lse_kernel<<<lse_blocks, 256, 0, stream>>>(a.block_max, a.block_sum, a.positions, a.heads, a.rows, a.block,
+                                                 a.num_blocks, a.sink_logits, a.lse_tokens, a.lse_all);
+  check(cudaGetLastError(), "row log-sum-exp kernel launch");
+  return kernel;
+}
+
+void launch_output_pass(InputType type, const void* q, const void* k, const float* v, const long long* positions,
+                        const double* lse_all, int heads, int rows, int head_dim, float score_scale, float* output,
+                        cudaStream_t stream) {
+  const int ld = input_stride(type, head_dim);
+  switch (type) {
+    case InputType::kFloat32:
+      launch_output_typed<float>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, output, stream);
+      break;
+    case InputType::kBfloat16:
+      launch_output_typed<__nv_bfloat16>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, output, stream);
+      break;
+    case InputType::kFloat16:
+      launch_output_typed<__half>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, output, stream);
+      break;
+  }
+}
+
+}  // namespace hysparse::cuda

@@ -1,0 +1,313 @@
+// Fused block statistics on tensor cores, FlashAttention-style: a thread block holds the
+// query rows of one row tile for several heads of a KV group in registers (each warp 16 rows
+// of one head), streams the group's key tiles through shared memory once for all of those
+// heads (cp.async, three stages), forms the scores with mma.sync m16n8k16 (bf16/fp16 in, fp32
+// accumulate) and reduces them in registers to the per-block (max logit, sum of exp) pairs.
+// No score leaves the registers; only the per-block pairs are written.
+//
+// Block sizes: 8, 16, 32 or 64 keys are whole n8 column groups of one key tile, reduced with
+// two quad shuffles; a multiple of 64 spans several key tiles, kept as a running per-thread
+// (max, sum) and combined across the quad when the block ends. Other sizes use the SIMT kernel.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <numeric>
+
+#include "common/error.hpp"
+#include "tensor_core_statistics.hpp"
+
+namespace hysparse::cuda {
+namespace {
+
+constexpr int kStages = 3;
+constexpr int kKeys = kTensorCoreKeyTile;
+constexpr int kN8Tiles = kKeys / 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ unsigned shared_address(const void* pointer) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
+}
+
+__device__ __forceinline__ void copy_async_16(unsigned destination, const void* source) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(destination), "l"(source));
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void load_matrix_x4(unsigned address, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(address));
+}
+
+template <bool kFp16>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (kFp16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// 2^x on the special-function unit (relative error ~2^-22); 2^-inf = +0.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Offset of the 16-byte chunk `chunk` of key row `key` in a tile: chunks are XOR-swizzled by the
+// key's low three bits, so the eight rows one ldmatrix phase reads land in eight bank groups.
+template <int kDepth>
+__device__ __forceinline__ unsigned tile_offset(int key, int chunk) {
+  return static_cast<unsigned>(key * kDepth * 2 + ((chunk ^ (key & 7)) << 4));
+}
+
+// kSteps = depth / 16. kBlockN8 = n8 column groups per key block (1, 2, 4, 8), or 0 for blocks
+// of several key tiles. Depth 256 holds 64 registers of query fragments: one thread block per
+// multiprocessor there, so nothing spills.
+template <bool kFp16, int kSteps, int kBlockN8>
+__global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) tensor_core_statistics_kernel(const TensorCoreLaunch p) {
+  constexpr int kDepth = kSteps * 16;
+  constexpr int kChunks = kDepth / 8;  // 16-byte chunks per key row
+  constexpr int kTileBytes = kKeys * kDepth * 2;
+  constexpr float kNegInf = -INFINITY;
+  extern __shared__ __align__(128) unsigned char key_tiles[];
+
+  const TensorCoreWorkItem item = p.work[blockIdx.x];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int group = lane >> 2, thread_in_group = lane & 3;  // the mma fragment coordinates
+  const int head = item.head_chunk * p.heads_per_cta + warp / p.row_subtiles;
+  const int r0 = (item.row_tile * p.row_subtiles + warp % p.row_subtiles) * 16;
+  const bool active = warp < p.heads_per_cta * p.row_subtiles && head < p.heads && r0 < p.rows;
+  // This thread's two rows (fragment rows `group` and `group + 8`); -1: no row (fully masked).
+  const int row_a = r0 + group, row_b = r0 + group + 8;
+  const long long pos_a = active && row_a < p.rows ? p.positions[row_a] : -1;
+  const long long pos_b = active && row_b < p.rows ? p.positions[row_b] : -1;
+  const long long warp_first = active ? p.positions[r0] : -1;
+  const long long warp_last = active ? p.positions[min(r0 + 15, p.rows - 1)] : -1;
+  const float log2_scale = p.score_scale * kLog2e;
+
+  // The warp's query rows as A fragments, kept in registers for the whole key range.
+  unsigned q_fragments[kSteps][4];
+  {
+    const auto* q = static_cast<const unsigned short*>(p.q) + static_cast<long long>(head) * p.rows * kDepth;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (i & 1) ? row_b : row_a;
+        const int col = s * 16 + 2 * thread_in_group + ((i & 2) ? 8 : 0);
+        q_fragments[s][i] = (active && row < p.rows)
+                                ? *reinterpret_cast<const unsigned*>(q + static_cast<long long>(row) * kDepth + col)
+                                : 0u;
+      }
+    }
+  }
+
+  const unsigned tiles_base = shared_address(key_tiles);
+  const auto* keys = static_cast<const unsigned char*>(p.k);
+  auto load_tile = [&](int key0, int stage) {
+    const unsigned char* source = keys + static_cast<long long>(key0) * kDepth * 2;
+    const unsigned destination = tiles_base + static_cast<unsigned>(stage * kTileBytes);
+    for (int c = static_cast<int>(threadIdx.x); c < kKeys * kChunks; c += static_cast<int>(blockDim.x)) {
+      const int key = c / kChunks, chunk = c % kChunks;
+      copy_async_16(destination + tile_offset<kDepth>(key, chunk), source + key * kDepth * 2 + chunk * 16);
+    }
+  };
+
+  const int num_tiles = (item.key_end - item.key_begin) / kKeys;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(item.key_begin + s * kKeys, s);
+    copy_async_commit();
+  }
+
+  const long long block = p.block;
+  auto write_cell = [&](int row, long long b, float m, float l) {
+    const long long cell = (static_cast<long long>(head) * p.rows + row) * p.num_blocks + b;
+    p.block_max[cell] = m * p.score_scale;
+    p.block_sum[cell] = l;
+  };
+  // Blocks of several key tiles: this thread's running (max score, sum of exp) per row.
+  float run_max[2] = {kNegInf, kNegInf}, run_sum[2] = {0.0f, 0.0f};
+
+  for (int t = 0; t < num_tiles; ++t) {
+    copy_async_wait<kStages - 2>();
+    __syncthreads();  // tile t is in shared memory; every warp is done with tile t - 1
+    if (t + kStages - 1 < num_tiles) load_tile(item.key_begin + (t + kStages - 1) * kKeys, (t + kStages - 1) % kStages);
+    copy_async_commit();
+    const int key0 = item.key_begin + t * kKeys;
+
+    if (active && key0 <= warp_last) {
+      float acc[kN8Tiles][4];
+#pragma unroll
+      for (int n = 0; n < kN8Tiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+      const unsigned stage_base = tiles_base + static_cast<unsigned>((t % kStages) * kTileBytes);
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+        for (int pair = 0; pair < kN8Tiles / 2; ++pair) {
+          // Four 8x8 matrices: keys +0..7 and +8..15 of this pair, depth halves 2s and 2s+1.
+          const int key = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+          const int chunk = 2 * s + ((lane >> 3) & 1);
+          unsigned b0, b1, b2, b3;
+          load_matrix_x4(stage_base + tile_offset<kDepth>(key, chunk), b0, b1, b2, b3);
+          mma_16x8x16<kFp16>(acc[2 * pair], q_fragments[s], b0, b1);
+          mma_16x8x16<kFp16>(acc[2 * pair + 1], q_fragments[s], b2, b3);
+        }
+      }
+      // Causal mask, only on tiles that reach past some row of the warp.
+      if (key0 + kKeys - 1 > warp_first) {
+#pragma unroll
+        for (int n = 0; n < kN8Tiles; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const long long key = key0 + 8 * n + 2 * thread_in_group + e;
+            if (key > pos_a) acc[n][e] = kNegInf;
+            if (key > pos_b) acc[n][2 + e] = kNegInf;
+          }
+        }
+      }
+
+      if constexpr (kBlockN8 > 0) {
+        // Whole blocks inside this tile: reduce each in registers and write it.
+        constexpr int kBlocksPerTile = kN8Tiles / kBlockN8;
+#pragma unroll
+        for (int bi = 0; bi < kBlocksPerTile; ++bi) {
+          const long long b = key0 / block + bi;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float m = kNegInf;
+#pragma unroll
+            for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) {
+              m = fmaxf(m, fmaxf(acc[n][2 * half], acc[n][2 * half + 1]));
+            }
+            m = quad_max(m);
+            const float shift = m == kNegInf ? 0.0f : m * log2_scale;  // an empty block sums to 0
+            float l = 0.0f;
+#pragma unroll
+            for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) {
+              l += exp2_approx(fmaf(acc[n][2 * half], log2_scale, -shift)) +
+                   exp2_approx(fmaf(acc[n][2 * half + 1], log2_scale, -shift));
+            }
+            l = quad_sum(l);
+            // The quad holds the result in all four lanes: each lane writes a quarter of them.
+            const long long pos = half ? pos_b : pos_a;
+            if (((bi * 2 + half) & 3) == thread_in_group && b * block <= pos) write_cell(half ? row_b : row_a, b, m, l);
+          }
+        }
+      } else {
+        // Part of a block that spans several tiles: fold this tile into the running pair.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float m = run_max[half];
+#pragma unroll
+          for (int n = 0; n < kN8Tiles; ++n) m = fmaxf(m, fmaxf(acc[n][2 * half], acc[n][2 * half + 1]));
+          const float shift = m == kNegInf ? 0.0f : m * log2_scale;
+          float l = run_max[half] == kNegInf ? 0.0f : run_sum[half] * exp2_approx(fmaf(run_max[half], log2_scale, -shift));
+#pragma unroll
+          for (int n = 0; n < kN8Tiles; ++n) {
+            l += exp2_approx(fmaf(acc[n][2 * half], log2_scale, -shift)) +
+                 exp2_approx(fmaf(acc[n][2 * half + 1], log2_scale, -shift));
+          }
+          run_max[half] = m;
+          run_sum[half] = l;
+        }
+      }
+    }
+
+    if constexpr (kBlockN8 == 0) {
+      // A block ends at a multiple of its size or where this item's key range ends.
+      if (active && ((key0 + kKeys) % block == 0 || t == num_tiles - 1)) {
+        const long long b = key0 / block;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float m = quad_max(run_max[half]);
+          const float shift = m == kNegInf ? 0.0f : m * log2_scale;
+          float l = run_max[half] == kNegInf ? 0.0f : run_sum[half] * exp2_approx(fmaf(run_max[half], log2_scale, -shift));
+          l = quad_sum(l);
+          const long long pos = half ? pos_b : pos_a;
+          if (half == thread_in_group && b * block <= pos) write_cell(half ? row_b : row_a, b, m, l);
+          run_max[half] = kNegInf;
+          run_sum[half] = 0.0f;
+        }
+      }
+    }
+  }
+  copy_async_wait<0>();  // leave no copy in flight into shared memory at exit
+}
+
+template <bool kFp16, int kSteps, int kBlockN8>
+void launch_with(const TensorCoreLaunch& p, cudaStream_t stream) {
+  constexpr int kSharedBytes = kStages * kKeys * kSteps * 16 * 2;
+  auto* kernel = tensor_core_statistics_kernel<kFp16, kSteps, kBlockN8>;
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
+  if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA tensor-core kernel shared memory: {}", cudaGetErrorString(status));
+  // Grid dimension x allows 2^31 - 1 items: far beyond any row count that fits in memory.
+  kernel<<<static_cast<unsigned>(p.num_items), kTensorCoreWarps * 32, kSharedBytes, stream>>>(p);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA tensor-core statistics kernel launch: {}", cudaGetErrorString(status));
+}
+
+template <bool kFp16, int kSteps>
+void launch_depth(const TensorCoreLaunch& p, cudaStream_t stream) {
+  switch (p.block) {
+    case 8: return launch_with<kFp16, kSteps, 1>(p, stream);
+    case 16: return launch_with<kFp16, kSteps, 2>(p, stream);
+    case 32: return launch_with<kFp16, kSteps, 4>(p, stream);
+    case 64: return launch_with<kFp16, kSteps, 8>(p, stream);
+    default: return launch_with<kFp16, kSteps, 0>(p, stream);
+  }
+}
+
+template <bool kFp16>
+void launch_type(const TensorCoreLaunch& p, cudaStream_t stream) {
+  switch (p.depth) {
+    case 64: return launch_depth<kFp16, 4>(p, stream);
+    case 128: return launch_depth<kFp16, 8>(p, stream);
+    case 256: return launch_depth<kFp16, 16>(p, stream);
+    default: fail(ErrorKind::kInternal, "tensor-core statistics: unsupported depth {}", p.depth);
+  }
+}
+
+}  // namespace
+
+bool tensor_core_supports(long long block, int depth) {
+  const bool depth_ok = depth == 64 || depth == 128 || depth == 256;
+  const bool block_ok = block == 8 || block == 16 || block == 32 || (block > 0 && block % kKeys == 0);
+  return depth_ok && block_ok;
+}
+
+long long tensor_core_key_unit(long long block) { return std::lcm(static_cast<long long>(kKeys), block); }
+
+void launch_tensor_core_statistics(const TensorCoreLaunch& launch, cudaStream_t stream) {
+  if (launch.num_items == 0) return;
+  if (!tensor_core_supports(launch.block, launch.depth)) {
+    fail(ErrorKind::kInternal, "tensor-core statistics: block {} / depth {} not supported", launch.block, launch.depth);
+  }
+  if (launch.fp16) launch_type<true>(launch, stream);
+  else launch_type<false>(launch, stream);
+}
+
+}  // namespace hysparse::cuda

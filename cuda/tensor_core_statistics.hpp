@@ -1,0 +1,44 @@
+#pragma once
+// The fused block-statistics kernel on tensor cores (mma.sync m16n8k16, bf16 or fp16 inputs,
+// fp32 accumulation). Internal to the CUDA backend: statistics_pass.cu plans the work and
+// launches it through this header.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hysparse::cuda {
+
+// Keys per shared-memory tile; the key buffer is padded with zero rows to a multiple of it.
+constexpr int kTensorCoreKeyTile = 64;
+// Warps per thread block; each warp owns 16 query rows of one head.
+constexpr int kTensorCoreWarps = 8;
+
+// One thread block's work: query-row tile, head chunk, and a key range [key_begin, key_end)
+// that starts on a block boundary and ends on one (or at the tile's last causal key tile).
+struct TensorCoreWorkItem {
+  int row_tile, head_chunk, key_begin, key_end;
+};
+
+struct TensorCoreLaunch {
+  bool fp16 = false;                         // false: bf16
+  const void* q = nullptr;                   // [heads][rows][depth], rounded, sign of the scale folded in
+  const void* k = nullptr;                   // [keys padded to kTensorCoreKeyTile][depth]
+  const long long* positions = nullptr;      // [rows], ascending
+  const TensorCoreWorkItem* work = nullptr;  // [num_items]
+  long long num_items = 0;
+  int heads = 0, rows = 0, depth = 0;        // depth: padded head_dim, 64, 128 or 256
+  int heads_per_cta = 1, row_subtiles = 1;   // warps used = heads_per_cta * row_subtiles <= kTensorCoreWarps
+  long long block = 64, num_blocks = 0;
+  float score_scale = 1.0f;                  // logit = score_scale * (q . k), > 0
+  float* block_max = nullptr;                // [heads][rows][num_blocks]
+  float* block_sum = nullptr;
+};
+
+// Whether the tensor-core kernel handles this block size and padded depth: blocks of 8, 16,
+// 32 or 64 keys (several per key tile) or any multiple of 64 (several key tiles per block).
+bool tensor_core_supports(long long block, int depth);
+// Key ranges of work items must be multiples of this (whole blocks and whole key tiles).
+long long tensor_core_key_unit(long long block);
+void launch_tensor_core_statistics(const TensorCoreLaunch& launch, cudaStream_t stream);
+
+}  // namespace hysparse::cuda
