@@ -36,6 +36,9 @@ void add_replay_command(CLI::App& app) {
   cmd->add_flag("--no-output-error", st->no_output_error, "Skip the output-error metric even when v is captured");
   cmd->add_option("--seed", st->options.seed, "Seed for random:N query sampling")->capture_default_str();
   cmd->add_option("--device", st->options.device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("--precision", st->options.precision,
+                  "Logits from fp32 inputs (exact), or from q/k rounded once to bf16 or fp16 on tensor cores (cuda only)")
+      ->capture_default_str();
   cmd->add_option("--threads", st->threads, "OpenMP threads (default: OMP_NUM_THREADS or all cores)");
   cmd->add_flag("-q,--quiet", st->quiet, "No progress on stderr");
   cmd->callback([st]() {
@@ -46,7 +49,7 @@ void add_replay_command(CLI::App& app) {
     options.output_error = !st->no_output_error;
     if (st->threads < 0) fail(ErrorKind::kUsage, "--threads {}: expected a positive count", st->threads);
     if (st->threads > 0) omp_set_num_threads(st->threads);
-    const auto backend = make_backend(options.device);
+    const auto backend = make_backend(options.device, options.precision);
 
     Provenance provenance = make_provenance(0, nullptr);
     provenance.backend = backend->name();

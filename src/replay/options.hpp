@@ -46,6 +46,7 @@ struct ReplayOptions {
   bool output_error = true;            // when v is captured
   std::uint64_t seed = 0;
   std::string device = "cpu";
+  std::string precision = "fp32";        // logits from fp32, or bf16/fp16 inputs on tensor cores (cuda)
   std::int64_t tile_rows = 0;            // query rows per statistics request; 0: the backend's preference
 };
 

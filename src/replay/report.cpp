@@ -43,6 +43,7 @@ nlohmann::json options_json(const ReplayOptions& o) {
   j["output_error"] = o.output_error;
   j["seed"] = o.seed;
   j["device"] = o.device;
+  j["precision"] = o.precision;
   j["tile_rows"] = o.tile_rows;
   return j;
 }
