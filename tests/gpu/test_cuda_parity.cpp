@@ -1,12 +1,35 @@
 // The CUDA backend against the CPU backend: raw block statistics and whole replay reports,
-// on random and adversarial inputs. Runs only where a GPU exists (gpu_main.cpp skips otherwise).
+// on random and adversarial inputs, in every precision. Runs only where a GPU exists
+// (gpu_main.cpp skips otherwise).
+//
+// What is compared, and why the tolerances are what they are:
+// - fp32: both sides form fp32 products of the same fp32 values; only summation orders differ
+//   (a few ulps of the largest partial sums), so logits agree to ~1e-6 and block masses
+//   M_b = l_b exp(m_b - lse_all) to ~1e-6 relative: tolerance 1e-5 relative on masses, 1e-4
+//   absolute on logit-valued numbers (block max, log-sum-exps), 1e-4 relative on outputs.
+// - bf16/fp16 on inputs exact in that type (a bf16 capture, the usual case): the device rounding
+//   changes nothing, the products are exact in fp32 on both sides, so the same tolerances hold.
+//   This checks the tensor-core kernel itself.
+// - bf16/fp16 on arbitrary fp32 inputs: each input moves by at most u |x| (u = 2^-9 for bf16,
+//   2^-12 for fp16), so a logit moves by at most delta_row = (2u + u^2) |scale| max_j sum_c |q_c k_cj|,
+//   and a block mass (a ratio of two sums of exponentials of such logits) by at most a factor
+//   exp(+-2 delta_row): the test holds every mass to expm1(2 delta_row) relative (plus the fp32
+//   tolerance) and prints the largest errors seen, which are far below that worst case.
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <limits>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "backend/backend.hpp"
 #include "capture/capture.hpp"
 #include "catch.hpp"
+#include "common/error.hpp"
+#include "common/half.hpp"
 #include "common/random.hpp"
+#include "device_statistics.hpp"
 #include "replay/engine.hpp"
 #include "synth/synth.hpp"
 
@@ -14,13 +37,23 @@ using namespace hysparse;
 
 namespace {
 
-// fp32 products on both sides, different summation orders.
-constexpr double kGpuMassTolerance = 1e-5;
-constexpr double kGpuLogitTolerance = 1e-4;     // block max logits and log-sum-exps
+constexpr double kGpuMassTolerance = 1e-5;      // relative, block masses and mass metrics
+constexpr double kGpuLogitTolerance = 1e-4;     // absolute: block max logits and log-sum-exps
 constexpr double kGpuOutputTolerance = 1e-4;    // relative, per output vector
+constexpr double kBf16UnitRoundoff = 1.0 / 512.0;   // 2^-9: bf16 keeps 8 significant bits
+constexpr double kFp16UnitRoundoff = 1.0 / 4096.0;  // 2^-12: fp16 keeps 11 significant bits (normal range)
+
+float round_to(Precision precision, float x) {
+  switch (precision) {
+    case Precision::kBf16: return bfloat16_to_float(float_to_bfloat16(x));
+    case Precision::kFp16: return half_to_float(float_to_half(x));
+    case Precision::kFp32: return x;
+  }
+  return x;
+}
 
 Capture gaussian_capture(std::int64_t layers, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t d, std::int64_t T,
-                         bool sinks, bool ties, std::uint64_t seed) {
+                         bool sinks, bool ties, std::uint64_t seed, Precision exact_in = Precision::kFp32) {
   Capture c;
   c.header.model = "gpu-parity";
   c.header.source = "tests";
@@ -36,8 +69,8 @@ Capture gaussian_capture(std::int64_t layers, std::int64_t q_heads, std::int64_t
     t.q.resize(static_cast<std::size_t>(q_heads * T * d));
     t.k.resize(static_cast<std::size_t>(kv_heads * T * d));
     t.v.resize(static_cast<std::size_t>(kv_heads * T * d));
-    for (auto& x : t.q) x = 2.0f * draw();
-    for (auto& x : t.k) x = draw();
+    for (auto& x : t.q) x = round_to(exact_in, 2.0f * draw());
+    for (auto& x : t.k) x = round_to(exact_in, draw());
     for (auto& x : t.v) x = static_cast<float>(rng.normal());
     if (sinks) {
       for (std::int64_t h = 0; h < q_heads; ++h) t.sink_logits.push_back(static_cast<float>(rng.normal() + 1.0));
@@ -46,6 +79,334 @@ Capture gaussian_capture(std::int64_t layers, std::int64_t q_heads, std::int64_t
   }
   return c;
 }
+
+// Query positions: "all", "stride" (every third and the last), "last" (the final quarter), "random".
+std::vector<std::int64_t> query_rows(const std::string& pattern, std::int64_t T, std::uint64_t seed) {
+  std::vector<std::int64_t> rows;
+  if (pattern == "all") {
+    for (std::int64_t t = 0; t < T; ++t) rows.push_back(t);
+  } else if (pattern == "stride") {
+    for (std::int64_t t = 0; t < T; t += 3) rows.push_back(t);
+    if (rows.back() != T - 1) rows.push_back(T - 1);
+  } else if (pattern == "last") {
+    for (std::int64_t t = T - std::max<std::int64_t>(1, T / 4); t < T; ++t) rows.push_back(t);
+  } else {
+    Rng rng(seed);
+    for (std::int64_t t = 0; t < T; ++t) {
+      if (rng.below(5) == 0 || t == T - 1) rows.push_back(t);
+    }
+  }
+  return rows;
+}
+
+double block_mass(const StatsTile& tile, std::int64_t h, std::int64_t r, std::int64_t b) {
+  const float m = tile.block_max[tile.at(h, r, b)];
+  if (m == -std::numeric_limits<float>::infinity()) return 0.0;
+  return static_cast<double>(tile.block_sum[tile.at(h, r, b)]) *
+         std::exp(static_cast<double>(m) - tile.lse_all[static_cast<std::size_t>(h * tile.rows + r)]);
+}
+
+struct Deviation {
+  double mass_relative = 0, mass_absolute = 0, logit = 0, output = 0;
+};
+
+// Compares a GPU tile with the CPU tile of the same request. `mass_bound(h, r)` is the relative
+// tolerance of that row's block masses; logit-valued numbers get `logit_bound(h, r)` absolute.
+template <typename MassBound, typename LogitBound>
+Deviation compare_tiles(const StatsTile& cpu, const StatsTile& gpu, MassBound mass_bound, LogitBound logit_bound,
+                        double output_tolerance) {
+  Deviation worst;
+  REQUIRE(cpu.num_blocks == gpu.num_blocks);
+  REQUIRE(cpu.block_max.size() == gpu.block_max.size());
+  for (std::int64_t h = 0; h < cpu.heads; ++h) {
+    for (std::int64_t r = 0; r < cpu.rows; ++r) {
+      const double mass_tolerance = mass_bound(h, r), logit_tolerance = logit_bound(h, r);
+      for (std::int64_t b = 0; b < cpu.num_blocks; ++b) {
+        const std::size_t i = cpu.at(h, r, b);
+        // Per-cell checks count only when they fail (a tile holds up to millions of cells).
+        if (std::isinf(cpu.block_max[i])) {
+          if (!std::isinf(gpu.block_max[i]) || gpu.block_sum[i] != 0.0f) {
+            CAPTURE(h, r, b, gpu.block_sum[i]);
+            REQUIRE(gpu.block_max[i] == cpu.block_max[i]);
+          }
+          continue;
+        }
+        if (!std::isfinite(gpu.block_max[i]) || !std::isfinite(gpu.block_sum[i])) {
+          CAPTURE(h, r, b, gpu.block_sum[i]);
+          REQUIRE(gpu.block_max[i] == cpu.block_max[i]);
+        }
+        const double dm = std::fabs(static_cast<double>(gpu.block_max[i]) - cpu.block_max[i]);
+        const double ma = block_mass(cpu, h, r, b), mb = block_mass(gpu, h, r, b);
+        const double relative = std::fabs(mb - ma) / ma;
+        worst.logit = std::max(worst.logit, dm);
+        worst.mass_relative = std::max(worst.mass_relative, relative);
+        worst.mass_absolute = std::max(worst.mass_absolute, std::fabs(mb - ma));
+        if (!(dm <= logit_tolerance) || !(relative <= mass_tolerance)) {
+          CAPTURE(h, r, b, cpu.block_max[i], gpu.block_max[i], ma, mb);
+          CHECK(dm <= logit_tolerance);
+          CHECK(relative <= mass_tolerance);
+        }
+      }
+      const auto row = static_cast<std::size_t>(h * cpu.rows + r);
+      const double dl = std::max(std::fabs(gpu.lse_all[row] - cpu.lse_all[row]), std::fabs(gpu.lse_tokens[row] - cpu.lse_tokens[row]));
+      worst.logit = std::max(worst.logit, dl);
+      if (!(dl <= logit_tolerance)) {
+        CAPTURE(h, r, cpu.lse_all[row], gpu.lse_all[row]);
+        CHECK(dl <= logit_tolerance);
+      }
+    }
+  }
+  if (!cpu.output.empty()) {
+    REQUIRE(gpu.output.size() == cpu.output.size());
+    const std::int64_t d = cpu.head_dim;
+    for (std::int64_t v = 0; v < cpu.heads * cpu.rows; ++v) {
+      double diff = 0, norm = 0;
+      for (std::int64_t c = 0; c < d; ++c) {
+        const auto i = static_cast<std::size_t>(v * d + c);
+        diff += (cpu.output[i] - gpu.output[i]) * (cpu.output[i] - gpu.output[i]);
+        norm += cpu.output[i] * cpu.output[i];
+      }
+      const double relative = std::sqrt(diff / norm);
+      worst.output = std::max(worst.output, relative);
+      if (!(relative < output_tolerance)) {
+        CAPTURE(v);
+        CHECK(relative < output_tolerance);
+      }
+    }
+  }
+  return worst;
+}
+
+Deviation compare_exact(const StatsTile& cpu, const StatsTile& gpu) {
+  return compare_tiles(
+      cpu, gpu, [](std::int64_t, std::int64_t) { return kGpuMassTolerance; },
+      [](std::int64_t, std::int64_t) { return kGpuLogitTolerance; }, kGpuOutputTolerance);
+}
+
+// One KV group of layer 0 of `c`: heads [group*G, (group+1)*G).
+StatsRequest group_request(const Capture& c, std::int64_t group, const std::vector<std::int64_t>& rows, std::int64_t block,
+                           bool with_v, double scale_sign = 1.0) {
+  const std::int64_t G = c.header.num_q_heads / c.header.num_kv_heads, T = c.header.seq_len, d = c.header.head_dim;
+  StatsRequest req;
+  req.q = c.layers[0].q.data() + group * G * T * d;
+  req.k = c.layers[0].k.data() + group * T * d;
+  req.v = with_v ? c.layers[0].v.data() + group * T * d : nullptr;
+  req.sink_logits = c.layers[0].sink_logits.empty() ? nullptr : c.layers[0].sink_logits.data() + group * G;
+  req.heads = G;
+  req.seq_len = T;
+  req.head_dim = d;
+  req.scale = scale_sign / std::sqrt(static_cast<double>(d));
+  req.rows = rows.data();
+  req.num_rows = static_cast<std::int64_t>(rows.size());
+  req.block_size = block;
+  return req;
+}
+
+struct StatsCase {
+  std::int64_t group_heads, d, T, block;
+  const char* rows;
+  bool sinks, ties;
+  double scale_sign;
+};
+
+// Random and adversarial shapes: MHA (1 head per group), GQA (3, 4, 8), a 12-head group split over
+// two thread blocks; head_dim padded (8 -> 64, 96 -> 128); blocks inside a key tile (8..64),
+// spanning tiles (128, 192), not dividing T, and sizes the tensor cores do not take (1, 7, 24,
+// 100: SIMT fallback); one token; rows beyond several key segments; ties; a negative scale.
+const StatsCase kStatsCases[] = {
+    {4, 128, 1, 64, "all", true, false, 1.0},     {4, 128, 2500, 64, "all", true, false, 1.0},
+    {1, 64, 700, 16, "stride", false, false, 1.0}, {8, 128, 1100, 128, "random", true, false, 1.0},
+    {12, 64, 600, 8, "all", false, false, 1.0},   {3, 96, 900, 192, "last", true, false, 1.0},
+    {2, 256, 520, 32, "all", false, false, 1.0},  {4, 8, 333, 256, "stride", true, false, 1.0},
+    {4, 128, 400, 24, "all", false, false, 1.0},  {4, 64, 300, 7, "random", true, false, 1.0},
+    {2, 64, 130, 1, "all", false, false, 1.0},    {4, 64, 500, 64, "all", false, true, 1.0},
+    {4, 64, 500, 16, "stride", true, true, 1.0},  {4, 64, 300, 64, "all", true, false, -1.0},
+    {4, 128, 777, 100, "last", false, false, 1.0},
+};
+
+}  // namespace
+
+TEST_CASE("CUDA fp32 block statistics equal the CPU backend's", "[cuda]") {
+  const auto cpu = make_cpu_backend();
+  const auto gpu = make_backend("cuda");
+  CHECK(gpu->precision() == Precision::kFp32);
+  Deviation worst;
+  for (const StatsCase& k : kStatsCases) {
+    CAPTURE(k.group_heads, k.d, k.T, k.block, k.rows, k.sinks, k.ties, k.scale_sign);
+    const Capture c = gaussian_capture(1, 2 * k.group_heads, 2, k.d, k.T, k.sinks, k.ties, test::seed() + static_cast<std::uint64_t>(k.T));
+    const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
+    const StatsRequest req = group_request(c, 1, rows, k.block, true, k.scale_sign);
+    StatsTile a, b;
+    cpu->block_statistics(req, a);
+    gpu->block_statistics(req, b);
+    const Deviation d = compare_exact(a, b);
+    worst.mass_relative = std::max(worst.mass_relative, d.mass_relative);
+    worst.logit = std::max(worst.logit, d.logit);
+    worst.output = std::max(worst.output, d.output);
+  }
+  std::printf("fp32 vs CPU: largest block-mass relative error %.2e (tolerance %.0e), logit %.2e (%.0e), output %.2e (%.0e)\n",
+              worst.mass_relative, kGpuMassTolerance, worst.logit, kGpuLogitTolerance, worst.output, kGpuOutputTolerance);
+}
+
+TEST_CASE("CUDA bf16/fp16 statistics equal the CPU's on inputs exact in that type", "[cuda]") {
+  const auto cpu = make_cpu_backend();
+  for (const Precision precision : {Precision::kBf16, Precision::kFp16}) {
+    const auto gpu = make_backend("cuda", precision);
+    CHECK(gpu->precision() == precision);
+    Deviation worst;
+    for (const StatsCase& k : kStatsCases) {
+      CAPTURE(to_string(precision), k.group_heads, k.d, k.T, k.block, k.rows, k.sinks, k.ties, k.scale_sign);
+      const Capture c = gaussian_capture(1, 2 * k.group_heads, 2, k.d, k.T, k.sinks, k.ties,
+                                         test::seed() + static_cast<std::uint64_t>(k.T), precision);
+      const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
+      const StatsRequest req = group_request(c, 1, rows, k.block, true, k.scale_sign);
+      StatsTile a, b;
+      cpu->block_statistics(req, a);
+      gpu->block_statistics(req, b);
+      const Deviation d = compare_exact(a, b);
+      worst.mass_relative = std::max(worst.mass_relative, d.mass_relative);
+      worst.logit = std::max(worst.logit, d.logit);
+      worst.output = std::max(worst.output, d.output);
+    }
+    std::printf("%s on %s-exact inputs vs CPU: largest block-mass relative error %.2e (tolerance %.0e), logit %.2e (%.0e), "
+                "output %.2e (%.0e)\n",
+                to_string(precision), to_string(precision), worst.mass_relative, kGpuMassTolerance, worst.logit,
+                kGpuLogitTolerance, worst.output, kGpuOutputTolerance);
+  }
+}
+
+TEST_CASE("CUDA bf16/fp16 statistics on fp32 inputs stay within the input-rounding bound", "[cuda]") {
+  const auto cpu = make_cpu_backend();
+  for (const Precision precision : {Precision::kBf16, Precision::kFp16}) {
+    const double u = precision == Precision::kBf16 ? kBf16UnitRoundoff : kFp16UnitRoundoff;
+    const auto gpu = make_backend("cuda", precision);
+    Deviation worst;
+    double widest_bound = 0;
+    for (const auto& [G, d, T, block] : {std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>{4, 128, 1500, 64},
+                                          {8, 64, 800, 16}, {2, 128, 700, 128}, {4, 64, 300, 24}}) {
+      CAPTURE(to_string(precision), G, d, T, block);
+      const Capture c = gaussian_capture(1, 2 * G, 2, d, T, true, false, test::seed() + 17 * static_cast<std::uint64_t>(T));
+      const std::vector<std::int64_t> rows = query_rows("all", T, test::seed());
+      const StatsRequest req = group_request(c, 0, rows, block, false);
+      // delta_row = (2u + u^2) |scale| max_j sum_c |q_c k_jc|: the largest logit change rounding can cause.
+      std::vector<double> delta(static_cast<std::size_t>(G * T));
+      for (std::int64_t h = 0; h < G; ++h) {
+        for (std::int64_t t = 0; t < T; ++t) {
+          double largest = 0;
+          for (std::int64_t j = 0; j <= t; ++j) {
+            double s = 0;
+            for (std::int64_t x = 0; x < d; ++x) s += std::fabs(req.q[(h * T + t) * d + x] * req.k[j * d + x]);
+            largest = std::max(largest, s);
+          }
+          delta[static_cast<std::size_t>(h * T + t)] = (2 * u + u * u) * std::fabs(req.scale) * largest;
+        }
+      }
+      StatsTile a, b;
+      cpu->block_statistics(req, a);
+      gpu->block_statistics(req, b);
+      const auto row_delta = [&](std::int64_t h, std::int64_t r) { return delta[static_cast<std::size_t>(h * T + rows[static_cast<std::size_t>(r)])]; };
+      const Deviation dev = compare_tiles(
+          a, b, [&](std::int64_t h, std::int64_t r) { return std::expm1(2 * row_delta(h, r)) + kGpuMassTolerance; },
+          [&](std::int64_t h, std::int64_t r) { return row_delta(h, r) + kGpuLogitTolerance; }, kGpuOutputTolerance);
+      worst.mass_relative = std::max(worst.mass_relative, dev.mass_relative);
+      worst.mass_absolute = std::max(worst.mass_absolute, dev.mass_absolute);
+      worst.logit = std::max(worst.logit, dev.logit);
+      for (double x : delta) widest_bound = std::max(widest_bound, std::expm1(2 * x));
+    }
+    std::printf("%s on fp32 inputs vs CPU fp32: largest block-mass error %.2e relative, %.2e absolute; logit %.2e "
+                "(worst-case rounding bound on these inputs: %.2e relative)\n",
+                to_string(precision), worst.mass_relative, worst.mass_absolute, worst.logit, widest_bound);
+  }
+}
+
+TEST_CASE("The tensor-core kernel runs for the block sizes it supports", "[cuda]") {
+  CHECK(cuda::tensor_core_supports(8, 128));
+  CHECK(cuda::tensor_core_supports(64, 128));
+  CHECK(cuda::tensor_core_supports(192, 64));
+  CHECK_FALSE(cuda::tensor_core_supports(24, 128));
+  CHECK_FALSE(cuda::tensor_core_supports(1, 128));
+  CHECK_FALSE(cuda::tensor_core_supports(64, 32));
+  // Straight through the device pass: the plan picks the kernel the header promises. All-zero
+  // inputs make every causal logit 0, so row t's log-sum-exp is log(t + 1) on either kernel.
+  const int rows = 100, d = 128, stride = cuda::input_stride(cuda::InputType::kBfloat16, d);
+  std::vector<long long> positions(rows);
+  for (int r = 0; r < rows; ++r) positions[static_cast<std::size_t>(r)] = 3 * r;
+  const long long keys = 320, most_blocks = positions.back() / 8 + 1;
+  void *q = nullptr, *k = nullptr;
+  long long* pos = nullptr;
+  float *m = nullptr, *l = nullptr;
+  double *lse_tokens = nullptr, *lse_all = nullptr;
+  REQUIRE(cudaMalloc(&q, static_cast<std::size_t>(rows * stride * 2)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&k, static_cast<std::size_t>(keys * stride * 2)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&pos, sizeof(long long) * rows) == cudaSuccess);
+  REQUIRE(cudaMalloc(&m, sizeof(float) * static_cast<std::size_t>(rows * most_blocks)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&l, sizeof(float) * static_cast<std::size_t>(rows * most_blocks)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&lse_tokens, sizeof(double) * rows) == cudaSuccess);
+  REQUIRE(cudaMalloc(&lse_all, sizeof(double) * rows) == cudaSuccess);
+  REQUIRE(cudaMemset(q, 0, static_cast<std::size_t>(rows * stride * 2)) == cudaSuccess);
+  REQUIRE(cudaMemset(k, 0, static_cast<std::size_t>(keys * stride * 2)) == cudaSuccess);
+  REQUIRE(cudaMemcpy(pos, positions.data(), sizeof(long long) * rows, cudaMemcpyHostToDevice) == cudaSuccess);
+  cuda::StatsPass pass(1);
+  cuda::StatsPassArgs args;
+  args.type = cuda::InputType::kBfloat16;
+  args.q = q;
+  args.k = k;
+  args.positions = pos;
+  args.host_positions = positions.data();
+  args.heads = 1;
+  args.rows = rows;
+  args.head_dim = d;
+  args.score_scale = 0.1f;
+  args.block_max = m;
+  args.block_sum = l;
+  args.lse_tokens = lse_tokens;
+  args.lse_all = lse_all;
+  for (const auto& [block, kernel] : {std::pair<long long, std::string>{64, "tensor-core"}, {8, "tensor-core"},
+                                      {128, "tensor-core"}, {24, "simt"}, {1, "simt"}}) {
+    CAPTURE(block);
+    args.block = block;
+    args.num_blocks = positions.back() / block + 1;
+    if (args.num_blocks > most_blocks) {
+      args.rows = 20;  // block 1: fewer rows, so the cells fit the buffers
+      args.num_blocks = positions[19] / block + 1;
+    }
+    CHECK(pass.run(args, nullptr) == kernel);
+    std::vector<double> lse(static_cast<std::size_t>(args.rows));
+    REQUIRE(cudaMemcpy(lse.data(), lse_tokens, sizeof(double) * lse.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+    for (int r = 0; r < args.rows; ++r) CHECK(lse[static_cast<std::size_t>(r)] == Approx(std::log(3.0 * r + 1.0)).margin(1e-6));
+  }
+  for (void* p : {q, k, static_cast<void*>(pos), static_cast<void*>(m), static_cast<void*>(l), static_cast<void*>(lse_tokens),
+                  static_cast<void*>(lse_all)}) {
+    cudaFree(p);
+  }
+}
+
+TEST_CASE("Precision choices the device cannot honour are usage errors", "[cuda]") {
+  auto kind_of = [](auto&& call) {
+    try {
+      call();
+    } catch (const Error& e) {
+      std::printf("  expected error: %s\n", e.what());
+      return e.kind();
+    }
+    return ErrorKind::kInternal;
+  };
+  CHECK(kind_of([] { make_backend("cpu", "bf16"); }) == ErrorKind::kUsage);
+  CHECK(kind_of([] { make_backend("cuda", "tf32"); }) == ErrorKind::kUsage);
+  // fp16 tops out at 65504: a larger input is refused, never turned into inf or NaN.
+  Capture c = gaussian_capture(1, 2, 1, 64, 100, false, false, test::seed());
+  c.layers[0].k[5 * 64 + 3] = 1e5f;
+  const std::vector<std::int64_t> rows = query_rows("all", 100, 0);
+  const StatsRequest req = group_request(c, 0, rows, 64, false);
+  const auto gpu = make_backend("cuda", Precision::kFp16);
+  StatsTile tile;
+  CHECK(kind_of([&] { gpu->block_statistics(req, tile); }) == ErrorKind::kUsage);
+  const auto bf16 = make_backend("cuda", Precision::kBf16);  // bf16 has fp32's range
+  bf16->block_statistics(req, tile);
+  CHECK(std::isfinite(tile.lse_all[0]));
+}
+
+namespace {
 
 void compare_tables(const Table& cpu, const Table& gpu, double tolerance, const std::string& what) {
   INFO(what);
@@ -77,101 +438,64 @@ void compare_reports(const ReplayResult& cpu, const ReplayResult& gpu) {
   compare_tables(cpu.reuse, gpu.reuse, kGpuMassTolerance, "reuse matrix");
 }
 
-ReplayResult replay_with(const std::string& device, const std::string& path, ReplayOptions options) {
+ReplayResult replay_with(const std::string& device, Precision precision, const std::string& path, ReplayOptions options) {
   options.device = device;
-  const auto backend = make_backend(device);
+  options.precision = to_string(precision);
+  const auto backend = make_backend(device, precision);
   return run_replay(path, options, *backend, false);
 }
 
 }  // namespace
-
-TEST_CASE("CUDA block statistics equal the CPU backend's", "[cuda]") {
-  const auto cpu = make_cpu_backend();
-  const auto gpu = make_backend("cuda");
-  for (const auto& [d, block, T] : {std::tuple<std::int64_t, std::int64_t, std::int64_t>{64, 64, 300}, {128, 16, 257},
-                                    {32, 1, 77}, {256, 128, 400}, {8, 7, 50}}) {
-    CAPTURE(d, block, T);
-    const Capture c = gaussian_capture(1, 4, 2, d, T, true, false, test::seed() + static_cast<std::uint64_t>(d));
-    std::vector<std::int64_t> rows;
-    for (std::int64_t t = 0; t < T; t += 3) rows.push_back(t);
-    rows.push_back(T - 1);
-    StatsRequest req;
-    req.q = c.layers[0].q.data() + 2 * T * d;  // the second KV group
-    req.k = c.layers[0].k.data() + T * d;
-    req.v = c.layers[0].v.data() + T * d;
-    req.sink_logits = c.layers[0].sink_logits.data() + 2;
-    req.heads = 2;
-    req.seq_len = T;
-    req.head_dim = d;
-    req.scale = 1.0 / std::sqrt(static_cast<double>(d));
-    req.rows = rows.data();
-    req.num_rows = static_cast<std::int64_t>(rows.size());
-    req.block_size = block;
-    StatsTile a, b;
-    cpu->block_statistics(req, a);
-    gpu->block_statistics(req, b);
-    REQUIRE(a.num_blocks == b.num_blocks);
-    for (std::size_t i = 0; i < a.block_max.size(); ++i) {
-      if (std::isinf(a.block_max[i])) {
-        REQUIRE(std::isinf(b.block_max[i]));
-        continue;
-      }
-      CHECK(b.block_max[i] == Approx(a.block_max[i]).margin(kGpuLogitTolerance));
-      CHECK(b.block_sum[i] == Approx(a.block_sum[i]).epsilon(kGpuLogitTolerance));
-    }
-    for (std::size_t i = 0; i < a.lse_all.size(); ++i) {
-      CHECK(b.lse_all[i] == Approx(a.lse_all[i]).margin(kGpuLogitTolerance));
-      CHECK(b.lse_tokens[i] == Approx(a.lse_tokens[i]).margin(kGpuLogitTolerance));
-    }
-    for (std::int64_t r = 0; r < a.heads * a.rows; ++r) {
-      double diff = 0, norm = 0;
-      for (std::int64_t c2 = 0; c2 < d; ++c2) {
-        const auto i = static_cast<std::size_t>(r * d + c2);
-        diff += (a.output[i] - b.output[i]) * (a.output[i] - b.output[i]);
-        norm += a.output[i] * a.output[i];
-      }
-      CHECK(std::sqrt(diff / norm) < kGpuOutputTolerance);
-    }
-  }
-}
 
 TEST_CASE("CUDA replay reports equal the CPU's: GQA/MHA/MQA, ties, sinks, blocks not dividing T", "[cuda]") {
   struct Case {
     std::int64_t q_heads, kv_heads, d, T, block;
     bool sinks, ties;
   };
-  for (const Case& k : {Case{8, 2, 64, 333, 64, true, false}, Case{4, 4, 32, 200, 16, false, false},
-                        Case{6, 1, 128, 190, 32, true, false}, Case{4, 2, 16, 130, 8, false, true}}) {
-    CAPTURE(k.q_heads, k.kv_heads, k.d, k.T, k.block, k.sinks, k.ties);
-    const Capture c = gaussian_capture(3, k.q_heads, k.kv_heads, k.d, k.T, k.sinks, k.ties, test::seed() + static_cast<std::uint64_t>(k.T));
-    const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_parity.h5";
-    write_capture(path, c);
-    ReplayOptions options;
-    options.budgets = {{Budget::Kind::kTokens, static_cast<double>(k.block)}, {Budget::Kind::kTokens, static_cast<double>(4 * k.block)},
-                       {Budget::Kind::kTokens, static_cast<double>(k.T)}};
-    options.selectors = parse_selector_list("oracle,oracle:group=sum,swa,swa:window=24,sinks=2,hysparse:window=16,block=" + std::to_string(k.block));
-    options.block_size = k.block;
-    options.schedule = "FSS";
-    options.reuse_budget = 2 * k.block;
-    const ReplayResult cpu = replay_with("cpu", path, options);
-    const ReplayResult gpu = replay_with("cuda", path, options);
-    CHECK(gpu.backend == "cuda");
-    compare_reports(cpu, gpu);
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16, Precision::kFp16}) {
+    for (const Case& k : {Case{8, 2, 64, 333, 64, true, false}, Case{4, 4, 32, 200, 16, false, false},
+                          Case{6, 1, 128, 190, 32, true, false}, Case{4, 2, 16, 130, 8, false, true},
+                          Case{8, 2, 128, 700, 128, true, false}}) {
+      CAPTURE(to_string(precision), k.q_heads, k.kv_heads, k.d, k.T, k.block, k.sinks, k.ties);
+      // Inputs exact in the precision under test (as a capture stored in it is): the reports must match.
+      const Capture c = gaussian_capture(3, k.q_heads, k.kv_heads, k.d, k.T, k.sinks, k.ties,
+                                         test::seed() + static_cast<std::uint64_t>(k.T), precision);
+      const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_parity.h5";
+      write_capture(path, c);
+      ReplayOptions options;
+      options.budgets = {{Budget::Kind::kTokens, static_cast<double>(k.block)}, {Budget::Kind::kTokens, static_cast<double>(4 * k.block)},
+                         {Budget::Kind::kTokens, static_cast<double>(k.T)}};
+      options.selectors = parse_selector_list("oracle,oracle:group=sum,swa,swa:window=24,sinks=2,hysparse:window=16,block=" + std::to_string(k.block));
+      options.block_size = k.block;
+      options.schedule = "FSS";
+      options.reuse_budget = 2 * k.block;
+      const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
+      const ReplayResult gpu = replay_with("cuda", precision, path, options);
+      CHECK(gpu.backend == "cuda");
+      compare_reports(cpu, gpu);
+    }
   }
 }
 
 TEST_CASE("CUDA replay of a synthetic capture equals the CPU's with sparsity budgets", "[cuda]") {
+  // Stored as bfloat16, as captures of bf16 models are: every precision sees the same values.
   SynthOptions synth;
   synth.num_layers = 4;
   synth.seq_len = 1024;
   synth.head_dim = 64;
   synth.seed = test::seed();
   const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_synth.h5";
-  write_synthetic_capture(path, synth, {});
+  CaptureWriteOptions write;
+  write.dtype = h5::ElementType::kBFloat16;
+  write_synthetic_capture(path, synth, write);
   ReplayOptions options;
   options.budgets = {{Budget::Kind::kSparsity, 0.95}, {Budget::Kind::kSparsity, 0.8}, {Budget::Kind::kSparsity, 0.5}};
   options.selectors = parse_selector_list("oracle,swa,hysparse");
   options.schedule = "FSSS";
   options.queries = "stride:7";
-  compare_reports(replay_with("cpu", path, options), replay_with("cuda", path, options));
+  const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    CAPTURE(to_string(precision));
+    compare_reports(cpu, replay_with("cuda", precision, path, options));
+  }
 }
