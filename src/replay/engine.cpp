@@ -6,15 +6,19 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <exception>
 #include <limits>
+#include <cstring>
 #include <numeric>
+#include <type_traits>
 
 #include "common/error.hpp"
 #include "common/interrupt.hpp"
 #include "common/memory.hpp"
+#include "replay/kv_price.hpp"
 #include "replay/selector.hpp"
 
 namespace hysparse {
@@ -22,9 +26,6 @@ namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-// Model-level recall quantiles come from a histogram of this many bins on [0, 1]
-// (value = bin centre, so within 0.5 / kModelHistogramBins of the exact quantile).
-constexpr int kModelHistogramBins = 100000;
 // A tile holds at most this many (head, row, base block) cells, bounding per-thread memory.
 constexpr std::int64_t kMaxTileCells = std::int64_t{4} << 20;
 // Dense attention rows may exceed one by rounding in the tool that wrote them.
@@ -309,39 +310,61 @@ double mean_of(const double* values, std::int64_t n) {
   return count ? sum / static_cast<double>(count) : kNaN;
 }
 
-// Recall values of many rows, kept as a fine histogram on [0, 1] (bounded memory at any size).
-struct RecallDistribution {
-  std::vector<std::int64_t> histogram = std::vector<std::int64_t>(kModelHistogramBins, 0);
-  double min = std::numeric_limits<double>::infinity();
-  std::int64_t rows = 0;
-  void add(double v) {
-    const auto bin = std::clamp<std::int64_t>(static_cast<std::int64_t>(v * kModelHistogramBins), 0, kModelHistogramBins - 1);
-    ++histogram[static_cast<std::size_t>(bin)];
-    min = std::min(min, v);
-    ++rows;
-  }
-  // Nearest-rank quantile, as the centre of its bin.
-  double quantile(double q) const {
-    if (rows == 0) return kNaN;
-    const auto rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(rows))));
-    std::int64_t seen = 0;
-    for (int bin = 0; bin < kModelHistogramBins; ++bin) {
-      seen += histogram[static_cast<std::size_t>(bin)];
-      if (seen >= rank) return std::min(1.0, (bin + 0.5) / kModelHistogramBins);
-    }
-    return kNaN;
-  }
-  double minimum() const { return rows ? min : kNaN; }
-};
-
-// [0]: every layer; [1]: the layers where the selector is sparse.
-struct ModelAccumulator {
-  double sum[2][kNumMetrics] = {};
-  std::int64_t count[2][kNumMetrics] = {};
-  RecallDistribution recall[2];
-};
-
 }  // namespace
+
+void RecallHistogram::add(double v) {
+  const auto bin = std::clamp<std::int64_t>(static_cast<std::int64_t>(v * kModelHistogramBins), 0, kModelHistogramBins - 1);
+  ++histogram[static_cast<std::size_t>(bin)];
+  min = std::min(min, v);
+  ++rows;
+}
+
+void RecallHistogram::merge(const RecallHistogram& other) {
+  for (std::size_t i = 0; i < histogram.size(); ++i) histogram[i] += other.histogram[i];
+  min = std::min(min, other.min);
+  rows += other.rows;
+}
+
+double RecallHistogram::quantile(double q) const {
+  if (rows == 0) return kNaN;
+  const auto rank = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(q * static_cast<double>(rows))));
+  std::int64_t seen = 0;
+  for (int bin = 0; bin < kModelHistogramBins; ++bin) {
+    seen += histogram[static_cast<std::size_t>(bin)];
+    if (seen >= rank) return std::min(1.0, (bin + 0.5) / kModelHistogramBins);
+  }
+  return kNaN;
+}
+
+double RecallHistogram::minimum() const { return rows ? min : kNaN; }
+
+void ModelSums::merge(const ModelSums& other) {
+  for (int part = 0; part < 2; ++part) {
+    for (int m = 0; m < kNumMetrics; ++m) {
+      sum[part][m] += other.sum[part][m];
+      count[part][m] += other.count[part][m];
+    }
+    recall[part].merge(other.recall[part]);
+  }
+}
+
+// The model aggregates of one selector from its sums, per budget.
+void fill_model_tables(SelectorResult& out, const ModelSums* sums, std::int64_t budgets) {
+  for (std::int64_t bi = 0; bi < budgets; ++bi) {
+    const auto ub = static_cast<std::uint64_t>(bi);
+    const ModelSums& acc = sums[bi];
+    for (int m = 0; m < kNumMetrics; ++m) {
+      out.model_mean[m].values[ub] = acc.count[0][m] ? acc.sum[0][m] / static_cast<double>(acc.count[0][m]) : kNaN;
+      out.model_sparse_mean[m].values[ub] = acc.count[1][m] ? acc.sum[1][m] / static_cast<double>(acc.count[1][m]) : kNaN;
+    }
+    out.model_recall_min.values[ub] = acc.recall[0].minimum();
+    out.model_recall_p10.values[ub] = acc.recall[0].quantile(0.10);
+    out.model_recall_p50.values[ub] = acc.recall[0].quantile(0.50);
+    out.model_sparse_recall_min.values[ub] = acc.recall[1].minimum();
+    out.model_sparse_recall_p10.values[ub] = acc.recall[1].quantile(0.10);
+    out.model_sparse_recall_p50.values[ub] = acc.recall[1].quantile(0.50);
+  }
+}
 
 void Table::reset(std::vector<std::uint64_t> d, double fill) {
   dims = std::move(d);
@@ -370,23 +393,150 @@ const char* metric_long_name(int metric) {
   return names[metric];
 }
 
-ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& options, const Backend& backend,
-                        bool progress) {
-  const auto started = std::chrono::steady_clock::now();
-  const CaptureReader reader = CaptureReader::open(capture_path);
-  const CaptureHeader& header = reader.header();
-  const std::int64_t L = header.num_layers, Hq = header.num_q_heads, Hkv = header.num_kv_heads, G = header.group_size();
+namespace {
+// A fixed forced configuration (block view, sinks, window): residual scores and oracle references.
+struct ForcedConfig {
+  std::int64_t view, sinks, window;
+};
 
+// Checkpoints: a flat little-endian byte stream of counts and arrays (same machine and build).
+constexpr char kCheckpointMagic[8] = {'H', 'Y', 'S', 'P', 'C', 'K', 'P', '2'};
+
+class ByteWriter {
+ public:
+  template <class T>
+  void put(const T& value) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    const auto* p = reinterpret_cast<const std::uint8_t*>(&value);
+    bytes_.insert(bytes_.end(), p, p + sizeof(T));
+  }
+  template <class T>
+  void put_vector(const std::vector<T>& values) {
+    put(static_cast<std::uint64_t>(values.size()));
+    const auto* p = reinterpret_cast<const std::uint8_t*>(values.data());
+    bytes_.insert(bytes_.end(), p, p + values.size() * sizeof(T));
+  }
+  void put_string(const std::string& text) { put_vector(std::vector<char>(text.begin(), text.end())); }
+  std::vector<std::uint8_t> take() { return std::move(bytes_); }
+
+ private:
+  std::vector<std::uint8_t> bytes_;
+};
+
+class ByteReader {
+ public:
+  explicit ByteReader(const std::vector<std::uint8_t>& bytes) : bytes_(bytes) {}
+  template <class T>
+  T get() {
+    T value;
+    take(&value, sizeof(T));
+    return value;
+  }
+  template <class T>
+  std::vector<T> get_vector() {
+    const auto n = get<std::uint64_t>();
+    if (n > (bytes_.size() - offset_) / sizeof(T)) corrupt();
+    std::vector<T> values(static_cast<std::size_t>(n));
+    take(values.data(), values.size() * sizeof(T));
+    return values;
+  }
+  // Into an existing vector whose size the configuration fixes.
+  template <class T>
+  void get_into(std::vector<T>& values) {
+    std::vector<T> read = get_vector<T>();
+    if (read.size() != values.size()) corrupt();
+    values = std::move(read);
+  }
+  std::string get_string() {
+    const auto chars = get_vector<char>();
+    return std::string(chars.begin(), chars.end());
+  }
+  bool at_end() const { return offset_ == bytes_.size(); }
+  [[noreturn]] static void corrupt() {
+    fail(ErrorKind::kInput, "replay checkpoint does not match this capture and configuration (or is damaged)");
+  }
+
+ private:
+  void take(void* out, std::size_t n) {
+    if (n > bytes_.size() - offset_) corrupt();
+    std::memcpy(out, bytes_.data() + offset_, n);
+    offset_ += n;
+  }
+  const std::vector<std::uint8_t>& bytes_;
+  std::size_t offset_ = 0;
+};
+
+// Every per-layer table of a selector's result, in a fixed order (model tables are derived).
+std::vector<Table*> layer_tables(SelectorResult& out) {
+  std::vector<Table*> tables;
+  for (int m = 0; m < kNumMetrics; ++m) tables.push_back(&out.head_mean[m]);
+  for (int m = 0; m < kNumMetrics; ++m) tables.push_back(&out.layer_mean[m]);
+  for (Table* t : {&out.head_recall_p10, &out.head_recall_p50, &out.head_recall_min, &out.layer_recall_p10,
+                   &out.layer_recall_p50, &out.layer_recall_min, &out.saturated_rows}) {
+    tables.push_back(t);
+  }
+  return tables;
+}
+}  // namespace
+
+// Everything a replay holds between layers. Layers run in order; after any layer the state can be
+// written to a checkpoint and a later run restored from it continues with identical numbers.
+struct ReplayRun::Impl {
+  Impl(const std::string& capture_path_, const ReplayOptions& options_, const Backend& backend_, bool progress_)
+      : capture_path(capture_path_),
+        options(options_),
+        backend(backend_),
+        progress(progress_),
+        reader(CaptureReader::open(capture_path_)),
+        header(reader.header()),
+        L(header.num_layers),
+        Hq(header.num_q_heads),
+        Hkv(header.num_kv_heads),
+        G(header.group_size()) {
+    setup();
+  }
+  void setup();
+  void calibrate();
+  void run_layer(std::int64_t layer);
+  void fill_model(ReplayResult& target) const;
+
+  std::string capture_path;
+  ReplayOptions options;
+  const Backend& backend;
+  bool progress = false;
+  CaptureReader reader;
+  const CaptureHeader& header;
+  std::int64_t L = 0, Hq = 0, Hkv = 0, G = 0;
   ReplayResult result;
+  const std::vector<std::int64_t>& rows = result.rows;
+  std::int64_t R = 0, NB = 0, S = 0;
+  std::vector<std::unique_ptr<Selector>> selectors;
+  bool reuse_enabled = false;
+  std::vector<std::int64_t> block_sizes;  // every selector's, and the reuse matrix's; statistics at their gcd
+  std::vector<ForcedConfig> configs;
+  std::vector<SelectorPlan> plans;
+  std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
+  ReplayPlan replay_plan;
+  LayerInputs inputs;
+  std::vector<ModelSums> model;
+  std::vector<std::int32_t> reuse_store, reuse_length;
+  std::vector<Workspace> workspaces;
+  RowMetrics metrics;
+  LayerContext layer_context;
+  bool calibrated = false;
+  std::vector<std::string> calibration_notes;  // per selector, once calibrated (or restored)
+  std::int64_t next_layer = 0;
+};
+
+void ReplayRun::Impl::setup() {
   result.header = header;
   result.capture_path = capture_path;
   result.backend = backend.name();
   result.device = backend.device();
   result.rows = select_query_rows(options.queries, header.seq_len, options.seed);
   result.budgets = options.budgets;
-  const auto& rows = result.rows;
-  const auto R = static_cast<std::int64_t>(rows.size());
-  const auto NB = static_cast<std::int64_t>(options.budgets.size());
+  R = static_cast<std::int64_t>(rows.size());
+  NB = static_cast<std::int64_t>(options.budgets.size());
   if (NB == 0) fail(ErrorKind::kUsage, "no budgets: give --budget or --sparsity");
   if (options.selectors.empty()) fail(ErrorKind::kUsage, "no selectors: give --selectors");
   if (options.block_size < 1) fail(ErrorKind::kUsage, "--block must be >= 1");
@@ -394,7 +544,6 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
 
   // Selectors, with unique labels (`all` expands to every registered selector).
   const std::vector<SelectorSpec> specs = expand_selector_specs(options.selectors);
-  std::vector<std::unique_ptr<Selector>> selectors;
   const SelectorDefaults defaults{options.block_size, options.sinks, options.window};
   // Labels name report groups: the selector's name, or its spec as written when the name repeats.
   std::vector<std::string> labels;
@@ -408,14 +557,13 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     labels.push_back(label);
     selectors.back()->set_label(label);
   }
-  const auto S = static_cast<std::int64_t>(selectors.size());
-  const bool reuse_enabled = options.reuse_budget > 0 && L > 0;
+  S = static_cast<std::int64_t>(selectors.size());
+  reuse_enabled = options.reuse_budget > 0 && L > 0;
   if (reuse_enabled && options.reuse_budget < options.block_size) {
     fail(ErrorKind::kUsage, "--reuse-budget {} is smaller than one block ({})", options.reuse_budget, options.block_size);
   }
 
   // Block sizes: every selector's, and the reuse matrix's; statistics at their gcd.
-  std::vector<std::int64_t> block_sizes;
   auto view_of = [&](std::int64_t block) {
     const auto found = std::find(block_sizes.begin(), block_sizes.end(), block);
     if (found != block_sizes.end()) return static_cast<std::int64_t>(found - block_sizes.begin());
@@ -423,10 +571,6 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     return static_cast<std::int64_t>(block_sizes.size() - 1);
   };
   // Fixed forced configurations (block view, sinks, window): residual scores and oracle references.
-  struct ForcedConfig {
-    std::int64_t view, sinks, window;
-  };
-  std::vector<ForcedConfig> configs;
   auto config_of = [&](std::int64_t view, std::int64_t sinks, std::int64_t window) {
     for (std::size_t i = 0; i < configs.size(); ++i) {
       if (configs[i].view == view && configs[i].sinks == sinks && configs[i].window == window) return static_cast<std::int64_t>(i);
@@ -434,7 +578,6 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     configs.push_back({view, sinks, window});
     return static_cast<std::int64_t>(configs.size() - 1);
   };
-  std::vector<SelectorPlan> plans;
   for (const auto& sel : selectors) {
     SelectorPlan plan;
     plan.selector = sel.get();
@@ -457,11 +600,9 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     }
     plans.push_back(plan);
   }
-  const std::int64_t reuse_view = reuse_enabled ? view_of(options.block_size) : -1;
-  std::int64_t base_block = 0;
+  reuse_view = reuse_enabled ? view_of(options.block_size) : -1;
   for (auto b : block_sizes) base_block = gcd(base_block, b);
 
-  ReplayPlan replay_plan;
   replay_plan.header = &header;
   replay_plan.rows = rows;
   replay_plan.budgets = options.budgets;
@@ -470,7 +611,6 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
   for (auto& sel : selectors) sel->begin(replay_plan);
   for (std::size_t s = 0; s < selectors.size(); ++s) plans[s].first_scored = selectors[s]->first_scored_position();
 
-  LayerInputs inputs;
   inputs.header = &header;
   inputs.scale = header.effective_softmax_scale();
   bool any_v = false;
@@ -478,7 +618,7 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
   result.has_output_error = options.output_error && any_v;
 
   // Memory: per-row metrics of one layer, reuse rankings of every layer, one layer of tensors.
-  const std::int64_t reuse_count = reuse_enabled ? options.reuse_budget / options.block_size : 0;
+  reuse_count = reuse_enabled ? options.reuse_budget / options.block_size : 0;
   const std::uint64_t row_metric_bytes =
       checked_mul(static_cast<std::uint64_t>(S * NB * Hq), static_cast<std::uint64_t>(R) * (kNumMetrics * 8 + 1), "metric storage");
   const std::uint64_t reuse_bytes = static_cast<std::uint64_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 0)) * 4;
@@ -517,30 +657,30 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
       t->reset({nb}, kNaN);
     }
   }
-  std::vector<ModelAccumulator> model(static_cast<std::size_t>(S * NB));
+  model.resize(static_cast<std::size_t>(S * NB));
   if (reuse_enabled) {
     result.reuse_budget = options.reuse_budget;
     result.reuse_block = options.block_size;
     result.reuse.reset({static_cast<std::uint64_t>(L), static_cast<std::uint64_t>(L)}, kNaN);
   }
-  std::vector<std::int32_t> reuse_store(static_cast<std::size_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 1)), 0);
-  std::vector<std::int32_t> reuse_length(static_cast<std::size_t>(L * Hkv * R), 0);
+  reuse_store.assign(static_cast<std::size_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 1)), 0);
+  reuse_length.assign(static_cast<std::size_t>(L * Hkv * R), 0);
 
   // Tiles of consecutive query rows; fewer rows when blocks are many (small blocks, long rows).
   const std::int64_t base_blocks_max = rows.empty() ? 1 : rows.back() / base_block + 1;
   const std::int64_t wanted_rows = options.tile_rows > 0 ? options.tile_rows : backend.preferred_tile_rows();
-  const std::int64_t tile_rows =
+  tile_rows =
       std::max<std::int64_t>(1, std::min(wanted_rows, kMaxTileCells / std::max<std::int64_t>(1, G * base_blocks_max)));
-  const std::int64_t tiles = (R + tile_rows - 1) / tile_rows;
-  const int threads = omp_get_max_threads();
-  std::vector<Workspace> workspaces(static_cast<std::size_t>(threads));
-  RowMetrics metrics;
+  tiles = (R + tile_rows - 1) / tile_rows;
+  workspaces.resize(static_cast<std::size_t>(omp_get_max_threads()));
 
-  LayerContext layer_context;
   layer_context.header = &header;
   layer_context.rows = &result.rows;
   layer_context.scale = inputs.scale;
+}
 
+void ReplayRun::Impl::calibrate() {
+  const auto started = std::chrono::steady_clock::now();
   // Calibration pass over every layer, for selectors calibrated on the whole capture (DuoAttention).
   std::vector<Selector*> calibrating;
   for (auto& sel : selectors) {
@@ -560,440 +700,561 @@ ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& op
     for (Selector* sel : calibrating) sel->finish_calibration();
     if (progress) fmt::print(stderr, "replay: calibration pass over {} layers done\n", L);
   }
+  calibrated = true;
+  calibration_notes.clear();
+  for (auto& sel : selectors) calibration_notes.push_back(sel->calibration_note());
+  result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+}
 
-  for (std::int64_t layer = 0; layer < L; ++layer) {
-    check_interrupted();
-    const auto layer_started = std::chrono::steady_clock::now();
-    const LayerInfo& info = reader.layer(layer);
-    const bool want_output = result.has_output_error && info.has_v && info.has_qk();
-    const LayerTensors tensors = reader.read_layer(layer, want_output);
-    if (!info.has_qk()) {
-      // Dense probabilities must be probabilities.
-      for (std::int64_t h = 0; h < Hq; ++h) {
-        for (std::int64_t t : rows) {
-          const float* p = &tensors.attn[static_cast<std::size_t>((h * header.seq_len + t) * header.seq_len)];
-          double sum = 0.0;
-          for (std::int64_t j = 0; j <= t; ++j) {
-            if (p[j] < 0.0f) {
-              fail_input(capture_path, fmt::format("/layers/{}/attn", layer),
-                         "holds a negative probability at head {}, query {}, key {} (expected probabilities)", h, t, j);
-            }
-            sum += p[j];
-          }
-          if (sum <= 0.0 || sum > 1.0 + kDenseRowSumTolerance) {
+void ReplayRun::Impl::run_layer(std::int64_t layer) {
+  if (!calibrated) calibrate();
+  check_interrupted();
+  const auto layer_started = std::chrono::steady_clock::now();
+  const LayerInfo& info = reader.layer(layer);
+  const bool want_output = result.has_output_error && info.has_v && info.has_qk();
+  const LayerTensors tensors = reader.read_layer(layer, want_output);
+  if (!info.has_qk()) {
+    // Dense probabilities must be probabilities.
+    for (std::int64_t h = 0; h < Hq; ++h) {
+      for (std::int64_t t : rows) {
+        const float* p = &tensors.attn[static_cast<std::size_t>((h * header.seq_len + t) * header.seq_len)];
+        double sum = 0.0;
+        for (std::int64_t j = 0; j <= t; ++j) {
+          if (p[j] < 0.0f) {
             fail_input(capture_path, fmt::format("/layers/{}/attn", layer),
-                       "row of head {}, query {} sums to {} over keys 0..{} (expected (0, 1])", h, t, sum, t);
+                       "holds a negative probability at head {}, query {}, key {} (expected probabilities)", h, t, j);
           }
+          sum += p[j];
+        }
+        if (sum <= 0.0 || sum > 1.0 + kDenseRowSumTolerance) {
+          fail_input(capture_path, fmt::format("/layers/{}/attn", layer),
+                     "row of head {}, query {} sums to {} over keys 0..{} (expected (0, 1])", h, t, sum, t);
         }
       }
     }
-    inputs.tensors = &tensors;
-    inputs.dense = !info.has_qk();
-    inputs.want_output = want_output;
-    layer_context.layer = layer;
-    layer_context.tensors = &tensors;
-    layer_context.has_qk = info.has_qk();
-    layer_context.has_v = !tensors.v.empty();
-    for (auto& sel : selectors) sel->prepare_layer(layer_context);
-    metrics.reset(S, NB, Hq, R);
-    for (auto& ws : workspaces) ws.reuse_sums.assign(static_cast<std::size_t>(L), 0.0);
+  }
+  inputs.tensors = &tensors;
+  inputs.dense = !info.has_qk();
+  inputs.want_output = want_output;
+  layer_context.layer = layer;
+  layer_context.tensors = &tensors;
+  layer_context.has_qk = info.has_qk();
+  layer_context.has_v = !tensors.v.empty();
+  for (auto& sel : selectors) sel->prepare_layer(layer_context);
+  metrics.reset(S, NB, Hq, R);
+  for (auto& ws : workspaces) ws.reuse_sums.assign(static_cast<std::size_t>(L), 0.0);
 
-    std::exception_ptr failure;
+  std::exception_ptr failure;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (std::int64_t item = 0; item < Hkv * tiles; ++item) {
-      if (failure || interrupted()) continue;  // a signal stops the layer at the next tile
-      try {
-        Workspace& ws = workspaces[static_cast<std::size_t>(omp_get_thread_num())];
-        const std::int64_t g = item / tiles, tile_index = item % tiles;
-        const std::int64_t i0 = tile_index * tile_rows, i1 = std::min(R, i0 + tile_rows), nr = i1 - i0;
-        const std::int64_t* positions = rows.data() + i0;
+  for (std::int64_t item = 0; item < Hkv * tiles; ++item) {
+    if (failure || interrupted()) continue;  // a signal stops the layer at the next tile
+    try {
+      Workspace& ws = workspaces[static_cast<std::size_t>(omp_get_thread_num())];
+      const std::int64_t g = item / tiles, tile_index = item % tiles;
+      const std::int64_t i0 = tile_index * tile_rows, i1 = std::min(R, i0 + tile_rows), nr = i1 - i0;
+      const std::int64_t* positions = rows.data() + i0;
 
-        StatsRequest request;
-        request.heads = G;
-        request.seq_len = header.seq_len;
-        request.head_dim = header.head_dim;
-        request.scale = inputs.scale;
-        request.rows = positions;
-        request.num_rows = nr;
-        request.block_size = base_block;
-        request.layer = layer;
-        request.kv_head = g;
-        if (inputs.dense) {
-          request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
-        } else {
-          request.q = tensors.q.data() + g * G * header.seq_len * header.head_dim;
-          request.k = tensors.k.data() + g * header.seq_len * header.head_dim;
-          if (want_output) request.v = tensors.v.data() + g * header.seq_len * header.head_dim;
-        }
-        if (!tensors.sink_logits.empty()) request.sink_logits = tensors.sink_logits.data() + g * G;
-        backend.block_statistics(request, ws.tile);
+      StatsRequest request;
+      request.heads = G;
+      request.seq_len = header.seq_len;
+      request.head_dim = header.head_dim;
+      request.scale = inputs.scale;
+      request.rows = positions;
+      request.num_rows = nr;
+      request.block_size = base_block;
+      request.layer = layer;
+      request.kv_head = g;
+      if (inputs.dense) {
+        request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
+      } else {
+        request.q = tensors.q.data() + g * G * header.seq_len * header.head_dim;
+        request.k = tensors.k.data() + g * header.seq_len * header.head_dim;
+        if (want_output) request.v = tensors.v.data() + g * header.seq_len * header.head_dim;
+      }
+      if (!tensors.sink_logits.empty()) request.sink_logits = tensors.sink_logits.data() + g * G;
+      backend.block_statistics(request, ws.tile);
 
-        ws.views.resize(block_sizes.size());
-        for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
+      ws.views.resize(block_sizes.size());
+      for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
 
-        // Forced-key summaries per fixed config, head and row, and the residual mass of every block
-        // (its mass outside the forced keys: what selecting it adds).
-        std::vector<std::vector<ForcedSummary>> summaries(configs.size());
-        ws.residual_mass.resize(configs.size());
-        for (std::size_t c = 0; c < configs.size(); ++c) {
-          const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
-          ws.residual_mass[c] = view.mass;
-          summaries[c].resize(static_cast<std::size_t>(G * nr));
-          for (std::int64_t h = 0; h < G; ++h) {
-            for (std::int64_t r = 0; r < nr; ++r) {
-              const RowAccess row(inputs, ws.tile, g, h, r, positions[r]);
-              const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
-              ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
-              summary = summarise_forced(row, ranges, view.block, want_output);
-              for (const auto& [b, m] : summary.residual) ws.residual_mass[c][view.at(h, r, b)] = m;
-            }
-          }
-        }
-
-        // Rankings from every selector (eviction selectors: one per budget).
-        ws.rankings.resize(static_cast<std::size_t>(S));
-        for (std::int64_t s = 0; s < S; ++s) {
-          const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
-          const BlockView& view = ws.views[static_cast<std::size_t>(plan.view_index)];
-          std::vector<std::int64_t> length(static_cast<std::size_t>(nr));
+      // Forced-key summaries per fixed config, head and row, and the residual mass of every block
+      // (its mass outside the forced keys: what selecting it adds).
+      std::vector<std::vector<ForcedSummary>> summaries(configs.size());
+      ws.residual_mass.resize(configs.size());
+      for (std::size_t c = 0; c < configs.size(); ++c) {
+        const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
+        ws.residual_mass[c] = view.mass;
+        summaries[c].resize(static_cast<std::size_t>(G * nr));
+        for (std::int64_t h = 0; h < G; ++h) {
           for (std::int64_t r = 0; r < nr; ++r) {
-            std::int64_t n = 0;
-            for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(positions[r], view.block));
-            length[static_cast<std::size_t>(r)] = std::min(n, view.causal_blocks(r));
+            const RowAccess row(inputs, ws.tile, g, h, r, positions[r]);
+            const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
+            ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
+            summary = summarise_forced(row, ranges, view.block, want_output);
+            for (const auto& [b, m] : summary.residual) ws.residual_mass[c][view.at(h, r, b)] = m;
           }
-          RankContext context;
-          context.layer = layer;
-          context.kv_group = g;
-          context.group_size = G;
-          context.row_begin = i0;
-          context.rows = nr;
-          context.positions = positions;
-          context.view = &view;
-          context.ranking_length = length.data();
-          context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-          context.layer_context = &layer_context;
-          std::vector<Rankings>& out = ws.rankings[static_cast<std::size_t>(s)];
-          if (plan.budget_use == BudgetUse::kPerBudget) {
-            out.resize(static_cast<std::size_t>(NB));
+        }
+      }
+
+      // Rankings from every selector (eviction selectors: one per budget).
+      ws.rankings.resize(static_cast<std::size_t>(S));
+      for (std::int64_t s = 0; s < S; ++s) {
+        const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
+        const BlockView& view = ws.views[static_cast<std::size_t>(plan.view_index)];
+        std::vector<std::int64_t> length(static_cast<std::size_t>(nr));
+        for (std::int64_t r = 0; r < nr; ++r) {
+          std::int64_t n = 0;
+          for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(positions[r], view.block));
+          length[static_cast<std::size_t>(r)] = std::min(n, view.causal_blocks(r));
+        }
+        RankContext context;
+        context.layer = layer;
+        context.kv_group = g;
+        context.group_size = G;
+        context.row_begin = i0;
+        context.rows = nr;
+        context.positions = positions;
+        context.view = &view;
+        context.ranking_length = length.data();
+        context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
+        context.layer_context = &layer_context;
+        std::vector<Rankings>& out = ws.rankings[static_cast<std::size_t>(s)];
+        if (plan.budget_use == BudgetUse::kPerBudget) {
+          out.resize(static_cast<std::size_t>(NB));
+          for (std::int64_t bi = 0; bi < NB; ++bi) {
+            if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
+            context.budget_index = bi;
+            context.budget = &options.budgets[static_cast<std::size_t>(bi)];
+            plan.selector->rank(context, out[static_cast<std::size_t>(bi)]);
+          }
+        } else {
+          out.resize(1);
+          plan.selector->rank(context, out[0]);
+        }
+      }
+
+      // Metrics per selector, head, row and budget.
+      for (std::int64_t s = 0; s < S; ++s) {
+        const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
+        const Selector& sel = *plan.selector;
+        const BlockView& view = ws.views[static_cast<std::size_t>(plan.view_index)];
+        const std::vector<Rankings>& rankings = ws.rankings[static_cast<std::size_t>(s)];
+        const bool nested = plan.budget_use == BudgetUse::kNested;
+        const bool full_layer = sel.role(layer) == LayerRole::kFull;
+        const std::int64_t B = view.block;
+        ws.stamp.assign(static_cast<std::size_t>(view.num_blocks), std::numeric_limits<std::int32_t>::max());
+        for (std::int64_t h = 0; h < G; ++h) {
+          const std::int64_t head = g * G + h;
+          for (std::int64_t r = 0; r < nr; ++r) {
+            const std::int64_t t = positions[r], row_index = i0 + r;
+            const std::int64_t causal = view.causal_blocks(r);
+            if (t < plan.first_scored) continue;  // not scored by this selector: its metrics stay NaN
+            if (full_layer) {
+              for (std::int64_t b = 0; b < NB; ++b) {
+                if (!plan.applicable[static_cast<std::size_t>(b)]) continue;
+                metrics.at(kMassRecall, s, b, head, row_index) = 1.0;
+                metrics.at(kRecallVsOracle, s, b, head, row_index) = 1.0;
+                metrics.at(kTopkOverlap, s, b, head, row_index) = 1.0;
+                metrics.at(kAttendedKeys, s, b, head, row_index) = static_cast<double>(t + 1);
+                metrics.at(kBudgetKeys, s, b, head, row_index) = static_cast<double>(t + 1);
+                if (want_output) metrics.at(kOutputError, s, b, head, row_index) = 0.0;
+              }
+              continue;
+            }
+            const RowAccess row(inputs, ws.tile, g, h, r, t);
+            const ForcedSummary& fixed = summaries[static_cast<std::size_t>(plan.reference_config)][static_cast<std::size_t>(h * nr + r)];
+            const ForcedRanges fixed_ranges(sel.sinks(), std::max<std::int64_t>(0, sel.window()), t);
+            auto block_keys = [&](std::int64_t b) { return std::min((b + 1) * B, t + 1) - b * B; };
+            const std::int64_t set = sel.ranks_per_head() ? h : 0;
+
+            // Per-head oracle with the fixed forced keys (reference), and the plain top blocks by mass, as
+            // long as any budget needs: the budget (nested), or the selection's own size (equal-size oracle).
+            std::int64_t longest = 0;
             for (std::int64_t bi = 0; bi < NB; ++bi) {
               if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
-              context.budget_index = bi;
-              context.budget = &options.budgets[static_cast<std::size_t>(bi)];
-              plan.selector->rank(context, out[static_cast<std::size_t>(bi)]);
+              if (nested) {
+                longest = std::max(longest, options.budgets[static_cast<std::size_t>(bi)].blocks_for_row(t, B));
+              } else if (sel.selects_blocks()) {
+                const Rankings& rk = rankings[plan.budget_use == BudgetUse::kPerBudget ? static_cast<std::size_t>(bi) : 0];
+                longest = std::max<std::int64_t>(longest, rk.size(set, r));
+              }
             }
-          } else {
-            out.resize(1);
-            plan.selector->rank(context, out[0]);
-          }
-        }
+            longest = std::min(longest, causal);
+            const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
+            ws.scores.resize(static_cast<std::size_t>(causal));
+            for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = residual[view.at(h, r, b)];
+            ws.oracle_order.resize(static_cast<std::size_t>(longest));
+            rank_top(ws.scores.data(), causal, longest, ws.oracle_order.data());
+            for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = view.mass[view.at(h, r, b)];
+            ws.pure_order.resize(static_cast<std::size_t>(longest));
+            rank_top(ws.scores.data(), causal, longest, ws.pure_order.data());
 
-        // Metrics per selector, head, row and budget.
-        for (std::int64_t s = 0; s < S; ++s) {
-          const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
-          const Selector& sel = *plan.selector;
-          const BlockView& view = ws.views[static_cast<std::size_t>(plan.view_index)];
-          const std::vector<Rankings>& rankings = ws.rankings[static_cast<std::size_t>(s)];
-          const bool nested = plan.budget_use == BudgetUse::kNested;
-          const bool full_layer = sel.role(layer) == LayerRole::kFull;
-          const std::int64_t B = view.block;
-          ws.stamp.assign(static_cast<std::size_t>(view.num_blocks), std::numeric_limits<std::int32_t>::max());
-          for (std::int64_t h = 0; h < G; ++h) {
-            const std::int64_t head = g * G + h;
-            for (std::int64_t r = 0; r < nr; ++r) {
-              const std::int64_t t = positions[r], row_index = i0 + r;
-              const std::int64_t causal = view.causal_blocks(r);
-              if (t < plan.first_scored) continue;  // not scored by this selector: its metrics stay NaN
-              if (full_layer) {
-                for (std::int64_t b = 0; b < NB; ++b) {
-                  if (!plan.applicable[static_cast<std::size_t>(b)]) continue;
-                  metrics.at(kMassRecall, s, b, head, row_index) = 1.0;
-                  metrics.at(kRecallVsOracle, s, b, head, row_index) = 1.0;
-                  metrics.at(kTopkOverlap, s, b, head, row_index) = 1.0;
-                  metrics.at(kAttendedKeys, s, b, head, row_index) = static_cast<double>(t + 1);
-                  metrics.at(kBudgetKeys, s, b, head, row_index) = static_cast<double>(t + 1);
-                  if (want_output) metrics.at(kOutputError, s, b, head, row_index) = 0.0;
-                }
-                continue;
-              }
-              const RowAccess row(inputs, ws.tile, g, h, r, t);
-              const ForcedSummary& fixed = summaries[static_cast<std::size_t>(plan.reference_config)][static_cast<std::size_t>(h * nr + r)];
-              const ForcedRanges fixed_ranges(sel.sinks(), std::max<std::int64_t>(0, sel.window()), t);
-              auto block_keys = [&](std::int64_t b) { return std::min((b + 1) * B, t + 1) - b * B; };
-              const std::int64_t set = sel.ranks_per_head() ? h : 0;
-
-              // Per-head oracle with the fixed forced keys (reference), and the plain top blocks by mass, as
-              // long as any budget needs: the budget (nested), or the selection's own size (equal-size oracle).
-              std::int64_t longest = 0;
-              for (std::int64_t bi = 0; bi < NB; ++bi) {
-                if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
-                if (nested) {
-                  longest = std::max(longest, options.budgets[static_cast<std::size_t>(bi)].blocks_for_row(t, B));
-                } else if (sel.selects_blocks()) {
-                  const Rankings& rk = rankings[plan.budget_use == BudgetUse::kPerBudget ? static_cast<std::size_t>(bi) : 0];
-                  longest = std::max<std::int64_t>(longest, rk.size(set, r));
-                }
-              }
-              longest = std::min(longest, causal);
-              const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-              ws.scores.resize(static_cast<std::size_t>(causal));
-              for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = residual[view.at(h, r, b)];
-              ws.oracle_order.resize(static_cast<std::size_t>(longest));
-              rank_top(ws.scores.data(), causal, longest, ws.oracle_order.data());
-              for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = view.mass[view.at(h, r, b)];
-              ws.pure_order.resize(static_cast<std::size_t>(longest));
-              rank_top(ws.scores.data(), causal, longest, ws.pure_order.data());
-
-              // The ranking being walked: its blocks are stamped with their rank; sums grow incrementally.
-              const std::int32_t* order = nullptr;
-              const double* log_weight = nullptr;
-              std::int64_t order_length = 0, taken = 0, selected_keys = 0;
-              double selected_mass = 0.0;
-              std::vector<double> numerator;
-              double denominator = 0.0;
-              auto start = [&](const Rankings& rk) {
-                for (std::int64_t i = 0; i < order_length; ++i) {
-                  ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
-                }
-                order = sel.selects_blocks() ? rk.row(set, r) : nullptr;
-                order_length = sel.selects_blocks() ? rk.size(set, r) : 0;
-                log_weight = sel.selects_blocks() && rk.weighted() ? rk.weights(set, r) : nullptr;
-                for (std::int64_t i = 0; i < order_length; ++i) ws.stamp[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
-                taken = selected_keys = 0;
-                selected_mass = 0.0;
-                if (want_output) numerator = fixed.numerator;
-                denominator = fixed.denominator;
-              };
-              if (plan.budget_use != BudgetUse::kPerBudget) start(rankings[0]);
-
-              // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
-              double oracle_mass = fixed.mass;
-              std::int64_t oracle_taken = 0;
-              double window_mass = 0.0;                  // budget-window SWA: keys added so far
-              std::int64_t window_begin = t + 1;
-              for (std::int64_t bi = 0; bi < NB; ++bi) {
-                if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
-                const Budget& budget = options.budgets[static_cast<std::size_t>(bi)];
-                const std::int64_t n = std::min(budget.blocks_for_row(t, B), causal);
-                if (plan.budget_use == BudgetUse::kPerBudget) start(rankings[static_cast<std::size_t>(bi)]);
-                double mass, error = kNaN;
-                std::int64_t keys, nominal, compared = n;  // compared: blocks of the oracle and overlap references
-                if (plan.budget_window) {
-                  // SWA whose window is the budget: windows grow with the budget, so keys are added incrementally.
-                  const ForcedRanges ranges(sel.sinks(), budget.blocks_for_row(t, B) * B, t);
-                  const std::int64_t from = std::max(ranges.window_begin, ranges.sink_end);
-                  const std::int64_t to = std::max(window_begin, ranges.sink_end);
-                  if (from < to) {
-                    row.range(from, to, ws.shares, nullptr);
-                    for (double p : ws.shares) window_mass += p;
-                    if (want_output) row.add_output(from, to, numerator, denominator);
-                    window_begin = from;
-                  }
-                  mass = fixed.mass + window_mass;
-                  keys = ranges.count();
-                  nominal = budget.blocks_for_row(t, B) * B;
-                  if (want_output) error = row.output_error(numerator, denominator);
-                  // Overlap against the top-n blocks by mass.
-                  double in = 0, all = 0;
-                  for (std::int64_t i = 0; i < n; ++i) {
-                    const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
-                    in += static_cast<double>(ranges.count_in(b * B, (b + 1) * B));
-                    all += static_cast<double>(block_keys(b));
-                  }
-                  metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
-                } else {
-                  const std::int64_t use = nested ? std::min<std::int64_t>(n, order_length) : order_length;
-                  for (; taken < use; ++taken) {
-                    const std::int64_t b = order[taken];
-                    selected_mass += residual[view.at(h, r, b)];
-                    selected_keys += block_keys(b) - fixed_ranges.count_in(b * B, (b + 1) * B);
-                    if (want_output) {
-                      // The block's keys outside the forced ranges: at most two runs.
-                      const std::int64_t lo = b * B, hi = std::min((b + 1) * B, t + 1);
-                      const std::int64_t a0 = std::max(lo, fixed_ranges.sink_end);
-                      const std::int64_t a1 = std::min(hi, fixed_ranges.window_begin);
-                      row.add_output(a0, a1, numerator, denominator, log_weight ? std::exp(log_weight[taken]) : 1.0);
-                    }
-                  }
-                  mass = fixed.mass + selected_mass;
-                  keys = fixed.count + selected_keys;
-                  if (!nested) compared = std::min(use, causal);
-                  nominal = plan.budget_use == BudgetUse::kFree ? keys : sel.selects_blocks() ? n * B : fixed.count;
-                  if (want_output) error = row.output_error(numerator, denominator);
-                  double in = 0, all = 0;
-                  for (std::int64_t i = 0; i < compared; ++i) {
-                    const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
-                    const bool chosen = ws.stamp[static_cast<std::size_t>(b)] < use;
-                    in += static_cast<double>(chosen ? block_keys(b) : fixed_ranges.count_in(b * B, (b + 1) * B));
-                    all += static_cast<double>(block_keys(b));
-                  }
-                  metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
-                }
-                if (nested) {
-                  for (; oracle_taken < n; ++oracle_taken) {
-                    const std::int64_t b = ws.oracle_order[static_cast<std::size_t>(oracle_taken)];
-                    oracle_mass += residual[view.at(h, r, b)];
-                  }
-                } else {
-                  // Equal-size oracle: as many blocks as the selection holds, beside the same forced keys.
-                  oracle_mass = fixed.mass;
-                  for (std::int64_t i = 0; i < compared; ++i) oracle_mass += residual[view.at(h, r, ws.oracle_order[static_cast<std::size_t>(i)])];
-                }
-                const bool whole_row = keys >= t + 1;
-                if (whole_row) {
-                  // Exact: every causal key is attended. With the same forced keys the oracle is never
-                  // worse, so it attends them all too.
-                  mass = 1.0;
-                  if (!plan.budget_window) oracle_mass = 1.0;
-                }
-                metrics.at(kMassRecall, s, bi, head, row_index) = mass;
-                metrics.at(kRecallVsOracle, s, bi, head, row_index) = oracle_mass > 0 ? mass / oracle_mass : kNaN;
-                metrics.at(kAttendedKeys, s, bi, head, row_index) = static_cast<double>(keys);
-                metrics.at(kBudgetKeys, s, bi, head, row_index) = static_cast<double>(nominal);
-                // An importance-weighted estimate is not exact even over the whole row.
-                if (want_output) metrics.at(kOutputError, s, bi, head, row_index) = whole_row && !log_weight ? 0.0 : error;
-                const bool saturated = plan.budget_use == BudgetUse::kFree ? whole_row : budget.blocks_for_row(t, B) >= causal;
-                metrics.saturated(s, bi, head, row_index) = saturated ? 1 : 0;
-              }
+            // The ranking being walked: its blocks are stamped with their rank; sums grow incrementally.
+            const std::int32_t* order = nullptr;
+            const double* log_weight = nullptr;
+            std::int64_t order_length = 0, taken = 0, selected_keys = 0;
+            double selected_mass = 0.0;
+            std::vector<double> numerator;
+            double denominator = 0.0;
+            auto start = [&](const Rankings& rk) {
               for (std::int64_t i = 0; i < order_length; ++i) {
                 ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
               }
-            }
-          }
-        }
+              order = sel.selects_blocks() ? rk.row(set, r) : nullptr;
+              order_length = sel.selects_blocks() ? rk.size(set, r) : 0;
+              log_weight = sel.selects_blocks() && rk.weighted() ? rk.weights(set, r) : nullptr;
+              for (std::int64_t i = 0; i < order_length; ++i) ws.stamp[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
+              taken = selected_keys = 0;
+              selected_mass = 0.0;
+              if (want_output) numerator = fixed.numerator;
+              denominator = fixed.denominator;
+            };
+            if (plan.budget_use != BudgetUse::kPerBudget) start(rankings[0]);
 
-        // Cross-layer reuse: this layer's selection is stored; earlier layers' selections are scored here.
-        if (reuse_enabled) {
-          const BlockView& view = ws.views[static_cast<std::size_t>(reuse_view)];
-          for (std::int64_t r = 0; r < nr; ++r) {
-            const std::int64_t causal = view.causal_blocks(r);
-            ws.scores.resize(static_cast<std::size_t>(causal));
-            for (std::int64_t b = 0; b < causal; ++b) {
-              double best = 0.0;
-              for (std::int64_t h = 0; h < G; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
-              ws.scores[static_cast<std::size_t>(b)] = best;
-            }
-            const std::int64_t count = std::min(reuse_count, causal);
-            const std::size_t slot = static_cast<std::size_t>((layer * Hkv + g) * R + i0 + r);
-            rank_top(ws.scores.data(), causal, count, &reuse_store[slot * static_cast<std::size_t>(reuse_count)]);
-            reuse_length[slot] = static_cast<std::int32_t>(count);
-            for (std::int64_t f = 0; f <= layer; ++f) {
-              const std::size_t source = static_cast<std::size_t>((f * Hkv + g) * R + i0 + r);
-              const std::int32_t* chosen = &reuse_store[source * static_cast<std::size_t>(reuse_count)];
-              for (std::int64_t h = 0; h < G; ++h) {
-                double recall = 0.0;
-                for (std::int32_t i = 0; i < reuse_length[source]; ++i) recall += view.mass[view.at(h, r, chosen[i])];
-                ws.reuse_sums[static_cast<std::size_t>(f)] += std::min(1.0, recall);
+            // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
+            double oracle_mass = fixed.mass;
+            std::int64_t oracle_taken = 0;
+            double window_mass = 0.0;                  // budget-window SWA: keys added so far
+            std::int64_t window_begin = t + 1;
+            for (std::int64_t bi = 0; bi < NB; ++bi) {
+              if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
+              const Budget& budget = options.budgets[static_cast<std::size_t>(bi)];
+              const std::int64_t n = std::min(budget.blocks_for_row(t, B), causal);
+              if (plan.budget_use == BudgetUse::kPerBudget) start(rankings[static_cast<std::size_t>(bi)]);
+              double mass, error = kNaN;
+              std::int64_t keys, nominal, compared = n;  // compared: blocks of the oracle and overlap references
+              if (plan.budget_window) {
+                // SWA whose window is the budget: windows grow with the budget, so keys are added incrementally.
+                const ForcedRanges ranges(sel.sinks(), budget.blocks_for_row(t, B) * B, t);
+                const std::int64_t from = std::max(ranges.window_begin, ranges.sink_end);
+                const std::int64_t to = std::max(window_begin, ranges.sink_end);
+                if (from < to) {
+                  row.range(from, to, ws.shares, nullptr);
+                  for (double p : ws.shares) window_mass += p;
+                  if (want_output) row.add_output(from, to, numerator, denominator);
+                  window_begin = from;
+                }
+                mass = fixed.mass + window_mass;
+                keys = ranges.count();
+                nominal = budget.blocks_for_row(t, B) * B;
+                if (want_output) error = row.output_error(numerator, denominator);
+                // Overlap against the top-n blocks by mass.
+                double in = 0, all = 0;
+                for (std::int64_t i = 0; i < n; ++i) {
+                  const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
+                  in += static_cast<double>(ranges.count_in(b * B, (b + 1) * B));
+                  all += static_cast<double>(block_keys(b));
+                }
+                metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
+              } else {
+                const std::int64_t use = nested ? std::min<std::int64_t>(n, order_length) : order_length;
+                for (; taken < use; ++taken) {
+                  const std::int64_t b = order[taken];
+                  selected_mass += residual[view.at(h, r, b)];
+                  selected_keys += block_keys(b) - fixed_ranges.count_in(b * B, (b + 1) * B);
+                  if (want_output) {
+                    // The block's keys outside the forced ranges: at most two runs.
+                    const std::int64_t lo = b * B, hi = std::min((b + 1) * B, t + 1);
+                    const std::int64_t a0 = std::max(lo, fixed_ranges.sink_end);
+                    const std::int64_t a1 = std::min(hi, fixed_ranges.window_begin);
+                    row.add_output(a0, a1, numerator, denominator, log_weight ? std::exp(log_weight[taken]) : 1.0);
+                  }
+                }
+                mass = fixed.mass + selected_mass;
+                keys = fixed.count + selected_keys;
+                if (!nested) compared = std::min(use, causal);
+                nominal = plan.budget_use == BudgetUse::kFree ? keys : sel.selects_blocks() ? n * B : fixed.count;
+                if (want_output) error = row.output_error(numerator, denominator);
+                double in = 0, all = 0;
+                for (std::int64_t i = 0; i < compared; ++i) {
+                  const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
+                  const bool chosen = ws.stamp[static_cast<std::size_t>(b)] < use;
+                  in += static_cast<double>(chosen ? block_keys(b) : fixed_ranges.count_in(b * B, (b + 1) * B));
+                  all += static_cast<double>(block_keys(b));
+                }
+                metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
               }
+              if (nested) {
+                for (; oracle_taken < n; ++oracle_taken) {
+                  const std::int64_t b = ws.oracle_order[static_cast<std::size_t>(oracle_taken)];
+                  oracle_mass += residual[view.at(h, r, b)];
+                }
+              } else {
+                // Equal-size oracle: as many blocks as the selection holds, beside the same forced keys.
+                oracle_mass = fixed.mass;
+                for (std::int64_t i = 0; i < compared; ++i) oracle_mass += residual[view.at(h, r, ws.oracle_order[static_cast<std::size_t>(i)])];
+              }
+              const bool whole_row = keys >= t + 1;
+              if (whole_row) {
+                // Exact: every causal key is attended. With the same forced keys the oracle is never
+                // worse, so it attends them all too.
+                mass = 1.0;
+                if (!plan.budget_window) oracle_mass = 1.0;
+              }
+              metrics.at(kMassRecall, s, bi, head, row_index) = mass;
+              metrics.at(kRecallVsOracle, s, bi, head, row_index) = oracle_mass > 0 ? mass / oracle_mass : kNaN;
+              metrics.at(kAttendedKeys, s, bi, head, row_index) = static_cast<double>(keys);
+              metrics.at(kBudgetKeys, s, bi, head, row_index) = static_cast<double>(nominal);
+              // An importance-weighted estimate is not exact even over the whole row.
+              if (want_output) metrics.at(kOutputError, s, bi, head, row_index) = whole_row && !log_weight ? 0.0 : error;
+              const bool saturated = plan.budget_use == BudgetUse::kFree ? whole_row : budget.blocks_for_row(t, B) >= causal;
+              metrics.saturated(s, bi, head, row_index) = saturated ? 1 : 0;
+            }
+            for (std::int64_t i = 0; i < order_length; ++i) {
+              ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
             }
           }
         }
-      } catch (...) {
+      }
+
+      // Cross-layer reuse: this layer's selection is stored; earlier layers' selections are scored here.
+      if (reuse_enabled) {
+        const BlockView& view = ws.views[static_cast<std::size_t>(reuse_view)];
+        for (std::int64_t r = 0; r < nr; ++r) {
+          const std::int64_t causal = view.causal_blocks(r);
+          ws.scores.resize(static_cast<std::size_t>(causal));
+          for (std::int64_t b = 0; b < causal; ++b) {
+            double best = 0.0;
+            for (std::int64_t h = 0; h < G; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
+            ws.scores[static_cast<std::size_t>(b)] = best;
+          }
+          const std::int64_t count = std::min(reuse_count, causal);
+          const std::size_t slot = static_cast<std::size_t>((layer * Hkv + g) * R + i0 + r);
+          rank_top(ws.scores.data(), causal, count, &reuse_store[slot * static_cast<std::size_t>(reuse_count)]);
+          reuse_length[slot] = static_cast<std::int32_t>(count);
+          for (std::int64_t f = 0; f <= layer; ++f) {
+            const std::size_t source = static_cast<std::size_t>((f * Hkv + g) * R + i0 + r);
+            const std::int32_t* chosen = &reuse_store[source * static_cast<std::size_t>(reuse_count)];
+            for (std::int64_t h = 0; h < G; ++h) {
+              double recall = 0.0;
+              for (std::int32_t i = 0; i < reuse_length[source]; ++i) recall += view.mass[view.at(h, r, chosen[i])];
+              ws.reuse_sums[static_cast<std::size_t>(f)] += std::min(1.0, recall);
+            }
+          }
+        }
+      }
+    } catch (...) {
 #pragma omp critical(hysparse_replay_failure)
-        if (!failure) failure = std::current_exception();
-      }
-    }
-    if (failure) std::rethrow_exception(failure);
-    check_interrupted();
-
-    // Reduce the layer.
-    if (reuse_enabled) {
-      for (std::int64_t f = 0; f <= layer; ++f) {
-        double sum = 0.0;
-        for (const auto& ws : workspaces) sum += ws.reuse_sums[static_cast<std::size_t>(f)];
-        result.reuse.at(static_cast<std::uint64_t>(f), static_cast<std::uint64_t>(layer)) = sum / static_cast<double>(Hq * R);
-      }
-    }
-    for (std::int64_t s = 0; s < S; ++s) {
-      SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
-      const bool sparse = out.is_full_layer[static_cast<std::size_t>(layer)] == 0;
-      const auto ul = static_cast<std::uint64_t>(layer);
-      for (std::int64_t bi = 0; bi < NB; ++bi) {
-        const auto ub = static_cast<std::uint64_t>(bi);
-        std::vector<double> pooled;
-        pooled.reserve(static_cast<std::size_t>(Hq * R));
-        double saturated = 0;
-        for (std::int64_t h = 0; h < Hq; ++h) {
-          const auto uh = static_cast<std::uint64_t>(h);
-          for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
-          // Rows a selector does not score (or budgets it cannot use) are NaN and left out.
-          const double* recall = metrics.head_row(kMassRecall, s, bi, h);
-          std::vector<double> values;
-          values.reserve(static_cast<std::size_t>(R));
-          for (std::int64_t r = 0; r < R; ++r) {
-            if (!std::isnan(recall[r])) values.push_back(recall[r]);
-          }
-          pooled.insert(pooled.end(), values.begin(), values.end());
-          out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
-          out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
-          out.head_recall_p50.at(ub, ul, uh) = nearest_rank(values, 0.50);
-          for (std::int64_t r = 0; r < R; ++r) saturated += metrics.saturated(s, bi, h, r);
-        }
-        for (int m = 0; m < kNumMetrics; ++m) {
-          double sum = 0;
-          std::int64_t count = 0;
-          for (std::int64_t h = 0; h < Hq; ++h) {
-            const double* values = metrics.head_row(m, s, bi, h);
-            for (std::int64_t r = 0; r < R; ++r) {
-              if (!std::isnan(values[r])) {
-                sum += values[r];
-                ++count;
-              }
-            }
-          }
-          out.layer_mean[m].at(ub, ul) = count ? sum / static_cast<double>(count) : kNaN;
-          ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
-          acc.sum[0][m] += sum;
-          acc.count[0][m] += count;
-          if (sparse) {
-            acc.sum[1][m] += sum;
-            acc.count[1][m] += count;
-          }
-        }
-        out.saturated_rows.at(ub, ul) = plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? saturated : kNaN;
-        ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
-        for (double v : pooled) {
-          acc.recall[0].add(v);
-          if (sparse) acc.recall[1].add(v);
-        }
-        out.layer_recall_min.at(ub, ul) = pooled.empty() ? kNaN : *std::min_element(pooled.begin(), pooled.end());
-        out.layer_recall_p10.at(ub, ul) = nearest_rank(pooled, 0.10);
-        out.layer_recall_p50.at(ub, ul) = nearest_rank(pooled, 0.50);
-      }
-    }
-    std::uint64_t layer_elements = 0;
-    if (info.has_qk()) {
-      for (std::int64_t t : rows) layer_elements += static_cast<std::uint64_t>(t + 1);
-      layer_elements *= static_cast<std::uint64_t>(Hq);
-    }
-    result.score_elements += layer_elements;
-    if (progress) {
-      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
-      fmt::print(stderr, "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s)\n", layer + 1, L, seconds,
-                 seconds > 0 ? static_cast<double>(layer_elements) / seconds : 0.0);
+      if (!failure) failure = std::current_exception();
     }
   }
+  if (failure) std::rethrow_exception(failure);
+  check_interrupted();
 
-  // Model aggregates.
+  // Reduce the layer.
+  if (reuse_enabled) {
+    for (std::int64_t f = 0; f <= layer; ++f) {
+      double sum = 0.0;
+      for (const auto& ws : workspaces) sum += ws.reuse_sums[static_cast<std::size_t>(f)];
+      result.reuse.at(static_cast<std::uint64_t>(f), static_cast<std::uint64_t>(layer)) = sum / static_cast<double>(Hq * R);
+    }
+  }
   for (std::int64_t s = 0; s < S; ++s) {
     SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
-    out.calibration = selectors[static_cast<std::size_t>(s)]->calibration_note();  // after calibration
+    const bool sparse = out.is_full_layer[static_cast<std::size_t>(layer)] == 0;
+    const auto ul = static_cast<std::uint64_t>(layer);
     for (std::int64_t bi = 0; bi < NB; ++bi) {
       const auto ub = static_cast<std::uint64_t>(bi);
-      const ModelAccumulator& acc = model[static_cast<std::size_t>(s * NB + bi)];
-      for (int m = 0; m < kNumMetrics; ++m) {
-        out.model_mean[m].values[ub] = acc.count[0][m] ? acc.sum[0][m] / static_cast<double>(acc.count[0][m]) : kNaN;
-        out.model_sparse_mean[m].values[ub] = acc.count[1][m] ? acc.sum[1][m] / static_cast<double>(acc.count[1][m]) : kNaN;
+      std::vector<double> pooled;
+      pooled.reserve(static_cast<std::size_t>(Hq * R));
+      double saturated = 0;
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        const auto uh = static_cast<std::uint64_t>(h);
+        for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
+        // Rows a selector does not score (or budgets it cannot use) are NaN and left out.
+        const double* recall = metrics.head_row(kMassRecall, s, bi, h);
+        std::vector<double> values;
+        values.reserve(static_cast<std::size_t>(R));
+        for (std::int64_t r = 0; r < R; ++r) {
+          if (!std::isnan(recall[r])) values.push_back(recall[r]);
+        }
+        pooled.insert(pooled.end(), values.begin(), values.end());
+        out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
+        out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
+        out.head_recall_p50.at(ub, ul, uh) = nearest_rank(values, 0.50);
+        for (std::int64_t r = 0; r < R; ++r) saturated += metrics.saturated(s, bi, h, r);
       }
-      out.model_recall_min.values[ub] = acc.recall[0].minimum();
-      out.model_recall_p10.values[ub] = acc.recall[0].quantile(0.10);
-      out.model_recall_p50.values[ub] = acc.recall[0].quantile(0.50);
-      out.model_sparse_recall_min.values[ub] = acc.recall[1].minimum();
-      out.model_sparse_recall_p10.values[ub] = acc.recall[1].quantile(0.10);
-      out.model_sparse_recall_p50.values[ub] = acc.recall[1].quantile(0.50);
+      for (int m = 0; m < kNumMetrics; ++m) {
+        double sum = 0;
+        std::int64_t count = 0;
+        for (std::int64_t h = 0; h < Hq; ++h) {
+          const double* values = metrics.head_row(m, s, bi, h);
+          for (std::int64_t r = 0; r < R; ++r) {
+            if (!std::isnan(values[r])) {
+              sum += values[r];
+              ++count;
+            }
+          }
+        }
+        out.layer_mean[m].at(ub, ul) = count ? sum / static_cast<double>(count) : kNaN;
+        ModelSums& acc = model[static_cast<std::size_t>(s * NB + bi)];
+        acc.sum[0][m] += sum;
+        acc.count[0][m] += count;
+        if (sparse) {
+          acc.sum[1][m] += sum;
+          acc.count[1][m] += count;
+        }
+      }
+      out.saturated_rows.at(ub, ul) = plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? saturated : kNaN;
+      ModelSums& acc = model[static_cast<std::size_t>(s * NB + bi)];
+      for (double v : pooled) {
+        acc.recall[0].add(v);
+        if (sparse) acc.recall[1].add(v);
+      }
+      out.layer_recall_min.at(ub, ul) = pooled.empty() ? kNaN : *std::min_element(pooled.begin(), pooled.end());
+      out.layer_recall_p10.at(ub, ul) = nearest_rank(pooled, 0.10);
+      out.layer_recall_p50.at(ub, ul) = nearest_rank(pooled, 0.50);
     }
   }
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  return result;
+  std::uint64_t layer_elements = 0;
+  if (info.has_qk()) {
+    for (std::int64_t t : rows) layer_elements += static_cast<std::uint64_t>(t + 1);
+    layer_elements *= static_cast<std::uint64_t>(Hq);
+  }
+  result.score_elements += layer_elements;
+  if (progress) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
+    fmt::print(stderr, "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s)\n", layer + 1, L, seconds,
+               seconds > 0 ? static_cast<double>(layer_elements) / seconds : 0.0);
+  }
+  result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
+  next_layer = layer + 1;
+}
+
+void ReplayRun::Impl::fill_model(ReplayResult& target) const {
+  for (std::int64_t s = 0; s < S; ++s) {
+    fill_model_tables(target.selectors[static_cast<std::size_t>(s)], &model[static_cast<std::size_t>(s * NB)], NB);
+  }
+  target.model_sums = model;
+  for (std::int64_t s = 0; s < S; ++s) {
+    SelectorResult& out = target.selectors[static_cast<std::size_t>(s)];
+    const SelectorKvPrice price = price_selector_kv(header, *selectors[static_cast<std::size_t>(s)], out.is_full_layer,
+                                                    options.budgets, plans[static_cast<std::size_t>(s)].applicable);
+    out.kv_resident_bytes = price.resident_bytes;
+    out.kv_methods = price.methods;
+    target.kv_full_bytes = price.full_attention_bytes;
+  }
+  for (std::size_t s = 0; s < target.selectors.size() && s < calibration_notes.size(); ++s) {
+    target.selectors[s].calibration = calibration_notes[s];
+  }
+}
+
+ReplayRun::ReplayRun(const std::string& capture_path, const ReplayOptions& options, const Backend& backend,
+                     bool progress)
+    : impl_(std::make_unique<Impl>(capture_path, options, backend, progress)) {}
+ReplayRun::~ReplayRun() = default;
+ReplayRun::ReplayRun(ReplayRun&&) noexcept = default;
+
+std::int64_t ReplayRun::num_layers() const { return impl_->L; }
+std::int64_t ReplayRun::next_layer() const { return impl_->next_layer; }
+bool ReplayRun::done() const { return impl_->next_layer >= impl_->L; }
+
+void ReplayRun::run_next_layer() {
+  if (done()) fail(ErrorKind::kInternal, "replay of {}: every layer has run", impl_->capture_path);
+  impl_->run_layer(impl_->next_layer);
+}
+
+ReplayResult ReplayRun::result() const {
+  ReplayResult out = impl_->result;
+  impl_->fill_model(out);
+  return out;
+}
+
+std::vector<std::uint8_t> ReplayRun::checkpoint() const {
+  const Impl& m = *impl_;
+  ByteWriter w;
+  w.put(kCheckpointMagic);
+  for (std::int64_t v : {m.L, m.Hq, m.R, m.NB, m.S, m.next_layer}) w.put(v);
+  w.put(m.result.seconds);
+  w.put(m.result.score_elements);
+  w.put(static_cast<std::uint8_t>(m.calibrated));
+  for (std::int64_t s = 0; s < m.S; ++s) {
+    SelectorResult& out = const_cast<SelectorResult&>(m.result.selectors[static_cast<std::size_t>(s)]);
+    for (Table* t : layer_tables(out)) w.put_vector(t->values);
+    w.put_string(m.calibrated ? m.calibration_notes[static_cast<std::size_t>(s)] : std::string());
+    w.put_vector(m.selectors[static_cast<std::size_t>(s)]->save_state());
+  }
+  w.put_vector(m.result.reuse.values);
+  w.put_vector(m.reuse_store);
+  w.put_vector(m.reuse_length);
+  for (const ModelSums& acc : m.model) {
+    for (int part = 0; part < 2; ++part) {
+      for (int k = 0; k < kNumMetrics; ++k) {
+        w.put(acc.sum[part][k]);
+        w.put(acc.count[part][k]);
+      }
+      // The recall histogram, sparse: (bin, count) of the non-empty bins.
+      const RecallHistogram& d = acc.recall[part];
+      std::vector<std::int64_t> sparse;
+      for (std::size_t bin = 0; bin < d.histogram.size(); ++bin) {
+        if (d.histogram[bin] != 0) {
+          sparse.push_back(static_cast<std::int64_t>(bin));
+          sparse.push_back(d.histogram[bin]);
+        }
+      }
+      w.put_vector(sparse);
+      w.put(d.min);
+      w.put(d.rows);
+    }
+  }
+  return w.take();
+}
+
+void ReplayRun::restore(const std::vector<std::uint8_t>& blob) {
+  Impl& m = *impl_;
+  if (m.next_layer != 0) fail(ErrorKind::kInternal, "replay of {}: restore after layers ran", m.capture_path);
+  ByteReader r(blob);
+  const auto magic = r.get<std::array<char, 8>>();
+  if (std::memcmp(magic.data(), kCheckpointMagic, sizeof(kCheckpointMagic)) != 0) ByteReader::corrupt();
+  for (std::int64_t v : {m.L, m.Hq, m.R, m.NB, m.S}) {
+    if (r.get<std::int64_t>() != v) ByteReader::corrupt();
+  }
+  const auto next = r.get<std::int64_t>();
+  if (next < 0 || next > m.L) ByteReader::corrupt();
+  m.result.seconds = r.get<double>();
+  m.result.score_elements = r.get<std::uint64_t>();
+  const bool calibrated = r.get<std::uint8_t>() != 0;
+  std::vector<std::string> notes;
+  for (std::int64_t s = 0; s < m.S; ++s) {
+    for (Table* t : layer_tables(m.result.selectors[static_cast<std::size_t>(s)])) r.get_into(t->values);
+    notes.push_back(r.get_string());
+    m.selectors[static_cast<std::size_t>(s)]->restore_state(r.get_vector<std::int32_t>());
+  }
+  r.get_into(m.result.reuse.values);
+  r.get_into(m.reuse_store);
+  r.get_into(m.reuse_length);
+  for (ModelSums& acc : m.model) {
+    for (int part = 0; part < 2; ++part) {
+      for (int k = 0; k < kNumMetrics; ++k) {
+        acc.sum[part][k] = r.get<double>();
+        acc.count[part][k] = r.get<std::int64_t>();
+      }
+      RecallHistogram& d = acc.recall[part];
+      const auto sparse = r.get_vector<std::int64_t>();
+      if (sparse.size() % 2 != 0) ByteReader::corrupt();
+      std::fill(d.histogram.begin(), d.histogram.end(), 0);
+      for (std::size_t i = 0; i < sparse.size(); i += 2) {
+        if (sparse[i] < 0 || sparse[i] >= kModelHistogramBins) ByteReader::corrupt();
+        d.histogram[static_cast<std::size_t>(sparse[i])] = sparse[i + 1];
+      }
+      d.min = r.get<double>();
+      d.rows = r.get<std::int64_t>();
+    }
+  }
+  if (!r.at_end()) ByteReader::corrupt();
+  m.next_layer = next;
+  // A finished run needs no calibration; an unfinished one recalibrates (deterministic) before its next layer.
+  if (calibrated && next == m.L) {
+    m.calibrated = true;
+    m.calibration_notes = notes;
+  }
+}
+
+ReplayResult run_replay(const std::string& capture_path, const ReplayOptions& options, const Backend& backend,
+                        bool progress) {
+  ReplayRun run(capture_path, options, backend, progress);
+  while (!run.done()) run.run_next_layer();
+  return run.result();
 }
 
 }  // namespace hysparse

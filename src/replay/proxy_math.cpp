@@ -6,6 +6,7 @@
 #include <limits>
 #include <numeric>
 
+#include "common/error.hpp"
 #include "common/random.hpp"
 
 namespace hysparse::proxy {
@@ -207,6 +208,21 @@ void CrossLayerStore::record(const RankContext& c, Score score, Group group) {
       length_[slot] = static_cast<std::int32_t>(count);
     }
   }
+}
+
+std::vector<std::int32_t> CrossLayerStore::state() const {
+  std::vector<std::int32_t> out(length_);
+  out.insert(out.end(), stored_.begin(), stored_.end());
+  return out;
+}
+
+void CrossLayerStore::restore(const std::vector<std::int32_t>& state) {
+  if (state.size() != length_.size() + stored_.size()) {
+    fail(ErrorKind::kInput, "replay checkpoint: a cross-layer selection store of {} entries (expected {})", state.size(),
+         length_.size() + stored_.size());
+  }
+  std::copy_n(state.begin(), length_.size(), length_.begin());
+  std::copy(state.begin() + static_cast<std::ptrdiff_t>(length_.size()), state.end(), stored_.begin());
 }
 
 void CrossLayerStore::recall(const RankContext& c, Group group, Rankings& out) const {

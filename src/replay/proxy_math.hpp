@@ -68,6 +68,9 @@ class CrossLayerStore {
   void record(const RankContext& context, Score score, Group group);
   // The stored rankings of the tile's rows (one set per KV group, or the group's query heads).
   void recall(const RankContext& context, Group group, Rankings& out) const;
+  // Checkpoints: lengths then rankings, as one array; restore() takes it back after reset().
+  std::vector<std::int32_t> state() const;
+  void restore(const std::vector<std::int32_t>& state);
 
  private:
   std::int64_t rows_ = 0, stride_ = 1;

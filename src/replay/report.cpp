@@ -13,13 +13,14 @@
 namespace hysparse {
 namespace {
 
-void write_table(const h5::File& file, const std::string& path, const Table& table,
+// A table at `full` (a path under `root`: "" or a group such as /captures/0), its dimensions attached to root/axes.
+void write_table(const h5::File& file, const std::string& root, const std::string& full, const Table& table,
                  const std::vector<std::string>& axes, const char* units, const std::string& long_name) {
-  h5::write_doubles(file, path, table.dims, table.values.data());
-  h5::write_attribute(file, path, "units", units);
-  h5::write_attribute(file, path, "long_name", long_name);
-  h5::label_dimensions(file, path, axes);
-  for (unsigned i = 0; i < axes.size(); ++i) h5::attach_scale(file, path, "/axes/" + axes[i], i);
+  h5::write_doubles(file, full, table.dims, table.values.data());
+  h5::write_attribute(file, full, "units", units);
+  h5::write_attribute(file, full, "long_name", long_name);
+  h5::label_dimensions(file, full, axes);
+  for (unsigned i = 0; i < axes.size(); ++i) h5::attach_scale(file, full, root + "/axes/" + axes[i], i);
 }
 
 std::string budget_units(const ReplayResult& r) {
@@ -55,29 +56,40 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
   AtomicOutput output(path);
   h5::File file = h5::File::create(output.temporary_path());
   write_provenance(file, kReportFormat, kReportFormatVersion, provenance);
+  write_config_group(file, "/config", options_json(options));
+  write_replay_content(file, "", r, options.schedule);
+  h5::write_attribute(file, "/", "replay_seconds", r.seconds);
+  h5::write_attribute(file, "/", "score_elements", static_cast<std::int64_t>(r.score_elements));
+  file.close();
+  output.commit();
+}
 
-  // Configuration: every option, as attributes and as one JSON document.
-  h5::create_group(file, "/config");
-  const nlohmann::json config = options_json(options);
-  h5::write_attribute(file, "/config", "json", config.dump());
+void write_config_group(const h5::File& file, const std::string& group, const nlohmann::json& config) {
+  // Every option, as attributes and as one JSON document.
+  h5::create_group(file, group);
+  h5::write_attribute(file, group, "json", config.dump());
   for (const auto& [key, value] : config.items()) {
-    if (value.is_string()) h5::write_attribute(file, "/config", key, value.get<std::string>());
-    else if (value.is_number_integer() || value.is_boolean()) h5::write_attribute(file, "/config", key, value.is_boolean() ? std::int64_t{value.get<bool>()} : value.get<std::int64_t>());
-    else h5::write_attribute(file, "/config", key, value.dump());
+    if (value.is_string()) h5::write_attribute(file, group, key, value.get<std::string>());
+    else if (value.is_number_integer() || value.is_boolean()) h5::write_attribute(file, group, key, value.is_boolean() ? std::int64_t{value.get<bool>()} : value.get<std::int64_t>());
+    else h5::write_attribute(file, group, key, value.dump());
   }
+}
 
+void write_replay_content(const h5::File& file, const std::string& root, const ReplayResult& r,
+                          const std::string& schedule) {
+  if (!root.empty()) h5::create_group(file, root);
   // The replayed capture.
   const CaptureHeader& h = r.header;
-  h5::create_group(file, "/capture");
-  h5::write_attribute(file, "/capture", "path", r.capture_path);
-  h5::write_attribute(file, "/capture", "model", h.model);
-  h5::write_attribute(file, "/capture", "source", h.source);
-  h5::write_attribute(file, "/capture", "num_layers", h.num_layers);
-  h5::write_attribute(file, "/capture", "num_q_heads", h.num_q_heads);
-  h5::write_attribute(file, "/capture", "num_kv_heads", h.num_kv_heads);
-  h5::write_attribute(file, "/capture", "head_dim", h.head_dim);
-  h5::write_attribute(file, "/capture", "seq_len", h.seq_len);
-  h5::write_attribute(file, "/capture", "softmax_scale", h.effective_softmax_scale());
+  h5::create_group(file, root + "/capture");
+  h5::write_attribute(file, root + "/capture", "path", r.capture_path);
+  h5::write_attribute(file, root + "/capture", "model", h.model);
+  h5::write_attribute(file, root + "/capture", "source", h.source);
+  h5::write_attribute(file, root + "/capture", "num_layers", h.num_layers);
+  h5::write_attribute(file, root + "/capture", "num_q_heads", h.num_q_heads);
+  h5::write_attribute(file, root + "/capture", "num_kv_heads", h.num_kv_heads);
+  h5::write_attribute(file, root + "/capture", "head_dim", h.head_dim);
+  h5::write_attribute(file, root + "/capture", "seq_len", h.seq_len);
+  h5::write_attribute(file, root + "/capture", "softmax_scale", h.effective_softmax_scale());
 
   // Axes, as HDF5 dimension scales.
   std::vector<double> budget_values;
@@ -86,41 +98,42 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
     budget_values.push_back(b.value);
     budget_labels.push_back(b.label());
   }
-  h5::write_doubles(file, "/axes/budget", {budget_values.size()}, budget_values.data());
-  h5::write_attribute(file, "/axes/budget", "kind", r.budgets.front().kind == Budget::Kind::kTokens ? "tokens" : "sparsity");
-  h5::write_attribute(file, "/axes/budget", "units", budget_units(r));
-  h5::write_attribute(file, "/axes/budget", "long_name",
+  h5::write_doubles(file, root + "/axes/budget", {budget_values.size()}, budget_values.data());
+  h5::write_attribute(file, root + "/axes/budget", "kind", r.budgets.front().kind == Budget::Kind::kTokens ? "tokens" : "sparsity");
+  h5::write_attribute(file, root + "/axes/budget", "units", budget_units(r));
+  h5::write_attribute(file, root + "/axes/budget", "long_name",
                       r.budgets.front().kind == Budget::Kind::kTokens
                           ? "selection budget in tokens (floor(k/B) blocks per row; forced keys extra)"
                           : "sparsity: fraction of the causal row dropped (ceil((1-s)(t+1)/B) blocks per row)");
-  h5::write_attribute(file, "/axes/budget", "labels", budget_labels);
+  h5::write_attribute(file, root + "/axes/budget", "labels", budget_labels);
   std::vector<std::int64_t> layers(static_cast<std::size_t>(h.num_layers)), heads(static_cast<std::size_t>(h.num_q_heads));
   for (std::size_t i = 0; i < layers.size(); ++i) layers[i] = static_cast<std::int64_t>(i);
   for (std::size_t i = 0; i < heads.size(); ++i) heads[i] = static_cast<std::int64_t>(i);
-  h5::write_ints(file, "/axes/layer", {layers.size()}, layers.data());
-  h5::write_ints(file, "/axes/head", {heads.size()}, heads.data());
-  h5::write_ints(file, "/axes/query_position", {r.rows.size()}, r.rows.data());
-  h5::write_ints(file, "/axes/source_layer", {layers.size()}, layers.data());
-  h5::write_attribute(file, "/axes/layer", "units", "1");
-  h5::write_attribute(file, "/axes/layer", "long_name", "layer index (0-based)");
-  h5::write_attribute(file, "/axes/head", "long_name", "query head index (0-based); KV head = head / (num_q_heads / num_kv_heads)");
-  h5::write_attribute(file, "/axes/source_layer", "units", "1");
-  h5::write_attribute(file, "/axes/source_layer", "long_name", "layer whose selection is reused (reuse matrix rows)");
-  h5::write_attribute(file, "/axes/head", "units", "1");
-  h5::write_attribute(file, "/axes/query_position", "units", "tokens");
-  h5::write_attribute(file, "/axes/query_position", "long_name", "evaluated query positions (0-based)");
+  h5::write_ints(file, root + "/axes/layer", {layers.size()}, layers.data());
+  h5::write_ints(file, root + "/axes/head", {heads.size()}, heads.data());
+  h5::write_ints(file, root + "/axes/query_position", {r.rows.size()}, r.rows.data());
+  h5::write_ints(file, root + "/axes/source_layer", {layers.size()}, layers.data());
+  h5::write_attribute(file, root + "/axes/layer", "units", "1");
+  h5::write_attribute(file, root + "/axes/layer", "long_name", "layer index (0-based)");
+  h5::write_attribute(file, root + "/axes/head", "long_name", "query head index (0-based); KV head = head / (num_q_heads / num_kv_heads)");
+  h5::write_attribute(file, root + "/axes/source_layer", "units", "1");
+  h5::write_attribute(file, root + "/axes/source_layer", "long_name", "layer whose selection is reused (reuse matrix rows)");
+  h5::write_attribute(file, root + "/axes/head", "units", "1");
+  h5::write_attribute(file, root + "/axes/query_position", "units", "tokens");
+  h5::write_attribute(file, root + "/axes/query_position", "long_name", "evaluated query positions (0-based)");
   for (const char* axis : {"budget", "layer", "head", "query_position", "source_layer"}) {
-    h5::make_scale(file, std::string("/axes/") + axis, axis);
+    h5::make_scale(file, root + "/axes/" + axis, axis);
   }
 
   // Selectors.
   std::vector<std::string> labels;
   for (const auto& s : r.selectors) labels.push_back(s.label);
-  h5::create_group(file, "/selectors");
-  h5::write_attribute(file, "/selectors", "order", labels);
+  h5::create_group(file, root + "/selectors");
+  h5::write_attribute(file, root + "/selectors", "order", labels);
+  h5::write_attribute(file, root + "/selectors", "kv_full_bytes", r.kv_full_bytes);
   const std::vector<std::string> bl = {"budget", "layer"}, blh = {"budget", "layer", "head"}, b = {"budget"};
   for (const auto& s : r.selectors) {
-    const std::string g = "/selectors/" + s.label;
+    const std::string g = root + "/selectors/" + s.label;
     h5::create_group(file, g);
     h5::write_attribute(file, g, "spec", s.spec);
     h5::write_attribute(file, g, "description", s.description);
@@ -143,58 +156,67 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
     h5::write_attribute(file, g, "kv_metadata_bytes_per_token_per_kv_head", price.metadata_bytes_per_token);
     h5::write_attribute(file, g, "first_scored_position", s.first_scored);
     h5::write_attribute(file, g, "calibration", s.calibration.empty() ? std::string("none") : s.calibration);
+    if (!s.kv_resident_bytes.empty()) {
+      Table kv;
+      kv.reset({s.kv_resident_bytes.size()}, 0.0);
+      kv.values = s.kv_resident_bytes;
+      write_table(file, root, g + "/kv_resident_bytes", kv, {"budget"}, "bytes",
+                  "resident KV-cache bytes at the capture's length (bf16, batch 1, whole model, K/V + metadata) for "
+                  "the tokens this selector keeps or attends at the last position; NaN where the budget does not apply");
+      h5::write_attribute(file, g + "/kv_resident_bytes", "methods", s.kv_methods);
+    }
     h5::write_ints(file, g + "/is_full_layer", {s.is_full_layer.size()}, s.is_full_layer.data());
     h5::write_attribute(file, g + "/is_full_layer", "units", "1");
     h5::write_attribute(file, g + "/is_full_layer", "long_name", "1 where the selector attends every key of the layer");
     h5::write_attribute(file, g, "label", s.label);
     h5::write_attribute(file, g, "name", s.spec.substr(0, s.spec.find(':')));
     h5::label_dimensions(file, g + "/is_full_layer", {"layer"});
-    h5::attach_scale(file, g + "/is_full_layer", "/axes/layer", 0);
+    h5::attach_scale(file, g + "/is_full_layer", root + "/axes/layer", 0);
     for (int m = 0; m < kNumMetrics; ++m) {
       if (m == kOutputError && !r.has_output_error) continue;
       const std::string name = metric_name(m);
-      write_table(file, g + "/" + name + "_mean", s.head_mean[m], blh, metric_units(m),
+      write_table(file, root, g + "/" + name + "_mean", s.head_mean[m], blh, metric_units(m),
                   std::string("mean over query rows of the ") + metric_long_name(m));
-      write_table(file, g + "/layer_" + name + "_mean", s.layer_mean[m], bl, metric_units(m),
+      write_table(file, root, g + "/layer_" + name + "_mean", s.layer_mean[m], bl, metric_units(m),
                   std::string("mean over heads and rows of the ") + metric_long_name(m));
-      write_table(file, g + "/model_" + name + "_mean", s.model_mean[m], b, metric_units(m),
+      write_table(file, root, g + "/model_" + name + "_mean", s.model_mean[m], b, metric_units(m),
                   std::string("mean over layers, heads and rows of the ") + metric_long_name(m));
-      write_table(file, g + "/model_" + name + "_mean_sparse_layers", s.model_sparse_mean[m], b, metric_units(m),
+      write_table(file, root, g + "/model_" + name + "_mean_sparse_layers", s.model_sparse_mean[m], b, metric_units(m),
                   std::string("mean over the selector's sparse layers of the ") + metric_long_name(m));
     }
     const std::pair<const char*, const Table*> head_q[] = {
         {"mass_recall_p10", &s.head_recall_p10}, {"mass_recall_p50", &s.head_recall_p50}, {"mass_recall_min", &s.head_recall_min}};
     for (const auto& [name, table] : head_q) {
-      write_table(file, g + "/" + name, *table, blh, "1", std::string(name) + " over query rows (nearest rank)");
+      write_table(file, root, g + "/" + name, *table, blh, "1", std::string(name) + " over query rows (nearest rank)");
     }
     const std::pair<const char*, const Table*> layer_q[] = {{"layer_mass_recall_p10", &s.layer_recall_p10},
                                                              {"layer_mass_recall_p50", &s.layer_recall_p50},
                                                              {"layer_mass_recall_min", &s.layer_recall_min}};
     for (const auto& [name, table] : layer_q) {
-      write_table(file, g + "/" + name, *table, bl, "1", std::string(name) + " over heads and rows (nearest rank)");
+      write_table(file, root, g + "/" + name, *table, bl, "1", std::string(name) + " over heads and rows (nearest rank)");
     }
-    write_table(file, g + "/saturated_rows", s.saturated_rows, bl, "rows",
+    write_table(file, root, g + "/saturated_rows", s.saturated_rows, bl, "rows",
                 "rows (over all heads) whose attended set is the whole causal row");
-    write_table(file, g + "/model_mass_recall_p10", s.model_recall_p10, b, "1",
-                "10th percentile over all layers, heads and rows (histogram, within 5e-6)");
-    write_table(file, g + "/model_mass_recall_p50", s.model_recall_p50, b, "1",
-                "median over all layers, heads and rows (histogram, within 5e-6)");
-    write_table(file, g + "/model_mass_recall_min", s.model_recall_min, b, "1", "minimum over all layers, heads and rows");
-    write_table(file, g + "/model_mass_recall_p10_sparse_layers", s.model_sparse_recall_p10, b, "1",
-                "10th percentile over the selector's sparse layers (histogram, within 5e-6)");
-    write_table(file, g + "/model_mass_recall_p50_sparse_layers", s.model_sparse_recall_p50, b, "1",
-                "median over the selector's sparse layers (histogram, within 5e-6)");
-    write_table(file, g + "/model_mass_recall_min_sparse_layers", s.model_sparse_recall_min, b, "1",
+    write_table(file, root, g + "/model_mass_recall_p10", s.model_recall_p10, b, "1",
+                "10th percentile over all layers, heads and rows (histogram, within 5e-5)");
+    write_table(file, root, g + "/model_mass_recall_p50", s.model_recall_p50, b, "1",
+                "median over all layers, heads and rows (histogram, within 5e-5)");
+    write_table(file, root, g + "/model_mass_recall_min", s.model_recall_min, b, "1", "minimum over all layers, heads and rows");
+    write_table(file, root, g + "/model_mass_recall_p10_sparse_layers", s.model_sparse_recall_p10, b, "1",
+                "10th percentile over the selector's sparse layers (histogram, within 5e-5)");
+    write_table(file, root, g + "/model_mass_recall_p50_sparse_layers", s.model_sparse_recall_p50, b, "1",
+                "median over the selector's sparse layers (histogram, within 5e-5)");
+    write_table(file, root, g + "/model_mass_recall_min_sparse_layers", s.model_sparse_recall_min, b, "1",
                 "minimum over the selector's sparse layers");
   }
 
   // Cross-layer reuse matrix.
   if (!r.reuse.values.empty()) {
-    write_table(file, "/reuse/mass_recall", r.reuse, {"source_layer", "layer"}, "1",
+    write_table(file, root, root + "/reuse/mass_recall", r.reuse, {"source_layer", "layer"}, "1",
                 "mean mass recall of layer l (column) under the blocks layer f (row) selects by block max, max over a "
                 "KV group, without forced keys; NaN where f > l");
-    h5::write_attribute(file, "/reuse", "budget_tokens", r.reuse_budget);
-    h5::write_attribute(file, "/reuse", "block_size", r.reuse_block);
+    h5::write_attribute(file, root + "/reuse", "budget_tokens", r.reuse_budget);
+    h5::write_attribute(file, root + "/reuse", "block_size", r.reuse_block);
   }
   // KV-cache accounting of the replayed model shape: full attention, the model's own layer
   // types, and the hybrid SWA and HySparse layouts of the replay's schedule (bf16, batch 1).
@@ -202,18 +224,14 @@ void write_replay_report(const std::string& path, const ReplayResult& r, const R
     KvModel model = kv_model_from_shape(h.model, h.num_layers, h.num_q_heads, h.num_kv_heads, h.head_dim,
                                         h.layer_types, h.sliding_window);
     KvOverrides overrides;
-    overrides.schedule = options.schedule.empty() ? "1:3" : options.schedule;
+    overrides.schedule = schedule.empty() ? "1:3" : schedule;
     std::vector<KvMethod> methods;
     for (const auto& spec : default_method_specs(model, overrides)) methods.push_back(resolve_method(spec, model, overrides));
     std::vector<std::uint64_t> contexts = {static_cast<std::uint64_t>(h.seq_len), 32768, 131072};
     std::sort(contexts.begin(), contexts.end());
     contexts.erase(std::unique(contexts.begin(), contexts.end()), contexts.end());
-    write_kv_table(file, "/kv", compute_kv_table(model, methods, KvDtype::kBf16, 1, contexts));
+    write_kv_table(file, root + "/kv", compute_kv_table(model, methods, KvDtype::kBf16, 1, contexts));
   }
-  h5::write_attribute(file, "/", "replay_seconds", r.seconds);
-  h5::write_attribute(file, "/", "score_elements", static_cast<std::int64_t>(r.score_elements));
-  file.close();
-  output.commit();
 }
 
 void print_replay_summary(std::FILE* out, const ReplayResult& r) {

@@ -241,6 +241,23 @@ std::vector<std::int64_t> Selector::take_int_list(const std::string& key, const 
   return values;
 }
 
+std::string Selector::take_string(const std::string& key, const std::string& fallback) {
+  known_keys_.insert(key);
+  const auto found = spec_.params.find(key);
+  const std::string value = found == spec_.params.end() ? fallback : found->second;
+  if (!value.empty()) resolved_[key] = value;
+  return value;
+}
+
+void Selector::restore_state(const std::vector<std::int32_t>& state) {
+  if (!state.empty()) fail(ErrorKind::kInput, "selector {}: a checkpoint holds state for a selector that keeps none", label_);
+}
+
+std::string Selector::resolved(const std::string& key) const {
+  const auto found = resolved_.find(key);
+  return found == resolved_.end() ? std::string() : found->second;
+}
+
 void Selector::reject_unknown_keys() const {
   for (const auto& [key, value] : spec_.params) {
     if (!known_keys_.count(key)) {

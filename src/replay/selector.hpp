@@ -192,6 +192,19 @@ class Selector {
   virtual std::int64_t first_scored_position() const { return 0; }
   // Which positions calibrated it, for the report ("" when it does not calibrate).
   virtual std::string calibration_note() const { return ""; }
+  // Tokens per KV head and layer that the method keeps (evicting methods) or attends (the others) at
+  // the last position of a capture of seq_len tokens under `budget`, forced keys excluded: the `budget`
+  // (and `topk`) of its KV-accounting entry. Default: the budget's blocks at row seq_len - 1.
+  virtual std::int64_t budget_tokens_at_end(const Budget& budget, std::int64_t seq_len) const {
+    return budget.blocks_for_row(seq_len - 1, block_) * block_;
+  }
+  // State carried from one layer to the next (cross-layer selections), for checkpoints: a
+  // selector with such state returns it here and takes it back in restore_state() after begin().
+  virtual std::vector<std::int32_t> save_state() const { return {}; }
+  virtual void restore_state(const std::vector<std::int32_t>& state);
+  // Whether the spec accepts `key` (known after construction), and its resolved value ("" if none).
+  bool accepts(const std::string& key) const { return known_keys_.count(key) > 0; }
+  std::string resolved(const std::string& key) const;
 
  protected:
   std::int64_t take_int(const std::string& key, std::int64_t fallback, std::int64_t minimum);
@@ -199,6 +212,7 @@ class Selector {
   std::string take_choice(const std::string& key, const std::set<std::string>& choices, const std::string& fallback);
   // A list of non-negative integers separated by '+' (commas separate specs): "2+13".
   std::vector<std::int64_t> take_int_list(const std::string& key, const std::string& fallback);
+  std::string take_string(const std::string& key, const std::string& fallback);
   void reject_unknown_keys() const;  // call at the end of the derived constructor
   void require_qk(const LayerContext& layer) const;  // Error(kInput) on a dense attn layer
   std::int64_t block_ = 64, sinks_ = 0, window_ = 0;

@@ -43,6 +43,10 @@ class H2oSelector final : public Selector {
     i.evicts = true;
     return i;
   }
+  // The cache C includes the current key: its capacity at the row after the last.
+  std::int64_t budget_tokens_at_end(const Budget& budget, std::int64_t seq_len) const override {
+    return std::min(budget.blocks_for_row(seq_len, 1), seq_len);
+  }
   bool ranks_per_head() const override { return group_ == "none"; }
   BudgetUse budget_use() const override { return BudgetUse::kPerBudget; }
 

@@ -21,6 +21,9 @@ class HySparseSelector final : public Selector {
     window_ = take_int("window", 128, 0);
     score_ = take_choice("score", {"max", "mass"}, "max");
     group_ = take_choice("group", {"max", "sum"}, "max");
+    // A schedule in the spec ('+' for the commas of an explicit list: full=0+4+8) overrides --schedule.
+    schedule_ = take_string("schedule", "");
+    std::replace(schedule_.begin(), schedule_.end(), '+', ',');
     reject_unknown_keys();
   }
   std::string description() const override {
@@ -44,10 +47,13 @@ class HySparseSelector final : public Selector {
   }
 
   void begin(const ReplayPlan& plan) override {
-    const std::string spec = plan.schedule.empty() ? kDefaultSchedule : plan.schedule;
+    const std::string spec = !schedule_.empty() ? schedule_ : plan.schedule.empty() ? kDefaultSchedule : plan.schedule;
     full_ = parse_schedule(spec, plan.header->num_layers);
     store_.reset(plan.header->num_kv_heads, static_cast<std::int64_t>(plan.rows.size()), plan.max_ranking_length(block_));
   }
+
+  std::vector<std::int32_t> save_state() const override { return store_.state(); }
+  void restore_state(const std::vector<std::int32_t>& state) override { store_.restore(state); }
 
   void rank(const RankContext& c, Rankings& out) override {
     const auto group = group_ == "max" ? CrossLayerStore::Group::kMax : CrossLayerStore::Group::kSum;
@@ -61,7 +67,7 @@ class HySparseSelector final : public Selector {
   }
 
  private:
-  std::string score_, group_;
+  std::string score_, group_, schedule_;
   std::vector<bool> full_;
   CrossLayerStore store_;  // the latest full layer's rankings, per KV group
 };

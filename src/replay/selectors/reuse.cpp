@@ -63,6 +63,9 @@ class ReuseSelector final : public Selector {
     store_.reset(sets, static_cast<std::int64_t>(plan.rows.size()), plan.max_ranking_length(block_));
   }
 
+  std::vector<std::int32_t> save_state() const override { return store_.state(); }
+  void restore_state(const std::vector<std::int32_t>& state) override { store_.restore(state); }
+
   void rank(const RankContext& c, Rankings& out) override {
     const CrossLayerStore::Group group = group_ == "sum"   ? CrossLayerStore::Group::kSum
                                          : group_ == "max" ? CrossLayerStore::Group::kMax

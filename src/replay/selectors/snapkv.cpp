@@ -49,6 +49,14 @@ class SnapKvSelector final : public Selector {
   BudgetUse budget_use() const override { return BudgetUse::kPerBudget; }
   std::int64_t first_scored_position() const override { return prompt_end_; }
 
+  // The compressed prompt (its capacity at the prompt's last row, observation window included) and
+  // every key after the prompt, appended while decoding.
+  std::int64_t budget_tokens_at_end(const Budget& budget, std::int64_t seq_len) const override {
+    const std::int64_t P = prompt_end_, w = std::min(observe_, P);
+    const std::int64_t capacity = budget.blocks_for_row(std::max<std::int64_t>(0, P - 1), 1);
+    return std::clamp<std::int64_t>(capacity - w, 0, P - w) + (seq_len - P + w);
+  }
+
   void begin(const ReplayPlan& plan) override {
     const std::int64_t T = plan.header->seq_len;
     if (prompt_ > 0) {
