@@ -1051,9 +1051,12 @@ def _recall_vs_kv_caption(report: Report, acc: Any) -> str:
                  "counting per layer and KV head: " + "; ".join(parts) + ". Plus resident metadata = "
                  "kv_metadata_bytes_per_token_per_kv_head x resident tokens x KV heads x layers"
                  + (f" ({', '.join(meta)} per token per KV head)" if meta else " (none of these selectors has any)")
-                 + ". ")
-    text += "Not counted: activations, transient selection state (block scores, top-k indices), fixed-size gates."
-    return text
+                 + ". Not counted here: activations, transient selection state (block scores, top-k indices), "
+                 "fixed-size gates (the report's own kv_resident_bytes, where present, include duo's gates). ")
+    else:
+        text += ("Not counted: activations and transient selection state (block scores, top-k indices); "
+                 "fixed-size metadata (e.g. duo's per-head gates) is, as the footprint table declares it. ")
+    return text.rstrip()
 
 
 # name -> (builder, needs budget, needs layer)

@@ -11,7 +11,9 @@ length, computed in C++ from the one footprint table) and ``/selectors`` attribu
 FALLBACK, for older reports without ``kv_resident_bytes`` only (``source == "fallback"``,
 said so in captions and the summary): the bytes are re-derived here from the selector
 attributes, following the README's residency rules. This re-derivation is not maintained
-against new selectors; a selector whose ``kv_residency`` it does not know is left out.
+against new selectors; a selector whose ``kv_residency`` it does not know is left out. It
+counts per-token metadata only: the footprint table also prices fixed-size metadata (duo's
+one fp32 gate per KV head per layer), which the fallback leaves out.
 
 - bytes of one token's K and V in one layer: ``/kv`` attribute ``bytes_per_token_per_layer``
   (the KV dtype of the /kv table, bf16 for replay reports); without /kv,

@@ -559,7 +559,7 @@ class SweepReport:
     capture_labels: Tuple[str, ...]     # /sweep/axes/capture attribute labels: capture paths, then "pooled"
     grid: Dict[str, Array]              # /sweep/grid/<column>, dims SWEEP_AXES
     units: Dict[str, Array]             # /sweep/units/{capture,layer,done,seconds}
-    captures: List[Report]              # /captures/<c>, each a replay report
+    captures: List[Optional[Report]]    # /captures/<c>, each a replay report (None: not started, partial sweeps)
     sweep_attrs: Dict[str, Any] = field(default_factory=dict)
     kind: str = "sweep"
 
@@ -577,7 +577,13 @@ class SweepReport:
 
     @property
     def num_captures(self) -> int:
+        """Captures in the sweep (started or not)."""
         return len(self.captures)
+
+    def capture_seq_len(self, c: int) -> Optional[int]:
+        cap = self.captures[c] if 0 <= c < len(self.captures) else None
+        n = cap.capture.get("seq_len") if cap is not None else None
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
 
     @property
     def budget_values(self) -> np.ndarray:
@@ -616,7 +622,7 @@ class SweepReport:
             return [files]
         if files:
             return [str(f) for f in files]
-        return [str(c.capture.get("path", "")) for c in self.captures if c.capture.get("path")]
+        return [str(c.capture.get("path", "")) for c in self.captures if c is not None and c.capture.get("path")]
 
     @property
     def input_name(self) -> str:
@@ -1101,10 +1107,11 @@ def _load_sweep(r: _Reader, root: Dict[str, Any], version: int) -> SweepReport:
     names = sorted((k for k in cg if isinstance(cg[k], h5py.Group)), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
     if [k for k in names] != [str(i) for i in range(len(names))]:
         raise r.fail(f"/captures has groups {names}", "groups named 0, 1, ... (one per capture)")
-    if len(names) != C:
+    # A partial sweep has no group yet for the captures it has not started.
+    if len(names) > C or (len(names) < C and status == "complete"):
         raise r.fail(f"/captures has {len(names)} groups but /sweep/axes/capture has {C} captures",
-                     "one group per capture")
-    captures: List[Report] = []
+                     "one group per capture" + (" started" if status == "partial" else ""))
+    captures: List[Optional[Report]] = []
     for c in names:
         g = cg[c]
         ga = _attrs(g)
@@ -1116,8 +1123,10 @@ def _load_sweep(r: _Reader, root: Dict[str, Any], version: int) -> SweepReport:
             prov["input_sha256"] = [str(ga["sha256"])]
         cap_attrs = {k: v for k, v in ga.items() if k not in ("sha256",)}
         captures.append(_load_replay(sub, prov, version, config=config, capture=cap_attrs))
+    captures += [None] * (C - len(captures))
     if not labels:
-        labels = [str(c.capture.get("path", f"capture {i}")) for i, c in enumerate(captures)] + ["pooled"]
+        labels = [str(c.capture.get("path", f"capture {i}")) if c is not None else f"capture {i}"
+                  for i, c in enumerate(captures)] + ["pooled"]
     cap_col = columns["capture"].values
     bad = cap_col[(cap_col < -1) | (cap_col >= C)]
     if bad.size:

@@ -405,6 +405,9 @@ def sweep_markdown(report: Any, figures: Sequence[Any], skipped: Sequence[Tuple[
     w("| capture | file | sha256 | model | layers | q / kv heads | head_dim | seq_len |")
     w("|---:|---|---|---|---:|---|---:|---:|")
     for c, cap in enumerate(report.captures):
+        if cap is None:
+            w(f"| {c} | `{_md(report.capture_labels[c])}` | - | not started (partial sweep) | - | - | - | - |")
+            continue
         a = cap.capture
         sha = (cap.provenance.get("input_sha256") or ["-"])[0]
         w(f"| {c} | `{_md(report.capture_labels[c] if c < len(report.capture_labels) else a.get('path', '?'))}` | "

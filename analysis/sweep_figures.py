@@ -217,16 +217,67 @@ def _pooled_text(report: SweepReport) -> str:
     return f"pooled over the {n} captures (the report's pooled rows, capture = -1)"
 
 
-def _legend(fig: Any, spec: Any, handles: List[Any], labels: List[str], ncol: int = 1) -> None:
+def _legend(fig: Any, spec: Any, handles: List[Any], labels: List[str], ncol: int = 1, below: bool = False) -> None:
     lax = fig.add_subplot(spec)
     lax.set_axis_off()
-    lax.legend(handles, labels, loc="upper left", ncol=ncol, handlelength=2.6, borderaxespad=0.0,
-               columnspacing=1.2)
+    lax.legend(handles, labels, loc="upper center" if below else "upper left", ncol=ncol, handlelength=2.6,
+               borderaxespad=0.0, columnspacing=1.2)
+
+
+def _label_width_in(labels: Sequence[str]) -> float:
+    """Width of a legend column: the longest text at about 0.55 em a character, plus the handle."""
+    longest = max((len(l.split("\n")[0]) for l in labels), default=10)
+    return (longest * FONT_PT * 0.55 + 3.8 * FONT_PT) / 72.0
 
 
 def _legend_width_in(labels: Sequence[str]) -> float:
-    longest = max((len(l) for l in labels), default=10)
-    return min((longest * FONT_PT * 0.55 + 3.6 * FONT_PT) / 72.0, 3.0)
+    return min(_label_width_in(labels), 3.0)
+
+
+def _same_as(drawn: List[Tuple[str, np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> Optional[str]:
+    """The label of a line drawn before with exactly these values, or None."""
+    for label, x0, y0 in drawn:
+        if x0.shape == x.shape and np.array_equal(x0, x, equal_nan=True) and np.array_equal(y0, y, equal_nan=True):
+            return label
+    return None
+
+
+def _thin(style: Dict[str, Any]) -> Dict[str, Any]:
+    """A line drawn on top of another with the same values: thinner, smaller markers, so both show."""
+    return dict(style, linewidth=0.7, markersize=2.6, zorder=3.5)
+
+
+def _coincident_caption(coincident: Dict[str, str]) -> str:
+    if not coincident:
+        return ""
+    return (" Thinner lines on top: " + "; ".join(f"{a} (the same values as {b})" for a, b in coincident.items())
+            + ".")
+
+
+@dataclass
+class LegendPlan:
+    """Where a figure's legend goes: a column on the right, or below the axes in `ncol` columns."""
+
+    below: bool
+    width_in: float     # the right column's width (right)
+    ncol: int
+    height_in: float    # the rows' height (below)
+
+
+MAX_RIGHT_LEGEND_ENTRIES = 12
+
+
+def legend_plan(labels: Sequence[str], plot_height_in: float) -> LegendPlan:
+    """A right column when the entries fit beside the axes (at most MAX_RIGHT_LEGEND_ENTRIES and the
+    height), else rows below the axes in as many columns as the width holds."""
+    n = len(labels)
+    rows_h = (n * FONT_PT * 1.45 + 8) / 72.0
+    width = _label_width_in(labels)
+    if n <= MAX_RIGHT_LEGEND_ENTRIES and width <= 3.0 and rows_h <= plot_height_in:
+        return LegendPlan(False, width, 1, 0.0)
+    ncol = max(1, min(n, int((DOUBLE_COLUMN_IN - 0.1) // min(width, DOUBLE_COLUMN_IN - 0.1))))
+    rows = (n + ncol - 1) // ncol
+    return LegendPlan(True, 0.0, ncol, (rows * FONT_PT * 1.45 + 8) / 72.0)
 
 
 # ----------------------------------------------------------------------------
@@ -289,7 +340,8 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
     else:
         gs = fig.add_gridspec(nrows, ncols)
     all_x = pts[x_col][pooled]
-    data: Dict[str, Any] = {"x_column": x_col, "panels": [], "instances": {}}
+    coincident: Dict[str, str] = {}
+    data: Dict[str, Any] = {"x_column": x_col, "panels": [], "instances": {}, "coincident": coincident}
     axes = []
     for k, (title, where, members) in enumerate(panels):
         ax = fig.add_subplot(gs[k // ncols, k % ncols], sharex=axes[0] if axes else None,
@@ -304,6 +356,7 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
                 ok = np.isfinite(x[o]) & np.isfinite(y[o])
                 ax.plot(x[o][ok], y[o][ok], color=CONTEXT_COLOUR, linewidth=0.6, zorder=0.5, gid=f"context:{k}:{ln.label}")
         handles, labels = [], []
+        drawn: List[Tuple[str, np.ndarray, np.ndarray]] = []
         for ln in members:
             idx = ln.rows
             x = pts[x_col][idx]
@@ -311,6 +364,11 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
             idx, x = idx[order], x[order]
             mean, p10, p50 = pts["mass_recall"][idx], pts["mass_recall_p10"][idx], pts["mass_recall_p50"][idx]
             ok = np.isfinite(x) & np.isfinite(mean)
+            same = _same_as(drawn, x, mean)
+            drawn.append((ln.label, x, mean))
+            style = _thin(ln.style) if same else dict(ln.style, zorder=3)
+            if same:
+                coincident[ln.label] = same
             data["instances"][ln.label] = {"rows": idx, "spec": ln.instance.spec, "schedule": ln.instance.schedule,
                                            "x": x, "mean": mean, "p10": p10, "p50": p50, "panel": k}
             if not ok.any():
@@ -318,7 +376,7 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
             band = ok & np.isfinite(p10) & np.isfinite(p50)
             ax.fill_between(x[band], p10[band], p50[band], color=ln.style["color"], alpha=0.15, linewidth=0,
                             gid=f"band:{ln.label}")
-            ax.plot(x[ok], mean[ok], gid=f"mean:{ln.label}", zorder=3, **ln.style)
+            ax.plot(x[ok], mean[ok], gid=f"mean:{ln.label}", **style)
             handles.append((Patch(facecolor=ln.style["color"], alpha=0.2, linewidth=0),
                             Line2D([], [], color=ln.style["color"], marker=ln.style["marker"],
                                    linestyle=ln.style["linestyle"])))
@@ -341,8 +399,11 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
     xlabel = "sparsity s (requested)" if use_budget else "realised sparsity 1 - attended / causal keys"
     _sparsity_axis(axes[0], all_x, xlabel)
     xlabel = axes[0].get_xlabel()
-    for k, ax in enumerate(axes):
+    if ncols > 1:  # a panel is too narrow for the label on one line
+        xlabel = xlabel.replace(" 1 - ", "\n1 - ").replace(" (logit", "\n(logit")
+    for k, ax in enumerate(axes):  # under the lowest panel of each column
         ax.set_xlabel(xlabel if k + ncols >= n else "")
+    data["xlabel"] = xlabel
     _partial_mark(fig, report)
     xdesc = ("the requested sparsity s (the budget axis: the share of each causal row dropped)" if use_budget else
              "the realised sparsity, 1 - mean over scored rows of attended keys / causal keys (forced window and "
@@ -355,6 +416,7 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
         caption += (" One panel per selector" + (" (split by a parameter where it has more instances than line "
                                                   "styles)" if any(w for _, w, _ in panels) else "")
                     + "; thin grey lines: the other selectors' means, for reference.")
+    caption += _coincident_caption(coincident)
     caption += _partial_caption(report)
     return Rendered("sweep_recall_vs_sparsity", "Mass recall vs sparsity (sweep)", caption, fig, data)
 
@@ -392,17 +454,29 @@ def fig_sweep_pareto(report: SweepReport) -> Optional[Rendered]:
     if not ok.any():
         return None
     lines = sweep_lines(report, pooled)
-    legend_w = _legend_width_in([ln.label for ln in lines])
-    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, 3.3)
-    gs = fig.add_gridspec(1, 2, width_ratios=[DOUBLE_COLUMN_IN - legend_w, legend_w])
+    plot_h = 3.0
+    plan = legend_plan([ln.label for ln in lines] + ["Pareto frontier (budget", "next to it where room)",
+                                                     "full attention (000 KiB)"], plot_h)
+    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, plot_h + 0.3 + plan.height_in)
+    if plan.below:
+        gs = fig.add_gridspec(2, 1, height_ratios=[plot_h, plan.height_in])
+    else:
+        gs = fig.add_gridspec(1, 2, width_ratios=[DOUBLE_COLUMN_IN - plan.width_in, plan.width_in])
     ax = fig.add_subplot(gs[0, 0])
-    data: Dict[str, Any] = {"instances": {}, "frontier_rows": []}
+    data: Dict[str, Any] = {"instances": {}, "frontier_rows": [], "legend_below": plan.below}
     handles, labels = [], []
+    drawn: List[Tuple[str, np.ndarray, np.ndarray]] = []
+    coincident: Dict[str, str] = {}
+    data["coincident"] = coincident
     for ln in lines:
         idx = ln.rows[np.argsort(pts["kv_bytes"][ln.rows], kind="stable")]
         x, y = pts["kv_bytes"][idx], pts["mass_recall"][idx]
         good = np.isfinite(x) & np.isfinite(y) & (x > 0)
-        ax.plot(x[good], y[good], gid=f"kv:{ln.label}", **dict(ln.style, linewidth=1.0))
+        same = _same_as(drawn, x, y)
+        drawn.append((ln.label, x, y))
+        if same:
+            coincident[ln.label] = same
+        ax.plot(x[good], y[good], gid=f"kv:{ln.label}", **(_thin(ln.style) if same else dict(ln.style, linewidth=1.0)))
         data["instances"][ln.label] = {"rows": idx, "kv_bytes": x, "mass_recall": y, "spec": ln.instance.spec}
         handles.append(Line2D([], [], color=ln.style["color"], marker=ln.style["marker"],
                               linestyle=ln.style["linestyle"]))
@@ -441,10 +515,11 @@ def fig_sweep_pareto(report: SweepReport) -> Optional[Rendered]:
     ax.set_xlabel("resident KV cache, whole model (bytes, log2 scale)" + (", mean over captures" if C > 1 else ""))
     ax.set_ylabel("mass recall R (model mean)")
     ax.set_title("Recall vs KV memory", loc="left")
-    _legend(fig, gs[0, 1], handles, labels)
+    _legend(fig, gs[1, 0] if plan.below else gs[0, 1], handles, labels, ncol=plan.ncol, below=plan.below)
     _partial_mark(fig, report)
-    ctx = sorted({int(c.capture.get("seq_len", 0)) for c in report.captures})
-    ctx_text = (f"at the capture's context ({ctx[0]} tokens)" if len(ctx) == 1 else
+    ctx = sorted({n for n in (report.capture_seq_len(c) for c in range(report.num_captures)) if n})
+    ctx_text = ("at the capture's context" if not ctx else f"at the capture's context ({ctx[0]} tokens)"
+                if len(ctx) == 1 else
                 f"at each capture's context ({', '.join(str(c) for c in ctx)} tokens), averaged over the captures")
     caption = (f"Model mean mass recall of every selector instance at every budget, {_pooled_text(report)}, against "
                f"the resident KV cache it needs (kv_bytes: K and V in bf16 plus the selector's resident metadata, "
@@ -453,6 +528,7 @@ def fig_sweep_pareto(report: SweepReport) -> Optional[Rendered]:
                "joined by the grey staircase: the Pareto frontier over all points (no other point has at least "
                "the recall for no more bytes), labelled with the budget where there is room (summary.md lists "
                "every frontier point). Dotted: full attention (kv_full_bytes).")
+    caption += _coincident_caption(coincident)
     caption += _partial_caption(report)
     return Rendered("sweep_pareto", "Recall vs KV memory, Pareto frontier (sweep)", caption, fig, data)
 
@@ -481,10 +557,14 @@ def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]
     pts = report.points
     budgets = list(budgets) if budgets else _default_budgets(report)
     lines = sweep_lines(report, np.arange(len(pts)))
-    legend_w = _legend_width_in([ln.label for ln in lines])
-    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, 3.0)
+    plot_h = 2.75
+    plan = legend_plan([ln.label for ln in lines], plot_h)
+    fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, plot_h + 0.25 + plan.height_in)
     nb = len(budgets)
-    gs = fig.add_gridspec(1, nb + 1, width_ratios=[1.0] * nb + [legend_w / (DOUBLE_COLUMN_IN - legend_w) * nb])
+    if plan.below:
+        gs = fig.add_gridspec(2, nb, height_ratios=[plot_h, plan.height_in])
+    else:
+        gs = fig.add_gridspec(1, nb + 1, width_ratios=[1.0] * nb + [plan.width_in / (DOUBLE_COLUMN_IN - plan.width_in) * nb])
     positions = list(range(C)) + [C + 0.6]
     names = [report.capture_name(c) for c in range(C)] + ["pooled"]
     ticks = [_tick_name(t) for t in names]
@@ -510,7 +590,10 @@ def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]
                     **dict(ln.style, linestyle="none", markersize=3.5))
             data["instances"].setdefault(ln.label, {})[b] = {"mass_recall": y, "rows": rows}
         ax.set_xticks(positions)
-        ax.set_xticklabels(ticks, rotation=35, ha="right", rotation_mode="anchor")
+        if max(len(t) for t in ticks) > 6:
+            ax.set_xticklabels(ticks, rotation=35, ha="right", rotation_mode="anchor")
+        else:
+            ax.set_xticklabels(ticks)
         ax.set_xlim(-0.5, C + 1.1)
         ax.set_xlabel("capture")
         ax.grid(axis="x", visible=False)
@@ -525,13 +608,15 @@ def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]
     axes[0].set_ylim(max(0.0, lo - 0.05), min(1.02, hi + 0.04))
     handles = [Line2D([], [], color=ln.style["color"], marker=ln.style["marker"], linestyle=ln.style["linestyle"])
                for ln in lines]
-    _legend(fig, gs[0, nb], handles, [ln.label for ln in lines])
+    _legend(fig, gs[1, :] if plan.below else gs[0, nb], handles, [ln.label for ln in lines], ncol=plan.ncol,
+            below=plan.below)
+    data["legend_below"] = plan.below
     _partial_mark(fig, report)
     caption = (f"Model mean mass recall of each selector instance on each of the {C} captures and pooled (grey "
                f"column) at {'budgets' if nb > 1 else 'budget'} "
                f"{', '.join(budget_text(report, b) for b in budgets)}; markers of one capture are spread sideways "
-               "by instance. Captures: " + "; ".join(f"{report.capture_name(c)} ({int(report.captures[c].capture.get('seq_len', 0))} tokens)"
-                                                     for c in range(C)) + ".")
+               "by instance. Captures: " + "; ".join(
+                   f"{report.capture_name(c)} ({report.capture_seq_len(c) or '?'} tokens)" for c in range(C)) + ".")
     caption += _partial_caption(report)
     return Rendered("sweep_per_capture", "Mass recall per capture (sweep)", caption, fig, data)
 
