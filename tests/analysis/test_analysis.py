@@ -617,9 +617,17 @@ class FigureDataTest(unittest.TestCase):
                 continue
             self.assertEqual(acc.source, "report", path.name)
             with h5py.File(path, "r") as f:
+                cap = f["capture"]
+                heads_layers = int(h5_attr(cap, "num_layers")) * int(h5_attr(cap, "num_kv_heads"))
                 for label in h5_attr(f["selectors"], "order"):
                     kv_b, meta = expected_kv_bytes(f, label)
-                    np.testing.assert_allclose(f["selectors"][label]["kv_resident_bytes"][()], kv_b + meta,
+                    g = f["selectors"][label]
+                    # The footprint table also prices fixed-size metadata, which the README's per-token rules
+                    # leave out: duo's one fp32 gate per KV head per layer.
+                    fixed = 4.0 * heads_layers if h5_attr(g, "kv_footprint") == "duo" else 0.0
+                    if fixed:
+                        self.assertEqual(h5_attr(g, "kv_metadata"), "one fp32 gate per KV head per layer")
+                    np.testing.assert_allclose(g["kv_resident_bytes"][()], kv_b + meta + fixed,
                                                rtol=1e-9, err_msg=f"{path.name} {label}")
 
     def test_recall_vs_kv(self):

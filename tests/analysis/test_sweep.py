@@ -27,6 +27,7 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -49,13 +50,17 @@ MANY_SELECTORS = ("oracle:block=32", "oracle", "swa", "swa:sinks=4", "quest", "h
                   "hysparse:window=128", "hysparse:block=32,window=64", "hysparse:block=32,window=128")
 
 
+SHAPE = ["--layers", "6", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "32"]
+
+
 class Fixtures:
     hysparse: str = ""
     work: Path = Path(".")
-    real: bool = False          # whether `tokens` came from 'hysparse sweep'
-    tokens: Path = Path(".")    # token budgets, 2 captures (one without v), several instances per selector
+    real: bool = False          # whether the sweeps came from 'hysparse sweep'
+    tokens: Path = Path(".")    # token budgets, 2 captures (one without v), blocks x sinks x 2 schedules
     sparsity: Path = Path(".")  # sparsity budgets, 1 capture
-    partial: Path = Path(".")   # status partial: the second capture's second half of layers not done
+    partial: Path = Path(".")   # h5py fixture, status partial: the second capture's second half of layers not done
+    unstarted: Optional[Path] = None  # the real sweep as a partial one that has not started its second capture
     many: Path = Path(".")      # 8 hysparse instances: the recall figure splits its panel
 
     @classmethod
@@ -64,31 +69,80 @@ class Fixtures:
         os.makedirs(workdir, exist_ok=True)
         cls.work = Path(tempfile.mkdtemp(prefix="sweep-", dir=workdir))
         cls.tokens = cls.work / "sweep.h5"
-        cls.real = cls.make_real_sweep(cls.tokens)
-        if not cls.real:
+        cls.sparsity = cls.work / "sweep_sparsity.h5"
+        cls.real = cls.has_sweep_command()
+        if cls.real:
+            a, b, c = cls.work / "cap_a.h5", cls.work / "cap_b.h5", cls.work / "cap_c.h5"
+            cls.run_tool(["synth", "-o", a, "--seq-len", "384", "--seed", "7"] + SHAPE)
+            cls.run_tool(["synth", "-o", b, "--seq-len", "512", "--seed", "3", "--no-v"] + SHAPE)
+            cls.run_tool(["synth", "-o", c, "--seq-len", "512", "--seed", "5"] + SHAPE)
+            cls.run_tool(["sweep", a, b, "-o", cls.tokens, "--budget", "64,128,256", "--selectors",
+                          "oracle,swa,quest,hysparse", "--block", "32,64", "--sinks", "0,4", "--schedule", "FSSS",
+                          "--schedule", "1:2", "--threads", "2", "-q"])
+            cls.run_tool(["sweep", c, "-o", cls.sparsity, "--sparsity", "0.5,0.75,0.9", "--selectors",
+                          "oracle,swa,hysparse", "--schedule", "1:2", "--threads", "2", "-q"])
+            cls.many = cls.tokens  # hysparse: 2 blocks x 2 sinks x 2 schedules
+            cls.unstarted = make_unstarted(cls.tokens, cls.work / "sweep_unstarted.h5")
+        else:
             write_sweep_fixture(cls.hysparse, cls.work / "fx_tokens", cls.tokens)
-        cls.sparsity = write_sweep_fixture(
-            cls.hysparse, cls.work / "fx_sparsity", cls.work / "sweep_sparsity.h5", budget_kind="sparsity",
-            budgets=("0.5", "0.75", "0.9"), schedules=("1:2",), selectors=("oracle", "swa", "hysparse"),
-            captures=[("sp_cap.h5", ["--seq-len", "512", "--seed", "5"])])
+            write_sweep_fixture(cls.hysparse, cls.work / "fx_sparsity", cls.sparsity, budget_kind="sparsity",
+                                budgets=("0.5", "0.75", "0.9"), schedules=("1:2",),
+                                selectors=("oracle", "swa", "hysparse"),
+                                captures=[("sp_cap.h5", ["--seq-len", "512", "--seed", "5"])])
+            cls.many = write_sweep_fixture(
+                cls.hysparse, cls.work / "fx_many", cls.work / "sweep_many.h5", selectors=MANY_SELECTORS,
+                captures=[("many_cap.h5", ["--seq-len", "384", "--seed", "9"])])
+        # A sweep stopped halfway through its last capture (the tool leaves unfinished layers NaN).
         cls.partial = write_sweep_fixture(
             cls.hysparse, cls.work / "fx_partial", cls.work / "sweep_partial.h5", schedules=("FSSS",),
             selectors=("oracle", "swa", "hysparse"), partial=True)
-        cls.many = write_sweep_fixture(
-            cls.hysparse, cls.work / "fx_many", cls.work / "sweep_many.h5", selectors=MANY_SELECTORS,
-            captures=[("many_cap.h5", ["--seq-len", "384", "--seed", "9"])])
 
     @classmethod
-    def make_real_sweep(cls, out: Path) -> bool:
-        """A sweep report from 'hysparse sweep' when the binary has the command; False otherwise."""
+    def has_sweep_command(cls) -> bool:
         probe = subprocess.run([cls.hysparse, "--help"], capture_output=True, text=True, timeout=30)
-        if not re.search(r"^\s+sweep\s", probe.stdout, re.M):  # CLI11 answers 'X --help' for any X
-            return False
-        raise RuntimeError("hysparse has a sweep command now: make_real_sweep must run it")  # filled in when it lands
+        return bool(re.search(r"^\s+sweep\s", probe.stdout, re.M))  # CLI11 answers 'X --help' for any X
+
+    @classmethod
+    def run_tool(cls, args) -> None:
+        proc = subprocess.run([cls.hysparse] + [str(a) for a in args], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"hysparse {' '.join(map(str, args))} failed ({proc.returncode}): {proc.stderr.strip()}")
 
     @staticmethod
     def all():
-        return [Fixtures.tokens, Fixtures.sparsity, Fixtures.partial, Fixtures.many]
+        paths = [Fixtures.tokens, Fixtures.sparsity, Fixtures.partial, Fixtures.many, Fixtures.unstarted]
+        return [p for i, p in enumerate(paths) if p is not None and p not in paths[:i]]
+
+
+def make_unstarted(src: Path, dst: Path) -> Path:
+    """The real two-capture sweep as 'hysparse sweep' writes it while the second capture has not started:
+    status partial, the second capture's units not done, no /captures/1, no rows of capture 1, its grid
+    cells NaN. (Pooled rows are left as they are: only the loader's handling of the missing capture is at
+    stake here.)"""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        sw = f["sweep"]
+        done = sw["units/done"][()]
+        done[sw["units/capture"][()] == 1] = 0
+        sw["units/done"][...] = done
+        sw.attrs["status"] = "partial"
+        sw.attrs["units_done"] = np.int64(done.sum())
+        del f["captures/1"]
+        keep = sw["points/capture"][()] != 1
+        for k in list(sw["points"]):
+            ds = sw["points"][k]
+            data, attrs = ds[()][keep], dict(ds.attrs)
+            del sw["points"][k]
+            new = sw["points"].create_dataset(k, data=data)
+            for a, v in attrs.items():
+                if a not in ("DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME"):
+                    new.attrs[a] = v
+        for k in sw["grid"]:
+            g = sw["grid"][k]
+            v = g[()]
+            v[1] = np.nan
+            g[...] = v
+    return dst
 
 
 def h5_rows(f, where=None):
@@ -165,9 +219,13 @@ class SweepLoaderTest(unittest.TestCase):
                                                     "group", "budget"))
             for k in sw["units"]:
                 assert_same(self, rep.units[k].values, sw["units"][k][()], f"units/{k}")
-            # Captures: each a replay report under /captures/<c>.
-            self.assertEqual(rep.num_captures, len(f["captures"]))
+            # Captures: each a replay report under /captures/<c> (None: not started yet).
+            self.assertEqual(rep.num_captures, sw["axes/capture"].shape[0] - 1)
             for c, cap in enumerate(rep.captures):
+                if str(c) not in f["captures"]:
+                    self.assertIsNone(cap)
+                    self.assertTrue(rep.is_partial)
+                    continue
                 g = f["captures"][str(c)]
                 self.assertEqual(cap.group, f"/captures/{c}")
                 self.assertEqual(cap.input_files, [h5_attr(g, "path")])
@@ -199,6 +257,17 @@ class SweepLoaderTest(unittest.TestCase):
     def test_many(self):
         self.check(Fixtures.many)
 
+    def test_unstarted_capture(self):
+        """A partial sweep that has not started a capture: no /captures/<c> group for it, no rows."""
+        if Fixtures.unstarted is None:
+            self.assertFalse(Fixtures.real)  # only made from a real sweep
+            return
+        self.check(Fixtures.unstarted)
+        rep = load_report(Fixtures.unstarted)
+        self.assertIsNone(rep.captures[1])
+        self.assertEqual(rep.num_captures, 2)
+        self.assertEqual(rep.capture_rows(1).size, 0)
+
     def test_instances_and_pooled_rows(self):
         """Instances: one per distinct (selector, spec, parameters, schedule), rows sorted by budget."""
         for path in Fixtures.all():
@@ -223,19 +292,18 @@ class SweepLoaderTest(unittest.TestCase):
         for path in Fixtures.all():
             with h5py.File(path, "r") as f:
                 t = h5_rows(f)
-                axes = {k: (h5_strings(f["sweep/axes"][k]) if f["sweep/axes"][k].dtype.kind in "OSU"
-                            else f["sweep/axes"][k][()].tolist()) for k in f["sweep/axes"]}
-                C = len(f["captures"])
-                grid = {k: f["sweep/grid"][k][()] for k in f["sweep/grid"]}
+                C = f["sweep/axes/capture"].shape[0] - 1
                 partial = h5_attr(f["sweep"], "status") == "partial"
+                # The grid holds the points' values (repeated where an axis does not apply), nothing else.
+                for k in f["sweep/grid"]:
+                    grid = f["sweep/grid"][k][()]
+                    self.assertEqual(grid.ndim, 8, k)
+                    for c in range(C + 1):
+                        cells = grid[c][np.isfinite(grid[c])]
+                        mine = t[k][t["capture"] == (c if c < C else -1)]
+                        self.assertEqual(set(cells.tolist()), set(mine[np.isfinite(mine)].tolist()), f"grid {k} [{c}]")
                 for i in range(t["capture"].size):
                     c = int(t["capture"][i])
-                    cell = (C if c < 0 else c, axes["selector"].index(t["selector"][i]),
-                            axes["block"].index(int(t["block"][i])), axes["window"].index(int(t["window"][i])),
-                            axes["sinks"].index(int(t["sinks"][i])), axes["schedule"].index(t["schedule"][i]),
-                            axes["group"].index(t["group"][i]), axes["budget"].index(float(t["budget"][i])))
-                    for k in ("mass_recall", "kv_bytes", "sparsity"):
-                        assert_same(self, grid[k][cell], t[k][i], f"grid {k} row {i}")
                     if c < 0:
                         continue
                     g = f["captures"][str(c)]["selectors"][t["label"][i]]
@@ -245,11 +313,18 @@ class SweepLoaderTest(unittest.TestCase):
                                      h5_attr(f["captures"][str(c)]["selectors"], "kv_full_bytes"))
                     self.assertAlmostEqual(t["kv_ratio"][i], t["kv_full_bytes"][i] / t["kv_bytes"][i], places=12)
                     if not (partial and not np.isfinite(t["mass_recall"][i])):
-                        self.assertEqual(t["mass_recall"][i], g["model_mass_recall_mean"][bi])
-                        self.assertEqual(t["mass_recall_p10"][i], g["model_mass_recall_p10"][bi])
+                        for col, ds in (("mass_recall", "model_mass_recall_mean"), ("mass_recall_p10",
+                                        "model_mass_recall_p10"), ("mass_recall_p50", "model_mass_recall_p50"),
+                                        ("attended_keys", "model_attended_keys_mean")):
+                            self.assertAlmostEqual(t[col][i], g[ds][bi], delta=1e-12 * max(1.0, abs(g[ds][bi])),
+                                                   msg=f"row {i} {col}")
                 # Pooled KV bytes: the mean over captures.
+                if path == Fixtures.unstarted:
+                    continue
                 for i in np.flatnonzero(t["capture"] == -1):
-                    same = (t["label"] == t["label"][i]) & (t["budget"] == t["budget"][i]) & (t["capture"] >= 0)
+                    same = (t["spec"] == t["spec"][i]) & (t["schedule"] == t["schedule"][i]) & \
+                        (t["budget"] == t["budget"][i]) & (t["capture"] >= 0)
+                    self.assertEqual(int(same.sum()), C, f"row {i}")
                     self.assertAlmostEqual(t["kv_bytes"][i], float(np.mean(t["kv_bytes"][same])), places=6)
 
 
@@ -309,8 +384,8 @@ class SweepFigureDataTest(unittest.TestCase):
             mine = [l for l in labels if l.split(" ")[0] == sel]
             if len(mine) > 1:
                 self.assertTrue(all("=" in l for l in mine), mine)
-        ax = r.figure.axes[0]
-        self.assertIn("realised sparsity", ax.get_xlabel() or r.figure.axes[-1].get_xlabel())
+        self.assertIn("realised sparsity", r.data["xlabel"])
+        self.assertIn(r.data["xlabel"], [ax.get_xlabel() for ax in r.figure.axes])
 
     def test_recall_vs_sparsity_sparsity_budgets(self):
         rep, r = self.check_recall_vs_sparsity(Fixtures.sparsity)
@@ -418,15 +493,34 @@ class SweepFigureDataTest(unittest.TestCase):
                 footer = [x for x in r.figure.texts if x.get_gid() == "footer"]
                 self.assertEqual(len(footer), 1)
                 self.assertIn(rep.provenance["git_sha"][:12], footer[0].get_text())
+        # Every instance in its selector's colour family, the same in every figure; the first instance of a
+        # selector in the selector's fixed colour (oracle black, hysparse vermillion, swa blue).
         rep = load_report(Fixtures.tokens)
-        lines = self.lines(sf.build_sweep(rep, "sweep_pareto").figure)
-        for gid, line in lines.items():
-            if gid.startswith("kv:oracle ") or gid == "kv:oracle":
-                self.assertIn(line.get_color(), ("#000000", figs.selector_style("oracle", 1)["color"]))
-            if gid.startswith("kv:hysparse"):
-                self.assertTrue(line.get_color().lower().startswith("#") and line.get_color() != "#000000")
-        first = [l for gid, l in lines.items() if gid.startswith("kv:hysparse")][0]
-        self.assertEqual(first.get_color(), "#D55E00")
+        styles = {ln.label: ln.style for ln in sf.sweep_lines(rep)}
+        fixed = {"oracle": "#000000", "hysparse": "#D55E00", "swa": "#0072B2"}
+        firsts = {}
+        for ln in sf.sweep_lines(rep):
+            firsts.setdefault(ln.instance.selector, ln.style["color"])
+            self.assertEqual(ln.style["color"], figs.selector_style(ln.instance.selector,
+                                                                    _variant_of(ln.style, ln.instance.selector))["color"])
+        for sel, colour in fixed.items():
+            self.assertEqual(firsts[sel], colour, sel)
+        for name, prefix in (("sweep_pareto", "kv:"), ("sweep_recall_vs_sparsity", "mean:")):
+            lines = self.lines(sf.build_sweep(rep, name).figure)
+            for label, st in styles.items():
+                self.assertEqual(lines[prefix + label].get_color(), st["color"], f"{name} {label}")
+        pc = self.lines(sf.build_sweep(rep, "sweep_per_capture").figure)
+        for label, st in styles.items():
+            self.assertEqual(pc[f"cap:0:{label}"].get_color(), st["color"], label)
+
+
+def _variant_of(style, family):
+    """The variant index of `figures.selector_style` that gives this colour and dashes."""
+    for k in range(len(figs._VARIANTS)):
+        st = figs.selector_style(family, k)
+        if st["color"] == style["color"] and str(st["linestyle"]) == str(style["linestyle"]):
+            return k
+    raise AssertionError(f"{family}: style {style} is none of the selector's variants")
 
 
 class SweepCliTest(unittest.TestCase):
@@ -539,9 +633,9 @@ class SweepCliTest(unittest.TestCase):
 class SweepBadInputTest(unittest.TestCase):
     """Broken sweep files: ReportError with one line naming the problem; exit code 2."""
 
-    def broken(self, name, edit):
+    def broken(self, name, edit, src=None):
         p = Fixtures.work / name
-        shutil.copy(Fixtures.partial, p)
+        shutil.copy(src or Fixtures.partial, p)
         with h5py.File(p, "r+") as f:
             edit(f)
         return p
@@ -581,7 +675,8 @@ class SweepBadInputTest(unittest.TestCase):
                     "units_done 999 > units_total")
 
     def test_missing_capture_group(self):
-        self.expect(self.broken("nocap.h5", lambda f: f["captures"].__delitem__("1")),
+        # A complete sweep has a group per capture (a partial one only for the captures it started).
+        self.expect(self.broken("nocap.h5", lambda f: f["captures"].__delitem__("1"), Fixtures.tokens),
                     "/captures has 1 groups but /sweep/axes/capture has 2 captures")
 
     def test_bad_capture_selector(self):
@@ -590,7 +685,7 @@ class SweepBadInputTest(unittest.TestCase):
 
     def test_load_sweep_refuses_a_replay_report(self):
         with self.assertRaises(ReportError) as ctx:
-            load_sweep(Fixtures.work / "fx_sparsity" / "sweep_replay_0_0.h5")
+            load_sweep(Fixtures.work / "fx_partial" / "sweep_replay_0_0.h5")
         self.assertIn("not a sweep report", str(ctx.exception))
 
 
