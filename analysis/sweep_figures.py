@@ -36,7 +36,8 @@ from .kvbytes import pareto_frontier
 from .report import SWEEP_PARAM_AXES, SweepInstance, SweepReport, parse_spec
 
 __all__ = ["SWEEP_FIGURES", "SweepLine", "sweep_lines", "fig_sweep_recall_vs_sparsity", "fig_sweep_pareto",
-           "fig_sweep_per_capture", "build_sweep", "render_sweep", "budget_text", "SWEEP_BAND_NOTE"]
+           "fig_sweep_per_capture", "fig_sweep_recall_vs_realised_sparsity", "build_sweep", "render_sweep",
+           "budget_text", "realised_gaps", "SWEEP_BAND_NOTE"]
 
 # Instances of one selector drawn in one panel before the figure splits into facets.
 MAX_VARIANTS_PER_PANEL = len(_VARIANTS)
@@ -317,14 +318,40 @@ def _short_label(ln: SweepLine, where: Dict[str, str]) -> str:
     return " ".join(text.split()) or ln.instance.selector
 
 
-def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
+def realised_gaps(report: SweepReport, lines: List[SweepLine]) -> Dict[str, float]:
+    """Per instance: the largest requested - realised sparsity over its points (sparsity budgets)."""
+    pts = report.points
+    out: Dict[str, float] = {}
+    for ln in lines:
+        gap = pts["budget"][ln.rows] - pts["sparsity"][ln.rows]
+        gap = gap[np.isfinite(gap)]
+        if gap.size:
+            out[ln.label] = float(gap.max())
+    return out
+
+
+def _realised_gap_note(report: SweepReport, lines: List[SweepLine], threshold: float = 0.02) -> str:
+    gaps = {k: v for k, v in realised_gaps(report, lines).items() if v > threshold}
+    if not gaps:
+        return " The realised sparsity is within 0.02 of the requested one for every point."
+    worst = sorted(gaps.items(), key=lambda kv: -kv[1])
+    listed = "; ".join(f"{k} by up to {v:.2f}" for k, v in worst[:6]) + ("; ..." if len(worst) > 6 else "")
+    return (" Caution: some selectors attend more keys than the requested sparsity leaves (forced window and "
+            "sink keys, full layers, at least one block per row), so at the same x they are not equally sparse; "
+            f"realised sparsity below the requested one: {listed} (summary.md lists the realised sparsity).")
+
+
+def fig_sweep_recall_vs_sparsity(report: SweepReport, realised: bool = False) -> Optional[Rendered]:
     """Pooled mass recall vs sparsity per selector instance, mean line and p10..p50 band; small multiples
-    (one panel per selector, the others' means in grey) when one panel would hold too many bands."""
+    (one panel per selector, the others' means in grey) when one panel would hold too many bands.
+
+    x: the realised sparsity for token budgets, the requested one (the budget axis) for sparsity budgets;
+    `realised=True` forces the realised sparsity (the companion figure of a sparsity-budget sweep)."""
     pooled = report.pooled_rows()
     if pooled.size == 0:
         return None
     pts = report.points
-    use_budget = report.budget_kind == "sparsity"
+    use_budget = report.budget_kind == "sparsity" and not realised
     x_col = "budget" if use_budget else "sparsity"
     lines = sweep_lines(report, pooled)
     panels = _panels(lines)
@@ -382,7 +409,8 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
                                    linestyle=ln.style["linestyle"])))
             labels.append(ln.label if single else _short_label(ln, where))
         data["panels"].append({"title": title, "where": where, "labels": [ln.label for ln in members]})
-        ax.set_title(title or "Mass recall vs sparsity", loc="left")
+        ax.set_title(title or ("Mass recall vs realised sparsity" if realised else "Mass recall vs sparsity"),
+                     loc="left")
         if k % ncols:
             ax.tick_params(labelleft=False)
         else:
@@ -396,7 +424,7 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
         elif len(members) > 1 or labels[:1] != [members[0].instance.selector]:
             ax.legend(handles, labels, loc="lower left", handlelength=2.2, borderaxespad=0.3, labelspacing=0.25)
     axes[0].set_ylim(0, 1.02)
-    xlabel = "sparsity s (requested)" if use_budget else "realised sparsity 1 - attended / causal keys"
+    xlabel = "requested sparsity s" if use_budget else "realised sparsity 1 - attended / causal keys"
     _sparsity_axis(axes[0], all_x, xlabel)
     xlabel = axes[0].get_xlabel()
     if ncols > 1:  # a panel is too narrow for the label on one line
@@ -407,18 +435,32 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport) -> Optional[Rendered]:
     _partial_mark(fig, report)
     xdesc = ("the requested sparsity s (the budget axis: the share of each causal row dropped)" if use_budget else
              "the realised sparsity, 1 - mean over scored rows of attended keys / causal keys (forced window and "
-             "sink keys and a hybrid selector's full layers count as attended), one point per token budget")
+             "sink keys and a hybrid selector's full layers count as attended), one point per "
+             + ("token budget" if report.budget_kind == "tokens" else "requested sparsity"))
     caption = (f"Model mean mass recall (over every layer, head and query row) of each selector instance, "
                f"{_pooled_text(report)}, against {xdesc}. Lines: the mean; shaded {SWEEP_BAND_NOTE}, pooled like "
                "the mean. Instances of one selector share its colour and differ in shade, dashes and marker; "
                "legends name the parameters that differ between them.")
+    if use_budget:
+        caption += _realised_gap_note(report, lines)
     if not single:
         caption += (" One panel per selector" + (" (split by a parameter where it has more instances than line "
                                                   "styles)" if any(w for _, w, _ in panels) else "")
                     + "; thin grey lines: the other selectors' means, for reference.")
     caption += _coincident_caption(coincident)
     caption += _partial_caption(report)
+    if realised:
+        return Rendered("sweep_recall_vs_realised_sparsity", "Mass recall vs realised sparsity (sweep)",
+                        caption + " The companion of sweep_recall_vs_sparsity, whose x is the requested sparsity.",
+                        fig, data)
     return Rendered("sweep_recall_vs_sparsity", "Mass recall vs sparsity (sweep)", caption, fig, data)
+
+
+def fig_sweep_recall_vs_realised_sparsity(report: SweepReport) -> Optional[Rendered]:
+    """For sparsity budgets: the recall figure against the realised sparsity (token budgets: the main one is)."""
+    if report.budget_kind != "sparsity":
+        return None
+    return fig_sweep_recall_vs_sparsity(report, realised=True)
 
 
 # ----------------------------------------------------------------------------
@@ -627,12 +669,15 @@ def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]
 
 SWEEP_FIGURES = {
     "sweep_recall_vs_sparsity": fig_sweep_recall_vs_sparsity,
+    "sweep_recall_vs_realised_sparsity": fig_sweep_recall_vs_realised_sparsity,
     "sweep_pareto": fig_sweep_pareto,
     "sweep_per_capture": fig_sweep_per_capture,
 }
 
 SWEEP_SKIP_REASONS = {
     "sweep_recall_vs_sparsity": "the sweep has no pooled points",
+    "sweep_recall_vs_realised_sparsity": "token budgets: sweep_recall_vs_sparsity is already against the realised "
+                                         "sparsity",
     "sweep_pareto": "the sweep has no pooled points with KV bytes and recall",
     "sweep_per_capture": "the sweep has a single capture",
 }

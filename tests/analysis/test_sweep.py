@@ -45,6 +45,8 @@ from analysis import sweep_figures as sf  # noqa: E402
 from analysis.summary import sweep_best_table  # noqa: E402
 
 SWEEP_FIGURE_NAMES = list(sf.SWEEP_FIGURES)
+REALISED = "sweep_recall_vs_realised_sparsity"   # sparsity budgets only
+TOKEN_SWEEP_FIGURES = [n for n in SWEEP_FIGURE_NAMES if n != REALISED]
 # hysparse selectors: 4 instances per schedule, 8 in all: more than the line styles, so its panel splits.
 MANY_SELECTORS = ("oracle:block=32", "oracle", "swa", "swa:sinks=4", "quest", "hysparse:window=64",
                   "hysparse:window=128", "hysparse:block=32,window=64", "hysparse:block=32,window=128")
@@ -391,6 +393,23 @@ class SweepFigureDataTest(unittest.TestCase):
         rep, r = self.check_recall_vs_sparsity(Fixtures.sparsity)
         self.assertEqual(r.data["x_column"], "budget")
         self.assertIn("requested", r.caption)
+        # The caption warns where the realised sparsity falls short of the requested one (computed here).
+        with h5py.File(Fixtures.sparsity, "r") as f:
+            t = h5_rows(f)
+        gap = np.nanmax(t["budget"] - t["sparsity"])
+        self.assertEqual("Caution:" in r.caption, bool(gap > 0.02), r.caption)
+        # The companion figure: the same lines against the realised sparsity.
+        c = sf.build_sweep(rep, REALISED)
+        self.assertEqual(c.data["x_column"], "sparsity")
+        lines = self.lines(c.figure)
+        for label, d in c.data["instances"].items():
+            rows = d["rows"]
+            self.assertEqual(sorted(rows.tolist()), sorted(r.data["instances"][label]["rows"].tolist()))
+            assert_same(self, d["x"], t["sparsity"][rows], label)
+            ok = np.isfinite(t["sparsity"][rows]) & np.isfinite(t["mass_recall"][rows])
+            assert_same(self, lines[f"mean:{label}"].get_xdata(), t["sparsity"][rows][ok], label)
+            assert_same(self, lines[f"mean:{label}"].get_ydata(), t["mass_recall"][rows][ok], label)
+        self.assertIsNone(sf.build_sweep(load_report(Fixtures.tokens), REALISED))
 
     def test_recall_vs_sparsity_panels(self):
         """More instances of a selector than line styles: its panel splits by a parameter; the others' means
@@ -592,7 +611,7 @@ class SweepCliTest(unittest.TestCase):
     def test_tokens(self):
         out = Fixtures.work / "out_tokens"
         proc = self.run_ok(Fixtures.tokens, out)
-        summary = self.check_files(Fixtures.tokens, out, SWEEP_FIGURE_NAMES)
+        summary = self.check_files(Fixtures.tokens, out, TOKEN_SWEEP_FIGURES, [REALISED])
         self.assertIn("# hysparse sweep: sweep.h5", summary)
         self.assertIn("## Best recall per selector at each budget", summary)
         self.assertIn("## Per capture", summary)
@@ -603,7 +622,7 @@ class SweepCliTest(unittest.TestCase):
     def test_sparsity_single_capture(self):
         out = Fixtures.work / "out_sparsity"
         self.run_ok(Fixtures.sparsity, out, "--formats", "png,pdf,svg")
-        summary = self.check_files(Fixtures.sparsity, out, ["sweep_recall_vs_sparsity", "sweep_pareto"],
+        summary = self.check_files(Fixtures.sparsity, out, ["sweep_recall_vs_sparsity", REALISED, "sweep_pareto"],
                                    ["sweep_per_capture"])
         self.assertTrue((out / "sweep_pareto.svg").read_text().lstrip().startswith(("<?xml", "<svg")))
         self.check_key_table(Fixtures.sparsity, summary)
@@ -613,7 +632,7 @@ class SweepCliTest(unittest.TestCase):
         out = Fixtures.work / "out_partial"
         proc = self.run_ok(Fixtures.partial, out)
         self.assertIn("warning: partial sweep", proc.stdout)
-        summary = self.check_files(Fixtures.partial, out, SWEEP_FIGURE_NAMES)
+        summary = self.check_files(Fixtures.partial, out, TOKEN_SWEEP_FIGURES, [REALISED])
         rep = load_report(Fixtures.partial)
         self.assertIn(f"**Warning: partial sweep.** {rep.units_done} of {rep.units_total} work units", summary)
         self.check_key_table(Fixtures.partial, summary)
