@@ -184,8 +184,15 @@ def _sparsity_axis(ax: Any, values: np.ndarray, label: str) -> None:
         pad = max(0.08 * (lhi - llo), 0.25)
         ax.set_xlim(1 / (1 + np.exp(-(llo - pad))), 1 / (1 + np.exp(-(lhi + pad))))
         lo_lim, hi_lim = ax.get_xlim()
-        ticks = [t for t in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
-                 if lo_lim <= t <= hi_lim]
+        # Round values, kept apart by at least 1/10 of the axis in logit units (0.4 0.5 0.6 crowd, 0.99 0.995 not).
+        min_sep = (np.log(hi_lim / (1 - hi_lim)) - np.log(lo_lim / (1 - lo_lim))) / 10.0
+        ticks: List[float] = []
+        for t in (0.5, 0.75, 0.9, 0.25, 0.95, 0.1, 0.99, 0.98, 0.3, 0.4, 0.6, 0.7, 0.8, 0.2, 0.05, 0.995, 0.999,
+                  0.998, 0.02, 0.01):  # the roundest first
+            lt = np.log(t / (1 - t))
+            if lo_lim <= t <= hi_lim and all(abs(lt - np.log(u / (1 - u))) >= min_sep for u in ticks):
+                ticks.append(t)
+        ticks.sort()
         ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
         ax.xaxis.set_minor_locator(ticker.NullLocator())
