@@ -225,7 +225,6 @@ struct Workspace {
   std::vector<std::int32_t> stamp;
   std::vector<double> scores, shares;
   std::vector<std::int32_t> oracle_order, pure_order;
-  std::vector<double> reuse_sums;                // [source layer]
   std::vector<std::int32_t> reuse_ranking;
 };
 
@@ -520,6 +519,7 @@ struct ReplayRun::Impl {
   LayerInputs inputs;
   std::vector<ModelSums> model;
   std::vector<std::int32_t> reuse_store, reuse_length;
+  std::vector<double> reuse_item_sums;  // [work item][source layer], one layer's
   std::vector<Workspace> workspaces;
   RowMetrics metrics;
   LayerContext layer_context;
@@ -742,7 +742,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   layer_context.has_v = !tensors.v.empty();
   for (auto& sel : selectors) sel->prepare_layer(layer_context);
   metrics.reset(S, NB, Hq, R);
-  for (auto& ws : workspaces) ws.reuse_sums.assign(static_cast<std::size_t>(L), 0.0);
+  // Reuse sums per work item, reduced in item order: the same numbers whatever thread ran what.
+  if (reuse_enabled) reuse_item_sums.assign(static_cast<std::size_t>(Hkv * tiles * L), 0.0);
 
   std::exception_ptr failure;
 #pragma omp parallel for schedule(dynamic, 1)
@@ -1028,7 +1029,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             for (std::int64_t h = 0; h < G; ++h) {
               double recall = 0.0;
               for (std::int32_t i = 0; i < reuse_length[source]; ++i) recall += view.mass[view.at(h, r, chosen[i])];
-              ws.reuse_sums[static_cast<std::size_t>(f)] += std::min(1.0, recall);
+              reuse_item_sums[static_cast<std::size_t>(item * L + f)] += std::min(1.0, recall);
             }
           }
         }
@@ -1045,7 +1046,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   if (reuse_enabled) {
     for (std::int64_t f = 0; f <= layer; ++f) {
       double sum = 0.0;
-      for (const auto& ws : workspaces) sum += ws.reuse_sums[static_cast<std::size_t>(f)];
+      for (std::int64_t item = 0; item < Hkv * tiles; ++item) sum += reuse_item_sums[static_cast<std::size_t>(item * L + f)];
       result.reuse.at(static_cast<std::uint64_t>(f), static_cast<std::uint64_t>(layer)) = sum / static_cast<double>(Hq * R);
     }
   }
