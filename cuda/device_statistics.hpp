@@ -46,6 +46,7 @@ struct StatsPassArgs {
   float* block_sum = nullptr;
   double* lse_tokens = nullptr;        // [heads][rows]
   double* lse_all = nullptr;
+  int tensor_core_rows_per_warp = 0;  // 16 or 32; 0: the kernel's default (benchmarks compare them)
 };
 
 // Plans and enqueues one pass on `stream`: block statistics (tensor cores for bf16/fp16 when

@@ -365,12 +365,14 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
   const char* kernel = "simt";
   if (tensor_cores) {
     kernel = "tensor-core";
-    // Thread blocks of 8 warps: up to 8 heads of the group share each key tile (the keys are
-    // read once per row tile and head chunk, not once per head); the remaining warps take
-    // further 16-row slices of the same heads.
-    const int heads_per_cta = std::min(a.heads, kTensorCoreWarps);
-    const int subtiles = std::max(1, kTensorCoreWarps / heads_per_cta);
-    const int tile_rows = 16 * subtiles;
+    // Thread blocks of 128 query rows: one warp per head of the group (up to the number of
+    // warps) shares each key tile, so the keys are read once per row tile and head chunk, not
+    // once per head; the remaining warps take further row slices of the same heads.
+    const int rows_per_warp = tensor_core_rows_per_warp(stride, a.tensor_core_rows_per_warp);
+    const int warps = kTensorCoreRowsPerBlock / rows_per_warp;
+    const int heads_per_cta = std::min(a.heads, warps);
+    const int subtiles = std::max(1, warps / heads_per_cta);
+    const int tile_rows = rows_per_warp * subtiles;
     const int row_tiles = (a.rows + tile_rows - 1) / tile_rows;
     const int head_chunks = (a.heads + heads_per_cta - 1) / heads_per_cta;
     const long long unit = tensor_core_key_unit(a.block);
@@ -419,6 +421,7 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
     launch.heads = a.heads;
     launch.rows = a.rows;
     launch.depth = stride;
+    launch.rows_per_warp = rows_per_warp;
     launch.heads_per_cta = heads_per_cta;
     launch.row_subtiles = subtiles;
     launch.block = a.block;

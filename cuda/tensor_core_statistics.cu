@@ -1,6 +1,6 @@
 // Fused block statistics on tensor cores, FlashAttention-style: a thread block holds the
-// query rows of one row tile for several heads of a KV group in registers (each warp 16 rows
-// of one head), streams the group's key tiles through shared memory once for all of those
+// query rows of one row tile for several heads of a KV group in registers (each warp 16 or 32
+// rows of one head), streams the group's key tiles through shared memory once for all of those
 // heads (cp.async, three stages), forms the scores with mma.sync m16n8k16 (bf16/fp16 in, fp32
 // accumulate) and reduces them in registers to the per-block (max logit, sum of exp) pairs.
 // No score leaves the registers; only the per-block pairs are written.
@@ -23,6 +23,10 @@ constexpr int kStages = 3;
 constexpr int kKeys = kTensorCoreKeyTile;
 constexpr int kN8Tiles = kKeys / 8;
 constexpr float kLog2e = 1.4426950408889634f;
+// 16 rows per warp: measured on an H100 as fast as 32 within noise (32 halves the shared-memory
+// reads but spills a little and runs 12 warps per multiprocessor instead of 16; the kernel is
+// latency-bound, not shared-memory-bound), and it needs no local memory.
+constexpr int kDefaultRowsPerWarp = 16;
 
 __device__ __forceinline__ unsigned shared_address(const void* pointer) {
   return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
@@ -84,13 +88,18 @@ __device__ __forceinline__ unsigned tile_offset(int key, int chunk) {
 }
 
 // kSteps = depth / 16. kBlockN8 = n8 column groups per key block (1, 2, 4, 8), or 0 for blocks
-// of several key tiles. Depth 256 holds 64 registers of query fragments: one thread block per
-// multiprocessor there, so nothing spills.
-template <bool kFp16, int kSteps, int kBlockN8>
-__global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) tensor_core_statistics_kernel(const TensorCoreLaunch p) {
+// of several key tiles. kMTiles = 16-row mma tiles per warp: with 2, each key fragment read from
+// shared memory feeds two mma instead of one (half the shared-memory traffic per score), at
+// twice the registers, so thread blocks have 4 warps instead of 8 (always 128 rows). Depth 256
+// holds 64 registers of query fragments per tile: one thread block of 8 warps per
+// multiprocessor there (kMTiles 1 only), so nothing spills.
+template <bool kFp16, int kSteps, int kBlockN8, int kMTiles>
+__global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles == 2 ? 3 : (kSteps > 8 ? 1 : 2))
+    tensor_core_statistics_kernel(const TensorCoreLaunch p) {
   constexpr int kDepth = kSteps * 16;
   constexpr int kChunks = kDepth / 8;  // 16-byte chunks per key row
   constexpr int kTileBytes = kKeys * kDepth * 2;
+  constexpr int kRowsPerThread = 2 * kMTiles;  // fragment rows `group` and `group + 8` of each mma tile
   constexpr float kNegInf = -INFINITY;
   extern __shared__ __align__(128) unsigned char key_tiles[];
 
@@ -98,29 +107,36 @@ __global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) ten
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int group = lane >> 2, thread_in_group = lane & 3;  // the mma fragment coordinates
   const int head = item.head_chunk * p.heads_per_cta + warp / p.row_subtiles;
-  const int r0 = (item.row_tile * p.row_subtiles + warp % p.row_subtiles) * 16;
+  const int r0 = (item.row_tile * p.row_subtiles + warp % p.row_subtiles) * 16 * kMTiles;
   const bool active = warp < p.heads_per_cta * p.row_subtiles && head < p.heads && r0 < p.rows;
-  // This thread's two rows (fragment rows `group` and `group + 8`); -1: no row (fully masked).
-  const int row_a = r0 + group, row_b = r0 + group + 8;
-  const long long pos_a = active && row_a < p.rows ? p.positions[row_a] : -1;
-  const long long pos_b = active && row_b < p.rows ? p.positions[row_b] : -1;
-  const long long warp_first = active ? p.positions[r0] : -1;
-  const long long warp_last = active ? p.positions[min(r0 + 15, p.rows - 1)] : -1;
+  // This thread's rows, and their positions (-1: no row, fully masked, never written). Positions
+  // and keys fit in int (the backend refuses longer sequences): fewer registers than long long.
+  auto row_of = [&](int ri) { return r0 + 16 * (ri >> 1) + 8 * (ri & 1) + group; };
+  int pos[kRowsPerThread];
+#pragma unroll
+  for (int ri = 0; ri < kRowsPerThread; ++ri) {
+    pos[ri] = active && row_of(ri) < p.rows ? static_cast<int>(p.positions[row_of(ri)]) : -1;
+  }
+  const int warp_first = active ? static_cast<int>(p.positions[r0]) : -1;
+  const int warp_last = active ? static_cast<int>(p.positions[min(r0 + 16 * kMTiles - 1, p.rows - 1)]) : -1;
   const float log2_scale = p.score_scale * kLog2e;
 
   // The warp's query rows as A fragments, kept in registers for the whole key range.
-  unsigned q_fragments[kSteps][4];
+  unsigned q_fragments[kMTiles][kSteps][4];
   {
     const auto* q = static_cast<const unsigned short*>(p.q) + static_cast<long long>(head) * p.rows * kDepth;
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
+    for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = (i & 1) ? row_b : row_a;
-        const int col = s * 16 + 2 * thread_in_group + ((i & 2) ? 8 : 0);
-        q_fragments[s][i] = (active && row < p.rows)
-                                ? *reinterpret_cast<const unsigned*>(q + static_cast<long long>(row) * kDepth + col)
-                                : 0u;
+      for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = row_of(2 * m + (i & 1));
+          const int col = s * 16 + 2 * thread_in_group + ((i & 2) ? 8 : 0);
+          q_fragments[m][s][i] = (active && r < p.rows)
+                                     ? *reinterpret_cast<const unsigned*>(q + static_cast<long long>(r) * kDepth + col)
+                                     : 0u;
+        }
       }
     }
   }
@@ -143,14 +159,19 @@ __global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) ten
     copy_async_commit();
   }
 
-  const long long block = p.block;
-  auto write_cell = [&](int row, long long b, float m, float l) {
-    const long long cell = (static_cast<long long>(head) * p.rows + row) * p.num_blocks + b;
+  const int block = static_cast<int>(p.block);
+  auto write_cell = [&](int r, int b, float m, float l) {
+    const long long cell = (static_cast<long long>(head) * p.rows + r) * p.num_blocks + b;
     p.block_max[cell] = m * p.score_scale;
     p.block_sum[cell] = l;
   };
   // Blocks of several key tiles: this thread's running (max score, sum of exp) per row.
-  float run_max[2] = {kNegInf, kNegInf}, run_sum[2] = {0.0f, 0.0f};
+  float run_max[kRowsPerThread], run_sum[kRowsPerThread];
+#pragma unroll
+  for (int ri = 0; ri < kRowsPerThread; ++ri) {
+    run_max[ri] = kNegInf;
+    run_sum[ri] = 0.0f;
+  }
 
   for (int t = 0; t < num_tiles; ++t) {
     copy_async_wait<kStages - 2>();
@@ -160,9 +181,13 @@ __global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) ten
     const int key0 = item.key_begin + t * kKeys;
 
     if (active && key0 <= warp_last) {
-      float acc[kN8Tiles][4];
+      // acc[m][n][e]: row group (+8 for e >= 2) of mma tile m, keys key0 + 8n + 2 thread_in_group + (e & 1).
+      float acc[kMTiles][kN8Tiles][4];
 #pragma unroll
-      for (int n = 0; n < kN8Tiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int n = 0; n < kN8Tiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
+      }
       const unsigned stage_base = tiles_base + static_cast<unsigned>((t % kStages) * kTileBytes);
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) {
@@ -173,19 +198,24 @@ __global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) ten
           const int chunk = 2 * s + ((lane >> 3) & 1);
           unsigned b0, b1, b2, b3;
           load_matrix_x4(stage_base + tile_offset<kDepth>(key, chunk), b0, b1, b2, b3);
-          mma_16x8x16<kFp16>(acc[2 * pair], q_fragments[s], b0, b1);
-          mma_16x8x16<kFp16>(acc[2 * pair + 1], q_fragments[s], b2, b3);
+#pragma unroll
+          for (int m = 0; m < kMTiles; ++m) {
+            mma_16x8x16<kFp16>(acc[m][2 * pair], q_fragments[m][s], b0, b1);
+            mma_16x8x16<kFp16>(acc[m][2 * pair + 1], q_fragments[m][s], b2, b3);
+          }
         }
       }
       // Causal mask, only on tiles that reach past some row of the warp.
       if (key0 + kKeys - 1 > warp_first) {
 #pragma unroll
-        for (int n = 0; n < kN8Tiles; ++n) {
+        for (int ri = 0; ri < kRowsPerThread; ++ri) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const long long key = key0 + 8 * n + 2 * thread_in_group + e;
-            if (key > pos_a) acc[n][e] = kNegInf;
-            if (key > pos_b) acc[n][2 + e] = kNegInf;
+          for (int n = 0; n < kN8Tiles; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int key = key0 + 8 * n + 2 * thread_in_group + e;
+              if (key > pos[ri]) acc[ri >> 1][n][2 * (ri & 1) + e] = kNegInf;
+            }
           }
         }
       }
@@ -195,44 +225,43 @@ __global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) ten
         constexpr int kBlocksPerTile = kN8Tiles / kBlockN8;
 #pragma unroll
         for (int bi = 0; bi < kBlocksPerTile; ++bi) {
-          const long long b = key0 / block + bi;
+          const int b = key0 / block + bi;
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
+          for (int ri = 0; ri < kRowsPerThread; ++ri) {
+            const int mt = ri >> 1, e0 = 2 * (ri & 1);  // compile-time register indices
             float m = kNegInf;
 #pragma unroll
-            for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) {
-              m = fmaxf(m, fmaxf(acc[n][2 * half], acc[n][2 * half + 1]));
-            }
+            for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) m = fmaxf(m, fmaxf(acc[mt][n][e0], acc[mt][n][e0 + 1]));
             m = quad_max(m);
             const float shift = m == kNegInf ? 0.0f : m * log2_scale;  // an empty block sums to 0
             float l = 0.0f;
 #pragma unroll
             for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) {
-              l += exp2_approx(fmaf(acc[n][2 * half], log2_scale, -shift)) +
-                   exp2_approx(fmaf(acc[n][2 * half + 1], log2_scale, -shift));
+              l += exp2_approx(fmaf(acc[mt][n][e0], log2_scale, -shift)) + exp2_approx(fmaf(acc[mt][n][e0 + 1], log2_scale, -shift));
             }
             l = quad_sum(l);
             // The quad holds the result in all four lanes: each lane writes a quarter of them.
-            const long long pos = half ? pos_b : pos_a;
-            if (((bi * 2 + half) & 3) == thread_in_group && b * block <= pos) write_cell(half ? row_b : row_a, b, m, l);
+            if (((bi * kRowsPerThread + ri) & 3) == thread_in_group && b * block <= pos[ri]) write_cell(row_of(ri), b, m, l);
           }
         }
       } else {
         // Part of a block that spans several tiles: fold this tile into the running pair.
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float m = run_max[half];
-#pragma unroll
-          for (int n = 0; n < kN8Tiles; ++n) m = fmaxf(m, fmaxf(acc[n][2 * half], acc[n][2 * half + 1]));
-          const float shift = m == kNegInf ? 0.0f : m * log2_scale;
-          float l = run_max[half] == kNegInf ? 0.0f : run_sum[half] * exp2_approx(fmaf(run_max[half], log2_scale, -shift));
+        for (int ri = 0; ri < kRowsPerThread; ++ri) {
+          float m = run_max[ri];
 #pragma unroll
           for (int n = 0; n < kN8Tiles; ++n) {
-            l += exp2_approx(fmaf(acc[n][2 * half], log2_scale, -shift)) +
-                 exp2_approx(fmaf(acc[n][2 * half + 1], log2_scale, -shift));
+            m = fmaxf(m, fmaxf(acc[ri >> 1][n][2 * (ri & 1)], acc[ri >> 1][n][2 * (ri & 1) + 1]));
           }
-          run_max[half] = m;
-          run_sum[half] = l;
+          const float shift = m == kNegInf ? 0.0f : m * log2_scale;
+          float l = run_max[ri] == kNegInf ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
+#pragma unroll
+          for (int n = 0; n < kN8Tiles; ++n) {
+            l += exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1)], log2_scale, -shift)) +
+                 exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1) + 1], log2_scale, -shift));
+          }
+          run_max[ri] = m;
+          run_sum[ri] = l;
         }
       }
     }
@@ -240,17 +269,16 @@ __global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) ten
     if constexpr (kBlockN8 == 0) {
       // A block ends at a multiple of its size or where this item's key range ends.
       if (active && ((key0 + kKeys) % block == 0 || t == num_tiles - 1)) {
-        const long long b = key0 / block;
+        const int b = key0 / block;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const float m = quad_max(run_max[half]);
+        for (int ri = 0; ri < kRowsPerThread; ++ri) {
+          const float m = quad_max(run_max[ri]);
           const float shift = m == kNegInf ? 0.0f : m * log2_scale;
-          float l = run_max[half] == kNegInf ? 0.0f : run_sum[half] * exp2_approx(fmaf(run_max[half], log2_scale, -shift));
+          float l = run_max[ri] == kNegInf ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
           l = quad_sum(l);
-          const long long pos = half ? pos_b : pos_a;
-          if (half == thread_in_group && b * block <= pos) write_cell(half ? row_b : row_a, b, m, l);
-          run_max[half] = kNegInf;
-          run_sum[half] = 0.0f;
+          if ((ri & 3) == thread_in_group && b * block <= pos[ri]) write_cell(row_of(ri), b, m, l);
+          run_max[ri] = kNegInf;
+          run_sum[ri] = 0.0f;
         }
       }
     }
@@ -258,40 +286,47 @@ __global__ void __launch_bounds__(kTensorCoreWarps * 32, kSteps > 8 ? 1 : 2) ten
   copy_async_wait<0>();  // leave no copy in flight into shared memory at exit
 }
 
-template <bool kFp16, int kSteps, int kBlockN8>
+template <bool kFp16, int kSteps, int kBlockN8, int kMTiles>
 void launch_with(const TensorCoreLaunch& p, cudaStream_t stream) {
   constexpr int kSharedBytes = kStages * kKeys * kSteps * 16 * 2;
-  auto* kernel = tensor_core_statistics_kernel<kFp16, kSteps, kBlockN8>;
+  constexpr int kThreads = kTensorCoreRowsPerBlock * 2 / kMTiles;
+  auto* kernel = tensor_core_statistics_kernel<kFp16, kSteps, kBlockN8, kMTiles>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA tensor-core kernel shared memory: {}", cudaGetErrorString(status));
   // Grid dimension x allows 2^31 - 1 items: far beyond any row count that fits in memory.
-  kernel<<<static_cast<unsigned>(p.num_items), kTensorCoreWarps * 32, kSharedBytes, stream>>>(p);
+  kernel<<<static_cast<unsigned>(p.num_items), kThreads, kSharedBytes, stream>>>(p);
   status = cudaGetLastError();
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA tensor-core statistics kernel launch: {}", cudaGetErrorString(status));
 }
 
-template <bool kFp16, int kSteps>
-void launch_depth(const TensorCoreLaunch& p, cudaStream_t stream) {
+template <bool kFp16, int kSteps, int kMTiles>
+void launch_block(const TensorCoreLaunch& p, cudaStream_t stream) {
   switch (p.block) {
-    case 8: return launch_with<kFp16, kSteps, 1>(p, stream);
-    case 16: return launch_with<kFp16, kSteps, 2>(p, stream);
-    case 32: return launch_with<kFp16, kSteps, 4>(p, stream);
-    case 64: return launch_with<kFp16, kSteps, 8>(p, stream);
-    default: return launch_with<kFp16, kSteps, 0>(p, stream);
+    case 8: return launch_with<kFp16, kSteps, 1, kMTiles>(p, stream);
+    case 16: return launch_with<kFp16, kSteps, 2, kMTiles>(p, stream);
+    case 32: return launch_with<kFp16, kSteps, 4, kMTiles>(p, stream);
+    case 64: return launch_with<kFp16, kSteps, 8, kMTiles>(p, stream);
+    default: return launch_with<kFp16, kSteps, 0, kMTiles>(p, stream);
   }
 }
 
 template <bool kFp16>
 void launch_type(const TensorCoreLaunch& p, cudaStream_t stream) {
+  const bool two = p.rows_per_warp == 32;
   switch (p.depth) {
-    case 64: return launch_depth<kFp16, 4>(p, stream);
-    case 128: return launch_depth<kFp16, 8>(p, stream);
-    case 256: return launch_depth<kFp16, 16>(p, stream);
+    case 64: return two ? launch_block<kFp16, 4, 2>(p, stream) : launch_block<kFp16, 4, 1>(p, stream);
+    case 128: return two ? launch_block<kFp16, 8, 2>(p, stream) : launch_block<kFp16, 8, 1>(p, stream);
+    case 256: return launch_block<kFp16, 16, 1>(p, stream);
     default: fail(ErrorKind::kInternal, "tensor-core statistics: unsupported depth {}", p.depth);
   }
 }
 
 }  // namespace
+
+int tensor_core_rows_per_warp(int depth, int requested) {
+  if (depth > 128) return 16;  // 32 rows of depth-256 query fragments would not fit in registers
+  return requested == 16 || requested == 32 ? requested : kDefaultRowsPerWarp;
+}
 
 bool tensor_core_supports(long long block, int depth) {
   const bool depth_ok = depth == 64 || depth == 128 || depth == 256;
@@ -305,6 +340,9 @@ void launch_tensor_core_statistics(const TensorCoreLaunch& launch, cudaStream_t 
   if (launch.num_items == 0) return;
   if (!tensor_core_supports(launch.block, launch.depth)) {
     fail(ErrorKind::kInternal, "tensor-core statistics: block {} / depth {} not supported", launch.block, launch.depth);
+  }
+  if (launch.rows_per_warp != tensor_core_rows_per_warp(launch.depth, launch.rows_per_warp)) {
+    fail(ErrorKind::kInternal, "tensor-core statistics: {} rows per warp at depth {}", launch.rows_per_warp, launch.depth);
   }
   if (launch.fp16) launch_type<true>(launch, stream);
   else launch_type<false>(launch, stream);

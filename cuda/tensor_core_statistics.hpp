@@ -10,8 +10,9 @@ namespace hysparse::cuda {
 
 // Keys per shared-memory tile; the key buffer is padded with zero rows to a multiple of it.
 constexpr int kTensorCoreKeyTile = 64;
-// Warps per thread block; each warp owns 16 query rows of one head.
-constexpr int kTensorCoreWarps = 8;
+// Query rows per thread block: warps of 16 rows (8 warps) or 32 rows (4 warps), each warp's rows
+// from one head.
+constexpr int kTensorCoreRowsPerBlock = 128;
 
 // One thread block's work: query-row tile, head chunk, and a key range [key_begin, key_end)
 // that starts on a block boundary and ends on one (or at the tile's last causal key tile).
@@ -27,7 +28,8 @@ struct TensorCoreLaunch {
   const TensorCoreWorkItem* work = nullptr;  // [num_items]
   long long num_items = 0;
   int heads = 0, rows = 0, depth = 0;        // depth: padded head_dim, 64, 128 or 256
-  int heads_per_cta = 1, row_subtiles = 1;   // warps used = heads_per_cta * row_subtiles <= kTensorCoreWarps
+  int rows_per_warp = 16;                    // 16 or 32 (tensor_core_rows_per_warp)
+  int heads_per_cta = 1, row_subtiles = 1;   // warps used = heads_per_cta * row_subtiles <= 128 / rows_per_warp
   long long block = 64, num_blocks = 0;
   float score_scale = 1.0f;                  // logit = score_scale * (q . k), > 0
   float* block_max = nullptr;                // [heads][rows][num_blocks]
@@ -37,6 +39,9 @@ struct TensorCoreLaunch {
 // Whether the tensor-core kernel handles this block size and padded depth: blocks of 8, 16,
 // 32 or 64 keys (several per key tile) or any multiple of 64 (several key tiles per block).
 bool tensor_core_supports(long long block, int depth);
+// Rows per warp the kernel runs at this depth: `requested` (16 or 32) where it fits, else the
+// default (0 asks for the default).
+int tensor_core_rows_per_warp(int depth, int requested);
 // Key ranges of work items must be multiples of this (whole blocks and whole key tiles).
 long long tensor_core_key_unit(long long block);
 void launch_tensor_core_statistics(const TensorCoreLaunch& launch, cudaStream_t stream);
