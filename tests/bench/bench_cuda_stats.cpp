@@ -6,7 +6,8 @@
 //
 //   hysparse_bench_cuda [--seq-lens 8192,32768,131072] [--head-dim 128] [--q-heads 32] [--kv-heads 8]
 //                       [--block 64] [--precisions fp32,bf16] [--repeats 3] [--fp32-max-elements 3e9]
-//                       [--host-api-seq-lens 8192,32768] [--profile]
+//                       [--host-api-seq-lens 8192,32768] [--tc-rows-per-warp 0,16,32] [--profile]
+// --tc-rows-per-warp times the tensor-core kernel with 16 or 32 query rows per warp (0: its default).
 // --profile runs one bf16 pass of one KV group at the first length and nothing else (for ncu).
 // Lines starting with RESULT are for scripts/bench_torch_stats.py.
 #include <cublas_v2.h>
@@ -148,6 +149,7 @@ struct Options {
   std::vector<std::int64_t> seq_lens = {8192, 32768, 131072};
   std::vector<std::int64_t> host_api_seq_lens = {8192, 32768};
   std::vector<std::string> precisions = {"fp32", "bf16"};
+  std::vector<std::int64_t> rows_per_warp = {0};
   std::int64_t d = 128, q_heads = 32, kv_heads = 8, block = 64;
   int repeats = 3;
   double fp32_max_elements = 3e9;
@@ -157,7 +159,7 @@ struct Options {
 // The device pass over `groups` KV groups at length T: input rounding plus statistics and row
 // log-sum-exps, every causal row. Returns milliseconds (median over repeats).
 double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std::int64_t groups, int repeats,
-                      Normal& gen, double* memory_gib) {
+                      Normal& gen, double* memory_gib, int rows_per_warp = 0) {
   const std::int64_t G = o.q_heads / o.kv_heads, d = o.d;
   const cuda::InputType type = precision == Precision::kFp32 ? cuda::InputType::kFloat32
                                : precision == Precision::kBf16 ? cuda::InputType::kBfloat16
@@ -214,6 +216,7 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
       a.block_sum = block_sum;
       a.lse_tokens = lse_tokens;
       a.lse_all = lse_all;
+      a.tensor_core_rows_per_warp = rows_per_warp;
       pass.run(a, nullptr);
     }
   };
@@ -305,6 +308,7 @@ int main(int argc, char** argv) {
     if (flag == "--seq-lens") o.seq_lens = parse_list(value);
     else if (flag == "--host-api-seq-lens") o.host_api_seq_lens = parse_list(value);
     else if (flag == "--precisions") o.precisions = parse_words(value);
+    else if (flag == "--tc-rows-per-warp") o.rows_per_warp = parse_list(value);
     else if (flag == "--head-dim") o.d = std::stoll(value);
     else if (flag == "--q-heads") o.q_heads = std::stoll(value);
     else if (flag == "--kv-heads") o.kv_heads = std::stoll(value);
@@ -345,7 +349,7 @@ int main(int argc, char** argv) {
   std::printf("RESULT kind=cublas_scores elements_per_s=%.6e\nRESULT kind=cublas_peak elements_per_s=%.6e\n", score_gemm_elements,
               peak_elements);
 
-  std::printf("\n%-8s %-5s %-7s %-12s %-10s %-14s %-10s %-10s %s\n", "T", "prec", "groups", "elements", "ms", "elements/s",
+  std::printf("\n%-8s %-8s %-7s %-12s %-10s %-14s %-10s %-10s %s\n", "T", "prec", "groups", "elements", "ms", "elements/s",
               "vs scores", "vs peak", "GPU memory in use");
   for (std::int64_t T : o.seq_lens) {
     for (const std::string& name : o.precisions) {
@@ -355,21 +359,28 @@ int main(int argc, char** argv) {
       if (precision == Precision::kFp32) {
         groups = std::min<std::int64_t>(o.kv_heads, static_cast<std::int64_t>(o.fp32_max_elements / causal_elements(G, T)));
         if (groups == 0) {
-          std::printf("%-8lld %-5s skipped: one KV group is %.2e elements, over --fp32-max-elements %.1e\n",
+          std::printf("%-8lld %-8s skipped: one KV group is %.2e elements, over --fp32-max-elements %.1e\n",
                       static_cast<long long>(T), name.c_str(), causal_elements(G, T), o.fp32_max_elements);
           continue;
         }
       }
-      double gib = 0;
-      const int repeats = precision == Precision::kFp32 ? 1 : o.repeats;
-      const double ms = device_pass_ms(o, precision, T, groups, repeats, gen, &gib);
-      const double elements = causal_elements(G * groups, T);
-      const double rate = elements / (ms * 1e-3);
-      std::printf("%-8lld %-5s %-7lld %-12.3e %-10.2f %-14.3e %-10.3f %-10.3f %.2f GiB\n", static_cast<long long>(T),
-                  name.c_str(), static_cast<long long>(groups), elements, ms, rate, rate / score_gemm_elements,
-                  rate / peak_elements, gib);
-      std::printf("RESULT kind=pass precision=%s T=%lld elements_per_s=%.6e\n", name.c_str(), static_cast<long long>(T), rate);
-      std::fflush(stdout);
+      // The tensor-core variants (bf16/fp16 only); fp32 runs the SIMT kernel once.
+      const std::vector<std::int64_t> variants = precision == Precision::kFp32 ? std::vector<std::int64_t>{0} : o.rows_per_warp;
+      for (const std::int64_t rows_per_warp : variants) {
+        double gib = 0;
+        const int repeats = precision == Precision::kFp32 ? 1 : o.repeats;
+        const double ms = device_pass_ms(o, precision, T, groups, repeats, gen, &gib, static_cast<int>(rows_per_warp));
+        const double elements = causal_elements(G * groups, T);
+        const double rate = elements / (ms * 1e-3);
+        const std::string label = rows_per_warp == 0 ? name : name + "/" + std::to_string(rows_per_warp) + "r";
+        std::printf("%-8lld %-8s %-7lld %-12.3e %-10.2f %-14.3e %-10.3f %-10.3f %.2f GiB\n", static_cast<long long>(T),
+                    label.c_str(), static_cast<long long>(groups), elements, ms, rate, rate / score_gemm_elements,
+                    rate / peak_elements, gib);
+        if (rows_per_warp == 0) {
+          std::printf("RESULT kind=pass precision=%s T=%lld elements_per_s=%.6e\n", name.c_str(), static_cast<long long>(T), rate);
+        }
+        std::fflush(stdout);
+      }
     }
   }
 

@@ -381,6 +381,87 @@ TEST_CASE("The tensor-core kernel runs for the block sizes it supports", "[cuda]
   }
 }
 
+TEST_CASE("Tensor-core warps of 16 and 32 query rows give the same statistics", "[cuda]") {
+  // The backend runs the default (16 rows per warp); this holds the other layout (32 rows, up
+  // to head_dim 128) to it, on random bf16 inputs, strided rows (the last warp half empty) and three heads.
+  const int heads = 3, T = 3000, d = 128, stride = cuda::input_stride(cuda::InputType::kBfloat16, d);
+  std::vector<long long> positions;
+  for (long long t = 5; t < T; t += 3) positions.push_back(t);
+  const int rows = static_cast<int>(positions.size());
+  const long long padded_keys = (T + 63) / 64 * 64, most_blocks = positions.back() / 16 + 1;
+  float *q32 = nullptr, *k32 = nullptr, *m = nullptr, *l = nullptr;
+  void *q = nullptr, *k = nullptr;
+  long long* pos = nullptr;
+  double *lse_tokens = nullptr, *lse_all = nullptr;
+  const auto cells = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(most_blocks);
+  REQUIRE(cudaMalloc(&q32, sizeof(float) * static_cast<std::size_t>(heads * rows * d)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&k32, sizeof(float) * static_cast<std::size_t>(T * d)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&q, static_cast<std::size_t>(heads * rows * stride * 2)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&k, static_cast<std::size_t>(padded_keys * stride * 2)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&pos, sizeof(long long) * positions.size()) == cudaSuccess);
+  REQUIRE(cudaMalloc(&m, sizeof(float) * cells) == cudaSuccess);
+  REQUIRE(cudaMalloc(&l, sizeof(float) * cells) == cudaSuccess);
+  REQUIRE(cudaMalloc(&lse_tokens, sizeof(double) * static_cast<std::size_t>(heads * rows)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&lse_all, sizeof(double) * static_cast<std::size_t>(heads * rows)) == cudaSuccess);
+  cuda::fill_normal(q32, static_cast<std::size_t>(heads * rows * d), test::seed(), nullptr);
+  cuda::fill_normal(k32, static_cast<std::size_t>(T * d), test::seed() + 1, nullptr);
+  REQUIRE(cudaMemset(k, 0, static_cast<std::size_t>(padded_keys * stride * 2)) == cudaSuccess);
+  cuda::convert_rows(cuda::InputType::kBfloat16, q32, heads * rows, d, 2.0f, q, nullptr, nullptr);
+  cuda::convert_rows(cuda::InputType::kBfloat16, k32, T, d, 1.0f, k, nullptr, nullptr);
+  REQUIRE(cudaMemcpy(pos, positions.data(), sizeof(long long) * positions.size(), cudaMemcpyHostToDevice) == cudaSuccess);
+  cuda::StatsPass pass(132);
+  cuda::StatsPassArgs args;
+  args.type = cuda::InputType::kBfloat16;
+  args.q = q;
+  args.k = k;
+  args.positions = pos;
+  args.host_positions = positions.data();
+  args.heads = heads;
+  args.rows = rows;
+  args.head_dim = d;
+  args.score_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  args.block_max = m;
+  args.block_sum = l;
+  args.lse_tokens = lse_tokens;
+  args.lse_all = lse_all;
+  for (const long long block : {16LL, 64LL, 192LL}) {
+    CAPTURE(block);
+    args.block = block;
+    args.num_blocks = positions.back() / block + 1;
+    const auto n = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(args.num_blocks);
+    std::vector<float> m16(n), l16(n), m32(n), l32(n);
+    std::vector<double> lse16(static_cast<std::size_t>(heads * rows)), lse32(lse16.size());
+    for (const int rows_per_warp : {16, 32}) {
+      args.tensor_core_rows_per_warp = rows_per_warp;
+      REQUIRE(pass.run(args, nullptr) == std::string("tensor-core"));
+      auto& mo = rows_per_warp == 16 ? m16 : m32;
+      auto& lo = rows_per_warp == 16 ? l16 : l32;
+      auto& so = rows_per_warp == 16 ? lse16 : lse32;
+      REQUIRE(cudaMemcpy(mo.data(), m, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
+      REQUIRE(cudaMemcpy(lo.data(), l, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
+      REQUIRE(cudaMemcpy(so.data(), lse_tokens, sizeof(double) * so.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+    }
+    // Same products, same reduction order per block: equal up to the last bit (compared with a
+    // 1e-6 relative margin, so a legitimate reordering would not fail the test).
+    double worst = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (std::isinf(m16[i]) || std::isinf(m32[i])) {
+        if (m16[i] != m32[i]) CHECK(m16[i] == m32[i]);
+        continue;
+      }
+      worst = std::max({worst, std::fabs(static_cast<double>(m16[i]) - m32[i]) / (1.0 + std::fabs(m16[i])),
+                        std::fabs(static_cast<double>(l16[i]) - l32[i]) / l16[i]});
+    }
+    for (std::size_t i = 0; i < lse16.size(); ++i) worst = std::max(worst, std::fabs(lse16[i] - lse32[i]));
+    std::printf("tensor-core 16 vs 32 rows per warp, block %lld: largest difference %.2e\n", block, worst);
+    CHECK(worst <= 1e-6);
+  }
+  for (void* p : {static_cast<void*>(q32), static_cast<void*>(k32), q, k, static_cast<void*>(pos), static_cast<void*>(m),
+                  static_cast<void*>(l), static_cast<void*>(lse_tokens), static_cast<void*>(lse_all)}) {
+    cudaFree(p);
+  }
+}
+
 TEST_CASE("Precision choices the device cannot honour are usage errors", "[cuda]") {
   auto kind_of = [](auto&& call) {
     try {
