@@ -388,8 +388,9 @@ def sweep_markdown(report: Any, figures: Sequence[Any], skipped: Sequence[Tuple[
     w("")
     if report.is_partial:
         w(f"> **Warning: partial sweep.** {report.units_done} of {report.units_total} work units (capture x layer) "
-          "were done (`/sweep` status `partial`). Metrics of unfinished units are NaN in the report; the tables "
-          "and figures below show what was finished and may change when the sweep completes.")
+          "were done (`/sweep` status `partial`). The numbers below cover the finished units only (a capture "
+          "not started has no rows; layers not yet replayed are NaN in its replay datasets and missing from its "
+          "means) and will change when the sweep completes (`hysparse sweep --resume`).")
         w("")
     _provenance(report, w)
     C = report.num_captures

@@ -215,7 +215,7 @@ def _partial_caption(report: SweepReport) -> str:
     if not report.is_partial:
         return ""
     return (f" PARTIAL SWEEP: {report.units_done} of {report.units_total} work units (capture x layer) were done; "
-            "points of unfinished units are missing or NaN.")
+            "the points cover the finished units only.")
 
 
 def _pooled_text(report: SweepReport) -> str:
