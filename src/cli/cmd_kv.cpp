@@ -7,6 +7,7 @@
 #include "cli/commands.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/memory.hpp"
 #include "common/provenance.hpp"
 #include "common/sha256.hpp"
 #include "kv/footprint.hpp"
@@ -126,6 +127,12 @@ void add_kv_command(CLI::App& app) {
 
     // Check the destination before any work; the report appears whole or not at all.
     std::unique_ptr<AtomicOutput> out = o->output.empty() ? nullptr : std::make_unique<AtomicOutput>(o->output);
+    // One record per layer, method and context: refused before building when it cannot fit.
+    require_memory(checked_mul(checked_mul(methods.size(), contexts.size(), "KV table size"),
+                               checked_mul(static_cast<std::uint64_t>(model.num_layers), sizeof(KvLayerAccount), "KV table size"),
+                               "KV table size"),
+                   fmt::format("the KV table of {} ({} layers x {} methods x {} contexts)", model.name, model.num_layers,
+                               methods.size(), contexts.size()));
     const KvTable table = compute_kv_table(model, methods, dtype, static_cast<std::uint64_t>(o->batch), contexts);
     if (o->json) {
       fmt::print("{}\n", kv_table_json(table).dump(2));

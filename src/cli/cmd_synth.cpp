@@ -3,6 +3,7 @@
 #include "cli/commands.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/memory.hpp"
 #include "synth/synth.hpp"
 
 namespace hysparse::cli {
@@ -44,6 +45,10 @@ void add_synth_command(CLI::App& app) {
     if (*gzip < 0 || *gzip > 9) fail(ErrorKind::kUsage, "--gzip {}: expected 0..9", *gzip);
     options->with_v = !*no_v;
     validate(*options);
+    // Refused before the output is created, naming it (generate_synthetic checks again for library callers).
+    require_memory(synth_layer_bytes(*options), fmt::format("{}: synth of a layer of {} q heads, {} kv heads, head_dim {}, "
+                                                            "seq_len {}", *output, options->num_q_heads,
+                                                            options->num_kv_heads, options->head_dim, options->seq_len));
     CaptureWriteOptions write_options;
     write_options.dtype = type->second;
     write_options.gzip_level = *gzip;

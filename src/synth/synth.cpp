@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common/error.hpp"
 #include "common/interrupt.hpp"
+#include "common/memory.hpp"
 #include "common/random.hpp"
 
 namespace hysparse {
@@ -67,6 +69,36 @@ void validate(const SynthOptions& o) {
   for (double v : {o.sink_strength, o.locality, o.heavy_strength, o.retrieval_strength, o.content_std}) {
     if (!std::isfinite(v) || v < 0) fail(ErrorKind::kUsage, "synth: strengths must be finite and >= 0 (got {})", v);
   }
+  (void)synth_layer_bytes(o);  // a shape whose byte counts overflow is refused here, before any work
+}
+
+std::uint64_t synth_layer_bytes(const SynthOptions& o) {
+  // Every sum and product is checked: the options come from the command line.
+  constexpr std::uint64_t kMax = std::numeric_limits<std::uint64_t>::max();
+  auto overflow = [&]() {
+    fail(ErrorKind::kUsage, "synth: --q-heads {} --kv-heads {} --head-dim {} --seq-len {}: a layer's size overflows "
+         "64 bits (expected a shape whose bytes fit in memory)", o.num_q_heads, o.num_kv_heads, o.head_dim, o.seq_len);
+  };
+  auto mul = [&](std::uint64_t a, std::uint64_t b) {
+    if (a != 0 && b > kMax / a) overflow();
+    return a * b;
+  };
+  auto add = [&](std::uint64_t a, std::uint64_t b) {
+    if (b > kMax - a) overflow();
+    return a + b;
+  };
+  const auto Hq = static_cast<std::uint64_t>(o.num_q_heads), Hkv = static_cast<std::uint64_t>(o.num_kv_heads);
+  const auto T = static_cast<std::uint64_t>(o.seq_len), d = static_cast<std::uint64_t>(o.head_dim);
+  const std::uint64_t q = mul(mul(mul(Hq, T), d), sizeof(float));
+  const std::uint64_t k = mul(mul(mul(Hkv, T), d), sizeof(float));
+  // Kept across layers: q/k content (at most d channels each), values, retrieval targets; per layer:
+  // q, k and the copy of v handed to the writer, plus the writer's 16-bit staging buffer of one tensor.
+  std::uint64_t bytes = add(q, k);                                  // q_content, k_content
+  bytes = add(bytes, mul(mul(Hq, T), sizeof(std::int64_t)));        // targets
+  bytes = add(bytes, add(q, k));                                    // the layer's q and k
+  if (o.with_v) bytes = add(bytes, mul(k, 2));                      // values and the layer's v
+  bytes = add(bytes, q / 2);                                        // float16/bfloat16 staging
+  return bytes;
 }
 
 CaptureHeader synth_header(const SynthOptions& o) {
@@ -91,6 +123,8 @@ CaptureHeader synth_header(const SynthOptions& o) {
 void generate_synthetic(const SynthOptions& o,
                         const std::function<void(std::int64_t layer, const LayerTensors&)>& sink) {
   validate(o);
+  require_memory(synth_layer_bytes(o), fmt::format("synth: a layer of {} q heads, {} kv heads, head_dim {}, seq_len {}",
+                                                   o.num_q_heads, o.num_kv_heads, o.head_dim, o.seq_len));
   const std::int64_t Hq = o.num_q_heads, Hkv = o.num_kv_heads, T = o.seq_len, d = o.head_dim;
   const std::int64_t group = Hq / Hkv;
   const Channels ch(d);

@@ -32,8 +32,11 @@ struct SynthOptions {
   double cross_layer = 0.9;            // 0: layers independent, 1: identical layers
 };
 
-// Validates options (Error kUsage on nonsense values).
+// Validates options (Error kUsage on nonsense values and on shapes whose byte counts overflow).
 void validate(const SynthOptions& options);
+
+// Peak bytes generate_synthetic holds for one layer (checked arithmetic; Error kUsage on overflow).
+std::uint64_t synth_layer_bytes(const SynthOptions& options);
 
 CaptureHeader synth_header(const SynthOptions& options);
 
