@@ -21,9 +21,13 @@ enum class ErrorKind {
 int exit_code(ErrorKind kind);
 const char* to_string(ErrorKind kind);
 
+// The message with control characters escaped ("\n", "\x1b"): names and values taken from input
+// files or the command line cannot break an error into several lines or drive the terminal.
+std::string one_line(const std::string& message);
+
 class Error : public std::runtime_error {
  public:
-  Error(ErrorKind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
+  Error(ErrorKind kind, const std::string& message) : std::runtime_error(one_line(message)), kind_(kind) {}
   ErrorKind kind() const { return kind_; }
 
  private:

@@ -2,6 +2,7 @@
 
 #include <ctime>
 
+#include "common/atomic_file.hpp"
 #include "common/sha256.hpp"
 
 namespace hysparse {
@@ -47,8 +48,12 @@ std::string utc_now_iso8601() {
 }
 
 void Provenance::add_input(const std::string& path) {
+  // Watched before hashing and checked after: the hash (and, at commit, the output) then describes
+  // the bytes that were actually read.
+  watch_input(path);
   input_files.push_back(path);
   input_sha256.push_back(sha256_of_file(path));
+  watch_input(path);
 }
 
 Provenance make_provenance(int argc, const char* const* argv) {

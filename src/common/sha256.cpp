@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "common/interrupt.hpp"
 
 namespace hysparse {
 namespace {
@@ -97,7 +98,10 @@ std::string sha256_of_file(const std::string& path) {
   Sha256 hash;
   std::vector<char> chunk(1 << 20);
   std::size_t got;
-  while ((got = std::fread(chunk.data(), 1, chunk.size(), file.get())) > 0) hash.update(chunk.data(), got);
+  while ((got = std::fread(chunk.data(), 1, chunk.size(), file.get())) > 0) {
+    hash.update(chunk.data(), got);
+    check_interrupted();  // hashing a large capture takes a while; Ctrl-C must not wait for it
+  }
   if (std::ferror(file.get())) fail(ErrorKind::kInput, "{}: read error while hashing", path);
   return hash.hex_digest();
 }

@@ -2,17 +2,47 @@
 
 #include <hdf5_hl.h>
 
+#include <cerrno>
 #include <cstring>
 #include <limits>
 
+#include "common/atomic_file.hpp"
 #include "common/error.hpp"
 #include "common/half.hpp"
+#include "common/memory.hpp"
 
 namespace hysparse::h5 {
 namespace {
 
 [[noreturn]] void fail_object(const std::string& file, const std::string& object, const std::string& what) {
   fail_input(file, object, "{}", what);
+}
+
+// Why a write through libhdf5 failed: libhdf5 keeps the system's errno of the failed write(2).
+std::string write_failure_reason() {
+  const int error_number = errno;
+  switch (error_number) {
+    case ENOSPC: return "no space left on the device (disk full)";
+    case EDQUOT: return "disk quota exceeded";
+    case EFBIG: return "file too large (the file-size limit, ulimit -f, or the file system's maximum)";
+    case EROFS: return "read-only file system";
+    case EIO: return "input/output error";
+    case EACCES: case EPERM: return "permission denied";
+    case ENOENT: return "the directory does not exist";
+    default: return "disk full or not writable?";
+  }
+}
+
+// A read that failed: when the file changed under us, that is the reason to report.
+[[noreturn]] void fail_read(const std::string& file, const std::string& object, const std::string& what) {
+  check_inputs_unchanged();
+  fail_input(file, object, "{}", what);
+}
+
+// Bytes for `count` elements of `element_size`, refused before allocating when they do not fit.
+void require_read_memory(const std::string& file, const std::string& object, std::uint64_t count,
+                         std::uint64_t element_size) {
+  require_memory(checked_mul(count, element_size, "dataset size in bytes"), fmt::format("{}: reading {}", file, object));
 }
 
 Handle make_plist(hid_t plist_class) {
@@ -68,8 +98,10 @@ void write_attribute_raw(const File& file, const std::string& object_path, const
   Handle plist = make_plist(H5P_ATTRIBUTE_CREATE);
   Handle attribute(H5Acreate_by_name(file.id(), object_path.c_str(), name.c_str(), file_type, space, H5P_DEFAULT,
                                      H5P_DEFAULT, H5P_DEFAULT));
+  errno = 0;
   if (!attribute.valid() || (point_count(space) > 0 && H5Awrite(attribute.id(), mem_type, data) < 0)) {
-    fail(ErrorKind::kOutput, "{}: cannot write {}", file.path(), attribute_where(object_path, name));
+    fail(ErrorKind::kOutput, "{}: cannot write {}: {}", file.path(), attribute_where(object_path, name),
+         write_failure_reason());
   }
 }
 
@@ -99,10 +131,11 @@ void write_dataset_raw(const File& file, const std::string& path, const std::vec
     if (options.shuffle) H5Pset_shuffle(dcpl.id());
     if (options.gzip_level > 0) H5Pset_deflate(dcpl.id(), static_cast<unsigned>(options.gzip_level));
   }
+  errno = 0;
   Handle dataset(H5Dcreate2(file.id(), path.c_str(), file_type, space.id(), H5P_DEFAULT, dcpl.id(), H5P_DEFAULT));
-  if (!dataset.valid()) fail(ErrorKind::kOutput, "{}: {}: cannot create dataset", file.path(), path);
+  if (!dataset.valid()) fail(ErrorKind::kOutput, "{}: {}: cannot create dataset: {}", file.path(), path, write_failure_reason());
   if (point_count(space.id()) > 0 && H5Dwrite(dataset.id(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
-    fail(ErrorKind::kOutput, "{}: {}: cannot write dataset (disk full?)", file.path(), path);
+    fail(ErrorKind::kOutput, "{}: {}: cannot write dataset: {}", file.path(), path, write_failure_reason());
   }
 }
 
@@ -125,6 +158,11 @@ void Handle::reset() {
 
 void silence_hdf5_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
 
+std::int64_t open_hdf5_objects() {
+  const ssize_t count = H5Fget_obj_count(H5F_OBJ_ALL, H5F_OBJ_ALL);
+  return count < 0 ? 0 : static_cast<std::int64_t>(count);
+}
+
 const char* to_string(ElementType type) {
   switch (type) {
     case ElementType::kFloat32: return "float32";
@@ -146,6 +184,7 @@ File File::open_read(const std::string& path) {
   std::FILE* probe = std::fopen(path.c_str(), "rb");
   if (!probe) fail(ErrorKind::kInput, "{}: cannot open for reading (missing file or no permission)", path);
   std::fclose(probe);
+  watch_input(path);  // a capture rewritten while we read it is an error, not a silently mixed result
   if (H5Fis_hdf5(path.c_str()) <= 0) {
     fail(ErrorKind::kInput, "{}: not an HDF5 file (no HDF5 signature; truncated or wrong format)", path);
   }
@@ -159,23 +198,35 @@ File File::create(const std::string& path) {
   File file;
   file.path_ = path;
   Handle fcpl = make_plist(H5P_FILE_CREATE);
+  errno = 0;
   file.handle_ = Handle(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl.id(), H5P_DEFAULT));
-  if (!file.handle_.valid()) fail(ErrorKind::kOutput, "{}: cannot create file (directory missing or not writable?)", path);
+  if (!file.handle_.valid()) fail(ErrorKind::kOutput, "{}: cannot create file: {}", path, write_failure_reason());
+  file.writable_ = true;
   return file;
 }
 
+File::~File() {
+  if (writable_ && handle_.valid()) (void)handle_.release();
+}
+
 void File::flush() {
-  if (handle_.valid() && H5Fflush(handle_.id(), H5F_SCOPE_GLOBAL) < 0) {
-    fail(ErrorKind::kOutput, "{}: cannot flush (disk full?)", path_);
+  if (!handle_.valid()) return;
+  errno = 0;
+  if (H5Fflush(handle_.id(), H5F_SCOPE_GLOBAL) < 0) {
+    const std::string reason = write_failure_reason();
+    if (writable_) (void)handle_.release();
+    fail(ErrorKind::kOutput, "{}: cannot write: {}", path_, reason);
   }
 }
 
 void File::close() {
   if (!handle_.valid()) return;
-  const herr_t status = H5Fclose(handle_.id());
-  Handle released(H5I_INVALID_HID);
-  handle_ = std::move(released);
-  if (status < 0) fail(ErrorKind::kOutput, "{}: cannot close (disk full?)", path_);
+  // Everything reaches the disk first: a flush that fails leaves libhdf5's file intact to abandon,
+  // whereas a close that fails half-way leaves it corrupted.
+  if (writable_) flush();
+  errno = 0;
+  const herr_t status = H5Fclose(handle_.release());
+  if (status < 0) fail(ErrorKind::kOutput, "{}: cannot close: {}", path_, write_failure_reason());
 }
 
 bool link_exists(hid_t loc, const std::string& path) {
@@ -214,7 +265,7 @@ Handle create_group(const File& file, const std::string& path) {
   create_parent_groups(file, path);
   Handle gcpl = make_plist(H5P_GROUP_CREATE);
   Handle group(H5Gcreate2(file.id(), path.c_str(), H5P_DEFAULT, gcpl.id(), H5P_DEFAULT));
-  if (!group.valid()) fail(ErrorKind::kOutput, "{}: {}: cannot create group", file.path(), path);
+  if (!group.valid()) fail(ErrorKind::kOutput, "{}: {}: cannot create group: {}", file.path(), path, write_failure_reason());
   return group;
 }
 
@@ -254,6 +305,7 @@ std::vector<std::string> read_string_list_attribute(const File& file, const std:
     Handle memtype(H5Tcopy(H5T_C_S1));
     H5Tset_size(memtype.id(), H5T_VARIABLE);
     H5Tset_cset(memtype.id(), H5Tget_cset(type.id()));
+    require_read_memory(file.path(), where, n, sizeof(char*));
     std::vector<char*> pointers(n, nullptr);
     if (n > 0 && H5Aread(attribute.id(), memtype.id(), pointers.data()) < 0) {
       fail_object(file.path(), where, "cannot read string");
@@ -264,6 +316,7 @@ std::vector<std::string> read_string_list_attribute(const File& file, const std:
     }
   } else {
     const std::size_t size = H5Tget_size(type.id());
+    require_read_memory(file.path(), where, checked_mul(n, size, "string attribute size") + 1, 1);
     std::vector<char> buffer(n * size + 1, '\0');
     if (n > 0 && H5Aread(attribute.id(), type.id(), buffer.data()) < 0) {
       fail_object(file.path(), where, "cannot read string");
@@ -293,6 +346,7 @@ std::vector<std::int64_t> read_int_list_attribute(const File& file, const std::s
   Handle space(H5Aget_space(attribute.id()));
   const std::string where = attribute_where(object_path, name);
   if (H5Tget_class(type.id()) != H5T_INTEGER) fail_object(file.path(), where, "is not an integer (expected an integer)");
+  require_read_memory(file.path(), where, point_count(space.id()), sizeof(std::int64_t));
   std::vector<std::int64_t> values(point_count(space.id()));
   if (!values.empty() && H5Aread(attribute.id(), H5T_NATIVE_INT64, values.data()) < 0) {
     fail_object(file.path(), where, "cannot read integer (out of the int64 range?)");
@@ -371,7 +425,8 @@ std::uint64_t DatasetInfo::element_count() const {
   std::uint64_t count = 1;
   for (std::uint64_t d : dims) {
     if (d != 0 && count > std::numeric_limits<std::uint64_t>::max() / d) {
-      throw Error(ErrorKind::kInput, "dataset dimensions overflow a 64-bit element count");
+      throw Error(ErrorKind::kInput, fmt::format("{}: dimensions overflow a 64-bit element count (expected a "
+                                                 "product of dimensions below 2^64)", where));
     }
     count *= d;
   }
@@ -385,6 +440,7 @@ DatasetInfo dataset_info(const File& file, const std::string& path) {
   Handle space(H5Dget_space(dataset.id()));
   Handle type(H5Dget_type(dataset.id()));
   DatasetInfo info;
+  info.where = file.path() + ": " + path;
   const int rank = H5Sget_simple_extent_ndims(space.id());
   if (rank < 0) fail_object(file.path(), path, "unreadable dataspace");
   std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
@@ -450,6 +506,7 @@ void read_floats(const File& file, const std::string& path, const DatasetInfo& i
       status = H5Dread(dataset.id(), H5T_NATIVE_FLOAT, mem_space.id(), file_space.id(), H5P_DEFAULT, out);
       break;
     case ElementType::kBFloat16: {
+      require_read_memory(file.path(), path, elements, sizeof(std::uint16_t));  // the uint16 staging buffer
       std::vector<std::uint16_t> raw(elements);
       status = H5Dread(dataset.id(), H5T_NATIVE_UINT16, mem_space.id(), file_space.id(), H5P_DEFAULT, raw.data());
       for (std::uint64_t i = 0; i < elements; ++i) out[i] = bfloat16_to_float(raw[i]);
@@ -460,7 +517,7 @@ void read_floats(const File& file, const std::string& path, const DatasetInfo& i
                                                   "stored as uint16 with attribute dtype=\"bfloat16\")",
                                                   info.type_description));
   }
-  if (status < 0) fail_object(file.path(), path, "cannot read data (truncated or corrupted file)");
+  if (status < 0) fail_read(file.path(), path, "cannot read data (truncated or corrupted file)");
 }
 
 std::vector<std::int64_t> read_ints(const File& file, const std::string& path) {
@@ -468,9 +525,10 @@ std::vector<std::int64_t> read_ints(const File& file, const std::string& path) {
   Handle dataset(H5Dopen2(file.id(), path.c_str(), H5P_DEFAULT));
   Handle type(H5Dget_type(dataset.id()));
   if (H5Tget_class(type.id()) != H5T_INTEGER) fail_object(file.path(), path, "is not an integer dataset");
+  require_read_memory(file.path(), path, info.element_count(), sizeof(std::int64_t));
   std::vector<std::int64_t> values(info.element_count());
   if (!values.empty() && H5Dread(dataset.id(), H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()) < 0) {
-    fail_object(file.path(), path, "cannot read data (truncated or corrupted file)");
+    fail_read(file.path(), path, "cannot read data (truncated or corrupted file)");
   }
   return values;
 }
@@ -478,9 +536,10 @@ std::vector<std::int64_t> read_ints(const File& file, const std::string& path) {
 std::vector<double> read_doubles(const File& file, const std::string& path) {
   DatasetInfo info = dataset_info(file, path);
   Handle dataset(H5Dopen2(file.id(), path.c_str(), H5P_DEFAULT));
+  require_read_memory(file.path(), path, info.element_count(), sizeof(double));
   std::vector<double> values(info.element_count());
   if (!values.empty() && H5Dread(dataset.id(), H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()) < 0) {
-    fail_object(file.path(), path, "cannot read data as float64");
+    fail_read(file.path(), path, "cannot read data as float64");
   }
   return values;
 }
@@ -506,6 +565,7 @@ std::string read_string_dataset(const File& file, const std::string& path) {
     return value;
   }
   const std::size_t size = H5Tget_size(type.id());
+  require_read_memory(file.path(), path, size + 1, 1);
   std::vector<char> buffer(size + 1, '\0');
   if (H5Dread(dataset.id(), type.id(), H5S_ALL, H5S_ALL, H5P_DEFAULT, buffer.data()) < 0) {
     fail_object(file.path(), path, "cannot read string");
@@ -562,7 +622,23 @@ void write_string_dataset(const File& file, const std::string& path, const std::
   Handle dataset(H5Dcreate2(file.id(), path.c_str(), type.id(), space.id(), H5P_DEFAULT, dcpl.id(), H5P_DEFAULT));
   const char* pointer = value.c_str();
   if (!dataset.valid() || H5Dwrite(dataset.id(), type.id(), H5S_ALL, H5S_ALL, H5P_DEFAULT, &pointer) < 0) {
-    fail(ErrorKind::kOutput, "{}: {}: cannot write string dataset", file.path(), path);
+    fail(ErrorKind::kOutput, "{}: {}: cannot write string dataset: {}", file.path(), path, write_failure_reason());
+  }
+}
+
+void write_strings(const File& file, const std::string& path, const std::vector<std::string>& values) {
+  create_parent_groups(file, path);
+  Handle type = utf8_vlen_string_type();
+  const hsize_t n = values.size();
+  Handle space(H5Screate_simple(1, &n, nullptr));
+  Handle dcpl = make_plist(H5P_DATASET_CREATE);
+  Handle dataset(H5Dcreate2(file.id(), path.c_str(), type.id(), space.id(), H5P_DEFAULT, dcpl.id(), H5P_DEFAULT));
+  std::vector<const char*> pointers;
+  pointers.reserve(values.size());
+  for (const auto& v : values) pointers.push_back(v.c_str());
+  if (!dataset.valid() ||
+      (n > 0 && H5Dwrite(dataset.id(), type.id(), H5S_ALL, H5S_ALL, H5P_DEFAULT, pointers.data()) < 0)) {
+    fail(ErrorKind::kOutput, "{}: {}: cannot write string dataset: {}", file.path(), path, write_failure_reason());
   }
 }
 

@@ -30,12 +30,18 @@ class Handle {
   hid_t id() const { return id_; }
   bool valid() const { return id_ >= 0; }
   void reset();
+  // Gives up ownership without closing: the id stays open in libhdf5.
+  hid_t release() { return std::exchange(id_, H5I_INVALID_HID); }
 
  private:
   hid_t id_ = H5I_INVALID_HID;
 };
 
 void silence_hdf5_errors();
+
+// Files (and their objects) libhdf5 still holds open. After a failed write or close (a full disk)
+// libhdf5 1.10 may keep a half-closed file whose cleanup at exit crashes; main() then exits without it.
+std::int64_t open_hdf5_objects();
 
 enum class ElementType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt32, kInt64, kUInt16, kOther };
 const char* to_string(ElementType type);
@@ -45,14 +51,23 @@ class File {
  public:
   static File open_read(const std::string& path);
   static File create(const std::string& path);  // truncates
+  File() = default;
+  File(File&&) noexcept = default;
+  File& operator=(File&&) noexcept = default;
+  // A file opened for reading is closed. A file created for writing and never close()d (an exception
+  // is unwinding) is abandoned unflushed: its temporary file is about to be removed, and libhdf5 1.10
+  // crashes (SIGSEGV in H5F__close) closing a file whose writes failed, e.g. on a full disk.
+  ~File();
   const std::string& path() const { return path_; }
   hid_t id() const { return handle_.id(); }
-  void flush();
+  void flush();  // Error(kOutput) naming the file and the system's reason (disk full, file too large)
+  // Flushes, then closes. On failure the file is abandoned as above and Error(kOutput) is thrown.
   void close();
 
  private:
   Handle handle_;
   std::string path_;
+  bool writable_ = false;
 };
 
 bool link_exists(hid_t loc, const std::string& path);  // each component checked, no error stack
@@ -91,6 +106,7 @@ struct DatasetInfo {
   std::vector<std::uint64_t> dims;
   ElementType element_type = ElementType::kOther;  // bfloat16 when uint16 + dtype="bfloat16"
   std::string type_description;                    // for error messages
+  std::string where;                               // "FILE: /path", names the dataset in errors
   std::uint64_t element_count() const;             // throws on overflow
 };
 DatasetInfo dataset_info(const File& file, const std::string& path);
@@ -121,6 +137,8 @@ void write_ints(const File& file, const std::string& path, const std::vector<std
 void write_int32s(const File& file, const std::string& path, const std::vector<std::uint64_t>& dims,
                   const std::int32_t* data, const WriteOptions& options = {});
 void write_string_dataset(const File& file, const std::string& path, const std::string& value);
+// A 1-D dataset of variable-length UTF-8 strings (a table column of names).
+void write_strings(const File& file, const std::string& path, const std::vector<std::string>& values);
 
 // HDF5 dimension scales: `scale_path` becomes a scale named `label`, attached to
 // dimension `dim` of `dataset_path`.
