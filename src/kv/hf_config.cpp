@@ -1,16 +1,31 @@
 #include "kv/hf_config.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <fstream>
 #include <optional>
 #include <sstream>
 
+#include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/memory.hpp"
 
 namespace hysparse {
 namespace {
 
 using json = nlohmann::json;
+
+// A JSON value for an error message: scalars as written (long ones cut), containers by size. Never
+// json::dump() on a container: it recurses once per nesting level, and a hostile config nested a
+// million deep would overflow the stack.
+std::string describe(const json& v) {
+  if (v.is_array()) return fmt::format("an array of {} elements", v.size());
+  if (v.is_object()) return fmt::format("an object with {} keys", v.size());
+  std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (text.size() > 80) text = text.substr(0, 77) + "...";
+  return text;
+}
 
 class Reader {
  public:
@@ -18,16 +33,33 @@ class Reader {
 
   bool present(const char* key) const { return c_.contains(key) && !c_.at(key).is_null(); }
 
-  // An integer value (null counts as absent). Error(kInput) for other types.
+  // Every integer of a config (layer and head counts, dimensions, windows) is at most 2^40 in magnitude,
+  // far above any model's, so that the model's own sums (head_dim + v_head_dim, kv_lora_rank +
+  // qk_rope_head_dim, ...) cannot overflow; byte counts are then formed with checked products.
+  static constexpr std::int64_t kMaxValue = std::int64_t{1} << 40;
+
+  // An integer value (null counts as absent). Error(kInput) for other types and for |value| > 2^40.
   std::optional<std::int64_t> optional_int(const char* key) const {
     if (!present(key)) return std::nullopt;
     const json& v = c_.at(key);
-    if (v.is_number_integer()) return v.get<std::int64_t>();
-    if (v.is_number_float()) {
+    std::optional<std::int64_t> value;
+    if (v.is_number_unsigned()) {
+      if (v.get<std::uint64_t>() <= static_cast<std::uint64_t>(kMaxValue)) value = static_cast<std::int64_t>(v.get<std::uint64_t>());
+    } else if (v.is_number_integer()) {
+      if (v.get<std::int64_t>() >= -kMaxValue && v.get<std::int64_t>() <= kMaxValue) value = v.get<std::int64_t>();
+    } else if (v.is_number_float()) {
+      // 4.0 is accepted as 4; the range check comes first (converting 1e300 to int64 is undefined).
       const double d = v.get<double>();
-      if (d == static_cast<double>(static_cast<std::int64_t>(d))) return static_cast<std::int64_t>(d);
+      if (d == std::trunc(d) && d >= -static_cast<double>(kMaxValue) && d <= static_cast<double>(kMaxValue)) {
+        value = static_cast<std::int64_t>(d);
+      } else if (d != std::trunc(d)) {
+        fail_input(where_, key, "is {} (expected an integer)", describe(v));
+      }
+    } else {
+      fail_input(where_, key, "is {} (expected an integer)", describe(v));
     }
-    fail_input(where_, key, "is {} (expected an integer)", v.dump());
+    if (!value) fail_input(where_, key, "is {} (expected an integer of magnitude at most 2^40 = {})", describe(v), kMaxValue);
+    return value;
   }
 
   std::int64_t positive(const char* key, std::initializer_list<const char*> aliases = {}) const {
@@ -52,14 +84,14 @@ class Reader {
   std::optional<bool> optional_bool(const char* key) const {
     if (!present(key)) return std::nullopt;
     const json& v = c_.at(key);
-    if (!v.is_boolean()) fail_input(where_, key, "is {} (expected true or false)", v.dump());
+    if (!v.is_boolean()) fail_input(where_, key, "is {} (expected true or false)", describe(v));
     return v.get<bool>();
   }
 
   std::string optional_string(const char* key) const {
     if (!present(key)) return "";
     const json& v = c_.at(key);
-    if (!v.is_string()) fail_input(where_, key, "is {} (expected a string)", v.dump());
+    if (!v.is_string()) fail_input(where_, key, "is {} (expected a string)", describe(v));
     return v.get<std::string>();
   }
 
@@ -93,6 +125,12 @@ KvModel kv_model_from_hf_json(const json& root, const std::string& where) {
   if (m.name.empty()) m.name = where;
   m.source = where;
   m.num_layers = r.positive("num_hidden_layers", {"n_layer", "num_layers"});
+  // Layer types, schedules and the accounting's per-layer records all scale with the layer count:
+  // a count whose records cannot fit is refused here, before any of them is built (the count is at
+  // most 2^40, so the product cannot overflow).
+  constexpr std::uint64_t kBytesPerLayer = sizeof(KvLayerAccount) + sizeof(KvLayerType) + 1;
+  require_memory(static_cast<std::uint64_t>(m.num_layers) * kBytesPerLayer,
+                 fmt::format("{}: num_hidden_layers = {}: the per-layer records", place, m.num_layers));
   m.num_q_heads = r.positive("num_attention_heads", {"n_head"});
   const std::string model_type = r.optional_string("model_type");
 
@@ -138,7 +176,7 @@ KvModel kv_model_from_hf_json(const json& root, const std::string& where) {
       fail_input(place, "layer_types", "has {} entries (expected num_hidden_layers = {})", types.size(), m.num_layers);
     }
     for (std::size_t i = 0; i < types.size(); ++i) {
-      if (!types[i].is_string()) fail_input(place, fmt::format("layer_types[{}]", i), "is {} (expected a string)", types[i].dump());
+      if (!types[i].is_string()) fail_input(place, fmt::format("layer_types[{}]", i), "is {} (expected a string)", describe(types[i]));
       m.layer_types.push_back(parse_layer_type(types[i].get<std::string>(), fmt::format("{}: layer_types[{}]", place, i)));
     }
   } else if (window) {
@@ -173,6 +211,7 @@ KvModel kv_model_from_hf_json(const json& root, const std::string& where) {
 }
 
 KvModel kv_model_from_hf_config(const std::string& path) {
+  watch_input(path);  // checked again before a report is committed
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_input(path, "", "cannot open (no such file or not readable)");
   std::ostringstream text;

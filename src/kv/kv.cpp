@@ -278,8 +278,14 @@ KvMethod resolve_method(const std::string& spec_in, const KvModel& model, const 
   }
 
   // Parameter checks.
+  // At most 2^40 (far above any real window, budget or page): sums such as sinks + window + budget
+  // below, and in the accounting, then cannot overflow.
+  constexpr std::int64_t kMaxParam = std::int64_t{1} << 40;
   for (const auto& p : method.params) {
     if (p.value < 0) fail(ErrorKind::kUsage, "method '{}': {} is {} (expected >= 0)", spec, p.name, p.value);
+    if (p.value > kMaxParam) {
+      fail(ErrorKind::kUsage, "method '{}': {} is {} (expected at most 2^40 = {})", spec, p.name, p.value, kMaxParam);
+    }
   }
   for (const char* period : {"page", "block", "stride"}) {
     if (has_param(method.params, period) && method.param(period) < 1) {

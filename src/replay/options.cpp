@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "common/error.hpp"
@@ -55,7 +56,11 @@ std::int64_t parse_token_count(const std::string& raw, const char* what) {
   if (!text.empty() && (text.back() == 'K' || text.back() == 'k')) multiplier = 1024;
   if (!text.empty() && (text.back() == 'M' || text.back() == 'm')) multiplier = 1024 * 1024;
   if (multiplier != 1) text.pop_back();
-  return parse_positive_integer(text, what) * multiplier;
+  const std::int64_t count = parse_positive_integer(text, what);
+  if (count > std::numeric_limits<std::int64_t>::max() / multiplier) {
+    fail(ErrorKind::kUsage, "{} '{}': overflows 64 bits (expected a token count below 2^63)", what, raw);
+  }
+  return count * multiplier;
 }
 
 std::vector<Budget> parse_token_budgets(const std::string& text) {
