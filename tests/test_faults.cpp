@@ -230,7 +230,7 @@ TEST_CASE("inputs: the watch is off unless enabled (library use)", "[faults]") {
 
 // ---- regressions: one per fuzz finding ----
 
-TEST_CASE("fuzz regression (hf_config, huge.json): a float integer beyond int64 is an input error, not UB", "[faults]") {
+TEST_CASE("fuzz regression (hf_config, regression-float-beyond-int64.json): a float integer beyond int64 is an input error, not UB", "[faults]") {
   // Converting 1e300 to int64 was undefined behaviour (UBSan: hf_config.cpp "outside the range of
   // representable values"); now a range check comes first.
   for (const char* value : {"1e300", "-1e300", "9.3e18", "18446744073709551615", "1.5"}) {
