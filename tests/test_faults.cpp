@@ -1,6 +1,7 @@
 // Faults and hostile inputs below the CLI: the memory budget and its refusals, one-line messages,
 // outputs that cannot be created, inputs that change while they are read, and a regression test for
-// every finding of the fuzz targets (tests/fuzz), each named after the input that found it.
+// every finding of the fuzz targets (tests/fuzz), each named after the input that found it, next to
+// the hardening found by review.
 #include <sys/stat.h>
 
 #include <chrono>
@@ -242,14 +243,14 @@ TEST_CASE("fuzz regression (hf_config, regression-float-beyond-int64.json): a fl
   CHECK(kv_model_from_hf_json(four, "cfg.json").num_layers == 4);
 }
 
-TEST_CASE("fuzz regression (hf_config): a deeply nested value is described, not dumped recursively", "[faults]") {
+TEST_CASE("hardening (hf_config, found by review): a deeply nested value is described, not dumped recursively", "[faults]") {
   std::string nested = std::string(200000, '[') + std::string(200000, ']');
   const auto config = nlohmann::json::parse("{\"num_hidden_layers\": " + nested + ", \"num_attention_heads\": 8}");
   require_error(ErrorKind::kInput, [&] { (void)kv_model_from_hf_json(config, "deep.json"); },
                 {"deep.json: num_hidden_layers: is an array of 1 elements (expected an integer)"});
 }
 
-TEST_CASE("fuzz regression (hf_config): a layer count whose records cannot fit is refused first", "[faults]") {
+TEST_CASE("hardening (hf_config, found by review): a layer count whose records cannot fit is refused first", "[faults]") {
   const auto config = nlohmann::json::parse(R"({"num_hidden_layers": 1000000000000, "num_attention_heads": 8,
                                                "head_dim": 8, "sliding_window": 4})");
   require_error(ErrorKind::kResource, [&] { (void)kv_model_from_hf_json(config, "many.json"); },
