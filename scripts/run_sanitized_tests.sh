@@ -17,4 +17,4 @@ fi
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 cd "$BUILD_DIR"
 # The Python suites exercise the same binary through scripts; they run in the main build.
-ctest --output-on-failure -j"$(nproc)" -E "^(analysis_tests|capture_llama_tests|capture_hf_tests)$"
+ctest --output-on-failure -j"$(nproc)" -E "^(analysis_tests|analysis_sweep_tests|capture_llama_tests|capture_hf_tests)$"

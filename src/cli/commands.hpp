@@ -11,5 +11,6 @@ void add_info_command(CLI::App& app);
 void add_replay_command(CLI::App& app);
 void add_kv_command(CLI::App& app);
 void add_list_command(CLI::App& app);
+void add_sweep_command(CLI::App& app);
 
 }  // namespace hysparse::cli

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <mutex>
 #include <limits>
 #include <cstring>
 #include <numeric>
@@ -311,6 +312,11 @@ double mean_of(const double* values, std::int64_t n) {
 
 }  // namespace
 
+std::mutex& capture_io_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
 void RecallHistogram::add(double v) {
   const auto bin = std::clamp<std::int64_t>(static_cast<std::int64_t>(v * kModelHistogramBins), 0, kModelHistogramBins - 1);
   ++histogram[static_cast<std::size_t>(bin)];
@@ -478,6 +484,16 @@ std::vector<Table*> layer_tables(SelectorResult& out) {
 }
 }  // namespace
 
+CaptureReader open_capture_locked(const std::string& path) {
+  std::lock_guard<std::mutex> lock(capture_io_mutex());
+  return CaptureReader::open(path);
+}
+
+LayerTensors read_layer_locked(const CaptureReader& reader, std::int64_t layer, bool with_v) {
+  std::lock_guard<std::mutex> lock(capture_io_mutex());
+  return reader.read_layer(layer, with_v);
+}
+
 // Everything a replay holds between layers. Layers run in order; after any layer the state can be
 // written to a checkpoint and a later run restored from it continues with identical numbers.
 struct ReplayRun::Impl {
@@ -486,13 +502,18 @@ struct ReplayRun::Impl {
         options(options_),
         backend(backend_),
         progress(progress_),
-        reader(CaptureReader::open(capture_path_)),
-        header(reader.header()),
+        reader(std::make_unique<CaptureReader>(open_capture_locked(capture_path_))),
+        header(reader->header()),
         L(header.num_layers),
         Hq(header.num_q_heads),
         Hkv(header.num_kv_heads),
         G(header.group_size()) {
     setup();
+  }
+  // libhdf5 calls happen under capture_io_mutex(), closing the file included.
+  ~Impl() {
+    std::lock_guard<std::mutex> lock(capture_io_mutex());
+    reader.reset();
   }
   void setup();
   void calibrate();
@@ -503,7 +524,7 @@ struct ReplayRun::Impl {
   ReplayOptions options;
   const Backend& backend;
   bool progress = false;
-  CaptureReader reader;
+  std::unique_ptr<CaptureReader> reader;
   const CaptureHeader& header;
   std::int64_t L = 0, Hq = 0, Hkv = 0, G = 0;
   ReplayResult result;
@@ -538,6 +559,13 @@ void ReplayRun::Impl::setup() {
   R = static_cast<std::int64_t>(rows.size());
   NB = static_cast<std::int64_t>(options.budgets.size());
   if (NB == 0) fail(ErrorKind::kUsage, "no budgets: give --budget or --sparsity");
+  // The metric walk adds blocks budget after budget: budgets must ascend (tokens up, sparsity down).
+  for (std::int64_t b = 1; b < NB; ++b) {
+    const Budget& x = options.budgets[static_cast<std::size_t>(b - 1)];
+    const Budget& y = options.budgets[static_cast<std::size_t>(b)];
+    const bool ascending = x.kind == y.kind && (x.kind == Budget::Kind::kTokens ? x.value < y.value : x.value > y.value);
+    if (!ascending) fail(ErrorKind::kInternal, "replay: budgets {} and {} are not in ascending order", x.label(), y.label());
+  }
   if (options.selectors.empty()) fail(ErrorKind::kUsage, "no selectors: give --selectors");
   if (options.block_size < 1) fail(ErrorKind::kUsage, "--block must be >= 1");
   if (options.sinks < 0 || options.window < 0) fail(ErrorKind::kUsage, "--sinks and --window must be >= 0");
@@ -614,7 +642,7 @@ void ReplayRun::Impl::setup() {
   inputs.header = &header;
   inputs.scale = header.effective_softmax_scale();
   bool any_v = false;
-  for (std::int64_t l = 0; l < L; ++l) any_v = any_v || reader.layer(l).has_v;
+  for (std::int64_t l = 0; l < L; ++l) any_v = any_v || reader->layer(l).has_v;
   result.has_output_error = options.output_error && any_v;
 
   // Memory: per-row metrics of one layer, reuse rankings of every layer, one layer of tensors.
@@ -622,7 +650,7 @@ void ReplayRun::Impl::setup() {
   const std::uint64_t row_metric_bytes =
       checked_mul(static_cast<std::uint64_t>(S * NB * Hq), static_cast<std::uint64_t>(R) * (kNumMetrics * 8 + 1), "metric storage");
   const std::uint64_t reuse_bytes = static_cast<std::uint64_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 0)) * 4;
-  require_memory(row_metric_bytes + reuse_bytes + reader.layer_bytes(0, result.has_output_error),
+  require_memory(row_metric_bytes + reuse_bytes + reader->layer_bytes(0, result.has_output_error),
                  fmt::format("replay of {} ({} query rows)", capture_path, R));
 
   // Results.
@@ -689,8 +717,8 @@ void ReplayRun::Impl::calibrate() {
   if (!calibrating.empty()) {
     for (std::int64_t layer = 0; layer < L; ++layer) {
       check_interrupted();
-      const LayerInfo& info = reader.layer(layer);
-      const LayerTensors tensors = reader.read_layer(layer, info.has_v);
+      const LayerInfo& info = reader->layer(layer);
+      const LayerTensors tensors = read_layer_locked(*reader, layer, info.has_v);
       layer_context.layer = layer;
       layer_context.tensors = &tensors;
       layer_context.has_qk = info.has_qk();
@@ -710,9 +738,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   if (!calibrated) calibrate();
   check_interrupted();
   const auto layer_started = std::chrono::steady_clock::now();
-  const LayerInfo& info = reader.layer(layer);
+  const LayerInfo& info = reader->layer(layer);
   const bool want_output = result.has_output_error && info.has_v && info.has_qk();
-  const LayerTensors tensors = reader.read_layer(layer, want_output);
+  const LayerTensors tensors = read_layer_locked(*reader, layer, want_output);
   if (!info.has_qk()) {
     // Dense probabilities must be probabilities.
     for (std::int64_t h = 0; h < Hq; ++h) {
@@ -1173,7 +1201,8 @@ std::vector<std::uint8_t> ReplayRun::checkpoint() const {
     SelectorResult& out = const_cast<SelectorResult&>(m.result.selectors[static_cast<std::size_t>(s)]);
     for (Table* t : layer_tables(out)) w.put_vector(t->values);
     w.put_string(m.calibrated ? m.calibration_notes[static_cast<std::size_t>(s)] : std::string());
-    w.put_vector(m.selectors[static_cast<std::size_t>(s)]->save_state());
+    // A finished run needs no cross-layer state to continue (and it can be large).
+    w.put_vector(m.next_layer < m.L ? m.selectors[static_cast<std::size_t>(s)]->save_state() : std::vector<std::int32_t>{});
   }
   w.put_vector(m.result.reuse.values);
   w.put_vector(m.reuse_store);
@@ -1216,10 +1245,11 @@ void ReplayRun::restore(const std::vector<std::uint8_t>& blob) {
   m.result.score_elements = r.get<std::uint64_t>();
   const bool calibrated = r.get<std::uint8_t>() != 0;
   std::vector<std::string> notes;
+  std::vector<std::vector<std::int32_t>> states;
   for (std::int64_t s = 0; s < m.S; ++s) {
     for (Table* t : layer_tables(m.result.selectors[static_cast<std::size_t>(s)])) r.get_into(t->values);
     notes.push_back(r.get_string());
-    m.selectors[static_cast<std::size_t>(s)]->restore_state(r.get_vector<std::int32_t>());
+    states.push_back(r.get_vector<std::int32_t>());
   }
   r.get_into(m.result.reuse.values);
   r.get_into(m.reuse_store);
@@ -1234,15 +1264,21 @@ void ReplayRun::restore(const std::vector<std::uint8_t>& blob) {
       const auto sparse = r.get_vector<std::int64_t>();
       if (sparse.size() % 2 != 0) ByteReader::corrupt();
       std::fill(d.histogram.begin(), d.histogram.end(), 0);
+      std::int64_t counted = 0;
       for (std::size_t i = 0; i < sparse.size(); i += 2) {
-        if (sparse[i] < 0 || sparse[i] >= kModelHistogramBins) ByteReader::corrupt();
+        if (sparse[i] < 0 || sparse[i] >= kModelHistogramBins || sparse[i + 1] <= 0) ByteReader::corrupt();
         d.histogram[static_cast<std::size_t>(sparse[i])] = sparse[i + 1];
+        counted += sparse[i + 1];
       }
       d.min = r.get<double>();
       d.rows = r.get<std::int64_t>();
+      if (d.rows != counted) ByteReader::corrupt();
     }
   }
   if (!r.at_end()) ByteReader::corrupt();
+  if (next < m.L) {
+    for (std::int64_t s = 0; s < m.S; ++s) m.selectors[static_cast<std::size_t>(s)]->restore_state(states[static_cast<std::size_t>(s)]);
+  }
   m.next_layer = next;
   // A finished run needs no calibration; an unfinished one recalibrates (deterministic) before its next layer.
   if (calibrated && next == m.L) {

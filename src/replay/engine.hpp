@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -126,6 +127,11 @@ class ReplayRun {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Replays running in several threads at once (a sweep over several devices) open, read and close
+// captures, and write reports, under this lock: libhdf5 builds without its thread-safe option
+// (the default) must not be entered by two threads.
+std::mutex& capture_io_mutex();
 
 // Model aggregates (model_* tables) of one selector from its sums, for `budgets` budgets.
 void fill_model_tables(SelectorResult& out, const ModelSums* sums, std::int64_t budgets);

@@ -173,8 +173,9 @@ std::vector<double> simhash_planes(std::uint64_t seed, std::int64_t kv_head, std
   return planes;
 }
 
-void CrossLayerStore::reset(std::int64_t num_sets, std::int64_t rows, std::int64_t stride) {
+void CrossLayerStore::reset(std::int64_t num_sets, std::int64_t rows, std::int64_t stride, std::int64_t max_block) {
   rows_ = rows;
+  max_block_ = max_block;
   stride_ = std::max<std::int64_t>(1, stride);
   stored_.assign(static_cast<std::size_t>(num_sets * rows_ * stride_), 0);
   length_.assign(static_cast<std::size_t>(num_sets * rows_), 0);
@@ -220,6 +221,18 @@ void CrossLayerStore::restore(const std::vector<std::int32_t>& state) {
   if (state.size() != length_.size() + stored_.size()) {
     fail(ErrorKind::kInput, "replay checkpoint: a cross-layer selection store of {} entries (expected {})", state.size(),
          length_.size() + stored_.size());
+  }
+  // Lengths within the stride and block indices within the rows: a damaged checkpoint is refused,
+  // never read past its arrays.
+  for (std::size_t i = 0; i < length_.size(); ++i) {
+    if (state[i] < 0 || state[i] > stride_) {
+      fail(ErrorKind::kInput, "replay checkpoint: a stored ranking of {} blocks (expected at most {})", state[i], stride_);
+    }
+  }
+  for (std::size_t i = length_.size(); i < state.size(); ++i) {
+    if (state[i] < 0 || state[i] >= std::max<std::int64_t>(1, max_block_)) {
+      fail(ErrorKind::kInput, "replay checkpoint: stored block index {} (expected below {})", state[i], max_block_);
+    }
   }
   std::copy_n(state.begin(), length_.size(), length_.begin());
   std::copy(state.begin() + static_cast<std::ptrdiff_t>(length_.size()), state.end(), stored_.begin());

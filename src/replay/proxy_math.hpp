@@ -62,7 +62,8 @@ class CrossLayerStore {
  public:
   enum class Score { kMax, kMass };       // block max probability P_b, or block mass M_b
   enum class Group { kMax, kSum, kNone };  // over a KV group's heads; kNone: one ranking per query head
-  void reset(std::int64_t num_sets, std::int64_t rows, std::int64_t stride);
+  // `max_block`: blocks of the longest row (ranked block indices are below it; checkpoints are checked).
+  void reset(std::int64_t num_sets, std::int64_t rows, std::int64_t stride, std::int64_t max_block);
   // Ranks the causal blocks of every row of the tile by the view's statistics and stores the
   // first ranking_length[r] of them.
   void record(const RankContext& context, Score score, Group group);
@@ -73,7 +74,7 @@ class CrossLayerStore {
   void restore(const std::vector<std::int32_t>& state);
 
  private:
-  std::int64_t rows_ = 0, stride_ = 1;
+  std::int64_t rows_ = 0, stride_ = 1, max_block_ = 0;
   std::vector<std::int32_t> stored_, length_;  // [set][row][stride]
 };
 

@@ -49,7 +49,8 @@ class HySparseSelector final : public Selector {
   void begin(const ReplayPlan& plan) override {
     const std::string spec = !schedule_.empty() ? schedule_ : plan.schedule.empty() ? kDefaultSchedule : plan.schedule;
     full_ = parse_schedule(spec, plan.header->num_layers);
-    store_.reset(plan.header->num_kv_heads, static_cast<std::int64_t>(plan.rows.size()), plan.max_ranking_length(block_));
+    store_.reset(plan.header->num_kv_heads, static_cast<std::int64_t>(plan.rows.size()), plan.max_ranking_length(block_),
+                 (plan.header->seq_len + block_ - 1) / block_);
   }
 
   std::vector<std::int32_t> save_state() const override { return store_.state(); }

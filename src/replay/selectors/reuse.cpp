@@ -60,7 +60,8 @@ class ReuseSelector final : public Selector {
            label(), L, requested_.front());
     }
     const std::int64_t sets = group_ == "none" ? plan.header->num_q_heads : plan.header->num_kv_heads;
-    store_.reset(sets, static_cast<std::int64_t>(plan.rows.size()), plan.max_ranking_length(block_));
+    store_.reset(sets, static_cast<std::int64_t>(plan.rows.size()), plan.max_ranking_length(block_),
+                 (plan.header->seq_len + block_ - 1) / block_);
   }
 
   std::vector<std::int32_t> save_state() const override { return store_.state(); }
