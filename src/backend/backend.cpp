@@ -1,5 +1,7 @@
 #include "backend/backend.hpp"
 
+#include <algorithm>
+
 #include "common/error.hpp"
 
 #ifdef HYSPARSE_HAVE_CUDA
@@ -39,7 +41,54 @@ std::unique_ptr<Backend> make_backend(const std::string& device, const std::stri
   return make_backend(device, parse_precision(precision));
 }
 
+namespace {
+
+// Several devices as one backend: each request goes to the device of its KV head (kv_head mod N),
+// so the engine's OpenMP threads keep every device busy and a device keeps the keys of its groups.
+class MultiDeviceBackend final : public Backend {
+ public:
+  explicit MultiDeviceBackend(std::vector<std::unique_ptr<Backend>> devices) : devices_(std::move(devices)) {}
+  std::string name() const override {
+    for (const auto& d : devices_) {
+      if (d->name() != devices_.front()->name()) return "multi";
+    }
+    return devices_.front()->name();
+  }
+  std::string device() const override {
+    std::string text = std::to_string(devices_.size()) + " devices (KV heads spread round-robin): ";
+    for (std::size_t i = 0; i < devices_.size(); ++i) text += (i ? "; " : "") + devices_[i]->device();
+    return text;
+  }
+  std::int64_t preferred_tile_rows() const override {
+    std::int64_t rows = devices_.front()->preferred_tile_rows();
+    for (const auto& d : devices_) rows = std::min(rows, d->preferred_tile_rows());
+    return rows;
+  }
+  void block_statistics(const StatsRequest& request, StatsTile& out) const override {
+    const auto n = static_cast<std::int64_t>(devices_.size());
+    const std::int64_t index = request.kv_head >= 0 ? request.kv_head % n : 0;
+    devices_[static_cast<std::size_t>(index)]->block_statistics(request, out);
+  }
+
+ private:
+  std::vector<std::unique_ptr<Backend>> devices_;
+};
+
+}  // namespace
+
 std::unique_ptr<Backend> make_backend(const std::string& device, Precision precision) {
+  if (device.find(',') != std::string::npos) {
+    std::vector<std::unique_ptr<Backend>> devices;
+    std::size_t begin = 0;
+    while (begin <= device.size()) {
+      const std::size_t comma = std::min(device.find(',', begin), device.size());
+      const std::string one = device.substr(begin, comma - begin);
+      if (one.empty() || one.find(',') != std::string::npos) fail(ErrorKind::kUsage, "--device {}: an empty entry", device);
+      devices.push_back(make_backend(one, precision));
+      begin = comma + 1;
+    }
+    return std::make_unique<MultiDeviceBackend>(std::move(devices));
+  }
   if (device == "cpu") {
     if (precision != Precision::kFp32) {
       fail(ErrorKind::kUsage, "--precision {}: the cpu device computes in fp32 only (use --device cuda for bf16/fp16)",

@@ -65,6 +65,7 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // "cpu" or "cuda" / "cuda:N". Throws Error(kDevice) when the device is unusable, and
 // Error(kUsage) for a precision the device does not offer (the CPU computes in fp32 only).
+// A comma-separated list ("cuda:0,cuda:1") spreads the KV heads over the devices round-robin.
 std::unique_ptr<Backend> make_backend(const std::string& device, Precision precision = Precision::kFp32);
 std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& precision);
 

@@ -13,6 +13,7 @@ void add_replay_command(CLI::App& app) {
   struct State {
     std::string capture, output, budgets, sparsity, selectors = "oracle,swa,hysparse";
     ReplayOptions options;
+    std::string gpus;
     int threads = 0;
     bool quiet = false, no_output_error = false;
   };
@@ -35,7 +36,10 @@ void add_replay_command(CLI::App& app) {
   cmd->add_option("--reuse-budget", st->options.reuse_budget, "Tokens for the cross-layer reuse matrix (0: off)")->capture_default_str();
   cmd->add_flag("--no-output-error", st->no_output_error, "Skip the output-error metric even when v is captured");
   cmd->add_option("--seed", st->options.seed, "Seed for random:N query sampling")->capture_default_str();
-  cmd->add_option("--device", st->options.device, "cpu, cuda or cuda:N")->capture_default_str();
+  auto* device = cmd->add_option("--device", st->options.device,
+                                 "cpu, cuda or cuda:N; a list (cuda:0,cuda:1) spreads the KV heads over the devices")
+                     ->capture_default_str();
+  cmd->add_option("--gpus", st->gpus, "GPU indices, e.g. 0,1: the same as --device cuda:0,cuda:1")->excludes(device);
   cmd->add_option("--precision", st->options.precision,
                   "Logits from fp32 inputs (exact), or from q/k rounded once to bf16 or fp16 on tensor cores (cuda only)")
       ->capture_default_str();
@@ -49,6 +53,19 @@ void add_replay_command(CLI::App& app) {
     options.output_error = !st->no_output_error;
     if (st->threads < 0) fail(ErrorKind::kUsage, "--threads {}: expected a positive count", st->threads);
     if (st->threads > 0) omp_set_num_threads(st->threads);
+    if (!st->gpus.empty()) {
+      options.device.clear();
+      std::size_t begin = 0;
+      while (begin <= st->gpus.size()) {
+        const std::size_t comma = std::min(st->gpus.find(',', begin), st->gpus.size());
+        const std::string index = st->gpus.substr(begin, comma - begin);
+        if (index.empty() || index.find_first_not_of("0123456789") != std::string::npos) {
+          fail(ErrorKind::kUsage, "--gpus {}: expected GPU indices separated by commas, e.g. 0,1", st->gpus);
+        }
+        options.device += (options.device.empty() ? "cuda:" : ",cuda:") + index;
+        begin = comma + 1;
+      }
+    }
     const auto backend = make_backend(options.device, options.precision);
 
     Provenance provenance = make_provenance(0, nullptr);
