@@ -39,9 +39,9 @@ __all__ = ["SWEEP_FIGURES", "SweepLine", "sweep_lines", "fig_sweep_recall_vs_spa
            "fig_sweep_per_capture", "fig_sweep_recall_vs_realised_sparsity", "build_sweep", "render_sweep",
            "budget_text", "realised_gaps", "SWEEP_BAND_NOTE"]
 
-# Instances of one selector drawn in one panel before the figure splits into facets.
-MAX_VARIANTS_PER_PANEL = len(_VARIANTS)
-MAX_FACETS = 6
+# At most this many instances share a panel (their p10..p50 bands stay readable, their legend fits).
+MAX_LINES_PER_PANEL = 4
+MAX_FIGURE_HEIGHT_IN = 7.9
 SWEEP_BAND_NOTE = ("band: 10th to 50th percentile of per-row mass recall (mass_recall_p10 to mass_recall_p50; "
                    "the report has these two, not p90)")
 _PARAM_ORDER = SWEEP_PARAM_AXES
@@ -120,62 +120,9 @@ def _sort_key(v: str) -> Tuple[int, float, str]:
         return (1, 0.0, v)
 
 
-def _choose_facets(lines: List[SweepLine]) -> List[str]:
-    """Up to two parameter axes to split the panels by, so that no panel holds more than
-    MAX_VARIANTS_PER_PANEL instances of one selector; [] when one panel is enough."""
-
-    def worst(axes: Sequence[str]) -> int:
-        counts: Dict[Tuple[str, Tuple[str, ...]], int] = {}
-        for ln in lines:
-            fam = [l for l in lines if l.instance.selector == ln.instance.selector]
-            values = []
-            for a in axes:
-                varies = len({l.params.get(a, "") for l in fam}) > 1
-                values.append(ln.params.get(a, "") if varies else "*")
-            key = (ln.instance.selector, tuple(values))
-            counts[key] = counts.get(key, 0) + 1
-        return max(counts.values()) if counts else 0
-
-    if worst([]) <= MAX_VARIANTS_PER_PANEL:
-        return []
-    candidates = [a for a in _PARAM_ORDER if _facet_values(lines, a)]
-    best: List[str] = []
-    best_score = (worst([]), 0)
-    for a in candidates:
-        if len(_facet_values(lines, a)) > MAX_FACETS:
-            continue
-        score = (worst([a]), len(_facet_values(lines, a)))
-        if score < best_score:
-            best, best_score = [a], score
-    if best and best_score[0] > MAX_VARIANTS_PER_PANEL:
-        for b in candidates:
-            if b == best[0] or len(_facet_values(lines, best[0])) * len(_facet_values(lines, b)) > 2 * MAX_FACETS:
-                continue
-            score = (worst([best[0], b]), len(_facet_values(lines, b)))
-            if score[0] < best_score[0]:
-                best, best_score = [best[0], b], score
-    return best
-
-
-def _facet_values(lines: List[SweepLine], axis: str) -> List[str]:
-    """The values of `axis` among the selectors whose instances differ in it."""
-    values = set()
-    families: Dict[str, set] = {}
-    for ln in lines:
-        families.setdefault(ln.instance.selector, set()).add(ln.params.get(axis, ""))
-    for vals in families.values():
-        if len(vals) > 1:
-            values |= vals
-    values.discard("")
-    return sorted(values, key=_sort_key) if len(values) > 1 else []
-
-
-def _in_facet(ln: SweepLine, lines: List[SweepLine], axis: str, value: str) -> bool:
-    fam = {l.params.get(axis, "") for l in lines if l.instance.selector == ln.instance.selector}
-    return len(fam) <= 1 or ln.params.get(axis, "") == value
-
-
-def _sparsity_axis(ax: Any, values: np.ndarray, label: str) -> None:
+def _sparsity_axis(ax: Any, values: np.ndarray, label: str, width_in: float = 4.5) -> None:
+    """x axis for sparsities: logit scale when they reach 0.8 (else linear); on a logit axis round tick values,
+    as many as the axes' width holds (about one per 0.45 in)."""
     v = values[np.isfinite(values)]
     if v.size and float(v.min()) > 0.0 and float(v.max()) < 1.0 and float(v.max()) >= 0.8:
         ax.set_xscale("logit")
@@ -184,8 +131,8 @@ def _sparsity_axis(ax: Any, values: np.ndarray, label: str) -> None:
         pad = max(0.08 * (lhi - llo), 0.25)
         ax.set_xlim(1 / (1 + np.exp(-(llo - pad))), 1 / (1 + np.exp(-(lhi + pad))))
         lo_lim, hi_lim = ax.get_xlim()
-        # Round values, kept apart by at least 1/10 of the axis in logit units (0.4 0.5 0.6 crowd, 0.99 0.995 not).
-        min_sep = (np.log(hi_lim / (1 - hi_lim)) - np.log(lo_lim / (1 - lo_lim))) / 10.0
+        # Round values kept apart in logit units by the axis range over the ticks the width holds.
+        min_sep = (np.log(hi_lim / (1 - hi_lim)) - np.log(lo_lim / (1 - lo_lim))) / max(2.5, width_in / 0.45)
         ticks: List[float] = []
         for t in (0.5, 0.75, 0.9, 0.25, 0.95, 0.1, 0.99, 0.98, 0.3, 0.4, 0.6, 0.7, 0.8, 0.2, 0.05, 0.995, 0.999,
                   0.998, 0.02, 0.01):  # the roundest first
@@ -232,10 +179,28 @@ def _legend(fig: Any, spec: Any, handles: List[Any], labels: List[str], ncol: in
                borderaxespad=0.0, columnspacing=1.2)
 
 
+_TEXT_WIDTHS: Dict[str, float] = {}
+
+
+def _text_width_pt(text: str) -> float:
+    """Width of one line of legend text at FONT_PT in the package font (measured, cached)."""
+    if text not in _TEXT_WIDTHS:
+        try:
+            from matplotlib.font_manager import FontProperties
+            from matplotlib.textpath import TextToPath
+            w, _, _ = TextToPath().get_text_width_height_descent(
+                text, FontProperties(family=STYLE["font.family"], size=FONT_PT), ismath=False)
+            _TEXT_WIDTHS[text] = float(w)
+        except Exception:  # noqa: BLE001 - an estimate is good enough for a layout
+            _TEXT_WIDTHS[text] = len(text) * FONT_PT * 0.55
+    return _TEXT_WIDTHS[text]
+
+
 def _label_width_in(labels: Sequence[str]) -> float:
-    """Width of a legend column: the longest text at about 0.55 em a character, plus the handle."""
-    longest = max((len(l.split("\n")[0]) for l in labels), default=10)
-    return (longest * FONT_PT * 0.55 + 3.8 * FONT_PT) / 72.0
+    """Width of a legend column: the widest text line, plus the handle, its gap and the column spacing
+    (2.6 + 0.8 + 1.2 em)."""
+    widest = max((_text_width_pt(line) for l in labels for line in l.split("\n")), default=40.0)
+    return (widest + 4.6 * FONT_PT) / 72.0
 
 
 def _legend_width_in(labels: Sequence[str]) -> float:
@@ -264,56 +229,157 @@ def _coincident_caption(coincident: Dict[str, str]) -> str:
 
 @dataclass
 class LegendPlan:
-    """Where a figure's legend goes: a column on the right, or below the axes in `ncol` columns."""
+    """Where a figure's legend goes: a column on the right (flat entries), or below the axes in `ncol`
+    columns, entries grouped under their selector's name (a group never split across columns)."""
 
     below: bool
     width_in: float     # the right column's width (right)
     ncol: int
     height_in: float    # the rows' height (below)
+    columns: List[List[int]] = None  # type: ignore[assignment]  # below: group indices per column
 
 
 MAX_RIGHT_LEGEND_ENTRIES = 12
+_ROW_IN = FONT_PT * 1.45 / 72.0
 
 
-def legend_plan(labels: Sequence[str], plot_height_in: float) -> LegendPlan:
-    """A right column when the entries fit beside the axes (at most MAX_RIGHT_LEGEND_ENTRIES and the
-    height), else rows below the axes in as many columns as the width holds."""
-    n = len(labels)
-    rows_h = (n * FONT_PT * 1.45 + 8) / 72.0
-    width = _label_width_in(labels)
-    if n <= MAX_RIGHT_LEGEND_ENTRIES and width <= 3.0 and rows_h <= plot_height_in:
+def _group_columns(sizes: Sequence[int], ncol: int) -> List[List[int]]:
+    """Consecutive groups (sizes in rows) into at most ncol columns, the tallest column as short as it
+    can be (groups keep their order and are never split)."""
+    best: Optional[List[List[int]]] = None
+    for target in range(max(sizes, default=1), sum(sizes) + 1):
+        cols: List[List[int]] = [[]]
+        height = 0
+        for g, n in enumerate(sizes):
+            if height + n > target and cols[-1]:
+                cols.append([])
+                height = 0
+            cols[-1].append(g)
+            height += n
+        if len(cols) <= ncol:
+            best = cols
+            break
+    return best or [list(range(len(sizes)))]
+
+
+def legend_plan(groups: Sequence[Tuple[str, Sequence[str]]], plot_height_in: float,
+                extra: Sequence[str] = ()) -> LegendPlan:
+    """A right column of flat entries when they fit beside the axes (at most MAX_RIGHT_LEGEND_ENTRIES,
+    within the height); else grouped entries (a header per selector, then its instances' parameters)
+    below the axes in as many columns as the width holds. `groups`: (selector, its instances' labels);
+    `extra`: entries after them (frontier, full attention)."""
+    flat = [l for _, ls in groups for l in ls] + list(extra)
+    rows_h = (sum(len(l.split("\n")) for l in flat) * FONT_PT * 1.45 + 8) / 72.0
+    width = _label_width_in(flat)
+    if len(flat) <= MAX_RIGHT_LEGEND_ENTRIES and width <= 3.0 and rows_h <= plot_height_in:
         return LegendPlan(False, width, 1, 0.0)
-    ncol = max(1, min(n, int((DOUBLE_COLUMN_IN - 0.1) // min(width, DOUBLE_COLUMN_IN - 0.1))))
-    rows = (n + ncol - 1) // ncol
-    return LegendPlan(True, 0.0, ncol, (rows * FONT_PT * 1.45 + 8) / 72.0)
+    return _grouped_plan(groups, extra)
+
+
+def _grouped_plan(groups: Sequence[Tuple[str, Sequence[str]]], extra: Sequence[str]) -> LegendPlan:
+    texts = [name for name, _ in groups] + [p[len(name):].strip() for name, ps in groups for p in ps] + list(extra)
+    width = min(_label_width_in(texts), DOUBLE_COLUMN_IN - 0.1)
+    ncol = max(1, int((DOUBLE_COLUMN_IN - 0.1) // width))
+    sizes = [1 + len(ps) for _, ps in groups] + ([sum(len(e.split("\n")) for e in extra)] if extra else [])
+    cols = _group_columns(sizes, ncol)
+    rows = max(sum(sizes[g] for g in col) for col in cols)
+    return LegendPlan(True, 0.0, len(cols), rows * _ROW_IN + 8 / 72.0, cols)
+
+
+def _grouped_legend(fig: Any, spec: Any, plan: LegendPlan, lines: List["SweepLine"],
+                    extra: Sequence[Tuple[Any, str]] = ()) -> Any:
+    """The legend below the axes: per selector a bold header, then each instance's parameters; groups
+    kept whole in the plan's columns (padded with blank rows, filled column by column)."""
+    blank = Line2D([], [], linestyle="none", marker=None)
+    groups: List[List[Tuple[Any, str, bool]]] = []
+    families: Dict[str, List[SweepLine]] = {}
+    for ln in lines:
+        families.setdefault(ln.instance.selector, []).append(ln)
+    for fam, members in families.items():
+        entries = [(blank, fam, True)]
+        for ln in members:
+            text = ln.label[len(fam):].strip() or "(defaults)"
+            entries.append((Line2D([], [], color=ln.style["color"], marker=ln.style["marker"],
+                                   linestyle=ln.style["linestyle"]), text, False))
+        groups.append(entries)
+    if extra:
+        groups.append([(h, t, False) for h, t in extra])
+    rows = max(sum(len(groups[g]) for g in col) for col in plan.columns)
+    handles, labels, bold = [], [], []
+    for col in plan.columns:
+        entries = [e for g in col for e in groups[g]]
+        entries += [(blank, "", False)] * (rows - len(entries))
+        for h, t, b in entries:
+            handles.append(h)
+            labels.append(t)
+            bold.append(b)
+    lax = fig.add_subplot(spec)
+    lax.set_axis_off()
+    leg = lax.legend(handles, labels, loc="upper center", ncol=len(plan.columns), handlelength=2.6,
+                     borderaxespad=0.0, columnspacing=1.2)
+    for text, b in zip(leg.get_texts(), bold):
+        if b:
+            text.set_fontweight("bold")
+    return leg
+
+
+def _family_groups(lines: List["SweepLine"]) -> List[Tuple[str, List[str]]]:
+    """(selector, its instances' labels) in order, for legend_plan."""
+    out: Dict[str, List[str]] = {}
+    for ln in lines:
+        out.setdefault(ln.instance.selector, []).append(ln.label)
+    return list(out.items())
 
 
 # ----------------------------------------------------------------------------
 # (a) Mass recall vs sparsity.
 # ----------------------------------------------------------------------------
 
-# Up to this many instances share one panel (their bands still readable); more: one panel per selector.
-MAX_LINES_ONE_PANEL = 4
 CONTEXT_COLOUR = "#c4c4c4"
 
 
+def _split_axis(members: List[SweepLine], taken: Sequence[str]) -> Optional[str]:
+    """The parameter (not in `taken`) whose values split `members` into the smallest largest group
+    (ties: fewer groups, then the parameter order); None when no parameter differs."""
+    keys = _key_order(list(set().union(*(set(m.params) for m in members))))
+    best, best_score = None, None
+    for k in keys:
+        if k in taken:
+            continue
+        values = {m.params.get(k, "") for m in members}
+        if len(values) < 2:
+            continue
+        largest = max(sum(1 for m in members if m.params.get(k, "") == v) for v in values)
+        score = (largest, len(values))
+        if best_score is None or score < best_score:
+            best, best_score = k, score
+    return best
+
+
 def _panels(lines: List[SweepLine]) -> List[Tuple[str, Dict[str, str], List[SweepLine]]]:
-    """(title, facet values, lines) per panel: one panel for a few instances, else one per selector, a
-    selector with more instances than line styles split further by the parameter that separates them best."""
-    if len(lines) <= MAX_LINES_ONE_PANEL:
+    """(title, fixed parameters, lines) per panel: one panel for a few instances; else one per selector,
+    split by the parameters that separate its instances best until a panel holds at most
+    MAX_LINES_PER_PANEL of them."""
+    if len(lines) <= MAX_LINES_PER_PANEL:
         return [("", {}, lines)]
-    out = []
     families: Dict[str, List[SweepLine]] = {}
     for ln in lines:
         families.setdefault(ln.instance.selector, []).append(ln)
+    out = []
     for fam, members in families.items():
-        axis = _choose_facets(members)[:1]
-        if not axis:
-            out.append((fam, {}, members))
-            continue
-        a = axis[0]
-        for v in _facet_values(members, a):
-            out.append((f"{fam}, {a} = {v}", {a: v}, [m for m in members if m.params.get(a, "") == v]))
+        groups: List[Tuple[Dict[str, str], List[SweepLine]]] = [({}, members)]
+        while any(len(ms) > MAX_LINES_PER_PANEL and _split_axis(ms, list(w)) for w, ms in groups):
+            new = []
+            for where, ms in groups:
+                axis = _split_axis(ms, list(where)) if len(ms) > MAX_LINES_PER_PANEL else None
+                if axis is None:
+                    new.append((where, ms))
+                    continue
+                for v in sorted({m.params.get(axis, "") for m in ms}, key=_sort_key):
+                    new.append((dict(where, **{axis: v}), [m for m in ms if m.params.get(axis, "") == v]))
+            groups = new
+        for where, ms in groups:
+            out.append((" ".join([fam] + [f"{a}={v}" for a, v in where.items()]), where, ms))
     return out
 
 
@@ -364,9 +430,9 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport, realised: bool = False) ->
     panels = _panels(lines)
     n = len(panels)
     single = n == 1
-    ncols = 1 if single else (n if n <= 3 else (2 if n == 4 else 3))
+    ncols = 1 if single else (n if n <= 3 else (2 if n == 4 else (3 if n <= 12 else 4)))
     nrows = (n + ncols - 1) // ncols
-    panel_h = 2.6 if nrows == 1 else (2.1 if nrows == 2 else 1.85)
+    panel_h = min(2.6 if nrows == 1 else (2.1 if nrows == 2 else 1.85), (MAX_FIGURE_HEIGHT_IN - 0.75) / nrows)
     fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, 0.55 + panel_h * nrows)
     if single:
         legend_w = _legend_width_in([ln.label for ln in lines])
@@ -421,7 +487,7 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport, realised: bool = False) ->
         if k % ncols:
             ax.tick_params(labelleft=False)
         else:
-            ax.set_ylabel("mass recall R (share of mass)")
+            ax.set_ylabel("mass recall R (share of mass)" if panel_h >= 2.0 else "mass recall R")
         if k // ncols < nrows - 1 and k + ncols < n:
             ax.tick_params(labelbottom=False)
         if single:
@@ -429,10 +495,13 @@ def fig_sweep_recall_vs_sparsity(report: SweepReport, realised: bool = False) ->
             labels.append("p10..p50 band")
             _legend(fig, gs[0, 1], handles, labels)
         elif len(members) > 1 or labels[:1] != [members[0].instance.selector]:
-            ax.legend(handles, labels, loc="lower left", handlelength=2.2, borderaxespad=0.3, labelspacing=0.25)
+            # Where it covers the least (lines and bands), on a light frame so that what it covers still shows.
+            ax.legend(handles, labels, loc="best", handlelength=2.2, borderaxespad=0.3, labelspacing=0.25,
+                      frameon=True, framealpha=0.8, edgecolor="none", borderpad=0.3)
     axes[0].set_ylim(0, 1.02)
     xlabel = "requested sparsity s" if use_budget else "realised sparsity 1 - attended / causal keys"
-    _sparsity_axis(axes[0], all_x, xlabel)
+    legend_in = _legend_width_in([ln.label for ln in lines]) if single else 0.0
+    _sparsity_axis(axes[0], all_x, xlabel, (DOUBLE_COLUMN_IN - legend_in - 0.5 * ncols) / ncols)
     xlabel = axes[0].get_xlabel()
     if ncols > 1:  # a panel is too narrow for the label on one line
         xlabel = xlabel.replace(" 1 - ", "\n1 - ").replace(" (logit", "\n(logit")
@@ -504,8 +573,8 @@ def fig_sweep_pareto(report: SweepReport) -> Optional[Rendered]:
         return None
     lines = sweep_lines(report, pooled)
     plot_h = 3.0
-    plan = legend_plan([ln.label for ln in lines] + ["Pareto frontier (budget", "next to it where room)",
-                                                     "full attention (000 KiB)"], plot_h)
+    extra_texts = ["Pareto frontier (budget\nnext to it where room)", "full attention (000 KiB)"]
+    plan = legend_plan(_family_groups(lines), plot_h, extra_texts)
     fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, plot_h + 0.3 + plan.height_in)
     if plan.below:
         gs = fig.add_gridspec(2, 1, height_ratios=[plot_h, plan.height_in])
@@ -564,7 +633,11 @@ def fig_sweep_pareto(report: SweepReport) -> Optional[Rendered]:
     ax.set_xlabel("resident KV cache, whole model (bytes, log2 scale)" + (", mean over captures" if C > 1 else ""))
     ax.set_ylabel("mass recall R (model mean)")
     ax.set_title("Recall vs KV memory", loc="left")
-    _legend(fig, gs[1, 0] if plan.below else gs[0, 1], handles, labels, ncol=plan.ncol, below=plan.below)
+    if plan.below:
+        n = len(lines)
+        _grouped_legend(fig, gs[1, 0], plan, lines, list(zip(handles[n:], labels[n:])))
+    else:
+        _legend(fig, gs[0, 1], handles, labels)
     _partial_mark(fig, report)
     ctx = sorted({n for n in (report.capture_seq_len(c) for c in range(report.num_captures)) if n})
     ctx_text = ("at the capture's context" if not ctx else f"at the capture's context ({ctx[0]} tokens)"
@@ -587,7 +660,7 @@ def fig_sweep_pareto(report: SweepReport) -> Optional[Rendered]:
 # ----------------------------------------------------------------------------
 
 def _default_budgets(report: SweepReport) -> List[float]:
-    b = [float(v) for v in report.budget_values]
+    b = sorted(float(v) for v in report.budget_values)
     if len(b) <= 3:
         return b
     return [b[0], b[len(b) // 2], b[-1]]
@@ -607,7 +680,7 @@ def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]
     budgets = list(budgets) if budgets else _default_budgets(report)
     lines = sweep_lines(report, np.arange(len(pts)))
     plot_h = 2.75
-    plan = legend_plan([ln.label for ln in lines], plot_h)
+    plan = legend_plan(_family_groups(lines), plot_h)
     fig, _ = _new_figure(report, DOUBLE_COLUMN_IN, plot_h + 0.25 + plan.height_in)
     nb = len(budgets)
     if plan.below:
@@ -646,8 +719,7 @@ def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]
         ax.set_xlim(-0.5, C + 1.1)
         ax.set_xlabel("capture")
         ax.grid(axis="x", visible=False)
-        ax.set_title(f"budget {budget_text(report, b)}" + (" tokens" if report.budget_kind == "tokens" else ""),
-                     loc="left")
+        ax.set_title(report.describe_budget(b), loc="left")
         if j == 0:
             ax.set_ylabel("mass recall R (model mean)")
         else:
@@ -657,8 +729,10 @@ def fig_sweep_per_capture(report: SweepReport, budgets: Optional[Sequence[float]
     axes[0].set_ylim(max(0.0, lo - 0.05), min(1.02, hi + 0.04))
     handles = [Line2D([], [], color=ln.style["color"], marker=ln.style["marker"], linestyle=ln.style["linestyle"])
                for ln in lines]
-    _legend(fig, gs[1, :] if plan.below else gs[0, nb], handles, [ln.label for ln in lines], ncol=plan.ncol,
-            below=plan.below)
+    if plan.below:
+        _grouped_legend(fig, gs[1, :], plan, lines)
+    else:
+        _legend(fig, gs[0, nb], handles, [ln.label for ln in lines])
     data["legend_below"] = plan.below
     _partial_mark(fig, report)
     caption = (f"Model mean mass recall of each selector instance on each of the {C} captures and pooled (grey "

@@ -418,11 +418,11 @@ class SweepFigureDataTest(unittest.TestCase):
         split = [p for p in r.data["panels"] if p["where"]]
         self.assertGreaterEqual(len(split), 2, r.data["panels"])
         for p in split:
-            self.assertLessEqual(len(p["labels"]), sf.MAX_VARIANTS_PER_PANEL)
-            (axis, value), = p["where"].items()
-            for label in p["labels"]:
-                self.assertEqual(r.data["instances"][label]["rows"].size > 0, True)
-                self.assertIn(f"{axis}={value}", label)
+            self.assertLessEqual(len(p["labels"]), sf.MAX_LINES_PER_PANEL)
+            for axis, value in p["where"].items():
+                self.assertIn(f"{axis}={value}", p["title"])
+                for label in p["labels"]:
+                    self.assertIn(f"{axis}={value}", label)
         contexts = [l for ax in r.figure.axes for l in ax.get_lines() if (l.get_gid() or "").startswith("context:")]
         self.assertTrue(contexts)
         self.assertTrue(all(l.get_color() == sf.CONTEXT_COLOUR for l in contexts))
