@@ -83,7 +83,9 @@ class SnapKvSelector final : public Selector {
         }
       }
       const std::vector<double> pooled = proxy::pool1d(votes, kernel_, pool_ == "max");
-      rank_top(pooled.data(), prefix, prefix, &order_[static_cast<std::size_t>(s * prefix)]);
+      // data() + offset, not &order_[offset]: with an empty prefix (the observation window covers the
+      // whole prompt) order_ is empty and indexing it is undefined behaviour.
+      rank_top(pooled.data(), prefix, prefix, order_.data() + s * prefix);
     }
   }
 
@@ -98,7 +100,7 @@ class SnapKvSelector final : public Selector {
     out.reset(sets, c.rows, v.num_blocks);
     for (std::int64_t s = 0; s < sets; ++s) {
       const std::int64_t set = ranks_per_head() ? c.kv_group * c.group_size + s : c.kv_group;
-      const std::int32_t* order = &order_[static_cast<std::size_t>(set * prefix_)];
+      const std::int32_t* order = order_.data() + set * prefix_;  // order_ may be empty (see prepare_layer)
       for (std::int64_t r = 0; r < c.rows; ++r) {
         const std::int64_t t = c.positions[r];
         std::int32_t* row = out.row(s, r);
