@@ -26,6 +26,7 @@
 #include "kv/kv.hpp"
 #include "kv/presets.hpp"
 #include "replay/options.hpp"
+#include "replay_test_support.hpp"
 #include "synth/synth.hpp"
 
 using namespace hysparse;
@@ -286,4 +287,21 @@ TEST_CASE("fuzz regression (kv_specs, regression-window-sinks-overflow): method 
   overrides.values.emplace_back("budget", std::int64_t{1} << 50);
   require_error(ErrorKind::kUsage, [&] { (void)resolve_method("quest", model, overrides); }, {"budget is 1125899906842624"});
   CHECK_NOTHROW(resolve_method("swa:window=1024G,sinks=4", model));  // exactly 2^40
+}
+
+TEST_CASE("sanitizer regression (determinism_tests): snapkv whose observation window covers the prompt", "[faults]") {
+  // Every row queried: the prompt is the first half (32 tokens), all of it inside snapkv's 32-token
+  // observation window, so the ranked prefix is empty. Indexing the empty ranking was undefined
+  // behaviour (UBSan in the sanitized build: reference binding to null pointer, snapkv.cpp).
+  SynthOptions options;
+  options.num_layers = 1;
+  options.num_q_heads = 2;
+  options.num_kv_heads = 1;
+  options.head_dim = 8;
+  options.seq_len = 64;
+  const Capture capture = generate_synthetic_capture(options);
+  const ReplayResult result =
+      test::replay_capture(capture, "faults_snapkv_empty_prefix", test::replay_options("snapkv", test::tokens({16})));
+  REQUIRE(result.selectors.size() == 1);
+  CHECK(result.rows.size() == 64);
 }
