@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default data: synth -> inspect -> replay -> report -> figures.
+# The main job on the embedded default data: synth -> inspect -> replay -> report -> figures, then a sweep.
 # Idempotent: the build and the default capture are reused when up to date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +24,9 @@ fi
   --schedule FSSS --reuse-budget 256 -q
 
 bash scripts/python.sh -m analysis "$OUT/report.h5" --out "$OUT/figures"
-echo "main: report $OUT/report.h5, figures and summary in $OUT/figures/"
+
+# A small sweep of the same capture: 4 selectors x 2 block sizes x 4 sparsities, one statistics pass.
+"$HYSPARSE" sweep "$CAPTURE" -o "$OUT/sweep.h5" \
+  --sparsity 0.5,0.75,0.875,0.9375 --selectors oracle,swa,hysparse,quest --block 32,64 --schedule FSSS -q
+bash scripts/python.sh -m analysis "$OUT/sweep.h5" --out "$OUT/sweep_figures"
+echo "main: report $OUT/report.h5 (figures and summary in $OUT/figures/), sweep $OUT/sweep.h5 (in $OUT/sweep_figures/)"
