@@ -418,6 +418,7 @@ class ByteWriter {
   template <class T>
   void put_vector(const std::vector<T>& values) {
     put(static_cast<std::uint64_t>(values.size()));
+    if (values.empty()) return;
     const auto* p = reinterpret_cast<const std::uint8_t*>(values.data());
     bytes_.insert(bytes_.end(), p, p + values.size() * sizeof(T));
   }
@@ -463,6 +464,7 @@ class ByteReader {
 
  private:
   void take(void* out, std::size_t n) {
+    if (n == 0) return;  // an empty vector's data() may be null: no memcpy
     if (n > bytes_.size() - offset_) corrupt();
     std::memcpy(out, bytes_.data() + offset_, n);
     offset_ += n;
