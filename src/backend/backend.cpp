@@ -76,17 +76,33 @@ class MultiDeviceBackend final : public Backend {
 
 }  // namespace
 
+std::vector<std::string> split_device_list(const std::string& devices) {
+  std::vector<std::string> items;
+  std::size_t begin = 0;
+  while (begin <= devices.size()) {
+    const std::size_t comma = std::min(devices.find(',', begin), devices.size());
+    items.push_back(devices.substr(begin, comma - begin));
+    if (items.back().empty()) fail(ErrorKind::kUsage, "--device {}: an empty entry (expected e.g. cuda:0,cuda:1)", devices);
+    begin = comma + 1;
+  }
+  return items;
+}
+
+std::string gpu_device_list(const std::string& gpus) {
+  std::string devices;
+  for (const auto& index : split_device_list(gpus)) {
+    if (index.find_first_not_of("0123456789") != std::string::npos) {
+      fail(ErrorKind::kUsage, "--gpus {}: expected GPU indices separated by commas, e.g. 0,1", gpus);
+    }
+    devices += (devices.empty() ? "cuda:" : ",cuda:") + index;
+  }
+  return devices;
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& device, Precision precision) {
   if (device.find(',') != std::string::npos) {
     std::vector<std::unique_ptr<Backend>> devices;
-    std::size_t begin = 0;
-    while (begin <= device.size()) {
-      const std::size_t comma = std::min(device.find(',', begin), device.size());
-      const std::string one = device.substr(begin, comma - begin);
-      if (one.empty() || one.find(',') != std::string::npos) fail(ErrorKind::kUsage, "--device {}: an empty entry", device);
-      devices.push_back(make_backend(one, precision));
-      begin = comma + 1;
-    }
+    for (const auto& one : split_device_list(device)) devices.push_back(make_backend(one, precision));
     return std::make_unique<MultiDeviceBackend>(std::move(devices));
   }
   if (device == "cpu") {

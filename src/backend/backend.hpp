@@ -65,6 +65,11 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // "cpu" or "cuda" / "cuda:N". Throws Error(kDevice) when the device is unusable, and
 // Error(kUsage) for a precision the device does not offer (the CPU computes in fp32 only).
+// "cuda:0,cuda:1" -> {"cuda:0", "cuda:1"}; Error(kUsage) on an empty entry.
+std::vector<std::string> split_device_list(const std::string& devices);
+// --gpus "0,1" -> "cuda:0,cuda:1"; Error(kUsage) unless every entry is a GPU index.
+std::string gpu_device_list(const std::string& gpus);
+
 // A comma-separated list ("cuda:0,cuda:1") spreads the KV heads over the devices round-robin.
 std::unique_ptr<Backend> make_backend(const std::string& device, Precision precision = Precision::kFp32);
 std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& precision);

@@ -53,19 +53,7 @@ void add_replay_command(CLI::App& app) {
     options.output_error = !st->no_output_error;
     if (st->threads < 0) fail(ErrorKind::kUsage, "--threads {}: expected a positive count", st->threads);
     if (st->threads > 0) omp_set_num_threads(st->threads);
-    if (!st->gpus.empty()) {
-      options.device.clear();
-      std::size_t begin = 0;
-      while (begin <= st->gpus.size()) {
-        const std::size_t comma = std::min(st->gpus.find(',', begin), st->gpus.size());
-        const std::string index = st->gpus.substr(begin, comma - begin);
-        if (index.empty() || index.find_first_not_of("0123456789") != std::string::npos) {
-          fail(ErrorKind::kUsage, "--gpus {}: expected GPU indices separated by commas, e.g. 0,1", st->gpus);
-        }
-        options.device += (options.device.empty() ? "cuda:" : ",cuda:") + index;
-        begin = comma + 1;
-      }
-    }
+    if (!st->gpus.empty()) options.device = gpu_device_list(st->gpus);
     const auto backend = make_backend(options.device, options.precision);
 
     Provenance provenance = make_provenance(0, nullptr);

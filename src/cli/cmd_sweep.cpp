@@ -26,17 +26,6 @@ namespace {
 // times what that rewrite took (the rewrites then cost at most ~1/ratio of the run).
 constexpr double kAutoCheckpointCostRatio = 10.0;
 
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> items;
-  std::size_t begin = 0;
-  while (begin <= text.size()) {
-    const std::size_t comma = std::min(text.find(',', begin), text.size());
-    items.push_back(text.substr(begin, comma - begin));
-    begin = comma + 1;
-  }
-  return items;
-}
-
 std::vector<std::int64_t> parse_int_list(const std::vector<std::string>& items, const char* option) {
   std::vector<std::int64_t> values;
   // 0 is a value here (no window, no sinks); other counts accept the K suffix.
@@ -188,9 +177,9 @@ void add_sweep_command(CLI::App& app) {
       if (given("--gpus") && given("--device")) fail(ErrorKind::kUsage, "--gpus and --device: give one of them");
       std::vector<std::string> devices;
       if (given("--gpus")) {
-        for (const auto& index : parse_int_list(split_list(st->gpus), "--gpus")) devices.push_back(fmt::format("cuda:{}", index));
+        devices = split_device_list(gpu_device_list(st->gpus));
       } else if (given("--device")) {
-        devices = split_list(st->device);
+        devices = split_device_list(st->device);
       } else {
         return;
       }
@@ -227,21 +216,16 @@ void add_sweep_command(CLI::App& app) {
                    resume.tool, tool);
       }
       apply_devices(config);
-      auto kind = [](const std::vector<std::string>& devices) {
-        std::string k;
-        for (const auto& d : devices) k += (d.rfind("cuda", 0) == 0 ? "cuda" : d) + ",";
-        return k;
-      };
-      std::vector<std::string> distinct_old = resume.devices, distinct_new = config.devices;
-      auto unique_kinds = [&](std::vector<std::string> devices) {
+      // cuda:N -> cuda; the set of kinds must not change (cpu and cuda agree only within tolerances).
+      auto kinds = [](std::vector<std::string> devices) {
         for (auto& d : devices) d = d.rfind("cuda", 0) == 0 ? "cuda" : d;
         std::sort(devices.begin(), devices.end());
         devices.erase(std::unique(devices.begin(), devices.end()), devices.end());
-        return devices;
+        return fmt::format("{}", fmt::join(devices, ","));
       };
-      if (unique_kinds(distinct_old) != unique_kinds(distinct_new)) {
+      if (kinds(resume.devices) != kinds(config.devices)) {
         fail(ErrorKind::kUsage, "--resume: the sweep ran on {} and cannot continue on {} (the numbers would mix devices)",
-             kind(resume.devices), kind(config.devices));
+             kinds(resume.devices), kinds(config.devices));
       }
       // The units must be exactly the captures' layers.
       std::vector<std::pair<std::int64_t, std::int64_t>> expected, found;
