@@ -5,6 +5,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common/error.hpp"
 #include "common/interrupt.hpp"
 
@@ -21,11 +25,72 @@ constexpr std::uint32_t kRoundConstants[64] = {
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
 
 std::uint32_t rotr(std::uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+#if defined(__x86_64__)
+// The x86 SHA extensions (SHA-NI): about five times the portable rate, which matters when a
+// capture of tens of gigabytes is hashed for provenance. Four rounds per step; the state lives
+// as (A,B,E,F) and (C,D,G,H) words, the layout sha256rnds2 works on.
+__attribute__((target("sha,sse4.1,ssse3"))) void compress_blocks_sha_ni(std::uint32_t state[8],
+                                                                        const std::uint8_t* data,
+                                                                        std::size_t blocks) {
+  const __m128i byte_swap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+  const __m128i dcba = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(&state[0])), 0xB1);
+  const __m128i efgh = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(&state[4])), 0x1B);
+  __m128i abef = _mm_alignr_epi8(dcba, efgh, 8);
+  __m128i cdgh = _mm_blend_epi16(efgh, dcba, 0xF0);
+  for (; blocks > 0; --blocks, data += 64) {
+    const __m128i abef_before = abef, cdgh_before = cdgh;
+    __m128i w[4];  // message words 4g..4g+3 of the last four steps, w[g % 4]
+    for (int g = 0; g < 16; ++g) {
+      __m128i words;
+      if (g < 4) {
+        words = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data + 16 * g)), byte_swap);
+      } else {
+        // W_t = s1(W_t-2) + W_t-7 + s0(W_t-15) + W_t-16, four at a time.
+        const __m128i partial = _mm_add_epi32(_mm_sha256msg1_epu32(w[g % 4], w[(g + 1) % 4]),
+                                              _mm_alignr_epi8(w[(g + 3) % 4], w[(g + 2) % 4], 4));
+        words = _mm_sha256msg2_epu32(partial, w[(g + 3) % 4]);
+      }
+      w[g % 4] = words;
+      const __m128i scheduled =
+          _mm_add_epi32(words, _mm_loadu_si128(reinterpret_cast<const __m128i*>(&kRoundConstants[4 * g])));
+      cdgh = _mm_sha256rnds2_epu32(cdgh, abef, scheduled);
+      abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(scheduled, 0x0E));
+    }
+    abef = _mm_add_epi32(abef, abef_before);
+    cdgh = _mm_add_epi32(cdgh, cdgh_before);
+  }
+  const __m128i feba = _mm_shuffle_epi32(abef, 0x1B);
+  const __m128i dchg = _mm_shuffle_epi32(cdgh, 0xB1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(&state[0]), _mm_blend_epi16(feba, dchg, 0xF0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(&state[4]), _mm_alignr_epi8(dchg, feba, 8));
+}
+#endif
 }  // namespace
 
-Sha256::Sha256()
-    : state_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19},
+bool sha256_hardware_available() {
+#if defined(__x86_64__)
+  static const bool available = __builtin_cpu_supports("sha") && __builtin_cpu_supports("sse4.1");
+  return available;
+#else
+  return false;
+#endif
+}
+
+Sha256::Sha256(bool allow_hardware)
+    : hardware_(allow_hardware && sha256_hardware_available()),
+      state_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19},
       buffer_{} {}
+
+void Sha256::compress_blocks(const std::uint8_t* data, std::size_t blocks) {
+#if defined(__x86_64__)
+  if (hardware_) {
+    compress_blocks_sha_ni(state_, data, blocks);
+    return;
+  }
+#endif
+  for (std::size_t i = 0; i < blocks; ++i) compress(data + 64 * i);
+}
 
 void Sha256::compress(const std::uint8_t* block) {
   std::uint32_t w[64];
@@ -57,13 +122,21 @@ void Sha256::update(const void* data, std::size_t size) {
   const auto* bytes = static_cast<const std::uint8_t*>(data);
   total_bytes_ += size;
   while (size > 0) {
+    if (buffered_ == 0 && size >= sizeof buffer_) {
+      // Whole blocks straight from the input.
+      const std::size_t blocks = size / sizeof buffer_;
+      compress_blocks(bytes, blocks);
+      bytes += blocks * sizeof buffer_;
+      size -= blocks * sizeof buffer_;
+      continue;
+    }
     const std::size_t take = std::min(size, sizeof buffer_ - buffered_);
     std::memcpy(buffer_ + buffered_, bytes, take);
     buffered_ += take;
     bytes += take;
     size -= take;
     if (buffered_ == sizeof buffer_) {
-      compress(buffer_);
+      compress_blocks(buffer_, 1);
       buffered_ = 0;
     }
   }

@@ -6,14 +6,20 @@
 
 namespace hysparse {
 
+// Whether this CPU has the SHA extensions that Sha256 uses when allowed (x86-64 SHA-NI).
+bool sha256_hardware_available();
+
 class Sha256 {
  public:
-  Sha256();
+  // allow_hardware = false keeps to the portable code (tests compare the two).
+  explicit Sha256(bool allow_hardware = true);
   void update(const void* data, std::size_t size);
   std::string hex_digest();  // finalises; call once
 
  private:
-  void compress(const std::uint8_t* block);
+  void compress_blocks(const std::uint8_t* data, std::size_t blocks);
+  void compress(const std::uint8_t* block);  // portable
+  bool hardware_ = false;
   std::uint32_t state_[8];
   std::uint8_t buffer_[64];
   std::size_t buffered_ = 0;
