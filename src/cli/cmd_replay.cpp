@@ -61,10 +61,11 @@ void add_replay_command(CLI::App& app) {
     provenance.device = backend->device();
     provenance.seed = options.seed;
     provenance.threads = omp_get_max_threads();
-    provenance.add_input(st->capture);
+    provenance.add_input_in_background(st->capture);
 
     const bool progress = !st->quiet && isatty(STDERR_FILENO);
     const ReplayResult result = run_replay(st->capture, options, *backend, progress || !st->quiet);
+    provenance.finish_inputs();
     write_replay_report(st->output, result, options, provenance);
     print_replay_summary(stdout, result);
     fmt::print("\nwrote {}\n", st->output);

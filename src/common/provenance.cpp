@@ -3,6 +3,7 @@
 #include <ctime>
 
 #include "common/atomic_file.hpp"
+#include "common/error.hpp"
 #include "common/sha256.hpp"
 
 namespace hysparse {
@@ -56,6 +57,22 @@ void Provenance::add_input(const std::string& path) {
   watch_input(path);
 }
 
+void Provenance::add_input_in_background(const std::string& path) {
+  watch_input(path);
+  input_files.push_back(path);
+  pending_sha256_.push_back(std::async(std::launch::async, [path] {
+    std::string digest = sha256_of_file(path);
+    watch_input(path);
+    return digest;
+  }).share());
+}
+
+void Provenance::finish_inputs() {
+  // Digests in the order their files were added (background ones come after the others).
+  for (const auto& digest : pending_sha256_) input_sha256.push_back(digest.get());
+  pending_sha256_.clear();
+}
+
 Provenance make_provenance(int argc, const char* const* argv) {
   Provenance p;
   if (argc > 0) set_command_line(argc, argv);
@@ -66,6 +83,10 @@ Provenance make_provenance(int argc, const char* const* argv) {
 
 void write_provenance(const h5::File& file, const std::string& format, std::int64_t format_version,
                       const Provenance& p) {
+  if (p.input_sha256.size() != p.input_files.size()) {
+    fail(ErrorKind::kInternal, "provenance: {} inputs but {} digests (finish_inputs() not called)", p.input_files.size(),
+         p.input_sha256.size());
+  }
   h5::write_attribute(file, "/", "format", format);
   h5::write_attribute(file, "/", "format_version", format_version);
   h5::write_attribute(file, "/", "tool", "hysparse");

@@ -1,6 +1,7 @@
 #pragma once
 // Who made a report, from what, when and how: written to every HDF5 report.
 #include <cstdint>
+#include <future>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,13 @@ struct Provenance {
   std::vector<std::string> input_sha256;
 
   void add_input(const std::string& path);  // hashes the file
+  // The same, hashing on a thread of its own while the caller works (a capture of tens of
+  // gigabytes hashes while it is replayed); finish_inputs() waits and fills input_sha256.
+  void add_input_in_background(const std::string& path);
+  void finish_inputs();
+
+ private:
+  std::vector<std::shared_future<std::string>> pending_sha256_;
 };
 
 // Fills command_line and created_utc; backend/device/seed/inputs are set by the caller.
