@@ -64,18 +64,23 @@ void Rankings::reset(std::int64_t sets_, std::int64_t rows_, std::int64_t stride
 }
 
 void rank_top(const double* scores, std::int64_t num, std::int64_t count, std::int32_t* out) {
-  thread_local std::vector<std::int32_t> order;
+  // (score, index) pairs side by side: the selection compares without chasing indices.
+  struct Entry {
+    double score;
+    std::int32_t index;
+  };
+  thread_local std::vector<Entry> order;
   order.resize(static_cast<std::size_t>(num));
-  std::iota(order.begin(), order.end(), 0);
+  for (std::int64_t i = 0; i < num; ++i) order[static_cast<std::size_t>(i)] = {scores[i], static_cast<std::int32_t>(i)};
   count = std::min(count, num);
-  auto better = [scores](std::int32_t a, std::int32_t b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  auto better = [](const Entry& a, const Entry& b) {
+    return a.score > b.score || (a.score == b.score && a.index < b.index);
   };
   if (count < num) {
     std::nth_element(order.begin(), order.begin() + count, order.end(), better);
   }
   std::sort(order.begin(), order.begin() + count, better);
-  std::copy(order.begin(), order.begin() + count, out);
+  for (std::int64_t i = 0; i < count; ++i) out[i] = order[static_cast<std::size_t>(i)].index;
 }
 
 std::int64_t ReplayPlan::max_ranking_length(std::int64_t block) const {
