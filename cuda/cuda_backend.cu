@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -154,29 +155,33 @@ class CudaBackend final : public Backend {
       check_range("query", req);
       q = rounded;
     }
-    // Keys (and values) of the KV head: kept on the device while the same layer and head repeat.
-    const bool cached = req.layer >= 0 && req.layer == cached_layer_ && req.kv_head == cached_kv_head_ &&
-                        req.k == cached_k_ && keys <= cached_keys_ && (req.v == nullptr || req.v == cached_v_);
+    // Keys (and values) of the layer's KV heads stay on the device while the layer runs, so tiles
+    // of different heads can come in any order (one layer's K/V at most; buffers are reused
+    // by the next layer).
+    ResidentKeys& entry = resident_[req.kv_head];
+    const bool cached = req.tensors_id != 0 && req.kv_head >= 0 && entry.tensors_id == req.tensors_id &&
+                        entry.k_host == req.k && keys <= entry.keys && (req.v == nullptr || req.v == entry.v_host);
     if (!cached) {
-      cached_layer_ = -1;  // nothing is cached until the upload below has succeeded
-      float* k32 = k_.upload(req.k, static_cast<std::size_t>(req.seq_len * d), "keys");
-      if (!exact) {
+      entry.tensors_id = 0;  // nothing is cached until the upload below has succeeded
+      if (exact) {
+        entry.k32.upload(req.k, static_cast<std::size_t>(req.seq_len * d), "keys");
+      } else {
+        float* k32 = staging_.upload(req.k, static_cast<std::size_t>(req.seq_len * d), "keys");
         // Zero key rows up to a whole key tile: the tensor-core kernel loads tiles unguarded.
         const std::int64_t padded = (req.seq_len + kTensorCoreKeyTile - 1) / kTensorCoreKeyTile * kTensorCoreKeyTile;
-        auto* rounded = k_rounded_.reserve(static_cast<std::size_t>(padded * stride), "rounded keys");
+        auto* rounded = entry.rounded.reserve(static_cast<std::size_t>(padded * stride), "rounded keys");
         check(cudaMemset(rounded + req.seq_len * stride, 0, static_cast<std::size_t>((padded - req.seq_len) * stride) * 2),
               "key padding");
         convert_rows(type_, k32, req.seq_len, static_cast<int>(d), 1.0f, rounded, overflow_flag(), nullptr);
         check_range("key", req);
       }
-      if (req.v) v_.upload(req.v, static_cast<std::size_t>(req.seq_len * d), "values");
-      cached_layer_ = req.layer;
-      cached_kv_head_ = req.kv_head;
-      cached_k_ = req.k;
-      cached_v_ = req.v;
-      cached_keys_ = req.seq_len;
+      if (req.v) entry.v.upload(req.v, static_cast<std::size_t>(req.seq_len * d), "values");
+      entry.tensors_id = req.tensors_id;
+      entry.k_host = req.k;
+      entry.v_host = req.v;
+      entry.keys = req.seq_len;
     }
-    const void* k = exact ? static_cast<const void*>(k_.get()) : static_cast<const void*>(k_rounded_.get());
+    const void* k = exact ? static_cast<const void*>(entry.k32.get()) : static_cast<const void*>(entry.rounded.get());
 
     const auto cells = static_cast<std::size_t>(G * R * out.num_blocks);
     StatsPassArgs args;
@@ -204,7 +209,7 @@ class CudaBackend final : public Backend {
 
     if (req.v) {
       float* output = output_.reserve(out.output.size(), "outputs");
-      launch_output_pass(type_, q, k, v_.get(), pos, args.lse_all, args.heads, args.rows, args.head_dim, score_scale, output,
+      launch_output_pass(type_, q, k, entry.v.get(), pos, args.lse_all, args.heads, args.rows, args.head_dim, score_scale, output,
                          nullptr);
       download(out.output.data(), output, out.output.size(), "output kernel");
     }
@@ -243,14 +248,22 @@ class CudaBackend final : public Backend {
   mutable std::mutex mutex_;
   mutable std::unique_ptr<StatsPass> pass_;
   mutable std::vector<float> host_q_;
-  mutable DeviceArray<float> q_, k_, v_, sinks_, block_max_, block_sum_, output_;
+  // One KV head's keys (fp32, or rounded for the tensor cores) and values on the device, and which
+  // host arrays they came from.
+  struct ResidentKeys {
+    DeviceArray<float> k32, v;
+    DeviceArray<unsigned short> rounded;
+    std::uint64_t tensors_id = 0;
+    std::int64_t keys = 0;
+    const float* k_host = nullptr;
+    const float* v_host = nullptr;
+  };
+  mutable DeviceArray<float> q_, staging_, sinks_, block_max_, block_sum_, output_;
   mutable DeviceArray<double> lse_tokens_, lse_all_;
-  mutable DeviceArray<unsigned short> q_rounded_, k_rounded_;
+  mutable DeviceArray<unsigned short> q_rounded_;
   mutable DeviceArray<int> overflow_;
   mutable DeviceArray<long long> positions_;
-  mutable std::int64_t cached_layer_ = -1, cached_kv_head_ = -1, cached_keys_ = 0;
-  mutable const float* cached_k_ = nullptr;
-  mutable const float* cached_v_ = nullptr;
+  mutable std::map<std::int64_t, ResidentKeys> resident_;  // by KV head
 };
 
 }  // namespace

@@ -22,8 +22,10 @@ struct StatsRequest {
   std::int64_t num_rows = 0;
   std::int64_t block_size = 64;
   // Identify the layer and KV head, so a device backend can keep their keys resident
-  // across tiles; -1 means "unknown" (nothing is cached).
+  // across tiles; -1 means "unknown" (nothing is cached). `tensors_id` names the layer's
+  // tensors in this process (never reused, unlike addresses; 0: unknown).
   std::int64_t layer = -1, kv_head = -1;
+  std::uint64_t tensors_id = 0;
 };
 
 // Per (head, row, block): m = max logit in the block, l = sum exp(z - m) over the

@@ -7,9 +7,11 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <future>
 #include <mutex>
 #include <limits>
 #include <cstring>
@@ -29,6 +31,9 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // A tile holds at most this many (head, row, base block) cells, bounding per-thread memory.
 constexpr std::int64_t kMaxTileCells = std::int64_t{4} << 20;
+// Work items (KV group x query tile) a layer should have for the host threads to share.
+constexpr std::int64_t kTargetWorkItems = 64;
+constexpr std::int64_t kMinSplitTileRows = 128;
 // Dense attention rows may exceed one by rounding in the tool that wrote them.
 constexpr double kDenseRowSumTolerance = 1e-3;
 
@@ -136,6 +141,28 @@ class RowAccess {
     sum_f.noalias() = values.transpose() * weight_f;
     for (std::int64_t c = 0; c < d_; ++c) numerator[static_cast<std::size_t>(c)] += sum_f[c];
   }
+  // Sum of p_j / token mass over keys [j0, j1): whole blocks of the tile (base block size `base`)
+  // from their statistics, only the keys of partially covered blocks one by one. Equal to the sum
+  // of range() up to rounding, at a cost that does not grow with the range.
+  double share_sum(std::int64_t j0, std::int64_t j1, std::int64_t base) const {
+    thread_local std::vector<double> share;
+    double sum = 0.0;
+    for (std::int64_t j = j0; j < j1;) {
+      const std::int64_t b = j / base, lo = b * base, hi = std::min((b + 1) * base, t_ + 1);
+      if (j == lo && hi <= j1) {
+        const auto cell = static_cast<std::size_t>((head_local_ * tile_.rows + r_) * tile_.num_blocks + b);
+        const double m = tile_.block_max[cell];
+        if (m != kNegInf) sum += static_cast<double>(tile_.block_sum[cell]) * std::exp(m - lse_tokens_);
+        j = hi;
+      } else {
+        const std::int64_t end = std::min(hi, j1);
+        range(j, end, share, nullptr);
+        for (double p : share) sum += p;
+        j = end;
+      }
+    }
+    return sum;
+  }
   double sink_weight() const {
     const auto& sinks = in_.tensors->sink_logits;
     return sinks.empty() ? 0.0 : std::exp(static_cast<double>(sinks[static_cast<std::size_t>(head_)]) - lse_all_);
@@ -224,7 +251,7 @@ struct Workspace {
   std::vector<std::vector<double>> residual_mass;  // per fixed forced config: [heads][rows][num_blocks]
   std::vector<std::vector<Rankings>> rankings;   // per selector: one, or one per budget (kPerBudget)
   std::vector<std::int32_t> stamp;
-  std::vector<double> scores, shares;
+  std::vector<double> scores;
   std::vector<std::int32_t> oracle_order, pure_order;
   std::vector<std::int32_t> reuse_ranking;
 };
@@ -512,8 +539,10 @@ struct ReplayRun::Impl {
         G(header.group_size()) {
     setup();
   }
-  // libhdf5 calls happen under capture_io_mutex(), closing the file included.
+  // libhdf5 calls happen under capture_io_mutex(), closing the file included; a read of the next
+  // layer still running takes that lock, so it finishes first.
   ~Impl() {
+    if (prefetch.valid()) prefetch.wait();
     std::lock_guard<std::mutex> lock(capture_io_mutex());
     reader.reset();
   }
@@ -521,6 +550,11 @@ struct ReplayRun::Impl {
   void calibrate();
   void run_layer(std::int64_t layer);
   void fill_model(ReplayResult& target) const;
+  // The layer's tensors: read while the previous layer ran when it was prefetched, else now.
+  LayerTensors take_layer(std::int64_t layer, bool with_v);
+  // Starts reading `layer` on a thread of its own (when it exists and two layers fit in memory).
+  void start_prefetch(std::int64_t layer);
+  bool wants_output(std::int64_t layer) const;
 
   std::string capture_path;
   ReplayOptions options;
@@ -549,7 +583,33 @@ struct ReplayRun::Impl {
   bool calibrated = false;
   std::vector<std::string> calibration_notes;  // per selector, once calibrated (or restored)
   std::int64_t next_layer = 0;
+  std::future<LayerTensors> prefetch;
+  std::int64_t prefetch_layer = -1;
 };
+
+bool ReplayRun::Impl::wants_output(std::int64_t layer) const {
+  const LayerInfo& info = reader->layer(layer);
+  return result.has_output_error && info.has_v && info.has_qk();
+}
+
+LayerTensors ReplayRun::Impl::take_layer(std::int64_t layer, bool with_v) {
+  if (prefetch.valid()) {
+    const bool hit = prefetch_layer == layer;
+    LayerTensors tensors = prefetch.get();  // rethrows what the read threw (bad values, memory)
+    if (hit) return tensors;
+  }
+  return read_layer_locked(*reader, layer, with_v);
+}
+
+void ReplayRun::Impl::start_prefetch(std::int64_t layer) {
+  if (layer >= L) return;
+  const bool with_v = wants_output(layer);
+  // Overlapping costs a second layer of memory: without room for it (and the margin of a third),
+  // the next layer is read when it is needed, as before.
+  if (3 * reader->layer_bytes(layer, with_v) > available_memory_bytes()) return;
+  prefetch_layer = layer;
+  prefetch = std::async(std::launch::async, [this, layer, with_v] { return read_layer_locked(*reader, layer, with_v); });
+}
 
 void ReplayRun::Impl::setup() {
   result.header = header;
@@ -701,6 +761,13 @@ void ReplayRun::Impl::setup() {
   const std::int64_t wanted_rows = options.tile_rows > 0 ? options.tile_rows : backend.preferred_tile_rows();
   tile_rows =
       std::max<std::int64_t>(1, std::min(wanted_rows, kMaxTileCells / std::max<std::int64_t>(1, G * base_blocks_max)));
+  // A backend that prefers long tiles (a GPU) still gets enough work items per layer to keep every
+  // host thread busy with rankings and metrics while it computes: tiles are split down to
+  // kMinSplitTileRows rows. From the capture and the query set only, never from the thread count.
+  if (options.tile_rows <= 0 && tile_rows > kMinSplitTileRows && Hkv * ((R + tile_rows - 1) / tile_rows) < kTargetWorkItems) {
+    const std::int64_t tiles_wanted = (kTargetWorkItems + Hkv - 1) / Hkv;
+    tile_rows = std::min(tile_rows, std::max(kMinSplitTileRows, (R + tiles_wanted - 1) / tiles_wanted));
+  }
   tiles = (R + tile_rows - 1) / tile_rows;
   workspaces.resize(static_cast<std::size_t>(omp_get_max_threads()));
 
@@ -741,8 +808,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   check_interrupted();
   const auto layer_started = std::chrono::steady_clock::now();
   const LayerInfo& info = reader->layer(layer);
-  const bool want_output = result.has_output_error && info.has_v && info.has_qk();
-  const LayerTensors tensors = read_layer_locked(*reader, layer, want_output);
+  const bool want_output = wants_output(layer);
+  const LayerTensors tensors = take_layer(layer, want_output);
+  static std::atomic<std::uint64_t> tensors_read{0};
+  const std::uint64_t tensors_id = ++tensors_read;
+  // The next layer is read from the file while this one is computed.
+  start_prefetch(layer + 1);
   if (!info.has_qk()) {
     // Dense probabilities must be probabilities.
     for (std::int64_t h = 0; h < Hq; ++h) {
@@ -795,6 +866,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       request.block_size = base_block;
       request.layer = layer;
       request.kv_head = g;
+      request.tensors_id = tensors_id;
       if (inputs.dense) {
         request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
       } else {
@@ -960,8 +1032,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 const std::int64_t from = std::max(ranges.window_begin, ranges.sink_end);
                 const std::int64_t to = std::max(window_begin, ranges.sink_end);
                 if (from < to) {
-                  row.range(from, to, ws.shares, nullptr);
-                  for (double p : ws.shares) window_mass += p;
+                  window_mass += row.share_sum(from, to, base_block);
                   if (want_output) row.add_output(from, to, numerator, denominator);
                   window_begin = from;
                 }

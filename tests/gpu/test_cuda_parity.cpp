@@ -248,6 +248,39 @@ TEST_CASE("CUDA fp32 block statistics equal the CPU backend's", "[cuda]") {
               worst.mass_relative, kGpuMassTolerance, worst.logit, kGpuLogitTolerance, worst.output, kGpuOutputTolerance);
 }
 
+// The device keeps every KV head's keys of the layer in flight: tiles of different heads come in
+// any order, and a second capture of the same shape under the same layer index (a sweep's next
+// capture, perhaps at the same host address) must not be served the first one's keys.
+TEST_CASE("CUDA resident keys follow the request's tensors, whatever the order of heads and captures", "[cuda]") {
+  const auto cpu = make_cpu_backend();
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    const auto gpu = make_backend("cuda", precision);
+    std::uint64_t tensors_id = 0;
+    for (int capture = 0; capture < 2; ++capture) {
+      const Capture c = gaussian_capture(1, 8, 4, 64, 700, false, false, test::seed() + 17 + static_cast<std::uint64_t>(capture),
+                                         precision);
+      const std::vector<std::int64_t> all = query_rows("all", 700, test::seed());
+      ++tensors_id;
+      // Heads interleaved tile by tile: 0, 2, 1, 3, 0, 2, ...
+      for (std::size_t r0 = 0; r0 < all.size(); r0 += 175) {
+        const std::vector<std::int64_t> rows(all.begin() + static_cast<std::ptrdiff_t>(r0),
+                                             all.begin() + static_cast<std::ptrdiff_t>(std::min(all.size(), r0 + 175)));
+        for (const std::int64_t group : {0, 2, 1, 3}) {
+          CAPTURE(to_string(precision), capture, r0, group);
+          StatsRequest req = group_request(c, group, rows, 64, false);
+          req.layer = 0;
+          req.kv_head = group;
+          req.tensors_id = tensors_id;
+          StatsTile a, b;
+          cpu->block_statistics(req, a);
+          gpu->block_statistics(req, b);
+          compare_exact(a, b);  // inputs exact in the precision: the fp32 tolerances hold
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA bf16/fp16 statistics equal the CPU's on inputs exact in that type", "[cuda]") {
   const auto cpu = make_cpu_backend();
   for (const Precision precision : {Precision::kBf16, Precision::kFp16}) {
