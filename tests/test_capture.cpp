@@ -357,6 +357,19 @@ TEST_CASE("capture round trip: every dtype, shape class, optional object and com
             check_tensor("sink_logits", w.sink_logits, r.sink_logits, h5::ElementType::kFloat32);  // always float32
             if (!w.v.empty()) CHECK(reader.read_layer(i, false).v.empty());
           }
+          // One buffer through every layer (q/k layers, then a dense one), as a replay reuses its buffers.
+          LayerTensors reused;
+          for (const std::int64_t i : {0, 1, 0, 2, 1}) {
+            INFO("layer " << i << " into a reused buffer");
+            const LayerTensors& w = written.layers[static_cast<std::size_t>(i)];
+            const bool with_v = i != 1;
+            reader.read_layer_into(i, with_v, reused);
+            check_tensor("q", w.q, reused.q, dtype);
+            check_tensor("k", w.k, reused.k, dtype);
+            check_tensor("v", with_v ? w.v : std::vector<float>{}, reused.v, dtype);
+            check_tensor("attn", w.attn, reused.attn, dtype);
+            check_tensor("sink_logits", w.sink_logits, reused.sink_logits, h5::ElementType::kFloat32);
+          }
           if (extras) {
             const auto tokens = reader.tokens();
             REQUIRE(tokens.size() == written.tokens.size());

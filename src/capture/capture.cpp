@@ -76,8 +76,15 @@ void expect_float_type(const h5::File& file, const std::string& path, const h5::
 // Finds the first non-finite value and names its [head, position, column].
 void reject_non_finite(const std::string& file, const std::string& path, const std::vector<float>& data,
                        std::uint64_t rows_per_head, std::uint64_t columns, const char* column_name) {
-  for (std::size_t i = 0; i < data.size(); ++i) {
-    if (std::isfinite(data[i])) continue;
+  // The first non-finite value (lowest index), found by every thread.
+  const auto n = static_cast<std::int64_t>(data.size());
+  std::int64_t first = n;
+#pragma omp parallel for schedule(static) reduction(min : first) if (n > (1 << 16))
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(data[static_cast<std::size_t>(i)])) first = std::min(first, i);
+  }
+  if (first < n) {
+    const auto i = static_cast<std::size_t>(first);
     const std::uint64_t per_head = rows_per_head * columns;
     const std::uint64_t head = i / per_head;
     const std::uint64_t position = (i % per_head) / columns;
@@ -258,12 +265,21 @@ std::uint64_t CaptureReader::layer_bytes(std::int64_t index, bool with_v) const 
 }
 
 LayerTensors CaptureReader::read_layer(std::int64_t index, bool with_v) const {
+  LayerTensors tensors;
+  read_layer_into(index, with_v, tensors);
+  return tensors;
+}
+
+void CaptureReader::read_layer_into(std::int64_t index, bool with_v, LayerTensors& tensors) const {
   const LayerInfo& info = layer(index);
-  require_memory(layer_bytes(index, with_v), fmt::format("{}: reading layer {}", path(), index));
+  // Memory the buffers already hold is reused, not allocated again.
+  const std::uint64_t held = (tensors.q.capacity() + tensors.k.capacity() + tensors.v.capacity() +
+                              tensors.attn.capacity() + tensors.sink_logits.capacity()) * sizeof(float);
+  const std::uint64_t needed = layer_bytes(index, with_v);
+  if (needed > held) require_memory(needed - held, fmt::format("{}: reading layer {}", path(), index));
   const std::string lp = layer_path(index);
   const auto T = static_cast<std::uint64_t>(header_.seq_len);
   const auto d = static_cast<std::uint64_t>(header_.head_dim);
-  LayerTensors tensors;
   auto load = [&](const std::string& name, std::vector<float>& out, std::uint64_t rows, std::uint64_t cols,
                   const char* column_name) {
     const std::string dataset = lp + "/" + name;
@@ -272,15 +288,21 @@ LayerTensors CaptureReader::read_layer(std::int64_t index, bool with_v) const {
     h5::read_floats(file_, dataset, info_, out.data());
     reject_non_finite(path(), dataset, out, rows, cols, column_name);
   };
+  // Arrays keep their size where it does not change (no clearing, no zero fill); those this layer
+  // lacks are emptied (their capacity stays for the next).
   if (info.has_qk()) {
     load("q", tensors.q, T, d, "channel");
     load("k", tensors.k, T, d, "channel");
-    if (with_v && info.has_v) load("v", tensors.v, T, d, "channel");
+    tensors.attn.clear();
   } else {
     load("attn", tensors.attn, T, T, "key");
+    tensors.q.clear();
+    tensors.k.clear();
   }
+  if (with_v && info.has_v && info.has_qk()) load("v", tensors.v, T, d, "channel");
+  else tensors.v.clear();
   if (info.has_sinks) load("sink_logits", tensors.sink_logits, 1, 1, "entry");
-  return tensors;
+  else tensors.sink_logits.clear();
 }
 
 CaptureWriter::CaptureWriter(const std::string& path, const CaptureHeader& header, const CaptureWriteOptions& options)

@@ -69,6 +69,8 @@ class CaptureReader {
 
   // Reads one layer as float32 and rejects NaN/Inf naming layer, head and position.
   LayerTensors read_layer(std::int64_t index, bool with_v = true) const;
+  // The same into `tensors`, reusing the memory its arrays hold (a replay alternates two buffers).
+  void read_layer_into(std::int64_t index, bool with_v, LayerTensors& tensors) const;
 
  private:
   h5::File file_;

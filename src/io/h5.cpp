@@ -506,10 +506,29 @@ void read_floats(const File& file, const std::string& path, const DatasetInfo& i
       status = H5Dread(dataset.id(), H5T_NATIVE_FLOAT, mem_space.id(), file_space.id(), H5P_DEFAULT, out);
       break;
     case ElementType::kBFloat16: {
-      require_read_memory(file.path(), path, elements, sizeof(std::uint16_t));  // the uint16 staging buffer
-      std::vector<std::uint16_t> raw(elements);
-      status = H5Dread(dataset.id(), H5T_NATIVE_UINT16, mem_space.id(), file_space.id(), H5P_DEFAULT, raw.data());
-      for (std::uint64_t i = 0; i < elements; ++i) out[i] = bfloat16_to_float(raw[i]);
+      // A whole dataset of rank >= 2 goes one slice of its first dimension at a time (one head of
+      // a layer) through a staging buffer of that size, converted by every thread.
+      const bool by_slices = offset.empty() && info.dims.size() >= 2 && info.dims[0] > 1;
+      const std::uint64_t slices = by_slices ? info.dims[0] : 1, slice = elements / slices;
+      require_read_memory(file.path(), path, slice, sizeof(std::uint16_t));  // the uint16 staging buffer
+      thread_local std::vector<std::uint16_t> raw;
+      raw.resize(slice);
+      status = 0;
+      for (std::uint64_t i = 0; i < slices && status >= 0; ++i) {
+        if (by_slices) {
+          std::vector<hsize_t> start(info.dims.size(), 0), extent(info.dims.begin(), info.dims.end());
+          start[0] = i;
+          extent[0] = 1;
+          H5Sselect_hyperslab(file_space.id(), H5S_SELECT_SET, start.data(), nullptr, extent.data(), nullptr);
+          mem_space = Handle(H5Screate_simple(static_cast<int>(extent.size()), extent.data(), nullptr));
+        }
+        status = H5Dread(dataset.id(), H5T_NATIVE_UINT16, mem_space.id(), file_space.id(), H5P_DEFAULT, raw.data());
+        float* target = out + i * slice;
+        const std::uint16_t* staged = raw.data();  // the reading thread's buffer (raw is thread_local)
+        const auto n = static_cast<std::int64_t>(slice);
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+        for (std::int64_t j = 0; j < n; ++j) target[j] = bfloat16_to_float(staged[j]);
+      }
       break;
     }
     default:

@@ -551,7 +551,7 @@ struct ReplayRun::Impl {
   void run_layer(std::int64_t layer);
   void fill_model(ReplayResult& target) const;
   // The layer's tensors: read while the previous layer ran when it was prefetched, else now.
-  LayerTensors take_layer(std::int64_t layer, bool with_v);
+  const LayerTensors& take_layer(std::int64_t layer, bool with_v);
   // Starts reading `layer` on a thread of its own (when it exists and two layers fit in memory).
   void start_prefetch(std::int64_t layer);
   bool wants_output(std::int64_t layer) const;
@@ -583,7 +583,10 @@ struct ReplayRun::Impl {
   bool calibrated = false;
   std::vector<std::string> calibration_notes;  // per selector, once calibrated (or restored)
   std::int64_t next_layer = 0;
-  std::future<LayerTensors> prefetch;
+  // Layer l is read into layer_buffers[l % 2]; the next layer is read into the other buffer while
+  // a layer runs.
+  LayerTensors layer_buffers[2];
+  std::future<void> prefetch;
   std::int64_t prefetch_layer = -1;
 };
 
@@ -592,23 +595,32 @@ bool ReplayRun::Impl::wants_output(std::int64_t layer) const {
   return result.has_output_error && info.has_v && info.has_qk();
 }
 
-LayerTensors ReplayRun::Impl::take_layer(std::int64_t layer, bool with_v) {
+const LayerTensors& ReplayRun::Impl::take_layer(std::int64_t layer, bool with_v) {
+  LayerTensors& buffer = layer_buffers[static_cast<std::size_t>(layer % 2)];
   if (prefetch.valid()) {
     const bool hit = prefetch_layer == layer;
-    LayerTensors tensors = prefetch.get();  // rethrows what the read threw (bad values, memory)
-    if (hit) return tensors;
+    prefetch.get();  // rethrows what the read threw (bad values, memory)
+    if (hit) return buffer;
   }
-  return read_layer_locked(*reader, layer, with_v);
+  std::lock_guard<std::mutex> lock(capture_io_mutex());
+  reader->read_layer_into(layer, with_v, buffer);
+  return buffer;
 }
 
 void ReplayRun::Impl::start_prefetch(std::int64_t layer) {
   if (layer >= L) return;
   const bool with_v = wants_output(layer);
-  // Overlapping costs a second layer of memory: without room for it (and the margin of a third),
-  // the next layer is read when it is needed, as before.
-  if (3 * reader->layer_bytes(layer, with_v) > available_memory_bytes()) return;
+  // Overlapping costs a second layer of memory (once: the two buffers alternate). Without room
+  // for it and the margin of a third, the next layer is read when it is needed.
+  LayerTensors& buffer = layer_buffers[static_cast<std::size_t>(layer % 2)];
+  const std::uint64_t held = (buffer.q.capacity() + buffer.k.capacity() + buffer.v.capacity() + buffer.attn.capacity()) * sizeof(float);
+  const std::uint64_t needed = reader->layer_bytes(layer, with_v);
+  if (needed > held && 2 * needed + (needed - held) > available_memory_bytes()) return;
   prefetch_layer = layer;
-  prefetch = std::async(std::launch::async, [this, layer, with_v] { return read_layer_locked(*reader, layer, with_v); });
+  prefetch = std::async(std::launch::async, [this, layer, with_v, &buffer] {
+    std::lock_guard<std::mutex> lock(capture_io_mutex());
+    reader->read_layer_into(layer, with_v, buffer);
+  });
 }
 
 void ReplayRun::Impl::setup() {
@@ -809,7 +821,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   const auto layer_started = std::chrono::steady_clock::now();
   const LayerInfo& info = reader->layer(layer);
   const bool want_output = wants_output(layer);
-  const LayerTensors tensors = take_layer(layer, want_output);
+  const LayerTensors& tensors = take_layer(layer, want_output);
   static std::atomic<std::uint64_t> tensors_read{0};
   const std::uint64_t tensors_id = ++tensors_read;
   // The next layer is read from the file while this one is computed.
