@@ -244,6 +244,34 @@ struct SelectorPlan {
   std::vector<char> applicable;      // [budget]: the budget holds at least one of the selector's blocks
 };
 
+// The top blocks of every (head, row) of a tile by one score array, ranked once and shared by the
+// selectors that compare with them (the prefix of a longer ranking is the shorter one).
+struct SharedRanking {
+  std::int64_t rows = 0, stride = 0;
+  std::vector<std::int32_t> order;   // [heads][rows][stride]
+  std::vector<std::int64_t> length;  // [heads][rows]: ranked so far (-1: not yet)
+  void reset(std::int64_t heads, std::int64_t rows_, std::int64_t num_blocks) {
+    rows = rows_;
+    stride = num_blocks;
+    order.resize(static_cast<std::size_t>(heads * rows * stride));
+    length.assign(static_cast<std::size_t>(heads * rows), -1);
+  }
+  // The first `longest` blocks of (h, r) by score(b), b < causal.
+  template <typename Score>
+  const std::int32_t* top(std::int64_t h, std::int64_t r, std::int64_t causal, std::int64_t longest, Score score,
+                          std::vector<double>& scratch) {
+    const auto cell = static_cast<std::size_t>(h * rows + r);
+    std::int32_t* out = &order[cell * static_cast<std::size_t>(stride)];
+    if (length[cell] < longest) {
+      scratch.resize(static_cast<std::size_t>(causal));
+      for (std::int64_t b = 0; b < causal; ++b) scratch[static_cast<std::size_t>(b)] = score(b);
+      rank_top(scratch.data(), causal, longest, out);
+      length[cell] = longest;
+    }
+    return out;
+  }
+};
+
 // Per-thread scratch, reused across tiles.
 struct Workspace {
   StatsTile tile;
@@ -252,7 +280,8 @@ struct Workspace {
   std::vector<std::vector<Rankings>> rankings;   // per selector: one, or one per budget (kPerBudget)
   std::vector<std::int32_t> stamp;
   std::vector<double> scores;
-  std::vector<std::int32_t> oracle_order, pure_order;
+  std::vector<SharedRanking> oracle_rankings;  // per fixed forced config: by residual mass
+  std::vector<SharedRanking> mass_rankings;    // per view: by mass
   std::vector<std::int32_t> reuse_ranking;
 };
 
@@ -949,6 +978,13 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       }
 
       // Metrics per selector, head, row and budget.
+      ws.oracle_rankings.resize(configs.size());
+      for (std::size_t c = 0; c < configs.size(); ++c) {
+        const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
+        ws.oracle_rankings[c].reset(G, nr, view.num_blocks);
+      }
+      ws.mass_rankings.resize(ws.views.size());
+      for (std::size_t v = 0; v < ws.views.size(); ++v) ws.mass_rankings[v].reset(G, nr, ws.views[v].num_blocks);
       for (std::int64_t s = 0; s < S; ++s) {
         const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
         const Selector& sel = *plan.selector;
@@ -996,13 +1032,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             }
             longest = std::min(longest, causal);
             const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-            ws.scores.resize(static_cast<std::size_t>(causal));
-            for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = residual[view.at(h, r, b)];
-            ws.oracle_order.resize(static_cast<std::size_t>(longest));
-            rank_top(ws.scores.data(), causal, longest, ws.oracle_order.data());
-            for (std::int64_t b = 0; b < causal; ++b) ws.scores[static_cast<std::size_t>(b)] = view.mass[view.at(h, r, b)];
-            ws.pure_order.resize(static_cast<std::size_t>(longest));
-            rank_top(ws.scores.data(), causal, longest, ws.pure_order.data());
+            const std::int32_t* oracle_order = ws.oracle_rankings[static_cast<std::size_t>(plan.reference_config)].top(
+                h, r, causal, longest, [&](std::int64_t b) { return residual[view.at(h, r, b)]; }, ws.scores);
+            const std::int32_t* pure_order = ws.mass_rankings[static_cast<std::size_t>(plan.view_index)].top(
+                h, r, causal, longest, [&](std::int64_t b) { return view.mass[view.at(h, r, b)]; }, ws.scores);
 
             // The ranking being walked: its blocks are stamped with their rank; sums grow incrementally.
             const std::int32_t* order = nullptr;
@@ -1055,7 +1088,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 // Overlap against the top-n blocks by mass.
                 double in = 0, all = 0;
                 for (std::int64_t i = 0; i < n; ++i) {
-                  const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
+                  const std::int64_t b = pure_order[i];
                   in += static_cast<double>(ranges.count_in(b * B, (b + 1) * B));
                   all += static_cast<double>(block_keys(b));
                 }
@@ -1081,7 +1114,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 if (want_output) error = row.output_error(numerator, denominator);
                 double in = 0, all = 0;
                 for (std::int64_t i = 0; i < compared; ++i) {
-                  const std::int64_t b = ws.pure_order[static_cast<std::size_t>(i)];
+                  const std::int64_t b = pure_order[i];
                   const bool chosen = ws.stamp[static_cast<std::size_t>(b)] < use;
                   in += static_cast<double>(chosen ? block_keys(b) : fixed_ranges.count_in(b * B, (b + 1) * B));
                   all += static_cast<double>(block_keys(b));
@@ -1090,13 +1123,13 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               }
               if (nested) {
                 for (; oracle_taken < n; ++oracle_taken) {
-                  const std::int64_t b = ws.oracle_order[static_cast<std::size_t>(oracle_taken)];
+                  const std::int64_t b = oracle_order[oracle_taken];
                   oracle_mass += residual[view.at(h, r, b)];
                 }
               } else {
                 // Equal-size oracle: as many blocks as the selection holds, beside the same forced keys.
                 oracle_mass = fixed.mass;
-                for (std::int64_t i = 0; i < compared; ++i) oracle_mass += residual[view.at(h, r, ws.oracle_order[static_cast<std::size_t>(i)])];
+                for (std::int64_t i = 0; i < compared; ++i) oracle_mass += residual[view.at(h, r, oracle_order[i])];
               }
               const bool whole_row = keys >= t + 1;
               if (whole_row) {
@@ -1163,63 +1196,76 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       result.reuse.at(static_cast<std::uint64_t>(f), static_cast<std::uint64_t>(layer)) = sum / static_cast<double>(Hq * R);
     }
   }
-  for (std::int64_t s = 0; s < S; ++s) {
+  // Every (selector, budget) reduces its own cells and model sums, in a fixed order inside: the
+  // numbers do not depend on the threads.
+  auto reduce = [&](std::int64_t s, std::int64_t bi) {
     SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
     const bool sparse = out.is_full_layer[static_cast<std::size_t>(layer)] == 0;
     const auto ul = static_cast<std::uint64_t>(layer);
-    for (std::int64_t bi = 0; bi < NB; ++bi) {
-      const auto ub = static_cast<std::uint64_t>(bi);
-      std::vector<double> pooled;
-      pooled.reserve(static_cast<std::size_t>(Hq * R));
-      double saturated = 0;
-      for (std::int64_t h = 0; h < Hq; ++h) {
-        const auto uh = static_cast<std::uint64_t>(h);
-        for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
-        // Rows a selector does not score (or budgets it cannot use) are NaN and left out.
-        const double* recall = metrics.head_row(kMassRecall, s, bi, h);
-        std::vector<double> values;
-        values.reserve(static_cast<std::size_t>(R));
-        for (std::int64_t r = 0; r < R; ++r) {
-          if (!std::isnan(recall[r])) values.push_back(recall[r]);
-        }
-        pooled.insert(pooled.end(), values.begin(), values.end());
-        out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
-        out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
-        out.head_recall_p50.at(ub, ul, uh) = nearest_rank(values, 0.50);
-        for (std::int64_t r = 0; r < R; ++r) saturated += metrics.saturated(s, bi, h, r);
+    const auto ub = static_cast<std::uint64_t>(bi);
+    std::vector<double> pooled;
+    pooled.reserve(static_cast<std::size_t>(Hq * R));
+    double saturated = 0;
+    for (std::int64_t h = 0; h < Hq; ++h) {
+      const auto uh = static_cast<std::uint64_t>(h);
+      for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
+      // Rows a selector does not score (or budgets it cannot use) are NaN and left out.
+      const double* recall = metrics.head_row(kMassRecall, s, bi, h);
+      std::vector<double> values;
+      values.reserve(static_cast<std::size_t>(R));
+      for (std::int64_t r = 0; r < R; ++r) {
+        if (!std::isnan(recall[r])) values.push_back(recall[r]);
       }
-      for (int m = 0; m < kNumMetrics; ++m) {
-        double sum = 0;
-        std::int64_t count = 0;
-        for (std::int64_t h = 0; h < Hq; ++h) {
-          const double* values = metrics.head_row(m, s, bi, h);
-          for (std::int64_t r = 0; r < R; ++r) {
-            if (!std::isnan(values[r])) {
-              sum += values[r];
-              ++count;
-            }
+      pooled.insert(pooled.end(), values.begin(), values.end());
+      out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
+      out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
+      out.head_recall_p50.at(ub, ul, uh) = nearest_rank(values, 0.50);
+      for (std::int64_t r = 0; r < R; ++r) saturated += metrics.saturated(s, bi, h, r);
+    }
+    for (int m = 0; m < kNumMetrics; ++m) {
+      double sum = 0;
+      std::int64_t count = 0;
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        const double* values = metrics.head_row(m, s, bi, h);
+        for (std::int64_t r = 0; r < R; ++r) {
+          if (!std::isnan(values[r])) {
+            sum += values[r];
+            ++count;
           }
         }
-        out.layer_mean[m].at(ub, ul) = count ? sum / static_cast<double>(count) : kNaN;
-        ModelSums& acc = model[static_cast<std::size_t>(s * NB + bi)];
-        acc.sum[0][m] += sum;
-        acc.count[0][m] += count;
-        if (sparse) {
-          acc.sum[1][m] += sum;
-          acc.count[1][m] += count;
-        }
       }
-      out.saturated_rows.at(ub, ul) = plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? saturated : kNaN;
+      out.layer_mean[m].at(ub, ul) = count ? sum / static_cast<double>(count) : kNaN;
       ModelSums& acc = model[static_cast<std::size_t>(s * NB + bi)];
-      for (double v : pooled) {
-        acc.recall[0].add(v);
-        if (sparse) acc.recall[1].add(v);
+      acc.sum[0][m] += sum;
+      acc.count[0][m] += count;
+      if (sparse) {
+        acc.sum[1][m] += sum;
+        acc.count[1][m] += count;
       }
-      out.layer_recall_min.at(ub, ul) = pooled.empty() ? kNaN : *std::min_element(pooled.begin(), pooled.end());
-      out.layer_recall_p10.at(ub, ul) = nearest_rank(pooled, 0.10);
-      out.layer_recall_p50.at(ub, ul) = nearest_rank(pooled, 0.50);
+    }
+    out.saturated_rows.at(ub, ul) = plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? saturated : kNaN;
+    ModelSums& acc = model[static_cast<std::size_t>(s * NB + bi)];
+    for (double v : pooled) {
+      acc.recall[0].add(v);
+      if (sparse) acc.recall[1].add(v);
+    }
+    out.layer_recall_min.at(ub, ul) = pooled.empty() ? kNaN : *std::min_element(pooled.begin(), pooled.end());
+    out.layer_recall_p10.at(ub, ul) = nearest_rank(pooled, 0.10);
+    out.layer_recall_p50.at(ub, ul) = nearest_rank(pooled, 0.50);
+  };
+  std::exception_ptr reduce_failure;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+  for (std::int64_t s = 0; s < S; ++s) {
+    for (std::int64_t bi = 0; bi < NB; ++bi) {
+      try {
+        reduce(s, bi);
+      } catch (...) {  // bad_alloc: leaves the parallel region as an exception, not std::terminate
+#pragma omp critical(hysparse_reduce_failure)
+        if (!reduce_failure) reduce_failure = std::current_exception();
+      }
     }
   }
+  if (reduce_failure) std::rethrow_exception(reduce_failure);
   std::uint64_t layer_elements = 0;
   if (info.has_qk()) {
     for (std::int64_t t : rows) layer_elements += static_cast<std::uint64_t>(t + 1);
