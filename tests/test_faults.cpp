@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/backend.hpp"
 #include "capture/capture.hpp"
 #include "catch.hpp"
 #include "common/atomic_file.hpp"
@@ -25,6 +26,7 @@
 #include "kv/hf_config.hpp"
 #include "kv/kv.hpp"
 #include "kv/presets.hpp"
+#include "replay/engine.hpp"
 #include "replay/options.hpp"
 #include "replay_test_support.hpp"
 #include "synth/synth.hpp"
@@ -287,6 +289,31 @@ TEST_CASE("fuzz regression (kv_specs, regression-window-sinks-overflow): method 
   overrides.values.emplace_back("budget", std::int64_t{1} << 50);
   require_error(ErrorKind::kUsage, [&] { (void)resolve_method("quest", model, overrides); }, {"budget is 1125899906842624"});
   CHECK_NOTHROW(resolve_method("swa:window=1024G,sinks=4", model));  // exactly 2^40
+}
+
+TEST_CASE("memory: a replay with room for one layer reads each when needed and gives the same numbers", "[faults]") {
+  // With room for two layers the next one is read while the current one runs; with room for one (and
+  // the replay's other needs) it is read when needed, into memory the finished layer gave back.
+  SynthOptions options;
+  options.num_layers = 4;
+  options.num_q_heads = 4;
+  options.num_kv_heads = 2;
+  options.head_dim = 128;  // layers large beside the replay's per-row metrics
+  options.seq_len = 300;
+  const Capture capture = generate_synthetic_capture(options);
+  ReplayOptions replay = test::replay_options("oracle,swa,hysparse,quest", test::tokens({64, 128}));
+  const ReplayResult roomy = test::replay_capture(capture, "faults_one_layer_room", replay);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/faults_one_layer_room.h5";
+  const std::uint64_t layer = CaptureReader::open(path).layer_bytes(0, true);
+  ScopedEnv limit("HYSPARSE_MEMORY_LIMIT", std::to_string(2 * layer - 1).c_str());
+  const auto backend = make_cpu_backend();
+  const ReplayResult tight = run_replay(path, replay, *backend, false);
+  REQUIRE(tight.selectors.size() == roomy.selectors.size());
+  for (std::size_t s = 0; s < roomy.selectors.size(); ++s) {
+    CAPTURE(roomy.selectors[s].label);
+    CHECK(tight.selectors[s].layer_mean[kMassRecall].values == roomy.selectors[s].layer_mean[kMassRecall].values);
+    CHECK(tight.selectors[s].head_mean[kRecallVsOracle].values == roomy.selectors[s].head_mean[kRecallVsOracle].values);
+  }
 }
 
 TEST_CASE("sanitizer regression (determinism_tests): snapkv whose observation window covers the prompt", "[faults]") {

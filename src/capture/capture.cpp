@@ -6,6 +6,7 @@
 #include <set>
 
 #include "common/error.hpp"
+#include "common/interrupt.hpp"
 #include "common/memory.hpp"
 
 namespace hysparse {
@@ -287,39 +288,61 @@ LayerTensors CaptureReader::read_layer(std::int64_t index, bool with_v) const {
   return tensors;
 }
 
+std::uint64_t CaptureReader::layer_shortfall_bytes(std::int64_t index, bool with_v, const LayerTensors& tensors) const {
+  const LayerInfo& info = layer(index);
+  const auto Hq = static_cast<std::uint64_t>(header_.num_q_heads);
+  const auto Hkv = static_cast<std::uint64_t>(header_.num_kv_heads);
+  const auto T = static_cast<std::uint64_t>(header_.seq_len);
+  const auto d = static_cast<std::uint64_t>(header_.head_dim);
+  auto missing = [](std::uint64_t floats, const std::vector<float>& held) {
+    return floats > held.capacity() ? floats - held.capacity() : 0;
+  };
+  std::uint64_t floats = 0;
+  if (info.has_qk()) {
+    floats += missing(Hq * T * d, tensors.q) + missing(Hkv * T * d, tensors.k);
+    if (with_v && info.has_v) floats += missing(Hkv * T * d, tensors.v);
+  } else {
+    floats += missing(checked_mul(Hq * T, T, "attn elements"), tensors.attn);
+  }
+  if (info.has_sinks) floats += missing(Hq, tensors.sink_logits);
+  return checked_mul(floats, sizeof(float), "layer bytes");
+}
+
 void CaptureReader::read_layer_into(std::int64_t index, bool with_v, LayerTensors& tensors) const {
   const LayerInfo& info = layer(index);
-  // Memory the buffers already hold is reused, not allocated again.
-  const std::uint64_t held = (tensors.q.capacity() + tensors.k.capacity() + tensors.v.capacity() +
-                              tensors.attn.capacity() + tensors.sink_logits.capacity()) * sizeof(float);
-  const std::uint64_t needed = layer_bytes(index, with_v);
-  if (needed > held) require_memory(needed - held, fmt::format("{}: reading layer {}", path(), index));
+  // Arrays this layer lacks give their memory back; those it has keep theirs and their size where
+  // it does not change (no zero fill), so only the shortfall is allocated.
+  auto release = [](std::vector<float>& values) { std::vector<float>().swap(values); };
+  if (info.has_qk()) {
+    release(tensors.attn);
+  } else {
+    release(tensors.q);
+    release(tensors.k);
+  }
+  if (!(with_v && info.has_v && info.has_qk())) release(tensors.v);
+  if (!info.has_sinks) release(tensors.sink_logits);
+  const std::uint64_t shortfall = layer_shortfall_bytes(index, with_v, tensors);
+  if (shortfall > 0) require_memory(shortfall, fmt::format("{}: reading layer {}", path(), index));
   const std::string lp = layer_path(index);
   const auto T = static_cast<std::uint64_t>(header_.seq_len);
   const auto d = static_cast<std::uint64_t>(header_.head_dim);
   auto load = [&](const std::string& name, std::vector<float>& out, std::uint64_t rows, std::uint64_t cols,
                   const char* column_name) {
+    check_interrupted();  // a layer is read in pieces; Ctrl-C need not wait for all of it
     const std::string dataset = lp + "/" + name;
     const auto info_ = h5::dataset_info(file_, dataset);
     out.resize(info_.element_count());
     h5::read_floats(file_, dataset, info_, out.data());
     reject_non_finite(path(), dataset, out, rows, cols, column_name);
   };
-  // Arrays keep their size where it does not change (no clearing, no zero fill); those this layer
-  // lacks are emptied (their capacity stays for the next).
   if (info.has_qk()) {
     load("q", tensors.q, T, d, "channel");
     load("k", tensors.k, T, d, "channel");
-    tensors.attn.clear();
+    if (with_v && info.has_v) load("v", tensors.v, T, d, "channel");
   } else {
     load("attn", tensors.attn, T, T, "key");
-    tensors.q.clear();
-    tensors.k.clear();
   }
-  if (with_v && info.has_v && info.has_qk()) load("v", tensors.v, T, d, "channel");
-  else tensors.v.clear();
   if (info.has_sinks) load("sink_logits", tensors.sink_logits, 1, 1, "entry");
-  else tensors.sink_logits.clear();
 }
 
 CaptureWriter::CaptureWriter(const std::string& path, const CaptureHeader& header, const CaptureWriteOptions& options)

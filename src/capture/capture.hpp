@@ -69,8 +69,11 @@ class CaptureReader {
 
   // Reads one layer as float32 and rejects NaN/Inf naming layer, head and position.
   LayerTensors read_layer(std::int64_t index, bool with_v = true) const;
-  // The same into `tensors`, reusing the memory its arrays hold (a replay alternates two buffers).
+  // The same into `tensors`, reusing the memory its arrays hold (a replay alternates two buffers);
+  // arrays the layer lacks are released.
   void read_layer_into(std::int64_t index, bool with_v, LayerTensors& tensors) const;
+  // Bytes read_layer_into(index, with_v, tensors) allocates beyond what `tensors` holds, array by array.
+  std::uint64_t layer_shortfall_bytes(std::int64_t index, bool with_v, const LayerTensors& tensors) const;
 
  private:
   h5::File file_;

@@ -59,17 +59,17 @@ void Provenance::add_input(const std::string& path) {
 
 void Provenance::add_input_in_background(const std::string& path) {
   watch_input(path);
+  pending_sha256_.emplace_back(input_sha256.size(), std::async(std::launch::async, [path] {
+                                                       std::string digest = sha256_of_file(path);
+                                                       watch_input(path);
+                                                       return digest;
+                                                     }).share());
   input_files.push_back(path);
-  pending_sha256_.push_back(std::async(std::launch::async, [path] {
-    std::string digest = sha256_of_file(path);
-    watch_input(path);
-    return digest;
-  }).share());
+  input_sha256.emplace_back();  // filled by finish_inputs()
 }
 
 void Provenance::finish_inputs() {
-  // Digests in the order their files were added (background ones come after the others).
-  for (const auto& digest : pending_sha256_) input_sha256.push_back(digest.get());
+  for (const auto& [index, digest] : pending_sha256_) input_sha256[index] = digest.get();
   pending_sha256_.clear();
 }
 
@@ -83,8 +83,8 @@ Provenance make_provenance(int argc, const char* const* argv) {
 
 void write_provenance(const h5::File& file, const std::string& format, std::int64_t format_version,
                       const Provenance& p) {
-  if (p.input_sha256.size() != p.input_files.size()) {
-    fail(ErrorKind::kInternal, "provenance: {} inputs but {} digests (finish_inputs() not called)", p.input_files.size(),
+  if (p.pending() || p.input_sha256.size() != p.input_files.size()) {
+    fail(ErrorKind::kInternal, "provenance: {} inputs, {} digests (finish_inputs() not called)", p.input_files.size(),
          p.input_sha256.size());
   }
   h5::write_attribute(file, "/", "format", format);

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <future>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "io/h5.hpp"
@@ -27,9 +28,10 @@ struct Provenance {
   // gigabytes hashes while it is replayed); finish_inputs() waits and fills input_sha256.
   void add_input_in_background(const std::string& path);
   void finish_inputs();
+  bool pending() const { return !pending_sha256_.empty(); }
 
  private:
-  std::vector<std::shared_future<std::string>> pending_sha256_;
+  std::vector<std::pair<std::size_t, std::shared_future<std::string>>> pending_sha256_;  // (input index, digest)
 };
 
 // Fills command_line and created_utc; backend/device/seed/inputs are set by the caller.

@@ -511,8 +511,7 @@ void read_floats(const File& file, const std::string& path, const DatasetInfo& i
       const bool by_slices = offset.empty() && info.dims.size() >= 2 && info.dims[0] > 1;
       const std::uint64_t slices = by_slices ? info.dims[0] : 1, slice = elements / slices;
       require_read_memory(file.path(), path, slice, sizeof(std::uint16_t));  // the uint16 staging buffer
-      thread_local std::vector<std::uint16_t> raw;
-      raw.resize(slice);
+      std::vector<std::uint16_t> raw(slice);
       status = 0;
       for (std::uint64_t i = 0; i < slices && status >= 0; ++i) {
         if (by_slices) {
@@ -524,7 +523,7 @@ void read_floats(const File& file, const std::string& path, const DatasetInfo& i
         }
         status = H5Dread(dataset.id(), H5T_NATIVE_UINT16, mem_space.id(), file_space.id(), H5P_DEFAULT, raw.data());
         float* target = out + i * slice;
-        const std::uint16_t* staged = raw.data();  // the reading thread's buffer (raw is thread_local)
+        const std::uint16_t* staged = raw.data();
         const auto n = static_cast<std::int64_t>(slice);
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
         for (std::int64_t j = 0; j < n; ++j) target[j] = bfloat16_to_float(staged[j]);

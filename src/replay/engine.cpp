@@ -16,6 +16,7 @@
 #include <limits>
 #include <cstring>
 #include <numeric>
+#include <system_error>
 #include <type_traits>
 
 #include "common/error.hpp"
@@ -142,8 +143,10 @@ class RowAccess {
     for (std::int64_t c = 0; c < d_; ++c) numerator[static_cast<std::size_t>(c)] += sum_f[c];
   }
   // Sum of p_j / token mass over keys [j0, j1): whole blocks of the tile (base block size `base`)
-  // from their statistics, only the keys of partially covered blocks one by one. Equal to the sum
-  // of range() up to rounding, at a cost that does not grow with the range.
+  // from their statistics, only the keys of partially covered blocks one by one (fp32 q/k on the
+  // host, as every forced key is), at a cost that does not grow with the range. Equal to the sum of
+  // range() up to rounding with fp32 statistics; with --precision bf16/fp16 whole blocks carry the
+  // device's rounding of q/k, like every block the selectors rank.
   double share_sum(std::int64_t j0, std::int64_t j1, std::int64_t base) const {
     thread_local std::vector<double> share;
     double sum = 0.0;
@@ -628,9 +631,18 @@ const LayerTensors& ReplayRun::Impl::take_layer(std::int64_t layer, bool with_v)
   LayerTensors& buffer = layer_buffers[static_cast<std::size_t>(layer % 2)];
   if (prefetch.valid()) {
     const bool hit = prefetch_layer == layer;
-    prefetch.get();  // rethrows what the read threw (bad values, memory)
-    if (hit) return buffer;
+    try {
+      prefetch.get();  // rethrows what the read threw: bad values end the run
+      if (hit) return buffer;
+    } catch (const std::bad_alloc&) {
+      // Memory ran short while the previous layer held its peak: read again below, now.
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::kResource) throw;
+    }
   }
+  // Read now, with the previous layer's buffer given back first: one layer in memory, as when the
+  // next-layer read is skipped for lack of room.
+  layer_buffers[static_cast<std::size_t>((layer + 1) % 2)] = LayerTensors();
   std::lock_guard<std::mutex> lock(capture_io_mutex());
   reader->read_layer_into(layer, with_v, buffer);
   return buffer;
@@ -639,17 +651,24 @@ const LayerTensors& ReplayRun::Impl::take_layer(std::int64_t layer, bool with_v)
 void ReplayRun::Impl::start_prefetch(std::int64_t layer) {
   if (layer >= L) return;
   const bool with_v = wants_output(layer);
-  // Overlapping costs a second layer of memory (once: the two buffers alternate). Without room
-  // for it and the margin of a third, the next layer is read when it is needed.
+  // Overlapping costs a second layer of memory (once: the two buffers alternate). Without room for
+  // it and the margin of a third, the next layer is read when it is needed, into memory given back.
   LayerTensors& buffer = layer_buffers[static_cast<std::size_t>(layer % 2)];
-  const std::uint64_t held = (buffer.q.capacity() + buffer.k.capacity() + buffer.v.capacity() + buffer.attn.capacity()) * sizeof(float);
-  const std::uint64_t needed = reader->layer_bytes(layer, with_v);
-  if (needed > held && 2 * needed + (needed - held) > available_memory_bytes()) return;
-  prefetch_layer = layer;
-  prefetch = std::async(std::launch::async, [this, layer, with_v, &buffer] {
-    std::lock_guard<std::mutex> lock(capture_io_mutex());
-    reader->read_layer_into(layer, with_v, buffer);
-  });
+  const std::uint64_t shortfall = reader->layer_shortfall_bytes(layer, with_v, buffer);
+  if (shortfall > 0 && shortfall + reader->layer_bytes(layer, with_v) > available_memory_bytes()) return;
+  // A new thread starts with the default OpenMP team size: give it the replay's (--threads, a sweep
+  // worker's share).
+  const int threads = omp_get_max_threads();
+  try {
+    prefetch = std::async(std::launch::async, [this, layer, with_v, threads, &buffer] {
+      omp_set_num_threads(threads);
+      std::lock_guard<std::mutex> lock(capture_io_mutex());
+      reader->read_layer_into(layer, with_v, buffer);
+    });
+    prefetch_layer = layer;
+  } catch (const std::system_error&) {
+    prefetch_layer = -1;  // no thread to be had: the layer is read when it is needed
+  }
 }
 
 void ReplayRun::Impl::setup() {
@@ -748,7 +767,8 @@ void ReplayRun::Impl::setup() {
   for (std::int64_t l = 0; l < L; ++l) any_v = any_v || reader->layer(l).has_v;
   result.has_output_error = options.output_error && any_v;
 
-  // Memory: per-row metrics of one layer, reuse rankings of every layer, one layer of tensors.
+  // Memory: per-row metrics of one layer, reuse rankings of every layer, one layer of tensors (a
+  // second only where it fits: start_prefetch).
   reuse_count = reuse_enabled ? options.reuse_budget / options.block_size : 0;
   const std::uint64_t row_metric_bytes =
       checked_mul(static_cast<std::uint64_t>(S * NB * Hq), static_cast<std::uint64_t>(R) * (kNumMetrics * 8 + 1), "metric storage");
