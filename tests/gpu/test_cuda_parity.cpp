@@ -108,6 +108,13 @@ double block_mass(const StatsTile& tile, std::int64_t h, std::int64_t r, std::in
 
 struct Deviation {
   double mass_relative = 0, mass_absolute = 0, logit = 0, output = 0;
+  // Keeps the larger of each deviation (the worst over several cases).
+  void widen(const Deviation& d) {
+    mass_relative = std::max(mass_relative, d.mass_relative);
+    mass_absolute = std::max(mass_absolute, d.mass_absolute);
+    logit = std::max(logit, d.logit);
+    output = std::max(output, d.output);
+  }
 };
 
 // Compares a GPU tile with the CPU tile of the same request. `mass_bound(h, r)` is the relative
@@ -240,9 +247,7 @@ TEST_CASE("CUDA fp32 block statistics equal the CPU backend's", "[cuda]") {
     cpu->block_statistics(req, a);
     gpu->block_statistics(req, b);
     const Deviation d = compare_exact(a, b);
-    worst.mass_relative = std::max(worst.mass_relative, d.mass_relative);
-    worst.logit = std::max(worst.logit, d.logit);
-    worst.output = std::max(worst.output, d.output);
+    worst.widen(d);
   }
   std::printf("fp32 vs CPU: largest block-mass relative error %.2e (tolerance %.0e), logit %.2e (%.0e), output %.2e (%.0e)\n",
               worst.mass_relative, kGpuMassTolerance, worst.logit, kGpuLogitTolerance, worst.output, kGpuOutputTolerance);
@@ -297,9 +302,7 @@ TEST_CASE("CUDA bf16/fp16 statistics equal the CPU's on inputs exact in that typ
       cpu->block_statistics(req, a);
       gpu->block_statistics(req, b);
       const Deviation d = compare_exact(a, b);
-      worst.mass_relative = std::max(worst.mass_relative, d.mass_relative);
-      worst.logit = std::max(worst.logit, d.logit);
-      worst.output = std::max(worst.output, d.output);
+      worst.widen(d);
     }
     std::printf("%s on %s-exact inputs vs CPU: largest block-mass relative error %.2e (tolerance %.0e), logit %.2e (%.0e), "
                 "output %.2e (%.0e)\n",
@@ -341,9 +344,7 @@ TEST_CASE("CUDA bf16/fp16 statistics on fp32 inputs stay within the input-roundi
       const Deviation dev = compare_tiles(
           a, b, [&](std::int64_t h, std::int64_t r) { return std::expm1(2 * row_delta(h, r)) + kGpuMassTolerance; },
           [&](std::int64_t h, std::int64_t r) { return row_delta(h, r) + kGpuLogitTolerance; }, kGpuOutputTolerance);
-      worst.mass_relative = std::max(worst.mass_relative, dev.mass_relative);
-      worst.mass_absolute = std::max(worst.mass_absolute, dev.mass_absolute);
-      worst.logit = std::max(worst.logit, dev.logit);
+      worst.widen(dev);
       for (double x : delta) widest_bound = std::max(widest_bound, std::expm1(2 * x));
     }
     std::printf("%s on fp32 inputs vs CPU fp32: largest block-mass error %.2e relative, %.2e absolute; logit %.2e "
