@@ -28,6 +28,7 @@
 #include "kv/presets.hpp"
 #include "replay/engine.hpp"
 #include "replay/options.hpp"
+#include "replay/selector.hpp"
 #include "replay_test_support.hpp"
 #include "synth/synth.hpp"
 
@@ -289,6 +290,23 @@ TEST_CASE("fuzz regression (kv_specs, regression-window-sinks-overflow): method 
   overrides.values.emplace_back("budget", std::int64_t{1} << 50);
   require_error(ErrorKind::kUsage, [&] { (void)resolve_method("quest", model, overrides); }, {"budget is 1125899906842624"});
   CHECK_NOTHROW(resolve_method("swa:window=1024G,sinks=4", model));  // exactly 2^40
+}
+
+TEST_CASE("fuzz regression (replay_options, CI run of 0ba7a3a): selector integers are bounded", "[faults]") {
+  // magicpig:tables=<huge> made begin() ask for bits x tables x head_dim hyperplanes (an allocation of
+  // 5.9e17 bytes under ASan). Integer parameters now stop at 2^31 - 1; magicpig's tables at 1024.
+  auto build = [](const std::string& text) {
+    for (const auto& spec : expand_selector_specs(parse_selector_list(text))) (void)make_selector(spec, SelectorDefaults{});
+  };
+  require_error(ErrorKind::kUsage, [&] { build("magicpig:tables=4611686018427387904"); },
+                {"selector magicpig: tables=4611686018427387904 (expected an integer in [1, 1024])"});
+  require_error(ErrorKind::kUsage, [&] { build("magicpig:tables=8,collisions=9"); },
+                {"selector magicpig: collisions=9 (expected an integer in [1, 8])"});
+  require_error(ErrorKind::kUsage, [&] { build("magicpig:bits=31"); }, {"bits=31 (expected an integer in [1, 30])"});
+  require_error(ErrorKind::kUsage, [&] { build("oracle:window=2147483648"); },
+                {"selector oracle: window=2147483648 (expected an integer in [0, 2147483647])"});
+  require_error(ErrorKind::kUsage, [&] { build("reuse:layers=2+2147483648"); }, {"selector reuse: layers=2+2147483648"});
+  CHECK_NOTHROW(build("magicpig:tables=1024,collisions=1024,bits=30,oracle:window=2147483647"));
 }
 
 TEST_CASE("memory: a replay with room for one layer reads each when needed and gives the same numbers", "[faults]") {

@@ -166,7 +166,8 @@ Selector::Selector(const SelectorSpec& spec, const SelectorDefaults& defaults) :
   window_ = defaults.window;
 }
 
-std::int64_t Selector::take_int(const std::string& key, std::int64_t fallback, std::int64_t minimum) {
+std::int64_t Selector::take_int(const std::string& key, std::int64_t fallback, std::int64_t minimum,
+                                std::int64_t maximum) {
   known_keys_.insert(key);
   std::int64_t value = fallback;
   const auto found = spec_.params.find(key);
@@ -179,7 +180,9 @@ std::int64_t Selector::take_int(const std::string& key, std::int64_t fallback, s
       fail(ErrorKind::kUsage, "selector {}: {}={} is not an integer", spec_.name, key, found->second);
     }
   }
-  if (value < minimum) fail(ErrorKind::kUsage, "selector {}: {}={} (expected >= {})", spec_.name, key, value, minimum);
+  if (value < minimum || value > maximum) {
+    fail(ErrorKind::kUsage, "selector {}: {}={} (expected an integer in [{}, {}])", spec_.name, key, value, minimum, maximum);
+  }
   resolved_[key] = std::to_string(value);
   return value;
 }
@@ -230,7 +233,7 @@ std::vector<std::int64_t> Selector::take_int_list(const std::string& key, const 
     try {
       std::size_t used = 0;
       const long long value = std::stoll(part, &used);
-      if (used != part.size() || value < 0) throw std::invalid_argument("bad");
+      if (used != part.size() || value < 0 || value > kMaxSelectorInteger) throw std::invalid_argument("bad");
       values.push_back(value);
     } catch (const std::exception&) {
       fail(ErrorKind::kUsage, "selector {}: {}={} (expected non-negative integers joined by '+', e.g. 2+13)", spec_.name,

@@ -207,7 +207,11 @@ class Selector {
   std::string resolved(const std::string& key) const;
 
  protected:
-  std::int64_t take_int(const std::string& key, std::int64_t fallback, std::int64_t minimum);
+  // Integer parameters count tokens, blocks, layers or tables; positions and block indices are 32-bit
+  // in the rankings, so no parameter may exceed kMaxSelectorInteger (products of them stay in range).
+  static constexpr std::int64_t kMaxSelectorInteger = 2147483647;
+  std::int64_t take_int(const std::string& key, std::int64_t fallback, std::int64_t minimum,
+                        std::int64_t maximum = kMaxSelectorInteger);
   double take_double(const std::string& key, double fallback, double minimum, double maximum);
   std::string take_choice(const std::string& key, const std::set<std::string>& choices, const std::string& fallback);
   // A list of non-negative integers separated by '+' (commas separate specs): "2+13".

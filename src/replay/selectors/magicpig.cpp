@@ -14,14 +14,15 @@ namespace {
 
 class MagicPigSelector final : public Selector {
  public:
+  static constexpr std::int64_t kMaxTables = 1024;
   MagicPigSelector(const SelectorSpec& spec, const SelectorDefaults& defaults) : Selector(spec, SelectorDefaults{1, 4, 64}) {
     (void)defaults;
     if (block_ != 1) fail(ErrorKind::kUsage, "selector magicpig: samples single keys (block must be 1, got {})", block_);
     window_ = take_int("window", 64, 0);
-    bits_ = take_int("bits", 10, 1);
-    tables_ = take_int("tables", 150, 1);
-    collisions_ = take_int("collisions", 2, 1);
-    if (bits_ > 30) fail(ErrorKind::kUsage, "selector magicpig: bits={} (expected at most 30)", bits_);
+    bits_ = take_int("bits", 10, 1, 30);
+    // Each table stores a 32-bit code per key and head (MagicPIG's own settings use at most a few hundred).
+    tables_ = take_int("tables", 150, 1, kMaxTables);
+    collisions_ = take_int("collisions", 2, 1, tables_);
     reject_unknown_keys();
   }
   std::string description() const override {
