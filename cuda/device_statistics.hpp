@@ -46,24 +46,31 @@ struct StatsPassArgs {
   float* block_sum = nullptr;
   double* lse_tokens = nullptr;        // [heads][rows]
   double* lse_all = nullptr;
-  int tensor_core_rows_per_warp = 0;  // 16 or 32; 0: the kernel's default (benchmarks compare them)
+  // The tensor-core kernel (tests and benchmarks compare them; the backend takes kAuto, mma.sync),
+  // and the mma.sync kernel's rows per warp, 16 or 32 (0: its default).
+  TensorCoreKernel tensor_core_kernel = TensorCoreKernel::kAuto;
+  int tensor_core_rows_per_warp = 0;
 };
 
 // Plans and enqueues one pass on `stream`: block statistics (tensor cores for bf16/fp16 when
 // the block size allows it, else the SIMT kernel on the same rounded inputs), then the row
 // log-sum-exps from the block pairs, in double, with the CPU backend's formula. Holds the
-// work-plan buffers, so one object serves one stream at a time.
+// work-plan buffers, so one object serves one stream at a time, on the device current when it
+// was made.
 class StatsPass {
  public:
-  explicit StatsPass(int multiprocessors) : multiprocessors_(multiprocessors) {}
+  explicit StatsPass(int multiprocessors) : multiprocessors_(multiprocessors), wgmma_(wgmma_available()) {}
   StatsPass(const StatsPass&) = delete;
   StatsPass& operator=(const StatsPass&) = delete;
   ~StatsPass();
-  // Returns "tensor-core" or "simt": which kernel formed the scores.
+  // Returns which kernel formed the scores: "wgmma", "mma" (both on tensor cores) or "simt".
+  // Error(kUsage) when args ask for wgmma where it is not available.
   const char* run(const StatsPassArgs& args, cudaStream_t stream);
+  bool wgmma() const { return wgmma_; }
 
  private:
   int multiprocessors_;
+  bool wgmma_;
   std::vector<TensorCoreWorkItem> plan_;
   TensorCoreWorkItem* device_plan_ = nullptr;
   std::size_t device_plan_capacity_ = 0;

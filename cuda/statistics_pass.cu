@@ -364,15 +364,19 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
   const bool tensor_cores = a.type != InputType::kFloat32 && tensor_core_supports(a.block, stride) && a.score_scale > 0.0f;
   const char* kernel = "simt";
   if (tensor_cores) {
-    kernel = "tensor-core";
-    // Thread blocks of 128 query rows: one warp per head of the group (up to the number of
-    // warps) shares each key tile, so the keys are read once per row tile and head chunk, not
-    // once per head; the remaining warps take further row slices of the same heads.
+    const bool wgmma = a.tensor_core_kernel == TensorCoreKernel::kWgmma;
+    if (wgmma && !wgmma_) fail(ErrorKind::kUsage, "statistics pass: the wgmma kernel needs a compute capability 9.0 GPU");
+    kernel = wgmma ? "wgmma" : "mma";
+    // Thread blocks of 128 query rows: one row group (a warp of 16 or 32 rows for mma.sync, a
+    // warpgroup of 64 for wgmma) per head of the group, up to the number of row groups, shares
+    // each key tile, so the keys are read once per row tile and head chunk, not once per head;
+    // the remaining row groups take further row slices of the same heads.
     const int rows_per_warp = tensor_core_rows_per_warp(stride, a.tensor_core_rows_per_warp);
-    const int warps = kTensorCoreRowsPerBlock / rows_per_warp;
-    const int heads_per_cta = std::min(a.heads, warps);
-    const int subtiles = std::max(1, warps / heads_per_cta);
-    const int tile_rows = rows_per_warp * subtiles;
+    const int group_rows = wgmma ? kWgmmaRowsPerWarpgroup : rows_per_warp;
+    const int row_groups = wgmma ? kWgmmaWarpgroups : kTensorCoreRowsPerBlock / rows_per_warp;
+    const int heads_per_cta = std::min(a.heads, row_groups);
+    const int subtiles = std::max(1, row_groups / heads_per_cta);
+    const int tile_rows = group_rows * subtiles;
     const int row_tiles = (a.rows + tile_rows - 1) / tile_rows;
     const int head_chunks = (a.heads + heads_per_cta - 1) / heads_per_cta;
     const long long unit = tensor_core_key_unit(a.block);
@@ -429,7 +433,8 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
     launch.score_scale = a.score_scale;
     launch.block_max = a.block_max;
     launch.block_sum = a.block_sum;
-    launch_tensor_core_statistics(launch, stream);
+    if (wgmma) launch_wgmma_statistics(launch, stream);
+    else launch_tensor_core_statistics(launch, stream);
   } else {
     switch (a.type) {
       case InputType::kFloat32: launch_simt_statistics<float>(a, stride, stream); break;

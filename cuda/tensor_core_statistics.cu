@@ -14,32 +14,19 @@
 #include <numeric>
 
 #include "common/error.hpp"
+#include "score_tile.cuh"
 #include "tensor_core_statistics.hpp"
 
 namespace hysparse::cuda {
 namespace {
 
+using namespace tile;
+
 constexpr int kStages = 3;
-constexpr int kKeys = kTensorCoreKeyTile;
-constexpr int kN8Tiles = kKeys / 8;
-constexpr float kLog2e = 1.4426950408889634f;
 // 16 rows per warp: measured on an H100 as fast as 32 within noise (32 halves the shared-memory
 // reads but spills a little and runs 12 warps per multiprocessor instead of 16; the kernel is
 // latency-bound, not shared-memory-bound), and it needs no local memory.
 constexpr int kDefaultRowsPerWarp = 16;
-
-__device__ __forceinline__ unsigned shared_address(const void* pointer) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
-}
-
-__device__ __forceinline__ void copy_async_16(unsigned destination, const void* source) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(destination), "l"(source));
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 __device__ __forceinline__ void load_matrix_x4(unsigned address, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -64,22 +51,6 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const unsigned (&a)[4
   }
 }
 
-// 2^x on the special-function unit (relative error ~2^-22); 2^-inf = +0.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-
 // Offset of the 16-byte chunk `chunk` of key row `key` in a tile: chunks are XOR-swizzled by the
 // key's low three bits, so the eight rows one ldmatrix phase reads land in eight bank groups.
 template <int kDepth>
@@ -100,7 +71,6 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
   constexpr int kChunks = kDepth / 8;  // 16-byte chunks per key row
   constexpr int kTileBytes = kKeys * kDepth * 2;
   constexpr int kRowsPerThread = 2 * kMTiles;  // fragment rows `group` and `group + 8` of each mma tile
-  constexpr float kNegInf = -INFINITY;
   extern __shared__ __align__(128) unsigned char key_tiles[];
 
   const TensorCoreWorkItem item = p.work[blockIdx.x];
@@ -160,8 +130,8 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
   }
 
   const int block = static_cast<int>(p.block);
-  auto write_cell = [&](int r, int b, float m, float l) {
-    const long long cell = (static_cast<long long>(head) * p.rows + r) * p.num_blocks + b;
+  auto write_cell = [&](int ri, int b, float m, float l) {
+    const long long cell = (static_cast<long long>(head) * p.rows + row_of(ri)) * p.num_blocks + b;
     p.block_max[cell] = m * p.score_scale;
     p.block_sum[cell] = l;
   };
@@ -169,7 +139,7 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
   float run_max[kRowsPerThread], run_sum[kRowsPerThread];
 #pragma unroll
   for (int ri = 0; ri < kRowsPerThread; ++ri) {
-    run_max[ri] = kNegInf;
+    run_max[ri] = -INFINITY;
     run_sum[ri] = 0.0f;
   }
 
@@ -206,80 +176,19 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
         }
       }
       // Causal mask, only on tiles that reach past some row of the warp.
-      if (key0 + kKeys - 1 > warp_first) {
-#pragma unroll
-        for (int ri = 0; ri < kRowsPerThread; ++ri) {
-#pragma unroll
-          for (int n = 0; n < kN8Tiles; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int key = key0 + 8 * n + 2 * thread_in_group + e;
-              if (key > pos[ri]) acc[ri >> 1][n][2 * (ri & 1) + e] = kNegInf;
-            }
-          }
-        }
-      }
+      if (key0 + kKeys - 1 > warp_first) mask_causal<kMTiles>(acc, key0, pos, thread_in_group);
 
       if constexpr (kBlockN8 > 0) {
-        // Whole blocks inside this tile: reduce each in registers and write it.
-        constexpr int kBlocksPerTile = kN8Tiles / kBlockN8;
-#pragma unroll
-        for (int bi = 0; bi < kBlocksPerTile; ++bi) {
-          const int b = key0 / block + bi;
-#pragma unroll
-          for (int ri = 0; ri < kRowsPerThread; ++ri) {
-            const int mt = ri >> 1, e0 = 2 * (ri & 1);  // compile-time register indices
-            float m = kNegInf;
-#pragma unroll
-            for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) m = fmaxf(m, fmaxf(acc[mt][n][e0], acc[mt][n][e0 + 1]));
-            m = quad_max(m);
-            const float shift = m == kNegInf ? 0.0f : m * log2_scale;  // an empty block sums to 0
-            float l = 0.0f;
-#pragma unroll
-            for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) {
-              l += exp2_approx(fmaf(acc[mt][n][e0], log2_scale, -shift)) + exp2_approx(fmaf(acc[mt][n][e0 + 1], log2_scale, -shift));
-            }
-            l = quad_sum(l);
-            // The quad holds the result in all four lanes: each lane writes a quarter of them.
-            if (((bi * kRowsPerThread + ri) & 3) == thread_in_group && b * block <= pos[ri]) write_cell(row_of(ri), b, m, l);
-          }
-        }
+        reduce_whole_blocks<kMTiles, kBlockN8>(acc, key0, block, pos, log2_scale, thread_in_group, write_cell);
       } else {
-        // Part of a block that spans several tiles: fold this tile into the running pair.
-#pragma unroll
-        for (int ri = 0; ri < kRowsPerThread; ++ri) {
-          float m = run_max[ri];
-#pragma unroll
-          for (int n = 0; n < kN8Tiles; ++n) {
-            m = fmaxf(m, fmaxf(acc[ri >> 1][n][2 * (ri & 1)], acc[ri >> 1][n][2 * (ri & 1) + 1]));
-          }
-          const float shift = m == kNegInf ? 0.0f : m * log2_scale;
-          float l = run_max[ri] == kNegInf ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
-#pragma unroll
-          for (int n = 0; n < kN8Tiles; ++n) {
-            l += exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1)], log2_scale, -shift)) +
-                 exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1) + 1], log2_scale, -shift));
-          }
-          run_max[ri] = m;
-          run_sum[ri] = l;
-        }
+        fold_into_running<kMTiles>(acc, run_max, run_sum, log2_scale);
       }
     }
 
     if constexpr (kBlockN8 == 0) {
       // A block ends at a multiple of its size or where this item's key range ends.
       if (active && ((key0 + kKeys) % block == 0 || t == num_tiles - 1)) {
-        const int b = key0 / block;
-#pragma unroll
-        for (int ri = 0; ri < kRowsPerThread; ++ri) {
-          const float m = quad_max(run_max[ri]);
-          const float shift = m == kNegInf ? 0.0f : m * log2_scale;
-          float l = run_max[ri] == kNegInf ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
-          l = quad_sum(l);
-          if ((ri & 3) == thread_in_group && b * block <= pos[ri]) write_cell(row_of(ri), b, m, l);
-          run_max[ri] = kNegInf;
-          run_sum[ri] = 0.0f;
-        }
+        finish_running_block<kMTiles>(run_max, run_sum, key0 / block, block, pos, log2_scale, thread_in_group, write_cell);
       }
     }
   }

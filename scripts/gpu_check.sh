@@ -26,14 +26,20 @@ else
   cmake --build build-gpu -j"$(nproc)" >> "$BUILD_LOG" 2>&1 || { grep -E -A5 "error" "$BUILD_LOG" | head -80; exit 1; }
 fi
 grep -E "warning" "$BUILD_LOG" | head -20
-# The default tensor-core kernel's machine code (bf16, head_dim 128, block 64, 16 rows per warp):
-# mma (HMMA), ldmatrix (LDSM), exp2 (MUFU), and no local memory (LDL/STL).
+# The tensor-core kernels' machine code (bf16, head_dim 128, block 64): mma.sync (HMMA, ldmatrix
+# LDSM) and wgmma (HGMMA), exp2 (MUFU), and no local memory (LDL/STL).
 if command -v cuobjdump > /dev/null; then
-  object=$(find build-gpu -name 'tensor_core_statistics.cu.o' | head -1)
-  cuobjdump -sass "$object" 2> /dev/null | awk '/Function :/ { f = ($0 ~ /ILb0ELi8ELi8ELi1EE/) } f' > build-gpu/sass_bf16_d128_b64.txt
-  { echo "== SASS of the bf16, head_dim 128, block 64, 16-row kernel: instruction counts";
-    for op in HMMA LDSM LDGSTS MUFU.EX2 SHFL FMNMX LDL STL; do
-      printf '%-9s %s\n' "$op" "$(grep -c "$op" build-gpu/sass_bf16_d128_b64.txt)"; done; } | tee -a "$BUILD_LOG"
+  for kernel in mma wgmma; do
+    if [[ $kernel == mma ]]; then
+      object=$(find build-gpu -name 'tensor_core_statistics.cu.o' | head -1); pattern='ILb0ELi8ELi8ELi1EE'
+    else
+      object=$(find build-gpu -name 'wgmma_statistics.cu.o' | head -1); pattern='ILb0ELi8ELi8EE'
+    fi
+    cuobjdump -sass "$object" 2> /dev/null | awk -v p="$pattern" '/Function :/ { f = ($0 ~ p) } f' > "build-gpu/sass_${kernel}_bf16_d128_b64.txt"
+    { echo "== SASS of the $kernel kernel (bf16, head_dim 128, block 64): instruction counts";
+      for op in HMMA HGMMA LDSM LDGSTS MUFU.EX2 SHFL FMNMX LDL STL; do
+        printf '%-9s %s\n' "$op" "$(grep -c "$op" "build-gpu/sass_${kernel}_bf16_d128_b64.txt")"; done; } | tee -a "$BUILD_LOG"
+  done
 fi
 
 echo "== GPU parity tests"
@@ -49,15 +55,16 @@ echo "== CUDA benchmark"
 timeout "$STEP" build-gpu/tests/hysparse_bench_cuda ${HYSPARSE_BENCH_ARGS:-} 2>&1 | tee "$LOG/bench_cuda.log"
 
 if command -v ncu > /dev/null; then
-  echo "== profile: one bf16 pass of one KV group at T=32K (ncu, clocks as found)"
+  echo "== profile: one bf16 pass of one KV group at T=32K per tensor-core kernel, mma.sync then wgmma (ncu, clocks as found)"
   profile=(build-gpu/tests/hysparse_bench_cuda --profile --seq-lens 32768)
-  ncu_args=(--clock-control none --kernel-name regex:tensor_core_statistics --launch-count 1)
+  ncu_args=(--clock-control none --kernel-name "regex:wgmma_statistics|tensor_core_statistics" --launch-count 2)
   {
     timeout "$STEP" ncu "${ncu_args[@]}" --section SpeedOfLight --section Occupancy --section ComputeWorkloadAnalysis \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats "${profile[@]}"
     echo "== pipe utilisation"
     timeout "$STEP" ncu "${ncu_args[@]}" --metrics \
 sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
+sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,\

@@ -6,9 +6,11 @@
 //
 //   hysparse_bench_cuda [--seq-lens 8192,32768,131072] [--head-dim 128] [--q-heads 32] [--kv-heads 8]
 //                       [--block 64] [--precisions fp32,bf16] [--repeats 3] [--fp32-max-elements 3e9]
-//                       [--host-api-seq-lens 8192,32768] [--tc-rows-per-warp 0,16,32] [--profile]
-// --tc-rows-per-warp times the tensor-core kernel with 16 or 32 query rows per warp (0: its default).
-// --profile runs one bf16 pass of one KV group at the first length and nothing else (for ncu).
+//                       [--host-api-seq-lens 8192,32768] [--tc-kernels auto,wgmma] [--profile]
+// --tc-kernels times these tensor-core kernels for bf16/fp16: auto (the backend's choice, mma.sync),
+// wgmma (compute capability 9.0; skipped elsewhere), mma (16 rows per warp), mma32 (32 rows per warp).
+// --profile runs one bf16 pass of one KV group at the first length per --tc-kernels entry and
+// nothing else (for ncu).
 // Lines starting with RESULT are for scripts/bench_torch_stats.py.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -149,7 +151,7 @@ struct Options {
   std::vector<std::int64_t> seq_lens = {8192, 32768, 131072};
   std::vector<std::int64_t> host_api_seq_lens = {8192, 32768};
   std::vector<std::string> precisions = {"fp32", "bf16"};
-  std::vector<std::int64_t> rows_per_warp = {0};
+  std::vector<std::string> tc_kernels = {"auto", "wgmma"};
   std::int64_t d = 128, q_heads = 32, kv_heads = 8, block = 64;
   int repeats = 3;
   double fp32_max_elements = 3e9;
@@ -159,7 +161,7 @@ struct Options {
 // The device pass over `groups` KV groups at length T: input rounding plus statistics and row
 // log-sum-exps, every causal row. Returns milliseconds (median over repeats).
 double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std::int64_t groups, int repeats,
-                      Normal& gen, double* memory_gib, int rows_per_warp = 0) {
+                      Normal& gen, double* memory_gib, const std::string& tc_kernel = "auto") {
   const std::int64_t G = o.q_heads / o.kv_heads, d = o.d;
   const cuda::InputType type = precision == Precision::kFp32 ? cuda::InputType::kFloat32
                                : precision == Precision::kBf16 ? cuda::InputType::kBfloat16
@@ -216,7 +218,10 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
       a.block_sum = block_sum;
       a.lse_tokens = lse_tokens;
       a.lse_all = lse_all;
-      a.tensor_core_rows_per_warp = rows_per_warp;
+      a.tensor_core_kernel = tc_kernel == "wgmma" ? cuda::TensorCoreKernel::kWgmma
+                             : tc_kernel == "auto" ? cuda::TensorCoreKernel::kAuto
+                                                   : cuda::TensorCoreKernel::kMma;
+      a.tensor_core_rows_per_warp = tc_kernel == "mma32" ? 32 : 16;
       pass.run(a, nullptr);
     }
   };
@@ -309,7 +314,15 @@ int main(int argc, char** argv) {
     if (flag == "--seq-lens") o.seq_lens = parse_list(value);
     else if (flag == "--host-api-seq-lens") o.host_api_seq_lens = parse_list(value);
     else if (flag == "--precisions") o.precisions = parse_words(value);
-    else if (flag == "--tc-rows-per-warp") o.rows_per_warp = parse_list(value);
+    else if (flag == "--tc-kernels") {
+      o.tc_kernels = parse_words(value);
+      for (const std::string& kernel : o.tc_kernels) {
+        if (kernel != "auto" && kernel != "wgmma" && kernel != "mma" && kernel != "mma32") {
+          std::fprintf(stderr, "--tc-kernels: '%s' (expected auto, wgmma, mma or mma32)\n", kernel.c_str());
+          return 2;
+        }
+      }
+    }
     else if (flag == "--head-dim") o.d = std::stoll(value);
     else if (flag == "--q-heads") o.q_heads = std::stoll(value);
     else if (flag == "--kv-heads") o.kv_heads = std::stoll(value);
@@ -329,12 +342,19 @@ int main(int argc, char** argv) {
   Normal gen;
   const std::int64_t G = o.q_heads / o.kv_heads;
   if (o.profile) {
-    double gib = 0;
-    const double ms = device_pass_ms(o, Precision::kBf16, o.seq_lens.front(), 1, 1, gen, &gib);
-    std::printf("profile run: T=%lld, one KV group, bf16: %.3f ms\n", static_cast<long long>(o.seq_lens.front()), ms);
+    for (const std::string& kernel : o.tc_kernels) {
+      if (kernel == "wgmma" && !cuda::wgmma_available()) continue;
+      double gib = 0;
+      const double ms = device_pass_ms(o, Precision::kBf16, o.seq_lens.front(), 1, 1, gen, &gib, kernel);
+      std::printf("profile run: T=%lld, one KV group, bf16, %s: %.3f ms\n", static_cast<long long>(o.seq_lens.front()),
+                  kernel.c_str(), ms);
+    }
     return 0;
   }
   std::printf("device: %s\n", status.devices[0].c_str());
+  const bool wgmma = cuda::wgmma_available();
+  std::printf("tensor-core kernels: wgmma %s; * marks the backend's default\n",
+              wgmma ? "available" : "not available (compute capability 9.0 only)");
   std::printf("shape: %lld query heads, %lld KV heads (groups of %lld), head_dim %lld, block %lld, all causal rows\n",
               static_cast<long long>(o.q_heads), static_cast<long long>(o.kv_heads), static_cast<long long>(G),
               static_cast<long long>(o.d), static_cast<long long>(o.block));
@@ -350,7 +370,7 @@ int main(int argc, char** argv) {
   std::printf("RESULT kind=cublas_scores elements_per_s=%.6e\nRESULT kind=cublas_peak elements_per_s=%.6e\n", score_gemm_elements,
               peak_elements);
 
-  std::printf("\n%-8s %-8s %-7s %-12s %-10s %-14s %-10s %-10s %s\n", "T", "prec", "groups", "elements", "ms", "elements/s",
+  std::printf("\n%-8s %-12s %-7s %-12s %-10s %-14s %-10s %-10s %s\n", "T", "prec", "groups", "elements", "ms", "elements/s",
               "vs scores", "vs peak", "GPU memory in use");
   for (std::int64_t T : o.seq_lens) {
     for (const std::string& name : o.precisions) {
@@ -365,19 +385,21 @@ int main(int argc, char** argv) {
           continue;
         }
       }
-      // The tensor-core variants (bf16/fp16 only); fp32 runs the SIMT kernel once.
-      const std::vector<std::int64_t> variants = precision == Precision::kFp32 ? std::vector<std::int64_t>{0} : o.rows_per_warp;
-      for (const std::int64_t rows_per_warp : variants) {
+      // The tensor-core kernels (bf16/fp16 only); fp32 runs the SIMT kernel once.
+      const std::vector<std::string> variants = precision == Precision::kFp32 ? std::vector<std::string>{"auto"} : o.tc_kernels;
+      for (const std::string& variant : variants) {
+        if (variant == "wgmma" && !wgmma) continue;
         double gib = 0;
         const int repeats = precision == Precision::kFp32 ? 1 : o.repeats;
-        const double ms = device_pass_ms(o, precision, T, groups, repeats, gen, &gib, static_cast<int>(rows_per_warp));
+        const double ms = device_pass_ms(o, precision, T, groups, repeats, gen, &gib, variant);
         const double elements = causal_elements(G * groups, T);
         const double rate = elements / (ms * 1e-3);
-        const std::string label = rows_per_warp == 0 ? name : name + "/" + std::to_string(rows_per_warp) + "r";
-        std::printf("%-8lld %-8s %-7lld %-12.3e %-10.2f %-14.3e %-10.3f %-10.3f %.2f GiB\n", static_cast<long long>(T),
+        const std::string kernel = precision == Precision::kFp32 ? "simt" : variant == "auto" ? "mma" : variant;
+        const std::string label = name + "/" + kernel + (variant == "auto" && precision != Precision::kFp32 ? "*" : "");
+        std::printf("%-8lld %-12s %-7lld %-12.3e %-10.2f %-14.3e %-10.3f %-10.3f %.2f GiB\n", static_cast<long long>(T),
                     label.c_str(), static_cast<long long>(groups), elements, ms, rate, rate / score_gemm_elements,
                     rate / peak_elements, gib);
-        if (rows_per_warp == 0) {
+        if (variant == "auto") {
           std::printf("RESULT kind=pass precision=%s T=%lld elements_per_s=%.6e\n", name.c_str(), static_cast<long long>(T), rate);
         }
         std::fflush(stdout);

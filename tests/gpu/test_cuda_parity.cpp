@@ -42,6 +42,10 @@ constexpr double kGpuLogitTolerance = 1e-4;     // absolute: block max logits an
 constexpr double kGpuOutputTolerance = 1e-4;    // relative, per output vector
 constexpr double kBf16UnitRoundoff = 1.0 / 512.0;   // 2^-9: bf16 keeps 8 significant bits
 constexpr double kFp16UnitRoundoff = 1.0 / 4096.0;  // 2^-12: fp16 keeps 11 significant bits (normal range)
+// Tensor-core kernels against each other on the same rounded inputs (relative for block maxima
+// and sums, absolute for log-sum-exps): the mma.sync layouts form the same products in the same
+// order (equal in practice); wgmma's accumulation order inside the tensor core is its own.
+constexpr double kKernelAgreementTolerance = 1e-5;
 
 float round_to(Precision precision, float x) {
   switch (precision) {
@@ -395,16 +399,10 @@ TEST_CASE("The tensor-core kernel runs for the block sizes it supports", "[cuda]
   args.block_sum = l;
   args.lse_tokens = lse_tokens;
   args.lse_all = lse_all;
-  for (const auto& [block, kernel] : {std::pair<long long, std::string>{64, "tensor-core"}, {8, "tensor-core"},
-                                      {128, "tensor-core"}, {24, "simt"}, {1, "simt"}}) {
-    CAPTURE(block);
-    args.block = block;
-    args.num_blocks = positions.back() / block + 1;
-    if (args.num_blocks > most_blocks) {
-      args.rows = 20;  // block 1: fewer rows, so the cells fit the buffers
-      args.num_blocks = positions[19] / block + 1;
-    }
-    CHECK(pass.run(args, nullptr) == kernel);
+  // The default tensor-core kernel is mma.sync on every device (wgmma only when asked for).
+  const std::string tensor_core = "mma";
+  for (const auto& [block, kernel] : {std::pair<long long, std::string>{64, tensor_core}, {8, tensor_core},
+                                      {128, tensor_core}, {24, "simt"}, {1, "simt"}}) {    CHECK(pass.run(args, nullptr) == kernel);
     std::vector<double> lse(static_cast<std::size_t>(args.rows));
     REQUIRE(cudaMemcpy(lse.data(), lse_tokens, sizeof(double) * lse.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
     for (int r = 0; r < args.rows; ++r) CHECK(lse[static_cast<std::size_t>(r)] == Approx(std::log(3.0 * r + 1.0)).margin(1e-6));
@@ -415,80 +413,116 @@ TEST_CASE("The tensor-core kernel runs for the block sizes it supports", "[cuda]
   }
 }
 
-TEST_CASE("Tensor-core warps of 16 and 32 query rows give the same statistics", "[cuda]") {
-  // The backend runs the default (16 rows per warp); this holds the other layout (32 rows, up
-  // to head_dim 128) to it, on random bf16 inputs, strided rows (the last warp half empty) and three heads.
-  const int heads = 3, T = 3000, d = 128, stride = cuda::input_stride(cuda::InputType::kBfloat16, d);
+TEST_CASE("The tensor-core kernels and layouts give the same statistics", "[cuda]") {
+  // The backend runs the default kernel (mma.sync, 16 rows per warp); this holds the other
+  // layout and, on compute capability 9.0, the wgmma kernel to it on random bf16
+  // inputs: strided rows (the last row group part empty), three heads (a thread block's second
+  // head chunk half empty), head_dim 64, 128 and 256, blocks inside a key tile and across tiles.
+  const int heads = 3, T = 3000;
   std::vector<long long> positions;
   for (long long t = 5; t < T; t += 3) positions.push_back(t);
   const int rows = static_cast<int>(positions.size());
-  const long long padded_keys = (T + 63) / 64 * 64, most_blocks = positions.back() / 16 + 1;
+  const long long padded_keys = (T + 63) / 64 * 64, most_blocks = positions.back() / 8 + 1;
+  const auto cells = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(most_blocks);
   float *q32 = nullptr, *k32 = nullptr, *m = nullptr, *l = nullptr;
   void *q = nullptr, *k = nullptr;
   long long* pos = nullptr;
   double *lse_tokens = nullptr, *lse_all = nullptr;
-  const auto cells = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(most_blocks);
-  REQUIRE(cudaMalloc(&q32, sizeof(float) * static_cast<std::size_t>(heads * rows * d)) == cudaSuccess);
-  REQUIRE(cudaMalloc(&k32, sizeof(float) * static_cast<std::size_t>(T * d)) == cudaSuccess);
-  REQUIRE(cudaMalloc(&q, static_cast<std::size_t>(heads * rows * stride * 2)) == cudaSuccess);
-  REQUIRE(cudaMalloc(&k, static_cast<std::size_t>(padded_keys * stride * 2)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&q32, sizeof(float) * static_cast<std::size_t>(heads * rows * 256)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&k32, sizeof(float) * static_cast<std::size_t>(T * 256)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&q, static_cast<std::size_t>(heads * rows * 256 * 2)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&k, static_cast<std::size_t>(padded_keys * 256 * 2)) == cudaSuccess);
   REQUIRE(cudaMalloc(&pos, sizeof(long long) * positions.size()) == cudaSuccess);
   REQUIRE(cudaMalloc(&m, sizeof(float) * cells) == cudaSuccess);
   REQUIRE(cudaMalloc(&l, sizeof(float) * cells) == cudaSuccess);
   REQUIRE(cudaMalloc(&lse_tokens, sizeof(double) * static_cast<std::size_t>(heads * rows)) == cudaSuccess);
   REQUIRE(cudaMalloc(&lse_all, sizeof(double) * static_cast<std::size_t>(heads * rows)) == cudaSuccess);
-  cuda::fill_normal(q32, static_cast<std::size_t>(heads * rows * d), test::seed(), nullptr);
-  cuda::fill_normal(k32, static_cast<std::size_t>(T * d), test::seed() + 1, nullptr);
-  REQUIRE(cudaMemset(k, 0, static_cast<std::size_t>(padded_keys * stride * 2)) == cudaSuccess);
-  cuda::convert_rows(cuda::InputType::kBfloat16, q32, heads * rows, d, 2.0f, q, nullptr, nullptr);
-  cuda::convert_rows(cuda::InputType::kBfloat16, k32, T, d, 1.0f, k, nullptr, nullptr);
   REQUIRE(cudaMemcpy(pos, positions.data(), sizeof(long long) * positions.size(), cudaMemcpyHostToDevice) == cudaSuccess);
   cuda::StatsPass pass(132);
-  cuda::StatsPassArgs args;
-  args.type = cuda::InputType::kBfloat16;
-  args.q = q;
-  args.k = k;
-  args.positions = pos;
-  args.host_positions = positions.data();
-  args.heads = heads;
-  args.rows = rows;
-  args.head_dim = d;
-  args.score_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  args.block_max = m;
-  args.block_sum = l;
-  args.lse_tokens = lse_tokens;
-  args.lse_all = lse_all;
-  for (const long long block : {16LL, 64LL, 192LL}) {
-    CAPTURE(block);
-    args.block = block;
-    args.num_blocks = positions.back() / block + 1;
-    const auto n = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(args.num_blocks);
-    std::vector<float> m16(n), l16(n), m32(n), l32(n);
-    std::vector<double> lse16(static_cast<std::size_t>(heads * rows)), lse32(lse16.size());
-    for (const int rows_per_warp : {16, 32}) {
-      args.tensor_core_rows_per_warp = rows_per_warp;
-      REQUIRE(pass.run(args, nullptr) == std::string("tensor-core"));
-      auto& mo = rows_per_warp == 16 ? m16 : m32;
-      auto& lo = rows_per_warp == 16 ? l16 : l32;
-      auto& so = rows_per_warp == 16 ? lse16 : lse32;
-      REQUIRE(cudaMemcpy(mo.data(), m, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
-      REQUIRE(cudaMemcpy(lo.data(), l, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
-      REQUIRE(cudaMemcpy(so.data(), lse_tokens, sizeof(double) * so.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+  if (!pass.wgmma()) {
+    std::printf("no wgmma on this device (compute capability 9.0 only): mma.sync layouts compared\n");
+    cuda::StatsPassArgs args;
+    args.type = cuda::InputType::kBfloat16;
+    args.heads = 1;
+    args.rows = 1;
+    args.head_dim = 128;
+    args.tensor_core_kernel = cuda::TensorCoreKernel::kWgmma;
+    try {
+      (void)pass.run(args, nullptr);
+      FAIL("wgmma asked for on a device without it ran");
+    } catch (const Error& e) {
+      CHECK(e.kind() == ErrorKind::kUsage);
     }
-    // Same products, same reduction order per block: equal up to the last bit (compared with a
-    // 1e-6 relative margin, so a legitimate reordering would not fail the test).
-    double worst = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      if (std::isinf(m16[i]) || std::isinf(m32[i])) {
-        if (m16[i] != m32[i]) CHECK(m16[i] == m32[i]);
-        continue;
+  }
+
+  struct Variant {
+    const char* name;
+    cuda::TensorCoreKernel kernel;
+    int rows_per_warp;
+  };
+  std::vector<Variant> variants = {{"mma/32", cuda::TensorCoreKernel::kMma, 32}};
+  if (pass.wgmma()) variants.push_back({"wgmma", cuda::TensorCoreKernel::kWgmma, 0});
+  for (const int d : {64, 128, 256}) {
+    const int stride = cuda::input_stride(cuda::InputType::kBfloat16, d);
+    cuda::fill_normal(q32, static_cast<std::size_t>(heads * rows * d), test::seed() + static_cast<std::uint64_t>(d), nullptr);
+    cuda::fill_normal(k32, static_cast<std::size_t>(T * d), test::seed() + 1 + static_cast<std::uint64_t>(d), nullptr);
+    REQUIRE(cudaMemset(k, 0, static_cast<std::size_t>(padded_keys * stride * 2)) == cudaSuccess);
+    cuda::convert_rows(cuda::InputType::kBfloat16, q32, heads * rows, d, 2.0f, q, nullptr, nullptr);
+    cuda::convert_rows(cuda::InputType::kBfloat16, k32, T, d, 1.0f, k, nullptr, nullptr);
+    cuda::StatsPassArgs args;
+    args.type = cuda::InputType::kBfloat16;
+    args.q = q;
+    args.k = k;
+    args.positions = pos;
+    args.host_positions = positions.data();
+    args.heads = heads;
+    args.rows = rows;
+    args.head_dim = d;
+    args.score_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+    args.block_max = m;
+    args.block_sum = l;
+    args.lse_tokens = lse_tokens;
+    args.lse_all = lse_all;
+    for (const long long block : {8LL, 16LL, 64LL, 192LL}) {
+      CAPTURE(d, block);
+      args.block = block;
+      args.num_blocks = positions.back() / block + 1;
+      const auto n = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(args.num_blocks);
+      auto run = [&](cuda::TensorCoreKernel kernel, int rows_per_warp, std::vector<float>& mo, std::vector<float>& lo,
+                     std::vector<double>& so) {
+        args.tensor_core_kernel = kernel;
+        args.tensor_core_rows_per_warp = rows_per_warp;
+        const std::string used = pass.run(args, nullptr);
+        REQUIRE(used == (kernel == cuda::TensorCoreKernel::kWgmma ? "wgmma" : "mma"));
+        mo.resize(n);
+        lo.resize(n);
+        so.resize(static_cast<std::size_t>(heads * rows));
+        REQUIRE(cudaMemcpy(mo.data(), m, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        REQUIRE(cudaMemcpy(lo.data(), l, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        REQUIRE(cudaMemcpy(so.data(), lse_tokens, sizeof(double) * so.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+      };
+      std::vector<float> m_ref, l_ref, m_other, l_other;
+      std::vector<double> lse_ref, lse_other;
+      run(cuda::TensorCoreKernel::kMma, 16, m_ref, l_ref, lse_ref);
+      for (const Variant& variant : variants) {
+        if (variant.rows_per_warp == 32 && cuda::tensor_core_rows_per_warp(stride, 32) != 32) continue;  // depth 256
+        run(variant.kernel, variant.rows_per_warp, m_other, l_other, lse_other);
+        double worst = 0;
+        std::size_t mismatched_empty = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+          if (std::isinf(m_ref[i]) || std::isinf(m_other[i])) {  // empty blocks: both -inf, sum 0
+            if (m_ref[i] != m_other[i] || l_ref[i] != l_other[i]) ++mismatched_empty;
+            continue;
+          }
+          worst = std::max({worst, std::fabs(static_cast<double>(m_ref[i]) - m_other[i]) / (1.0 + std::fabs(m_ref[i])),
+                            std::fabs(static_cast<double>(l_ref[i]) - l_other[i]) / l_ref[i]});
+        }
+        for (std::size_t i = 0; i < lse_ref.size(); ++i) worst = std::max(worst, std::fabs(lse_ref[i] - lse_other[i]));
+        std::printf("tensor-core %s vs mma/16, head_dim %d, block %lld: largest difference %.2e\n", variant.name, d, block, worst);
+        CHECK(mismatched_empty == 0);
+        CHECK(worst <= kKernelAgreementTolerance);
       }
-      worst = std::max({worst, std::fabs(static_cast<double>(m16[i]) - m32[i]) / (1.0 + std::fabs(m16[i])),
-                        std::fabs(static_cast<double>(l16[i]) - l32[i]) / l16[i]});
     }
-    for (std::size_t i = 0; i < lse16.size(); ++i) worst = std::max(worst, std::fabs(lse16[i] - lse32[i]));
-    std::printf("tensor-core 16 vs 32 rows per warp, block %lld: largest difference %.2e\n", block, worst);
-    CHECK(worst <= 1e-6);
   }
   for (void* p : {static_cast<void*>(q32), static_cast<void*>(k32), q, k, static_cast<void*>(pos), static_cast<void*>(m),
                   static_cast<void*>(l), static_cast<void*>(lse_tokens), static_cast<void*>(lse_all)}) {

@@ -1,0 +1,137 @@
+#pragma once
+// Device helpers shared by the two tensor-core statistics kernels (mma.sync in
+// tensor_core_statistics.cu, wgmma in wgmma_statistics.cu). Both hold a tile of scores in the
+// same register layout, the mma accumulator fragment: a warp owns 16 query rows per m-tile, and
+// acc[m][n][e] is row `group` (+8 for e >= 2) of m-tile m and key key0 + 8n + 2 thread_in_group
+// + (e & 1), where group = lane / 4 and thread_in_group = lane % 4. Everything after the product
+// (causal mask, per-block max and sum of exponentials, blocks spanning key tiles) is written
+// once, here, so the two kernels cannot disagree on it.
+#include <cuda_runtime.h>
+
+#include "tensor_core_statistics.hpp"
+
+namespace hysparse::cuda::tile {
+
+constexpr int kKeys = kTensorCoreKeyTile;
+constexpr int kN8Tiles = kKeys / 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ unsigned shared_address(const void* pointer) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
+}
+
+__device__ __forceinline__ void copy_async_16(unsigned destination, const void* source) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(destination), "l"(source));
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// 2^x on the special-function unit (relative error ~2^-22); 2^-inf = +0.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Scores of keys beyond a row's position (pos[ri], -1 for no row) become -inf. ri indexes the
+// thread's rows: m-tile ri / 2, fragment row group + 8 (ri % 2).
+template <int kMTiles>
+__device__ __forceinline__ void mask_causal(float (&acc)[kMTiles][kN8Tiles][4], int key0, const int (&pos)[2 * kMTiles],
+                                            int thread_in_group) {
+#pragma unroll
+  for (int ri = 0; ri < 2 * kMTiles; ++ri) {
+#pragma unroll
+    for (int n = 0; n < kN8Tiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + 8 * n + 2 * thread_in_group + e;
+        if (key > pos[ri]) acc[ri >> 1][n][2 * (ri & 1) + e] = -INFINITY;
+      }
+    }
+  }
+}
+
+// Blocks of kBlockN8 n8 column groups (8, 16, 32 or 64 keys) lie whole inside the tile: each is
+// reduced in registers to (max score, sum of 2^((score - max) log2_scale)) and handed to
+// write(ri, block_index, max_score, sum) by one lane of the quad.
+template <int kMTiles, int kBlockN8, typename Write>
+__device__ __forceinline__ void reduce_whole_blocks(const float (&acc)[kMTiles][kN8Tiles][4], int key0, int block,
+                                                    const int (&pos)[2 * kMTiles], float log2_scale, int thread_in_group,
+                                                    Write&& write) {
+  constexpr int kRowsPerThread = 2 * kMTiles;
+  constexpr int kBlocksPerTile = kN8Tiles / kBlockN8;
+#pragma unroll
+  for (int bi = 0; bi < kBlocksPerTile; ++bi) {
+    const int b = key0 / block + bi;
+#pragma unroll
+    for (int ri = 0; ri < kRowsPerThread; ++ri) {
+      const int mt = ri >> 1, e0 = 2 * (ri & 1);  // compile-time register indices
+      float m = -INFINITY;
+#pragma unroll
+      for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) m = fmaxf(m, fmaxf(acc[mt][n][e0], acc[mt][n][e0 + 1]));
+      m = quad_max(m);
+      const float shift = m == -INFINITY ? 0.0f : m * log2_scale;  // an empty block sums to 0
+      float l = 0.0f;
+#pragma unroll
+      for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) {
+        l += exp2_approx(fmaf(acc[mt][n][e0], log2_scale, -shift)) + exp2_approx(fmaf(acc[mt][n][e0 + 1], log2_scale, -shift));
+      }
+      l = quad_sum(l);
+      // The quad holds the result in all four lanes: each lane writes a quarter of them.
+      if (((bi * kRowsPerThread + ri) & 3) == thread_in_group && b * block <= pos[ri]) write(ri, b, m, l);
+    }
+  }
+}
+
+// Part of a block that spans several key tiles: the tile is folded into this thread's running
+// (max score, sum) per row.
+template <int kMTiles>
+__device__ __forceinline__ void fold_into_running(const float (&acc)[kMTiles][kN8Tiles][4], float (&run_max)[2 * kMTiles],
+                                                  float (&run_sum)[2 * kMTiles], float log2_scale) {
+#pragma unroll
+  for (int ri = 0; ri < 2 * kMTiles; ++ri) {
+    float m = run_max[ri];
+#pragma unroll
+    for (int n = 0; n < kN8Tiles; ++n) m = fmaxf(m, fmaxf(acc[ri >> 1][n][2 * (ri & 1)], acc[ri >> 1][n][2 * (ri & 1) + 1]));
+    const float shift = m == -INFINITY ? 0.0f : m * log2_scale;
+    float l = run_max[ri] == -INFINITY ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
+#pragma unroll
+    for (int n = 0; n < kN8Tiles; ++n) {
+      l += exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1)], log2_scale, -shift)) +
+           exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1) + 1], log2_scale, -shift));
+    }
+    run_max[ri] = m;
+    run_sum[ri] = l;
+  }
+}
+
+// The running pairs of block b are complete: combined across the quad, written, and reset.
+template <int kMTiles, typename Write>
+__device__ __forceinline__ void finish_running_block(float (&run_max)[2 * kMTiles], float (&run_sum)[2 * kMTiles], int b,
+                                                     int block, const int (&pos)[2 * kMTiles], float log2_scale,
+                                                     int thread_in_group, Write&& write) {
+#pragma unroll
+  for (int ri = 0; ri < 2 * kMTiles; ++ri) {
+    const float m = quad_max(run_max[ri]);
+    const float shift = m == -INFINITY ? 0.0f : m * log2_scale;
+    float l = run_max[ri] == -INFINITY ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
+    l = quad_sum(l);
+    if ((ri & 3) == thread_in_group && b * block <= pos[ri]) write(ri, b, m, l);
+    run_max[ri] = -INFINITY;
+    run_sum[ri] = 0.0f;
+  }
+}
+
+}  // namespace hysparse::cuda::tile
