@@ -205,16 +205,17 @@ struct ForcedSummary {
   double denominator = 0;
 };
 
-ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced, std::int64_t block, bool output) {
+// `block`: the view's block size; `base`: the tile's (whole base blocks of a forced range take
+// their share from the block statistics, see RowAccess::share_sum).
+ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced, std::int64_t block, std::int64_t base,
+                               bool output) {
   ForcedSummary s;
   s.count = forced.count();
   if (output) s.numerator.assign(static_cast<std::size_t>(row.dim()), 0.0);
-  thread_local std::vector<double> share;
   std::int64_t last_block = -1;
   for (auto [j0, j1] : {std::pair<std::int64_t, std::int64_t>{0, forced.sink_end}, {forced.window_begin, forced.t + 1}}) {
     if (j1 <= j0) continue;
-    row.range(j0, j1, share, nullptr);
-    for (double p : share) s.mass += p;
+    s.mass += row.share_sum(j0, j1, base);
     if (output) row.add_output(j0, j1, s.numerator, s.denominator);
     // Blocks touched by this range: their non-forced keys form one run between the two ranges.
     for (std::int64_t b = j0 / block; b <= (j1 - 1) / block; ++b) {
@@ -304,6 +305,19 @@ void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, co
       const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
       const double lse_all = tile.lse_all[static_cast<std::size_t>(h * tile.rows + r)];
       const std::int64_t base_blocks = positions[r] / base + 1;
+      if (factor == 1) {
+        // The tile's own blocks: one exponential a block (exp(m - lse_all) is exp(m - lse_tokens)
+        // times the row's token share of the mass, sinks excluded).
+        const double token_share = std::exp(lse_tokens - lse_all);
+        for (std::int64_t b = 0; b < base_blocks; ++b) {
+          const double m = tile.block_max[tile.at(h, r, b)];
+          if (m == kNegInf) continue;
+          const double e = std::exp(m - lse_tokens);
+          view.mass[view.at(h, r, b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * e;
+          view.max_prob[view.at(h, r, b)] = e * token_share;
+        }
+        continue;
+      }
       for (std::int64_t b = 0; b < view.causal_blocks(r); ++b) {
         double m = kNegInf;
         const std::int64_t first = b * factor, last = std::min((b + 1) * factor, base_blocks);
@@ -954,11 +968,20 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const RowAccess row(inputs, ws.tile, g, h, r, positions[r]);
             const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
             ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
-            summary = summarise_forced(row, ranges, view.block, want_output);
+            summary = summarise_forced(row, ranges, view.block, base_block, want_output);
             for (const auto& [b, m] : summary.residual) ws.residual_mass[c][view.at(h, r, b)] = m;
           }
         }
       }
+
+      // Shared rankings of this tile (filled on demand, by selectors and by the metrics below).
+      ws.oracle_rankings.resize(configs.size());
+      for (std::size_t c = 0; c < configs.size(); ++c) {
+        const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
+        ws.oracle_rankings[c].reset(G, nr, view.num_blocks);
+      }
+      ws.mass_rankings.resize(ws.views.size());
+      for (std::size_t v = 0; v < ws.views.size(); ++v) ws.mass_rankings[v].reset(G, nr, ws.views[v].num_blocks);
 
       // Rankings from every selector (eviction selectors: one per budget).
       ws.rankings.resize(static_cast<std::size_t>(S));
@@ -981,6 +1004,11 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         context.view = &view;
         context.ranking_length = length.data();
         context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
+        context.top_by_residual = [&ws, &view, &plan](std::int64_t h, std::int64_t r, std::int64_t count) {
+          const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
+          return ws.oracle_rankings[static_cast<std::size_t>(plan.reference_config)].top(
+              h, r, view.causal_blocks(r), count, [&](std::int64_t b) { return residual[view.at(h, r, b)]; }, ws.scores);
+        };
         context.layer_context = &layer_context;
         std::vector<Rankings>& out = ws.rankings[static_cast<std::size_t>(s)];
         if (plan.budget_use == BudgetUse::kPerBudget) {
@@ -998,13 +1026,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       }
 
       // Metrics per selector, head, row and budget.
-      ws.oracle_rankings.resize(configs.size());
-      for (std::size_t c = 0; c < configs.size(); ++c) {
-        const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
-        ws.oracle_rankings[c].reset(G, nr, view.num_blocks);
-      }
-      ws.mass_rankings.resize(ws.views.size());
-      for (std::size_t v = 0; v < ws.views.size(); ++v) ws.mass_rankings[v].reset(G, nr, ws.views[v].num_blocks);
       for (std::int64_t s = 0; s < S; ++s) {
         const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
         const Selector& sel = *plan.selector;

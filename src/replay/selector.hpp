@@ -8,6 +8,7 @@
 // (prepare_layer), calibrate on held-out positions, weight the keys of its output estimate
 // (Rankings::log_weight), and leave rows out of its metrics (first_scored_position).
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -89,6 +90,9 @@ struct RankContext {
   // Residual mass per head and block: the block's mass outside the selector's fixed forced keys
   // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks].
   const std::vector<double>* residual_mass = nullptr;
+  // The first `count` blocks of (head, row) by residual mass, ranked once per tile by the engine
+  // and shared with its oracle references (rank_top's order and tie rule); count <= ranking_length[row].
+  std::function<const std::int32_t*(std::int64_t head, std::int64_t row, std::int64_t count)> top_by_residual;
   const LayerContext* layer_context = nullptr;  // the layer's tensors (q/k for proxies)
   // BudgetUse::kPerBudget only: the budget this call ranks for (index into the replay's budgets).
   std::int64_t budget_index = -1;

@@ -38,10 +38,17 @@ class OracleSelector final : public Selector {
       const std::int64_t blocks = v.causal_blocks(r);
       const std::int64_t count = c.ranking_length[r];
       if (ranks_per_head()) {
+        // The engine's shared ranking by residual mass is this selection (ranked here without one).
         for (std::int64_t h = 0; h < c.group_size; ++h) {
-          for (std::int64_t b = 0; b < blocks; ++b) scores[b] = residual[v.at(h, r, b)];
-          rank_top(scores.data(), blocks, count, out.row(h, r));
-          out.size(h, r) = static_cast<std::int32_t>(std::min(count, blocks));
+          const std::int64_t n = std::min(count, blocks);
+          if (c.top_by_residual) {
+            const std::int32_t* top = c.top_by_residual(h, r, n);
+            std::copy(top, top + n, out.row(h, r));
+          } else {
+            for (std::int64_t b = 0; b < blocks; ++b) scores[static_cast<std::size_t>(b)] = residual[v.at(h, r, b)];
+            rank_top(scores.data(), blocks, n, out.row(h, r));
+          }
+          out.size(h, r) = static_cast<std::int32_t>(n);
         }
       } else {
         for (std::int64_t b = 0; b < blocks; ++b) {
