@@ -166,6 +166,29 @@ class RowAccess {
     }
     return sum;
   }
+  // Share of a base block from its statistics (0 for a block without causal keys).
+  double block_share(std::int64_t b) const {
+    const auto cell = static_cast<std::size_t>((head_local_ * tile_.rows + r_) * tile_.num_blocks + b);
+    const double m = tile_.block_max[cell];
+    return m == kNegInf ? 0.0 : static_cast<double>(tile_.block_sum[cell]) * std::exp(m - lse_tokens_);
+  }
+  // Share of the keys [j0, j1) of one base block: summed key by key, or where that is the larger
+  // part of the block's causal keys, the block's share less its other keys (fewer keys recomputed).
+  double partial_share(std::int64_t j0, std::int64_t j1, std::int64_t base) const {
+    thread_local std::vector<double> share;
+    const std::int64_t b = j0 / base, lo = b * base, hi = std::min((b + 1) * base, t_ + 1);
+    double sum = 0.0;
+    if (2 * (j1 - j0) <= hi - lo) {
+      range(j0, j1, share, nullptr);
+      for (double p : share) sum += p;
+      return sum;
+    }
+    for (auto [a0, a1] : {std::pair<std::int64_t, std::int64_t>{lo, j0}, {j1, hi}}) {
+      range(a0, a1, share, nullptr);
+      for (double p : share) sum += p;
+    }
+    return std::max(0.0, block_share(b) - sum);  // rounding of the fp32 block sum can undercut the rest
+  }
   double sink_weight() const {
     const auto& sinks = in_.tensors->sink_logits;
     return sinks.empty() ? 0.0 : std::exp(static_cast<double>(sinks[static_cast<std::size_t>(head_)]) - lse_all_);
@@ -1103,8 +1126,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
             double oracle_mass = fixed.mass;
             std::int64_t oracle_taken = 0;
-            double window_mass = 0.0;                  // budget-window SWA: keys added so far
-            std::int64_t window_begin = t + 1;
+            // Budget-window SWA: whole base blocks are added once as the window grows; the partial
+            // block at the window's start is recomputed per budget. window_begin: keys added to the output.
+            double whole_blocks_mass = 0.0;
+            std::int64_t first_whole_block = t / base_block + 1, window_begin = t + 1;
             for (std::int64_t bi = 0; bi < NB; ++bi) {
               if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
               const Budget& budget = options.budgets[static_cast<std::size_t>(bi)];
@@ -1118,11 +1143,18 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 const std::int64_t from = std::max(ranges.window_begin, ranges.sink_end);
                 const std::int64_t to = std::max(window_begin, ranges.sink_end);
                 if (from < to) {
-                  window_mass += row.share_sum(from, to, base_block);
                   if (want_output) row.add_output(from, to, numerator, denominator);
                   window_begin = from;
                 }
-                mass = fixed.mass + window_mass;
+                const std::int64_t first_whole = (from + base_block - 1) / base_block;
+                for (; first_whole_block > first_whole; --first_whole_block) {
+                  whole_blocks_mass += row.block_share(first_whole_block - 1);
+                }
+                double partial = 0.0;
+                if (from % base_block != 0 && from <= t) {
+                  partial = row.partial_share(from, std::min(first_whole * base_block, t + 1), base_block);
+                }
+                mass = fixed.mass + whole_blocks_mass + partial;
                 keys = ranges.count();
                 nominal = budget.blocks_for_row(t, B) * B;
                 if (want_output) error = row.output_error(numerator, denominator);
