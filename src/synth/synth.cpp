@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <future>
 #include <limits>
 #include <vector>
 
@@ -152,10 +153,17 @@ void generate_synthetic(const SynthOptions& o,
     const bool first = layer == 0;
     auto rng_for = [&](Stream s) { return Rng(mix_seed(o.seed, static_cast<std::uint64_t>(layer), s)); };
 
+    // Three independent streams: drawn side by side on three threads (the same values as one after another).
     Rng q_rng = rng_for(kQContent), k_rng = rng_for(kKContent), v_rng = rng_for(kValues);
+    auto k_draws = std::async(std::launch::async, [&] {
+      blend_gaussian(state.k_content, static_cast<std::size_t>(Hkv * T) * dc, rho, first, k_rng);
+    });
+    auto v_draws = std::async(std::launch::async, [&] {
+      if (o.with_v) blend_gaussian(state.values, static_cast<std::size_t>(Hkv * T * d), rho, first, v_rng);
+    });
     blend_gaussian(state.q_content, static_cast<std::size_t>(Hq * T) * dc, rho, first, q_rng);
-    blend_gaussian(state.k_content, static_cast<std::size_t>(Hkv * T) * dc, rho, first, k_rng);
-    if (o.with_v) blend_gaussian(state.values, static_cast<std::size_t>(Hkv * T * d), rho, first, v_rng);
+    k_draws.get();
+    v_draws.get();
 
     // Per-head strengths vary in [0.5, 1.5]; each is kept from the previous layer with probability rho.
     Rng scale_rng = rng_for(kHeadScales);
@@ -205,46 +213,62 @@ void generate_synthetic(const SynthOptions& o,
     std::vector<char> is_heavy(static_cast<std::size_t>(T), 0);
     for (auto p : state.heavy_positions) is_heavy[static_cast<std::size_t>(p)] = 1;
 
-    for (std::int64_t g = 0; g < Hkv; ++g) {
+    // Every position's tensors depend only on the state: positions are filled in parallel, each
+    // one's RoPE angles computed once for all heads.
+#pragma omp parallel
+    {
+      std::vector<double> cosine(static_cast<std::size_t>(ch.rope_pairs)), sine(cosine.size());
+      auto angles = [&](std::int64_t position) {
+        for (std::int64_t f = 0; f < ch.rope_pairs; ++f) {
+          const double angle = omega[static_cast<std::size_t>(f)] * static_cast<double>(position);
+          cosine[static_cast<std::size_t>(f)] = std::cos(angle);
+          sine[static_cast<std::size_t>(f)] = std::sin(angle);
+        }
+      };
+#pragma omp for schedule(static)
       for (std::int64_t j = 0; j < T; ++j) {
-        float* k = &tensors.k[static_cast<std::size_t>((g * T + j) * d)];
-        k[ch.sink] = j < o.sink_tokens ? 1.0f : 0.0f;
-        k[ch.heavy] = is_heavy[static_cast<std::size_t>(j)] ? 1.0f : 0.0f;
-        for (std::int64_t f = 0; f < ch.rope_pairs; ++f) {
-          const double angle = omega[static_cast<std::size_t>(f)] * static_cast<double>(j);
-          k[ch.rope_begin + 2 * f] = static_cast<float>(std::cos(angle));
-          k[ch.rope_begin + 2 * f + 1] = static_cast<float>(std::sin(angle));
+        angles(j);
+        for (std::int64_t g = 0; g < Hkv; ++g) {
+          float* k = &tensors.k[static_cast<std::size_t>((g * T + j) * d)];
+          k[ch.sink] = j < o.sink_tokens ? 1.0f : 0.0f;
+          k[ch.heavy] = is_heavy[static_cast<std::size_t>(j)] ? 1.0f : 0.0f;
+          for (std::int64_t f = 0; f < ch.rope_pairs; ++f) {
+            k[ch.rope_begin + 2 * f] = static_cast<float>(cosine[static_cast<std::size_t>(f)]);
+            k[ch.rope_begin + 2 * f + 1] = static_cast<float>(sine[static_cast<std::size_t>(f)]);
+          }
+          const float* content = &state.k_content[static_cast<std::size_t>(g * T + j) * dc];
+          for (std::size_t c = 0; c < dc; ++c) k[ch.content_begin + static_cast<std::int64_t>(c)] = static_cast<float>(content_amplitude * content[c]);
         }
-        const float* content = &state.k_content[static_cast<std::size_t>(g * T + j) * dc];
-        for (std::size_t c = 0; c < dc; ++c) k[ch.content_begin + static_cast<std::int64_t>(c)] = static_cast<float>(content_amplitude * content[c]);
       }
-    }
-    for (std::int64_t h = 0; h < Hq; ++h) {
-      const std::int64_t g = h / group;
-      const auto hs = static_cast<std::size_t>(h);
-      const double sink_q = o.sink_strength * state.sink_scale[hs] / scale;
-      const double heavy_q = o.heavy_strength * state.heavy_scale[hs] / scale;
-      const double rope_q = o.locality * state.locality_scale[hs] / (scale * static_cast<double>(ch.rope_pairs));
+      // (the implicit barrier of the loop above: every key is written before a query reads its target's)
+#pragma omp for schedule(static)
       for (std::int64_t t = 0; t < T; ++t) {
-        float* q = &tensors.q[static_cast<std::size_t>((h * T + t) * d)];
-        q[ch.sink] = static_cast<float>(sink_q);
-        q[ch.heavy] = static_cast<float>(heavy_q);
-        for (std::int64_t f = 0; f < ch.rope_pairs; ++f) {
-          const double angle = omega[static_cast<std::size_t>(f)] * static_cast<double>(t);
-          q[ch.rope_begin + 2 * f] = static_cast<float>(rope_q * std::cos(angle));
-          q[ch.rope_begin + 2 * f + 1] = static_cast<float>(rope_q * std::sin(angle));
-        }
-        const float* content = &state.q_content[static_cast<std::size_t>(h * T + t) * dc];
-        for (std::size_t c = 0; c < dc; ++c) q[ch.content_begin + static_cast<std::int64_t>(c)] = static_cast<float>(content_amplitude * content[c]);
-        const std::int64_t target = state.targets[static_cast<std::size_t>(h * T + t)];
-        if (target >= 0 && dc > 0) {
-          // Add a multiple of the target key's content so its logit rises by retrieval_strength.
-          const float* key = &tensors.k[static_cast<std::size_t>((g * T + target) * d + ch.content_begin)];
-          double norm2 = 0;
-          for (std::size_t c = 0; c < dc; ++c) norm2 += static_cast<double>(key[c]) * key[c];
-          if (norm2 > 0) {
-            const double gain = o.retrieval_strength / (scale * norm2);
-            for (std::size_t c = 0; c < dc; ++c) q[ch.content_begin + static_cast<std::int64_t>(c)] += static_cast<float>(gain * key[c]);
+        angles(t);
+        for (std::int64_t h = 0; h < Hq; ++h) {
+          const std::int64_t g = h / group;
+          const auto hs = static_cast<std::size_t>(h);
+          const double sink_q = o.sink_strength * state.sink_scale[hs] / scale;
+          const double heavy_q = o.heavy_strength * state.heavy_scale[hs] / scale;
+          const double rope_q = o.locality * state.locality_scale[hs] / (scale * static_cast<double>(ch.rope_pairs));
+          float* q = &tensors.q[static_cast<std::size_t>((h * T + t) * d)];
+          q[ch.sink] = static_cast<float>(sink_q);
+          q[ch.heavy] = static_cast<float>(heavy_q);
+          for (std::int64_t f = 0; f < ch.rope_pairs; ++f) {
+            q[ch.rope_begin + 2 * f] = static_cast<float>(rope_q * cosine[static_cast<std::size_t>(f)]);
+            q[ch.rope_begin + 2 * f + 1] = static_cast<float>(rope_q * sine[static_cast<std::size_t>(f)]);
+          }
+          const float* content = &state.q_content[static_cast<std::size_t>(h * T + t) * dc];
+          for (std::size_t c = 0; c < dc; ++c) q[ch.content_begin + static_cast<std::int64_t>(c)] = static_cast<float>(content_amplitude * content[c]);
+          const std::int64_t target = state.targets[static_cast<std::size_t>(h * T + t)];
+          if (target >= 0 && dc > 0) {
+            // Add a multiple of the target key's content so its logit rises by retrieval_strength.
+            const float* key = &tensors.k[static_cast<std::size_t>((g * T + target) * d + ch.content_begin)];
+            double norm2 = 0;
+            for (std::size_t c = 0; c < dc; ++c) norm2 += static_cast<double>(key[c]) * key[c];
+            if (norm2 > 0) {
+              const double gain = o.retrieval_strength / (scale * norm2);
+              for (std::size_t c = 0; c < dc; ++c) q[ch.content_begin + static_cast<std::int64_t>(c)] += static_cast<float>(gain * key[c]);
+            }
           }
         }
       }
