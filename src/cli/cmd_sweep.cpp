@@ -189,7 +189,7 @@ void add_sweep_command(CLI::App& app) {
 
     SweepConfig config;
     SweepState state;
-    std::vector<std::string> recorded_sha256;
+    std::vector<std::string> recorded_sha256, earlier_runs;
     if (st->resume) {
       for (const char* name : {"CAPTURE", "--captures", "--budget", "--sparsity", "--selectors", "--block", "--window",
                                "--sinks", "--schedule", "--group", "--queries", "--seed", "--tile-rows", "--no-output-error",
@@ -209,6 +209,7 @@ void add_sweep_command(CLI::App& app) {
       config = resume.config;
       state = std::move(resume.state);
       recorded_sha256 = resume.input_sha256;
+      earlier_runs = resume.runs;
       // Bit-identical continuation needs the same build and the same kind of device.
       const std::string tool = std::string(tool_version()) + " " + git_sha();
       if (resume.tool != tool) {
@@ -296,6 +297,7 @@ void add_sweep_command(CLI::App& app) {
     provenance.device = fmt::format("{}", fmt::join(device_descriptions, "; "));
     provenance.seed = config.seed;
     provenance.threads = omp_get_max_threads();
+    provenance.earlier_runs = earlier_runs;
     for (const auto& capture : config.captures) provenance.add_input(capture);
     if (st->resume) {
       // The same captures, byte for byte, or the resumed numbers would mix two inputs.

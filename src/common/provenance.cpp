@@ -100,6 +100,11 @@ void write_provenance(const h5::File& file, const std::string& format, std::int6
   h5::write_attribute(file, "/", "threads", static_cast<std::int64_t>(p.threads));
   h5::write_attribute(file, "/", "input_files", p.input_files);
   h5::write_attribute(file, "/", "input_sha256", p.input_sha256);
+  if (!p.earlier_runs.empty()) h5::write_attribute(file, "/", "earlier_runs", p.earlier_runs);
+}
+
+std::string provenance_run_line(const std::string& created_utc, const std::string& device, const std::string& command_line) {
+  return created_utc + " | " + device + " | " + command_line;
 }
 
 }  // namespace hysparse

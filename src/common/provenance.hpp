@@ -22,6 +22,9 @@ struct Provenance {
   int threads = 1;
   std::vector<std::string> input_files;
   std::vector<std::string> input_sha256;
+  // A resumed sweep: every earlier invocation that wrote the report, oldest first, one line each
+  // ("created_utc | device | command_line"); empty for a report made in one run.
+  std::vector<std::string> earlier_runs;
 
   void add_input(const std::string& path);  // hashes the file
   // The same, hashing on a thread of its own while the caller works (a capture of tens of
@@ -43,7 +46,10 @@ std::string utc_now_iso8601();
 std::string shell_quote(const std::string& word);
 
 // Root attributes: format, format_version, tool_version, git_sha, command_line,
-// created_utc, backend, device, seed, threads, input_files, input_sha256.
+// created_utc, backend, device, seed, threads, input_files, input_sha256, and earlier_runs when
+// there were any.
+// One line of Provenance::earlier_runs.
+std::string provenance_run_line(const std::string& created_utc, const std::string& device, const std::string& command_line);
 void write_provenance(const h5::File& file, const std::string& format, std::int64_t format_version,
                       const Provenance& provenance);
 

@@ -8,6 +8,7 @@
 
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/provenance.hpp"
 #include "common/sha256.hpp"
 #include "io/h5.hpp"
 #include "replay/report.hpp"
@@ -420,6 +421,10 @@ SweepResumeState read_sweep_resume_state(const std::string& path) {
   resume.tool = h5::read_string_attribute(file, "/", "tool_version") + " " + h5::read_string_attribute(file, "/", "git_sha");
   resume.devices = resume.config.devices;
   resume.input_sha256 = h5::read_string_list_attribute(file, "/", "input_sha256");
+  if (h5::has_attribute(file, "/", "earlier_runs")) resume.runs = h5::read_string_list_attribute(file, "/", "earlier_runs");
+  resume.runs.push_back(provenance_run_line(h5::read_string_attribute(file, "/", "created_utc"),
+                                            h5::read_string_attribute(file, "/", "device"),
+                                            h5::read_string_attribute(file, "/", "command_line")));
   const auto capture = h5::read_ints(file, "/sweep/units/capture");
   const auto layer = h5::read_ints(file, "/sweep/units/layer");
   const auto done = h5::read_ints(file, "/sweep/units/done");

@@ -38,6 +38,8 @@ struct SweepResumeState {
   std::string status;
   std::string tool;                  // "tool_version git_sha" of the build that wrote the report
   std::vector<std::string> devices;  // the devices it ran on
+  // The invocations that wrote it so far, oldest first (Provenance::earlier_runs of the next run).
+  std::vector<std::string> runs;
 };
 SweepResumeState read_sweep_resume_state(const std::string& path);
 

@@ -41,6 +41,7 @@ check sweep-status "$(attribute "$WORK/full.h5" /sweep status)" complete
 check sweep-grid "$($PYTHON -c "import h5py; print(h5py.File('$WORK/full.h5','r')['sweep/grid/mass_recall'].shape)")" "(3, 4, 2, 2, 1, 2, 1, 3)"
 # 18 instances (oracle 4, swa 2, hysparse 8, quest 4) x 3 budgets x (2 captures + pooled).
 check sweep-points "$(attribute "$WORK/full.h5" /sweep/points rows)" 162
+check sweep-one-run "$($PYTHON -c "import h5py; print('earlier_runs' in h5py.File('$WORK/full.h5','r').attrs)")" False
 check sweep-no-checkpoint "$($PYTHON -c "import h5py; print('checkpoint' in h5py.File('$WORK/full.h5','r')['sweep'])")" False
 
 # The same sweep from a TOML config file, and re-run from its own report.
@@ -78,6 +79,9 @@ if wait_for_units "$WORK/killed.h5" 3 "$victim"; then
   check kill9-partial "$(attribute "$WORK/killed.h5" /sweep status)" partial
   expect resume-after-kill9 0 'wrote' -- "$HYSPARSE" sweep --resume -o "$WORK/killed.h5" -q
   same_numbers resume-after-kill9-same "$WORK/full.h5" "$WORK/killed.h5"
+  # Provenance keeps both invocations: this one at the root, the killed one in earlier_runs.
+  check resume-command-line "$(attribute "$WORK/killed.h5" / command_line | grep -c -- '--resume')" 1
+  check resume-earlier-runs "$($PYTHON -c "import h5py,sys; r=h5py.File(sys.argv[1],'r').attrs['earlier_runs']; print(len(r), sum('--checkpoint-every 0' in (x.decode() if isinstance(x, bytes) else x) for x in r))" "$WORK/killed.h5")" "1 1"
 else
   wait "$victim"; echo "FAIL kill9: the sweep ended before 3 units were saved"; failures=$((failures + 1))
 fi
