@@ -299,6 +299,10 @@ struct SharedRanking {
   }
 };
 
+struct ForcedConfig {
+  std::int64_t view, sinks, window;
+};
+
 // Per-thread scratch, reused across tiles.
 struct Workspace {
   StatsTile tile;
@@ -308,6 +312,11 @@ struct Workspace {
   std::vector<std::int32_t> stamp;
   std::vector<double> scores;
   std::vector<SharedRanking> oracle_rankings;  // per fixed forced config: by residual mass
+  // The ranking by residual mass of config c: a config without forced keys has residual == mass,
+  // so its oracle ranking is the view's ranking by mass (ranked once for both).
+  SharedRanking& by_residual(const ForcedConfig& config, std::size_t c) {
+    return config.sinks == 0 && config.window == 0 ? mass_rankings[static_cast<std::size_t>(config.view)] : oracle_rankings[c];
+  }
   std::vector<SharedRanking> mass_rankings;    // per view: by mass
   std::vector<std::int32_t> reuse_ranking;
 };
@@ -496,10 +505,6 @@ const char* metric_long_name(int metric) {
 
 namespace {
 // A fixed forced configuration (block view, sinks, window): residual scores and oracle references.
-struct ForcedConfig {
-  std::int64_t view, sinks, window;
-};
-
 // Checkpoints: a flat little-endian byte stream of counts and arrays (same machine and build).
 constexpr char kCheckpointMagic[8] = {'H', 'Y', 'S', 'P', 'C', 'K', 'P', '2'};
 
@@ -1027,9 +1032,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         context.view = &view;
         context.ranking_length = length.data();
         context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-        context.top_by_residual = [&ws, &view, &plan](std::int64_t h, std::int64_t r, std::int64_t count) {
+        context.top_by_residual = [this, &ws, &view, &plan](std::int64_t h, std::int64_t r, std::int64_t count) {
           const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-          return ws.oracle_rankings[static_cast<std::size_t>(plan.reference_config)].top(
+          const auto c = static_cast<std::size_t>(plan.reference_config);
+          return ws.by_residual(configs[c], c).top(
               h, r, view.causal_blocks(r), count, [&](std::int64_t b) { return residual[view.at(h, r, b)]; }, ws.scores);
         };
         context.layer_context = &layer_context;
@@ -1096,7 +1102,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             }
             longest = std::min(longest, causal);
             const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-            const std::int32_t* oracle_order = ws.oracle_rankings[static_cast<std::size_t>(plan.reference_config)].top(
+            const auto reference = static_cast<std::size_t>(plan.reference_config);
+            const std::int32_t* oracle_order = ws.by_residual(configs[reference], reference).top(
                 h, r, causal, longest, [&](std::int64_t b) { return residual[view.at(h, r, b)]; }, ws.scores);
             const std::int32_t* pure_order = ws.mass_rankings[static_cast<std::size_t>(plan.view_index)].top(
                 h, r, causal, longest, [&](std::int64_t b) { return view.mass[view.at(h, r, b)]; }, ws.scores);
