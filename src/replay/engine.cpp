@@ -96,40 +96,18 @@ class RowAccess {
   }
   // p_j normalised by the row's token mass.
   double token_share(std::int64_t j) const { return std::exp(logit(j) - lse_tokens_); }
-  // For keys [j0, j1): share[j - j0] = p_j / token mass and, when weight is given,
-  // weight[j - j0] = exp(z_j - lse_all) (the true probability). Vectorised over keys.
-  void range(std::int64_t j0, std::int64_t j1, std::vector<double>& share, std::vector<double>* weight) const {
-    const std::int64_t n = std::max<std::int64_t>(0, j1 - j0);
-    share.resize(static_cast<std::size_t>(n));
-    if (weight) weight->resize(static_cast<std::size_t>(n));
-    if (n == 0) return;
-    if (p_) {
-      for (std::int64_t i = 0; i < n; ++i) {
-        const double z = p_[j0 + i] > 0.0f ? std::log(static_cast<double>(p_[j0 + i])) : kNegInf;
-        share[static_cast<std::size_t>(i)] = std::exp(z - lse_tokens_);
-        if (weight) (*weight)[static_cast<std::size_t>(i)] = std::exp(z - lse_all_);
-      }
-      return;
-    }
-    using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    Eigen::Map<const RowMajor> keys(k_ + j0 * d_, n, d_);
-    Eigen::Map<const Eigen::VectorXf> query(q_, d_);
-    thread_local Eigen::VectorXf dots;
-    dots.noalias() = keys * query;
-    for (std::int64_t i = 0; i < n; ++i) {
-      const double z = in_.scale * static_cast<double>(dots[i]);
-      share[static_cast<std::size_t>(i)] = std::exp(z - lse_tokens_);
-      if (weight) (*weight)[static_cast<std::size_t>(i)] = std::exp(z - lse_all_);
-    }
-  }
+  // For keys [j0, j1): share[j - j0] = p_j / token mass. Vectorised over keys.
+  void range(std::int64_t j0, std::int64_t j1, std::vector<double>& share) const { exps(j0, j1, lse_tokens_, share); }
+  // For keys [j0, j1): weight[j - j0] = exp(z_j - lse_all), the true probability.
+  void weights(std::int64_t j0, std::int64_t j1, std::vector<double>& weight) const { exps(j0, j1, lse_all_, weight); }
   // Adds sum_j exp(z_j - lse_all) v_j over keys [j0, j1) into numerator, the weights into denominator.
   // With `factor`, every key enters with exp(z_j) * factor (an importance weight).
   void add_output(std::int64_t j0, std::int64_t j1, std::vector<double>& numerator, double& denominator,
                   double factor = 1.0) const {
     if (j1 <= j0) return;
-    thread_local std::vector<double> share, weight;
+    thread_local std::vector<double> weight;
     thread_local Eigen::VectorXf weight_f, sum_f;
-    range(j0, j1, share, &weight);
+    weights(j0, j1, weight);
     const std::int64_t n = j1 - j0;
     weight_f.resize(n);
     for (std::int64_t i = 0; i < n; ++i) {
@@ -159,7 +137,7 @@ class RowAccess {
         j = hi;
       } else {
         const std::int64_t end = std::min(hi, j1);
-        range(j, end, share, nullptr);
+        range(j, end, share);
         for (double p : share) sum += p;
         j = end;
       }
@@ -179,12 +157,12 @@ class RowAccess {
     const std::int64_t b = j0 / base, lo = b * base, hi = std::min((b + 1) * base, t_ + 1);
     double sum = 0.0;
     if (2 * (j1 - j0) <= hi - lo) {
-      range(j0, j1, share, nullptr);
+      range(j0, j1, share);
       for (double p : share) sum += p;
       return sum;
     }
     for (auto [a0, a1] : {std::pair<std::int64_t, std::int64_t>{lo, j0}, {j1, hi}}) {
-      range(a0, a1, share, nullptr);
+      range(a0, a1, share);
       for (double p : share) sum += p;
     }
     return std::max(0.0, block_share(b) - sum);  // rounding of the fp32 block sum can undercut the rest
@@ -208,6 +186,26 @@ class RowAccess {
   std::int64_t dim() const { return d_; }
 
  private:
+  // out[j - j0] = exp(z_j - shift) for keys [j0, j1).
+  void exps(std::int64_t j0, std::int64_t j1, double shift, std::vector<double>& out) const {
+    const std::int64_t n = std::max<std::int64_t>(0, j1 - j0);
+    out.resize(static_cast<std::size_t>(n));
+    if (n == 0) return;
+    if (p_) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        const double z = p_[j0 + i] > 0.0f ? std::log(static_cast<double>(p_[j0 + i])) : kNegInf;
+        out[static_cast<std::size_t>(i)] = std::exp(z - shift);
+      }
+      return;
+    }
+    using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<const RowMajor> keys(k_ + j0 * d_, n, d_);
+    Eigen::Map<const Eigen::VectorXf> query(q_, d_);
+    thread_local Eigen::VectorXf dots;
+    dots.noalias() = keys * query;
+    for (std::int64_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = std::exp(in_.scale * static_cast<double>(dots[i]) - shift);
+  }
+
   const LayerInputs& in_;
   const StatsTile& tile_;
   std::int64_t t_, r_, head_local_, head_ = 0, d_ = 0, T_ = 0;
@@ -250,7 +248,7 @@ ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced,
       if (lo < hi) {
         // Summed in ascending order so that equal multisets of probabilities tie exactly.
         std::vector<double> run;
-        row.range(lo, hi, run, nullptr);
+        row.range(lo, hi, run);
         std::sort(run.begin(), run.end());
         for (double p : run) residual += p;
       }
