@@ -307,6 +307,7 @@ TEST_CASE("fuzz regression (replay_options, CI run of 0ba7a3a): selector integer
                 {"selector oracle: window=2147483648 (expected an integer in [0, 2147483647])"});
   require_error(ErrorKind::kUsage, [&] { build("reuse:layers=2+2147483648"); }, {"selector reuse: layers=2+2147483648"});
   CHECK_NOTHROW(build("magicpig:tables=1024,collisions=1024,bits=30,oracle:window=2147483647"));
+  CHECK_NOTHROW(build("magicpig:tables=1"));  // the default of 2 collisions follows a single table down
 }
 
 TEST_CASE("memory: a replay with room for one layer reads each when needed and gives the same numbers", "[faults]") {

@@ -227,10 +227,12 @@ TEST_CASE("synth: the same seed gives byte-identical files, a different seed dif
 TEST_CASE("synth: the values a seed gives are pinned across builds", "[synth]") {
   // Reports made from a synthetic capture are reproduced from its options and seed alone, so the
   // generator's streams must not change (as a reordering of draws, or a parallel draw that splits a
-  // stream, would). Fingerprints of seed 7 at explicit options, per layer: sums of q, k, v and of
-  // their squares, in double. The tolerance (relative to the sum of squares' root for plain sums,
+  // stream, would). Fingerprints of seed 7 at explicit options, per layer and array (q, k, v): the
+  // sum of w_i x_i and of (w_i x_i)^2 in double, with weights w_i = 1 + (i mod 1009) / 1009 so that
+  // values moved to other positions (a heavy position drawn elsewhere, a row written to another
+  // head) change them. The tolerance (relative to the root of the squares for the plain sums,
   // which cancel) admits last-bit differences of the C library's exp/log/cos between platforms,
-  // never a changed stream (which moves each fingerprint by about that root or more).
+  // never a changed stream or layout (which moves a fingerprint by far more).
   SynthOptions o;
   o.num_layers = 2;
   o.num_q_heads = 4;
@@ -252,16 +254,19 @@ TEST_CASE("synth: the values a seed gives are pinned across builds", "[synth]") 
   constexpr double kFingerprintTolerance = 1e-6;
   const Capture c = generate_synthetic_capture(o);
   const double expected[2][6] = {
-      {52384.464368707777, 1537401.9450641947, 2.5870227287086891, 31763.683523120188, -113.14320465795117, 9421.098861536715},
-      {52340.779167627101, 1502009.2796738269, -4.7849751591566019, 32041.628284066574, -45.410415000049397, 9464.733374460191},
+      {78661.018624372227, 3596670.3712561061, -22.078319305739768, 72600.916138400906, -182.67021557097812, 21536.911801862501},
+      {78610.014269266641, 3512476.4701946722, -29.737964351343816, 73223.700867072126, -75.786382020880794, 21577.925346764467},
   };
+
   for (std::size_t l = 0; l < 2; ++l) {
     double got[6] = {0, 0, 0, 0, 0, 0};
     const std::vector<float>* arrays[3] = {&c.layers[l].q, &c.layers[l].k, &c.layers[l].v};
     for (int a = 0; a < 3; ++a) {
-      for (float x : *arrays[a]) {
-        got[2 * a] += x;
-        got[2 * a + 1] += static_cast<double>(x) * x;
+      const std::vector<float>& x = *arrays[a];
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        const double wx = (1.0 + static_cast<double>(i % 1009) / 1009.0) * x[i];
+        got[2 * a] += wx;
+        got[2 * a + 1] += wx * wx;
       }
     }
     std::printf("synth fingerprint, layer %zu: %.17g, %.17g, %.17g, %.17g, %.17g, %.17g\n", l, got[0], got[1], got[2], got[3],

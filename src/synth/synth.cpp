@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <future>
+#include <system_error>
 #include <limits>
 #include <vector>
 
@@ -153,17 +154,27 @@ void generate_synthetic(const SynthOptions& o,
     const bool first = layer == 0;
     auto rng_for = [&](Stream s) { return Rng(mix_seed(o.seed, static_cast<std::uint64_t>(layer), s)); };
 
-    // Three independent streams: drawn side by side on three threads (the same values as one after another).
+    // Three independent streams: drawn side by side on three threads where threads can be had (the
+    // same values as one after another; a stream without a thread is drawn here afterwards).
     Rng q_rng = rng_for(kQContent), k_rng = rng_for(kKContent), v_rng = rng_for(kValues);
-    auto k_draws = std::async(std::launch::async, [&] {
-      blend_gaussian(state.k_content, static_cast<std::size_t>(Hkv * T) * dc, rho, first, k_rng);
-    });
-    auto v_draws = std::async(std::launch::async, [&] {
+    auto draw_k = [&] { blend_gaussian(state.k_content, static_cast<std::size_t>(Hkv * T) * dc, rho, first, k_rng); };
+    auto draw_v = [&] {
       if (o.with_v) blend_gaussian(state.values, static_cast<std::size_t>(Hkv * T * d), rho, first, v_rng);
-    });
+    };
+    auto start = [](auto& draw) {
+      try {
+        return std::async(std::launch::async, draw);
+      } catch (const std::system_error&) {
+        return std::future<void>();
+      }
+    };
+    auto k_draws = start(draw_k);
+    auto v_draws = start(draw_v);
     blend_gaussian(state.q_content, static_cast<std::size_t>(Hq * T) * dc, rho, first, q_rng);
-    k_draws.get();
-    v_draws.get();
+    if (k_draws.valid()) k_draws.get();
+    else draw_k();
+    if (v_draws.valid()) v_draws.get();
+    else draw_v();
 
     // Per-head strengths vary in [0.5, 1.5]; each is kept from the previous layer with probability rho.
     Rng scale_rng = rng_for(kHeadScales);

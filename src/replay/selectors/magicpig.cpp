@@ -22,7 +22,7 @@ class MagicPigSelector final : public Selector {
     bits_ = take_int("bits", 10, 1, 30);
     // Each table stores a 32-bit code per key and head (MagicPIG's own settings use at most a few hundred).
     tables_ = take_int("tables", 150, 1, kMaxTables);
-    collisions_ = take_int("collisions", 2, 1, tables_);
+    collisions_ = take_int("collisions", std::min<std::int64_t>(2, tables_), 1, tables_);
     reject_unknown_keys();
   }
   std::string description() const override {
