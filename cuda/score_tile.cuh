@@ -45,6 +45,14 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// The finished pair of block b of query row `row` (a row index of the launch) of `head`: the
+// largest logit (max_score times the score scale) and the block's sum.
+__device__ __forceinline__ void store_block(const TensorCoreLaunch& p, int head, int row, int b, float max_score, float sum) {
+  const long long cell = (static_cast<long long>(head) * p.rows + row) * p.num_blocks + b;
+  p.block_max[cell] = max_score * p.score_scale;
+  p.block_sum[cell] = sum;
+}
+
 // Scores of keys beyond a row's position (pos[ri], -1 for no row) become -inf. ri indexes the
 // thread's rows: m-tile ri / 2, fragment row group + 8 (ri % 2).
 template <int kMTiles>

@@ -130,11 +130,7 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
   }
 
   const int block = static_cast<int>(p.block);
-  auto write_cell = [&](int ri, int b, float m, float l) {
-    const long long cell = (static_cast<long long>(head) * p.rows + row_of(ri)) * p.num_blocks + b;
-    p.block_max[cell] = m * p.score_scale;
-    p.block_sum[cell] = l;
-  };
+  auto write_cell = [&](int ri, int b, float m, float l) { store_block(p, head, row_of(ri), b, m, l); };
   // Blocks of several key tiles: this thread's running (max score, sum of exp) per row.
   float run_max[kRowsPerThread], run_sum[kRowsPerThread];
 #pragma unroll

@@ -148,11 +148,7 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   }
 
   const int block = static_cast<int>(p.block);
-  auto write_cell = [&](int ri, int b, float m, float l) {
-    const long long cell = (static_cast<long long>(head) * p.rows + row_of(ri)) * p.num_blocks + b;
-    p.block_max[cell] = m * p.score_scale;
-    p.block_sum[cell] = l;
-  };
+  auto write_cell = [&](int ri, int b, float m, float l) { store_block(p, head, row_of(ri), b, m, l); };
   float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
   float acc[1][kN8Tiles][4];
 #pragma unroll
