@@ -131,9 +131,7 @@ class RowAccess {
     for (std::int64_t j = j0; j < j1;) {
       const std::int64_t b = j / base, lo = b * base, hi = std::min((b + 1) * base, t_ + 1);
       if (j == lo && hi <= j1) {
-        const auto cell = static_cast<std::size_t>((head_local_ * tile_.rows + r_) * tile_.num_blocks + b);
-        const double m = tile_.block_max[cell];
-        if (m != kNegInf) sum += static_cast<double>(tile_.block_sum[cell]) * std::exp(m - lse_tokens_);
+        sum += block_share(b);
         j = hi;
       } else {
         const std::int64_t end = std::min(hi, j1);
