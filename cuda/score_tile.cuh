@@ -29,6 +29,17 @@ __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// The first kStages - 1 key tiles of a work item on their way into shared memory (one cp.async
+// group each, empty groups past the last tile, so the per-tile wait counts stay fixed).
+template <int kStages, typename LoadTile>
+__device__ __forceinline__ void start_key_pipeline(int num_tiles, int key_begin, LoadTile&& load_tile) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(key_begin + s * kKeys, s);
+    copy_async_commit();
+  }
+}
+
 // 2^x on the special-function unit (relative error ~2^-22); 2^-inf = +0.
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;

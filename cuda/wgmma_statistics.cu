@@ -141,11 +141,7 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   };
 
   const int num_tiles = (item.key_end - item.key_begin) / kKeys;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(item.key_begin + s * kKeys, s);
-    copy_async_commit();
-  }
+  start_key_pipeline<kStages>(num_tiles, item.key_begin, load_tile);
 
   const int block = static_cast<int>(p.block);
   auto write_cell = [&](int ri, int b, float m, float l) { store_block(p, head, row_of(ri), b, m, l); };
