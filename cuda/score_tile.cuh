@@ -82,34 +82,83 @@ __device__ __forceinline__ void mask_causal(float (&acc)[kMTiles][kN8Tiles][4], 
   }
 }
 
+// Pairwise reductions of N values (N a power of two): depth log2 N instead of a chain of N - 1
+// dependent instructions, so that a warp's reduction does not wait on each step's latency.
+// (Recursion, not a loop over halving widths: every index must be a compile-time constant, or
+// the array goes to local memory.)
+template <int N>
+__device__ __forceinline__ float tree_max(const float (&v)[N]) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    float half[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) half[i] = fmaxf(v[i], v[i + N / 2]);
+    return tree_max(half);
+  }
+}
+template <int N>
+__device__ __forceinline__ float tree_sum(const float (&v)[N]) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    float half[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) half[i] = v[i] + v[i + N / 2];
+    return tree_sum(half);
+  }
+}
+
+// The 2 kN8 scores of row ri (m-tile ri / 2, fragment row group + 8 (ri % 2)) in n8 column groups
+// [n0, n0 + kN8) that this thread holds.
+template <int kN8, int kMTiles>
+__device__ __forceinline__ void row_scores(const float (&acc)[kMTiles][kN8Tiles][4], int ri, int n0, float (&v)[2 * kN8]) {
+#pragma unroll
+  for (int n = 0; n < kN8; ++n) {
+    v[2 * n] = acc[ri >> 1][n0 + n][2 * (ri & 1)];
+    v[2 * n + 1] = acc[ri >> 1][n0 + n][2 * (ri & 1) + 1];
+  }
+}
+
 // Blocks of kBlockN8 n8 column groups (8, 16, 32 or 64 keys) lie whole inside the tile: each is
 // reduced in registers to (max score, sum of 2^((score - max) log2_scale)) and handed to
-// write(ri, block_index, max_score, sum) by one lane of the quad.
+// write(ri, block_index, max_score, sum) by one lane of the quad. Every row of the thread goes
+// through each phase before the next (maxima, their quad shuffles, sums, their shuffles), so
+// the rows' latencies overlap.
 template <int kMTiles, int kBlockN8, typename Write>
-__device__ __forceinline__ void reduce_whole_blocks(const float (&acc)[kMTiles][kN8Tiles][4], int key0, int block,
+__device__ __forceinline__ void reduce_whole_blocks(const float (&acc)[kMTiles][kN8Tiles][4], int key0,
                                                     const int (&pos)[2 * kMTiles], float log2_scale, int thread_in_group,
                                                     Write&& write) {
   constexpr int kRowsPerThread = 2 * kMTiles;
   constexpr int kBlocksPerTile = kN8Tiles / kBlockN8;
+  constexpr int kBlock = 8 * kBlockN8;
 #pragma unroll
   for (int bi = 0; bi < kBlocksPerTile; ++bi) {
-    const int b = key0 / block + bi;
+    const int b = static_cast<int>(static_cast<unsigned>(key0) / kBlock) + bi;
+    float m[kRowsPerThread], l[kRowsPerThread];
 #pragma unroll
     for (int ri = 0; ri < kRowsPerThread; ++ri) {
-      const int mt = ri >> 1, e0 = 2 * (ri & 1);  // compile-time register indices
-      float m = -INFINITY;
+      float v[2 * kBlockN8];
+      row_scores<kBlockN8>(acc, ri, bi * kBlockN8, v);
+      m[ri] = tree_max(v);
+    }
 #pragma unroll
-      for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) m = fmaxf(m, fmaxf(acc[mt][n][e0], acc[mt][n][e0 + 1]));
-      m = quad_max(m);
-      const float shift = m == -INFINITY ? 0.0f : m * log2_scale;  // an empty block sums to 0
-      float l = 0.0f;
+    for (int ri = 0; ri < kRowsPerThread; ++ri) m[ri] = quad_max(m[ri]);
 #pragma unroll
-      for (int n = bi * kBlockN8; n < (bi + 1) * kBlockN8; ++n) {
-        l += exp2_approx(fmaf(acc[mt][n][e0], log2_scale, -shift)) + exp2_approx(fmaf(acc[mt][n][e0 + 1], log2_scale, -shift));
-      }
-      l = quad_sum(l);
-      // The quad holds the result in all four lanes: each lane writes a quarter of them.
-      if (((bi * kRowsPerThread + ri) & 3) == thread_in_group && b * block <= pos[ri]) write(ri, b, m, l);
+    for (int ri = 0; ri < kRowsPerThread; ++ri) {
+      const float shift = m[ri] == -INFINITY ? 0.0f : m[ri] * log2_scale;  // an empty block sums to 0
+      float v[2 * kBlockN8];
+      row_scores<kBlockN8>(acc, ri, bi * kBlockN8, v);
+#pragma unroll
+      for (int i = 0; i < 2 * kBlockN8; ++i) v[i] = exp2_approx(fmaf(v[i], log2_scale, -shift));
+      l[ri] = tree_sum(v);
+    }
+#pragma unroll
+    for (int ri = 0; ri < kRowsPerThread; ++ri) l[ri] = quad_sum(l[ri]);
+    // The quad holds the results in all four lanes: each lane writes a quarter of them.
+#pragma unroll
+    for (int ri = 0; ri < kRowsPerThread; ++ri) {
+      if (((bi * kRowsPerThread + ri) & 3) == thread_in_group && b * kBlock <= pos[ri]) write(ri, b, m[ri], l[ri]);
     }
   }
 }
@@ -121,18 +170,16 @@ __device__ __forceinline__ void fold_into_running(const float (&acc)[kMTiles][kN
                                                   float (&run_sum)[2 * kMTiles], float log2_scale) {
 #pragma unroll
   for (int ri = 0; ri < 2 * kMTiles; ++ri) {
-    float m = run_max[ri];
-#pragma unroll
-    for (int n = 0; n < kN8Tiles; ++n) m = fmaxf(m, fmaxf(acc[ri >> 1][n][2 * (ri & 1)], acc[ri >> 1][n][2 * (ri & 1) + 1]));
+    float v[2 * kN8Tiles];
+    row_scores<kN8Tiles>(acc, ri, 0, v);
+    const float m = fmaxf(run_max[ri], tree_max(v));
     const float shift = m == -INFINITY ? 0.0f : m * log2_scale;
-    float l = run_max[ri] == -INFINITY ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
+    const float carried = run_max[ri] == -INFINITY ? 0.0f : run_sum[ri] * exp2_approx(fmaf(run_max[ri], log2_scale, -shift));
+    row_scores<kN8Tiles>(acc, ri, 0, v);
 #pragma unroll
-    for (int n = 0; n < kN8Tiles; ++n) {
-      l += exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1)], log2_scale, -shift)) +
-           exp2_approx(fmaf(acc[ri >> 1][n][2 * (ri & 1) + 1], log2_scale, -shift));
-    }
+    for (int i = 0; i < 2 * kN8Tiles; ++i) v[i] = exp2_approx(fmaf(v[i], log2_scale, -shift));
     run_max[ri] = m;
-    run_sum[ri] = l;
+    run_sum[ri] = carried + tree_sum(v);
   }
 }
 

@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
       if (key0 + kKeys - 1 > warp_first) mask_causal<kMTiles>(acc, key0, pos, thread_in_group);
 
       if constexpr (kBlockN8 > 0) {
-        reduce_whole_blocks<kMTiles, kBlockN8>(acc, key0, block, pos, log2_scale, thread_in_group, write_cell);
+        reduce_whole_blocks<kMTiles, kBlockN8>(acc, key0, pos, log2_scale, thread_in_group, write_cell);
       } else {
         fold_into_running<kMTiles>(acc, run_max, run_sum, log2_scale);
       }

@@ -24,8 +24,8 @@ namespace {
 
 using namespace tile;
 
-constexpr int kStages = 3;
 constexpr int kSliceBytes = kKeys * 128;  // one 64-element depth slice of a key tile
+constexpr int kStages = 3;
 constexpr int kThreads = kWgmmaWarpgroups * 128;
 
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format" of wgmma): start address,
@@ -41,7 +41,11 @@ __device__ __forceinline__ std::uint64_t smem_descriptor(unsigned address) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Until at most kPending committed groups of this warpgroup's products are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
 // Pins the accumulators in place around the asynchronous product: the compiler must not move
 // their reads above the wait nor their writes below the issue.
 __device__ __forceinline__ void fence_accumulators(float (&acc)[1][kN8Tiles][4]) {
@@ -84,7 +88,8 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&acc)[1][kN8Tiles][4], con
 }
 
 // kSteps = depth / 16; kBlockN8 as in the mma.sync kernel (n8 column groups per block, 0 for
-// blocks of several key tiles).
+// blocks of several key tiles). Two thread blocks per multiprocessor up to head_dim 128 (measured
+// against one block of four warpgroups and three of two: README, Performance).
 template <bool kFp16, int kSteps, int kBlockN8>
 __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics_kernel(const TensorCoreLaunch p) {
   constexpr int kDepth = kSteps * 16;
@@ -130,14 +135,20 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   // 128-byte swizzle atoms must start on 1024-byte boundaries (the launch adds the slack).
   const unsigned tiles_base = (shared_address(shared_raw) + 1023u) & ~1023u;
   const auto* keys = static_cast<const unsigned char*>(p.k);
+  // Each thread copies the same kCopies chunks of every key tile: chunk `chunk` of key rows
+  // first_key + kKeyStride i. Their offsets are worked out once here; a tile adds only its base.
+  constexpr int kKeyStride = kThreads / kChunks;
+  constexpr int kCopies = kKeys / kKeyStride;
+  static_assert(kThreads % kChunks == 0 && kKeyStride % 8 == 0 && kKeys % kKeyStride == 0,
+                "a thread's key rows keep their swizzle phase (key % 8)");
+  const unsigned first_key = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  const unsigned shared_offset = (chunk / 8) * kSliceBytes + first_key * 128 + (((chunk % 8) ^ (first_key % 8)) << 4);
+  const unsigned global_offset = first_key * kDepth * 2 + chunk * 16;
   auto load_tile = [&](int key0, int stage) {
-    const unsigned char* source = keys + static_cast<long long>(key0) * kDepth * 2;
-    const unsigned destination = tiles_base + static_cast<unsigned>(stage * kTileBytes);
-    for (int c = static_cast<int>(threadIdx.x); c < kKeys * kChunks; c += kThreads) {
-      const int key = c / kChunks, chunk = c % kChunks, slice = chunk / 8;
-      const unsigned offset = static_cast<unsigned>(slice * kSliceBytes + key * 128 + (((chunk % 8) ^ (key & 7)) << 4));
-      copy_async_16(destination + offset, source + key * kDepth * 2 + chunk * 16);
-    }
+    const unsigned char* source = keys + static_cast<long long>(key0) * kDepth * 2 + global_offset;
+    const unsigned destination = tiles_base + static_cast<unsigned>(stage * kTileBytes) + shared_offset;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) copy_async_16(destination + i * kKeyStride * 128, source + i * kKeyStride * kDepth * 2);
   };
 
   const int num_tiles = (item.key_end - item.key_begin) / kKeys;
@@ -146,45 +157,59 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   const int block = static_cast<int>(p.block);
   auto write_cell = [&](int ri, int b, float m, float l) { store_block(p, head, row_of(ri), b, m, l); };
   float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
-  float acc[1][kN8Tiles][4];
-#pragma unroll
-  for (int n = 0; n < kN8Tiles; ++n) acc[0][n][0] = acc[0][n][1] = acc[0][n][2] = acc[0][n][3] = 0.0f;
-
-  for (int t = 0; t < num_tiles; ++t) {
+  // Whether this warpgroup forms tile t's scores (uniform over the warpgroup: wgmma is collective).
+  auto scored = [&](int t) { return active && item.key_begin + t * kKeys <= group_last; };
+  // Tile t is in shared memory and every warpgroup is done reading the stage the next load reuses.
+  auto next_tile_ready = [&](int t) {
     copy_async_wait<kStages - 2>();
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();  // tile t is in shared memory; every warpgroup is done with tile t - 1
+    __syncthreads();
     if (t + kStages - 1 < num_tiles) load_tile(item.key_begin + (t + kStages - 1) * kKeys, (t + kStages - 1) % kStages);
     copy_async_commit();
-    const int key0 = item.key_begin + t * kKeys;
-
-    if (active && key0 <= group_last) {
-      const unsigned stage_base = tiles_base + static_cast<unsigned>((t % kStages) * kTileBytes);
-      fence_accumulators(acc);
-      wgmma_fence();
+  };
+  // Descriptors of addresses inside the tiles differ from the first tile's only in the start
+  // address field (bits 0-13, address / 16; shared memory stays below 2^18 bytes, so no carry).
+  const std::uint64_t tiles_descriptor = smem_descriptor(tiles_base);
+  auto issue = [&](int t, float(&acc)[1][kN8Tiles][4]) {
+    const std::uint64_t stage_descriptor = tiles_descriptor + static_cast<unsigned>((t % kStages) * (kTileBytes >> 4));
+    fence_accumulators(acc);
+    wgmma_fence();
 #pragma unroll
-      for (int s = 0; s < kSteps; ++s) {
-        const unsigned address = stage_base + static_cast<unsigned>((s / 4) * kSliceBytes + (s % 4) * 32);
-        wgmma_64x64x16<kFp16>(acc, q_fragments[s], smem_descriptor(address), s > 0 ? 1 : 0);
-      }
-      wgmma_commit();
-      wgmma_wait_all();
-      fence_accumulators(acc);
-
+    for (int s = 0; s < kSteps; ++s) {
+      const unsigned step = ((s / 4) * kSliceBytes + (s % 4) * 32) >> 4;
+      wgmma_64x64x16<kFp16>(acc, q_fragments[s], stage_descriptor + step, s > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+  };
+  auto reduce = [&](int t, float(&acc)[1][kN8Tiles][4]) {
+    const int key0 = item.key_begin + t * kKeys;
+    if (scored(t)) {
       if (key0 + kKeys - 1 > warp_first) mask_causal<1>(acc, key0, pos, thread_in_group);
       if constexpr (kBlockN8 > 0) {
-        reduce_whole_blocks<1, kBlockN8>(acc, key0, block, pos, log2_scale, thread_in_group, write_cell);
+        reduce_whole_blocks<1, kBlockN8>(acc, key0, pos, log2_scale, thread_in_group, write_cell);
       } else {
         fold_into_running<1>(acc, run_max, run_sum, log2_scale);
       }
     }
-
     if constexpr (kBlockN8 == 0) {
       if (active && ((key0 + kKeys) % block == 0 || t == num_tiles - 1)) {
         finish_running_block<1>(run_max, run_sum, key0 / block, block, pos, log2_scale, thread_in_group, write_cell);
       }
     }
+  };
+
+  float acc[1][kN8Tiles][4];
+#pragma unroll
+  for (int n = 0; n < kN8Tiles; ++n) acc[0][n][0] = acc[0][n][1] = acc[0][n][2] = acc[0][n][3] = 0.0f;
+  for (int t = 0; t < num_tiles; ++t) {
+    next_tile_ready(t);
+    if (scored(t)) {
+      issue(t, acc);
+      wgmma_wait<0>();
+      fence_accumulators(acc);
+    }
+    reduce(t, acc);
   }
   copy_async_wait<0>();
 }

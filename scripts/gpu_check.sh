@@ -55,25 +55,28 @@ echo "== CUDA benchmark"
 timeout "$STEP" build-gpu/tests/hysparse_bench_cuda ${HYSPARSE_BENCH_ARGS:-} 2>&1 | tee "$LOG/bench_cuda.log"
 
 if command -v ncu > /dev/null; then
-  echo "== profile: one bf16 pass of one KV group at T=32K per tensor-core kernel, mma.sync then wgmma (ncu, clocks as found)"
-  profile=(build-gpu/tests/hysparse_bench_cuda --profile --seq-lens 32768)
-  ncu_args=(--clock-control none --kernel-name "regex:wgmma_statistics|tensor_core_statistics" --launch-count 2)
-  {
-    timeout "$STEP" ncu "${ncu_args[@]}" --section SpeedOfLight --section Occupancy --section ComputeWorkloadAnalysis \
-        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats "${profile[@]}"
-    echo "== pipe utilisation"
-    timeout "$STEP" ncu "${ncu_args[@]}" --metrics \
-sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
+  # One ncu run per tensor-core kernel (HYSPARSE_PROFILE_KERNELS, --tc-kernels names), each on the
+  # timed launch of one bf16 pass of one KV group at T=32K (the warm-up launch skipped).
+  metrics=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
 sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,\
 smsp__inst_executed.avg.per_cycle_active,\
-sm__warps_active.avg.pct_of_peak_sustained_active \
-        "${profile[@]}"
-  } > "$LOG/ncu.log" 2>&1
-  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Executed Ipc A|pct_of_peak|per_cycle_active|Stall|No Eligible" "$LOG/ncu.log" | head -40
+sm__warps_active.avg.pct_of_peak_sustained_active,\
+regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio
+  : > "$LOG/ncu.log"
+  for kernel in ${HYSPARSE_PROFILE_KERNELS:-auto mma}; do
+    echo "== profile: $kernel, one bf16 pass of one KV group at T=32K (ncu, clocks as found)" | tee -a "$LOG/ncu.log"
+    timeout "$STEP" ncu --clock-control none --kernel-name "regex:wgmma_statistics|tensor_core_statistics" \
+        --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy --section ComputeWorkloadAnalysis \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats --metrics "$metrics" \
+        build-gpu/tests/hysparse_bench_cuda --profile --seq-lens 32768 --tc-kernels "$kernel" > "$LOG/ncu_one.log" 2>&1
+    cat "$LOG/ncu_one.log" >> "$LOG/ncu.log"
+    grep -E "statistics_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|pct_of_peak|per_cycle_active|L2 Hit|No Eligible|issue_stalled" "$LOG/ncu_one.log" | awk '!/issue_stalled/ || $NF + 0 >= 0.05' | head -45
+  done
+  rm -f "$LOG/ncu_one.log"
 else
   echo "ncu not found: no profile"
 fi

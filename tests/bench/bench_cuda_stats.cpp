@@ -6,9 +6,10 @@
 //
 //   hysparse_bench_cuda [--seq-lens 8192,32768,131072] [--head-dim 128] [--q-heads 32] [--kv-heads 8]
 //                       [--block 64] [--precisions fp32,bf16] [--repeats 3] [--fp32-max-elements 3e9]
-//                       [--host-api-seq-lens 8192,32768] [--tc-kernels auto,wgmma] [--profile]
-// --tc-kernels times these tensor-core kernels for bf16/fp16: auto (the backend's choice, mma.sync),
-// wgmma (compute capability 9.0; skipped elsewhere), mma (16 rows per warp), mma32 (32 rows per warp).
+//                       [--host-api-seq-lens 8192,32768] [--tc-kernels auto,mma] [--profile]
+// --tc-kernels times these tensor-core kernels for bf16/fp16: auto (the backend's choice: wgmma on
+// compute capability 9.0, else mma.sync), wgmma (compute capability 9.0; skipped elsewhere), mma (16
+// rows per warp), mma32 (32 rows per warp).
 // --profile runs one bf16 pass of one KV group at the first length per --tc-kernels entry and
 // nothing else (for ncu).
 // Lines starting with RESULT are for scripts/bench_torch_stats.py.
@@ -151,7 +152,7 @@ struct Options {
   std::vector<std::int64_t> seq_lens = {8192, 32768, 131072};
   std::vector<std::int64_t> host_api_seq_lens = {8192, 32768};
   std::vector<std::string> precisions = {"fp32", "bf16"};
-  std::vector<std::string> tc_kernels = {"auto", "wgmma"};
+  std::vector<std::string> tc_kernels = {"auto", "mma"};
   std::int64_t d = 128, q_heads = 32, kv_heads = 8, block = 64;
   int repeats = 3;
   double fp32_max_elements = 3e9;
@@ -218,7 +219,7 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
       a.block_sum = block_sum;
       a.lse_tokens = lse_tokens;
       a.lse_all = lse_all;
-      a.tensor_core_kernel = tc_kernel == "wgmma" ? cuda::TensorCoreKernel::kWgmma
+      a.tensor_core_kernel = tc_kernel == "wgmma"  ? cuda::TensorCoreKernel::kWgmma
                              : tc_kernel == "auto" ? cuda::TensorCoreKernel::kAuto
                                                    : cuda::TensorCoreKernel::kMma;
       a.tensor_core_rows_per_warp = tc_kernel == "mma32" ? 32 : 16;
@@ -394,7 +395,7 @@ int main(int argc, char** argv) {
         const double ms = device_pass_ms(o, precision, T, groups, repeats, gen, &gib, variant);
         const double elements = causal_elements(G * groups, T);
         const double rate = elements / (ms * 1e-3);
-        const std::string kernel = precision == Precision::kFp32 ? "simt" : variant == "auto" ? "mma" : variant;
+        const std::string kernel = precision == Precision::kFp32 ? "simt" : variant == "auto" ? (wgmma ? "wgmma" : "mma") : variant;
         const std::string label = name + "/" + kernel + (variant == "auto" && precision != Precision::kFp32 ? "*" : "");
         std::printf("%-8lld %-12s %-7lld %-12.3e %-10.2f %-14.3e %-10.3f %-10.3f %.2f GiB\n", static_cast<long long>(T),
                     label.c_str(), static_cast<long long>(groups), elements, ms, rate, rate / score_gemm_elements,
