@@ -46,7 +46,8 @@ struct StatsPassArgs {
   float* block_sum = nullptr;
   double* lse_tokens = nullptr;        // [heads][rows]
   double* lse_all = nullptr;
-  // The tensor-core kernel (tests and benchmarks compare them; the backend takes kAuto, mma.sync),
+  // The tensor-core kernel (tests and benchmarks compare them; the backend takes kAuto: wgmma on
+  // compute capability 9.0, else mma.sync),
   // and the mma.sync kernel's rows per warp, 16 or 32 (0: its default).
   TensorCoreKernel tensor_core_kernel = TensorCoreKernel::kAuto;
   int tensor_core_rows_per_warp = 0;

@@ -162,7 +162,7 @@ struct Options {
 // The device pass over `groups` KV groups at length T: input rounding plus statistics and row
 // log-sum-exps, every causal row. Returns milliseconds (median over repeats).
 double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std::int64_t groups, int repeats,
-                      Normal& gen, double* memory_gib, const std::string& tc_kernel = "auto") {
+                      Normal& gen, double* memory_gib, const std::string& tc_kernel = "auto", std::string* used_kernel = nullptr) {
   const std::int64_t G = o.q_heads / o.kv_heads, d = o.d;
   const cuda::InputType type = precision == Precision::kFp32 ? cuda::InputType::kFloat32
                                : precision == Precision::kBf16 ? cuda::InputType::kBfloat16
@@ -223,7 +223,8 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
                              : tc_kernel == "auto" ? cuda::TensorCoreKernel::kAuto
                                                    : cuda::TensorCoreKernel::kMma;
       a.tensor_core_rows_per_warp = tc_kernel == "mma32" ? 32 : 16;
-      pass.run(a, nullptr);
+      const char* used = pass.run(a, nullptr);
+      if (used_kernel) *used_kernel = used;
     }
   };
   const double ms = time_ms(repeats, run_all);
@@ -390,12 +391,16 @@ int main(int argc, char** argv) {
       const std::vector<std::string> variants = precision == Precision::kFp32 ? std::vector<std::string>{"auto"} : o.tc_kernels;
       for (const std::string& variant : variants) {
         if (variant == "wgmma" && !wgmma) continue;
+        if (variant == "mma" && !wgmma && std::find(variants.begin(), variants.end(), "auto") != variants.end()) {
+          continue;  // auto is mma.sync here: the same kernel
+        }
         double gib = 0;
         const int repeats = precision == Precision::kFp32 ? 1 : o.repeats;
-        const double ms = device_pass_ms(o, precision, T, groups, repeats, gen, &gib, variant);
+        std::string kernel;
+        const double ms = device_pass_ms(o, precision, T, groups, repeats, gen, &gib, variant, &kernel);
         const double elements = causal_elements(G * groups, T);
         const double rate = elements / (ms * 1e-3);
-        const std::string kernel = precision == Precision::kFp32 ? "simt" : variant == "auto" ? (wgmma ? "wgmma" : "mma") : variant;
+        if (variant == "mma32") kernel += "32";
         const std::string label = name + "/" + kernel + (variant == "auto" && precision != Precision::kFp32 ? "*" : "");
         std::printf("%-8lld %-12s %-7lld %-12.3e %-10.2f %-14.3e %-10.3f %-10.3f %.2f GiB\n", static_cast<long long>(T),
                     label.c_str(), static_cast<long long>(groups), elements, ms, rate, rate / score_gemm_elements,

@@ -422,8 +422,8 @@ TEST_CASE("The tensor-core kernel runs for the block sizes it supports", "[cuda]
 }
 
 TEST_CASE("The tensor-core kernels and layouts give the same statistics", "[cuda]") {
-  // The backend runs the default kernel (mma.sync, 16 rows per warp); this holds the other
-  // layout and, on compute capability 9.0, the wgmma kernel to it on random bf16
+  // The reference is the mma.sync kernel at 16 rows per warp (the default off compute capability
+  // 9.0); this holds the 32-row layout and, on 9.0, the wgmma kernel (the default there) to it on random bf16
   // inputs: strided rows (the last row group part empty), three heads (a thread block's second
   // head chunk half empty), head_dim 64, 128 and 256, blocks inside a key tile and across tiles.
   const int heads = 3, T = 3000;
@@ -579,22 +579,26 @@ void compare_tables(const Table& cpu, const Table& gpu, double tolerance, const 
   }
 }
 
-void compare_reports(const ReplayResult& cpu, const ReplayResult& gpu) {
+// exact: every number equal (the same kernels on the same inputs), else the CPU-vs-GPU tolerances.
+void compare_reports(const ReplayResult& cpu, const ReplayResult& gpu, bool exact = false) {
   REQUIRE(cpu.selectors.size() == gpu.selectors.size());
+  const double mass_tolerance = exact ? 0.0 : kGpuMassTolerance;
   for (std::size_t s = 0; s < cpu.selectors.size(); ++s) {
     const auto& a = cpu.selectors[s];
     const auto& b = gpu.selectors[s];
     for (int m = 0; m < kNumMetrics; ++m) {
       // Keys attended and budgets are integers that depend only on the selection: equal means equal selections.
-      const double tolerance = (m == kAttendedKeys || m == kBudgetKeys) ? 1e-9 : (m == kOutputError ? kGpuOutputTolerance : kGpuMassTolerance);
+      const double tolerance = exact ? 0.0
+                               : (m == kAttendedKeys || m == kBudgetKeys) ? 1e-9
+                               : (m == kOutputError ? kGpuOutputTolerance : kGpuMassTolerance);
       compare_tables(a.head_mean[m], b.head_mean[m], tolerance, a.label + " " + metric_name(m));
       compare_tables(a.model_mean[m], b.model_mean[m], tolerance, a.label + " model " + metric_name(m));
     }
-    compare_tables(a.head_recall_min, b.head_recall_min, kGpuMassTolerance, a.label + " min");
-    compare_tables(a.head_recall_p10, b.head_recall_p10, kGpuMassTolerance, a.label + " p10");
+    compare_tables(a.head_recall_min, b.head_recall_min, mass_tolerance, a.label + " min");
+    compare_tables(a.head_recall_p10, b.head_recall_p10, mass_tolerance, a.label + " p10");
     compare_tables(a.saturated_rows, b.saturated_rows, 0.0, a.label + " saturated");
   }
-  compare_tables(cpu.reuse, gpu.reuse, kGpuMassTolerance, "reuse matrix");
+  compare_tables(cpu.reuse, gpu.reuse, mass_tolerance, "reuse matrix");
 }
 
 ReplayResult replay_with(const std::string& device, Precision precision, const std::string& path, ReplayOptions options) {
@@ -656,5 +660,27 @@ TEST_CASE("CUDA replay of a synthetic capture equals the CPU's with sparsity bud
   for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
     CAPTURE(to_string(precision));
     compare_reports(cpu, replay_with("cuda", precision, path, options));
+  }
+}
+
+TEST_CASE("Several CUDA devices give the report of one, bit for bit", "[cuda]") {
+  // KV heads go to the devices round-robin (MultiDeviceBackend). With one GPU the same device is
+  // listed twice: two backends, each with its own resident keys and streams of work.
+  const CudaStatus status = cuda_status();
+  const std::string several = status.devices.size() >= 2 ? "cuda:0,cuda:1" : "cuda:0,cuda:0";
+  std::printf("several devices: %s (%zu visible)\n", several.c_str(), status.devices.size());
+  const Capture c = gaussian_capture(2, 8, 4, 64, 500, true, false, test::seed() + 29, Precision::kBf16);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_several.h5";
+  write_capture(path, c);
+  ReplayOptions options;
+  options.budgets = {{Budget::Kind::kTokens, 64}, {Budget::Kind::kTokens, 256}};
+  options.selectors = parse_selector_list("oracle,swa,hysparse,quest");
+  options.schedule = "FS";
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    CAPTURE(to_string(precision));
+    const ReplayResult one = replay_with("cuda:0", precision, path, options);
+    const ReplayResult spread = replay_with(several, precision, path, options);
+    CHECK(spread.device.find("2 devices") != std::string::npos);
+    compare_reports(one, spread, true);
   }
 }
