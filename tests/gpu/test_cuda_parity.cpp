@@ -579,23 +579,46 @@ void compare_tables(const Table& cpu, const Table& gpu, double tolerance, const 
   }
 }
 
-// exact: every number equal (the same kernels on the same inputs), else the CPU-vs-GPU tolerances.
+// Every table of the two reports. exact: every number equal (the same kernels on the same
+// inputs); else the CPU-vs-GPU tolerances, and the model quantiles, which come from a histogram
+// of kModelHistogramBins bins, to one bin (a row whose recall moves by 1e-6 may cross an edge).
 void compare_reports(const ReplayResult& cpu, const ReplayResult& gpu, bool exact = false) {
   REQUIRE(cpu.selectors.size() == gpu.selectors.size());
   const double mass_tolerance = exact ? 0.0 : kGpuMassTolerance;
+  const double histogram_tolerance = exact ? 0.0 : kGpuMassTolerance + 1.0 / kModelHistogramBins;
   for (std::size_t s = 0; s < cpu.selectors.size(); ++s) {
     const auto& a = cpu.selectors[s];
     const auto& b = gpu.selectors[s];
+    CHECK(a.first_scored == b.first_scored);
+    CHECK(a.is_full_layer == b.is_full_layer);
+    compare_tables(Table{{}, a.kv_resident_bytes}, Table{{}, b.kv_resident_bytes}, 0.0, a.label + " kv bytes");
     for (int m = 0; m < kNumMetrics; ++m) {
       // Keys attended and budgets are integers that depend only on the selection: equal means equal selections.
       const double tolerance = exact ? 0.0
                                : (m == kAttendedKeys || m == kBudgetKeys) ? 1e-9
                                : (m == kOutputError ? kGpuOutputTolerance : kGpuMassTolerance);
-      compare_tables(a.head_mean[m], b.head_mean[m], tolerance, a.label + " " + metric_name(m));
-      compare_tables(a.model_mean[m], b.model_mean[m], tolerance, a.label + " model " + metric_name(m));
+      const std::string name = a.label + " " + metric_name(m);
+      compare_tables(a.head_mean[m], b.head_mean[m], tolerance, name);
+      compare_tables(a.layer_mean[m], b.layer_mean[m], tolerance, name + " layer");
+      compare_tables(a.model_mean[m], b.model_mean[m], tolerance, name + " model");
+      compare_tables(a.model_sparse_mean[m], b.model_sparse_mean[m], tolerance, name + " model, sparse layers");
     }
-    compare_tables(a.head_recall_min, b.head_recall_min, mass_tolerance, a.label + " min");
-    compare_tables(a.head_recall_p10, b.head_recall_p10, mass_tolerance, a.label + " p10");
+    for (const auto& [x, y, what] : {std::tuple{&a.head_recall_p10, &b.head_recall_p10, "head p10"},
+                                     {&a.head_recall_p50, &b.head_recall_p50, "head p50"},
+                                     {&a.head_recall_min, &b.head_recall_min, "head min"},
+                                     {&a.layer_recall_p10, &b.layer_recall_p10, "layer p10"},
+                                     {&a.layer_recall_p50, &b.layer_recall_p50, "layer p50"},
+                                     {&a.layer_recall_min, &b.layer_recall_min, "layer min"},
+                                     {&a.model_recall_min, &b.model_recall_min, "model min"},
+                                     {&a.model_sparse_recall_min, &b.model_sparse_recall_min, "model sparse min"}}) {
+      compare_tables(*x, *y, mass_tolerance, a.label + " " + what);
+    }
+    for (const auto& [x, y, what] : {std::tuple{&a.model_recall_p10, &b.model_recall_p10, "model p10"},
+                                     {&a.model_recall_p50, &b.model_recall_p50, "model p50"},
+                                     {&a.model_sparse_recall_p10, &b.model_sparse_recall_p10, "model sparse p10"},
+                                     {&a.model_sparse_recall_p50, &b.model_sparse_recall_p50, "model sparse p50"}}) {
+      compare_tables(*x, *y, histogram_tolerance, a.label + " " + what);
+    }
     compare_tables(a.saturated_rows, b.saturated_rows, 0.0, a.label + " saturated");
   }
   compare_tables(cpu.reuse, gpu.reuse, mass_tolerance, "reuse matrix");
@@ -682,5 +705,25 @@ TEST_CASE("Several CUDA devices give the report of one, bit for bit", "[cuda]") 
     const ReplayResult spread = replay_with(several, precision, path, options);
     CHECK(spread.device.find("2 devices") != std::string::npos);
     compare_reports(one, spread, true);
+  }
+}
+
+TEST_CASE("CUDA replays every registered selector (selectors=all) with the CPU's report", "[cuda]") {
+  // The proxies score keys from q and k on the host; the device's block statistics feed every
+  // mass and every selection ranked by attention. All sixteen, defaults, blocks of 16.
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    CAPTURE(to_string(precision));
+    const Capture c = gaussian_capture(3, 8, 2, 64, 300, true, false, test::seed() + 31, precision);
+    const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_all_selectors.h5";
+    write_capture(path, c);
+    ReplayOptions options;
+    options.budgets = {{Budget::Kind::kTokens, 64}, {Budget::Kind::kTokens, 160}};
+    options.selectors = parse_selector_list("all");
+    options.block_size = 16;
+    options.queries = "last:64";
+    const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
+    const ReplayResult gpu = replay_with("cuda", precision, path, options);
+    REQUIRE(gpu.selectors.size() == selector_names().size());
+    compare_reports(cpu, gpu);
   }
 }
