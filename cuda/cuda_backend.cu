@@ -52,6 +52,8 @@ class DeviceArray {
       capacity_ = 0;
       const cudaError_t status = cudaMalloc(&data_, count * sizeof(T));
       if (status != cudaSuccess) {
+        data_ = nullptr;
+        (void)cudaGetLastError();  // not sticky: the next launch's error check must not see it
         fail(ErrorKind::kResource, "CUDA: cannot allocate {} bytes of device memory for {}: {}", count * sizeof(T), what,
              cudaGetErrorString(status));
       }

@@ -410,6 +410,8 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
       device_plan_capacity_ = 0;
       const cudaError_t status = cudaMalloc(&device_plan_, plan_.size() * sizeof(TensorCoreWorkItem));
       if (status != cudaSuccess) {
+        device_plan_ = nullptr;
+        (void)cudaGetLastError();
         fail(ErrorKind::kResource, "CUDA: cannot allocate {} bytes of device memory for the work plan: {}",
              plan_.size() * sizeof(TensorCoreWorkItem), cudaGetErrorString(status));
       }

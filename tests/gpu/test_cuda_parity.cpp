@@ -565,6 +565,47 @@ TEST_CASE("Precision choices the device cannot honour are usage errors", "[cuda]
   CHECK(std::isfinite(tile.lse_all[0]));
 }
 
+TEST_CASE("A layer too large for the device is a resource error, and the device stays usable", "[cuda]") {
+  // A request that claims 2^29 keys of head_dim 256 (512 GiB in fp32): the key buffer cannot be
+  // allocated, which must be ErrorKind::kResource before any host array is read past its end.
+  const Capture c = gaussian_capture(1, 2, 1, 64, 100, false, false, test::seed() + 41);
+  const std::vector<std::int64_t> rows = query_rows("all", 100, 0);
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    CAPTURE(to_string(precision));
+    const auto gpu = make_backend("cuda", precision);
+    std::vector<float> q(256, 0.5f);
+    const std::int64_t first_row = 0;
+    StatsRequest huge;
+    huge.q = q.data();
+    huge.k = q.data();  // never read: the allocation fails first
+    huge.heads = 1;
+    huge.seq_len = std::int64_t{1} << 29;
+    huge.head_dim = 256;
+    huge.scale = 0.0625;
+    huge.rows = &first_row;
+    huge.num_rows = 1;
+    huge.layer = 0;
+    huge.kv_head = 0;
+    huge.tensors_id = 1;
+    StatsTile tile;
+    try {
+      gpu->block_statistics(huge, tile);
+      FAIL("a 512 GiB key buffer was allocated");
+    } catch (const Error& e) {
+      std::printf("  expected error: %s\n", e.what());
+      CHECK(e.kind() == ErrorKind::kResource);
+    }
+    // The same backend then serves an ordinary request (no stale CUDA error reported by a launch).
+    const auto cpu = make_cpu_backend();
+    StatsRequest req = group_request(c, 0, rows, 64, false);
+    StatsTile a, b;
+    cpu->block_statistics(req, a);
+    gpu->block_statistics(req, b);
+    if (precision == Precision::kFp32) compare_exact(a, b);
+    else CHECK(b.lse_tokens.size() == a.lse_tokens.size());
+  }
+}
+
 namespace {
 
 void compare_tables(const Table& cpu, const Table& gpu, double tolerance, const std::string& what) {
