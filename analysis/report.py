@@ -1121,7 +1121,9 @@ def _load_sweep(r: _Reader, root: Dict[str, Any], version: int) -> SweepReport:
             prov["input_files"] = [str(ga["path"])]
         if "sha256" in ga:
             prov["input_sha256"] = [str(ga["sha256"])]
-        cap_attrs = {k: v for k, v in ga.items() if k not in ("sha256",)}
+        if "sha256_source" in ga:
+            prov["input_sha256_source"] = [str(ga["sha256_source"])]
+        cap_attrs = {k: v for k, v in ga.items() if k not in ("sha256", "sha256_source")}
         captures.append(_load_replay(sub, prov, version, config=config, capture=cap_attrs))
     captures += [None] * (C - len(captures))
     if not labels:

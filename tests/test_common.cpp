@@ -1,8 +1,16 @@
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
+#include <string>
+#include <thread>
 
 #include "catch.hpp"
+#include "common/digest_cache.hpp"
+#include "common/error.hpp"
 #include "common/half.hpp"
 #include "common/random.hpp"
 #include "common/sha256.hpp"
@@ -84,4 +92,99 @@ TEST_CASE("the random generator is deterministic and roughly normal", "[common]"
   }
   CHECK(std::abs(sum / n) < 0.02);
   CHECK(std::abs(sum2 / n - 1.0) < 0.02);
+}
+
+namespace {
+
+// HYSPARSE_SHA256_CACHE for one test, restored afterwards.
+class CacheDirectory {
+ public:
+  explicit CacheDirectory(const std::string& value) {
+    if (const char* old = std::getenv("HYSPARSE_SHA256_CACHE")) saved_ = old, had_ = true;
+    setenv("HYSPARSE_SHA256_CACHE", value.c_str(), 1);
+  }
+  ~CacheDirectory() {
+    if (had_) setenv("HYSPARSE_SHA256_CACHE", saved_.c_str(), 1);
+    else unsetenv("HYSPARSE_SHA256_CACHE");
+  }
+
+ private:
+  std::string saved_;
+  bool had_ = false;
+};
+
+void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << bytes;
+}
+
+}  // namespace
+
+TEST_CASE("input digests are reused only while the file is unchanged", "[common]") {
+  const std::string dir = std::string(HYSPARSE_TEST_DATA_DIR) + "/digest_cache";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir + "/files");
+  const CacheDirectory cache(dir + "/cache");
+  const std::string path = dir + "/files/input.bin";
+  write_file(path, std::string(100000, 'x'));
+
+  // A file changed less than kDigestCacheSettleSeconds ago is hashed but not recorded.
+  FileDigest first = sha256_of_file_cached(path);
+  CHECK_FALSE(first.from_cache);
+  CHECK(first.sha256 == sha256_of_file(path));
+  CHECK_FALSE(sha256_of_file_cached(path).from_cache);
+
+  std::this_thread::sleep_for(std::chrono::duration<double>(kDigestCacheSettleSeconds + 0.1));
+  CHECK_FALSE(sha256_of_file_cached(path).from_cache);  // hashed and recorded now
+  const FileDigest again = sha256_of_file_cached(path);
+  CHECK(again.from_cache);
+  CHECK(again.sha256 == first.sha256);
+
+  // Same size, other bytes: the times move, the digest is computed afresh.
+  write_file(path, std::string(100000, 'y'));
+  const FileDigest rewritten = sha256_of_file_cached(path);
+  CHECK_FALSE(rewritten.from_cache);
+  CHECK(rewritten.sha256 == sha256_of_file(path));
+  CHECK(rewritten.sha256 != first.sha256);
+
+  // A corrupt entry only costs a hash.
+  std::this_thread::sleep_for(std::chrono::duration<double>(kDigestCacheSettleSeconds + 0.1));
+  CHECK_FALSE(sha256_of_file_cached(path).from_cache);
+  CHECK(sha256_of_file_cached(path).from_cache);
+  for (const auto& entry : std::filesystem::directory_iterator(dir + "/cache")) {
+    write_file(entry.path().string(), "hysparse-sha256-v1 100000 0 0 0 0 " + std::string(64, 'a') + "\n");
+  }
+  const FileDigest after_corruption = sha256_of_file_cached(path);
+  CHECK_FALSE(after_corruption.from_cache);
+  CHECK(after_corruption.sha256 == rewritten.sha256);
+}
+
+TEST_CASE("the digest cache can be turned off, and an unusable one changes no digest", "[common]") {
+  const std::string dir = std::string(HYSPARSE_TEST_DATA_DIR) + "/digest_cache_off";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/input.bin";
+  write_file(path, "abc");
+  std::this_thread::sleep_for(std::chrono::duration<double>(kDigestCacheSettleSeconds + 0.1));
+  const std::string abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+  {
+    const CacheDirectory off("off");
+    CHECK(digest_cache_directory().empty());
+    for (int i = 0; i < 2; ++i) {
+      const FileDigest d = sha256_of_file_cached(path);
+      CHECK_FALSE(d.from_cache);
+      CHECK(d.sha256 == abc);
+    }
+  }
+  {
+    // The cache "directory" is a regular file: nothing can be recorded, every digest is computed.
+    write_file(dir + "/not_a_directory", "");
+    const CacheDirectory unusable(dir + "/not_a_directory");
+    for (int i = 0; i < 2; ++i) {
+      const FileDigest d = sha256_of_file_cached(path);
+      CHECK_FALSE(d.from_cache);
+      CHECK(d.sha256 == abc);
+    }
+  }
+  CHECK_THROWS_AS(sha256_of_file_cached(dir + "/missing.bin"), Error);
 }

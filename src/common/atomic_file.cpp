@@ -47,22 +47,11 @@ void AtomicOutput::commit() {
   committed_ = true;
 }
 
-namespace {
-
-// What identifies a file's contents without reading them. ctime cannot be set back by an
-// unprivileged writer, so any write (even one that restores size and mtime) changes it.
-struct FileIdentity {
-  bool exists = false;
-  dev_t device = 0;
-  ino_t inode = 0;
-  off_t size = 0;
-  timespec modified{}, status_changed{};
-  bool operator==(const FileIdentity& o) const {
-    return exists == o.exists && device == o.device && inode == o.inode && size == o.size &&
-           modified.tv_sec == o.modified.tv_sec && modified.tv_nsec == o.modified.tv_nsec &&
-           status_changed.tv_sec == o.status_changed.tv_sec && status_changed.tv_nsec == o.status_changed.tv_nsec;
-  }
-};
+bool FileIdentity::operator==(const FileIdentity& o) const {
+  return exists == o.exists && device == o.device && inode == o.inode && size == o.size &&
+         modified.tv_sec == o.modified.tv_sec && modified.tv_nsec == o.modified.tv_nsec &&
+         status_changed.tv_sec == o.status_changed.tv_sec && status_changed.tv_nsec == o.status_changed.tv_nsec;
+}
 
 FileIdentity identify(const std::string& path) {
   FileIdentity id;
@@ -76,6 +65,8 @@ FileIdentity identify(const std::string& path) {
   id.status_changed = st.st_ctim;
   return id;
 }
+
+namespace {
 
 struct InputWatch {
   std::mutex mutex;

@@ -2,9 +2,25 @@
 // Output files appear whole or not at all: write to a temporary name in the
 // destination directory, then rename() over the destination. And only when the
 // inputs they were computed from did not change while they were read.
+#include <sys/stat.h>
+#include <sys/types.h>
+
+#include <ctime>
 #include <string>
 
 namespace hysparse {
+
+// What identifies a file's contents without reading them. ctime cannot be set back by an
+// unprivileged writer, so any write (even one that restores size and mtime) changes it.
+struct FileIdentity {
+  bool exists = false;
+  dev_t device = 0;
+  ino_t inode = 0;
+  off_t size = 0;
+  timespec modified{}, status_changed{};
+  bool operator==(const FileIdentity& o) const;
+};
+FileIdentity identify(const std::string& path);  // exists = false when stat() fails
 
 class AtomicOutput {
  public:

@@ -6,9 +6,13 @@
 #include <utility>
 #include <vector>
 
+#include "common/digest_cache.hpp"
 #include "io/h5.hpp"
 
 namespace hysparse {
+
+inline constexpr const char* kDigestComputed = "computed";
+inline constexpr const char* kDigestFromCache = "cache";
 
 const char* tool_version();
 const char* git_sha();
@@ -22,6 +26,9 @@ struct Provenance {
   int threads = 1;
   std::vector<std::string> input_files;
   std::vector<std::string> input_sha256;
+  // Per input: kDigestComputed (hashed by this run) or kDigestFromCache (common/digest_cache.hpp:
+  // the file's identity unchanged since this machine hashed it). Missing entries are "computed".
+  std::vector<std::string> input_sha256_source;
   // A resumed sweep: every earlier invocation that wrote the report, oldest first, one line each
   // ("created_utc | device | command_line"); empty for a report made in one run.
   std::vector<std::string> earlier_runs;
@@ -34,7 +41,7 @@ struct Provenance {
   bool pending() const { return !pending_sha256_.empty(); }
 
  private:
-  std::vector<std::pair<std::size_t, std::shared_future<std::string>>> pending_sha256_;  // (input index, digest)
+  std::vector<std::pair<std::size_t, std::shared_future<FileDigest>>> pending_sha256_;  // (input index, digest)
 };
 
 // Fills command_line and created_utc; backend/device/seed/inputs are set by the caller.
@@ -46,8 +53,8 @@ std::string utc_now_iso8601();
 std::string shell_quote(const std::string& word);
 
 // Root attributes: format, format_version, tool_version, git_sha, command_line,
-// created_utc, backend, device, seed, threads, input_files, input_sha256, and earlier_runs when
-// there were any.
+// created_utc, backend, device, seed, threads, input_files, input_sha256, input_sha256_source, and
+// earlier_runs when there were any.
 // One line of Provenance::earlier_runs.
 std::string provenance_run_line(const std::string& created_utc, const std::string& device, const std::string& command_line);
 void write_provenance(const h5::File& file, const std::string& format, std::int64_t format_version,

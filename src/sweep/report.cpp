@@ -341,6 +341,9 @@ void write_sweep_report(const std::string& path, const SweepConfig& config, cons
     write_replay_content(file, root, state.results[c], "");
     h5::write_attribute(file, root, "path", config.captures[c]);
     if (c < provenance.input_sha256.size()) h5::write_attribute(file, root, "sha256", provenance.input_sha256[c]);
+    if (c < provenance.input_sha256_source.size() && !provenance.input_sha256_source[c].empty()) {
+      h5::write_attribute(file, root, "sha256_source", provenance.input_sha256_source[c]);
+    }
     std::int64_t done = 0, layers = 0;
     for (const auto& u : state.units) {
       if (u.capture == static_cast<std::int64_t>(c)) {

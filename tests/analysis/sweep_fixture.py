@@ -149,19 +149,21 @@ def write_sweep_fixture(hysparse: str, work: Path, out: Path, *, budget_kind: st
         dst.attrs["command_line"] = (f"hysparse sweep {' '.join(str(p) for p in cap_paths)} {budget_flag} "
                                      f"{','.join(budgets)} --selectors {','.join(selectors)} "
                                      f"--schedule {','.join(schedules)} (h5py fixture)")
-        shas = []
+        shas, sources = [], []
         capg = dst.create_group("captures")
         for c, per in enumerate(replays):
             g = capg.create_group(str(c))
             sched0, rp0 = per[0]
             with h5py.File(rp0, "r") as src:
                 shas.append(_s(src.attrs["input_sha256"][0]))
+                sources.append(_s(src.attrs["input_sha256_source"][0]))
                 for key in ("axes", "capture", "selectors", "kv", "config"):
                     if key in src:
                         src.copy(src[key], g, name=key)
                 seconds = float(src.attrs.get("replay_seconds", 0.0))
             g.attrs["path"] = str(cap_paths[c])
             g.attrs["sha256"] = shas[-1]
+            g.attrs["sha256_source"] = sources[-1]
             del g["config"]  # the sweep's /config holds the configuration
             order = [_s(x) for x in g["selectors"].attrs["order"]]
             schedule_of = {l: (sched0 if l.startswith("hysparse") else "") for l in order}
@@ -239,6 +241,7 @@ def write_sweep_fixture(hysparse: str, work: Path, out: Path, *, budget_kind: st
                     rows.append(row)
         dst.attrs["input_files"] = _strings([str(p) for p in cap_paths])
         dst.attrs["input_sha256"] = _strings(shas)
+        dst.attrs["input_sha256_source"] = _strings(sources)
 
         # Pooled rows: the mean over captures (min for the minimum), per instance and budget.
         C = len(replays)

@@ -238,7 +238,8 @@ class LoaderTest(unittest.TestCase):
         rep = load_report(path)
         with h5py.File(path, "r") as f:
             for key in ("format", "format_version", "tool_version", "git_sha", "command_line", "created_utc",
-                        "backend", "device", "seed", "threads", "input_files", "input_sha256"):
+                        "backend", "device", "seed", "threads", "input_files", "input_sha256",
+                        "input_sha256_source"):
                 self.assertEqual(rep.provenance[key], h5_attr(f, key), key)
             b = f["axes/budget"]
             assert_same(self, rep.budgets.values, b[()], "budgets")

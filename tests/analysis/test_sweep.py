@@ -178,7 +178,8 @@ class SweepLoaderTest(unittest.TestCase):
         with h5py.File(path, "r") as f:
             self.assertEqual(h5_attr(f, "format"), "hysparse-sweep")
             for key in ("format", "format_version", "tool_version", "git_sha", "command_line", "created_utc",
-                        "backend", "device", "seed", "threads", "input_files", "input_sha256"):
+                        "backend", "device", "seed", "threads", "input_files", "input_sha256",
+                        "input_sha256_source"):
                 self.assertEqual(rep.provenance[key], h5_attr(f, key), key)
             self.assertEqual(rep.config, json.loads(h5_attr(f["config"], "json")))
             sw = f["sweep"]
@@ -232,6 +233,8 @@ class SweepLoaderTest(unittest.TestCase):
                 self.assertEqual(cap.group, f"/captures/{c}")
                 self.assertEqual(cap.input_files, [h5_attr(g, "path")])
                 self.assertEqual(cap.provenance["input_sha256"], [h5_attr(g, "sha256")])
+                self.assertEqual(cap.provenance["input_sha256_source"], [h5_attr(g, "sha256_source")])
+                self.assertIn(h5_attr(g, "sha256_source"), ("computed", "cache"))
                 self.assertEqual(list(cap.selector_order), h5_attr(g["selectors"], "order"))
                 assert_same(self, cap.budgets.values, g["axes/budget"][()], "capture budgets")
                 self.assertEqual(cap.kv_full_bytes, h5_attr(g["selectors"], "kv_full_bytes"))

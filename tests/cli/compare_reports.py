@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 # Root attributes that say how and when the run happened, not what it computed.
-RUN_ATTRIBUTES = {"command_line", "created_utc", "device", "threads", "replay_seconds"}
+RUN_ATTRIBUTES = {"command_line", "created_utc", "device", "threads", "replay_seconds", "input_sha256_source"}
 
 
 def same_values(a, b):

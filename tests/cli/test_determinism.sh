@@ -42,5 +42,30 @@ with h5py.File(sys.argv[1], "r+") as f:
 PY
 expect comparison-detects-one-ulp 1 'dataset selectors/oracle/mass_recall_mean differs' -- "${COMPARE[@]}" "$WORK/t2.h5" "$WORK/perturbed.h5"
 
+# Input digests: the second replay of an unchanged capture takes its sha256 from the digest cache
+# (common/digest_cache.hpp), says so, and gives the same digest as sha256sum; a rewritten capture
+# (same bytes, new times) is hashed again.
+export HYSPARSE_SHA256_CACHE="$WORK/sha256-cache"
+"$HYSPARSE" synth -o "$WORK/digest.h5" --layers 1 --seq-len 64 --head-dim 16 --q-heads 2 --kv-heads 1 > /dev/null
+sleep 1.2  # older than kDigestCacheSettleSeconds, or it is never recorded
+digest_of() {  # digest_of REPORT: "SHA SOURCE"
+  bash "$ROOT/scripts/python.sh" - "$1" <<'PY'
+import sys, h5py
+with h5py.File(sys.argv[1], "r") as f:
+    s = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+    print(s(f.attrs["input_sha256"][0]), s(f.attrs["input_sha256_source"][0]))
+PY
+}
+expected=$(sha256sum "$WORK/digest.h5" | cut -d' ' -f1)
+for run in 1 2; do
+  "$HYSPARSE" replay "$WORK/digest.h5" -o "$WORK/digest$run.h5" --selectors oracle --budget 16 --block 16 -q > /dev/null
+done
+cp -p "$WORK/digest.h5" "$WORK/digest.copy" && cat "$WORK/digest.copy" > "$WORK/digest.h5"
+"$HYSPARSE" replay "$WORK/digest.h5" -o "$WORK/digest3.h5" --selectors oracle --budget 16 --block 16 -q > /dev/null
+expect digest-first-run-computed 0 "^$expected computed\$" -- digest_of "$WORK/digest1.h5"
+expect digest-second-run-from-cache 0 "^$expected cache\$" -- digest_of "$WORK/digest2.h5"
+expect digest-rewritten-file-computed 0 "^$expected computed\$" -- digest_of "$WORK/digest3.h5"
+unset HYSPARSE_SHA256_CACHE
+
 echo "determinism tests: $pass passed, $failures failed"
 [[ $failures -eq 0 ]]
