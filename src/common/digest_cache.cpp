@@ -1,5 +1,7 @@
 #include "common/digest_cache.hpp"
 
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -56,16 +58,22 @@ std::string lookup(const std::string& directory, const FileIdentity& id) {
   return digest;
 }
 
-double seconds_since(const timespec& t) {
-  timespec now{};
-  clock_gettime(CLOCK_REALTIME, &now);
-  return static_cast<double>(now.tv_sec - t.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec - t.tv_nsec);
+timespec now() {
+  timespec t{};
+  clock_gettime(CLOCK_REALTIME, &t);
+  return t;
+}
+
+double seconds_between(const timespec& earlier, const timespec& later) {
+  return static_cast<double>(later.tv_sec - earlier.tv_sec) + 1e-9 * static_cast<double>(later.tv_nsec - earlier.tv_nsec);
 }
 
 // Written whole under a temporary name, then renamed: a reader never sees half an entry.
 void record(const std::string& directory, const FileIdentity& id, const std::string& digest) {
   std::error_code ignored;
-  std::filesystem::create_directories(directory, ignored);
+  if (std::filesystem::create_directories(directory, ignored)) {
+    std::filesystem::permissions(directory, std::filesystem::perms::owner_all, ignored);  // digests of this user only
+  }
   const std::string path = entry_path(directory, id);
   const std::string temporary =
       fmt::format("{}.tmp-{}-{:x}", path, static_cast<long long>(getpid()), std::hash<std::thread::id>{}(std::this_thread::get_id()));
@@ -83,6 +91,23 @@ void record(const std::string& directory, const FileIdentity& id, const std::str
 
 }  // namespace
 
+bool digest_cache_covers(const std::string& path) {
+  struct statfs fs {};
+  if (statfs(path.c_str(), &fs) != 0) return false;
+  switch (static_cast<unsigned long>(fs.f_type)) {
+    case 0xEF53:      // ext2/3/4
+    case 0x58465342:  // xfs
+    case 0x9123683E:  // btrfs
+    case 0x01021994:  // tmpfs
+    case 0x794C7630:  // overlayfs
+    case 0x2FC12FC1:  // zfs
+    case 0xF2F52010:  // f2fs
+      return true;
+    default:
+      return false;
+  }
+}
+
 std::string digest_cache_directory() {
   if (const char* chosen = std::getenv("HYSPARSE_SHA256_CACHE"); chosen && *chosen) {
     return std::string(chosen) == "off" ? "" : chosen;
@@ -94,13 +119,14 @@ std::string digest_cache_directory() {
 
 FileDigest sha256_of_file_cached(const std::string& path) {
   const std::string directory = digest_cache_directory();
+  const timespec started = now();  // before the first look at the file: the settle time counts from here
   const FileIdentity before = identify(path);
-  if (directory.empty() || !before.exists) return {sha256_of_file(path), false};
+  if (directory.empty() || !before.exists || !digest_cache_covers(path)) return {sha256_of_file(path), false};
   if (std::string digest = lookup(directory, before); !digest.empty()) return {digest, true};
   FileDigest result{sha256_of_file(path), false};
   const FileIdentity after = identify(path);
-  const bool settled = seconds_since(before.modified) > kDigestCacheSettleSeconds &&
-                       seconds_since(before.status_changed) > kDigestCacheSettleSeconds;
+  const bool settled = seconds_between(before.modified, started) > kDigestCacheSettleSeconds &&
+                       seconds_between(before.status_changed, started) > kDigestCacheSettleSeconds;
   if (after == before && settled) record(directory, before, result.sha256);
   return result;
 }

@@ -13,6 +13,8 @@ import numpy as np
 
 # Root attributes that say how and when the run happened, not what it computed.
 RUN_ATTRIBUTES = {"command_line", "created_utc", "device", "threads", "replay_seconds", "input_sha256_source"}
+# The same, on any object (a sweep's per-capture digest source).
+RUN_ATTRIBUTES_ANYWHERE = {"sha256_source"}
 
 
 def same_values(a, b):
@@ -57,6 +59,7 @@ def main():
             keys_a, keys_b = set(obj_a.attrs), set(obj_b.attrs)
             if name == "/":
                 keys_a, keys_b = keys_a - RUN_ATTRIBUTES, keys_b - RUN_ATTRIBUTES
+            keys_a, keys_b = keys_a - RUN_ATTRIBUTES_ANYWHERE, keys_b - RUN_ATTRIBUTES_ANYWHERE
             if keys_a != keys_b:
                 differences.append(f"{name}: attributes differ: {sorted(keys_a ^ keys_b)}")
             for key in sorted(keys_a & keys_b):
