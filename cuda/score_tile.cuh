@@ -86,27 +86,24 @@ __device__ __forceinline__ void mask_causal(float (&acc)[kMTiles][kN8Tiles][4], 
 // dependent instructions, so that a warp's reduction does not wait on each step's latency.
 // (Recursion, not a loop over halving widths: every index must be a compile-time constant, or
 // the array goes to local memory.)
-template <int N>
-__device__ __forceinline__ float tree_max(const float (&v)[N]) {
+template <int N, typename Combine>
+__device__ __forceinline__ float tree_reduce(const float (&v)[N], Combine combine) {
   if constexpr (N == 1) {
     return v[0];
   } else {
     float half[N / 2];
 #pragma unroll
-    for (int i = 0; i < N / 2; ++i) half[i] = fmaxf(v[i], v[i + N / 2]);
-    return tree_max(half);
+    for (int i = 0; i < N / 2; ++i) half[i] = combine(v[i], v[i + N / 2]);
+    return tree_reduce(half, combine);
   }
 }
 template <int N>
+__device__ __forceinline__ float tree_max(const float (&v)[N]) {
+  return tree_reduce(v, [](float a, float b) { return fmaxf(a, b); });
+}
+template <int N>
 __device__ __forceinline__ float tree_sum(const float (&v)[N]) {
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    float half[N / 2];
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) half[i] = v[i] + v[i + N / 2];
-    return tree_sum(half);
-  }
+  return tree_reduce(v, [](float a, float b) { return a + b; });
 }
 
 // The 2 kN8 scores of row ri (m-tile ri / 2, fragment row group + 8 (ri % 2)) in n8 column groups

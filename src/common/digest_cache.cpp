@@ -1,6 +1,5 @@
 #include "common/digest_cache.hpp"
 
-#include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
 

@@ -3,8 +3,8 @@
 #include <ctime>
 
 #include "common/atomic_file.hpp"
-#include "common/error.hpp"
 #include "common/digest_cache.hpp"
+#include "common/error.hpp"
 #include "common/sha256.hpp"
 
 namespace hysparse {
