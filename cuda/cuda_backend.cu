@@ -113,6 +113,49 @@ class CudaBackend final : public Backend {
   Precision precision() const override { return precision_; }
   std::int64_t preferred_tile_rows() const override { return 4096; }
 
+  void output_errors(const StatsRequest& req, const StatsTile& tile, const OutputWalks& walks,
+                     std::vector<double>& errors) const override {
+    check_output_request(req, tile, walks);
+    errors.assign(static_cast<std::size_t>(walks.checkpoints), std::numeric_limits<double>::quiet_NaN());
+    if (walks.walks.empty()) return;
+    if (req.head_dim > kMaxHeadDim) {
+      fail(ErrorKind::kUsage, "--device cuda supports head_dim up to {} (capture has {})", kMaxHeadDim, req.head_dim);
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim;
+    const ResidentKeys& entry = resident(req);
+    // The tile's query rows (fp32, unscaled), its row statistics and exact output.
+    host_q_.resize(static_cast<std::size_t>(G * R * d));
+    host_sink_weight_.resize(static_cast<std::size_t>(G * R));
+    for (std::int64_t h = 0; h < G; ++h) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
+        std::copy(src, src + d, &host_q_[static_cast<std::size_t>((h * R + r) * d)]);
+        const double lse_all = tile.lse_all[static_cast<std::size_t>(h * R + r)];
+        host_sink_weight_[static_cast<std::size_t>(h * R + r)] =
+            req.sink_logits ? std::exp(static_cast<double>(req.sink_logits[h]) - lse_all) : 0.0;
+      }
+    }
+    OutputWalkArgs args;
+    args.q = q_.upload(host_q_.data(), host_q_.size(), "query rows");
+    args.k = entry.k32.get();
+    args.v = entry.v.get();
+    args.lse_all = lse_all_.upload(tile.lse_all.data(), tile.lse_all.size(), "row log-sum-exps with sinks");
+    args.sink_weight = sink_weight_.upload(host_sink_weight_.data(), host_sink_weight_.size(), "sink weights");
+    args.exact = output_.upload(tile.output.data(), tile.output.size(), "exact outputs");
+    args.walks = walks_.upload(walks.walks.data(), walks.walks.size(), "output walks");
+    args.steps = steps_.upload(walks.steps.data(), walks.steps.size(), "output walk steps");
+    args.factors = walks.factors.empty() ? nullptr : factors_.upload(walks.factors.data(), walks.factors.size(), "walk factors");
+    args.num_walks = static_cast<long long>(walks.walks.size());
+    args.rows = static_cast<int>(R);
+    args.head_dim = static_cast<int>(d);
+    args.scale = req.scale;
+    args.errors = errors_.reserve(errors.size(), "output errors");
+    launch_output_walks(args, nullptr);
+    download(errors.data(), args.errors, errors.size(), "output walk kernel");
+  }
+
   void block_statistics(const StatsRequest& req, StatsTile& out) const override {
     if (req.num_rows <= 0) throw Error(ErrorKind::kInternal, "block_statistics: no rows");
     if (req.attn) {
@@ -129,7 +172,7 @@ class CudaBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mutex_);
     check(cudaSetDevice(device_), "cudaSetDevice");
     size_tile(req, out);
-    const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim, keys = req.rows[R - 1] + 1;
+    const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim;
     const bool exact = type_ == InputType::kFloat32;
     const int stride = input_stride(type_, static_cast<int>(d));
 
@@ -157,32 +200,7 @@ class CudaBackend final : public Backend {
       check_range("query", req);
       q = rounded;
     }
-    // Keys (and values) of the layer's KV heads stay on the device while the layer runs, so tiles
-    // of different heads can come in any order (one layer's K/V at most; buffers are reused
-    // by the next layer).
-    ResidentKeys& entry = resident_[req.kv_head];
-    const bool cached = req.tensors_id != 0 && req.kv_head >= 0 && entry.tensors_id == req.tensors_id &&
-                        entry.k_host == req.k && keys <= entry.keys && (req.v == nullptr || req.v == entry.v_host);
-    if (!cached) {
-      entry.tensors_id = 0;  // nothing is cached until the upload below has succeeded
-      if (exact) {
-        entry.k32.upload(req.k, static_cast<std::size_t>(req.seq_len * d), "keys");
-      } else {
-        float* k32 = staging_.upload(req.k, static_cast<std::size_t>(req.seq_len * d), "keys");
-        // Zero key rows up to a whole key tile: the tensor-core kernel loads tiles unguarded.
-        const std::int64_t padded = (req.seq_len + kTensorCoreKeyTile - 1) / kTensorCoreKeyTile * kTensorCoreKeyTile;
-        auto* rounded = entry.rounded.reserve(static_cast<std::size_t>(padded * stride), "rounded keys");
-        check(cudaMemset(rounded + req.seq_len * stride, 0, static_cast<std::size_t>((padded - req.seq_len) * stride) * 2),
-              "key padding");
-        convert_rows(type_, k32, req.seq_len, static_cast<int>(d), 1.0f, rounded, overflow_flag(), nullptr);
-        check_range("key", req);
-      }
-      if (req.v) entry.v.upload(req.v, static_cast<std::size_t>(req.seq_len * d), "values");
-      entry.tensors_id = req.tensors_id;
-      entry.k_host = req.k;
-      entry.v_host = req.v;
-      entry.keys = req.seq_len;
-    }
+    const ResidentKeys& entry = resident(req);
     const void* k = exact ? static_cast<const void*>(entry.k32.get()) : static_cast<const void*>(entry.rounded.get());
 
     const auto cells = static_cast<std::size_t>(G * R * out.num_blocks);
@@ -211,13 +229,46 @@ class CudaBackend final : public Backend {
 
     if (req.v) {
       float* output = output_.reserve(out.output.size(), "outputs");
-      launch_output_pass(type_, q, k, entry.v.get(), pos, args.lse_all, args.heads, args.rows, args.head_dim, score_scale, output,
-                         nullptr);
+      const OutputSegments split = output_segments(args.heads, args.rows, args.head_dim, positions.back() + 1);
+      float* workspace = split.workspace_floats ? output_partials_.reserve(split.workspace_floats, "partial outputs") : nullptr;
+      launch_output_pass(type_, q, k, entry.v.get(), pos, args.lse_all, args.heads, args.rows, args.head_dim, score_scale, split,
+                         output, workspace, nullptr);
       download(out.output.data(), output, out.output.size(), "output kernel");
     }
   }
 
  private:
+  struct ResidentKeys;
+  // Keys (and values) of the layer's KV heads stay on the device while the layer runs, so tiles
+  // of different heads can come in any order (one layer's K/V at most; buffers are reused by the
+  // next layer). fp32 keys are always kept (the output walks read them); bf16/fp16 runs keep the
+  // rounded keys for the tensor cores beside them. Call with the mutex held.
+  const ResidentKeys& resident(const StatsRequest& req) const {
+    const std::int64_t d = req.head_dim, keys = req.rows[req.num_rows - 1] + 1;
+    ResidentKeys& entry = resident_[req.kv_head];
+    const bool cached = req.tensors_id != 0 && req.kv_head >= 0 && entry.tensors_id == req.tensors_id &&
+                        entry.k_host == req.k && keys <= entry.keys && (req.v == nullptr || req.v == entry.v_host);
+    if (cached) return entry;
+    entry.tensors_id = 0;  // nothing is cached until the uploads below have succeeded
+    float* k32 = entry.k32.upload(req.k, static_cast<std::size_t>(req.seq_len * d), "keys");
+    if (type_ != InputType::kFloat32) {
+      // Zero key rows up to a whole key tile: the tensor-core kernel loads tiles unguarded.
+      const int stride = input_stride(type_, static_cast<int>(d));
+      const std::int64_t padded = (req.seq_len + kTensorCoreKeyTile - 1) / kTensorCoreKeyTile * kTensorCoreKeyTile;
+      auto* rounded = entry.rounded.reserve(static_cast<std::size_t>(padded * stride), "rounded keys");
+      check(cudaMemset(rounded + req.seq_len * stride, 0, static_cast<std::size_t>((padded - req.seq_len) * stride) * 2),
+            "key padding");
+      convert_rows(type_, k32, req.seq_len, static_cast<int>(d), 1.0f, rounded, overflow_flag(), nullptr);
+      check_range("key", req);
+    }
+    if (req.v) entry.v.upload(req.v, static_cast<std::size_t>(req.seq_len * d), "values");
+    entry.tensors_id = req.tensors_id;
+    entry.k_host = req.k;
+    entry.v_host = req.v;
+    entry.keys = req.seq_len;
+    return entry;
+  }
+
   template <typename T>
   static void download(T* host, const T* device, std::size_t count, const char* what) {
     check(cudaMemcpy(host, device, count * sizeof(T), cudaMemcpyDeviceToHost), what);
@@ -260,8 +311,11 @@ class CudaBackend final : public Backend {
     const float* k_host = nullptr;
     const float* v_host = nullptr;
   };
-  mutable DeviceArray<float> q_, staging_, sinks_, block_max_, block_sum_, output_;
-  mutable DeviceArray<double> lse_tokens_, lse_all_;
+  mutable std::vector<double> host_sink_weight_;
+  mutable DeviceArray<float> q_, sinks_, block_max_, block_sum_, output_, output_partials_;
+  mutable DeviceArray<double> lse_tokens_, lse_all_, sink_weight_, factors_, errors_;
+  mutable DeviceArray<OutputWalk> walks_;
+  mutable DeviceArray<OutputStep> steps_;
   mutable DeviceArray<unsigned short> q_rounded_;
   mutable DeviceArray<int> overflow_;
   mutable DeviceArray<long long> positions_;

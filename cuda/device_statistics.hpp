@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "backend/backend.hpp"
 #include "tensor_core_statistics.hpp"
 
 namespace hysparse::cuda {
@@ -77,10 +78,41 @@ class StatsPass {
   std::size_t device_plan_capacity_ = 0;
 };
 
+// How the output pass splits the keys of a tile: segments of segment_keys keys, each summed by its
+// own thread blocks into a workspace of workspace_floats floats, then added in segment order (one
+// segment: straight into the output, no workspace). Depends on the shape only, never on the device.
+struct OutputSegments {
+  long long segment_keys = 0;
+  int segments = 1;
+  std::size_t workspace_floats = 0;
+};
+OutputSegments output_segments(int heads, int rows, int head_dim, long long keys);  // keys: last position + 1
+
 // output[h][r][:] = sum_{j <= positions[r]} exp(score_scale * q.k_j - lse_all[h][r]) v_j, in fp32,
-// from q/k in `type` (the rounded values for bf16/fp16) and fp32 v [keys][head_dim].
+// from q/k in `type` (the rounded values for bf16/fp16) and fp32 v [keys][head_dim], split as
+// `split` (from output_segments) with `workspace` of split.workspace_floats floats.
 void launch_output_pass(InputType type, const void* q, const void* k, const float* v, const long long* positions,
-                        const double* lse_all, int heads, int rows, int head_dim, float score_scale, float* output,
-                        cudaStream_t stream);
+                        const double* lse_all, int heads, int rows, int head_dim, float score_scale,
+                        const OutputSegments& split, float* output, float* workspace, cudaStream_t stream);
+
+// The output-error walks of backend.hpp on device-resident data: errors[slot] of every checkpoint.
+// Weights exp(scale * (q . k_j) - lse_all) * factor, the product in fp32 from fp32 q and k, the rest
+// in double, as on the host.
+struct OutputWalkArgs {
+  const float* q = nullptr;            // [heads][rows][head_dim]: the tile's query rows, unscaled
+  const float* k = nullptr;            // [keys][head_dim]
+  const float* v = nullptr;            // [keys][head_dim]
+  const double* lse_all = nullptr;     // [heads][rows]
+  const double* sink_weight = nullptr; // [heads][rows]: exp(sink - lse_all), 0 without sinks
+  const float* exact = nullptr;        // [heads][rows][head_dim]: the exact output
+  const OutputWalk* walks = nullptr;
+  const OutputStep* steps = nullptr;
+  const double* factors = nullptr;     // parallel to steps, or nullptr (every factor 1)
+  long long num_walks = 0;
+  int rows = 0, head_dim = 0;          // head_dim <= 256
+  double scale = 1.0;
+  double* errors = nullptr;            // [checkpoints]
+};
+void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream);
 
 }  // namespace hysparse::cuda

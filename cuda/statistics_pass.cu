@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +20,12 @@ constexpr int kRows = 64;     // query rows per thread block (SIMT kernels)
 constexpr int kKeys = 64;     // keys per chunk (SIMT kernels)
 constexpr int kDepth = 32;    // head_dim slice staged in shared memory (SIMT kernels)
 constexpr int kThreads = 256;
+// The output pass splits the keys into segments until about this many thread blocks run (a fixed
+// number, not the device's, so that every GPU sums in the same order), of at least
+// kOutputMinSegmentChunks chunks each, at most kOutputMaxSegments.
+constexpr long long kOutputTargetBlocks = 1024;
+constexpr long long kOutputMaxSegments = 32;
+constexpr long long kOutputMinSegmentChunks = 16;
 constexpr long long kSimtSegmentKeys = 1024;  // keys per thread block in the SIMT statistics kernel
 // Tensor-core work items: enough to fill every multiprocessor several times over, each long
 // enough that loading its query rows stays small next to streaming its keys.
@@ -176,11 +183,13 @@ __global__ void row_lse_kernel(float* __restrict__ block_max, float* __restrict_
   }
 }
 
-// grid (row tiles, heads). output[head][row][:] = sum_j exp(z_j - lse_all) v_j.
+// grid (row tiles, heads, key segments). out[segment][head][row][:] = sum_j exp(z_j - lse_all) v_j over
+// the segment's keys [segment * segment_keys, ...): lse_all is final, so the segments' sums add up
+// to the output without rescaling.
 template <typename In, int kCols>
 __global__ void output_kernel(const In* __restrict__ q, const In* __restrict__ k, const float* __restrict__ v,
                               const long long* __restrict__ positions, const double* __restrict__ lse_all, int rows,
-                              int d, int ld, float score_scale, float* __restrict__ output) {
+                              int d, int ld, float score_scale, long long segment_keys, float* __restrict__ output) {
   __shared__ float scores[kRows][kKeys + 1];
   __shared__ __align__(16) float q_stage[kDepth][kRows];
   __shared__ __align__(16) float k_stage[kDepth][kKeys];
@@ -192,9 +201,10 @@ __global__ void output_kernel(const In* __restrict__ q, const In* __restrict__ k
   const long long last = pos[rows_here - 1];
   const int row = static_cast<int>(threadIdx.x) / 4, part = static_cast<int>(threadIdx.x) % 4;  // 4 threads per row
   const float lse = row < rows_here ? static_cast<float>(lse_all[static_cast<long long>(head) * rows + r0 + row]) : 0.0f;
+  const long long begin = static_cast<long long>(blockIdx.z) * segment_keys, end = min(begin + segment_keys, last + 1);
   float acc[kCols] = {};
-  for (long long c0 = 0; c0 <= last; c0 += kKeys) {
-    const int width = static_cast<int>(min(static_cast<long long>(kKeys), last + 1 - c0));
+  for (long long c0 = begin; c0 < end; c0 += kKeys) {
+    const int width = static_cast<int>(min(static_cast<long long>(kKeys), end - c0));
     score_chunk(q_tile, k, pos, rows_here, d, ld, score_scale, c0, width, scores, q_stage, k_stage);
     for (int i = static_cast<int>(threadIdx.x); i < kKeys * d; i += kThreads) {
       const int j = i / d;
@@ -216,12 +226,122 @@ __global__ void output_kernel(const In* __restrict__ q, const In* __restrict__ k
     __syncthreads();
   }
   if (row < rows_here) {
-    float* out = output + (static_cast<long long>(head) * rows + r0 + row) * d;
+    const long long heads = gridDim.y;
+    float* out = output + ((static_cast<long long>(blockIdx.z) * heads + head) * rows + r0 + row) * d;
 #pragma unroll
     for (int i = 0; i < kCols; ++i) {
       const int c = part + 4 * i;
       if (c < d) out[c] = acc[i];
     }
+  }
+}
+
+// Sums 32 values per lane across the warp, transposed: afterwards lane i holds (in partial[0]) the
+// warp's total of partial[i]. Five exchange rounds of halving width, 31 shuffles in all.
+template <int kWidth>
+__device__ __forceinline__ void exchange_halves(float (&partial)[32], int lane) {
+  const bool upper = (lane & kWidth) != 0;
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) {
+    const float send = upper ? partial[i] : partial[i + kWidth];
+    const float keep = upper ? partial[i + kWidth] : partial[i];
+    partial[i] = keep + __shfl_xor_sync(0xffffffffu, send, kWidth);
+  }
+}
+__device__ __forceinline__ void transpose_warp_sums(float (&partial)[32], int lane) {
+  exchange_halves<16>(partial, lane);
+  exchange_halves<8>(partial, lane);
+  exchange_halves<4>(partial, lane);
+  exchange_halves<2>(partial, lane);
+  exchange_halves<1>(partial, lane);
+}
+
+// One warp per walk (OutputWalks, backend.hpp); every lane holds kCols columns (lane + 32 i) of q and
+// of the running numerator. Keys of a step go 32 at a time: their fp32 products with q are formed
+// column-parallel (coalesced rows) and summed across the warp so that lane i holds key i's; its
+// logit and weight are formed in double as on the host; the weighted values are then accumulated
+// in double, each weight broadcast from its lane.
+constexpr int kWalkWarps = 8;
+constexpr int kWalkMaxHeadDim = 256;
+
+template <int kCols>
+__global__ void output_walk_kernel(OutputWalkArgs a) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const long long w = static_cast<long long>(blockIdx.x) * kWalkWarps + warp;
+  if (w >= a.num_walks) return;  // whole warps leave; only warp-level exchanges below
+  const OutputWalk walk = a.walks[w];
+  const int d = a.head_dim;
+  const long long cell = static_cast<long long>(walk.head) * a.rows + walk.row;
+  float q[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) q[c] = lane + 32 * c < d ? a.q[cell * d + lane + 32 * c] : 0.0f;
+  const double lse = a.lse_all[cell];
+  double acc[kCols] = {};
+  double denominator = 0.0;  // this lane's keys; summed over the warp at a checkpoint
+  for (long long i = walk.first_step; i < walk.first_step + walk.num_steps; ++i) {
+    const OutputStep step = a.steps[i];
+    if (step.begin < 0) {
+      const double total = warp_sum(denominator) + a.sink_weight[cell];
+      double diff = 0.0, norm = 0.0;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int column = lane + 32 * c;
+        if (column >= d) continue;
+        const double exact = a.exact[cell * d + column];
+        const double approx = total > 0 ? acc[c] / total : 0.0;
+        diff += (approx - exact) * (approx - exact);
+        norm += exact * exact;
+      }
+      diff = warp_sum(diff);
+      norm = warp_sum(norm);
+      if (lane == 0) a.errors[step.end] = norm > 0 ? sqrt(diff / norm) : CUDART_NAN;
+      continue;
+    }
+    const double factor = a.factors ? a.factors[i] : 1.0;
+    for (int j0 = step.begin; j0 < step.end; j0 += 32) {
+      const int n = min(32, step.end - j0);
+      float partial[32];
+#pragma unroll
+      for (int t = 0; t < 32; ++t) {
+        // Keys past the step read its last key again (a valid row) and are dropped below.
+        const float* key = a.k + static_cast<long long>(j0 + min(t, n - 1)) * d;
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          if (lane + 32 * c < d) dot = fmaf(q[c], key[lane + 32 * c], dot);
+        }
+        partial[t] = dot;
+      }
+      transpose_warp_sums(partial, lane);
+      const double weight = lane < n ? exp(a.scale * static_cast<double>(partial[0]) - lse) * factor : 0.0;
+      denominator += weight;
+      for (int t = 0; t < n; ++t) {
+        const double p = __shfl_sync(0xffffffffu, weight, t);
+        const float* value = a.v + static_cast<long long>(j0 + t) * d;
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const int column = lane + 32 * c;
+          if (column < d) acc[c] = fma(p, static_cast<double>(value[column]), acc[c]);
+        }
+      }
+    }
+  }
+}
+
+template <int kCols>
+void launch_output_walk_typed(const OutputWalkArgs& args, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>((args.num_walks + kWalkWarps - 1) / kWalkWarps);
+  output_walk_kernel<kCols><<<blocks, kWalkWarps * 32, 0, stream>>>(args);
+  check(cudaGetLastError(), "output walk kernel launch");
+}
+
+// output[i] = sum over segments, in order, of partials[segment][i] (n = heads * rows * head_dim).
+__global__ void sum_segments_kernel(const float* __restrict__ partials, int segments, long long n, float* __restrict__ output) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < segments; ++s) sum += partials[s * n + i];
+    output[i] = sum;
   }
 }
 
@@ -294,22 +414,32 @@ void launch_simt_statistics(const StatsPassArgs& a, int stride, cudaStream_t str
 
 template <typename In, int kCols>
 void launch_output_with(const void* q, const void* k, const float* v, const long long* positions, const double* lse_all,
-                        int heads, int rows, int d, int ld, float score_scale, float* output, cudaStream_t stream) {
+                        int heads, int rows, int d, int ld, float score_scale, const OutputSegments& split,
+                        float* output, float* workspace, cudaStream_t stream) {
   const std::size_t shared = static_cast<std::size_t>(kKeys * d) * sizeof(float);
   check(cudaFuncSetAttribute(output_kernel<In, kCols>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
         "output kernel shared memory");
-  const dim3 grid(static_cast<unsigned>((rows + kRows - 1) / kRows), static_cast<unsigned>(heads));
+  const dim3 grid(static_cast<unsigned>((rows + kRows - 1) / kRows), static_cast<unsigned>(heads),
+                  static_cast<unsigned>(split.segments));
+  float* target = split.segments == 1 ? output : workspace;
   output_kernel<In, kCols><<<grid, kThreads, shared, stream>>>(static_cast<const In*>(q), static_cast<const In*>(k), v,
-                                                               positions, lse_all, rows, d, ld, score_scale, output);
+                                                               positions, lse_all, rows, d, ld, score_scale,
+                                                               split.segment_keys, target);
   check(cudaGetLastError(), "output kernel launch");
+  if (split.segments == 1) return;
+  const long long n = static_cast<long long>(heads) * rows * d;
+  const auto blocks = static_cast<unsigned>(std::min<long long>((n + kThreads - 1) / kThreads, 65535));
+  sum_segments_kernel<<<blocks, kThreads, 0, stream>>>(workspace, split.segments, n, output);
+  check(cudaGetLastError(), "output segment sum launch");
 }
 
 template <typename In>
 void launch_output_typed(const void* q, const void* k, const float* v, const long long* positions, const double* lse_all,
-                         int heads, int rows, int d, int ld, float score_scale, float* output, cudaStream_t stream) {
-  if (d <= 64) launch_output_with<In, 16>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, output, stream);
-  else if (d <= 128) launch_output_with<In, 32>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, output, stream);
-  else launch_output_with<In, 64>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, output, stream);
+                         int heads, int rows, int d, int ld, float score_scale, const OutputSegments& split,
+                         float* output, float* workspace, cudaStream_t stream) {
+  if (d <= 64) launch_output_with<In, 16>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, split, output, workspace, stream);
+  else if (d <= 128) launch_output_with<In, 32>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, split, output, workspace, stream);
+  else launch_output_with<In, 64>(q, k, v, positions, lse_all, heads, rows, d, ld, score_scale, split, output, workspace, stream);
 }
 
 }  // namespace
@@ -454,20 +584,52 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
   return kernel;
 }
 
+OutputSegments output_segments(int heads, int rows, int head_dim, long long keys) {
+  const long long ctas = static_cast<long long>((rows + kRows - 1) / kRows) * heads;
+  const long long chunks = (keys + kKeys - 1) / kKeys;
+  long long segments = (kOutputTargetBlocks + ctas - 1) / ctas;
+  segments = std::max(1LL, std::min({segments, kOutputMaxSegments, chunks / kOutputMinSegmentChunks}));
+  OutputSegments split;
+  split.segment_keys = (chunks + segments - 1) / segments * kKeys;
+  split.segments = static_cast<int>((keys + split.segment_keys - 1) / split.segment_keys);
+  split.workspace_floats = split.segments == 1 ? 0 : static_cast<std::size_t>(split.segments) * heads * rows * head_dim;
+  return split;
+}
+
 void launch_output_pass(InputType type, const void* q, const void* k, const float* v, const long long* positions,
-                        const double* lse_all, int heads, int rows, int head_dim, float score_scale, float* output,
-                        cudaStream_t stream) {
+                        const double* lse_all, int heads, int rows, int head_dim, float score_scale,
+                        const OutputSegments& split, float* output, float* workspace, cudaStream_t stream) {
   const int ld = input_stride(type, head_dim);
+  if (split.segments > 1 && workspace == nullptr) fail(ErrorKind::kInternal, "output pass: {} segments and no workspace", split.segments);
   switch (type) {
     case InputType::kFloat32:
-      launch_output_typed<float>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, output, stream);
+      launch_output_typed<float>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, split, output, workspace, stream);
       break;
     case InputType::kBfloat16:
-      launch_output_typed<__nv_bfloat16>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, output, stream);
+      launch_output_typed<__nv_bfloat16>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, split, output,
+                                         workspace, stream);
       break;
     case InputType::kFloat16:
-      launch_output_typed<__half>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, output, stream);
+      launch_output_typed<__half>(q, k, v, positions, lse_all, heads, rows, head_dim, ld, score_scale, split, output, workspace,
+                                  stream);
       break;
+  }
+}
+
+void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream) {
+  if (args.num_walks == 0) return;
+  if (args.head_dim < 1 || args.head_dim > kWalkMaxHeadDim) {
+    fail(ErrorKind::kInternal, "output walks: head_dim {} outside 1..{}", args.head_dim, kWalkMaxHeadDim);
+  }
+  switch ((args.head_dim + 31) / 32) {
+    case 1: launch_output_walk_typed<1>(args, stream); break;
+    case 2: launch_output_walk_typed<2>(args, stream); break;
+    case 3: launch_output_walk_typed<3>(args, stream); break;
+    case 4: launch_output_walk_typed<4>(args, stream); break;
+    case 5: launch_output_walk_typed<5>(args, stream); break;
+    case 6: launch_output_walk_typed<6>(args, stream); break;
+    case 7: launch_output_walk_typed<7>(args, stream); break;
+    default: launch_output_walk_typed<8>(args, stream); break;
   }
 }
 

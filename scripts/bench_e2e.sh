@@ -63,7 +63,7 @@ for label in a["selectors"]:
             if np.any(np.isnan(u[m]) | np.isnan(v[m])):
                 print(f"e2e: {label}/{name}: NaN in one report only")
             d = float(np.max(np.abs(u[m] - v[m]), initial=0.0))
-            kind = "recall" if "recall" in name or "overlap" in name else "other"
+            kind = "recall" if "recall" in name or "overlap" in name else "output error" if "output" in name else "other"
             if d >= worst.get(kind, (-1.0, ""))[0]:
                 worst[kind] = (d, f"{label}/{name}")
 for kind, (d, where) in sorted(worst.items()):

@@ -1,5 +1,7 @@
 #include "backend/backend.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 #include "common/error.hpp"
@@ -41,6 +43,65 @@ std::unique_ptr<Backend> make_backend(const std::string& device, const std::stri
   return make_backend(device, parse_precision(precision));
 }
 
+void OutputWalks::clear() {
+  walks.clear();
+  steps.clear();
+  factors.clear();
+  checkpoints = 0;
+}
+
+void OutputWalks::begin_walk(std::int64_t head, std::int64_t row) {
+  OutputWalk walk;
+  walk.head = static_cast<std::int32_t>(head);
+  walk.row = static_cast<std::int32_t>(row);
+  walk.first_step = static_cast<std::int64_t>(steps.size());
+  walks.push_back(walk);
+}
+
+void OutputWalks::add(std::int64_t begin, std::int64_t end, double factor) {
+  if (end <= begin) return;
+  if (factor != 1.0 && factors.empty()) factors.assign(steps.size(), 1.0);
+  steps.push_back({static_cast<std::int32_t>(begin), static_cast<std::int32_t>(end)});
+  if (!factors.empty()) factors.push_back(factor);
+  ++walks.back().num_steps;
+}
+
+std::int64_t OutputWalks::checkpoint() {
+  steps.push_back({-1, static_cast<std::int32_t>(checkpoints)});
+  if (!factors.empty()) factors.push_back(1.0);
+  ++walks.back().num_steps;
+  return checkpoints++;
+}
+
+void check_output_request(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks) {
+  auto broken = [](const std::string& what) { throw Error(ErrorKind::kInternal, "output_errors: " + what); };
+  if (!request.q || !request.k || !request.v || request.attn) broken("needs the q, k and v of a q/k layer");
+  if (tile.heads != request.heads || tile.rows != request.num_rows || tile.head_dim != request.head_dim ||
+      tile.output.size() != static_cast<std::size_t>(tile.heads * tile.rows * tile.head_dim)) {
+    broken("the tile does not match the request or holds no output");
+  }
+  if (!walks.factors.empty() && walks.factors.size() != walks.steps.size()) broken("factors do not match the steps");
+  std::int64_t next = 0;
+  for (const OutputWalk& walk : walks.walks) {
+    if (walk.head < 0 || walk.head >= request.heads || walk.row < 0 || walk.row >= request.num_rows) {
+      broken("a walk names a head or row outside the tile");
+    }
+    if (walk.first_step != next || walk.num_steps < 0 ||
+        walk.first_step + walk.num_steps > static_cast<std::int64_t>(walks.steps.size())) {
+      broken("walks do not partition the steps in order");
+    }
+    next = walk.first_step + walk.num_steps;
+    const std::int64_t keys = request.rows[walk.row] + 1;
+    for (std::int64_t i = walk.first_step; i < next; ++i) {
+      const OutputStep& step = walks.steps[static_cast<std::size_t>(i)];
+      const bool valid = step.begin < 0 ? step.end >= 0 && step.end < walks.checkpoints
+                                        : step.begin < step.end && step.end <= keys;
+      if (!valid) broken(fmt::format("step {} [{}, {}) is outside row {} (keys 0..{})", i, step.begin, step.end, walk.row, keys - 1));
+    }
+  }
+  if (next != static_cast<std::int64_t>(walks.steps.size())) broken("steps outside every walk");
+}
+
 namespace {
 
 // Several devices as one backend: each request goes to the device of its KV head (kv_head mod N),
@@ -65,12 +126,20 @@ class MultiDeviceBackend final : public Backend {
     return rows;
   }
   void block_statistics(const StatsRequest& request, StatsTile& out) const override {
-    const auto n = static_cast<std::int64_t>(devices_.size());
-    const std::int64_t index = request.kv_head >= 0 ? request.kv_head % n : 0;
-    devices_[static_cast<std::size_t>(index)]->block_statistics(request, out);
+    device_of(request).block_statistics(request, out);
+  }
+  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
+                     std::vector<double>& errors) const override {
+    device_of(request).output_errors(request, tile, walks, errors);
   }
 
  private:
+  const Backend& device_of(const StatsRequest& request) const {
+    const auto n = static_cast<std::int64_t>(devices_.size());
+    const std::int64_t index = request.kv_head >= 0 ? request.kv_head % n : 0;
+    return *devices_[static_cast<std::size_t>(index)];
+  }
+
   std::vector<std::unique_ptr<Backend>> devices_;
 };
 

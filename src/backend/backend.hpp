@@ -44,6 +44,35 @@ struct StatsTile {
   }
 };
 
+// The output-error metric of attended sets, each built by a walk over key ranges of one (head,
+// row) of a tile. A step adds the keys [begin, end) with weights w_j = exp(z_j - lse_all) * factor;
+// a checkpoint reports the error of the keys added so far,
+//   || sum_j w_j v_j / (w_sink + sum_j w_j) - o || / || o ||,
+// o the exact output of the tile (NaN where o = 0), w_sink = exp(sink - lse_all) (0 without sinks).
+// Walks are built by the replay engine and evaluated where the keys and values live.
+struct OutputStep {
+  std::int32_t begin = 0, end = 0;  // keys [begin, end); begin < 0: a checkpoint whose error goes to slot `end`
+};
+struct OutputWalk {
+  std::int32_t head = 0, row = 0;  // of the tile (head within the KV group, tile row)
+  std::int64_t first_step = 0, num_steps = 0;
+};
+struct OutputWalks {
+  std::vector<OutputWalk> walks;
+  std::vector<OutputStep> steps;
+  std::vector<double> factors;  // parallel to steps once any factor is not 1; empty: every factor is 1
+  std::int64_t checkpoints = 0;
+  void clear();
+  void begin_walk(std::int64_t head, std::int64_t row);
+  void add(std::int64_t begin, std::int64_t end, double factor = 1.0);  // empty ranges are skipped
+  std::int64_t checkpoint();  // the slot of the error
+};
+
+// Error(kInternal) unless `walks` fits `request` and `tile` (q, k, v given; heads and rows of the tile;
+// every step within its row's causal keys; checkpoint slots below walks.checkpoints): the engine's
+// contract, checked by every backend before it reads a key.
+void check_output_request(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks);
+
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
 // (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the
 // products on tensor cores with fp32 accumulation (CUDA only); on captures stored in that
@@ -62,6 +91,11 @@ class Backend {
   virtual std::int64_t preferred_tile_rows() const { return 64; }
   // Thread-safe: the engine calls it from several OpenMP threads at once.
   virtual void block_statistics(const StatsRequest& request, StatsTile& out) const = 0;
+  // errors[slot] of every checkpoint of `walks` (resized to walks.checkpoints), for the rows of a q/k
+  // `request` with v whose statistics are `tile`. Logits come from fp32 q and k whatever the
+  // precision (like every key the host computes one by one). Thread-safe.
+  virtual void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
+                             std::vector<double>& errors) const = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

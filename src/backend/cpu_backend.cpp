@@ -122,6 +122,50 @@ void qk_layer_statistics(const StatsRequest& req, StatsTile& out) {
   }
 }
 
+// One walk of OutputWalks (backend.hpp): fp32 q.k products (Eigen), weights exp(scale * z - lse_all)
+// in double, each step's weighted values summed in fp32 and accumulated in double (the replay
+// engine's host arithmetic before walks existed, kept so that CPU reports did not move).
+void evaluate_walk(const StatsRequest& req, const StatsTile& tile, const OutputWalks& walks, const OutputWalk& walk,
+                   std::vector<double>& errors) {
+  const std::int64_t d = req.head_dim, h = walk.head, r = walk.row;
+  const std::size_t cell = static_cast<std::size_t>(h * tile.rows + r);
+  const double lse_all = tile.lse_all[cell];
+  const float* exact = &tile.output[cell * static_cast<std::size_t>(d)];
+  const double sink_weight = req.sink_logits ? std::exp(static_cast<double>(req.sink_logits[h]) - lse_all) : 0.0;
+  Eigen::Map<const Eigen::VectorXf> query(req.q + (h * req.seq_len + req.rows[r]) * d, d);
+  thread_local Eigen::VectorXf dots, weights, sum;
+  thread_local std::vector<double> numerator;
+  numerator.assign(static_cast<std::size_t>(d), 0.0);
+  double denominator = 0.0;
+  for (std::int64_t i = walk.first_step; i < walk.first_step + walk.num_steps; ++i) {
+    const OutputStep& step = walks.steps[static_cast<std::size_t>(i)];
+    if (step.begin < 0) {
+      const double total = denominator + sink_weight;
+      double diff = 0.0, norm = 0.0;
+      for (std::int64_t c = 0; c < d; ++c) {
+        const double approx = total > 0 ? numerator[static_cast<std::size_t>(c)] / total : 0.0;
+        diff += (approx - exact[c]) * (approx - exact[c]);
+        norm += static_cast<double>(exact[c]) * exact[c];
+      }
+      errors[static_cast<std::size_t>(step.end)] = norm > 0 ? std::sqrt(diff / norm) : std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
+    const std::int64_t j0 = step.begin, n = step.end - step.begin;
+    const double factor = walks.factors.empty() ? 1.0 : walks.factors[static_cast<std::size_t>(i)];
+    Eigen::Map<const RowMatrix> keys(req.k + j0 * d, n, d);
+    dots.noalias() = keys * query;
+    weights.resize(n);
+    for (std::int64_t j = 0; j < n; ++j) {
+      const double w = std::exp(req.scale * static_cast<double>(dots[j]) - lse_all) * factor;
+      weights[j] = static_cast<float>(w);
+      denominator += w;
+    }
+    Eigen::Map<const RowMatrix> values(req.v + j0 * d, n, d);
+    sum.noalias() = values.transpose() * weights;
+    for (std::int64_t c = 0; c < d; ++c) numerator[static_cast<std::size_t>(c)] += sum[c];
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
@@ -134,6 +178,12 @@ class CpuBackend final : public Backend {
     allocate_tile(req, out);
     if (req.attn) dense_layer_statistics(req, out);
     else qk_layer_statistics(req, out);
+  }
+  void output_errors(const StatsRequest& req, const StatsTile& tile, const OutputWalks& walks,
+                     std::vector<double>& errors) const override {
+    check_output_request(req, tile, walks);
+    errors.assign(static_cast<std::size_t>(walks.checkpoints), std::numeric_limits<double>::quiet_NaN());
+    for (const OutputWalk& walk : walks.walks) evaluate_walk(req, tile, walks, walk, errors);
   }
 };
 

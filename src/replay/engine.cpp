@@ -63,7 +63,6 @@ struct LayerInputs {
   const CaptureHeader* header = nullptr;
   const LayerTensors* tensors = nullptr;
   bool dense = false;
-  bool want_output = false;
   double scale = 1.0;
 };
 
@@ -78,11 +77,9 @@ class RowAccess {
     d_ = h.head_dim;
     T_ = h.seq_len;
     lse_tokens_ = tile.lse_tokens[static_cast<std::size_t>(head_local * tile.rows + r)];
-    lse_all_ = tile.lse_all[static_cast<std::size_t>(head_local * tile.rows + r)];
     if (!in.dense) {
       q_ = in.tensors->q.data() + (head_ * T_ + t) * d_;
       k_ = in.tensors->k.data() + kv_group * T_ * d_;
-      if (in.want_output) v_ = in.tensors->v.data() + kv_group * T_ * d_;
     } else {
       p_ = in.tensors->attn.data() + (head_ * T_ + t) * T_;
     }
@@ -98,28 +95,6 @@ class RowAccess {
   double token_share(std::int64_t j) const { return std::exp(logit(j) - lse_tokens_); }
   // For keys [j0, j1): share[j - j0] = p_j / token mass. Vectorised over keys.
   void range(std::int64_t j0, std::int64_t j1, std::vector<double>& share) const { exps(j0, j1, lse_tokens_, share); }
-  // For keys [j0, j1): weight[j - j0] = exp(z_j - lse_all), the true probability.
-  void weights(std::int64_t j0, std::int64_t j1, std::vector<double>& weight) const { exps(j0, j1, lse_all_, weight); }
-  // Adds sum_j exp(z_j - lse_all) v_j over keys [j0, j1) into numerator, the weights into denominator.
-  // With `factor`, every key enters with exp(z_j) * factor (an importance weight).
-  void add_output(std::int64_t j0, std::int64_t j1, std::vector<double>& numerator, double& denominator,
-                  double factor = 1.0) const {
-    if (j1 <= j0) return;
-    thread_local std::vector<double> weight;
-    thread_local Eigen::VectorXf weight_f, sum_f;
-    weights(j0, j1, weight);
-    const std::int64_t n = j1 - j0;
-    weight_f.resize(n);
-    for (std::int64_t i = 0; i < n; ++i) {
-      const double w = weight[static_cast<std::size_t>(i)] * factor;
-      weight_f[i] = static_cast<float>(w);
-      denominator += w;
-    }
-    using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    Eigen::Map<const RowMajor> values(v_ + j0 * d_, n, d_);
-    sum_f.noalias() = values.transpose() * weight_f;
-    for (std::int64_t c = 0; c < d_; ++c) numerator[static_cast<std::size_t>(c)] += sum_f[c];
-  }
   // Sum of p_j / token mass over keys [j0, j1): whole blocks of the tile (base block size `base`)
   // from their statistics, only the keys of partially covered blocks one by one (fp32 q/k on the
   // host, as every forced key is), at a cost that does not grow with the range. Equal to the sum of
@@ -165,21 +140,6 @@ class RowAccess {
     }
     return std::max(0.0, block_share(b) - sum);  // rounding of the fp32 block sum can undercut the rest
   }
-  double sink_weight() const {
-    const auto& sinks = in_.tensors->sink_logits;
-    return sinks.empty() ? 0.0 : std::exp(static_cast<double>(sinks[static_cast<std::size_t>(head_)]) - lse_all_);
-  }
-  double output_error(const std::vector<double>& numerator, double denominator) const {
-    const float* o = &tile_.output[static_cast<std::size_t>((head_local_ * tile_.rows + r_) * d_)];
-    const double total = denominator + sink_weight();
-    double diff = 0.0, norm = 0.0;
-    for (std::int64_t c = 0; c < d_; ++c) {
-      const double approx = total > 0 ? numerator[static_cast<std::size_t>(c)] / total : 0.0;
-      diff += (approx - o[c]) * (approx - o[c]);
-      norm += static_cast<double>(o[c]) * o[c];
-    }
-    return norm > 0 ? std::sqrt(diff / norm) : kNaN;
-  }
   std::int64_t t() const { return t_; }
   std::int64_t dim() const { return d_; }
 
@@ -207,35 +167,29 @@ class RowAccess {
   const LayerInputs& in_;
   const StatsTile& tile_;
   std::int64_t t_, r_, head_local_, head_ = 0, d_ = 0, T_ = 0;
-  double lse_tokens_ = 0, lse_all_ = 0;
+  double lse_tokens_ = 0;
   const float* q_ = nullptr;
   const float* k_ = nullptr;
-  const float* v_ = nullptr;
   const float* p_ = nullptr;
 };
 
-// Forced keys of one (head, row): their total share, output part, and the residual share
-// (mass of the non-forced keys) of every block they touch.
+// Forced keys of one (head, row): their total share, and the residual share (mass of the
+// non-forced keys) of every block they touch.
 struct ForcedSummary {
   double mass = 0;
   std::int64_t count = 0;
   std::vector<std::pair<std::int64_t, double>> residual;  // (block, share of its non-forced keys), few entries
-  std::vector<double> numerator;
-  double denominator = 0;
 };
 
 // `block`: the view's block size; `base`: the tile's (whole base blocks of a forced range take
 // their share from the block statistics, see RowAccess::share_sum).
-ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced, std::int64_t block, std::int64_t base,
-                               bool output) {
+ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced, std::int64_t block, std::int64_t base) {
   ForcedSummary s;
   s.count = forced.count();
-  if (output) s.numerator.assign(static_cast<std::size_t>(row.dim()), 0.0);
   std::int64_t last_block = -1;
   for (auto [j0, j1] : {std::pair<std::int64_t, std::int64_t>{0, forced.sink_end}, {forced.window_begin, forced.t + 1}}) {
     if (j1 <= j0) continue;
     s.mass += row.share_sum(j0, j1, base);
-    if (output) row.add_output(j0, j1, s.numerator, s.denominator);
     // Blocks touched by this range: their non-forced keys form one run between the two ranges.
     for (std::int64_t b = j0 / block; b <= (j1 - 1) / block; ++b) {
       if (b == last_block) continue;
@@ -315,6 +269,11 @@ struct Workspace {
   }
   std::vector<SharedRanking> mass_rankings;    // per view: by mass
   std::vector<std::int32_t> reuse_ranking;
+  // The tile's output-error walks, evaluated by the backend after its metrics: the error of
+  // checkpoint i goes to *error_targets[i].
+  OutputWalks walks;
+  std::vector<double*> error_targets;
+  std::vector<double> errors;
 };
 
 void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions,
@@ -935,7 +894,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   }
   inputs.tensors = &tensors;
   inputs.dense = !info.has_qk();
-  inputs.want_output = want_output;
   layer_context.layer = layer;
   layer_context.tensors = &tensors;
   layer_context.has_qk = info.has_qk();
@@ -992,7 +950,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const RowAccess row(inputs, ws.tile, g, h, r, positions[r]);
             const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
             ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
-            summary = summarise_forced(row, ranges, view.block, base_block, want_output);
+            summary = summarise_forced(row, ranges, view.block, base_block);
             for (const auto& [b, m] : summary.residual) ws.residual_mass[c][view.at(h, r, b)] = m;
           }
         }
@@ -1051,6 +1009,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       }
 
       // Metrics per selector, head, row and budget.
+      ws.walks.clear();
+      ws.error_targets.clear();
       for (std::int64_t s = 0; s < S; ++s) {
         const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
         const Selector& sel = *plan.selector;
@@ -1109,8 +1069,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const double* log_weight = nullptr;
             std::int64_t order_length = 0, taken = 0, selected_keys = 0;
             double selected_mass = 0.0;
-            std::vector<double> numerator;
-            double denominator = 0.0;
+            // A walk of the output estimate starts from the fixed forced keys (sinks, then window).
             auto start = [&](const Rankings& rk) {
               for (std::int64_t i = 0; i < order_length; ++i) {
                 ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
@@ -1121,8 +1080,11 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               for (std::int64_t i = 0; i < order_length; ++i) ws.stamp[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
               taken = selected_keys = 0;
               selected_mass = 0.0;
-              if (want_output) numerator = fixed.numerator;
-              denominator = fixed.denominator;
+              if (want_output) {
+                ws.walks.begin_walk(h, r);
+                ws.walks.add(0, fixed_ranges.sink_end);
+                ws.walks.add(fixed_ranges.window_begin, t + 1);
+              }
             };
             if (plan.budget_use != BudgetUse::kPerBudget) start(rankings[0]);
 
@@ -1138,7 +1100,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               const Budget& budget = options.budgets[static_cast<std::size_t>(bi)];
               const std::int64_t n = std::min(budget.blocks_for_row(t, B), causal);
               if (plan.budget_use == BudgetUse::kPerBudget) start(rankings[static_cast<std::size_t>(bi)]);
-              double mass, error = kNaN;
+              double mass;
               std::int64_t keys, nominal, compared = n;  // compared: blocks of the oracle and overlap references
               if (plan.budget_window) {
                 // SWA whose window is the budget: windows grow with the budget, so keys are added incrementally.
@@ -1146,7 +1108,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 const std::int64_t from = std::max(ranges.window_begin, ranges.sink_end);
                 const std::int64_t to = std::max(window_begin, ranges.sink_end);
                 if (from < to) {
-                  if (want_output) row.add_output(from, to, numerator, denominator);
+                  if (want_output) ws.walks.add(from, to);
                   window_begin = from;
                 }
                 const std::int64_t first_whole = (from + base_block - 1) / base_block;
@@ -1160,7 +1122,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 mass = fixed.mass + whole_blocks_mass + partial;
                 keys = ranges.count();
                 nominal = budget.blocks_for_row(t, B) * B;
-                if (want_output) error = row.output_error(numerator, denominator);
                 // Overlap against the top-n blocks by mass.
                 double in = 0, all = 0;
                 for (std::int64_t i = 0; i < n; ++i) {
@@ -1180,14 +1141,13 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                     const std::int64_t lo = b * B, hi = std::min((b + 1) * B, t + 1);
                     const std::int64_t a0 = std::max(lo, fixed_ranges.sink_end);
                     const std::int64_t a1 = std::min(hi, fixed_ranges.window_begin);
-                    row.add_output(a0, a1, numerator, denominator, log_weight ? std::exp(log_weight[taken]) : 1.0);
+                    ws.walks.add(a0, a1, log_weight ? std::exp(log_weight[taken]) : 1.0);
                   }
                 }
                 mass = fixed.mass + selected_mass;
                 keys = fixed.count + selected_keys;
                 if (!nested) compared = std::min(use, causal);
                 nominal = plan.budget_use == BudgetUse::kFree ? keys : sel.selects_blocks() ? n * B : fixed.count;
-                if (want_output) error = row.output_error(numerator, denominator);
                 double in = 0, all = 0;
                 for (std::int64_t i = 0; i < compared; ++i) {
                   const std::int64_t b = pure_order[i];
@@ -1219,7 +1179,15 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               metrics.at(kAttendedKeys, s, bi, head, row_index) = static_cast<double>(keys);
               metrics.at(kBudgetKeys, s, bi, head, row_index) = static_cast<double>(nominal);
               // An importance-weighted estimate is not exact even over the whole row.
-              if (want_output) metrics.at(kOutputError, s, bi, head, row_index) = whole_row && !log_weight ? 0.0 : error;
+              if (want_output) {
+                double& error = metrics.at(kOutputError, s, bi, head, row_index);
+                if (whole_row && !log_weight) {
+                  error = 0.0;
+                } else {
+                  ws.walks.checkpoint();
+                  ws.error_targets.push_back(&error);
+                }
+              }
               const bool saturated = plan.budget_use == BudgetUse::kFree ? whole_row : budget.blocks_for_row(t, B) >= causal;
               metrics.saturated(s, bi, head, row_index) = saturated ? 1 : 0;
             }
@@ -1228,6 +1196,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             }
           }
         }
+      }
+
+      // Output errors where the keys and values are (the device's memory for a GPU backend).
+      if (!ws.error_targets.empty()) {
+        backend.output_errors(request, ws.tile, ws.walks, ws.errors);
+        for (std::size_t i = 0; i < ws.error_targets.size(); ++i) *ws.error_targets[i] = ws.errors[i];
       }
 
       // Cross-layer reuse: this layer's selection is stored; earlier layers' selections are scored here.

@@ -31,6 +31,7 @@
 #include "common/random.hpp"
 #include "device_statistics.hpp"
 #include "replay/engine.hpp"
+#include "reference/output_walks.hpp"
 #include "synth/synth.hpp"
 
 using namespace hysparse;
@@ -40,6 +41,7 @@ namespace {
 constexpr double kGpuMassTolerance = 1e-5;      // relative, block masses and mass metrics
 constexpr double kGpuLogitTolerance = 1e-4;     // absolute: block max logits and log-sum-exps
 constexpr double kGpuOutputTolerance = 1e-4;    // relative, per output vector
+constexpr double kGpuOutputErrorTolerance = 1e-5;  // absolute, on output-error metrics (of order 1)
 constexpr double kBf16UnitRoundoff = 1.0 / 512.0;   // 2^-9: bf16 keeps 8 significant bits
 constexpr double kFp16UnitRoundoff = 1.0 / 4096.0;  // 2^-12: fp16 keeps 11 significant bits (normal range)
 // Tensor-core kernels against each other on the same rounded inputs (relative for block maxima
@@ -223,7 +225,8 @@ struct StatsCase {
 // Random and adversarial shapes: MHA (1 head per group), GQA (3, 4, 8), a 12-head group split over
 // two thread blocks; head_dim padded (8 -> 64, 96 -> 128); blocks inside a key tile (8..64),
 // spanning tiles (128, 192), not dividing T, and sizes the tensor cores do not take (1, 7, 24,
-// 100: SIMT fallback); one token; rows beyond several key segments; ties; a negative scale.
+// 100: SIMT fallback); one token; rows beyond several key segments (of the statistics and of the
+// output pass: 9000 keys make 8 output segments); ties; a negative scale.
 const StatsCase kStatsCases[] = {
     {4, 128, 1, 64, "all", true, false, 1.0},     {4, 128, 2500, 64, "all", true, false, 1.0},
     {1, 64, 700, 16, "stride", false, false, 1.0}, {8, 128, 1100, 128, "random", true, false, 1.0},
@@ -232,7 +235,7 @@ const StatsCase kStatsCases[] = {
     {4, 128, 400, 24, "all", false, false, 1.0},  {4, 64, 300, 7, "random", true, false, 1.0},
     {2, 64, 130, 1, "all", false, false, 1.0},    {4, 64, 500, 64, "all", false, true, 1.0},
     {4, 64, 500, 16, "stride", true, true, 1.0},  {4, 64, 300, 64, "all", true, false, -1.0},
-    {4, 128, 777, 100, "last", false, false, 1.0},
+    {4, 128, 777, 100, "last", false, false, 1.0}, {4, 64, 9000, 64, "random", true, false, 1.0},
 };
 
 }  // namespace
@@ -260,6 +263,50 @@ TEST_CASE("CUDA fp32 block statistics equal the CPU backend's", "[cuda]") {
 // The device keeps every KV head's keys of the layer in flight: tiles of different heads come in
 // any order, and a second capture of the same shape under the same layer index (a sweep's next
 // capture, perhaps at the same host address) must not be served the first one's keys.
+// Output-error walks: the device evaluates the engine's walks (random ones here) from the same q, k,
+// v and tile as the CPU, both held to the float64 reference. The device sums in double where the
+// host sums each step in fp32, so the two differ by fp32 roundings of |o| at most.
+TEST_CASE("CUDA output-error walks equal the CPU's and the float64 reference", "[cuda]") {
+  const auto cpu = make_cpu_backend();
+  const auto gpu = make_backend("cuda:0,cuda:0");  // through the multi-device backend, as --gpus does
+  double worst_cpu = 0.0, worst_reference = 0.0;
+  std::int64_t checkpoints = 0;
+  for (const StatsCase& k : kStatsCases) {
+    if (k.T > 1200) continue;  // the float64 reference is quadratic per row
+    for (const bool weighted : {false, true}) {
+      CAPTURE(k.group_heads, k.d, k.T, k.rows, k.sinks, k.ties, k.scale_sign, weighted);
+      const Capture c = gaussian_capture(1, 2 * k.group_heads, 2, k.d, k.T, k.sinks, k.ties, test::seed() + static_cast<std::uint64_t>(k.T));
+      const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
+      StatsRequest req = group_request(c, 1, rows, k.block, true, k.scale_sign);
+      req.layer = 0;
+      req.kv_head = 1;
+      req.tensors_id = 1000 + static_cast<std::uint64_t>(&k - kStatsCases);  // keys stay resident between the two calls
+      StatsTile tile, device_tile;
+      cpu->block_statistics(req, tile);
+      gpu->block_statistics(req, device_tile);
+      const OutputWalks walks = reference::random_output_walks(req, test::seed() + 5, weighted);
+      std::vector<double> on_cpu, on_gpu;
+      cpu->output_errors(req, tile, walks, on_cpu);
+      gpu->output_errors(req, tile, walks, on_gpu);
+      const std::vector<double> expected = reference::naive_output_errors(req, walks);
+      REQUIRE(on_gpu.size() == on_cpu.size());
+      for (std::size_t i = 0; i < on_gpu.size(); ++i) {
+        const double gap = std::fabs(on_gpu[i] - on_cpu[i]), off = std::fabs(on_gpu[i] - expected[i]);
+        worst_cpu = std::max(worst_cpu, gap);
+        worst_reference = std::max(worst_reference, off);
+        if (!(gap <= kGpuOutputErrorTolerance) || !(off <= kGpuOutputErrorTolerance)) {
+          CAPTURE(i, on_gpu[i], on_cpu[i], expected[i]);
+          CHECK(gap <= kGpuOutputErrorTolerance);
+          CHECK(off <= kGpuOutputErrorTolerance);
+        }
+      }
+      checkpoints += walks.checkpoints;
+    }
+  }
+  std::printf("output walks: %lld checkpoints, largest difference vs CPU %.2e, vs float64 %.2e (tolerance %.0e)\n",
+              static_cast<long long>(checkpoints), worst_cpu, worst_reference, kGpuOutputErrorTolerance);
+}
+
 TEST_CASE("CUDA resident keys follow the request's tensors, whatever the order of heads and captures", "[cuda]") {
   const auto cpu = make_cpu_backend();
   for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {

@@ -1,0 +1,163 @@
+// The CPU backend's output-error walks against the float64 reference (reference/output_walks.hpp):
+// random walks over MHA, GQA and MQA groups, with sinks, importance factors, a single token,
+// head_dim not a multiple of 32, and a negative scale; and the contract checks every backend runs.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "catch.hpp"
+#include "common/error.hpp"
+#include "reference/output_walks.hpp"
+#include "reference/random_capture.hpp"
+
+using namespace hysparse;
+
+namespace {
+
+// Absolute, on errors of order 1: the host sums each step's weighted values in fp32 and its exact
+// output is fp32, so errors carry a few fp32 roundings of |o| (~1e-7 relative) on either side.
+constexpr double kOutputWalkTolerance = 1e-5;
+
+struct WalkCase {
+  std::int64_t q_heads, kv_heads, head_dim, seq_len;
+  bool sinks, weighted;
+  double scale_sign;
+};
+
+// MHA, GQA, MQA; head_dim 16/40/128; one token; sinks; importance factors; a negative scale.
+const WalkCase kWalkCases[] = {
+    {4, 4, 16, 90, false, false, 1.0}, {8, 2, 40, 150, true, true, 1.0}, {6, 1, 128, 70, true, false, -1.0},
+    {4, 2, 16, 1, true, true, 1.0},    {2, 2, 64, 300, false, true, 1.0},
+};
+
+StatsRequest group_request(const Capture& c, std::int64_t group, const std::vector<std::int64_t>& rows, double scale_sign) {
+  const std::int64_t G = c.header.group_size(), T = c.header.seq_len, d = c.header.head_dim;
+  StatsRequest req;
+  req.q = c.layers[0].q.data() + group * G * T * d;
+  req.k = c.layers[0].k.data() + group * T * d;
+  req.v = c.layers[0].v.data() + group * T * d;
+  req.sink_logits = c.layers[0].sink_logits.empty() ? nullptr : c.layers[0].sink_logits.data() + group * G;
+  req.heads = G;
+  req.seq_len = T;
+  req.head_dim = d;
+  req.scale = scale_sign / std::sqrt(static_cast<double>(d));
+  req.rows = rows.data();
+  req.num_rows = static_cast<std::int64_t>(rows.size());
+  req.block_size = 16;
+  return req;
+}
+
+}  // namespace
+
+TEST_CASE("CPU output-error walks equal the float64 reference", "[output]") {
+  const auto cpu = make_cpu_backend();
+  double worst = 0.0;
+  std::int64_t checkpoints = 0;
+  for (const WalkCase& k : kWalkCases) {
+    CAPTURE(k.q_heads, k.kv_heads, k.head_dim, k.seq_len, k.sinks, k.weighted, k.scale_sign);
+    reference::Shape shape;
+    shape.layers = 1;
+    shape.q_heads = k.q_heads;
+    shape.kv_heads = k.kv_heads;
+    shape.head_dim = k.head_dim;
+    shape.seq_len = k.seq_len;
+    shape.sinks = k.sinks;
+    const Capture c = reference::random_capture(shape, test::seed() + static_cast<std::uint64_t>(k.seq_len));
+    std::vector<std::int64_t> rows;
+    for (std::int64_t t = 0; t < k.seq_len; t += 1 + t % 3) rows.push_back(t);
+    for (std::int64_t group = 0; group < k.kv_heads; ++group) {
+      const StatsRequest req = group_request(c, group, rows, k.scale_sign);
+      StatsTile tile;
+      cpu->block_statistics(req, tile);
+      const OutputWalks walks = reference::random_output_walks(req, test::seed() + static_cast<std::uint64_t>(group), k.weighted);
+      REQUIRE(walks.checkpoints > 0);
+      CHECK(walks.factors.empty() == !k.weighted);
+      std::vector<double> errors;
+      cpu->output_errors(req, tile, walks, errors);
+      const std::vector<double> expected = reference::naive_output_errors(req, walks);
+      REQUIRE(errors.size() == expected.size());
+      for (std::size_t i = 0; i < errors.size(); ++i) {
+        const double gap = std::fabs(errors[i] - expected[i]);
+        worst = std::max(worst, gap);
+        if (!(gap <= kOutputWalkTolerance)) {
+          CAPTURE(i, errors[i], expected[i]);
+          CHECK(gap <= kOutputWalkTolerance);
+        }
+      }
+      checkpoints += walks.checkpoints;
+    }
+  }
+  std::printf("output walks, CPU vs float64: %lld checkpoints, largest difference %.2e (tolerance %.0e)\n",
+              static_cast<long long>(checkpoints), worst, kOutputWalkTolerance);
+}
+
+TEST_CASE("Output walks: the empty set has error 1 and the whole row error 0", "[output]") {
+  reference::Shape shape;
+  shape.layers = 1;
+  shape.q_heads = 2;
+  shape.kv_heads = 1;
+  shape.seq_len = 50;
+  const Capture c = reference::random_capture(shape, test::seed());
+  const std::vector<std::int64_t> rows = {0, 17, 49};
+  const StatsRequest req = group_request(c, 0, rows, 1.0);
+  StatsTile tile;
+  const auto cpu = make_cpu_backend();
+  cpu->block_statistics(req, tile);
+  OutputWalks walks;
+  for (std::int64_t r = 0; r < 3; ++r) {
+    walks.begin_walk(1, r);
+    walks.checkpoint();
+    walks.add(0, rows[static_cast<std::size_t>(r)] / 2);
+    walks.add(rows[static_cast<std::size_t>(r)] / 2, rows[static_cast<std::size_t>(r)] + 1);
+    walks.checkpoint();
+  }
+  std::vector<double> errors;
+  cpu->output_errors(req, tile, walks, errors);
+  REQUIRE(errors.size() == 6);
+  for (std::size_t r = 0; r < 3; ++r) {
+    CHECK(errors[2 * r] == 1.0);
+    CHECK(errors[2 * r + 1] < kOutputWalkTolerance);
+  }
+}
+
+TEST_CASE("Output walks outside the tile are refused before any key is read", "[output]") {
+  reference::Shape shape;
+  shape.layers = 1;
+  shape.q_heads = 2;
+  shape.kv_heads = 1;
+  shape.seq_len = 20;
+  const Capture c = reference::random_capture(shape, test::seed());
+  const std::vector<std::int64_t> rows = {5, 10};
+  const StatsRequest req = group_request(c, 0, rows, 1.0);
+  StatsTile tile;
+  const auto cpu = make_cpu_backend();
+  cpu->block_statistics(req, tile);
+  std::vector<double> errors;
+  auto refused = [&](const OutputWalks& walks) {
+    try {
+      cpu->output_errors(req, tile, walks, errors);
+    } catch (const Error& e) {
+      return e.kind() == ErrorKind::kInternal;
+    }
+    return false;
+  };
+  OutputWalks beyond_causal;
+  beyond_causal.begin_walk(0, 0);
+  beyond_causal.add(3, 7);  // row 0 is position 5: keys 0..5
+  beyond_causal.checkpoint();
+  CHECK(refused(beyond_causal));
+  OutputWalks bad_head;
+  bad_head.begin_walk(2, 0);
+  bad_head.checkpoint();
+  CHECK(refused(bad_head));
+  OutputWalks fine;
+  fine.begin_walk(1, 1);
+  fine.add(0, 11);
+  fine.checkpoint();
+  CHECK_FALSE(refused(fine));
+  StatsRequest without_v = req;
+  without_v.v = nullptr;
+  CHECK_THROWS_AS(cpu->output_errors(without_v, tile, fine, errors), Error);
+}
