@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "backend/backend.hpp"
@@ -122,47 +123,150 @@ void qk_layer_statistics(const StatsRequest& req, StatsTile& out) {
   }
 }
 
-// One walk of OutputWalks (backend.hpp): fp32 q.k products (Eigen), weights exp(scale * z - lse_all)
-// in double, each step's weighted values summed in fp32 and accumulated in double (the replay
-// engine's host arithmetic before walks existed, kept so that CPU reports did not move).
-void evaluate_walk(const StatsRequest& req, const StatsTile& tile, const OutputWalks& walks, const OutputWalk& walk,
-                   std::vector<double>& errors) {
-  const std::int64_t d = req.head_dim, h = walk.head, r = walk.row;
-  const std::size_t cell = static_cast<std::size_t>(h * tile.rows + r);
-  const double lse_all = tile.lse_all[cell];
-  const float* exact = &tile.output[cell * static_cast<std::size_t>(d)];
-  const double sink_weight = req.sink_logits ? std::exp(static_cast<double>(req.sink_logits[h]) - lse_all) : 0.0;
-  Eigen::Map<const Eigen::VectorXf> query(req.q + (h * req.seq_len + req.rows[r]) * d, d);
-  thread_local Eigen::VectorXf dots, weights, sum;
-  thread_local std::vector<double> numerator;
-  numerator.assign(static_cast<std::size_t>(d), 0.0);
-  double denominator = 0.0;
-  for (std::int64_t i = walk.first_step; i < walk.first_step + walk.num_steps; ++i) {
-    const OutputStep& step = walks.steps[static_cast<std::size_t>(i)];
-    if (step.begin < 0) {
-      const double total = denominator + sink_weight;
-      double diff = 0.0, norm = 0.0;
-      for (std::int64_t c = 0; c < d; ++c) {
-        const double approx = total > 0 ? numerator[static_cast<std::size_t>(c)] / total : 0.0;
-        diff += (approx - exact[c]) * (approx - exact[c]);
-        norm += static_cast<double>(exact[c]) * exact[c];
+// Output walks (backend.hpp) on the host. Walks of one row whose steps are the same key ranges
+// (a selection shared by the heads of a KV group: hysparse, swa, a grouped oracle) are evaluated
+// together: each step's keys and values are read once for all their heads (a matrix product in
+// place of one matrix-vector product per head). Products in fp32 (Eigen), weights
+// exp(scale * z - lse_all) in double, each step's weighted values summed in fp32 and accumulated in
+// double.
+
+// Steps of fewer keys are evaluated head by head even when several heads share them.
+constexpr std::int64_t kMinSharedStepKeys = 16;
+
+// Whether walks a and b add the same key ranges with the same factors, checkpoints at the same places.
+bool same_steps(const OutputWalks& walks, const OutputWalk& a, const OutputWalk& b) {
+  if (a.row != b.row || a.num_steps != b.num_steps) return false;
+  for (std::int64_t i = 0; i < a.num_steps; ++i) {
+    const auto ia = static_cast<std::size_t>(a.first_step + i), ib = static_cast<std::size_t>(b.first_step + i);
+    const OutputStep& x = walks.steps[ia];
+    const OutputStep& y = walks.steps[ib];
+    if (x.begin < 0 || y.begin < 0) {
+      if (x.begin >= 0 || y.begin >= 0) return false;  // checkpoints match in place, not in slot
+      continue;
+    }
+    if (x.begin != y.begin || x.end != y.end) return false;
+    if (!walks.factors.empty() && walks.factors[ia] != walks.factors[ib]) return false;
+  }
+  return true;
+}
+
+// Groups of walks with the same steps, each listed in walk order (most groups hold the heads of one
+// shared selection; a per-head selection is a group of one).
+std::vector<std::vector<std::size_t>> group_walks(const OutputWalks& walks) {
+  std::vector<std::pair<std::uint64_t, std::size_t>> keyed(walks.walks.size());
+  for (std::size_t w = 0; w < walks.walks.size(); ++w) {
+    const OutputWalk& walk = walks.walks[w];
+    std::uint64_t key = std::hash<std::int64_t>()(walk.row) ^ (static_cast<std::uint64_t>(walk.num_steps) << 32);
+    for (std::int64_t i = 0; i < walk.num_steps; ++i) {
+      const OutputStep& step = walks.steps[static_cast<std::size_t>(walk.first_step + i)];
+      const std::uint64_t range = step.begin < 0 ? ~std::uint64_t{0}
+                                                 : (static_cast<std::uint64_t>(static_cast<std::uint32_t>(step.begin)) << 32) |
+                                                       static_cast<std::uint32_t>(step.end);
+      key = (key ^ range) * 0x100000001B3ull;
+    }
+    keyed[w] = {key, w};
+  }
+  std::sort(keyed.begin(), keyed.end());
+  std::vector<std::vector<std::size_t>> groups;
+  for (std::size_t i = 0; i < keyed.size();) {
+    std::size_t j = i;
+    while (j < keyed.size() && keyed[j].first == keyed[i].first) ++j;
+    // Equal keys: split into truly equal step lists (a hash collision leaves several groups).
+    const std::size_t first_group = groups.size();
+    for (std::size_t k = i; k < j; ++k) {
+      const OutputWalk& walk = walks.walks[keyed[k].second];
+      bool placed = false;
+      for (std::size_t g = first_group; g < groups.size() && !placed; ++g) {
+        if (same_steps(walks, walks.walks[groups[g].front()], walk)) {
+          groups[g].push_back(keyed[k].second);
+          placed = true;
+        }
       }
-      errors[static_cast<std::size_t>(step.end)] = norm > 0 ? std::sqrt(diff / norm) : std::numeric_limits<double>::quiet_NaN();
+      if (!placed) groups.push_back({keyed[k].second});
+    }
+    i = j;
+  }
+  // In the order of their first walk: consecutive walks read neighbouring keys (cache).
+  std::sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) { return a.front() < b.front(); });
+  return groups;
+}
+
+void evaluate_walk_group(const StatsRequest& req, const StatsTile& tile, const OutputWalks& walks,
+                         const std::vector<std::size_t>& group, std::vector<double>& errors) {
+  const std::int64_t d = req.head_dim, m = static_cast<std::int64_t>(group.size());
+  const OutputWalk& lead = walks.walks[group.front()];
+  const std::int64_t r = lead.row;
+  thread_local RowMatrix queries;  // [d][m]: one column per walk
+  thread_local Eigen::MatrixXf dots, weights, sums;
+  thread_local Eigen::VectorXf dot, weight, sum;
+  thread_local std::vector<double> lse_all, sink_weight, numerator, denominator;
+  queries.resize(d, m);
+  lse_all.resize(static_cast<std::size_t>(m));
+  sink_weight.resize(static_cast<std::size_t>(m));
+  for (std::int64_t k = 0; k < m; ++k) {
+    const std::int64_t h = walks.walks[group[static_cast<std::size_t>(k)]].head;
+    const std::size_t cell = static_cast<std::size_t>(h * tile.rows + r);
+    lse_all[static_cast<std::size_t>(k)] = tile.lse_all[cell];
+    sink_weight[static_cast<std::size_t>(k)] =
+        req.sink_logits ? std::exp(static_cast<double>(req.sink_logits[h]) - tile.lse_all[cell]) : 0.0;
+    queries.col(k) = Eigen::Map<const Eigen::VectorXf>(req.q + (h * req.seq_len + req.rows[r]) * d, d);
+  }
+  numerator.assign(static_cast<std::size_t>(d * m), 0.0);  // [m][d]
+  denominator.assign(static_cast<std::size_t>(m), 0.0);
+  for (std::int64_t i = 0; i < lead.num_steps; ++i) {
+    const std::size_t index = static_cast<std::size_t>(lead.first_step + i);
+    const OutputStep& step = walks.steps[index];
+    if (step.begin < 0) {
+      for (std::int64_t k = 0; k < m; ++k) {
+        const OutputWalk& walk = walks.walks[group[static_cast<std::size_t>(k)]];
+        const float* exact = &tile.output[static_cast<std::size_t>((walk.head * tile.rows + r) * d)];
+        const double total = denominator[static_cast<std::size_t>(k)] + sink_weight[static_cast<std::size_t>(k)];
+        double diff = 0.0, norm = 0.0;
+        for (std::int64_t c = 0; c < d; ++c) {
+          const double approx = total > 0 ? numerator[static_cast<std::size_t>(k * d + c)] / total : 0.0;
+          diff += (approx - exact[c]) * (approx - exact[c]);
+          norm += static_cast<double>(exact[c]) * exact[c];
+        }
+        const OutputStep& own = walks.steps[static_cast<std::size_t>(walk.first_step + i)];  // this walk's slot
+        errors[static_cast<std::size_t>(own.end)] = norm > 0 ? std::sqrt(diff / norm) : std::numeric_limits<double>::quiet_NaN();
+      }
       continue;
     }
     const std::int64_t j0 = step.begin, n = step.end - step.begin;
-    const double factor = walks.factors.empty() ? 1.0 : walks.factors[static_cast<std::size_t>(i)];
+    const double factor = walks.factors.empty() ? 1.0 : walks.factors[index];
     Eigen::Map<const RowMatrix> keys(req.k + j0 * d, n, d);
-    dots.noalias() = keys * query;
-    weights.resize(n);
-    for (std::int64_t j = 0; j < n; ++j) {
-      const double w = std::exp(req.scale * static_cast<double>(dots[j]) - lse_all) * factor;
-      weights[j] = static_cast<float>(w);
-      denominator += w;
-    }
     Eigen::Map<const RowMatrix> values(req.v + j0 * d, n, d);
-    sum.noalias() = values.transpose() * weights;
-    for (std::int64_t c = 0; c < d; ++c) numerator[static_cast<std::size_t>(c)] += sum[c];
+    if (m == 1 || n < kMinSharedStepKeys) {
+      // Matrix-vector products per head (Eigen's kernels for them; a short step gains nothing from a
+      // matrix product's setup).
+      for (std::int64_t k = 0; k < m; ++k) {
+        const OutputWalk& walk = walks.walks[group[static_cast<std::size_t>(k)]];
+        dot.noalias() = keys * Eigen::Map<const Eigen::VectorXf>(req.q + (walk.head * req.seq_len + req.rows[r]) * d, d);
+        weight.resize(n);
+        for (std::int64_t j = 0; j < n; ++j) {
+          const double w = std::exp(req.scale * static_cast<double>(dot[j]) - lse_all[static_cast<std::size_t>(k)]) * factor;
+          weight[j] = static_cast<float>(w);
+          denominator[static_cast<std::size_t>(k)] += w;
+        }
+        sum.noalias() = values.transpose() * weight;
+        for (std::int64_t c = 0; c < d; ++c) numerator[static_cast<std::size_t>(k * d + c)] += sum[c];
+      }
+      continue;
+    }
+    dots.noalias() = keys * queries;  // [n][m]
+    weights.resize(n, m);
+    for (std::int64_t k = 0; k < m; ++k) {
+      double& total = denominator[static_cast<std::size_t>(k)];
+      for (std::int64_t j = 0; j < n; ++j) {
+        const double w = std::exp(req.scale * static_cast<double>(dots(j, k)) - lse_all[static_cast<std::size_t>(k)]) * factor;
+        weights(j, k) = static_cast<float>(w);
+        total += w;
+      }
+    }
+    sums.noalias() = values.transpose() * weights;  // [d][m]
+    for (std::int64_t k = 0; k < m; ++k) {
+      for (std::int64_t c = 0; c < d; ++c) numerator[static_cast<std::size_t>(k * d + c)] += sums(c, k);
+    }
   }
 }
 
@@ -183,7 +287,7 @@ class CpuBackend final : public Backend {
                      std::vector<double>& errors) const override {
     check_output_request(req, tile, walks);
     errors.assign(static_cast<std::size_t>(walks.checkpoints), std::numeric_limits<double>::quiet_NaN());
-    for (const OutputWalk& walk : walks.walks) evaluate_walk(req, tile, walks, walk, errors);
+    for (const auto& group : group_walks(walks)) evaluate_walk_group(req, tile, walks, group, errors);
   }
 };
 

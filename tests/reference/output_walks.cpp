@@ -10,26 +10,51 @@ namespace hysparse::reference {
 
 OutputWalks random_output_walks(const StatsRequest& request, std::uint64_t seed, bool weighted) {
   Rng rng(seed);
-  OutputWalks walks;
   auto below = [&](std::int64_t n) { return static_cast<std::int64_t>(rng.next() % static_cast<std::uint64_t>(n)); };
-  for (std::int64_t h = 0; h < request.heads; ++h) {
-    for (std::int64_t r = 0; r < request.num_rows; ++r) {
-      const std::int64_t keys = request.rows[r] + 1;
-      const std::int64_t count = below(4);
-      for (std::int64_t w = 0; w < count; ++w) {
-        walks.begin_walk(h, r);
-        if (below(3) == 0) walks.checkpoint();  // nothing attended yet
-        const std::int64_t steps = below(6);
-        for (std::int64_t s = 0; s < steps; ++s) {
-          std::int64_t begin = below(keys), end = begin + 1 + below(std::min<std::int64_t>(keys - begin, 200));
-          if (below(8) == 0) begin = 0, end = keys;  // the whole row
-          double factor = 1.0;
-          if (weighted && below(2) == 0) factor = std::exp(rng.normal());
-          walks.add(begin, end, factor);
-          if (below(2) == 0) walks.checkpoint();
-        }
-        walks.checkpoint();
-      }
+  // A walk's steps: (begin, end, factor), or a checkpoint (begin -1).
+  struct Step {
+    std::int64_t begin, end;
+    double factor;
+  };
+  auto random_steps = [&](std::int64_t keys) {
+    std::vector<Step> steps;
+    if (below(3) == 0) steps.push_back({-1, 0, 1.0});  // nothing attended yet
+    const std::int64_t count = below(6);
+    for (std::int64_t s = 0; s < count; ++s) {
+      std::int64_t begin = below(keys), end = begin + 1 + below(std::min<std::int64_t>(keys - begin, 200));
+      if (below(8) == 0) begin = 0, end = keys;  // the whole row
+      double factor = 1.0;
+      if (weighted && below(2) == 0) factor = std::exp(rng.normal());
+      steps.push_back({begin, end, factor});
+      if (below(2) == 0) steps.push_back({-1, 0, 1.0});
+    }
+    steps.push_back({-1, 0, 1.0});
+    return steps;
+  };
+  // Per row: walks of single heads, and walks whose steps every head of the group shares (a selection
+  // made per KV group), recorded head by head like the engine does.
+  struct Planned {
+    std::int64_t head, row;
+    std::vector<Step> steps;
+  };
+  std::vector<Planned> planned;
+  for (std::int64_t r = 0; r < request.num_rows; ++r) {
+    const std::int64_t keys = request.rows[r] + 1;
+    for (std::int64_t h = 0; h < request.heads; ++h) {
+      for (std::int64_t w = below(4); w > 0; --w) planned.push_back({h, r, random_steps(keys)});
+    }
+    for (std::int64_t w = below(3); w > 0; --w) {
+      const std::vector<Step> shared = random_steps(keys);
+      for (std::int64_t h = 0; h < request.heads; ++h) planned.push_back({h, r, shared});
+    }
+  }
+  std::stable_sort(planned.begin(), planned.end(), [](const Planned& a, const Planned& b) { return a.head < b.head; });
+  OutputWalks walks;
+  for (const Planned& p : planned) {
+    walks.begin_walk(p.head, p.row);
+    for (const Step& step : p.steps) {
+      if (step.begin < 0) walks.checkpoint();
+      else walks.add(step.begin, step.end, step.factor);
     }
   }
   return walks;
