@@ -7,10 +7,13 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "capture/capture.hpp"
 #include "catch.hpp"
 #include "common/error.hpp"
 #include "reference/output_walks.hpp"
 #include "reference/random_capture.hpp"
+#include "replay/engine.hpp"
+#include "replay_test_support.hpp"
 
 using namespace hysparse;
 
@@ -160,4 +163,44 @@ TEST_CASE("Output walks outside the tile are refused before any key is read", "[
   StatsRequest without_v = req;
   without_v.v = nullptr;
   CHECK_THROWS_AS(cpu->output_errors(without_v, tile, fine, errors), Error);
+}
+
+// The engine evaluates a tile's walks whenever they hold walk_steps_per_flush steps (and at the end of
+// the tile): where it cuts them changes nothing but which walks the CPU evaluates together.
+TEST_CASE("Output errors do not depend on how often the engine hands its walks over", "[output]") {
+  reference::Shape shape;
+  shape.layers = 3;
+  shape.seq_len = 120;
+  shape.sinks = true;
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/walk_flush.h5";
+  write_capture(path, reference::random_capture(shape, test::seed() + 41));
+  ReplayOptions options = test::replay_options("all,hysparse:schedule=1:1", test::tokens({16, 48}));
+  options.block_size = 16;
+  options.tile_rows = 50;
+  const auto cpu = make_cpu_backend();
+  const ReplayResult whole = run_replay(path, options, *cpu, false);
+  REQUIRE(whole.has_output_error);
+  for (const std::int64_t steps : {1, 37}) {
+    INFO("walk steps per flush " << steps);
+    options.walk_steps_per_flush = steps;
+    const ReplayResult cut = run_replay(path, options, *cpu, false);
+    REQUIRE(cut.selectors.size() == whole.selectors.size());
+    for (std::size_t s = 0; s < whole.selectors.size(); ++s) {
+      INFO("selector " << whole.selectors[s].label);
+      for (int m = 0; m < kNumMetrics; ++m) {
+        const auto& a = whole.selectors[s].head_mean[m].values;
+        const auto& b = cut.selectors[s].head_mean[m].values;
+        REQUIRE(a.size() == b.size());
+        for (std::size_t i = 0; i < a.size(); ++i) {
+          if (std::isnan(a[i]) && std::isnan(b[i])) continue;
+          // Mass metrics do not involve the walks at all; output errors only through rounding.
+          const double tolerance = m == kOutputError ? kOutputWalkTolerance : 0.0;
+          if (!(std::fabs(a[i] - b[i]) <= tolerance)) {
+            CAPTURE(metric_name(m), i, a[i], b[i]);
+            CHECK(std::fabs(a[i] - b[i]) <= tolerance);
+          }
+        }
+      }
+    }
+  }
 }

@@ -35,6 +35,9 @@ constexpr std::int64_t kMaxTileCells = std::int64_t{4} << 20;
 // Work items (KV group x query tile) a layer should have for the host threads to share.
 constexpr std::int64_t kTargetWorkItems = 64;
 constexpr std::int64_t kMinSplitTileRows = 128;
+// Output-walk steps (8 bytes each, 16 with importance factors) a work item holds before they are
+// evaluated (ReplayOptions::walk_steps_per_flush overrides it).
+constexpr std::int64_t kWalkStepsPerFlush = std::int64_t{1} << 22;
 // Dense attention rows may exceed one by rounding in the tool that wrote them.
 constexpr double kDenseRowSumTolerance = 1e-3;
 
@@ -601,6 +604,7 @@ struct ReplayRun::Impl {
   std::vector<ForcedConfig> configs;
   std::vector<SelectorPlan> plans;
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
+  std::int64_t walk_steps_per_flush = kWalkStepsPerFlush;
   ReplayPlan replay_plan;
   LayerInputs inputs;
   std::vector<ModelSums> model;
@@ -827,6 +831,7 @@ void ReplayRun::Impl::setup() {
     tile_rows = std::min(tile_rows, std::max(kMinSplitTileRows, (R + tiles_wanted - 1) / tiles_wanted));
   }
   tiles = (R + tile_rows - 1) / tile_rows;
+  if (options.walk_steps_per_flush > 0) walk_steps_per_flush = options.walk_steps_per_flush;
   workspaces.resize(static_cast<std::size_t>(omp_get_max_threads()));
 
   layer_context.header = &header;
@@ -1008,9 +1013,19 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         }
       }
 
-      // Metrics per selector, head, row and budget.
+      // Metrics per selector, head, row and budget. The output-error walks are evaluated where the
+      // keys and values are (the device's memory for a GPU backend), whenever they hold
+      // walk_steps_per_flush steps (whole walks: a tile of thousands of rows and token-level
+      // selections would otherwise hold gigabytes of steps), and at the end of the tile.
       ws.walks.clear();
       ws.error_targets.clear();
+      auto flush_walks = [&]() {
+        if (ws.error_targets.empty()) return;
+        backend.output_errors(request, ws.tile, ws.walks, ws.errors);
+        for (std::size_t i = 0; i < ws.error_targets.size(); ++i) *ws.error_targets[i] = ws.errors[i];
+        ws.walks.clear();
+        ws.error_targets.clear();
+      };
       for (std::int64_t s = 0; s < S; ++s) {
         const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
         const Selector& sel = *plan.selector;
@@ -1194,15 +1209,11 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             for (std::int64_t i = 0; i < order_length; ++i) {
               ws.stamp[static_cast<std::size_t>(order[i])] = std::numeric_limits<std::int32_t>::max();
             }
+            if (static_cast<std::int64_t>(ws.walks.steps.size()) >= walk_steps_per_flush) flush_walks();
           }
         }
       }
-
-      // Output errors where the keys and values are (the device's memory for a GPU backend).
-      if (!ws.error_targets.empty()) {
-        backend.output_errors(request, ws.tile, ws.walks, ws.errors);
-        for (std::size_t i = 0; i < ws.error_targets.size(); ++i) *ws.error_targets[i] = ws.errors[i];
-      }
+      flush_walks();
 
       // Cross-layer reuse: this layer's selection is stored; earlier layers' selections are scored here.
       if (reuse_enabled) {

@@ -48,6 +48,7 @@ struct ReplayOptions {
   std::string device = "cpu";
   std::string precision = "fp32";        // logits from fp32, or bf16/fp16 inputs on tensor cores (cuda)
   std::int64_t tile_rows = 0;            // query rows per statistics request; 0: the backend's preference
+  std::int64_t walk_steps_per_flush = 0; // output-walk steps held before they are evaluated; 0: the default (tests)
 };
 
 }  // namespace hysparse
