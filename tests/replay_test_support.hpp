@@ -1,5 +1,7 @@
 #pragma once
-// Helpers shared by the replay test files: write a capture, replay it on the CPU, build options and budgets.
+// Helpers shared by the replay test files: write a capture, replay it on the CPU, build options and budgets,
+// and statistics requests for one KV group.
+#include <cmath>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -26,6 +28,25 @@ inline ReplayOptions replay_options(const std::string& selectors, const std::vec
   o.reuse_budget = 0;
   o.tile_rows = 7;
   return o;
+}
+
+// One KV group of layer 0 of `c`: heads [group*G, (group+1)*G), softmax scale scale_sign / sqrt(head_dim).
+inline StatsRequest group_request(const Capture& c, std::int64_t group, const std::vector<std::int64_t>& rows,
+                                  std::int64_t block, bool with_v, double scale_sign = 1.0) {
+  const std::int64_t G = c.header.num_q_heads / c.header.num_kv_heads, T = c.header.seq_len, d = c.header.head_dim;
+  StatsRequest req;
+  req.q = c.layers[0].q.data() + group * G * T * d;
+  req.k = c.layers[0].k.data() + group * T * d;
+  req.v = with_v ? c.layers[0].v.data() + group * T * d : nullptr;
+  req.sink_logits = c.layers[0].sink_logits.empty() ? nullptr : c.layers[0].sink_logits.data() + group * G;
+  req.heads = G;
+  req.seq_len = T;
+  req.head_dim = d;
+  req.scale = scale_sign / std::sqrt(static_cast<double>(d));
+  req.rows = rows.data();
+  req.num_rows = static_cast<std::int64_t>(rows.size());
+  req.block_size = block;
+  return req;
 }
 
 inline std::vector<Budget> tokens(std::initializer_list<double> values) {

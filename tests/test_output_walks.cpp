@@ -35,23 +35,6 @@ const WalkCase kWalkCases[] = {
     {4, 2, 16, 1, true, true, 1.0},    {2, 2, 64, 300, false, true, 1.0},
 };
 
-StatsRequest group_request(const Capture& c, std::int64_t group, const std::vector<std::int64_t>& rows, double scale_sign) {
-  const std::int64_t G = c.header.group_size(), T = c.header.seq_len, d = c.header.head_dim;
-  StatsRequest req;
-  req.q = c.layers[0].q.data() + group * G * T * d;
-  req.k = c.layers[0].k.data() + group * T * d;
-  req.v = c.layers[0].v.data() + group * T * d;
-  req.sink_logits = c.layers[0].sink_logits.empty() ? nullptr : c.layers[0].sink_logits.data() + group * G;
-  req.heads = G;
-  req.seq_len = T;
-  req.head_dim = d;
-  req.scale = scale_sign / std::sqrt(static_cast<double>(d));
-  req.rows = rows.data();
-  req.num_rows = static_cast<std::int64_t>(rows.size());
-  req.block_size = 16;
-  return req;
-}
-
 }  // namespace
 
 TEST_CASE("CPU output-error walks equal the float64 reference", "[output]") {
@@ -71,7 +54,7 @@ TEST_CASE("CPU output-error walks equal the float64 reference", "[output]") {
     std::vector<std::int64_t> rows;
     for (std::int64_t t = 0; t < k.seq_len; t += 1 + t % 3) rows.push_back(t);
     for (std::int64_t group = 0; group < k.kv_heads; ++group) {
-      const StatsRequest req = group_request(c, group, rows, k.scale_sign);
+      const StatsRequest req = test::group_request(c, group, rows, 16, true, k.scale_sign);
       StatsTile tile;
       cpu->block_statistics(req, tile);
       const OutputWalks walks = reference::random_output_walks(req, test::seed() + static_cast<std::uint64_t>(group), k.weighted);
@@ -104,7 +87,7 @@ TEST_CASE("Output walks: the empty set has error 1 and the whole row error 0", "
   shape.seq_len = 50;
   const Capture c = reference::random_capture(shape, test::seed());
   const std::vector<std::int64_t> rows = {0, 17, 49};
-  const StatsRequest req = group_request(c, 0, rows, 1.0);
+  const StatsRequest req = test::group_request(c, 0, rows, 16, true);
   StatsTile tile;
   const auto cpu = make_cpu_backend();
   cpu->block_statistics(req, tile);
@@ -133,7 +116,7 @@ TEST_CASE("Output walks outside the tile are refused before any key is read", "[
   shape.seq_len = 20;
   const Capture c = reference::random_capture(shape, test::seed());
   const std::vector<std::int64_t> rows = {5, 10};
-  const StatsRequest req = group_request(c, 0, rows, 1.0);
+  const StatsRequest req = test::group_request(c, 0, rows, 16, true);
   StatsTile tile;
   const auto cpu = make_cpu_backend();
   cpu->block_statistics(req, tile);

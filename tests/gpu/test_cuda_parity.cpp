@@ -32,9 +32,11 @@
 #include "device_statistics.hpp"
 #include "replay/engine.hpp"
 #include "reference/output_walks.hpp"
+#include "replay_test_support.hpp"
 #include "synth/synth.hpp"
 
 using namespace hysparse;
+using test::group_request;
 
 namespace {
 
@@ -196,24 +198,6 @@ Deviation compare_exact(const StatsTile& cpu, const StatsTile& gpu) {
       [](std::int64_t, std::int64_t) { return kGpuLogitTolerance; }, kGpuOutputTolerance);
 }
 
-// One KV group of layer 0 of `c`: heads [group*G, (group+1)*G).
-StatsRequest group_request(const Capture& c, std::int64_t group, const std::vector<std::int64_t>& rows, std::int64_t block,
-                           bool with_v, double scale_sign = 1.0) {
-  const std::int64_t G = c.header.num_q_heads / c.header.num_kv_heads, T = c.header.seq_len, d = c.header.head_dim;
-  StatsRequest req;
-  req.q = c.layers[0].q.data() + group * G * T * d;
-  req.k = c.layers[0].k.data() + group * T * d;
-  req.v = with_v ? c.layers[0].v.data() + group * T * d : nullptr;
-  req.sink_logits = c.layers[0].sink_logits.empty() ? nullptr : c.layers[0].sink_logits.data() + group * G;
-  req.heads = G;
-  req.seq_len = T;
-  req.head_dim = d;
-  req.scale = scale_sign / std::sqrt(static_cast<double>(d));
-  req.rows = rows.data();
-  req.num_rows = static_cast<std::int64_t>(rows.size());
-  req.block_size = block;
-  return req;
-}
 
 struct StatsCase {
   std::int64_t group_heads, d, T, block;
