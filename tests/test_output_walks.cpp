@@ -35,6 +35,16 @@ const WalkCase kWalkCases[] = {
     {4, 2, 16, 1, true, true, 1.0},    {2, 2, 64, 300, false, true, 1.0},
 };
 
+// One layer of one KV group of two query heads, T tokens, with v.
+Capture one_group_capture(std::int64_t T) {
+  reference::Shape shape;
+  shape.layers = 1;
+  shape.q_heads = 2;
+  shape.kv_heads = 1;
+  shape.seq_len = T;
+  return reference::random_capture(shape, test::seed());
+}
+
 }  // namespace
 
 TEST_CASE("CPU output-error walks equal the float64 reference", "[output]") {
@@ -80,12 +90,7 @@ TEST_CASE("CPU output-error walks equal the float64 reference", "[output]") {
 }
 
 TEST_CASE("Output walks: the empty set has error 1 and the whole row error 0", "[output]") {
-  reference::Shape shape;
-  shape.layers = 1;
-  shape.q_heads = 2;
-  shape.kv_heads = 1;
-  shape.seq_len = 50;
-  const Capture c = reference::random_capture(shape, test::seed());
+  const Capture c = one_group_capture(50);
   const std::vector<std::int64_t> rows = {0, 17, 49};
   const StatsRequest req = test::group_request(c, 0, rows, 16, true);
   StatsTile tile;
@@ -109,12 +114,7 @@ TEST_CASE("Output walks: the empty set has error 1 and the whole row error 0", "
 }
 
 TEST_CASE("Output walks outside the tile are refused before any key is read", "[output]") {
-  reference::Shape shape;
-  shape.layers = 1;
-  shape.q_heads = 2;
-  shape.kv_heads = 1;
-  shape.seq_len = 20;
-  const Capture c = reference::random_capture(shape, test::seed());
+  const Capture c = one_group_capture(20);
   const std::vector<std::int64_t> rows = {5, 10};
   const StatsRequest req = test::group_request(c, 0, rows, 16, true);
   StatsTile tile;

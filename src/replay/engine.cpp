@@ -143,8 +143,6 @@ class RowAccess {
     }
     return std::max(0.0, block_share(b) - sum);  // rounding of the fp32 block sum can undercut the rest
   }
-  std::int64_t t() const { return t_; }
-  std::int64_t dim() const { return d_; }
 
  private:
   // out[j - j0] = exp(z_j - shift) for keys [j0, j1).
