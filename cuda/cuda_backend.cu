@@ -3,12 +3,22 @@
 // statistics_pass.cu: block statistics (exact fp32 SIMT kernel, or bf16/fp16 tensor-core
 // kernel), row log-sum-exps, and the attention output when v is given. Only the tile's
 // statistics come back. Never a T x T buffer. Only plain C++ crosses cuda_backend.hpp.
+//
+// The engine calls from many host threads at once. Each call runs on a *lane*: a stream of its
+// own with its own device buffers and pinned host staging, so one tile's copies overlap other
+// tiles' kernels and copies instead of queueing behind a device-wide lock. Keys are locked per KV
+// head: uploading one head's keys holds up only the tiles of that head.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <cstring>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -21,6 +31,14 @@ namespace hysparse::cuda {
 namespace {
 
 constexpr int kMaxHeadDim = 256;
+// Lanes per device. Two already overlap one tile's copies with another's kernels; four cover the
+// engine's threads finishing tiles at once. Each lane keeps buffers as large as the largest tile it
+// ran (a 4,096-row tile of four heads at 128K keys: 256 MiB of block statistics, on the device and
+// pinned on the host), so more lanes would cost memory for little.
+constexpr std::size_t kLanesPerDevice = 4;
+// prepare_keys copies the next layer's keys only while this fraction of the device's memory stays
+// free beside them.
+constexpr std::size_t kPrepareHeadroomFraction = 8;
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -35,43 +53,67 @@ InputType input_type(Precision precision) {
   return InputType::kFloat32;
 }
 
-// A device buffer that only grows.
-template <typename T>
-class DeviceArray {
+// A buffer that only grows, in device memory or in pinned (page-locked) host memory: copies
+// between the two run asynchronously on a stream, copies from pageable memory do not.
+enum class Memory { kDevice, kPinnedHost };
+template <typename T, Memory kWhere>
+class GrowingArray {
  public:
-  DeviceArray() = default;
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() {
-    if (data_) cudaFree(data_);
-  }
+  GrowingArray() = default;
+  GrowingArray(const GrowingArray&) = delete;
+  GrowingArray& operator=(const GrowingArray&) = delete;
+  ~GrowingArray() { clear(); }
   T* reserve(std::size_t count, const char* what) {
     if (count > capacity_) {
-      if (data_) cudaFree(data_);
-      data_ = nullptr;
-      capacity_ = 0;
-      const cudaError_t status = cudaMalloc(&data_, count * sizeof(T));
+      clear();
+      void* memory = nullptr;
+      const cudaError_t status =
+          kWhere == Memory::kDevice ? cudaMalloc(&memory, count * sizeof(T)) : cudaMallocHost(&memory, count * sizeof(T));
       if (status != cudaSuccess) {
-        data_ = nullptr;
         (void)cudaGetLastError();  // not sticky: the next launch's error check must not see it
-        fail(ErrorKind::kResource, "CUDA: cannot allocate {} bytes of device memory for {}: {}", count * sizeof(T), what,
-             cudaGetErrorString(status));
+        fail(ErrorKind::kResource, "CUDA: cannot allocate {} bytes of {} memory for {}: {}", count * sizeof(T),
+             kWhere == Memory::kDevice ? "device" : "pinned host", what, cudaGetErrorString(status));
       }
+      data_ = static_cast<T*>(memory);
       capacity_ = count;
     }
     return data_;
   }
-  T* upload(const T* host, std::size_t count, const char* what) {
-    T* device = reserve(count, what);
-    if (count) check(cudaMemcpy(device, host, count * sizeof(T), cudaMemcpyHostToDevice), what);
-    return device;
-  }
   T* get() const { return data_; }
+
+  void clear() {
+    if (data_) (void)(kWhere == Memory::kDevice ? cudaFree(data_) : cudaFreeHost(data_));
+    data_ = nullptr;
+    capacity_ = 0;
+  }
 
  private:
   T* data_ = nullptr;
   std::size_t capacity_ = 0;
 };
+template <typename T>
+using DeviceArray = GrowingArray<T, Memory::kDevice>;
+template <typename T>
+using PinnedArray = GrowingArray<T, Memory::kPinnedHost>;
+
+// Enqueues host -> device (pageable or pinned source) on `stream`; returns the device copy.
+template <typename T>
+T* upload(DeviceArray<T>& device, const T* host, std::size_t count, const char* what, cudaStream_t stream) {
+  T* data = device.reserve(count, what);
+  if (count) check(cudaMemcpyAsync(data, host, count * sizeof(T), cudaMemcpyHostToDevice, stream), what);
+  return data;
+}
+// Enqueues device -> pinned host on `stream`; returns the pinned copy (valid once the stream is synchronised).
+template <typename T>
+T* download(PinnedArray<T>& host, const T* device, std::size_t count, const char* what, cudaStream_t stream) {
+  T* data = host.reserve(count, what);
+  if (count) check(cudaMemcpyAsync(data, device, count * sizeof(T), cudaMemcpyDeviceToHost, stream), what);
+  return data;
+}
+template <typename T>
+void copy_out(const T* pinned, std::vector<T>& out) {
+  if (!out.empty()) std::memcpy(out.data(), pinned, out.size() * sizeof(T));
+}
 
 // Sizes a tile for `req` without clearing it: every value is overwritten by the downloads.
 void size_tile(const StatsRequest& req, StatsTile& out) {
@@ -97,6 +139,121 @@ const char* describe(Precision precision) {
   return "?";
 }
 
+// One KV head's keys (fp32, and rounded for the tensor cores under bf16/fp16) and values on the
+// device, and which host arrays they came from.
+struct ResidentKeys {
+  std::shared_mutex in_use;  // shared while a lane reads the keys, exclusive while they are replaced
+  DeviceArray<float> k32, v;
+  DeviceArray<unsigned short> rounded;
+  std::uint64_t tensors_id = 0;  // 0: holds nothing; ids grow with every layer the engine reads
+  std::int64_t keys = 0;
+  const float* k_host = nullptr;
+  const float* v_host = nullptr;
+  bool holds(const StatsRequest& req) const {
+    const std::int64_t wanted = req.rows[req.num_rows - 1] + 1;
+    return req.tensors_id != 0 && tensors_id == req.tensors_id && k_host == req.k && wanted <= keys &&
+           (req.v == nullptr || req.v == v_host);
+  }
+  void clear() {
+    k32.clear();
+    v.clear();
+    rounded.clear();
+    tensors_id = 0;
+  }
+};
+
+// One stream with everything a request needs: device buffers, pinned staging, the pass's plan.
+struct Lane {
+  explicit Lane(int multiprocessors) : pass(multiprocessors) {
+    // Non-blocking: nothing on the legacy default stream may serialise the lanes.
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream creation");
+  }
+  Lane(const Lane&) = delete;
+  Lane& operator=(const Lane&) = delete;
+  ~Lane() { (void)cudaStreamDestroy(stream); }
+  void synchronize(const char* what) const { check(cudaStreamSynchronize(stream), what); }
+
+  cudaStream_t stream = nullptr;
+  StatsPass pass;
+  PinnedArray<float> host_q, host_block_max, host_block_sum, host_output;
+  PinnedArray<long long> host_positions;
+  PinnedArray<double> host_lse_tokens, host_lse_all, host_sink_weight, host_errors;
+  PinnedArray<int> host_overflow;
+  DeviceArray<float> q, sinks, block_max, block_sum, output, output_partials;
+  DeviceArray<double> lse_tokens, lse_all, sink_weight, factors, errors;
+  DeviceArray<OutputWalk> walks;
+  DeviceArray<OutputStep> steps;
+  DeviceArray<unsigned short> q_rounded;
+  DeviceArray<int> overflow;
+  DeviceArray<long long> positions;
+  ResidentKeys own_keys;  // for requests that do not name their layer's tensors (nothing is shared)
+};
+
+// Up to kLanesPerDevice lanes, made on first need; a caller waits while all are busy.
+class LanePool {
+ public:
+  explicit LanePool(int multiprocessors) : multiprocessors_(multiprocessors) {}
+  class Lease {
+   public:
+    Lease(LanePool& pool, Lane& lane) : pool_(pool), lane_(lane) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { pool_.give_back(lane_); }
+    Lane& operator*() const { return lane_; }
+    Lane* operator->() const { return &lane_; }
+
+   private:
+    LanePool& pool_;
+    Lane& lane_;
+  };
+  // Call with the pool's device current.
+  Lease take() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    idle_changed_.wait(lock, [&] { return !idle_.empty() || lanes_.size() < kLanesPerDevice; });
+    if (idle_.empty()) {
+      lanes_.push_back(std::make_unique<Lane>(multiprocessors_));
+      idle_.push_back(lanes_.back().get());
+    }
+    Lane* lane = idle_.back();
+    idle_.pop_back();
+    return Lease(*this, *lane);
+  }
+
+ private:
+  void give_back(Lane& lane) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle_.push_back(&lane);
+    }
+    idle_changed_.notify_one();
+  }
+  int multiprocessors_;
+  std::mutex mutex_;
+  std::condition_variable idle_changed_;
+  std::vector<std::unique_ptr<Lane>> lanes_;
+  std::vector<Lane*> idle_;
+};
+
+// Arms a lane's fp16 overflow flag for the conversions enqueued after it (nullptr unless fp16).
+int* overflow_flag(InputType type, Lane& lane) {
+  if (type != InputType::kFloat16) return nullptr;
+  int* flag = lane.overflow.reserve(1, "overflow flag");
+  check(cudaMemsetAsync(flag, 0, sizeof(int), lane.stream), "overflow flag");
+  return flag;
+}
+// fp16 holds magnitudes up to 65504: a larger finite input would become infinite. Synchronises the lane.
+void check_range(InputType type, Lane& lane, const char* what, const StatsRequest& req) {
+  if (type != InputType::kFloat16) return;
+  const int* overflow = download(lane.host_overflow, lane.overflow.get(), 1, "input conversion", lane.stream);
+  lane.synchronize("input conversion");
+  if (*overflow) {
+    fail(ErrorKind::kUsage,
+         "--precision fp16: a {} value of layer {}, KV head {} exceeds the fp16 range (|x| > 65504); use --precision "
+         "bf16 or fp32",
+         what, req.layer, req.kv_head);
+  }
+}
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, Precision precision) : device_(device), precision_(precision), type_(input_type(precision)) {
@@ -106,7 +263,7 @@ class CudaBackend final : public Backend {
     description_ = fmt::format("cuda:{} {} (sm_{}{}, {} SMs, {:.1f} GiB), {}", device_, prop.name, prop.major, prop.minor,
                                prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) / 1073741824.0,
                                describe(precision_));
-    pass_ = std::make_unique<StatsPass>(prop.multiProcessorCount);
+    lanes_ = std::make_unique<LanePool>(prop.multiProcessorCount);
   }
   std::string name() const override { return "cuda"; }
   std::string device() const override { return description_; }
@@ -121,39 +278,42 @@ class CudaBackend final : public Backend {
     if (req.head_dim > kMaxHeadDim) {
       fail(ErrorKind::kUsage, "--device cuda supports head_dim up to {} (capture has {})", kMaxHeadDim, req.head_dim);
     }
-    std::lock_guard<std::mutex> lock(mutex_);
     check(cudaSetDevice(device_), "cudaSetDevice");
+    LanePool::Lease lane = lanes_->take();
+    const cudaStream_t stream = lane->stream;
     const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim;
-    const ResidentKeys& entry = resident(req);
     // The tile's query rows (fp32, unscaled), its row statistics and exact output.
-    host_q_.resize(static_cast<std::size_t>(G * R * d));
-    host_sink_weight_.resize(static_cast<std::size_t>(G * R));
+    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
+    double* host_sink_weight = lane->host_sink_weight.reserve(static_cast<std::size_t>(G * R), "sink weights (pinned)");
     for (std::int64_t h = 0; h < G; ++h) {
       for (std::int64_t r = 0; r < R; ++r) {
         const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
-        std::copy(src, src + d, &host_q_[static_cast<std::size_t>((h * R + r) * d)]);
+        std::copy(src, src + d, host_q + (h * R + r) * d);
         const double lse_all = tile.lse_all[static_cast<std::size_t>(h * R + r)];
-        host_sink_weight_[static_cast<std::size_t>(h * R + r)] =
-            req.sink_logits ? std::exp(static_cast<double>(req.sink_logits[h]) - lse_all) : 0.0;
+        host_sink_weight[h * R + r] = req.sink_logits ? std::exp(static_cast<double>(req.sink_logits[h]) - lse_all) : 0.0;
       }
     }
+    const KeysInUse keys = resident(req, *lane);
     OutputWalkArgs args;
-    args.q = q_.upload(host_q_.data(), host_q_.size(), "query rows");
-    args.k = entry.k32.get();
-    args.v = entry.v.get();
-    args.lse_all = lse_all_.upload(tile.lse_all.data(), tile.lse_all.size(), "row log-sum-exps with sinks");
-    args.sink_weight = sink_weight_.upload(host_sink_weight_.data(), host_sink_weight_.size(), "sink weights");
-    args.exact = output_.upload(tile.output.data(), tile.output.size(), "exact outputs");
-    args.walks = walks_.upload(walks.walks.data(), walks.walks.size(), "output walks");
-    args.steps = steps_.upload(walks.steps.data(), walks.steps.size(), "output walk steps");
-    args.factors = walks.factors.empty() ? nullptr : factors_.upload(walks.factors.data(), walks.factors.size(), "walk factors");
+    args.q = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
+    args.k = keys.entry.k32.get();
+    args.v = keys.entry.v.get();
+    args.lse_all = upload(lane->lse_all, tile.lse_all.data(), tile.lse_all.size(), "row log-sum-exps with sinks", stream);
+    args.sink_weight = upload(lane->sink_weight, host_sink_weight, static_cast<std::size_t>(G * R), "sink weights", stream);
+    args.exact = upload(lane->output, tile.output.data(), tile.output.size(), "exact outputs", stream);
+    args.walks = upload(lane->walks, walks.walks.data(), walks.walks.size(), "output walks", stream);
+    args.steps = upload(lane->steps, walks.steps.data(), walks.steps.size(), "output walk steps", stream);
+    args.factors = walks.factors.empty() ? nullptr
+                                         : upload(lane->factors, walks.factors.data(), walks.factors.size(), "walk factors", stream);
     args.num_walks = static_cast<long long>(walks.walks.size());
     args.rows = static_cast<int>(R);
     args.head_dim = static_cast<int>(d);
     args.scale = req.scale;
-    args.errors = errors_.reserve(errors.size(), "output errors");
-    launch_output_walks(args, nullptr);
-    download(errors.data(), args.errors, errors.size(), "output walk kernel");
+    args.errors = lane->errors.reserve(errors.size(), "output errors");
+    launch_output_walks(args, stream);
+    const double* host_errors = download(lane->host_errors, args.errors, errors.size(), "output walk errors", stream);
+    lane->synchronize("output walk kernel");
+    copy_out(host_errors, errors);
   }
 
   void block_statistics(const StatsRequest& req, StatsTile& out) const override {
@@ -169,8 +329,9 @@ class CudaBackend final : public Backend {
       fail(ErrorKind::kUsage, "--device cuda supports up to {} tokens (capture has {})", std::numeric_limits<int>::max() / 2,
            req.seq_len);
     }
-    std::lock_guard<std::mutex> lock(mutex_);
     check(cudaSetDevice(device_), "cudaSetDevice");
+    LanePool::Lease lane = lanes_->take();
+    const cudaStream_t stream = lane->stream;
     size_tile(req, out);
     const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim;
     const bool exact = type_ == InputType::kFloat32;
@@ -182,144 +343,181 @@ class CudaBackend final : public Backend {
     const auto scale = static_cast<float>(req.scale);
     const float q_factor = exact ? scale : (scale < 0.0f ? -1.0f : 1.0f);
     const float score_scale = exact ? 1.0f : std::fabs(scale);
-    host_q_.resize(static_cast<std::size_t>(G * R * d));
+    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
     for (std::int64_t h = 0; h < G; ++h) {
       for (std::int64_t r = 0; r < R; ++r) {
         const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
-        float* dst = &host_q_[static_cast<std::size_t>((h * R + r) * d)];
+        float* dst = host_q + (h * R + r) * d;
         for (std::int64_t c = 0; c < d; ++c) dst[c] = src[c] * q_factor;
       }
     }
-    std::vector<long long> positions(req.rows, req.rows + R);
-    float* q32 = q_.upload(host_q_.data(), host_q_.size(), "query rows");
-    long long* pos = positions_.upload(positions.data(), positions.size(), "query positions");
+    long long* host_positions = lane->host_positions.reserve(static_cast<std::size_t>(R), "query positions (pinned)");
+    std::copy(req.rows, req.rows + R, host_positions);
+    float* q32 = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
+    long long* pos = upload(lane->positions, host_positions, static_cast<std::size_t>(R), "query positions", stream);
     const void* q = q32;
     if (!exact) {
-      void* rounded = q_rounded_.reserve(static_cast<std::size_t>(G * R * stride), "rounded query rows");
-      convert_rows(type_, q32, G * R, static_cast<int>(d), 1.0f, rounded, overflow_flag(), nullptr);
-      check_range("query", req);
+      void* rounded = lane->q_rounded.reserve(static_cast<std::size_t>(G * R * stride), "rounded query rows");
+      convert_rows(type_, q32, G * R, static_cast<int>(d), 1.0f, rounded, overflow_flag(type_, *lane), stream);
+      check_range(type_, *lane, "query", req);
       q = rounded;
     }
-    const ResidentKeys& entry = resident(req);
-    const void* k = exact ? static_cast<const void*>(entry.k32.get()) : static_cast<const void*>(entry.rounded.get());
+    const KeysInUse keys = resident(req, *lane);
+    const void* k = exact ? static_cast<const void*>(keys.entry.k32.get()) : static_cast<const void*>(keys.entry.rounded.get());
 
     const auto cells = static_cast<std::size_t>(G * R * out.num_blocks);
+    const auto rows = static_cast<std::size_t>(G * R);
     StatsPassArgs args;
     args.type = type_;
     args.q = q;
     args.k = k;
     args.positions = pos;
-    args.host_positions = positions.data();
+    args.host_positions = host_positions;
     args.heads = static_cast<int>(G);
     args.rows = static_cast<int>(R);
     args.head_dim = static_cast<int>(d);
     args.score_scale = score_scale;
     args.block = req.block_size;
     args.num_blocks = out.num_blocks;
-    args.sink_logits = req.sink_logits ? sinks_.upload(req.sink_logits, static_cast<std::size_t>(G), "sink logits") : nullptr;
-    args.block_max = block_max_.reserve(cells, "block maxima");
-    args.block_sum = block_sum_.reserve(cells, "block sums");
-    args.lse_tokens = lse_tokens_.reserve(static_cast<std::size_t>(G * R), "row log-sum-exps");
-    args.lse_all = lse_all_.reserve(static_cast<std::size_t>(G * R), "row log-sum-exps with sinks");
-    pass_->run(args, nullptr);
-    download(out.block_max.data(), args.block_max, cells, "block statistics");
-    download(out.block_sum.data(), args.block_sum, cells, "block sums");
-    download(out.lse_tokens.data(), args.lse_tokens, static_cast<std::size_t>(G * R), "row log-sum-exps");
-    download(out.lse_all.data(), args.lse_all, static_cast<std::size_t>(G * R), "row log-sum-exps with sinks");
-
+    args.sink_logits = req.sink_logits ? upload(lane->sinks, req.sink_logits, static_cast<std::size_t>(G), "sink logits", stream)
+                                       : nullptr;
+    args.block_max = lane->block_max.reserve(cells, "block maxima");
+    args.block_sum = lane->block_sum.reserve(cells, "block sums");
+    args.lse_tokens = lane->lse_tokens.reserve(rows, "row log-sum-exps");
+    args.lse_all = lane->lse_all.reserve(rows, "row log-sum-exps with sinks");
+    lane->pass.run(args, stream);
+    const float* block_max = download(lane->host_block_max, args.block_max, cells, "block statistics", stream);
+    const float* block_sum = download(lane->host_block_sum, args.block_sum, cells, "block sums", stream);
+    const double* lse_tokens = download(lane->host_lse_tokens, args.lse_tokens, rows, "row log-sum-exps", stream);
+    const double* lse_all = download(lane->host_lse_all, args.lse_all, rows, "row log-sum-exps with sinks", stream);
+    const float* output = nullptr;
     if (req.v) {
-      float* output = output_.reserve(out.output.size(), "outputs");
-      const OutputSegments split = output_segments(args.heads, args.rows, args.head_dim, positions.back() + 1);
-      float* workspace = split.workspace_floats ? output_partials_.reserve(split.workspace_floats, "partial outputs") : nullptr;
-      launch_output_pass(type_, q, k, entry.v.get(), pos, args.lse_all, args.heads, args.rows, args.head_dim, score_scale, split,
-                         output, workspace, nullptr);
-      download(out.output.data(), output, out.output.size(), "output kernel");
+      float* device_output = lane->output.reserve(out.output.size(), "outputs");
+      const OutputSegments split = output_segments(args.heads, args.rows, args.head_dim, host_positions[R - 1] + 1);
+      float* workspace = split.workspace_floats ? lane->output_partials.reserve(split.workspace_floats, "partial outputs") : nullptr;
+      launch_output_pass(type_, q, k, keys.entry.v.get(), pos, args.lse_all, args.heads, args.rows, args.head_dim, score_scale,
+                         split, device_output, workspace, stream);
+      output = download(lane->host_output, device_output, out.output.size(), "outputs", stream);
     }
+    lane->synchronize("statistics pass");
+    copy_out(block_max, out.block_max);
+    copy_out(block_sum, out.block_sum);
+    copy_out(lse_tokens, out.lse_tokens);
+    copy_out(lse_all, out.lse_all);
+    if (output) copy_out(output, out.output);
   }
 
  private:
-  struct ResidentKeys;
-  // Keys (and values) of the layer's KV heads stay on the device while the layer runs, so tiles
-  // of different heads can come in any order (one layer's K/V at most; buffers are reused by the
-  // next layer). fp32 keys are always kept (the output walks read them); bf16/fp16 runs keep the
-  // rounded keys for the tensor cores beside them. Call with the mutex held.
-  const ResidentKeys& resident(const StatsRequest& req) const {
-    const std::int64_t d = req.head_dim, keys = req.rows[req.num_rows - 1] + 1;
-    ResidentKeys& entry = resident_[req.kv_head];
-    const bool cached = req.tensors_id != 0 && req.kv_head >= 0 && entry.tensors_id == req.tensors_id &&
-                        entry.k_host == req.k && keys <= entry.keys && (req.v == nullptr || req.v == entry.v_host);
-    if (cached) return entry;
-    entry.tensors_id = 0;  // nothing is cached until the uploads below have succeeded
-    float* k32 = entry.k32.upload(req.k, static_cast<std::size_t>(req.seq_len * d), "keys");
+  // Keys (and values) of a layer's KV heads stay on the device while the layer runs, so tiles of
+  // different heads can come in any order. Each KV head has two generations: the layer that runs and
+  // the next one, copied while it runs (prepare_keys); a new layer replaces the older generation, so
+  // the device holds two layers' keys at most. fp32 keys are always kept (the output walks read
+  // them); bf16/fp16 runs keep the rounded keys for the tensor cores beside them.
+  struct HeadKeys {
+    ResidentKeys generation[2];
+    std::mutex replacing;  // one replacement per KV head at a time
+  };
+  // A KV head's resident keys, held shared until the request's lane has finished with them.
+  struct KeysInUse {
+    const ResidentKeys& entry;
+    std::shared_lock<std::shared_mutex> lock;
+  };
+  enum class Need { kNow, kSoon };  // a request, or prepare_keys (which never frees keys to make room)
+
+  HeadKeys& head_keys(std::int64_t kv_head) const {
+    std::lock_guard<std::mutex> lock(resident_mutex_);
+    std::unique_ptr<HeadKeys>& slot = resident_[kv_head];
+    if (!slot) slot = std::make_unique<HeadKeys>();
+    return *slot;
+  }
+
+  // The generation of req's KV head that holds its keys, uploaded first when none does.
+  KeysInUse resident(const StatsRequest& req, Lane& lane, Need need = Need::kNow) const {
+    if (req.kv_head < 0 || req.tensors_id == 0) {
+      std::unique_lock<std::shared_mutex> exclusive(lane.own_keys.in_use);
+      replace(req, lane, lane.own_keys);
+      exclusive.unlock();
+      return KeysInUse{lane.own_keys, std::shared_lock<std::shared_mutex>(lane.own_keys.in_use)};
+    }
+    HeadKeys& head = head_keys(req.kv_head);
+    for (;;) {
+      for (ResidentKeys& entry : head.generation) {
+        std::shared_lock<std::shared_mutex> shared(entry.in_use);
+        if (entry.holds(req)) return KeysInUse{entry, std::move(shared)};
+      }
+      std::lock_guard<std::mutex> replacing(head.replacing);
+      std::uint64_t ids[2];
+      bool held = false;
+      for (int g = 0; g < 2; ++g) {
+        std::shared_lock<std::shared_mutex> shared(head.generation[g].in_use);
+        ids[g] = head.generation[g].tensors_id;
+        held = held || head.generation[g].holds(req);
+      }
+      if (held) continue;  // uploaded by another request meanwhile
+      ResidentKeys& older = head.generation[ids[0] <= ids[1] ? 0 : 1];
+      ResidentKeys& newer = head.generation[ids[0] <= ids[1] ? 1 : 0];
+      std::unique_lock<std::shared_mutex> exclusive(older.in_use);
+      try {
+        replace(req, lane, older);
+      } catch (const Error& e) {
+        // Two layers' keys may not fit where one does: a request frees the other generation (a layer
+        // no request reads now) and tries once more; prepare_keys gives up.
+        std::unique_lock<std::shared_mutex> other(newer.in_use, std::try_to_lock);
+        if (e.kind() != ErrorKind::kResource || need == Need::kSoon || !other.owns_lock()) throw;
+        newer.clear();
+        older.clear();
+        replace(req, lane, older);
+      }
+      // Released and taken again shared at the top of the loop.
+    }
+  }
+
+  // Uploads one KV head's keys (and values) into `entry`; call with its lock held exclusively.
+  // Synchronous on the lane, so every lane can read them as soon as the lock is released.
+  void replace(const StatsRequest& req, Lane& lane, ResidentKeys& entry) const {
+    const std::int64_t d = req.head_dim;
+    entry.tensors_id = 0;  // nothing is held until the uploads below have succeeded
+    float* k32 = upload(entry.k32, req.k, static_cast<std::size_t>(req.seq_len * d), "keys", lane.stream);
     if (type_ != InputType::kFloat32) {
       // Zero key rows up to a whole key tile: the tensor-core kernel loads tiles unguarded.
       const int stride = input_stride(type_, static_cast<int>(d));
       const std::int64_t padded = (req.seq_len + kTensorCoreKeyTile - 1) / kTensorCoreKeyTile * kTensorCoreKeyTile;
       auto* rounded = entry.rounded.reserve(static_cast<std::size_t>(padded * stride), "rounded keys");
-      check(cudaMemset(rounded + req.seq_len * stride, 0, static_cast<std::size_t>((padded - req.seq_len) * stride) * 2),
+      check(cudaMemsetAsync(rounded + req.seq_len * stride, 0, static_cast<std::size_t>((padded - req.seq_len) * stride) * 2,
+                            lane.stream),
             "key padding");
-      convert_rows(type_, k32, req.seq_len, static_cast<int>(d), 1.0f, rounded, overflow_flag(), nullptr);
-      check_range("key", req);
+      convert_rows(type_, k32, req.seq_len, static_cast<int>(d), 1.0f, rounded, overflow_flag(type_, lane), lane.stream);
+      check_range(type_, lane, "key", req);
     }
-    if (req.v) entry.v.upload(req.v, static_cast<std::size_t>(req.seq_len * d), "values");
+    if (req.v) upload(entry.v, req.v, static_cast<std::size_t>(req.seq_len * d), "values", lane.stream);
+    lane.synchronize("key upload");
     entry.tensors_id = req.tensors_id;
     entry.k_host = req.k;
     entry.v_host = req.v;
     entry.keys = req.seq_len;
-    return entry;
   }
 
-  template <typename T>
-  static void download(T* host, const T* device, std::size_t count, const char* what) {
-    check(cudaMemcpy(host, device, count * sizeof(T), cudaMemcpyDeviceToHost), what);
+ public:
+  void prepare_keys(const StatsRequest& req) const override {
+    if (req.num_rows <= 0 || req.attn || req.head_dim > kMaxHeadDim || req.kv_head < 0 || req.tensors_id == 0) return;
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    // Only with room to spare: the lanes' buffers grow with the tiles of the layer that runs.
+    std::size_t free_bytes = 0, total_bytes = 0;
+    check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+    const std::size_t bytes = static_cast<std::size_t>(req.seq_len * req.head_dim) * ((req.v ? 8 : 4) + (type_ == InputType::kFloat32 ? 0 : 2));
+    if (bytes + total_bytes / kPrepareHeadroomFraction > free_bytes) return;
+    LanePool::Lease lane = lanes_->take();
+    resident(req, *lane, Need::kSoon);
   }
 
-  int* overflow_flag() const {
-    if (type_ != InputType::kFloat16) return nullptr;
-    int* flag = overflow_.reserve(1, "overflow flag");
-    check(cudaMemset(flag, 0, sizeof(int)), "overflow flag");
-    return flag;
-  }
-
-  // fp16 holds magnitudes up to 65504: a larger finite input would become infinite.
-  void check_range(const char* what, const StatsRequest& req) const {
-    if (type_ != InputType::kFloat16) return;
-    int overflow = 0;
-    check(cudaMemcpy(&overflow, overflow_.get(), sizeof(int), cudaMemcpyDeviceToHost), "input conversion");
-    if (overflow) {
-      fail(ErrorKind::kUsage,
-           "--precision fp16: a {} value of layer {}, KV head {} exceeds the fp16 range (|x| > 65504); use --precision "
-           "bf16 or fp32",
-           what, req.layer, req.kv_head);
-    }
-  }
-
+ private:
   int device_;
   Precision precision_;
   InputType type_;
   std::string description_;
-  mutable std::mutex mutex_;
-  mutable std::unique_ptr<StatsPass> pass_;
-  mutable std::vector<float> host_q_;
-  // One KV head's keys (fp32, or rounded for the tensor cores) and values on the device, and which
-  // host arrays they came from.
-  struct ResidentKeys {
-    DeviceArray<float> k32, v;
-    DeviceArray<unsigned short> rounded;
-    std::uint64_t tensors_id = 0;
-    std::int64_t keys = 0;
-    const float* k_host = nullptr;
-    const float* v_host = nullptr;
-  };
-  mutable std::vector<double> host_sink_weight_;
-  mutable DeviceArray<float> q_, sinks_, block_max_, block_sum_, output_, output_partials_;
-  mutable DeviceArray<double> lse_tokens_, lse_all_, sink_weight_, factors_, errors_;
-  mutable DeviceArray<OutputWalk> walks_;
-  mutable DeviceArray<OutputStep> steps_;
-  mutable DeviceArray<unsigned short> q_rounded_;
-  mutable DeviceArray<int> overflow_;
-  mutable DeviceArray<long long> positions_;
-  mutable std::map<std::int64_t, ResidentKeys> resident_;  // by KV head
+  std::unique_ptr<LanePool> lanes_;
+  mutable std::mutex resident_mutex_;  // guards the map; each entry has its own lock
+  mutable std::map<std::int64_t, std::unique_ptr<HeadKeys>> resident_;  // by KV head
 };
 
 }  // namespace

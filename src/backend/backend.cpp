@@ -132,6 +132,7 @@ class MultiDeviceBackend final : public Backend {
                      std::vector<double>& errors) const override {
     device_of(request).output_errors(request, tile, walks, errors);
   }
+  void prepare_keys(const StatsRequest& request) const override { device_of(request).prepare_keys(request); }
 
  private:
   const Backend& device_of(const StatsRequest& request) const {

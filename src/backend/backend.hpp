@@ -96,6 +96,11 @@ class Backend {
   // precision (like every key the host computes one by one). Thread-safe.
   virtual void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
                              std::vector<double>& errors) const = 0;
+  // A hint that requests for `request`'s layer and KV head (k, v when given, tensors_id, rows: the rows
+  // that will be asked for; q unused) come soon: a device backend copies the keys while other work runs.
+  // Thread-safe. Results never depend on it; it throws Error(kResource) when the copy does not fit beside
+  // what the device holds, and the copy is then made when a request needs it.
+  virtual void prepare_keys(const StatsRequest& request) const { (void)request; }
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -373,6 +373,12 @@ double mean_of(const double* values, std::int64_t n) {
 
 }  // namespace
 
+// Names a layer's tensors for the backend's key cache: never reused in this process (addresses are).
+std::uint64_t next_tensors_id() {
+  static std::atomic<std::uint64_t> last{0};
+  return ++last;
+}
+
 std::mutex& capture_io_mutex() {
   static std::mutex mutex;
   return mutex;
@@ -582,8 +588,10 @@ struct ReplayRun::Impl {
   void fill_model(ReplayResult& target) const;
   // The layer's tensors: read while the previous layer ran when it was prefetched, else now.
   const LayerTensors& take_layer(std::int64_t layer, bool with_v);
-  // Starts reading `layer` on a thread of its own (when it exists and two layers fit in memory).
+  // Starts reading `layer` on a thread of its own (when it exists and two layers fit in memory),
+  // then has the backend copy its keys to the device (Backend::prepare_keys).
   void start_prefetch(std::int64_t layer);
+  void prepare_keys(std::int64_t layer, const LayerTensors& tensors, std::uint64_t tensors_id) const;
   bool wants_output(std::int64_t layer) const;
 
   std::string capture_path;
@@ -617,6 +625,8 @@ struct ReplayRun::Impl {
   // Layer l is read into layer_buffers[l % 2]; the next layer is read into the other buffer while
   // a layer runs.
   LayerTensors layer_buffers[2];
+  // What each buffer holds, named for the backend (StatsRequest::tensors_id): a new id per read.
+  std::uint64_t layer_ids[2] = {0, 0};
   std::future<void> prefetch;
   std::int64_t prefetch_layer = -1;
 };
@@ -642,9 +652,35 @@ const LayerTensors& ReplayRun::Impl::take_layer(std::int64_t layer, bool with_v)
   // Read now, with the previous layer's buffer given back first: one layer in memory, as when the
   // next-layer read is skipped for lack of room.
   layer_buffers[static_cast<std::size_t>((layer + 1) % 2)] = LayerTensors();
+  layer_ids[static_cast<std::size_t>(layer % 2)] = next_tensors_id();
   std::lock_guard<std::mutex> lock(capture_io_mutex());
   reader->read_layer_into(layer, with_v, buffer);
   return buffer;
+}
+
+void ReplayRun::Impl::prepare_keys(std::int64_t layer, const LayerTensors& tensors, std::uint64_t tensors_id) const {
+  if (!reader->layer(layer).has_qk() || rows.empty()) return;
+  for (std::int64_t g = 0; g < Hkv; ++g) {
+    StatsRequest request;
+    request.heads = G;
+    request.seq_len = header.seq_len;
+    request.head_dim = header.head_dim;
+    request.rows = rows.data();
+    request.num_rows = R;
+    request.block_size = base_block;
+    request.layer = layer;
+    request.kv_head = g;
+    request.tensors_id = tensors_id;
+    request.k = tensors.k.data() + g * header.seq_len * header.head_dim;
+    if (!tensors.v.empty()) request.v = tensors.v.data() + g * header.seq_len * header.head_dim;
+    try {
+      backend.prepare_keys(request);
+    } catch (const Error&) {
+      // A hint only: keys that could not be copied now are copied by the first request that needs them,
+      // which reports any error.
+      return;
+    }
+  }
 }
 
 void ReplayRun::Impl::start_prefetch(std::int64_t layer) {
@@ -658,11 +694,16 @@ void ReplayRun::Impl::start_prefetch(std::int64_t layer) {
   // A new thread starts with the default OpenMP team size: give it the replay's (--threads, a sweep
   // worker's share).
   const int threads = omp_get_max_threads();
+  const std::uint64_t tensors_id = next_tensors_id();
+  layer_ids[static_cast<std::size_t>(layer % 2)] = tensors_id;
   try {
-    prefetch = std::async(std::launch::async, [this, layer, with_v, threads, &buffer] {
+    prefetch = std::async(std::launch::async, [this, layer, with_v, threads, tensors_id, &buffer] {
       omp_set_num_threads(threads);
-      std::lock_guard<std::mutex> lock(capture_io_mutex());
-      reader->read_layer_into(layer, with_v, buffer);
+      {
+        std::lock_guard<std::mutex> lock(capture_io_mutex());
+        reader->read_layer_into(layer, with_v, buffer);
+      }
+      prepare_keys(layer, buffer, tensors_id);
     });
     prefetch_layer = layer;
   } catch (const std::system_error&) {
@@ -871,8 +912,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   const LayerInfo& info = reader->layer(layer);
   const bool want_output = wants_output(layer);
   const LayerTensors& tensors = take_layer(layer, want_output);
-  static std::atomic<std::uint64_t> tensors_read{0};
-  const std::uint64_t tensors_id = ++tensors_read;
+  const std::uint64_t tensors_id = layer_ids[static_cast<std::size_t>(layer % 2)];
   // The next layer is read from the file while this one is computed.
   start_prefetch(layer + 1);
   if (!info.has_qk()) {

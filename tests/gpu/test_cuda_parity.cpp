@@ -16,10 +16,13 @@
 //   exp(+-2 delta_row): the test holds every mass to expm1(2 delta_row) relative (plus the fp32
 //   tolerance) and prints the largest errors seen, which are far below that worst case.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -192,6 +195,11 @@ Deviation compare_tiles(const StatsTile& cpu, const StatsTile& gpu, MassBound ma
   return worst;
 }
 
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
 Deviation compare_exact(const StatsTile& cpu, const StatsTile& gpu) {
   return compare_tiles(
       cpu, gpu, [](std::int64_t, std::int64_t) { return kGpuMassTolerance; },
@@ -316,6 +324,105 @@ TEST_CASE("CUDA resident keys follow the request's tensors, whatever the order o
           gpu->block_statistics(req, b);
           compare_exact(a, b);  // inputs exact in the precision: the fp32 tolerances hold
         }
+      }
+    }
+  }
+}
+
+// The backend serves the engine's threads at once, each request on a lane (stream) of its own, and
+// copies the next layer's keys while a layer runs (prepare_keys). Neither may change a number: tiles
+// and output-error walks of requests made by 8 threads at once, over 3 layers (each layer's keys
+// prepared during the previous one, so both generations of every KV head are in play), then layer 0
+// again (its keys replaced since), equal those of one request at a time on a fresh backend, bit for bit.
+TEST_CASE("Concurrent CUDA requests and prepared keys give the numbers of one request at a time", "[cuda]") {
+  constexpr std::int64_t kLayers = 3, kKvHeads = 4, kT = 1500, kTileRows = 250;
+  constexpr int kThreads = 8;
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    CAPTURE(to_string(precision));
+    const Capture c = gaussian_capture(kLayers, 8, kKvHeads, 64, kT, true, false, test::seed() + 23, precision);
+    const std::vector<std::int64_t> all = query_rows("all", kT, test::seed());
+    const std::int64_t tiles = (kT + kTileRows - 1) / kTileRows;
+    std::vector<std::vector<std::int64_t>> tile_rows;
+    for (std::int64_t i = 0; i < tiles; ++i) {
+      tile_rows.emplace_back(all.begin() + i * kTileRows, all.begin() + std::min(kT, (i + 1) * kTileRows));
+    }
+    auto request = [&](std::int64_t layer, std::int64_t group, std::int64_t tile) {
+      const std::int64_t G = 2, d = 64;
+      StatsRequest req = group_request(c, group, tile_rows[static_cast<std::size_t>(tile)], 64, true);
+      const LayerTensors& t = c.layers[static_cast<std::size_t>(layer)];
+      req.q = t.q.data() + group * G * kT * d;
+      req.k = t.k.data() + group * kT * d;
+      req.v = t.v.data() + group * kT * d;
+      req.sink_logits = t.sink_logits.data() + group * G;
+      req.layer = layer;
+      req.kv_head = group;
+      req.tensors_id = static_cast<std::uint64_t>(layer + 1);
+      return req;
+    };
+    struct Result {
+      StatsTile tile;
+      std::vector<double> errors;
+    };
+    auto compute = [&](const Backend& backend, std::int64_t layer, std::int64_t group, std::int64_t tile, Result& out) {
+      const StatsRequest req = request(layer, group, tile);
+      backend.block_statistics(req, out.tile);
+      const OutputWalks walks = reference::random_output_walks(req, test::seed() + static_cast<std::uint64_t>(tile), true);
+      backend.output_errors(req, out.tile, walks, out.errors);
+    };
+    const std::vector<std::int64_t> order = {0, 1, 2, 0};
+    const std::int64_t items = kKvHeads * tiles;
+    // One request at a time.
+    std::vector<Result> expected(static_cast<std::size_t>(kLayers * items));
+    {
+      const auto gpu = make_backend("cuda", precision);
+      for (std::int64_t layer = 0; layer < kLayers; ++layer) {
+        for (std::int64_t item = 0; item < items; ++item) {
+          compute(*gpu, layer, item / tiles, item % tiles, expected[static_cast<std::size_t>(layer * items + item)]);
+        }
+      }
+    }
+    // Threads at once, the next layer's keys prepared meanwhile.
+    const auto gpu = make_backend("cuda", precision);
+    for (std::size_t step = 0; step < order.size(); ++step) {
+      const std::int64_t layer = order[step];
+      std::vector<Result> got(static_cast<std::size_t>(items));
+      std::atomic<std::int64_t> next{0};
+      std::atomic<int> failures{0};
+      std::vector<std::thread> pool;
+      for (int i = 0; i < kThreads; ++i) {
+        pool.emplace_back([&] {
+          try {
+            for (std::int64_t item = next++; item < items; item = next++) {
+              compute(*gpu, layer, item / tiles, item % tiles, got[static_cast<std::size_t>(item)]);
+            }
+          } catch (const std::exception& e) {
+            std::printf("  request failed: %s\n", e.what());
+            ++failures;
+          }
+        });
+      }
+      if (step + 1 < order.size()) {
+        pool.emplace_back([&] {
+          for (std::int64_t group = 0; group < kKvHeads; ++group) {
+            StatsRequest req = request(order[step + 1], group, tiles - 1);
+            req.rows = all.data();
+            req.num_rows = kT;
+            gpu->prepare_keys(req);
+          }
+        });
+      }
+      for (auto& thread : pool) thread.join();
+      REQUIRE(failures == 0);
+      for (std::int64_t item = 0; item < items; ++item) {
+        CAPTURE(step, layer, item);
+        const Result& a = expected[static_cast<std::size_t>(layer * items + item)];
+        const Result& b = got[static_cast<std::size_t>(item)];
+        CHECK(same_bits(a.tile.block_max, b.tile.block_max));
+        CHECK(same_bits(a.tile.block_sum, b.tile.block_sum));
+        CHECK(same_bits(a.tile.lse_tokens, b.tile.lse_tokens));
+        CHECK(same_bits(a.tile.lse_all, b.tile.lse_all));
+        CHECK(same_bits(a.tile.output, b.tile.output));
+        CHECK(same_bits(a.errors, b.errors));  // NaN where an exact output is zero: compared as bits
       }
     }
   }
