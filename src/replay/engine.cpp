@@ -947,9 +947,16 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   if (reuse_enabled) reuse_item_sums.assign(static_cast<std::size_t>(Hkv * tiles * L), 0.0);
 
   std::exception_ptr failure;
+  // Where the layer's thread time goes (progress lines): the backend's statistics and output-error
+  // calls, and everything else a work item does (views, selections, metrics), in nanoseconds.
+  std::atomic<std::int64_t> statistics_ns{0}, output_error_ns{0}, item_ns{0};
+  auto nanoseconds_since = [](std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+  };
 #pragma omp parallel for schedule(dynamic, 1)
   for (std::int64_t item = 0; item < Hkv * tiles; ++item) {
     if (failure || interrupted()) continue;  // a signal stops the layer at the next tile
+    const auto item_started = std::chrono::steady_clock::now();
     try {
       Workspace& ws = workspaces[static_cast<std::size_t>(omp_get_thread_num())];
       const std::int64_t g = item / tiles, tile_index = item % tiles;
@@ -975,7 +982,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         if (want_output) request.v = tensors.v.data() + g * header.seq_len * header.head_dim;
       }
       if (!tensors.sink_logits.empty()) request.sink_logits = tensors.sink_logits.data() + g * G;
+      const auto statistics_started = std::chrono::steady_clock::now();
       backend.block_statistics(request, ws.tile);
+      statistics_ns += nanoseconds_since(statistics_started);
 
       ws.views.resize(block_sizes.size());
       for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
@@ -1059,7 +1068,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       ws.error_targets.clear();
       auto flush_walks = [&]() {
         if (ws.error_targets.empty()) return;
+        const auto walks_started = std::chrono::steady_clock::now();
         backend.output_errors(request, ws.tile, ws.walks, ws.errors);
+        output_error_ns += nanoseconds_since(walks_started);
         for (std::size_t i = 0; i < ws.error_targets.size(); ++i) *ws.error_targets[i] = ws.errors[i];
         ws.walks.clear();
         ws.error_targets.clear();
@@ -1283,6 +1294,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
 #pragma omp critical(hysparse_replay_failure)
       if (!failure) failure = std::current_exception();
     }
+    item_ns += nanoseconds_since(item_started);
   }
   if (failure) std::rethrow_exception(failure);
   check_interrupted();
@@ -1373,8 +1385,14 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   result.score_elements += layer_elements;
   if (progress) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
-    fmt::print(stderr, "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s)\n", layer + 1, L, seconds,
-               seconds > 0 ? static_cast<double>(layer_elements) / seconds : 0.0);
+    const double statistics = 1e-9 * static_cast<double>(statistics_ns.load());
+    const double output_error = 1e-9 * static_cast<double>(output_error_ns.load());
+    const double host = 1e-9 * static_cast<double>(item_ns.load()) - statistics - output_error;
+    fmt::print(stderr,
+               "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s; thread-seconds over {} threads: statistics {:.2f}, "
+               "output error {:.2f}, selections and metrics {:.2f})\n",
+               layer + 1, L, seconds, seconds > 0 ? static_cast<double>(layer_elements) / seconds : 0.0,
+               omp_get_max_threads(), statistics, output_error, host);
   }
   result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
   next_layer = layer + 1;
