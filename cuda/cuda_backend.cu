@@ -33,8 +33,8 @@ namespace {
 constexpr int kMaxHeadDim = 256;
 // Lanes per device. Two already overlap one tile's copies with another's kernels; four cover the
 // engine's threads finishing tiles at once. Each lane keeps buffers as large as the largest tile it
-// ran (a 4,096-row tile of four heads at 128K keys: 256 MiB of block statistics, on the device and
-// pinned on the host), so more lanes would cost memory for little.
+// ran (the engine caps a tile at 4M cells: 32 MiB of block statistics, on the device and pinned on
+// the host), so more lanes would cost memory for little.
 constexpr std::size_t kLanesPerDevice = 4;
 // prepare_keys copies the next layer's keys only while this fraction of the device's memory stays
 // free beside them.
