@@ -226,11 +226,15 @@ struct SelectorPlan {
 // selectors that compare with them (the prefix of a longer ranking is the shorter one).
 struct SharedRanking {
   std::int64_t rows = 0, stride = 0;
+  // Ranked beyond what is asked, so that a later, slightly longer request is served as well (the
+  // residual rankings ask for as many more blocks as their forced keys touch).
+  std::int64_t slack = 0;
   std::vector<std::int32_t> order;   // [heads][rows][stride]
   std::vector<std::int64_t> length;  // [heads][rows]: ranked so far (-1: not yet)
-  void reset(std::int64_t heads, std::int64_t rows_, std::int64_t num_blocks) {
+  void reset(std::int64_t heads, std::int64_t rows_, std::int64_t num_blocks, std::int64_t slack_ = 0) {
     rows = rows_;
     stride = num_blocks;
+    slack = slack_;
     order.resize(static_cast<std::size_t>(heads * rows * stride));
     length.assign(static_cast<std::size_t>(heads * rows), -1);
   }
@@ -243,8 +247,9 @@ struct SharedRanking {
     if (length[cell] < longest) {
       scratch.resize(static_cast<std::size_t>(causal));
       for (std::int64_t b = 0; b < causal; ++b) scratch[static_cast<std::size_t>(b)] = score(b);
-      rank_top(scratch.data(), causal, longest, out);
-      length[cell] = longest;
+      const std::int64_t ranked = std::min(causal, longest + slack);
+      rank_top(scratch.data(), causal, ranked, out);
+      length[cell] = ranked;
     }
     return out;
   }
@@ -262,13 +267,50 @@ struct Workspace {
   std::vector<std::vector<Rankings>> rankings;   // per selector: one, or one per budget (kPerBudget)
   std::vector<std::int32_t> stamp;
   std::vector<double> scores;
-  std::vector<SharedRanking> oracle_rankings;  // per fixed forced config: by residual mass
-  // The ranking by residual mass of config c: a config without forced keys has residual == mass,
-  // so its oracle ranking is the view's ranking by mass (ranked once for both).
-  SharedRanking& by_residual(const ForcedConfig& config, std::size_t c) {
-    return config.sinks == 0 && config.window == 0 ? mass_rankings[static_cast<std::size_t>(config.view)] : oracle_rankings[c];
-  }
+  std::vector<SharedRanking> oracle_rankings;  // per fixed forced config with forced keys: by residual mass
   std::vector<SharedRanking> mass_rankings;    // per view: by mass
+  std::vector<std::pair<double, std::int64_t>> touched;  // scratch of top_by_residual
+  // The first `longest` blocks of (h, r) of `view` (config c's) by config c's residual mass. Its
+  // forced keys touch the few blocks of `forced.residual`; every other block's residual is its mass.
+  // So the ranking is the ranking by mass without the touched blocks (ranked once, shared), merged
+  // with the touched blocks ranked by residual: rank_top's order, with no sort of the row.
+  const std::int32_t* top_by_residual(const ForcedConfig& config, std::size_t c, const BlockView& view, std::int64_t h,
+                                      std::int64_t r, std::int64_t longest, const ForcedSummary& forced) {
+    const std::int64_t causal = view.causal_blocks(r);
+    auto mass = [&](std::int64_t b) { return view.mass[view.at(h, r, b)]; };
+    SharedRanking& by_mass = mass_rankings[static_cast<std::size_t>(config.view)];
+    if (config.sinks == 0 && config.window == 0) return by_mass.top(h, r, causal, longest, mass, scores);
+    SharedRanking& ranking = oracle_rankings[c];
+    const auto cell = static_cast<std::size_t>(h * ranking.rows + r);
+    std::int32_t* out = &ranking.order[cell * static_cast<std::size_t>(ranking.stride)];
+    if (ranking.length[cell] >= longest) return out;
+    touched.clear();
+    for (const auto& [b, residual] : forced.residual) touched.emplace_back(residual, b);
+    // Higher score first, ties to the lower block (rank_top's rule).
+    auto better = [](double score_a, std::int64_t a, double score_b, std::int64_t b) {
+      return score_a > score_b || (score_a == score_b && a < b);
+    };
+    std::sort(touched.begin(), touched.end(), [&](const auto& x, const auto& y) { return better(x.first, x.second, y.first, y.second); });
+    const std::int64_t base_length = std::min(causal, longest + static_cast<std::int64_t>(touched.size()));
+    const std::int32_t* base = by_mass.top(h, r, causal, base_length, mass, scores);
+    auto is_touched = [&](std::int64_t b) {
+      for (const auto& entry : touched) {
+        if (entry.second == b) return true;
+      }
+      return false;
+    };
+    std::int64_t i = 0, n = 0;
+    std::size_t j = 0;
+    while (n < longest) {
+      while (i < base_length && is_touched(base[i])) ++i;
+      const bool from_base =
+          i < base_length && (j == touched.size() || better(mass(base[i]), base[i], touched[j].first, touched[j].second));
+      if (!from_base && j == touched.size()) break;  // cannot happen: the two lists hold every causal block
+      out[n++] = static_cast<std::int32_t>(from_base ? base[i++] : touched[j++].second);
+    }
+    ranking.length[cell] = longest;
+    return out;
+  }
   std::vector<std::int32_t> reuse_ranking;
   // The tile's output-error walks, evaluated by the backend after its metrics: the error of
   // checkpoint i goes to *error_targets[i].
@@ -608,6 +650,7 @@ struct ReplayRun::Impl {
   bool reuse_enabled = false;
   std::vector<std::int64_t> block_sizes;  // every selector's, and the reuse matrix's; statistics at their gcd
   std::vector<ForcedConfig> configs;
+  std::vector<std::int64_t> touched_blocks;  // per view: see setup()
   std::vector<SelectorPlan> plans;
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
   std::int64_t walk_steps_per_flush = kWalkStepsPerFlush;
@@ -857,6 +900,16 @@ void ReplayRun::Impl::setup() {
   reuse_store.assign(static_cast<std::size_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 1)), 0);
   reuse_length.assign(static_cast<std::size_t>(L * Hkv * R), 0);
 
+  // Blocks a configuration's forced keys can touch per row ([0, sinks) and a window starting anywhere),
+  // the most over each view's configurations: how much longer its ranking by mass is made.
+  touched_blocks.assign(block_sizes.size(), 0);
+  for (const ForcedConfig& config : configs) {
+    if (config.sinks == 0 && config.window == 0) continue;
+    const std::int64_t B = block_sizes[static_cast<std::size_t>(config.view)];
+    std::int64_t& most = touched_blocks[static_cast<std::size_t>(config.view)];
+    most = std::max(most, (config.sinks + B - 1) / B + (config.window + B - 1) / B + 1);
+  }
+
   // Tiles of consecutive query rows; fewer rows when blocks are many (small blocks, long rows).
   const std::int64_t base_blocks_max = rows.empty() ? 1 : rows.back() / base_block + 1;
   const std::int64_t wanted_rows = options.tile_rows > 0 ? options.tile_rows : backend.preferred_tile_rows();
@@ -1015,7 +1068,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         ws.oracle_rankings[c].reset(G, nr, view.num_blocks);
       }
       ws.mass_rankings.resize(ws.views.size());
-      for (std::size_t v = 0; v < ws.views.size(); ++v) ws.mass_rankings[v].reset(G, nr, ws.views[v].num_blocks);
+      for (std::size_t v = 0; v < ws.views.size(); ++v) {
+        ws.mass_rankings[v].reset(G, nr, ws.views[v].num_blocks, touched_blocks[v]);
+      }
 
       // Rankings from every selector (eviction selectors: one per budget).
       ws.rankings.resize(static_cast<std::size_t>(S));
@@ -1038,11 +1093,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         context.view = &view;
         context.ranking_length = length.data();
         context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-        context.top_by_residual = [this, &ws, &view, &plan](std::int64_t h, std::int64_t r, std::int64_t count) {
-          const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
+        context.top_by_residual = [this, &ws, &view, &plan, &summaries, nr](std::int64_t h, std::int64_t r, std::int64_t count) {
           const auto c = static_cast<std::size_t>(plan.reference_config);
-          return ws.by_residual(configs[c], c).top(
-              h, r, view.causal_blocks(r), count, [&](std::int64_t b) { return residual[view.at(h, r, b)]; }, ws.scores);
+          return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
         };
         context.layer_context = &layer_context;
         std::vector<Rankings>& out = ws.rankings[static_cast<std::size_t>(s)];
@@ -1123,8 +1176,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             longest = std::min(longest, causal);
             const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
             const auto reference = static_cast<std::size_t>(plan.reference_config);
-            const std::int32_t* oracle_order = ws.by_residual(configs[reference], reference).top(
-                h, r, causal, longest, [&](std::int64_t b) { return residual[view.at(h, r, b)]; }, ws.scores);
+            const std::int32_t* oracle_order = ws.top_by_residual(configs[reference], reference, view, h, r, longest, fixed);
             const std::int32_t* pure_order = ws.mass_rankings[static_cast<std::size_t>(plan.view_index)].top(
                 h, r, causal, longest, [&](std::int64_t b) { return view.mass[view.at(h, r, b)]; }, ws.scores);
 
