@@ -263,7 +263,10 @@ struct ForcedConfig {
 struct Workspace {
   StatsTile tile;
   std::vector<BlockView> views;
-  std::vector<std::vector<double>> residual_mass;  // per fixed forced config: [heads][rows][num_blocks]
+  // Per fixed forced config, [heads][rows][num_blocks]: the residual mass of every block. A config
+  // without forced keys reads its view's mass; the others patch a copy of it (residual_storage).
+  std::vector<const std::vector<double>*> residual_mass;
+  std::vector<std::vector<double>> residual_storage;
   std::vector<std::vector<Rankings>> rankings;   // per selector: one, or one per budget (kPerBudget)
   std::vector<std::int32_t> stamp;
   std::vector<double> scores;
@@ -1046,9 +1049,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       // (its mass outside the forced keys: what selecting it adds).
       std::vector<std::vector<ForcedSummary>> summaries(configs.size());
       ws.residual_mass.resize(configs.size());
+      ws.residual_storage.resize(configs.size());
       for (std::size_t c = 0; c < configs.size(); ++c) {
         const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
-        ws.residual_mass[c] = view.mass;
+        const bool forced = configs[c].sinks != 0 || configs[c].window != 0;
+        if (forced) ws.residual_storage[c] = view.mass;
+        ws.residual_mass[c] = forced ? &ws.residual_storage[c] : &view.mass;
         summaries[c].resize(static_cast<std::size_t>(G * nr));
         for (std::int64_t h = 0; h < G; ++h) {
           for (std::int64_t r = 0; r < nr; ++r) {
@@ -1056,7 +1062,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
             ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
             summary = summarise_forced(row, ranges, view.block, base_block);
-            for (const auto& [b, m] : summary.residual) ws.residual_mass[c][view.at(h, r, b)] = m;
+            for (const auto& [b, m] : summary.residual) ws.residual_storage[c][view.at(h, r, b)] = m;
           }
         }
       }
@@ -1092,7 +1098,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         context.positions = positions;
         context.view = &view;
         context.ranking_length = length.data();
-        context.residual_mass = &ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
+        context.residual_mass = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
         context.top_by_residual = [this, &ws, &view, &plan, &summaries, nr](std::int64_t h, std::int64_t r, std::int64_t count) {
           const auto c = static_cast<std::size_t>(plan.reference_config);
           return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
@@ -1174,7 +1180,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               }
             }
             longest = std::min(longest, causal);
-            const std::vector<double>& residual = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
+            const std::vector<double>& residual = *ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
             const auto reference = static_cast<std::size_t>(plan.reference_config);
             const std::int32_t* oracle_order = ws.top_by_residual(configs[reference], reference, view, h, r, longest, fixed);
             const std::int32_t* pure_order = ws.mass_rankings[static_cast<std::size_t>(plan.view_index)].top(
