@@ -198,7 +198,11 @@ class LanePool {
     Lease(LanePool& pool, Lane& lane) : pool_(pool), lane_(lane) {}
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
-    ~Lease() { pool_.give_back(lane_); }
+    // Work a failed request left queued must not outlive its lease (the next holder reuses the buffers).
+    ~Lease() {
+      (void)cudaStreamSynchronize(lane_.stream);
+      pool_.give_back(lane_);
+    }
     Lane& operator*() const { return lane_; }
     Lane* operator->() const { return &lane_; }
 
@@ -418,9 +422,13 @@ class CudaBackend final : public Backend {
     std::mutex replacing;  // one replacement per KV head at a time
   };
   // A KV head's resident keys, held shared until the request's lane has finished with them.
+  // The lane's work is finished before the keys are let go (a request that fails midway leaves
+  // kernels queued that read them; a replacement must not overwrite them meanwhile).
   struct KeysInUse {
     const ResidentKeys& entry;
     std::shared_lock<std::shared_mutex> lock;
+    cudaStream_t stream;
+    ~KeysInUse() { (void)cudaStreamSynchronize(stream); }
   };
   enum class Need { kNow, kSoon };  // a request, or prepare_keys (which never frees keys to make room)
 
@@ -437,13 +445,13 @@ class CudaBackend final : public Backend {
       std::unique_lock<std::shared_mutex> exclusive(lane.own_keys.in_use);
       replace(req, lane, lane.own_keys);
       exclusive.unlock();
-      return KeysInUse{lane.own_keys, std::shared_lock<std::shared_mutex>(lane.own_keys.in_use)};
+      return KeysInUse{lane.own_keys, std::shared_lock<std::shared_mutex>(lane.own_keys.in_use), lane.stream};
     }
     HeadKeys& head = head_keys(req.kv_head);
     for (;;) {
       for (ResidentKeys& entry : head.generation) {
         std::shared_lock<std::shared_mutex> shared(entry.in_use);
-        if (entry.holds(req)) return KeysInUse{entry, std::move(shared)};
+        if (entry.holds(req)) return KeysInUse{entry, std::move(shared), lane.stream};
       }
       std::lock_guard<std::mutex> replacing(head.replacing);
       std::uint64_t ids[2];
@@ -462,8 +470,10 @@ class CudaBackend final : public Backend {
       } catch (const Error& e) {
         // Two layers' keys may not fit where one does: a request frees the other generation (a layer
         // no request reads now) and tries once more; prepare_keys gives up.
-        std::unique_lock<std::shared_mutex> other(newer.in_use, std::try_to_lock);
-        if (e.kind() != ErrorKind::kResource || need == Need::kSoon || !other.owns_lock()) throw;
+        // Blocking is safe: a holder of `newer` waits for nothing (lock order: replacing, older, newer).
+        if (e.kind() != ErrorKind::kResource || need == Need::kSoon) throw;
+        lane.synchronize("key upload");  // the failed upload's queued work reads these buffers
+        std::unique_lock<std::shared_mutex> other(newer.in_use);
         newer.clear();
         older.clear();
         replace(req, lane, older);
@@ -504,7 +514,12 @@ class CudaBackend final : public Backend {
     // Only with room to spare: the lanes' buffers grow with the tiles of the layer that runs.
     std::size_t free_bytes = 0, total_bytes = 0;
     check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
-    const std::size_t bytes = static_cast<std::size_t>(req.seq_len * req.head_dim) * ((req.v ? 8 : 4) + (type_ == InputType::kFloat32 ? 0 : 2));
+    const auto values = static_cast<std::size_t>(req.seq_len * req.head_dim);
+    std::size_t bytes = values * sizeof(float) * (req.v ? 2 : 1);
+    if (type_ != InputType::kFloat32) {  // the rounded keys: rows padded to the stride, to whole key tiles
+      const std::int64_t padded = (req.seq_len + kTensorCoreKeyTile - 1) / kTensorCoreKeyTile * kTensorCoreKeyTile;
+      bytes += static_cast<std::size_t>(padded * input_stride(type_, static_cast<int>(req.head_dim))) * 2;
+    }
     if (bytes + total_bytes / kPrepareHeadroomFraction > free_bytes) return;
     LanePool::Lease lane = lanes_->take();
     resident(req, *lane, Need::kSoon);

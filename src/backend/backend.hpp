@@ -98,8 +98,8 @@ class Backend {
                              std::vector<double>& errors) const = 0;
   // A hint that requests for `request`'s layer and KV head (k, v when given, tensors_id, rows: the rows
   // that will be asked for; q unused) come soon: a device backend copies the keys while other work runs.
-  // Thread-safe. Results never depend on it; it throws Error(kResource) when the copy does not fit beside
-  // what the device holds, and the copy is then made when a request needs it.
+  // Thread-safe. Results never depend on it: a backend may decline (the CUDA one does without room to
+  // spare on the device) or throw an Error; the copy is then made by the first request that needs it.
   virtual void prepare_keys(const StatsRequest& request) const { (void)request; }
 };
 

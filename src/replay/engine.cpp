@@ -721,10 +721,9 @@ void ReplayRun::Impl::prepare_keys(std::int64_t layer, const LayerTensors& tenso
     if (!tensors.v.empty()) request.v = tensors.v.data() + g * header.seq_len * header.head_dim;
     try {
       backend.prepare_keys(request);
-    } catch (const Error&) {
+    } catch (const std::exception&) {
       // A hint only: keys that could not be copied now are copied by the first request that needs them,
-      // which reports any error.
-      return;
+      // which reports any error. The other KV heads (perhaps on other devices) are still tried.
     }
   }
 }
