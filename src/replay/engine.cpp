@@ -416,13 +416,13 @@ double mean_of(const double* values, std::int64_t n) {
   return count ? sum / static_cast<double>(count) : kNaN;
 }
 
-}  // namespace
-
 // Names a layer's tensors for the backend's key cache: never reused in this process (addresses are).
 std::uint64_t next_tensors_id() {
   static std::atomic<std::uint64_t> last{0};
   return ++last;
 }
+
+}  // namespace
 
 std::mutex& capture_io_mutex() {
   static std::mutex mutex;
