@@ -128,6 +128,9 @@ void size_tile(const StatsRequest& req, StatsTile& out) {
   out.lse_all.resize(static_cast<std::size_t>(out.heads * out.rows));
   if (req.v) out.output.resize(static_cast<std::size_t>(out.heads * out.rows * out.head_dim));
   else out.output.clear();
+  // Ranked on the device whenever asked, unless a row is too long for one thread block's sort.
+  out.ranked = out.num_blocks <= kMaxRankedBlocks ? std::max<std::int64_t>(0, std::min(req.rank_blocks, out.num_blocks)) : 0;
+  out.mass_order.resize(static_cast<std::size_t>(out.heads * out.rows * out.ranked));
 }
 
 const char* describe(Precision precision) {
@@ -178,7 +181,8 @@ struct Lane {
   PinnedArray<float> host_q, host_block_max, host_block_sum, host_output;
   PinnedArray<long long> host_positions;
   PinnedArray<double> host_lse_tokens, host_lse_all, host_sink_weight, host_errors;
-  PinnedArray<int> host_overflow;
+  PinnedArray<int> host_overflow, host_mass_order;
+  DeviceArray<int> mass_order;
   DeviceArray<float> q, sinks, block_max, block_sum, output, output_partials;
   DeviceArray<double> lse_tokens, lse_all, sink_weight, factors, errors;
   DeviceArray<OutputWalk> walks;
@@ -394,6 +398,22 @@ class CudaBackend final : public Backend {
     const float* block_sum = download(lane->host_block_sum, args.block_sum, cells, "block sums", stream);
     const double* lse_tokens = download(lane->host_lse_tokens, args.lse_tokens, rows, "row log-sum-exps", stream);
     const double* lse_all = download(lane->host_lse_all, args.lse_all, rows, "row log-sum-exps with sinks", stream);
+    const int* mass_order = nullptr;
+    if (out.ranked > 0) {
+      BlockRankingArgs ranking;
+      ranking.block_max = args.block_max;
+      ranking.block_sum = args.block_sum;
+      ranking.lse_tokens = args.lse_tokens;
+      ranking.positions = pos;
+      ranking.heads = args.heads;
+      ranking.rows = args.rows;
+      ranking.block = args.block;
+      ranking.num_blocks = args.num_blocks;
+      ranking.count = static_cast<int>(out.ranked);
+      ranking.order = lane->mass_order.reserve(out.mass_order.size(), "block rankings");
+      launch_block_ranking(ranking, stream);
+      mass_order = download(lane->host_mass_order, static_cast<const int*>(ranking.order), out.mass_order.size(), "block rankings", stream);
+    }
     const float* output = nullptr;
     if (req.v) {
       float* device_output = lane->output.reserve(out.output.size(), "outputs");
@@ -409,6 +429,7 @@ class CudaBackend final : public Backend {
     copy_out(lse_tokens, out.lse_tokens);
     copy_out(lse_all, out.lse_all);
     if (output) copy_out(output, out.output);
+    if (mass_order) std::memcpy(out.mass_order.data(), mass_order, out.mass_order.size() * sizeof(std::int32_t));
   }
 
  private:

@@ -1,8 +1,12 @@
 // The streaming replay engine against the naive float64 reference (tests/reference),
 // on random and adversarial captures: every aggregate the report carries is compared.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "backend/backend.hpp"
 #include "capture/capture.hpp"
@@ -13,6 +17,7 @@
 #include "reference/naive_replay.hpp"
 #include "reference/random_capture.hpp"
 #include "replay/engine.hpp"
+#include "replay/selector.hpp"
 
 using namespace hysparse;
 using hysparse::test::replay_capture;
@@ -305,6 +310,99 @@ TEST_CASE("replay properties: full budget gives recall 1, the oracle bounds ever
           if (b > 0) CHECK(s.head_mean[kMassRecall].at(b, l, h) >= s.head_mean[kMassRecall].at(b - 1, l, h) - kPropertyTolerance);
           if (b > 0) CHECK(s.head_recall_min.at(b, l, h) >= s.head_recall_min.at(b - 1, l, h) - kPropertyTolerance);
         }
+      }
+    }
+  }
+}
+
+namespace {
+
+// The CPU backend, plus a ranking of every tile's blocks by mass made the way a device backend
+// makes it (StatsTile::mass_order), optionally shorter than asked (`shorten` blocks fewer, at least
+// one): the engine must take it where it serves and rank the rest itself, with the same report.
+class HostRankingBackend final : public Backend {
+ public:
+  explicit HostRankingBackend(std::int64_t shorten) : cpu_(make_cpu_backend()), shorten_(shorten) {}
+  std::string name() const override { return cpu_->name(); }
+  std::string device() const override { return cpu_->device(); }
+  void block_statistics(const StatsRequest& request, StatsTile& out) const override {
+    cpu_->block_statistics(request, out);
+    if (request.rank_blocks <= 0) return;
+    ++asked_;
+    out.ranked = std::max<std::int64_t>(1, std::min(request.rank_blocks, out.num_blocks) - shorten_);
+    out.mass_order.assign(static_cast<std::size_t>(out.heads * out.rows * out.ranked), -1);
+    std::vector<double> mass;
+    for (std::int64_t h = 0; h < out.heads; ++h) {
+      for (std::int64_t r = 0; r < out.rows; ++r) {
+        const std::int64_t causal = request.rows[r] / request.block_size + 1;
+        const double lse_tokens = out.lse_tokens[static_cast<std::size_t>(h * out.rows + r)];
+        mass.assign(static_cast<std::size_t>(causal), 0.0);
+        for (std::int64_t b = 0; b < causal; ++b) {
+          const float m = out.block_max[out.at(h, r, b)];
+          if (m != -std::numeric_limits<float>::infinity()) {
+            mass[static_cast<std::size_t>(b)] = static_cast<double>(out.block_sum[out.at(h, r, b)]) * std::exp(m - lse_tokens);
+          }
+        }
+        rank_top(mass.data(), causal, std::min(out.ranked, causal),
+                 &out.mass_order[static_cast<std::size_t>((h * out.rows + r) * out.ranked)]);
+      }
+    }
+  }
+  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
+                     std::vector<double>& errors) const override {
+    cpu_->output_errors(request, tile, walks, errors);
+  }
+  std::int64_t rankings_asked() const { return asked_; }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  std::int64_t shorten_;
+  mutable std::atomic<std::int64_t> asked_{0};
+};
+
+void require_identical(const Table& a, const Table& b, const std::string& what) {
+  INFO(what);
+  REQUIRE(a.dims == b.dims);
+  for (std::size_t i = 0; i < a.values.size(); ++i) {
+    if (std::isnan(a.values[i]) && std::isnan(b.values[i])) continue;
+    REQUIRE(a.values[i] == b.values[i]);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine's own, also when it is short",
+          "[replay][parity]") {
+  for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
+    Shape shape;
+    shape.values = values;
+    shape.layers = 3;
+    shape.seq_len = 150;
+    shape.sinks = true;
+    const Capture capture = random_capture(shape, test::seed() + 51);
+    const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/parity_backend_ranking.h5";
+    write_capture(path, capture);
+    ReplayOptions options = replay_options("oracle,oracle:sinks=2,window=9,swa,hysparse:window=12,quest", tokens({8, 24, 56, 200}));
+    options.block_size = 8;
+    options.schedule = "FSS";
+    const auto cpu = make_cpu_backend();
+    const ReplayResult expected = run_replay(path, options, *cpu, false);
+    for (const std::int64_t shorten : {0, 3}) {
+      CAPTURE(static_cast<int>(values), shorten);
+      const HostRankingBackend ranking(shorten);
+      const ReplayResult result = run_replay(path, options, ranking, false);
+      CHECK(ranking.rankings_asked() > 0);
+      REQUIRE(result.selectors.size() == expected.selectors.size());
+      for (std::size_t s = 0; s < result.selectors.size(); ++s) {
+        const SelectorResult& a = expected.selectors[s];
+        const SelectorResult& b = result.selectors[s];
+        for (int m = 0; m < kNumMetrics; ++m) {
+          require_identical(a.head_mean[m], b.head_mean[m], a.label + " " + metric_name(m));
+          require_identical(a.model_mean[m], b.model_mean[m], a.label + " model " + metric_name(m));
+        }
+        require_identical(a.head_recall_min, b.head_recall_min, a.label + " head min");
+        require_identical(a.head_recall_p10, b.head_recall_p10, a.label + " head p10");
+        require_identical(a.saturated_rows, b.saturated_rows, a.label + " saturated");
       }
     }
   }

@@ -51,6 +51,8 @@ inline void allocate_tile(const StatsRequest& req, StatsTile& out) {
   out.lse_all.assign(static_cast<std::size_t>(out.heads * out.rows), 0.0);
   if (req.v) out.output.assign(static_cast<std::size_t>(out.heads * out.rows * out.head_dim), 0.0f);
   else out.output.clear();
+  out.ranked = 0;  // blocks are ranked by the caller
+  out.mass_order.clear();
 }
 
 }  // namespace hysparse

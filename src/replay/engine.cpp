@@ -238,6 +238,19 @@ struct SharedRanking {
     order.resize(static_cast<std::size_t>(heads * rows * stride));
     length.assign(static_cast<std::size_t>(heads * rows), -1);
   }
+  // Takes the backend's ranking of the tile by mass (StatsTile::mass_order) for `view`, whose
+  // blocks are the tile's: rows with fewer ranked blocks than a later request are ranked again here.
+  void adopt(const StatsTile& tile, const BlockView& view) {
+    for (std::int64_t h = 0; h < tile.heads; ++h) {
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const auto cell = static_cast<std::size_t>(h * rows + r);
+        const std::int64_t n = std::min(tile.ranked, view.causal_blocks(r));
+        const std::int32_t* from = &tile.mass_order[cell * static_cast<std::size_t>(tile.ranked)];
+        std::copy(from, from + n, &order[cell * static_cast<std::size_t>(stride)]);
+        length[cell] = n;
+      }
+    }
+  }
   // The first `longest` blocks of (h, r) by score(b), b < causal.
   template <typename Score>
   const std::int32_t* top(std::int64_t h, std::int64_t r, std::int64_t causal, std::int64_t longest, Score score,
@@ -656,6 +669,8 @@ struct ReplayRun::Impl {
   std::vector<std::int64_t> touched_blocks;  // per view: see setup()
   std::vector<SelectorPlan> plans;
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
+  std::int64_t ranked_view = -1;                // the view a backend may rank by mass (-1: none)
+  std::vector<std::int64_t> tile_rank_blocks;   // per tile: StatsRequest::rank_blocks
   std::int64_t walk_steps_per_flush = kWalkStepsPerFlush;
   ReplayPlan replay_plan;
   LayerInputs inputs;
@@ -925,6 +940,24 @@ void ReplayRun::Impl::setup() {
     tile_rows = std::min(tile_rows, std::max(kMinSplitTileRows, (R + tiles_wanted - 1) / tiles_wanted));
   }
   tiles = (R + tile_rows - 1) / tile_rows;
+
+  // The ranking by mass a backend may make beside the statistics (StatsRequest::rank_blocks): of the
+  // view with the tile's own blocks, when a selector's metrics rank it, per tile as long as its rows'
+  // longest budget plus the blocks forced keys touch (what the metrics and residual rankings ask for).
+  ranked_view = -1;
+  for (const SelectorPlan& plan : plans) {
+    if (block_sizes[static_cast<std::size_t>(plan.view_index)] == base_block) ranked_view = plan.view_index;
+  }
+  tile_rank_blocks.assign(static_cast<std::size_t>(tiles), 0);
+  if (ranked_view >= 0) {
+    for (std::int64_t i = 0; i < R; ++i) {
+      const std::int64_t t = rows[static_cast<std::size_t>(i)];
+      std::int64_t n = 0;
+      for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(t, base_block));
+      std::int64_t& wanted = tile_rank_blocks[static_cast<std::size_t>(i / tile_rows)];
+      wanted = std::max(wanted, std::min(t / base_block + 1, n + touched_blocks[static_cast<std::size_t>(ranked_view)]));
+    }
+  }
   if (options.walk_steps_per_flush > 0) walk_steps_per_flush = options.walk_steps_per_flush;
   workspaces.resize(static_cast<std::size_t>(omp_get_max_threads()));
 
@@ -1029,6 +1062,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       request.layer = layer;
       request.kv_head = g;
       request.tensors_id = tensors_id;
+      request.rank_blocks = tile_rank_blocks[static_cast<std::size_t>(tile_index)];
       if (inputs.dense) {
         request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
       } else {
@@ -1075,6 +1109,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       ws.mass_rankings.resize(ws.views.size());
       for (std::size_t v = 0; v < ws.views.size(); ++v) {
         ws.mass_rankings[v].reset(G, nr, ws.views[v].num_blocks, touched_blocks[v]);
+      }
+      if (ws.tile.ranked > 0 && ranked_view >= 0) {
+        ws.mass_rankings[static_cast<std::size_t>(ranked_view)].adopt(ws.tile, ws.views[static_cast<std::size_t>(ranked_view)]);
       }
 
       // Rankings from every selector (eviction selectors: one per budget).

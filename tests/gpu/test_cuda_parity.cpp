@@ -34,6 +34,7 @@
 #include "common/random.hpp"
 #include "device_statistics.hpp"
 #include "replay/engine.hpp"
+#include "replay/selector.hpp"
 #include "reference/output_walks.hpp"
 #include "replay_test_support.hpp"
 #include "synth/synth.hpp"
@@ -250,6 +251,77 @@ TEST_CASE("CUDA fp32 block statistics equal the CPU backend's", "[cuda]") {
   }
   std::printf("fp32 vs CPU: largest block-mass relative error %.2e (tolerance %.0e), logit %.2e (%.0e), output %.2e (%.0e)\n",
               worst.mass_relative, kGpuMassTolerance, worst.logit, kGpuLogitTolerance, worst.output, kGpuOutputTolerance);
+}
+
+// StatsTile::mass_order: the device ranks each row's blocks by the mass the engine computes from the
+// tile, M_b = l_b exp(m_b - lse_tokens), in double. Its exp may differ from the host's in the last bit,
+// so two blocks whose host masses are within kRankingTieTolerance (relative) may come in either
+// order; anywhere else the ranking must be rank_top's on the host masses, exact ties to the lower block.
+constexpr double kRankingTieTolerance = 1e-13;
+
+TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, ties to the lower block", "[cuda]") {
+  std::int64_t rankings = 0, near_tie_swaps = 0;
+  for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    const auto gpu = make_backend("cuda", precision);
+    for (const StatsCase& k : kStatsCases) {
+      const Capture c = gaussian_capture(1, 2 * k.group_heads, 2, k.d, k.T, k.sinks, k.ties, test::seed() + static_cast<std::uint64_t>(k.T),
+                                         precision);
+      const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
+      const std::int64_t num_blocks = rows.back() / k.block + 1;
+      for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{5}, num_blocks, num_blocks + 7}) {
+        CAPTURE(to_string(precision), k.group_heads, k.T, k.block, k.rows, k.ties, asked);
+        StatsRequest req = group_request(c, 1, rows, k.block, false, k.scale_sign);
+        req.rank_blocks = asked;
+        StatsTile tile;
+        gpu->block_statistics(req, tile);
+        REQUIRE(tile.ranked == std::min(asked, num_blocks));
+        REQUIRE(tile.mass_order.size() == static_cast<std::size_t>(tile.heads * tile.rows * tile.ranked));
+        std::vector<double> mass;
+        std::vector<std::int32_t> expected;
+        for (std::int64_t h = 0; h < tile.heads; ++h) {
+          for (std::int64_t r = 0; r < tile.rows; ++r) {
+            const std::int64_t causal = rows[static_cast<std::size_t>(r)] / k.block + 1, n = std::min(tile.ranked, causal);
+            const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
+            mass.assign(static_cast<std::size_t>(causal), 0.0);
+            for (std::int64_t b = 0; b < causal; ++b) {
+              const double m = tile.block_max[tile.at(h, r, b)];
+              if (m != -std::numeric_limits<double>::infinity()) {
+                mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * std::exp(m - lse_tokens);
+              }
+            }
+            expected.resize(static_cast<std::size_t>(n));
+            rank_top(mass.data(), causal, n, expected.data());
+            const std::int32_t* got = &tile.mass_order[static_cast<std::size_t>((h * tile.rows + r) * tile.ranked)];
+            std::vector<char> seen(static_cast<std::size_t>(causal), 0);
+            for (std::int64_t i = 0; i < n; ++i) {
+              REQUIRE(got[i] >= 0);
+              REQUIRE(got[i] < causal);
+              REQUIRE(!seen[static_cast<std::size_t>(got[i])]);
+              seen[static_cast<std::size_t>(got[i])] = 1;
+              if (got[i] == expected[static_cast<std::size_t>(i)]) continue;
+              ++near_tie_swaps;
+              const double a = mass[static_cast<std::size_t>(got[i])], b = mass[static_cast<std::size_t>(expected[static_cast<std::size_t>(i)])];
+              CAPTURE(h, r, i, got[i], expected[static_cast<std::size_t>(i)], a, b);
+              REQUIRE(a != b);  // an exact tie goes to the lower block on the device too
+              REQUIRE(std::fabs(a - b) <= kRankingTieTolerance * std::max(a, b));
+            }
+            ++rankings;
+          }
+        }
+      }
+    }
+  }
+  // Rows longer than one thread block sorts are left to the host.
+  const Capture c = gaussian_capture(1, 2, 1, 16, 5000, false, false, test::seed() + 5000);
+  const std::vector<std::int64_t> rows = {4096, 4999};
+  StatsRequest req = group_request(c, 0, rows, 1, false);
+  req.rank_blocks = 10;
+  StatsTile tile;
+  make_backend("cuda")->block_statistics(req, tile);
+  CHECK(tile.ranked == 0);
+  CHECK(tile.mass_order.empty());
+  std::printf("block rankings: %lld (head, row) rankings, %lld positions differ from the host's by a near tie (relative %.0e)\n",
+              static_cast<long long>(rankings), static_cast<long long>(near_tie_swaps), kRankingTieTolerance);
 }
 
 // The device keeps every KV head's keys of the layer in flight: tiles of different heads come in
