@@ -389,8 +389,17 @@ class RowMetrics {
     b_ = budgets;
     h_ = heads;
     r_ = rows;
-    for (auto& values : values_) values.assign(static_cast<std::size_t>(s_ * b_ * h_ * r_), kNaN);
-    saturated_.assign(static_cast<std::size_t>(s_ * b_ * h_ * r_), 0);
+    const std::int64_t cells = s_ * b_ * h_ * r_;
+    for (auto& values : values_) values.resize(static_cast<std::size_t>(cells));
+    saturated_.resize(static_cast<std::size_t>(cells));
+    // Hundreds of megabytes a layer at long contexts, cleared by every thread.
+    constexpr std::int64_t kChunk = std::int64_t{1} << 16;
+#pragma omp parallel for schedule(static)
+    for (std::int64_t begin = 0; begin < cells; begin += kChunk) {
+      const auto from = static_cast<std::size_t>(begin), to = static_cast<std::size_t>(std::min(cells, begin + kChunk));
+      for (auto& values : values_) std::fill(values.begin() + static_cast<std::ptrdiff_t>(from), values.begin() + static_cast<std::ptrdiff_t>(to), kNaN);
+      std::fill(saturated_.begin() + static_cast<std::ptrdiff_t>(from), saturated_.begin() + static_cast<std::ptrdiff_t>(to), char{0});
+    }
   }
   double& at(int metric, std::int64_t s, std::int64_t b, std::int64_t h, std::int64_t r) {
     return values_[metric][index(s, b, h, r)];
@@ -1041,13 +1050,16 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   auto nanoseconds_since = [](std::chrono::steady_clock::time_point start) {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
   };
+  // Work items are taken longest first (a tile's work grows with its rows' positions), so that
+  // the layer does not end waiting on its longest tiles; nothing computed depends on the order.
+  const auto tiles_started = std::chrono::steady_clock::now();
 #pragma omp parallel for schedule(dynamic, 1)
-  for (std::int64_t item = 0; item < Hkv * tiles; ++item) {
+  for (std::int64_t step = 0; step < Hkv * tiles; ++step) {
     if (failure || interrupted()) continue;  // a signal stops the layer at the next tile
     const auto item_started = std::chrono::steady_clock::now();
+    const std::int64_t g = step % Hkv, tile_index = tiles - 1 - step / Hkv, item = g * tiles + tile_index;
     try {
       Workspace& ws = workspaces[static_cast<std::size_t>(omp_get_thread_num())];
-      const std::int64_t g = item / tiles, tile_index = item % tiles;
       const std::int64_t i0 = tile_index * tile_rows, i1 = std::min(R, i0 + tile_rows), nr = i1 - i0;
       const std::int64_t* positions = rows.data() + i0;
 
@@ -1392,6 +1404,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   }
   if (failure) std::rethrow_exception(failure);
   check_interrupted();
+  const auto reduction_started = std::chrono::steady_clock::now();
 
   // Reduce the layer.
   if (reuse_enabled) {
@@ -1401,46 +1414,77 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       result.reuse.at(static_cast<std::uint64_t>(f), static_cast<std::uint64_t>(layer)) = sum / static_cast<double>(Hq * R);
     }
   }
-  // Every (selector, budget) reduces its own cells and model sums, in a fixed order inside: the
-  // numbers do not depend on the threads.
-  auto reduce = [&](std::int64_t s, std::int64_t bi) {
-    SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
-    const bool sparse = out.is_full_layer[static_cast<std::size_t>(layer)] == 0;
-    const auto ul = static_cast<std::uint64_t>(layer);
-    const auto ub = static_cast<std::uint64_t>(bi);
-    std::vector<double> pooled;
-    pooled.reserve(static_cast<std::size_t>(Hq * R));
-    double saturated = 0;
-    for (std::int64_t h = 0; h < Hq; ++h) {
-      const auto uh = static_cast<std::uint64_t>(h);
-      for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
-      // Rows a selector does not score (or budgets it cannot use) are NaN and left out.
-      const double* recall = metrics.head_row(kMassRecall, s, bi, h);
-      std::vector<double> values;
-      values.reserve(static_cast<std::size_t>(R));
-      for (std::int64_t r = 0; r < R; ++r) {
-        if (!std::isnan(recall[r])) values.push_back(recall[r]);
+  // Every number is reduced in a fixed order, whatever thread does it, in three parallel passes
+  // with enough items to keep every thread busy: per (selector, budget, head) the head's numbers;
+  // per (selector, budget, metric) the layer's sum over heads, then rows; per (selector, budget) the
+  // recall quantiles over the pooled rows and the model's sums.
+  const std::int64_t SB = S * NB;
+  std::vector<double> layer_sum(static_cast<std::size_t>(SB * kNumMetrics), 0.0);
+  std::vector<std::int64_t> layer_count(static_cast<std::size_t>(SB * kNumMetrics), 0);
+  std::vector<std::int64_t> head_saturated(static_cast<std::size_t>(SB * Hq), 0);
+  std::exception_ptr reduce_failure;
+  auto parallel_reduce = [&](std::int64_t count, const auto& body) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (std::int64_t i = 0; i < count; ++i) {
+      try {
+        body(i);
+      } catch (...) {  // bad_alloc: leaves the parallel region as an exception, not std::terminate
+#pragma omp critical(hysparse_reduce_failure)
+        if (!reduce_failure) reduce_failure = std::current_exception();
       }
-      pooled.insert(pooled.end(), values.begin(), values.end());
-      out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
-      out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
-      out.head_recall_p50.at(ub, ul, uh) = nearest_rank(values, 0.50);
-      for (std::int64_t r = 0; r < R; ++r) saturated += metrics.saturated(s, bi, h, r);
     }
-    for (int m = 0; m < kNumMetrics; ++m) {
-      double sum = 0;
-      std::int64_t count = 0;
-      for (std::int64_t h = 0; h < Hq; ++h) {
-        const double* values = metrics.head_row(m, s, bi, h);
-        for (std::int64_t r = 0; r < R; ++r) {
-          if (!std::isnan(values[r])) {
-            sum += values[r];
-            ++count;
-          }
+    if (reduce_failure) std::rethrow_exception(reduce_failure);
+  };
+  const auto ul = static_cast<std::uint64_t>(layer);
+  // Rows a selector does not score (or budgets it cannot use) are NaN and left out.
+  auto scored_recalls = [&](std::int64_t s, std::int64_t bi, std::int64_t h, std::vector<double>& values) {
+    const double* recall = metrics.head_row(kMassRecall, s, bi, h);
+    for (std::int64_t r = 0; r < R; ++r) {
+      if (!std::isnan(recall[r])) values.push_back(recall[r]);
+    }
+  };
+  parallel_reduce(SB * Hq, [&](std::int64_t i) {
+    const std::int64_t s = i / (NB * Hq), bi = i / Hq % NB, h = i % Hq;
+    SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
+    const auto ub = static_cast<std::uint64_t>(bi), uh = static_cast<std::uint64_t>(h);
+    for (int m = 0; m < kNumMetrics; ++m) out.head_mean[m].at(ub, ul, uh) = mean_of(metrics.head_row(m, s, bi, h), R);
+    std::vector<double> values;
+    values.reserve(static_cast<std::size_t>(R));
+    scored_recalls(s, bi, h, values);
+    out.head_recall_min.at(ub, ul, uh) = values.empty() ? kNaN : *std::min_element(values.begin(), values.end());
+    out.head_recall_p10.at(ub, ul, uh) = nearest_rank(values, 0.10);
+    out.head_recall_p50.at(ub, ul, uh) = nearest_rank(values, 0.50);
+    std::int64_t saturated = 0;
+    for (std::int64_t r = 0; r < R; ++r) saturated += metrics.saturated(s, bi, h, r);
+    head_saturated[static_cast<std::size_t>(i)] = saturated;
+  });
+  parallel_reduce(SB * kNumMetrics, [&](std::int64_t i) {
+    const std::int64_t s = i / (NB * kNumMetrics), bi = i / kNumMetrics % NB;
+    const int m = static_cast<int>(i % kNumMetrics);
+    double sum = 0;
+    std::int64_t count = 0;
+    for (std::int64_t h = 0; h < Hq; ++h) {
+      const double* values = metrics.head_row(m, s, bi, h);
+      for (std::int64_t r = 0; r < R; ++r) {
+        if (!std::isnan(values[r])) {
+          sum += values[r];
+          ++count;
         }
       }
+    }
+    layer_sum[static_cast<std::size_t>(i)] = sum;
+    layer_count[static_cast<std::size_t>(i)] = count;
+  });
+  parallel_reduce(SB, [&](std::int64_t i) {
+    const std::int64_t s = i / NB, bi = i % NB;
+    SelectorResult& out = result.selectors[static_cast<std::size_t>(s)];
+    const bool sparse = out.is_full_layer[static_cast<std::size_t>(layer)] == 0;
+    const auto ub = static_cast<std::uint64_t>(bi);
+    ModelSums& acc = model[static_cast<std::size_t>(i)];
+    for (int m = 0; m < kNumMetrics; ++m) {
+      const double sum = layer_sum[static_cast<std::size_t>(i * kNumMetrics + m)];
+      const std::int64_t count = layer_count[static_cast<std::size_t>(i * kNumMetrics + m)];
       out.layer_mean[m].at(ub, ul) = count ? sum / static_cast<double>(count) : kNaN;
-      ModelSums& acc = model[static_cast<std::size_t>(s * NB + bi)];
       acc.sum[0][m] += sum;
       acc.count[0][m] += count;
       if (sparse) {
@@ -1448,8 +1492,13 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         acc.count[1][m] += count;
       }
     }
-    out.saturated_rows.at(ub, ul) = plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? saturated : kNaN;
-    ModelSums& acc = model[static_cast<std::size_t>(s * NB + bi)];
+    std::int64_t saturated = 0;
+    for (std::int64_t h = 0; h < Hq; ++h) saturated += head_saturated[static_cast<std::size_t>(i * Hq + h)];
+    out.saturated_rows.at(ub, ul) =
+        plans[static_cast<std::size_t>(s)].applicable[static_cast<std::size_t>(bi)] ? static_cast<double>(saturated) : kNaN;
+    std::vector<double> pooled;
+    pooled.reserve(static_cast<std::size_t>(Hq * R));
+    for (std::int64_t h = 0; h < Hq; ++h) scored_recalls(s, bi, h, pooled);
     for (double v : pooled) {
       acc.recall[0].add(v);
       if (sparse) acc.recall[1].add(v);
@@ -1457,20 +1506,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
     out.layer_recall_min.at(ub, ul) = pooled.empty() ? kNaN : *std::min_element(pooled.begin(), pooled.end());
     out.layer_recall_p10.at(ub, ul) = nearest_rank(pooled, 0.10);
     out.layer_recall_p50.at(ub, ul) = nearest_rank(pooled, 0.50);
-  };
-  std::exception_ptr reduce_failure;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (std::int64_t s = 0; s < S; ++s) {
-    for (std::int64_t bi = 0; bi < NB; ++bi) {
-      try {
-        reduce(s, bi);
-      } catch (...) {  // bad_alloc: leaves the parallel region as an exception, not std::terminate
-#pragma omp critical(hysparse_reduce_failure)
-        if (!reduce_failure) reduce_failure = std::current_exception();
-      }
-    }
-  }
-  if (reduce_failure) std::rethrow_exception(reduce_failure);
+  });
   std::uint64_t layer_elements = 0;
   if (info.has_qk()) {
     for (std::int64_t t : rows) layer_elements += static_cast<std::uint64_t>(t + 1);
@@ -1482,11 +1518,17 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
     const double statistics = 1e-9 * static_cast<double>(statistics_ns.load());
     const double output_error = 1e-9 * static_cast<double>(output_error_ns.load());
     const double host = 1e-9 * static_cast<double>(item_ns.load()) - statistics - output_error;
+    auto between = [](std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+      return std::chrono::duration<double>(b - a).count();
+    };
     fmt::print(stderr,
-               "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s; thread-seconds over {} threads: statistics {:.2f}, "
-               "output error {:.2f}, selections and metrics {:.2f})\n",
+               "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s; reading and setup {:.2f} s, tiles {:.2f} s, "
+               "reduction {:.2f} s; thread-seconds of the tiles over {} threads: statistics {:.2f}, output error {:.2f}, "
+               "selections and metrics {:.2f})\n",
                layer + 1, L, seconds, seconds > 0 ? static_cast<double>(layer_elements) / seconds : 0.0,
-               omp_get_max_threads(), statistics, output_error, host);
+               between(layer_started, tiles_started), between(tiles_started, reduction_started),
+               between(reduction_started, std::chrono::steady_clock::now()), omp_get_max_threads(), statistics,
+               output_error, host);
   }
   result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
   next_layer = layer + 1;
