@@ -27,7 +27,8 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
   int* indices = reinterpret_cast<int*>(ranking_keys + capacity);
   const long long cell = blockIdx.x;
   const int r = static_cast<int>(cell % args.rows);
-  const int causal = static_cast<int>(args.positions[r] / args.block + 1);
+  // Rows ascend, so no row has more blocks than the tile; the bound keeps a bad plan inside memory.
+  const int causal = static_cast<int>(min(args.positions[r] / args.block + 1, args.num_blocks));
   int padded = 1;
   while (padded < causal) padded <<= 1;
   const double lse_tokens = args.lse_tokens[cell];

@@ -320,9 +320,11 @@ namespace {
 // The CPU backend, plus a ranking of every tile's blocks by mass made the way a device backend
 // makes it (StatsTile::mass_order), optionally shorter than asked (`shorten` blocks fewer, at least
 // one): the engine must take it where it serves and rank the rest itself, with the same report.
+// `least_first` ranks the other way round, so that a report shows whether the ranking was taken.
 class HostRankingBackend final : public Backend {
  public:
-  explicit HostRankingBackend(std::int64_t shorten) : cpu_(make_cpu_backend()), shorten_(shorten) {}
+  explicit HostRankingBackend(std::int64_t shorten, bool least_first = false)
+      : cpu_(make_cpu_backend()), shorten_(shorten), least_first_(least_first) {}
   std::string name() const override { return cpu_->name(); }
   std::string device() const override { return cpu_->device(); }
   void block_statistics(const StatsRequest& request, StatsTile& out) const override {
@@ -342,6 +344,7 @@ class HostRankingBackend final : public Backend {
           if (m != -std::numeric_limits<float>::infinity()) {
             mass[static_cast<std::size_t>(b)] = static_cast<double>(out.block_sum[out.at(h, r, b)]) * std::exp(m - lse_tokens);
           }
+          if (least_first_) mass[static_cast<std::size_t>(b)] = -mass[static_cast<std::size_t>(b)];
         }
         rank_top(mass.data(), causal, std::min(out.ranked, causal),
                  &out.mass_order[static_cast<std::size_t>((h * out.rows + r) * out.ranked)]);
@@ -357,6 +360,7 @@ class HostRankingBackend final : public Backend {
  private:
   std::unique_ptr<Backend> cpu_;
   std::int64_t shorten_;
+  bool least_first_;
   mutable std::atomic<std::int64_t> asked_{0};
 };
 
@@ -405,5 +409,13 @@ TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine'
         require_identical(a.saturated_rows, b.saturated_rows, a.label + " saturated");
       }
     }
+    // The engine must take the backend's ranking, not rank again: the oracle's nested budgets take
+    // the first blocks of it, so the least massive first gives it less recall at a budget below the row.
+    const HostRankingBackend least_first(0, true);
+    const ReplayResult wrong = run_replay(path, options, least_first, false);
+    const Table& expected_recall = expected.selectors[0].head_mean[kMassRecall];
+    const Table& wrong_recall = wrong.selectors[0].head_mean[kMassRecall];
+    CHECK(expected.selectors[0].label == "oracle");
+    CHECK(wrong_recall.at(0, 1, 0) < expected_recall.at(0, 1, 0) - 0.05);
   }
 }

@@ -241,12 +241,22 @@ struct SharedRanking {
   // Takes the backend's ranking of the tile by mass (StatsTile::mass_order) for `view`, whose
   // blocks are the tile's: rows with fewer ranked blocks than a later request are ranked again here.
   void adopt(const StatsTile& tile, const BlockView& view) {
+    if (tile.mass_order.size() != static_cast<std::size_t>(tile.heads * rows * tile.ranked) || tile.ranked > stride) {
+      throw Error(ErrorKind::kInternal, fmt::format("backend ranking of {} entries for {} heads x {} rows x {} blocks",
+                                                    tile.mass_order.size(), tile.heads, rows, tile.ranked));
+    }
     for (std::int64_t h = 0; h < tile.heads; ++h) {
       for (std::int64_t r = 0; r < rows; ++r) {
         const auto cell = static_cast<std::size_t>(h * rows + r);
         const std::int64_t n = std::min(tile.ranked, view.causal_blocks(r));
         const std::int32_t* from = &tile.mass_order[cell * static_cast<std::size_t>(tile.ranked)];
-        std::copy(from, from + n, &order[cell * static_cast<std::size_t>(stride)]);
+        std::int32_t* to = &order[cell * static_cast<std::size_t>(stride)];
+        for (std::int64_t i = 0; i < n; ++i) {
+          if (from[i] < 0 || from[i] >= view.causal_blocks(r)) {
+            throw Error(ErrorKind::kInternal, fmt::format("backend ranking names block {} of a row of {}", from[i], view.causal_blocks(r)));
+          }
+          to[i] = from[i];
+        }
         length[cell] = n;
       }
     }
@@ -952,16 +962,20 @@ void ReplayRun::Impl::setup() {
 
   // The ranking by mass a backend may make beside the statistics (StatsRequest::rank_blocks): of the
   // view with the tile's own blocks, when a selector's metrics rank it, per tile as long as its rows'
-  // longest budget plus the blocks forced keys touch (what the metrics and residual rankings ask for).
+  // longest budget plus the blocks forced keys touch (what nested budgets and residual rankings ask
+  // for), or whole rows when a selector's metrics compare with as many blocks as it selected.
   ranked_view = -1;
+  bool whole_rows = false;
   for (const SelectorPlan& plan : plans) {
-    if (block_sizes[static_cast<std::size_t>(plan.view_index)] == base_block) ranked_view = plan.view_index;
+    if (block_sizes[static_cast<std::size_t>(plan.view_index)] != base_block) continue;
+    ranked_view = plan.view_index;
+    if (plan.budget_use != BudgetUse::kNested) whole_rows = true;
   }
   tile_rank_blocks.assign(static_cast<std::size_t>(tiles), 0);
   if (ranked_view >= 0) {
     for (std::int64_t i = 0; i < R; ++i) {
       const std::int64_t t = rows[static_cast<std::size_t>(i)];
-      std::int64_t n = 0;
+      std::int64_t n = whole_rows ? t / base_block + 1 : 0;
       for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(t, base_block));
       std::int64_t& wanted = tile_rank_blocks[static_cast<std::size_t>(i / tile_rows)];
       wanted = std::max(wanted, std::min(t / base_block + 1, n + touched_blocks[static_cast<std::size_t>(ranked_view)]));
@@ -1040,6 +1054,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   layer_context.has_v = !tensors.v.empty();
   for (auto& sel : selectors) sel->prepare_layer(layer_context);
   metrics.reset(S, NB, Hq, R);
+  // A layer every selector attends in full compares with no ranking.
+  bool layer_ranks_by_mass = false;
+  for (const SelectorPlan& plan : plans) layer_ranks_by_mass |= plan.selector->role(layer) != LayerRole::kFull;
   // Reuse sums per work item, reduced in item order: the same numbers whatever thread ran what.
   if (reuse_enabled) reuse_item_sums.assign(static_cast<std::size_t>(Hkv * tiles * L), 0.0);
 
@@ -1074,7 +1091,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       request.layer = layer;
       request.kv_head = g;
       request.tensors_id = tensors_id;
-      request.rank_blocks = tile_rank_blocks[static_cast<std::size_t>(tile_index)];
+      request.rank_blocks = layer_ranks_by_mass ? tile_rank_blocks[static_cast<std::size_t>(tile_index)] : 0;
       if (inputs.dense) {
         request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
       } else {

@@ -261,54 +261,67 @@ constexpr double kRankingTieTolerance = 1e-13;
 
 TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, ties to the lower block", "[cuda]") {
   std::int64_t rankings = 0, near_tie_swaps = 0;
+  auto check_rankings = [&](const Backend& gpu, const StatsRequest& req, std::int64_t asked) {
+    CAPTURE(req.heads, req.seq_len, req.block_size, req.num_rows, asked);
+    StatsRequest ranked_request = req;
+    ranked_request.rank_blocks = asked;
+    StatsTile tile;
+    gpu.block_statistics(ranked_request, tile);
+    const std::int64_t block = req.block_size;
+    REQUIRE(tile.ranked == std::min(asked, tile.num_blocks));
+    REQUIRE(tile.mass_order.size() == static_cast<std::size_t>(tile.heads * tile.rows * tile.ranked));
+    std::vector<double> mass;
+    std::vector<std::int32_t> expected;
+    for (std::int64_t h = 0; h < tile.heads; ++h) {
+      for (std::int64_t r = 0; r < tile.rows; ++r) {
+        const std::int64_t causal = req.rows[r] / block + 1, n = std::min(tile.ranked, causal);
+        const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
+        mass.assign(static_cast<std::size_t>(causal), 0.0);
+        for (std::int64_t b = 0; b < causal; ++b) {
+          const double m = tile.block_max[tile.at(h, r, b)];
+          if (m != -std::numeric_limits<double>::infinity()) {
+            mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * std::exp(m - lse_tokens);
+          }
+        }
+        expected.resize(static_cast<std::size_t>(n));
+        rank_top(mass.data(), causal, n, expected.data());
+        const std::int32_t* got = &tile.mass_order[static_cast<std::size_t>((h * tile.rows + r) * tile.ranked)];
+        std::vector<char> seen(static_cast<std::size_t>(causal), 0);
+        for (std::int64_t i = 0; i < n; ++i) {
+          REQUIRE(got[i] >= 0);
+          REQUIRE(got[i] < causal);
+          REQUIRE(!seen[static_cast<std::size_t>(got[i])]);
+          seen[static_cast<std::size_t>(got[i])] = 1;
+          if (got[i] == expected[static_cast<std::size_t>(i)]) continue;
+          ++near_tie_swaps;
+          const double a = mass[static_cast<std::size_t>(got[i])], b = mass[static_cast<std::size_t>(expected[static_cast<std::size_t>(i)])];
+          CAPTURE(h, r, i, got[i], expected[static_cast<std::size_t>(i)], a, b);
+          REQUIRE(a != b);  // an exact tie goes to the lower block on the device too
+          REQUIRE(std::fabs(a - b) <= kRankingTieTolerance * std::max(a, b));
+        }
+        ++rankings;
+      }
+    }
+  };
   for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    CAPTURE(to_string(precision));
     const auto gpu = make_backend("cuda", precision);
     for (const StatsCase& k : kStatsCases) {
+      CAPTURE(k.rows, k.ties, k.scale_sign);
       const Capture c = gaussian_capture(1, 2 * k.group_heads, 2, k.d, k.T, k.sinks, k.ties, test::seed() + static_cast<std::uint64_t>(k.T),
                                          precision);
       const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
       const std::int64_t num_blocks = rows.back() / k.block + 1;
-      for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{5}, num_blocks, num_blocks + 7}) {
-        CAPTURE(to_string(precision), k.group_heads, k.T, k.block, k.rows, k.ties, asked);
-        StatsRequest req = group_request(c, 1, rows, k.block, false, k.scale_sign);
-        req.rank_blocks = asked;
-        StatsTile tile;
-        gpu->block_statistics(req, tile);
-        REQUIRE(tile.ranked == std::min(asked, num_blocks));
-        REQUIRE(tile.mass_order.size() == static_cast<std::size_t>(tile.heads * tile.rows * tile.ranked));
-        std::vector<double> mass;
-        std::vector<std::int32_t> expected;
-        for (std::int64_t h = 0; h < tile.heads; ++h) {
-          for (std::int64_t r = 0; r < tile.rows; ++r) {
-            const std::int64_t causal = rows[static_cast<std::size_t>(r)] / k.block + 1, n = std::min(tile.ranked, causal);
-            const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
-            mass.assign(static_cast<std::size_t>(causal), 0.0);
-            for (std::int64_t b = 0; b < causal; ++b) {
-              const double m = tile.block_max[tile.at(h, r, b)];
-              if (m != -std::numeric_limits<double>::infinity()) {
-                mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * std::exp(m - lse_tokens);
-              }
-            }
-            expected.resize(static_cast<std::size_t>(n));
-            rank_top(mass.data(), causal, n, expected.data());
-            const std::int32_t* got = &tile.mass_order[static_cast<std::size_t>((h * tile.rows + r) * tile.ranked)];
-            std::vector<char> seen(static_cast<std::size_t>(causal), 0);
-            for (std::int64_t i = 0; i < n; ++i) {
-              REQUIRE(got[i] >= 0);
-              REQUIRE(got[i] < causal);
-              REQUIRE(!seen[static_cast<std::size_t>(got[i])]);
-              seen[static_cast<std::size_t>(got[i])] = 1;
-              if (got[i] == expected[static_cast<std::size_t>(i)]) continue;
-              ++near_tie_swaps;
-              const double a = mass[static_cast<std::size_t>(got[i])], b = mass[static_cast<std::size_t>(expected[static_cast<std::size_t>(i)])];
-              CAPTURE(h, r, i, got[i], expected[static_cast<std::size_t>(i)], a, b);
-              REQUIRE(a != b);  // an exact tie goes to the lower block on the device too
-              REQUIRE(std::fabs(a - b) <= kRankingTieTolerance * std::max(a, b));
-            }
-            ++rankings;
-          }
-        }
-      }
+      const StatsRequest req = group_request(c, 1, rows, k.block, false, k.scale_sign);
+      for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{5}, num_blocks, num_blocks + 7}) check_rankings(*gpu, req, asked);
+    }
+    // Rows of 1,024 to 4,096 blocks (the most one thread block sorts): every thread compares several
+    // pairs a stage, and the shared memory is full. Token-level blocks, with ties.
+    for (const bool ties : {false, true}) {
+      const Capture c = gaussian_capture(1, 4, 1, 32, 4096, true, ties, test::seed() + 4096, precision);
+      const std::vector<std::int64_t> rows = {1023, 1024, 2047, 2048, 4095};
+      const StatsRequest req = group_request(c, 0, rows, 1, false);
+      for (const std::int64_t asked : {std::int64_t{3}, std::int64_t{1500}, std::int64_t{4096}}) check_rankings(*gpu, req, asked);
     }
   }
   // Rows longer than one thread block sorts are left to the host.
