@@ -72,9 +72,12 @@ struct LayerInputs {
 // Exact row quantities that metrics need beyond the block statistics.
 class RowAccess {
  public:
+  // `base_view`: the tile's masses per base block when built (a view whose blocks are the tile's), read
+  // instead of computed again; nullptr: computed from the statistics, with the same formula.
   RowAccess(const LayerInputs& in, const StatsTile& tile, std::int64_t kv_group, std::int64_t head_local,
-            std::int64_t r, std::int64_t t)
+            std::int64_t r, std::int64_t t, const BlockView* base_view)
       : in_(in), tile_(tile), t_(t), r_(r), head_local_(head_local) {
+    if (base_view) base_mass_ = &base_view->mass[base_view->at(head_local, r, 0)];
     const auto& h = *in.header;
     head_ = kv_group * h.group_size() + head_local;
     d_ = h.head_dim;
@@ -122,6 +125,7 @@ class RowAccess {
   }
   // Share of a base block from its statistics (0 for a block without causal keys).
   double block_share(std::int64_t b) const {
+    if (base_mass_) return base_mass_[b];
     const auto cell = static_cast<std::size_t>((head_local_ * tile_.rows + r_) * tile_.num_blocks + b);
     const double m = tile_.block_max[cell];
     return m == kNegInf ? 0.0 : static_cast<double>(tile_.block_sum[cell]) * std::exp(m - lse_tokens_);
@@ -172,6 +176,7 @@ class RowAccess {
   const float* q_ = nullptr;
   const float* k_ = nullptr;
   const float* p_ = nullptr;
+  const double* base_mass_ = nullptr;
 };
 
 // Forced keys of one (head, row): their total share, and the residual share (mass of the
@@ -689,6 +694,7 @@ struct ReplayRun::Impl {
   std::vector<SelectorPlan> plans;
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
   std::int64_t ranked_view = -1;                // the view a backend may rank by mass (-1: none)
+  std::int64_t base_view_index = -1;            // the view whose blocks are the tile's (-1: none)
   std::vector<std::int64_t> tile_rank_blocks;   // per tile: StatsRequest::rank_blocks
   std::int64_t walk_steps_per_flush = kWalkStepsPerFlush;
   ReplayPlan replay_plan;
@@ -964,6 +970,8 @@ void ReplayRun::Impl::setup() {
   // view with the tile's own blocks, when a selector's metrics rank it, per tile as long as its rows'
   // longest budget plus the blocks forced keys touch (what nested budgets and residual rankings ask
   // for), or whole rows when a selector's metrics compare with as many blocks as it selected.
+  const auto base_found = std::find(block_sizes.begin(), block_sizes.end(), base_block);
+  base_view_index = base_found == block_sizes.end() ? -1 : static_cast<std::int64_t>(base_found - block_sizes.begin());
   ranked_view = -1;
   bool whole_rows = false;
   for (const SelectorPlan& plan : plans) {
@@ -1106,6 +1114,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
 
       ws.views.resize(block_sizes.size());
       for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
+      const BlockView* base_view = base_view_index >= 0 ? &ws.views[static_cast<std::size_t>(base_view_index)] : nullptr;
 
       // Forced-key summaries per fixed config, head and row, and the residual mass of every block
       // (its mass outside the forced keys: what selecting it adds).
@@ -1120,7 +1129,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         summaries[c].resize(static_cast<std::size_t>(G * nr));
         for (std::int64_t h = 0; h < G; ++h) {
           for (std::int64_t r = 0; r < nr; ++r) {
-            const RowAccess row(inputs, ws.tile, g, h, r, positions[r]);
+            const RowAccess row(inputs, ws.tile, g, h, r, positions[r], base_view);
             const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
             ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
             summary = summarise_forced(row, ranges, view.block, base_block);
@@ -1226,7 +1235,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               }
               continue;
             }
-            const RowAccess row(inputs, ws.tile, g, h, r, t);
+            const RowAccess row(inputs, ws.tile, g, h, r, t, base_view);
             const ForcedSummary& fixed = summaries[static_cast<std::size_t>(plan.reference_config)][static_cast<std::size_t>(h * nr + r)];
             const ForcedRanges fixed_ranges(sel.sinks(), std::max<std::int64_t>(0, sel.window()), t);
             auto block_keys = [&](std::int64_t b) { return std::min((b + 1) * B, t + 1) - b * B; };
