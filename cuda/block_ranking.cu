@@ -1,5 +1,6 @@
-// Per-row rankings of blocks by mass on the device (StatsTile::mass_order): the host would otherwise
-// sort every (head, row) of every tile, which bounds the GPU path (README, Performance).
+// Per-row rankings on the device: blocks by mass (StatsTile::mass_order) and Quest's pages by their
+// bound (Backend::page_bound_rankings). The host would otherwise score and sort every (head, row) of
+// every tile, which bounds the GPU path (README, Performance).
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
@@ -12,16 +13,58 @@ namespace hysparse::cuda {
 namespace {
 
 constexpr int kRankingThreads = 256;
+constexpr int kMaxBoundHeadDim = 256;
 
-// Higher mass first, then the lower block: rank_top's order. Non-negative doubles order as their
-// bit patterns do, so masses are compared as 64-bit integers.
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
+}
+
+// A double as an unsigned integer in the same order (-0 as +0: the host's comparisons tie them).
+__device__ __forceinline__ unsigned long long order_key(double x) {
+  if (x == 0.0) x = 0.0;
+  const auto bits = static_cast<unsigned long long>(__double_as_longlong(x));
+  return (bits >> 63) ? ~bits : bits | 0x8000000000000000ull;
+}
+
+// Higher key first, then the lower index: rank_top's order.
 __device__ __forceinline__ bool ranks_before(unsigned long long key_a, int index_a, unsigned long long key_b, int index_b) {
   return key_a > key_b || (key_a == key_b && index_a < index_b);
 }
 
-// One thread block per (head, row): the row's causal blocks, padded to a power of two with entries
-// that rank after every block (mass 0, index INT_MAX), are sorted by a bitonic network in shared
-// memory; the first `count` are written.
+// Sorts the thread block's entries [0, padded) in shared memory by a bitonic network; padded is a power
+// of two, its entries beyond the row (key 0, index INT_MAX) rank after every real one. Entries written
+// before the call are visible to every thread (each stage starts with a barrier), and the sorted ones
+// after it.
+__device__ void bitonic_rank(unsigned long long* keys, int* indices, int padded) {
+  for (int size = 2; size <= padded; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      __syncthreads();
+      for (int i = static_cast<int>(threadIdx.x); i < padded / 2; i += kRankingThreads) {
+        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+        const unsigned long long key_lo = keys[lo], key_hi = keys[hi];
+        const int index_lo = indices[lo], index_hi = indices[hi];
+        // Sub-sequences alternate direction until the last merge, which runs forward.
+        const bool forward = (lo & size) == 0;
+        const bool swap = forward ? ranks_before(key_hi, index_hi, key_lo, index_lo) : ranks_before(key_lo, index_lo, key_hi, index_hi);
+        if (swap) {
+          keys[lo] = key_hi;
+          keys[hi] = key_lo;
+          indices[lo] = index_hi;
+          indices[hi] = index_lo;
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ int padded_size(int n) {
+  int padded = 1;
+  while (padded < n) padded <<= 1;
+  return padded;
+}
+
+// One thread block per (head, row).
 __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRankingArgs args, int capacity) {
   extern __shared__ unsigned long long ranking_keys[];  // [capacity], then int indices[capacity]
   int* indices = reinterpret_cast<int*>(ranking_keys + capacity);
@@ -29,8 +72,7 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
   const int r = static_cast<int>(cell % args.rows);
   // Rows ascend, so no row has more blocks than the tile; the bound keeps a bad plan inside memory.
   const int causal = static_cast<int>(min(args.positions[r] / args.block + 1, args.num_blocks));
-  int padded = 1;
-  while (padded < causal) padded <<= 1;
+  const int padded = padded_size(causal);
   const double lse_tokens = args.lse_tokens[cell];
   const float* block_max = args.block_max + cell * args.num_blocks;
   const float* block_sum = args.block_sum + cell * args.num_blocks;
@@ -41,38 +83,74 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
       const float m = block_max[i];
       // The engine's formula (build_view): an empty block has mass 0.
       const double mass = m == -CUDART_INF_F ? 0.0 : static_cast<double>(block_sum[i]) * exp(static_cast<double>(m) - lse_tokens);
-      key = static_cast<unsigned long long>(__double_as_longlong(mass));
+      key = order_key(mass);
       index = i;
     }
     ranking_keys[i] = key;
     indices[i] = index;
   }
-  for (int size = 2; size <= padded; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      __syncthreads();
-      for (int i = static_cast<int>(threadIdx.x); i < padded / 2; i += kRankingThreads) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const unsigned long long key_lo = ranking_keys[lo], key_hi = ranking_keys[hi];
-        const int index_lo = indices[lo], index_hi = indices[hi];
-        // Sub-sequences alternate direction until the last merge, which runs forward.
-        const bool forward = (lo & size) == 0;
-        const bool swap = forward ? ranks_before(key_hi, index_hi, key_lo, index_lo) : ranks_before(key_lo, index_lo, key_hi, index_hi);
-        if (swap) {
-          ranking_keys[lo] = key_hi;
-          ranking_keys[hi] = key_lo;
-          indices[lo] = index_hi;
-          indices[hi] = index_lo;
-        }
-      }
-    }
-  }
-  __syncthreads();
+  bitonic_rank(ranking_keys, indices, padded);
   const int written = min(args.count, causal);
   int* order = args.order + cell * args.count;
   for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[i] = indices[i];
 }
 
+// One thread block per (head, row); a thread scores whole pages, channel by channel in the host's order
+// and roundings (no contraction into fused multiply-adds).
+__global__ void __launch_bounds__(kRankingThreads) page_bound_ranking_kernel(PageBoundRankingArgs args, int capacity) {
+  extern __shared__ unsigned long long ranking_keys[];  // [capacity], int indices[capacity], float q[head_dim]
+  int* indices = reinterpret_cast<int*>(ranking_keys + capacity);
+  float* q = reinterpret_cast<float*>(indices + capacity);
+  const long long cell = blockIdx.x;
+  const int r = static_cast<int>(cell % args.rows);
+  const int pages = static_cast<int>(min(args.positions[r] / args.page + 1, args.pages));
+  const int padded = padded_size(pages);
+  for (int c = static_cast<int>(threadIdx.x); c < args.head_dim; c += kRankingThreads) q[c] = args.q[cell * args.head_dim + c];
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
+    unsigned long long key = 0;
+    int index = INT_MAX;
+    if (i < pages) {
+      double bound = CUDART_INF;  // the row's own page comes first
+      if (i + 1 < pages) {
+        bound = 0.0;
+        for (int c = 0; c < args.head_dim; ++c) {
+          const double qc = static_cast<double>(q[c]);
+          const double with_hi = __dmul_rn(qc, static_cast<double>(args.hi[static_cast<long long>(c) * args.pages + i]));
+          const double with_lo = __dmul_rn(qc, static_cast<double>(args.lo[static_cast<long long>(c) * args.pages + i]));
+          bound = __dadd_rn(bound, with_hi < with_lo ? with_lo : with_hi);  // std::max's choice
+        }
+      }
+      key = order_key(bound);
+      index = i;
+    }
+    ranking_keys[i] = key;
+    indices[i] = index;
+  }
+  bitonic_rank(ranking_keys, indices, padded);
+  const int written = min(args.count, pages);
+  int* order = args.order + cell * args.count;
+  for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[i] = indices[i];
+}
+
+int capacity_for(long long entries) {
+  int capacity = 1;
+  while (capacity < entries) capacity <<= 1;
+  return capacity;
+}
+
+std::size_t entry_bytes(int capacity) { return static_cast<std::size_t>(capacity) * (sizeof(unsigned long long) + sizeof(int)); }
+
 }  // namespace
+
+void configure_ranking_kernels() {
+  const std::size_t most = entry_bytes(static_cast<int>(kMaxRankedBlocks)) + kMaxBoundHeadDim * sizeof(float);
+  check(cudaFuncSetAttribute(page_bound_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)),
+        "page ranking shared memory");
+  check(cudaFuncSetAttribute(block_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(entry_bytes(static_cast<int>(kMaxRankedBlocks)))),
+        "block ranking shared memory");
+}
 
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
   if (args.num_blocks > kMaxRankedBlocks || args.count < 1 || args.count > args.num_blocks) {
@@ -81,12 +159,23 @@ void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
-  int capacity = 1;
-  while (capacity < args.num_blocks) capacity <<= 1;
-  const std::size_t shared = static_cast<std::size_t>(capacity) * (sizeof(unsigned long long) + sizeof(int));
-  block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, shared, stream>>>(args, capacity);
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA block ranking kernel launch: {}", cudaGetErrorString(status));
+  const int capacity = capacity_for(args.num_blocks);
+  block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, entry_bytes(capacity), stream>>>(args, capacity);
+  check(cudaGetLastError(), "block ranking kernel launch");
+}
+
+void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t stream) {
+  if (args.pages > kMaxRankedBlocks || args.count < 1 || args.count > args.pages || args.head_dim < 1 ||
+      args.head_dim > kMaxBoundHeadDim) {
+    fail(ErrorKind::kInternal, "page ranking of {} pages, {} a row, head_dim {} (at most {} pages, head_dim {})", args.pages,
+         args.count, args.head_dim, kMaxRankedBlocks, kMaxBoundHeadDim);
+  }
+  const long long cells = static_cast<long long>(args.heads) * args.rows;
+  if (cells == 0) return;
+  const int capacity = capacity_for(args.pages);
+  const std::size_t shared = entry_bytes(capacity) + static_cast<std::size_t>(args.head_dim) * sizeof(float);
+  page_bound_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, shared, stream>>>(args, capacity);
+  check(cudaGetLastError(), "page ranking kernel launch");
 }
 
 }  // namespace hysparse::cuda

@@ -178,12 +178,12 @@ struct Lane {
 
   cudaStream_t stream = nullptr;
   StatsPass pass;
-  PinnedArray<float> host_q, host_block_max, host_block_sum, host_output;
+  PinnedArray<float> host_q, host_block_max, host_block_sum, host_output, host_bounds;
   PinnedArray<long long> host_positions;
   PinnedArray<double> host_lse_tokens, host_lse_all, host_sink_weight, host_errors;
   PinnedArray<int> host_overflow, host_mass_order;
   DeviceArray<int> mass_order;
-  DeviceArray<float> q, sinks, block_max, block_sum, output, output_partials;
+  DeviceArray<float> q, sinks, block_max, block_sum, output, output_partials, bounds;
   DeviceArray<double> lse_tokens, lse_all, sink_weight, factors, errors;
   DeviceArray<OutputWalk> walks;
   DeviceArray<OutputStep> steps;
@@ -272,6 +272,7 @@ class CudaBackend final : public Backend {
                                prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) / 1073741824.0,
                                describe(precision_));
     lanes_ = std::make_unique<LanePool>(prop.multiProcessorCount);
+    configure_ranking_kernels();
   }
   std::string name() const override { return "cuda"; }
   std::string device() const override { return description_; }
@@ -322,6 +323,56 @@ class CudaBackend final : public Backend {
     const double* host_errors = download(lane->host_errors, args.errors, errors.size(), "output walk errors", stream);
     lane->synchronize("output walk kernel");
     copy_out(host_errors, errors);
+  }
+
+  bool page_bound_rankings(const PageBoundRequest& req, std::vector<std::int32_t>& order) const override {
+    if (req.num_rows <= 0 || req.count <= 0 || req.count > req.pages) {
+      fail(ErrorKind::kInternal, "page ranking of {} rows, {} of {} pages a row", req.num_rows, req.count, req.pages);
+    }
+    // Longer rows than one thread block sorts, or wider heads than its staging: the caller ranks them.
+    if (req.pages > kMaxRankedBlocks || req.head_dim > kMaxHeadDim) return false;
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    LanePool::Lease lane = lanes_->take();
+    const cudaStream_t stream = lane->stream;
+    const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim, P = req.pages;
+    const std::int64_t count = req.count;
+    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
+    for (std::int64_t h = 0; h < G; ++h) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
+        std::copy(src, src + d, host_q + (h * R + r) * d);
+      }
+    }
+    // Bounds channel-major, so that a warp's threads (consecutive pages) read consecutive words; the
+    // bounds are key values, exact in fp32.
+    float* host_bounds = lane->host_bounds.reserve(static_cast<std::size_t>(2 * d * P), "page bounds (pinned)");
+    for (std::int64_t b = 0; b < P; ++b) {
+      for (std::int64_t c = 0; c < d; ++c) {
+        host_bounds[c * P + b] = static_cast<float>(req.lo[b * d + c]);
+        host_bounds[(d + c) * P + b] = static_cast<float>(req.hi[b * d + c]);
+      }
+    }
+    long long* host_positions = lane->host_positions.reserve(static_cast<std::size_t>(R), "query positions (pinned)");
+    std::copy(req.rows, req.rows + R, host_positions);
+    PageBoundRankingArgs args;
+    args.q = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
+    const float* bounds = upload(lane->bounds, host_bounds, static_cast<std::size_t>(2 * d * P), "page bounds", stream);
+    args.lo = bounds;
+    args.hi = bounds + d * P;
+    args.positions = upload(lane->positions, host_positions, static_cast<std::size_t>(R), "query positions", stream);
+    args.heads = static_cast<int>(G);
+    args.rows = static_cast<int>(R);
+    args.head_dim = static_cast<int>(d);
+    args.page = req.page;
+    args.pages = P;
+    args.count = static_cast<int>(count);
+    order.resize(static_cast<std::size_t>(G * R * count));
+    args.order = lane->mass_order.reserve(order.size(), "page rankings");
+    launch_page_bound_ranking(args, stream);
+    const int* ranked = download(lane->host_mass_order, static_cast<const int*>(args.order), order.size(), "page rankings", stream);
+    lane->synchronize("page ranking kernel");
+    std::memcpy(order.data(), ranked, order.size() * sizeof(std::int32_t));
+    return true;
   }
 
   void block_statistics(const StatsRequest& req, StatsTile& out) const override {

@@ -133,4 +133,22 @@ struct BlockRankingArgs {
 };
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);
 
+// Backend::page_bound_rankings on device-resident data: per (head, row) cell c = h * rows + r, the row's
+// own page first, then its earlier pages by Quest's bound (in double, channel by channel, no fused
+// multiply-adds: the host's bits), higher first, ties to the lower page; order[c][0..min(count, pages of
+// the row)). At most kMaxRankedBlocks pages and head_dim 256.
+struct PageBoundRankingArgs {
+  const float* q = nullptr;              // [heads][rows][head_dim], unscaled
+  const float* lo = nullptr;             // [head_dim][pages]: per-channel key minima (exact in fp32)
+  const float* hi = nullptr;             // [head_dim][pages]: maxima
+  const long long* positions = nullptr;  // [rows]
+  int heads = 0, rows = 0, head_dim = 0;
+  long long page = 16, pages = 0;
+  int count = 0;                         // 1..pages
+  int* order = nullptr;                  // [heads][rows][count]
+};
+void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t stream);
+// Once per device, before the first ranking: the shared memory the longest rankings need.
+void configure_ranking_kernels();
+
 }  // namespace hysparse::cuda

@@ -1,9 +1,13 @@
 // Proxy selectors: hand-computed cases, the properties of their math, and full replays against the
 // float64 reference (tests/reference/naive_proxies).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "backend/backend.hpp"
 #include "capture/capture.hpp"
@@ -832,4 +836,80 @@ TEST_CASE("selectors=all replays every registered selector with its defaults in 
     }
   }
   CHECK(r.selectors.back().label != r.selectors.front().label);  // oracle repeated: labels stay unique
+}
+
+namespace {
+
+// The CPU backend, plus Quest's page rankings (Backend::page_bound_rankings) made on the host the way a
+// device backend makes them: the same bound (proxy::quest_bound), the row's own page first, rank_top's
+// order; or, `least_first`, the other way round (the own page still first), so that a report shows
+// whether the selector took them.
+class PageRankingBackend final : public Backend {
+ public:
+  explicit PageRankingBackend(bool least_first) : cpu_(make_cpu_backend()), least_first_(least_first) {}
+  std::string name() const override { return cpu_->name(); }
+  std::string device() const override { return cpu_->device(); }
+  void block_statistics(const StatsRequest& request, StatsTile& out) const override { cpu_->block_statistics(request, out); }
+  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
+                     std::vector<double>& errors) const override {
+    cpu_->output_errors(request, tile, walks, errors);
+  }
+  bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const override {
+    ++asked_;
+    // Called from the engine's threads: a broken contract throws (the replay fails), never a Catch2 macro.
+    if (request.count < 1 || request.count > request.pages) throw std::logic_error("page ranking count outside 1..pages");
+    order.assign(static_cast<std::size_t>(request.heads * request.num_rows * request.count), -1);
+    std::vector<double> scores;
+    for (std::int64_t h = 0; h < request.heads; ++h) {
+      for (std::int64_t r = 0; r < request.num_rows; ++r) {
+        const std::int64_t t = request.rows[r], pages = std::min(t / request.page + 1, request.pages);
+        const float* q = request.q + (h * request.seq_len + t) * request.head_dim;
+        scores.assign(static_cast<std::size_t>(pages), std::numeric_limits<double>::infinity());
+        for (std::int64_t b = 0; b + 1 < pages; ++b) {
+          const double bound = proxy::quest_bound(q, request.lo + b * request.head_dim, request.hi + b * request.head_dim, request.head_dim);
+          scores[static_cast<std::size_t>(b)] = least_first_ ? -bound : bound;
+        }
+        rank_top(scores.data(), pages, std::min(request.count, pages),
+                 &order[static_cast<std::size_t>((h * request.num_rows + r) * request.count)]);
+      }
+    }
+    return true;
+  }
+  std::int64_t asked() const { return asked_; }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  bool least_first_;
+  mutable std::atomic<std::int64_t> asked_{0};
+};
+
+}  // namespace
+
+TEST_CASE("quest takes a backend's page rankings where offered: the selector's own report, bit for bit", "[proxies][parity]") {
+  ref::Shape shape;
+  shape.layers = 2;
+  shape.seq_len = 170;
+  shape.head_dim = 16;
+  const Capture capture = ref::random_capture(shape, test::seed() + 61);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_quest_backend.h5";
+  write_capture(path, capture);
+  ReplayOptions options = replay_options("quest:block=8,dense=0,quest:block=16,dense=1,window=20", tokens({16, 48, 96}));
+  const auto cpu = make_cpu_backend();
+  const ReplayResult expected = run_replay(path, options, *cpu, false);
+  const PageRankingBackend same(false), least_first(true);
+  const ReplayResult result = run_replay(path, options, same, false);
+  const ReplayResult wrong = run_replay(path, options, least_first, false);
+  CHECK(same.asked() > 0);
+  for (std::size_t s = 0; s < expected.selectors.size(); ++s) {
+    const SelectorResult& a = expected.selectors[s];
+    for (int m = 0; m < kNumMetrics; ++m) {
+      INFO(a.label << " " << metric_name(m));
+      const auto& x = a.head_mean[m].values;
+      const auto& y = result.selectors[s].head_mean[m].values;
+      REQUIRE(x.size() == y.size());
+      for (std::size_t i = 0; i < x.size(); ++i) CHECK((x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i]))));
+    }
+  }
+  // Least-bound pages first: quest:block=8 attends other pages at the smallest budget, and loses recall.
+  CHECK(wrong.selectors[0].head_mean[kMassRecall].at(0, 1, 0) < expected.selectors[0].head_mean[kMassRecall].at(0, 1, 0) - 0.01);
 }

@@ -132,12 +132,16 @@ class MultiDeviceBackend final : public Backend {
                      std::vector<double>& errors) const override {
     device_of(request).output_errors(request, tile, walks, errors);
   }
-  void prepare_keys(const StatsRequest& request) const override { device_of(request).prepare_keys(request); }
+  void prepare_keys(const StatsRequest& request) const override { device_of(request.kv_head).prepare_keys(request); }
+  bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const override {
+    return device_of(request.kv_head).page_bound_rankings(request, order);
+  }
 
  private:
-  const Backend& device_of(const StatsRequest& request) const {
+  const Backend& device_of(const StatsRequest& request) const { return device_of(request.kv_head); }
+  const Backend& device_of(std::int64_t kv_head) const {
     const auto n = static_cast<std::int64_t>(devices_.size());
-    const std::int64_t index = request.kv_head >= 0 ? request.kv_head % n : 0;
+    const std::int64_t index = kv_head >= 0 ? kv_head % n : 0;
     return *devices_[static_cast<std::size_t>(index)];
   }
 

@@ -85,6 +85,21 @@ struct OutputWalks {
 // contract, checked by every backend before it reads a key.
 void check_output_request(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks);
 
+// Quest's ranking of the pages of one KV head for query rows of its heads (a proxy's scores, computed
+// where the device is). Per (head, row): the row's own (last, partial) page first, then its earlier pages
+// by the bound sum_c max(q_c hi_c, q_c lo_c) (proxy::quest_bound: in double, channel by channel, in that
+// order), higher first, ties to the lower page; the first min(count, pages of the row) of them.
+struct PageBoundRequest {
+  const float* q = nullptr;   // [heads][seq_len][head_dim]: the KV group's query heads
+  const double* lo = nullptr; // [pages][head_dim]: per-channel minima of each page's keys
+  const double* hi = nullptr; // [pages][head_dim]: maxima
+  std::int64_t heads = 1, seq_len = 0, head_dim = 0, page = 16, pages = 0;
+  const std::int64_t* rows = nullptr;  // query positions, ascending
+  std::int64_t num_rows = 0;
+  std::int64_t count = 0;              // 1..pages: pages ranked a row (fewer where the row has fewer)
+  std::int64_t kv_head = -1;           // which device of several serves it
+};
+
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
 // (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the
 // products on tensor cores with fp32 accumulation (CUDA only); on captures stored in that
@@ -113,6 +128,15 @@ class Backend {
   // Thread-safe. Results never depend on it: a backend may decline (the CUDA one does without room to
   // spare on the device) or throw an Error; the copy is then made by the first request that needs it.
   virtual void prepare_keys(const StatsRequest& request) const { (void)request; }
+  // `request`'s ranking into order[(h * num_rows + r) * count + i] (resized to heads * num_rows * count),
+  // or false when the backend leaves it to the caller: the CPU backend does (the selector ranks on the
+  // same cores, and its loop is the reference); the CUDA one computes the bounds and ranks on the device,
+  // with the same bits. Thread-safe.
+  virtual bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const {
+    (void)request;
+    (void)order;
+    return false;
+  }
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

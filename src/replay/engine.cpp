@@ -995,6 +995,7 @@ void ReplayRun::Impl::setup() {
   layer_context.header = &header;
   layer_context.rows = &result.rows;
   layer_context.scale = inputs.scale;
+  layer_context.backend = &backend;
 }
 
 void ReplayRun::Impl::calibrate() {

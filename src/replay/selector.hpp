@@ -20,6 +20,8 @@
 
 namespace hysparse {
 
+class Backend;
+
 // Exact statistics of one (layer, KV group, row tile) at one block size.
 struct BlockView {
   std::int64_t block = 0, heads = 0, rows = 0, num_blocks = 0;  // num_blocks: of the tile's last row
@@ -64,6 +66,9 @@ struct LayerContext {
   bool has_qk = false, has_v = false;
   const std::vector<std::int64_t>* rows = nullptr;  // the evaluated query positions, ascending
   double scale = 1.0;                               // softmax scale
+  // The replay's compute device: a selector may hand it work the backend offers (e.g.
+  // Backend::page_bound_rankings) and does it itself where the backend declines.
+  const Backend* backend = nullptr;
   std::int64_t seq_len() const { return header->seq_len; }
   std::int64_t head_dim() const { return header->head_dim; }
   // Row pointers (q/k layers): q of query head h at t, k / v of KV head g at j.

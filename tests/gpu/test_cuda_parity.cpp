@@ -34,6 +34,7 @@
 #include "common/random.hpp"
 #include "device_statistics.hpp"
 #include "replay/engine.hpp"
+#include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
 #include "reference/output_walks.hpp"
 #include "replay_test_support.hpp"
@@ -335,6 +336,89 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
   CHECK(tile.mass_order.empty());
   std::printf("block rankings: %lld (head, row) rankings, %lld positions differ from the host's by a near tie (relative %.0e)\n",
               static_cast<long long>(rankings), static_cast<long long>(near_tie_swaps), kRankingTieTolerance);
+}
+
+// Backend::page_bound_rankings: Quest's bounds are sums of exact products of fp32 values in double, in
+// channel order, on both sides (no fused multiply-adds on the device), so the rankings must be equal
+// entry for entry, ties (equal pages) to the lower page included.
+TEST_CASE("CUDA Quest page rankings equal the host's, entry for entry", "[cuda]") {
+  const auto gpu = make_backend("cuda");
+  struct Case {
+    std::int64_t heads, d, T, page;
+    const char* rows;
+    bool ties;
+  };
+  std::int64_t rankings = 0;
+  for (const Case& k : {Case{4, 128, 2000, 16, "all", false}, Case{1, 64, 700, 8, "stride", true}, Case{8, 100, 333, 16, "random", false},
+                        Case{2, 256, 520, 32, "all", true}, Case{4, 16, 4096, 1, "last", false}, Case{3, 8, 50, 64, "all", false}}) {
+    CAPTURE(k.heads, k.d, k.T, k.page, k.rows, k.ties);
+    const Capture c = gaussian_capture(1, 2 * k.heads, 2, k.d, k.T, false, k.ties, test::seed() + static_cast<std::uint64_t>(k.T + 1));
+    const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
+    const std::int64_t pages = (k.T + k.page - 1) / k.page, d = k.d;
+    const float* keys = c.layers[0].k.data() + k.T * d;  // KV head 1
+    std::vector<double> lo(static_cast<std::size_t>(pages * d)), hi(lo.size());
+    for (std::int64_t b = 0; b < pages; ++b) {
+      proxy::channel_bounds(keys + b * k.page * d, std::min(k.page, k.T - b * k.page), d, &lo[static_cast<std::size_t>(b * d)],
+                            &hi[static_cast<std::size_t>(b * d)]);
+    }
+    PageBoundRequest req;
+    req.q = c.layers[0].q.data() + k.heads * k.T * d;  // the heads of KV head 1
+    req.lo = lo.data();
+    req.hi = hi.data();
+    req.heads = k.heads;
+    req.seq_len = k.T;
+    req.head_dim = d;
+    req.page = k.page;
+    req.pages = pages;
+    req.rows = rows.data();
+    req.num_rows = static_cast<std::int64_t>(rows.size());
+    req.kv_head = 1;
+    const std::int64_t row_pages_max = rows.back() / k.page + 1;
+    for (const std::int64_t count : {std::int64_t{1}, std::min<std::int64_t>(7, row_pages_max), row_pages_max}) {
+      CAPTURE(count);
+      req.count = count;
+      std::vector<std::int32_t> got;
+      REQUIRE(gpu->page_bound_rankings(req, got));
+      REQUIRE(got.size() == static_cast<std::size_t>(k.heads * req.num_rows * count));
+      std::vector<double> scores;
+      std::vector<std::int32_t> expected;
+      for (std::int64_t h = 0; h < k.heads; ++h) {
+        for (std::int64_t r = 0; r < req.num_rows; ++r) {
+          const std::int64_t t = rows[static_cast<std::size_t>(r)], row_pages = t / k.page + 1, n = std::min(count, row_pages);
+          const float* q = req.q + (h * k.T + t) * d;
+          scores.assign(static_cast<std::size_t>(row_pages), std::numeric_limits<double>::infinity());
+          for (std::int64_t b = 0; b + 1 < row_pages; ++b) {
+            scores[static_cast<std::size_t>(b)] = proxy::quest_bound(q, &lo[static_cast<std::size_t>(b * d)], &hi[static_cast<std::size_t>(b * d)], d);
+          }
+          expected.resize(static_cast<std::size_t>(n));
+          rank_top(scores.data(), row_pages, n, expected.data());
+          for (std::int64_t i = 0; i < n; ++i) {
+            CAPTURE(h, r, t, i);
+            REQUIRE(got[static_cast<std::size_t>((h * req.num_rows + r) * count + i)] == expected[static_cast<std::size_t>(i)]);
+          }
+          ++rankings;
+        }
+      }
+    }
+  }
+  // More pages than one thread block sorts: left to the selector.
+  const Capture c = gaussian_capture(1, 1, 1, 8, 5000, false, false, test::seed() + 5001);
+  std::vector<double> lo(5000 * 8, 0.0), hi(5000 * 8, 0.0);
+  const std::vector<std::int64_t> rows = {4999};
+  PageBoundRequest req;
+  req.q = c.layers[0].q.data();
+  req.lo = lo.data();
+  req.hi = hi.data();
+  req.seq_len = 5000;
+  req.head_dim = 8;
+  req.page = 1;
+  req.pages = 5000;
+  req.rows = rows.data();
+  req.num_rows = 1;
+  req.count = 10;
+  std::vector<std::int32_t> got;
+  CHECK_FALSE(gpu->page_bound_rankings(req, got));
+  std::printf("quest page rankings: %lld (head, row) rankings equal the host's\n", static_cast<long long>(rankings));
 }
 
 // The device keeps every KV head's keys of the layer in flight: tiles of different heads come in

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "backend/backend.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
 
@@ -60,6 +61,7 @@ class QuestSelector final : public Selector {
     const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
     out.reset(c.group_size, c.rows, v.num_blocks);
+    if (layer.backend && rank_on_backend(c, *layer.backend, out)) return;
     std::vector<double> scores(static_cast<std::size_t>(v.num_blocks));
     for (std::int64_t h = 0; h < c.group_size; ++h) {
       const std::int64_t head = c.kv_group * c.group_size + h;
@@ -80,6 +82,38 @@ class QuestSelector final : public Selector {
   }
 
  private:
+  // The same ranking from the backend (Backend::page_bound_rankings), where it offers one.
+  bool rank_on_backend(const RankContext& c, const Backend& backend, Rankings& out) const {
+    const BlockView& v = *c.view;
+    const LayerContext& layer = *c.layer_context;
+    PageBoundRequest request;
+    for (std::int64_t r = 0; r < c.rows; ++r) request.count = std::max(request.count, std::min(c.ranking_length[r], v.causal_blocks(r)));
+    if (request.count <= 0) return false;
+    const auto at = static_cast<std::size_t>(c.kv_group * pages_ * d_);
+    request.q = layer.q(c.kv_group * c.group_size, 0);
+    request.lo = &lo_[at];
+    request.hi = &hi_[at];
+    request.heads = c.group_size;
+    request.seq_len = layer.seq_len();
+    request.head_dim = d_;
+    request.page = block_;
+    request.pages = pages_;
+    request.rows = c.positions;
+    request.num_rows = c.rows;
+    request.kv_head = c.kv_group;
+    thread_local std::vector<std::int32_t> order;
+    if (!backend.page_bound_rankings(request, order)) return false;
+    for (std::int64_t h = 0; h < c.group_size; ++h) {
+      for (std::int64_t r = 0; r < c.rows; ++r) {
+        const std::int64_t n = std::min(c.ranking_length[r], v.causal_blocks(r));
+        const std::int32_t* from = &order[static_cast<std::size_t>((h * c.rows + r) * request.count)];
+        std::copy(from, from + n, out.row(h, r));
+        out.size(h, r) = static_cast<std::int32_t>(n);
+      }
+    }
+    return true;
+  }
+
   std::int64_t dense_ = 2, pages_ = 0, d_ = 0;
   std::vector<double> lo_, hi_;  // [kv head][page][d]
 };
