@@ -181,8 +181,8 @@ struct Lane {
   PinnedArray<float> host_q, host_block_max, host_block_sum, host_output, host_bounds;
   PinnedArray<long long> host_positions;
   PinnedArray<double> host_lse_tokens, host_lse_all, host_sink_weight, host_errors;
-  PinnedArray<int> host_overflow, host_mass_order;
-  DeviceArray<int> mass_order;
+  PinnedArray<int> host_overflow, host_rankings;
+  DeviceArray<int> rankings;  // block or page rankings (one request at a time per lane)
   DeviceArray<float> q, sinks, block_max, block_sum, output, output_partials, bounds;
   DeviceArray<double> lse_tokens, lse_all, sink_weight, factors, errors;
   DeviceArray<OutputWalk> walks;
@@ -367,9 +367,9 @@ class CudaBackend final : public Backend {
     args.pages = P;
     args.count = static_cast<int>(count);
     order.resize(static_cast<std::size_t>(G * R * count));
-    args.order = lane->mass_order.reserve(order.size(), "page rankings");
+    args.order = lane->rankings.reserve(order.size(), "page rankings");
     launch_page_bound_ranking(args, stream);
-    const int* ranked = download(lane->host_mass_order, static_cast<const int*>(args.order), order.size(), "page rankings", stream);
+    const int* ranked = download(lane->host_rankings, static_cast<const int*>(args.order), order.size(), "page rankings", stream);
     lane->synchronize("page ranking kernel");
     std::memcpy(order.data(), ranked, order.size() * sizeof(std::int32_t));
     return true;
@@ -461,9 +461,9 @@ class CudaBackend final : public Backend {
       ranking.block = args.block;
       ranking.num_blocks = args.num_blocks;
       ranking.count = static_cast<int>(out.ranked);
-      ranking.order = lane->mass_order.reserve(out.mass_order.size(), "block rankings");
+      ranking.order = lane->rankings.reserve(out.mass_order.size(), "block rankings");
       launch_block_ranking(ranking, stream);
-      mass_order = download(lane->host_mass_order, static_cast<const int*>(ranking.order), out.mass_order.size(), "block rankings", stream);
+      mass_order = download(lane->host_rankings, static_cast<const int*>(ranking.order), out.mass_order.size(), "block rankings", stream);
     }
     const float* output = nullptr;
     if (req.v) {
