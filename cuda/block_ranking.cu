@@ -13,7 +13,6 @@ namespace hysparse::cuda {
 namespace {
 
 constexpr int kRankingThreads = 256;
-constexpr int kMaxBoundHeadDim = 256;
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));

@@ -326,11 +326,20 @@ class CudaBackend final : public Backend {
   }
 
   bool page_bound_rankings(const PageBoundRequest& req, std::vector<std::int32_t>& order) const override {
+    try {
+      return rank_pages(req, order);
+    } catch (const Error& error) {
+      if (error.kind() != ErrorKind::kResource) throw;
+      return false;  // no room on the device for this tile's bounds: the selector ranks on the host
+    }
+  }
+
+  bool rank_pages(const PageBoundRequest& req, std::vector<std::int32_t>& order) const {
     if (req.num_rows <= 0 || req.count <= 0 || req.count > req.pages) {
       fail(ErrorKind::kInternal, "page ranking of {} rows, {} of {} pages a row", req.num_rows, req.count, req.pages);
     }
     // Longer rows than one thread block sorts, or wider heads than its staging: the caller ranks them.
-    if (req.pages > kMaxRankedBlocks || req.head_dim > kMaxHeadDim) return false;
+    if (req.pages > kMaxRankedBlocks || req.head_dim > kMaxBoundHeadDim) return false;
     check(cudaSetDevice(device_), "cudaSetDevice");
     LanePool::Lease lane = lanes_->take();
     const cudaStream_t stream = lane->stream;

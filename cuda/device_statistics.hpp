@@ -136,7 +136,8 @@ void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);
 // Backend::page_bound_rankings on device-resident data: per (head, row) cell c = h * rows + r, the row's
 // own page first, then its earlier pages by Quest's bound (in double, channel by channel, no fused
 // multiply-adds: the host's bits), higher first, ties to the lower page; order[c][0..min(count, pages of
-// the row)). At most kMaxRankedBlocks pages and head_dim 256.
+// the row)). At most kMaxRankedBlocks pages and kMaxBoundHeadDim channels.
+constexpr int kMaxBoundHeadDim = 256;
 struct PageBoundRankingArgs {
   const float* q = nullptr;              // [heads][rows][head_dim], unscaled
   const float* lo = nullptr;             // [head_dim][pages]: per-channel key minima (exact in fp32)

@@ -843,10 +843,12 @@ namespace {
 // The CPU backend, plus Quest's page rankings (Backend::page_bound_rankings) made on the host the way a
 // device backend makes them: the same bound (proxy::quest_bound), the row's own page first, rank_top's
 // order; or, `least_first`, the other way round (the own page still first), so that a report shows
-// whether the selector took them.
+// whether the selector took them; or a malformed answer (one entry short, or a page beyond the row),
+// which the selector must refuse.
 class PageRankingBackend final : public Backend {
  public:
-  explicit PageRankingBackend(bool least_first) : cpu_(make_cpu_backend()), least_first_(least_first) {}
+  enum class Answer { kSame, kLeastFirst, kShort, kBeyondRow };
+  explicit PageRankingBackend(Answer answer) : cpu_(make_cpu_backend()), least_first_(answer == Answer::kLeastFirst), answer_(answer) {}
   std::string name() const override { return cpu_->name(); }
   std::string device() const override { return cpu_->device(); }
   void block_statistics(const StatsRequest& request, StatsTile& out) const override { cpu_->block_statistics(request, out); }
@@ -873,6 +875,8 @@ class PageRankingBackend final : public Backend {
                  &order[static_cast<std::size_t>((h * request.num_rows + r) * request.count)]);
       }
     }
+    if (answer_ == Answer::kShort) order.pop_back();
+    if (answer_ == Answer::kBeyondRow) order.front() = static_cast<std::int32_t>(request.rows[0] / request.page + 1);
     return true;
   }
   std::int64_t asked() const { return asked_; }
@@ -880,6 +884,7 @@ class PageRankingBackend final : public Backend {
  private:
   std::unique_ptr<Backend> cpu_;
   bool least_first_;
+  Answer answer_;
   mutable std::atomic<std::int64_t> asked_{0};
 };
 
@@ -896,7 +901,8 @@ TEST_CASE("quest takes a backend's page rankings where offered: the selector's o
   ReplayOptions options = replay_options("quest:block=8,dense=0,quest:block=16,dense=1,window=20", tokens({16, 48, 96}));
   const auto cpu = make_cpu_backend();
   const ReplayResult expected = run_replay(path, options, *cpu, false);
-  const PageRankingBackend same(false), least_first(true);
+  using Answer = PageRankingBackend::Answer;
+  const PageRankingBackend same(Answer::kSame), least_first(Answer::kLeastFirst);
   const ReplayResult result = run_replay(path, options, same, false);
   const ReplayResult wrong = run_replay(path, options, least_first, false);
   CHECK(same.asked() > 0);
@@ -912,4 +918,15 @@ TEST_CASE("quest takes a backend's page rankings where offered: the selector's o
   }
   // Least-bound pages first: quest:block=8 attends other pages at the smallest budget, and loses recall.
   CHECK(wrong.selectors[0].head_mean[kMassRecall].at(0, 1, 0) < expected.selectors[0].head_mean[kMassRecall].at(0, 1, 0) - 0.01);
+  // A malformed answer is a bug of the backend's, reported as one, never read past its end.
+  for (const Answer answer : {Answer::kShort, Answer::kBeyondRow}) {
+    const PageRankingBackend malformed(answer);
+    try {
+      (void)run_replay(path, options, malformed, false);
+      FAIL("a malformed page ranking was accepted");
+    } catch (const Error& error) {
+      CHECK(error.kind() == ErrorKind::kInternal);
+      CHECK(std::string(error.what()).find("quest: the backend ranked") != std::string::npos);
+    }
+  }
 }

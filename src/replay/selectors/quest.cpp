@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "backend/backend.hpp"
+#include "common/error.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
 
@@ -101,13 +102,23 @@ class QuestSelector final : public Selector {
     request.rows = c.positions;
     request.num_rows = c.rows;
     request.kv_head = c.kv_group;
-    thread_local std::vector<std::int32_t> order;
+    std::vector<std::int32_t> order;
     if (!backend.page_bound_rankings(request, order)) return false;
+    if (order.size() != static_cast<std::size_t>(c.group_size * c.rows * request.count)) {
+      throw Error(ErrorKind::kInternal, fmt::format("quest: the backend ranked {} pages for {} heads x {} rows x {}", order.size(),
+                                                    c.group_size, c.rows, request.count));
+    }
     for (std::int64_t h = 0; h < c.group_size; ++h) {
       for (std::int64_t r = 0; r < c.rows; ++r) {
         const std::int64_t n = std::min(c.ranking_length[r], v.causal_blocks(r));
         const std::int32_t* from = &order[static_cast<std::size_t>((h * c.rows + r) * request.count)];
-        std::copy(from, from + n, out.row(h, r));
+        std::int32_t* to = out.row(h, r);
+        for (std::int64_t i = 0; i < n; ++i) {
+          if (from[i] < 0 || from[i] >= v.causal_blocks(r)) {
+            throw Error(ErrorKind::kInternal, fmt::format("quest: the backend ranked page {} of a row of {}", from[i], v.causal_blocks(r)));
+          }
+          to[i] = from[i];
+        }
         out.size(h, r) = static_cast<std::int32_t>(n);
       }
     }
