@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
   const long long cell = blockIdx.x;
   const int r = static_cast<int>(cell % args.rows);
   // Rows ascend, so no row has more blocks than the tile; the bound keeps a bad plan inside memory.
-  const int causal = static_cast<int>(min(args.positions[r] / args.block + 1, args.num_blocks));
+  const long long tile_blocks = min(args.positions[r] / args.block + 1, args.num_blocks);
+  const int causal = static_cast<int>((tile_blocks + args.factor - 1) / args.factor);
   const int padded = padded_size(causal);
   const double lse_tokens = args.lse_tokens[cell];
   const float* block_max = args.block_max + cell * args.num_blocks;
@@ -79,9 +80,24 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
     unsigned long long key = 0;
     int index = INT_MAX;
     if (i < causal) {
-      const float m = block_max[i];
-      // The engine's formula (build_view): an empty block has mass 0.
-      const double mass = m == -CUDART_INF_F ? 0.0 : static_cast<double>(block_sum[i]) * exp(static_cast<double>(m) - lse_tokens);
+      // The engine's formulas (build_view); an empty block has mass 0.
+      double mass = 0.0;
+      if (args.factor == 1) {
+        const float m = block_max[i];
+        if (m != -CUDART_INF_F) mass = static_cast<double>(block_sum[i]) * exp(static_cast<double>(m) - lse_tokens);
+      } else {
+        const long long first = static_cast<long long>(i) * args.factor, last = min(first + args.factor, tile_blocks);
+        double m = -CUDART_INF;
+        for (long long j = first; j < last; ++j) m = fmax(m, static_cast<double>(block_max[j]));
+        if (m != -CUDART_INF) {
+          double l = 0.0;
+          for (long long j = first; j < last; ++j) {
+            const double mj = block_max[j];
+            if (mj != -CUDART_INF) l += static_cast<double>(block_sum[j]) * exp(mj - m);
+          }
+          mass = l * exp(m - lse_tokens);
+        }
+      }
       key = order_key(mass);
       index = i;
     }
@@ -152,13 +168,14 @@ void configure_ranking_kernels() {
 }
 
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
-  if (args.num_blocks > kMaxRankedBlocks || args.count < 1 || args.count > args.num_blocks) {
-    fail(ErrorKind::kInternal, "block ranking of {} blocks, {} a row (at most {} blocks)", args.num_blocks, args.count,
-         kMaxRankedBlocks);
+  const long long ranked_blocks = args.factor >= 1 ? (args.num_blocks + args.factor - 1) / args.factor : 0;
+  if (args.factor < 1 || ranked_blocks > kMaxRankedBlocks || args.count < 1 || args.count > ranked_blocks) {
+    fail(ErrorKind::kInternal, "block ranking of {} blocks of {} tile blocks, {} a row (at most {} blocks)", ranked_blocks,
+         args.factor, args.count, kMaxRankedBlocks);
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
-  const int capacity = capacity_for(args.num_blocks);
+  const int capacity = capacity_for(ranked_blocks);
   block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, entry_bytes(capacity), stream>>>(args, capacity);
   check(cudaGetLastError(), "block ranking kernel launch");
 }

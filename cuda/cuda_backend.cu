@@ -129,7 +129,12 @@ void size_tile(const StatsRequest& req, StatsTile& out) {
   if (req.v) out.output.resize(static_cast<std::size_t>(out.heads * out.rows * out.head_dim));
   else out.output.clear();
   // Ranked on the device whenever asked, unless a row is too long for one thread block's sort.
-  out.ranked = out.num_blocks <= kMaxRankedBlocks ? std::max<std::int64_t>(0, std::min(req.rank_blocks, out.num_blocks)) : 0;
+  const std::int64_t rank_block = req.rank_block > 0 ? req.rank_block : req.block_size;
+  if (rank_block % req.block_size != 0) {
+    fail(ErrorKind::kInternal, "ranking blocks of {} keys from statistics of blocks of {}", rank_block, req.block_size);
+  }
+  const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / rank_block + 1;
+  out.ranked = ranked_blocks <= kMaxRankedBlocks ? std::max<std::int64_t>(0, std::min(req.rank_blocks, ranked_blocks)) : 0;
   out.mass_order.resize(static_cast<std::size_t>(out.heads * out.rows * out.ranked));
 }
 
@@ -469,6 +474,7 @@ class CudaBackend final : public Backend {
       ranking.rows = args.rows;
       ranking.block = args.block;
       ranking.num_blocks = args.num_blocks;
+      ranking.factor = static_cast<int>((req.rank_block > 0 ? req.rank_block : req.block_size) / req.block_size);
       ranking.count = static_cast<int>(out.ranked);
       ranking.order = lane->rankings.reserve(out.mass_order.size(), "block rankings");
       launch_block_ranking(ranking, stream);

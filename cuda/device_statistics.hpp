@@ -116,10 +116,10 @@ struct OutputWalkArgs {
 void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream);
 
 // StatsTile::mass_order on device-resident statistics: order[c][0..min(count, causal blocks)) of every
-// (head, row) cell c = h * rows + r (row stride `count`), the row's causal blocks by mass
-// block_sum * exp(block_max - lse_tokens) in double, higher first, ties to the lower block. One thread
-// block sorts one row in shared memory, so rows of at most kMaxRankedBlocks blocks only (num_blocks
-// <= kMaxRankedBlocks; callers rank longer rows on the host).
+// (head, row) cell c = h * rows + r (row stride `count`), the row's causal blocks of `factor` tile blocks
+// by mass (StatsTile's formula, in double), higher first, ties to the lower block. One thread block
+// sorts one row in shared memory, so rows of at most kMaxRankedBlocks blocks only (callers rank longer
+// rows on the host).
 constexpr long long kMaxRankedBlocks = 4096;
 struct BlockRankingArgs {
   const float* block_max = nullptr;     // [heads][rows][num_blocks]
@@ -127,8 +127,9 @@ struct BlockRankingArgs {
   const double* lse_tokens = nullptr;   // [heads][rows]
   const long long* positions = nullptr; // [rows]
   int heads = 0, rows = 0;
-  long long block = 64, num_blocks = 0;
-  int count = 0;                        // 1..num_blocks
+  long long block = 64, num_blocks = 0; // the tile's blocks
+  int factor = 1;                       // tile blocks per ranked block
+  int count = 0;                        // 1..ranked blocks of the last row
   int* order = nullptr;                 // [heads][rows][count]
 };
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);

@@ -26,11 +26,12 @@ struct StatsRequest {
   // tensors in this process (never reused, unlike addresses; 0: unknown).
   std::int64_t layer = -1, kv_head = -1;
   std::uint64_t tensors_id = 0;
-  // > 0: the caller also wants every (head, row)'s causal blocks ranked by mass (StatsTile::mass_order),
-  // the first min(rank_blocks, causal blocks) of each. A backend may decline (StatsTile::ranked = 0):
-  // the CPU one does, as its caller ranks on the same cores; a device backend ranks where the
-  // statistics are, so that the host does not sort every row.
-  std::int64_t rank_blocks = 0;
+  // > 0: the caller also wants every (head, row)'s causal blocks of rank_block keys (a multiple of
+  // block_size; 0: block_size) ranked by mass (StatsTile::mass_order), the first min(rank_blocks, causal
+  // blocks) of each. A backend may decline (StatsTile::ranked = 0): the CPU one does, as its caller
+  // ranks on the same cores; a device backend ranks where the statistics are, so that the host does not
+  // sort every row.
+  std::int64_t rank_blocks = 0, rank_block = 0;
 };
 
 // Per (head, row, block): m = max logit in the block, l = sum exp(z - m) over the
@@ -44,11 +45,12 @@ struct StatsTile {
   std::vector<float> block_sum;   // [heads][rows][num_blocks]
   std::vector<double> lse_tokens, lse_all;  // [heads][rows]
   std::vector<float> output;      // [heads][rows][head_dim] or empty
-  // When ranked > 0: [heads][rows][ranked], the blocks of each (head, row) by mass
-  // block_sum * exp(block_max - lse_tokens) (in double, as the replay engine computes it), higher
-  // first, ties to the lower block (rank_top's rule); row r holds min(ranked, causal blocks of r).
-  // On a device whose exp differs from the host's in the last bit, two blocks whose masses are that
-  // close may come in the other order (a tie up to rounding).
+  // When ranked > 0: [heads][rows][ranked], the blocks of rank_block keys of each (head, row) by mass,
+  // in double as the replay engine computes it from the tile (a block of f tile blocks: m = their largest
+  // max, l = sum of block_sum * exp(block_max - m), mass = l * exp(m - lse_tokens); f = 1: block_sum *
+  // exp(block_max - lse_tokens)), higher first, ties to the lower block (rank_top's rule); row r holds
+  // min(ranked, causal blocks of r). On a device whose exp differs from the host's in the last bit, two
+  // blocks whose masses are that close may come in the other order (a tie up to rounding).
   std::int64_t ranked = 0;
   std::vector<std::int32_t> mass_order;
   std::size_t at(std::int64_t h, std::int64_t r, std::int64_t b) const {

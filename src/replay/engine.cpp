@@ -693,9 +693,9 @@ struct ReplayRun::Impl {
   std::vector<std::int64_t> touched_blocks;  // per view: see setup()
   std::vector<SelectorPlan> plans;
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
-  std::int64_t ranked_view = -1;                // the view a backend may rank by mass (-1: none)
   std::int64_t base_view_index = -1;            // the view whose blocks are the tile's (-1: none)
-  std::vector<std::int64_t> tile_rank_blocks;   // per tile: StatsRequest::rank_blocks
+  // Per view a selector reads, per tile: StatsRequest::rank_blocks when the backend ranks that view.
+  std::vector<std::vector<std::int64_t>> view_rank_blocks;
   std::int64_t walk_steps_per_flush = kWalkStepsPerFlush;
   ReplayPlan replay_plan;
   LayerInputs inputs;
@@ -966,27 +966,26 @@ void ReplayRun::Impl::setup() {
   }
   tiles = (R + tile_rows - 1) / tile_rows;
 
-  // The ranking by mass a backend may make beside the statistics (StatsRequest::rank_blocks): of the
-  // view with the tile's own blocks, when a selector's metrics rank it, per tile as long as its rows'
-  // longest budget plus the blocks forced keys touch (what nested budgets and residual rankings ask
-  // for), or whole rows when a selector's metrics compare with as many blocks as it selected.
+  // The ranking by mass a backend may make beside the statistics (StatsRequest::rank_blocks), for each
+  // view a selector reads: per tile as long as its rows' longest budget plus the blocks forced keys
+  // touch (what nested budgets and residual rankings ask for), or whole rows when a selector's metrics
+  // compare with as many blocks as it selected. Which view is asked for is chosen per layer (run_layer).
   const auto base_found = std::find(block_sizes.begin(), block_sizes.end(), base_block);
   base_view_index = base_found == block_sizes.end() ? -1 : static_cast<std::int64_t>(base_found - block_sizes.begin());
-  ranked_view = -1;
-  bool whole_rows = false;
+  view_rank_blocks.assign(block_sizes.size(), {});
   for (const SelectorPlan& plan : plans) {
-    if (block_sizes[static_cast<std::size_t>(plan.view_index)] != base_block) continue;
-    ranked_view = plan.view_index;
-    if (plan.budget_use != BudgetUse::kNested) whole_rows = true;
-  }
-  tile_rank_blocks.assign(static_cast<std::size_t>(tiles), 0);
-  if (ranked_view >= 0) {
+    const auto v = static_cast<std::size_t>(plan.view_index);
+    if (!view_rank_blocks[v].empty()) continue;
+    const std::int64_t B = block_sizes[v];
+    bool whole_rows = false;
+    for (const SelectorPlan& other : plans) whole_rows |= other.view_index == plan.view_index && other.budget_use != BudgetUse::kNested;
+    view_rank_blocks[v].assign(static_cast<std::size_t>(tiles), 0);
     for (std::int64_t i = 0; i < R; ++i) {
       const std::int64_t t = rows[static_cast<std::size_t>(i)];
-      std::int64_t n = whole_rows ? t / base_block + 1 : 0;
-      for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(t, base_block));
-      std::int64_t& wanted = tile_rank_blocks[static_cast<std::size_t>(i / tile_rows)];
-      wanted = std::max(wanted, std::min(t / base_block + 1, n + touched_blocks[static_cast<std::size_t>(ranked_view)]));
+      std::int64_t n = whole_rows ? t / B + 1 : 0;
+      for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(t, B));
+      std::int64_t& wanted = view_rank_blocks[v][static_cast<std::size_t>(i / tile_rows)];
+      wanted = std::max(wanted, std::min(t / B + 1, n + touched_blocks[v]));
     }
   }
   if (options.walk_steps_per_flush > 0) walk_steps_per_flush = options.walk_steps_per_flush;
@@ -1063,9 +1062,15 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   layer_context.has_v = !tensors.v.empty();
   for (auto& sel : selectors) sel->prepare_layer(layer_context);
   metrics.reset(S, NB, Hq, R);
-  // A layer every selector attends in full compares with no ranking.
-  bool layer_ranks_by_mass = false;
-  for (const SelectorPlan& plan : plans) layer_ranks_by_mass |= plan.selector->role(layer) != LayerRole::kFull;
+  // The backend ranks one view a tile: of the views a selector reads in this layer (none where every
+  // selector attends in full), the one of the smallest blocks, whose ranking costs the host the most.
+  std::int64_t ranked_view = -1;
+  for (const SelectorPlan& plan : plans) {
+    if (plan.selector->role(layer) == LayerRole::kFull) continue;
+    if (ranked_view < 0 || block_sizes[static_cast<std::size_t>(plan.view_index)] < block_sizes[static_cast<std::size_t>(ranked_view)]) {
+      ranked_view = plan.view_index;
+    }
+  }
   // Reuse sums per work item, reduced in item order: the same numbers whatever thread ran what.
   if (reuse_enabled) reuse_item_sums.assign(static_cast<std::size_t>(Hkv * tiles * L), 0.0);
 
@@ -1100,7 +1105,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       request.layer = layer;
       request.kv_head = g;
       request.tensors_id = tensors_id;
-      request.rank_blocks = layer_ranks_by_mass ? tile_rank_blocks[static_cast<std::size_t>(tile_index)] : 0;
+      if (ranked_view >= 0) {
+        request.rank_blocks = view_rank_blocks[static_cast<std::size_t>(ranked_view)][static_cast<std::size_t>(tile_index)];
+        request.rank_block = block_sizes[static_cast<std::size_t>(ranked_view)];
+      }
       if (inputs.dense) {
         request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
       } else {

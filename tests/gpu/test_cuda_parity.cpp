@@ -262,27 +262,43 @@ constexpr double kRankingTieTolerance = 1e-13;
 
 TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, ties to the lower block", "[cuda]") {
   std::int64_t rankings = 0, near_tie_swaps = 0;
-  auto check_rankings = [&](const Backend& gpu, const StatsRequest& req, std::int64_t asked) {
-    CAPTURE(req.heads, req.seq_len, req.block_size, req.num_rows, asked);
+  // factor: tile blocks per ranked block (the engine's view of a larger block size).
+  auto check_rankings = [&](const Backend& gpu, const StatsRequest& req, std::int64_t asked, std::int64_t factor) {
+    CAPTURE(req.heads, req.seq_len, req.block_size, req.num_rows, asked, factor);
     StatsRequest ranked_request = req;
     ranked_request.rank_blocks = asked;
+    ranked_request.rank_block = req.block_size * factor;
     StatsTile tile;
     gpu.block_statistics(ranked_request, tile);
-    const std::int64_t block = req.block_size;
-    REQUIRE(tile.ranked == std::min(asked, tile.num_blocks));
+    const std::int64_t block = req.block_size * factor;
+    const std::int64_t num_blocks = req.rows[req.num_rows - 1] / block + 1;
+    REQUIRE(tile.ranked == std::min(asked, num_blocks));
     REQUIRE(tile.mass_order.size() == static_cast<std::size_t>(tile.heads * tile.rows * tile.ranked));
+    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
     std::vector<double> mass;
     std::vector<std::int32_t> expected;
     for (std::int64_t h = 0; h < tile.heads; ++h) {
       for (std::int64_t r = 0; r < tile.rows; ++r) {
         const std::int64_t causal = req.rows[r] / block + 1, n = std::min(tile.ranked, causal);
+        const std::int64_t tile_blocks = req.rows[r] / req.block_size + 1;
         const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
         mass.assign(static_cast<std::size_t>(causal), 0.0);
         for (std::int64_t b = 0; b < causal; ++b) {
-          const double m = tile.block_max[tile.at(h, r, b)];
-          if (m != -std::numeric_limits<double>::infinity()) {
+          // The engine's masses (build_view): one tile block, or `factor` of them.
+          const std::int64_t first = b * factor, last = std::min((b + 1) * factor, tile_blocks);
+          double m = kNegInf;
+          for (std::int64_t i = first; i < last; ++i) m = std::max(m, static_cast<double>(tile.block_max[tile.at(h, r, i)]));
+          if (m == kNegInf) continue;
+          if (factor == 1) {
             mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * std::exp(m - lse_tokens);
+            continue;
           }
+          double l = 0.0;
+          for (std::int64_t i = first; i < last; ++i) {
+            const double mi = tile.block_max[tile.at(h, r, i)];
+            if (mi != kNegInf) l += static_cast<double>(tile.block_sum[tile.at(h, r, i)]) * std::exp(mi - m);
+          }
+          mass[static_cast<std::size_t>(b)] = l * std::exp(m - lse_tokens);
         }
         expected.resize(static_cast<std::size_t>(n));
         rank_top(mass.data(), causal, n, expected.data());
@@ -312,9 +328,11 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
       const Capture c = gaussian_capture(1, 2 * k.group_heads, 2, k.d, k.T, k.sinks, k.ties, test::seed() + static_cast<std::uint64_t>(k.T),
                                          precision);
       const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
-      const std::int64_t num_blocks = rows.back() / k.block + 1;
       const StatsRequest req = group_request(c, 1, rows, k.block, false, k.scale_sign);
-      for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{5}, num_blocks, num_blocks + 7}) check_rankings(*gpu, req, asked);
+      for (const std::int64_t factor : {1, 3}) {
+        const std::int64_t num_blocks = rows.back() / (k.block * factor) + 1;
+        for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{5}, num_blocks, num_blocks + 7}) check_rankings(*gpu, req, asked, factor);
+      }
     }
     // Rows of 1,024 to 4,096 blocks (the most one thread block sorts): every thread compares several
     // pairs a stage, and the shared memory is full. Token-level blocks, with ties.
@@ -322,7 +340,8 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
       const Capture c = gaussian_capture(1, 4, 1, 32, 4096, true, ties, test::seed() + 4096, precision);
       const std::vector<std::int64_t> rows = {1023, 1024, 2047, 2048, 4095};
       const StatsRequest req = group_request(c, 0, rows, 1, false);
-      for (const std::int64_t asked : {std::int64_t{3}, std::int64_t{1500}, std::int64_t{4096}}) check_rankings(*gpu, req, asked);
+      for (const std::int64_t asked : {std::int64_t{3}, std::int64_t{1500}, std::int64_t{4096}}) check_rankings(*gpu, req, asked, 1);
+      check_rankings(*gpu, req, 700, 2);
     }
   }
   // Rows longer than one thread block sorts are left to the host.
