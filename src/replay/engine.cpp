@@ -243,8 +243,8 @@ struct SharedRanking {
     order.resize(static_cast<std::size_t>(heads * rows * stride));
     length.assign(static_cast<std::size_t>(heads * rows), -1);
   }
-  // Takes the backend's ranking of the tile by mass (StatsTile::mass_order) for `view`, whose
-  // blocks are the tile's: rows with fewer ranked blocks than a later request are ranked again here.
+  // Takes the backend's ranking of the tile by mass (StatsTile::mass_order) of `view`'s blocks (the
+  // request's rank_block): rows with fewer ranked blocks than a later request are ranked again here.
   void adopt(const StatsTile& tile, const BlockView& view) {
     if (tile.mass_order.size() != static_cast<std::size_t>(tile.heads * rows * tile.ranked) || tile.ranked > stride) {
       throw Error(ErrorKind::kInternal, fmt::format("backend ranking of {} entries for {} heads x {} rows x {} blocks",
