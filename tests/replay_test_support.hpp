@@ -1,8 +1,10 @@
 #pragma once
 // Helpers shared by the replay test files: write a capture, replay it on the CPU, build options and budgets,
 // and statistics requests for one KV group.
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -47,6 +49,32 @@ inline StatsRequest group_request(const Capture& c, std::int64_t group, const st
   req.num_rows = static_cast<std::int64_t>(rows.size());
   req.block_size = block;
   return req;
+}
+
+// The masses of the causal blocks of `factor` tile blocks of (h, r) of a tile whose row r is at
+// `position`, as the replay engine computes them from the tile (build_view; StatsTile::mass_order).
+inline void view_masses(const StatsTile& tile, std::int64_t h, std::int64_t r, std::int64_t position, std::int64_t tile_block,
+                        std::int64_t factor, std::vector<double>& mass) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  const std::int64_t tile_blocks = position / tile_block + 1, causal = position / (tile_block * factor) + 1;
+  const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
+  mass.assign(static_cast<std::size_t>(causal), 0.0);
+  for (std::int64_t b = 0; b < causal; ++b) {
+    const std::int64_t first = b * factor, last = std::min((b + 1) * factor, tile_blocks);
+    double m = kNegInf;
+    for (std::int64_t i = first; i < last; ++i) m = std::max(m, static_cast<double>(tile.block_max[tile.at(h, r, i)]));
+    if (m == kNegInf) continue;
+    if (factor == 1) {
+      mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * std::exp(m - lse_tokens);
+      continue;
+    }
+    double l = 0.0;
+    for (std::int64_t i = first; i < last; ++i) {
+      const double mi = tile.block_max[tile.at(h, r, i)];
+      if (mi != kNegInf) l += static_cast<double>(tile.block_sum[tile.at(h, r, i)]) * std::exp(mi - m);
+    }
+    mass[static_cast<std::size_t>(b)] = l * std::exp(m - lse_tokens);
+  }
 }
 
 inline std::vector<Budget> tokens(std::initializer_list<double> values) {

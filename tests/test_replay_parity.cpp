@@ -337,27 +337,12 @@ class HostRankingBackend final : public Backend {
     out.ranked = std::max<std::int64_t>(1, std::min(request.rank_blocks, num_blocks) - shorten_);
     out.mass_order.assign(static_cast<std::size_t>(out.heads * out.rows * out.ranked), -1);
     std::vector<double> mass;
-    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
     for (std::int64_t h = 0; h < out.heads; ++h) {
       for (std::int64_t r = 0; r < out.rows; ++r) {
-        const std::int64_t causal = request.rows[r] / block + 1, tile_blocks = request.rows[r] / request.block_size + 1;
-        const double lse_tokens = out.lse_tokens[static_cast<std::size_t>(h * out.rows + r)];
-        mass.assign(static_cast<std::size_t>(causal), 0.0);
-        for (std::int64_t b = 0; b < causal; ++b) {
-          // The engine's formula for a block of `factor` tile blocks (build_view).
-          const std::int64_t first = b * factor, last = std::min((b + 1) * factor, tile_blocks);
-          double m = kNegInf;
-          for (std::int64_t i = first; i < last; ++i) m = std::max(m, static_cast<double>(out.block_max[out.at(h, r, i)]));
-          if (m != kNegInf) {
-            double l = 0.0;
-            for (std::int64_t i = first; i < last; ++i) {
-              const double mi = out.block_max[out.at(h, r, i)];
-              if (mi != kNegInf) l += static_cast<double>(out.block_sum[out.at(h, r, i)]) * std::exp(mi - m);
-            }
-            mass[static_cast<std::size_t>(b)] = factor == 1 ? static_cast<double>(out.block_sum[out.at(h, r, b)]) * std::exp(m - lse_tokens)
-                                                            : l * std::exp(m - lse_tokens);
-          }
-          if (least_first_) mass[static_cast<std::size_t>(b)] = -mass[static_cast<std::size_t>(b)];
+        const std::int64_t causal = request.rows[r] / block + 1;
+        test::view_masses(out, h, r, request.rows[r], request.block_size, factor, mass);
+        if (least_first_) {
+          for (double& x : mass) x = -x;
         }
         rank_top(mass.data(), causal, std::min(out.ranked, causal),
                  &out.mass_order[static_cast<std::size_t>((h * out.rows + r) * out.ranked)]);

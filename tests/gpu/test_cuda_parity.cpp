@@ -274,32 +274,12 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
     const std::int64_t num_blocks = req.rows[req.num_rows - 1] / block + 1;
     REQUIRE(tile.ranked == std::min(asked, num_blocks));
     REQUIRE(tile.mass_order.size() == static_cast<std::size_t>(tile.heads * tile.rows * tile.ranked));
-    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
     std::vector<double> mass;
     std::vector<std::int32_t> expected;
     for (std::int64_t h = 0; h < tile.heads; ++h) {
       for (std::int64_t r = 0; r < tile.rows; ++r) {
         const std::int64_t causal = req.rows[r] / block + 1, n = std::min(tile.ranked, causal);
-        const std::int64_t tile_blocks = req.rows[r] / req.block_size + 1;
-        const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
-        mass.assign(static_cast<std::size_t>(causal), 0.0);
-        for (std::int64_t b = 0; b < causal; ++b) {
-          // The engine's masses (build_view): one tile block, or `factor` of them.
-          const std::int64_t first = b * factor, last = std::min((b + 1) * factor, tile_blocks);
-          double m = kNegInf;
-          for (std::int64_t i = first; i < last; ++i) m = std::max(m, static_cast<double>(tile.block_max[tile.at(h, r, i)]));
-          if (m == kNegInf) continue;
-          if (factor == 1) {
-            mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * std::exp(m - lse_tokens);
-            continue;
-          }
-          double l = 0.0;
-          for (std::int64_t i = first; i < last; ++i) {
-            const double mi = tile.block_max[tile.at(h, r, i)];
-            if (mi != kNegInf) l += static_cast<double>(tile.block_sum[tile.at(h, r, i)]) * std::exp(mi - m);
-          }
-          mass[static_cast<std::size_t>(b)] = l * std::exp(m - lse_tokens);
-        }
+        test::view_masses(tile, h, r, req.rows[r], req.block_size, factor, mass);
         expected.resize(static_cast<std::size_t>(n));
         rank_top(mass.data(), causal, n, expected.data());
         const std::int32_t* got = &tile.mass_order[static_cast<std::size_t>((h * tile.rows + r) * tile.ranked)];
