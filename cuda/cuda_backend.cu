@@ -115,6 +115,15 @@ void copy_out(const T* pinned, std::vector<T>& out) {
   if (!out.empty()) std::memcpy(out.data(), pinned, out.size() * sizeof(T));
 }
 
+// The block size of the ranking `req` asks for (StatsRequest::rank_block; a multiple of block_size).
+std::int64_t ranked_block(const StatsRequest& req) {
+  const std::int64_t block = req.rank_block > 0 ? req.rank_block : req.block_size;
+  if (block % req.block_size != 0) {
+    fail(ErrorKind::kInternal, "ranking blocks of {} keys from statistics of blocks of {}", block, req.block_size);
+  }
+  return block;
+}
+
 // Sizes a tile for `req` without clearing it: every value is overwritten by the downloads.
 void size_tile(const StatsRequest& req, StatsTile& out) {
   out.heads = req.heads;
@@ -129,11 +138,7 @@ void size_tile(const StatsRequest& req, StatsTile& out) {
   if (req.v) out.output.resize(static_cast<std::size_t>(out.heads * out.rows * out.head_dim));
   else out.output.clear();
   // Ranked on the device whenever asked, unless a row is too long for one thread block's sort.
-  const std::int64_t rank_block = req.rank_block > 0 ? req.rank_block : req.block_size;
-  if (rank_block % req.block_size != 0) {
-    fail(ErrorKind::kInternal, "ranking blocks of {} keys from statistics of blocks of {}", rank_block, req.block_size);
-  }
-  const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / rank_block + 1;
+  const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / ranked_block(req) + 1;
   out.ranked = ranked_blocks <= kMaxRankedBlocks ? std::max<std::int64_t>(0, std::min(req.rank_blocks, ranked_blocks)) : 0;
   out.mass_order.resize(static_cast<std::size_t>(out.heads * out.rows * out.ranked));
 }
@@ -385,7 +390,7 @@ class CudaBackend final : public Backend {
     launch_page_bound_ranking(args, stream);
     const int* ranked = download(lane->host_rankings, static_cast<const int*>(args.order), order.size(), "page rankings", stream);
     lane->synchronize("page ranking kernel");
-    std::memcpy(order.data(), ranked, order.size() * sizeof(std::int32_t));
+    copy_out(ranked, order);
     return true;
   }
 
@@ -474,7 +479,7 @@ class CudaBackend final : public Backend {
       ranking.rows = args.rows;
       ranking.block = args.block;
       ranking.num_blocks = args.num_blocks;
-      ranking.factor = static_cast<int>((req.rank_block > 0 ? req.rank_block : req.block_size) / req.block_size);
+      ranking.factor = static_cast<int>(ranked_block(req) / req.block_size);
       ranking.count = static_cast<int>(out.ranked);
       ranking.order = lane->rankings.reserve(out.mass_order.size(), "block rankings");
       launch_block_ranking(ranking, stream);
@@ -495,7 +500,7 @@ class CudaBackend final : public Backend {
     copy_out(lse_tokens, out.lse_tokens);
     copy_out(lse_all, out.lse_all);
     if (output) copy_out(output, out.output);
-    if (mass_order) std::memcpy(out.mass_order.data(), mass_order, out.mass_order.size() * sizeof(std::int32_t));
+    if (mass_order) copy_out(mass_order, out.mass_order);
   }
 
  private:
