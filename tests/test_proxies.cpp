@@ -199,6 +199,35 @@ TEST_CASE("quest: the page bound is at least the true maximum logit of every pag
   }
 }
 
+TEST_CASE("proxy::dots sums every key as proxy::dot does, bit for bit", "[proxies][properties]") {
+  // The batched form only interleaves independent sums; any change of a sum's order would move
+  // logits by ulps and could flip near ties between the proxies' rankings and their reference.
+  Rng rng(test::seed() + 105);
+  for (int trial = 0; trial < 300; ++trial) {
+    const std::int64_t d = 1 + static_cast<std::int64_t>(rng.below(260)), n = static_cast<std::int64_t>(rng.below(40));
+    std::vector<float> q(static_cast<std::size_t>(d)), keys(static_cast<std::size_t>(n * d));
+    std::vector<double> wide(keys.size());
+    for (auto& x : q) x = static_cast<float>(4.0 * rng.normal());
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      keys[i] = static_cast<float>(rng.normal());
+      wide[i] = rng.normal() / 3.0;
+    }
+    // Keys taken out of order, as H2O's cache takes them.
+    std::vector<std::int64_t> pick(static_cast<std::size_t>(n));
+    for (auto& j : pick) j = static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(n)));
+    std::vector<double> batched(static_cast<std::size_t>(n)), batched_wide(static_cast<std::size_t>(n));
+    proxy::dots(q.data(), d, n, [&](std::int64_t i) { return &keys[static_cast<std::size_t>(pick[static_cast<std::size_t>(i)] * d)]; },
+                batched.data());
+    proxy::dots(q.data(), d, n, [&](std::int64_t i) { return &wide[static_cast<std::size_t>(i * d)]; }, batched_wide.data());
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::int64_t j = pick[static_cast<std::size_t>(i)];
+      INFO("trial " << trial << ": d " << d << ", n " << n << ", key " << i);
+      REQUIRE(batched[static_cast<std::size_t>(i)] == proxy::dot(q.data(), &keys[static_cast<std::size_t>(j * d)], d));
+      REQUIRE(batched_wide[static_cast<std::size_t>(i)] == proxy::dot(q.data(), &wide[static_cast<std::size_t>(i * d)], d));
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------ moba
 
 TEST_CASE("moba: scores are q . mean(K_block), the current block first", "[proxies]") {

@@ -17,13 +17,13 @@ constexpr double kPi = 3.14159265358979323846;
 
 double dot(const float* a, const float* b, std::int64_t d) {
   double sum = 0.0;
-  for (std::int64_t c = 0; c < d; ++c) sum += static_cast<double>(a[c]) * static_cast<double>(b[c]);
+  for (std::int64_t c = 0; c < d; ++c) sum = multiply_add(static_cast<double>(a[c]), static_cast<double>(b[c]), sum);
   return sum;
 }
 
 double dot(const float* a, const double* b, std::int64_t d) {
   double sum = 0.0;
-  for (std::int64_t c = 0; c < d; ++c) sum += static_cast<double>(a[c]) * b[c];
+  for (std::int64_t c = 0; c < d; ++c) sum = multiply_add(static_cast<double>(a[c]), b[c], sum);
   return sum;
 }
 
@@ -37,7 +37,9 @@ void row_logits(const LayerContext& layer, std::int64_t h, std::int64_t t, std::
   }
   const std::int64_t d = layer.head_dim(), g = h / layer.header->group_size();
   const float* q = layer.q(h, t);
-  for (std::int64_t j = 0; j < n; ++j) z[static_cast<std::size_t>(j)] = layer.scale * dot(q, layer.k(g, j), d);
+  const float* keys = layer.k(g, 0);
+  dots(q, d, n, [&](std::int64_t j) { return keys + j * d; }, z.data());
+  for (double& x : z) x *= layer.scale;
 }
 
 double log_partition(const double* z, std::int64_t n, bool has_sink, double sink) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "common/error.hpp"
 #include "replay/proxy_math.hpp"
@@ -61,12 +62,18 @@ class H2oSelector final : public Selector {
     seq_len_ = T;
     sets_ = sets;
     evicted_.assign(static_cast<std::size_t>(NB * sets * T), kNever);
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (std::int64_t bi = 0; bi < NB; ++bi) {
-      for (std::int64_t s = 0; s < sets; ++s) {
-        const std::int64_t h0 = group_ == "none" ? s : s * G, h1 = group_ == "none" ? s + 1 : (s + 1) * G;
-        simulate(layer, budgets_[static_cast<std::size_t>(bi)], h0, h1, &evicted_[static_cast<std::size_t>((bi * sets + s) * T)]);
-      }
+    // One simulation per (budget, set), the largest caches first: their cost grows with the cache,
+    // so that the layer does not end waiting on a large one started last.
+    std::vector<std::int64_t> order(static_cast<std::size_t>(NB));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
+      return budgets_[static_cast<std::size_t>(a)].blocks_for_row(T, 1) > budgets_[static_cast<std::size_t>(b)].blocks_for_row(T, 1);
+    });
+#pragma omp parallel for schedule(dynamic, 1)
+    for (std::int64_t item = 0; item < NB * sets; ++item) {
+      const std::int64_t bi = order[static_cast<std::size_t>(item / sets)], s = item % sets;
+      const std::int64_t h0 = group_ == "none" ? s : s * G, h1 = group_ == "none" ? s + 1 : (s + 1) * G;
+      simulate(layer, budgets_[static_cast<std::size_t>(bi)], h0, h1, &evicted_[static_cast<std::size_t>((bi * sets + s) * T)]);
     }
   }
 
@@ -101,8 +108,7 @@ class H2oSelector final : public Selector {
     for (std::int64_t t = 0; t < T; ++t) {
       cache.push_back(t);
       for (std::int64_t h = h0; h < h1; ++h) {
-        z.resize(cache.size());
-        for (std::size_t i = 0; i < cache.size(); ++i) z[i] = logit(layer, h, t, cache[i]);
+        logits(layer, h, t, cache, z);
         const double lse = proxy::log_partition(z.data(), static_cast<std::int64_t>(z.size()), layer.has_sinks(),
                                                 layer.has_sinks() ? layer.sink_logit(h) : 0.0);
         for (std::size_t i = 0; i < cache.size(); ++i) score[static_cast<std::size_t>(cache[i])] += std::exp(z[i] - lse);
@@ -124,14 +130,24 @@ class H2oSelector final : public Selector {
     }
   }
 
-  // z_j of query head h at t: scale * q . k_j, or log p_j on a dense attn layer.
-  static double logit(const LayerContext& layer, std::int64_t h, std::int64_t t, std::int64_t j) {
+  // z_i of query head h at t for the cached keys j = cache[i]: scale * q . k_j, or log p_j on a dense attn layer.
+  static void logits(const LayerContext& layer, std::int64_t h, std::int64_t t, const std::vector<std::int64_t>& cache,
+                     std::vector<double>& z) {
+    const auto n = static_cast<std::int64_t>(cache.size());
+    z.resize(cache.size());
     if (!layer.has_qk) {
       const std::int64_t T = layer.seq_len();
-      const float p = layer.tensors->attn[static_cast<std::size_t>((h * T + t) * T + j)];
-      return p > 0.0f ? std::log(static_cast<double>(p)) : -std::numeric_limits<double>::infinity();
+      const float* p = &layer.tensors->attn[static_cast<std::size_t>((h * T + t) * T)];
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float pj = p[cache[static_cast<std::size_t>(i)]];
+        z[static_cast<std::size_t>(i)] = pj > 0.0f ? std::log(static_cast<double>(pj)) : -std::numeric_limits<double>::infinity();
+      }
+      return;
     }
-    return layer.scale * proxy::dot(layer.q(h, t), layer.k(h / layer.header->group_size(), j), layer.head_dim());
+    const std::int64_t g = h / layer.header->group_size();
+    proxy::dots(layer.q(h, t), layer.head_dim(), n, [&](std::int64_t i) { return layer.k(g, cache[static_cast<std::size_t>(i)]); },
+                z.data());
+    for (double& x : z) x *= layer.scale;
   }
 
   std::int64_t recent_ = 50, seq_len_ = 0, sets_ = 0;

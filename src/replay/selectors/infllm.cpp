@@ -66,12 +66,15 @@ class InfLlmSelector final : public Selector {
 #pragma omp parallel for schedule(dynamic, 1)
     for (std::int64_t h = 0; h < Hq; ++h) {
       std::vector<double> received(static_cast<std::size_t>(T), 0.0);
+      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Z;  // [rows][keys]
       const Eigen::MatrixXd& K = keys[static_cast<std::size_t>(h / G)];
       for (std::int64_t t0 = 0; t0 < T && window_ > 0; t0 += kChunk) {
         const std::int64_t rows = std::min(kChunk, T - t0), width = t0 + rows;
         const Eigen::MatrixXd Q =
             Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(layer.q(h, t0), rows, d).cast<double>();
-        const Eigen::MatrixXd Z = (Q * K.topRows(width).transpose()) * layer.scale;  // [rows][keys]
+        // Row-major: each query's logits are contiguous for the passes over them below.
+        Z.noalias() = Q * K.topRows(width).transpose();
+        Z *= layer.scale;
         for (std::int64_t i = 0; i < rows; ++i) {
           const std::int64_t t = t0 + i;
           double m = layer.has_sinks() ? layer.sink_logit(h) : -std::numeric_limits<double>::infinity();
@@ -103,16 +106,16 @@ class InfLlmSelector final : public Selector {
     const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
     out.reset(1, c.rows, v.num_blocks);
-    std::vector<double> scores(static_cast<std::size_t>(v.num_blocks));
+    std::vector<double> scores(static_cast<std::size_t>(v.num_blocks)), head_scores(scores.size());
     for (std::int64_t r = 0; r < c.rows; ++r) {
       const std::int64_t t = c.positions[r];
       const std::int64_t memory = t / block_;  // complete blocks before the query's own (its block is local context)
-      for (std::int64_t b = 0; b < memory; ++b) {
-        double score = 0.0;
-        for (std::int64_t h = 0; h < hq_; ++h) {
-          score += proxy::dot(layer.q(h, t), &repr_keys_[static_cast<std::size_t>((h * complete_ + b) * d_)], d_);
-        }
-        scores[static_cast<std::size_t>(b)] = score;
+      // score_b = sum over heads, in head order, of q_h . repr_h[b].
+      std::fill(scores.begin(), scores.begin() + memory, 0.0);
+      for (std::int64_t h = 0; h < hq_; ++h) {
+        const double* repr = &repr_keys_[static_cast<std::size_t>(h * complete_ * d_)];
+        proxy::dots(layer.q(h, t), d_, memory, [&](std::int64_t b) { return repr + b * d_; }, head_scores.data());
+        for (std::int64_t b = 0; b < memory; ++b) scores[static_cast<std::size_t>(b)] += head_scores[static_cast<std::size_t>(b)];
       }
       const std::int64_t count = std::min(c.ranking_length[r], memory);
       rank_top(scores.data(), memory, count, out.row(0, r));

@@ -57,9 +57,8 @@ class MobaSelector final : public Selector {
       for (std::int64_t r = 0; r < c.rows; ++r) {
         const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r), current = blocks - 1;
         const float* q = layer.q(head, t);
-        for (std::int64_t b = 0; b < current; ++b) {
-          scores[static_cast<std::size_t>(b)] = proxy::dot(q, &means_[static_cast<std::size_t>((c.kv_group * blocks_ + b) * d_)], d_);
-        }
+        const double* means = &means_[static_cast<std::size_t>(c.kv_group * blocks_ * d_)];
+        proxy::dots(q, d_, current, [&](std::int64_t b) { return means + b * d_; }, scores.data());
         if (current_) {
           scores[static_cast<std::size_t>(current)] = std::numeric_limits<double>::infinity();
         } else {

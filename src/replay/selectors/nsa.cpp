@@ -72,10 +72,9 @@ class NsaSelector final : public Selector {
       for (std::int64_t h = 0; h < c.group_size && visible > 0; ++h) {
         const float* q = layer.q(c.kv_group * c.group_size + h, t);
         logits.resize(static_cast<std::size_t>(visible));
-        for (std::int64_t i = 0; i < visible; ++i) {
-          logits[static_cast<std::size_t>(i)] =
-              layer.scale * proxy::dot(q, &keys_[static_cast<std::size_t>((c.kv_group * compressed_ + i) * d_)], d_);
-        }
+        const double* keys = &keys_[static_cast<std::size_t>(c.kv_group * compressed_ * d_)];
+        proxy::dots(q, d_, visible, [&](std::int64_t i) { return keys + i * d_; }, logits.data());
+        for (double& z : logits) z *= layer.scale;
         const double lse = proxy::log_partition(logits.data(), visible, false, 0.0);
         // p_slc[b] = sum_{m < block/stride} sum_{n < cmp/stride} p_cmp[(block/stride) b + m - n]: compressed key i
         // counts once per stride-long piece of its window inside block b (summed in ascending i).
