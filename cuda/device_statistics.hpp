@@ -15,6 +15,12 @@ namespace hysparse::cuda {
 // The element type q and k are held in on the device.
 enum class InputType { kFloat32, kBfloat16, kFloat16 };
 
+// The fp32 statistics kernel. kAuto takes the tiled kernel wherever it applies (fp32 inputs, head_dim a
+// multiple of 4 up to 256, blocks of 8, 16, 32 or a multiple of 64 keys), else the basic one, which
+// takes every shape (and the bf16/fp16 block sizes the tensor-core kernels do not); tests and
+// benchmarks compare the two.
+enum class SimtKernel { kAuto, kTiled, kBasic };
+
 // Row stride in elements of q and k in the kernels' layout: head_dim for fp32; for bf16/fp16
 // head_dim padded with zeros to the tensor-core depth (64, 128 or 256; 0 when head_dim > 256).
 int input_stride(InputType type, int head_dim);
@@ -52,6 +58,7 @@ struct StatsPassArgs {
   // and the mma.sync kernel's rows per warp, 16 or 32 (0: its default).
   TensorCoreKernel tensor_core_kernel = TensorCoreKernel::kAuto;
   int tensor_core_rows_per_warp = 0;
+  SimtKernel simt_kernel = SimtKernel::kAuto;
 };
 
 // Plans and enqueues one pass on `stream`: block statistics (tensor cores for bf16/fp16 when
@@ -65,8 +72,8 @@ class StatsPass {
   StatsPass(const StatsPass&) = delete;
   StatsPass& operator=(const StatsPass&) = delete;
   ~StatsPass();
-  // Returns which kernel formed the scores: "wgmma", "mma" (both on tensor cores) or "simt".
-  // Error(kUsage) when args ask for wgmma where it is not available.
+  // Returns which kernel formed the scores: "wgmma", "mma" (both on tensor cores), "simt-tiled" or
+  // "simt". Error(kUsage) when args ask for wgmma, or the tiled SIMT kernel, where it does not apply.
   const char* run(const StatsPassArgs& args, cudaStream_t stream);
   bool wgmma() const { return wgmma_; }
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 
 #include "common/error.hpp"
 #include "device_statistics.hpp"
@@ -39,6 +40,144 @@ void check(cudaError_t status, const char* what) {
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// The tiled fp32 kernel (SimtKernel::kTiled): 64 rows x 64 keys a step over 64 threads, each holding an
+// 8 x 8 tile of scores in registers, as an SGEMM does (four 16-byte shared loads feed 64 FMAs, where
+// the basic kernel's 4 x 4 tiles are bound by shared-memory bandwidth). The rows' q stays in shared
+// memory for the whole key segment; keys are staged 32 channels at a time, the next slice read into
+// registers while this one is multiplied. Each score is the same fmaf chain over channels in
+// ascending order as the basic kernel's, so logits and block maxima are bit-identical to it; only the
+// order of a block's exponential sum differs (per thread, then across the lanes holding the block).
+constexpr int kTiledThreads = 64;
+constexpr int kTiledSlice = 32;       // channels of a key chunk staged at a time
+constexpr int kTiledMaxHeadDim = 256;
+
+// Blocks of 8, 16 or 32 keys lie in one thread's 8 keys or in 2 or 4 neighbouring lanes' keys; a
+// multiple of 64 holds the whole chunk. head_dim: whole 16-byte loads, q resident in shared memory.
+bool tiled_fp32_supports(long long block, int head_dim) {
+  const bool block_ok = block == 8 || block == 16 || block == 32 || (block > 0 && block % 64 == 0);
+  return block_ok && head_dim % 4 == 0 && head_dim > 0 && head_dim <= kTiledMaxHeadDim;
+}
+
+std::size_t tiled_fp32_shared_bytes(int head_dim) {
+  return static_cast<std::size_t>(head_dim * kRows + 2 * kTiledSlice * kKeys) * sizeof(float);
+}
+
+// grid, segments and outputs as simt_statistics_kernel's; q and k rows of head_dim floats.
+__global__ void __launch_bounds__(kTiledThreads)
+tiled_fp32_statistics_kernel(const float* __restrict__ q, const float* __restrict__ k, const long long* __restrict__ positions,
+                             int rows, int d, float score_scale, long long block, long long segment, long long num_blocks,
+                             float* __restrict__ block_max, float* __restrict__ block_sum) {
+  extern __shared__ __align__(16) float tiled_shared[];
+  float* q_s = tiled_shared;                  // [d][kRows]: channel-major, a row group's 8 rows in two float4s
+  float* k_s = tiled_shared + d * kRows;      // [2][kTiledSlice][kKeys]
+  const int tid = static_cast<int>(threadIdx.x), ty = tid / 8, tx = tid % 8;
+  const int head = static_cast<int>(blockIdx.y), r0 = static_cast<int>(blockIdx.x) * kRows;
+  const int rows_here = min(kRows, rows - r0);
+  const long long* pos = positions + r0;
+  const float* q_tile = q + (static_cast<long long>(head) * rows + r0) * d;
+  const long long segment_begin = static_cast<long long>(blockIdx.z) * segment;
+  const long long segment_end = min(segment_begin + segment, pos[rows_here - 1] + 1);
+  // Consecutive threads take consecutive rows, so that the transposed stores hit distinct banks.
+  for (int i = tid; i < kRows * (d / 4); i += kTiledThreads) {
+    const int r = i % kRows, c = (i / kRows) * 4;
+    const float4 v = r < rows_here ? *reinterpret_cast<const float4*>(q_tile + static_cast<long long>(r) * d + c)
+                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    q_s[(c + 0) * kRows + r] = v.x;
+    q_s[(c + 1) * kRows + r] = v.y;
+    q_s[(c + 2) * kRows + r] = v.z;
+    q_s[(c + 3) * kRows + r] = v.w;
+  }
+  long long row_pos[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) row_pos[i] = 8 * ty + i < rows_here ? pos[8 * ty + i] : -1;
+  // Lanes holding one block's keys in a chunk: 1, 2 or 4 for blocks of 8, 16, 32; all 8 otherwise.
+  const int lanes_per_block = block >= kKeys ? 8 : static_cast<int>(block / 8);
+  const int slices = (d + kTiledSlice - 1) / kTiledSlice;
+  // Thread tid stages key tid: up to 8 float4s (32 channels) of one slice.
+  float4 staged[kTiledSlice / 4];
+  auto load_slice = [&](long long c0, int width, int slice) {
+    const int c_base = slice * kTiledSlice, quads = min(kTiledSlice, d - c_base) / 4;
+#pragma unroll
+    for (int u = 0; u < kTiledSlice / 4; ++u) {
+      staged[u] = (tid < width && u < quads) ? *reinterpret_cast<const float4*>(k + (c0 + tid) * d + c_base + 4 * u)
+                                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  };
+  auto store_slice = [&](int buffer) {
+    float* dst = k_s + buffer * kTiledSlice * kKeys;
+#pragma unroll
+    for (int u = 0; u < kTiledSlice / 4; ++u) {
+      dst[(4 * u + 0) * kKeys + tid] = staged[u].x;
+      dst[(4 * u + 1) * kKeys + tid] = staged[u].y;
+      dst[(4 * u + 2) * kKeys + tid] = staged[u].z;
+      dst[(4 * u + 3) * kKeys + tid] = staged[u].w;
+    }
+  };
+  for (long long c0 = segment_begin; c0 < segment_end; c0 += kKeys) {
+    const int width = static_cast<int>(min(static_cast<long long>(kKeys), segment_end - c0));
+    float acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+    }
+    load_slice(c0, width, 0);
+    store_slice(0);
+    __syncthreads();  // also orders the q stores above before the first products
+    for (int slice = 0; slice < slices; ++slice) {
+      if (slice + 1 < slices) load_slice(c0, width, slice + 1);
+      const float* ks = k_s + (slice % 2) * kTiledSlice * kKeys;
+      const float* qs = q_s + slice * kTiledSlice * kRows;
+      const int depth = min(kTiledSlice, d - slice * kTiledSlice);
+#pragma unroll 4
+      for (int c = 0; c < depth; ++c) {
+        const float4 qa = *reinterpret_cast<const float4*>(qs + c * kRows + 8 * ty);
+        const float4 qb = *reinterpret_cast<const float4*>(qs + c * kRows + 8 * ty + 4);
+        const float4 ka = *reinterpret_cast<const float4*>(ks + c * kKeys + 8 * tx);
+        const float4 kb = *reinterpret_cast<const float4*>(ks + c * kKeys + 8 * tx + 4);
+        const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+        const float kv[8] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(qv[i], kv[j], acc[i][j]);
+        }
+      }
+      if (slice + 1 < slices) store_slice((slice + 1) % 2);
+      __syncthreads();
+    }
+    // Per row: the maximum and exponential sum of each block's visible keys in this chunk, merged
+    // into the block's running pair by the block's first lane (one writer per cell: the segment
+    // holds whole blocks, and a chunk's cells of a row belong to one thread block).
+    const long long first_key = c0 + 8 * tx;
+    const long long b = first_key / block;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float s[8];
+      float m = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        s[j] = (8 * tx + j < width && first_key + j <= row_pos[i]) ? acc[i][j] * score_scale : -INFINITY;
+        m = fmaxf(m, s[j]);
+      }
+      for (int offset = 1; offset < lanes_per_block; offset *= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+      float l = 0.0f;
+      if (m != -INFINITY) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) l += expf(s[j] - m);
+      }
+      for (int offset = 1; offset < lanes_per_block; offset *= 2) l += __shfl_xor_sync(0xffffffffu, l, offset);
+      if (tx % lanes_per_block == 0 && m != -INFINITY) {
+        const long long cell = (static_cast<long long>(head) * rows + r0 + 8 * ty + i) * num_blocks + b;
+        const float m_old = block_max[cell], l_old = block_sum[cell];
+        const float m_new = fmaxf(m_old, m);
+        block_sum[cell] = (m_old == -INFINITY ? 0.0f : l_old * expf(m_old - m_new)) + l * expf(m - m_new);
+        block_max[cell] = m_new;
+      }
+    }
+  }
+}
 
 // Scores S[r][j] = score_scale * (q_r . k_{c0+j}) for the tile's rows and one key chunk, -inf
 // where the key is beyond the row's position or the chunk. q rows and k rows have stride ld.
@@ -395,8 +534,15 @@ __global__ void fill_normal_kernel(float* data, long long n, unsigned long long 
   }
 }
 
+// Returns the kernel's name ("simt-tiled" or "simt").
 template <typename In>
-void launch_simt_statistics(const StatsPassArgs& a, int stride, cudaStream_t stream) {
+const char* launch_simt_statistics(const StatsPassArgs& a, int stride, cudaStream_t stream) {
+  const bool tiled_applies = std::is_same_v<In, float> && tiled_fp32_supports(a.block, a.head_dim);
+  if (a.simt_kernel == SimtKernel::kTiled && !tiled_applies) {
+    fail(ErrorKind::kUsage, "statistics pass: the tiled SIMT kernel takes fp32 inputs, head_dim a multiple of 4 up to {} "
+         "and blocks of 8, 16, 32 or a multiple of 64 keys (got head_dim {}, block {})", kTiledMaxHeadDim, a.head_dim, a.block);
+  }
+  const bool tiled = tiled_applies && a.simt_kernel != SimtKernel::kBasic;
   const auto cells = static_cast<long long>(a.heads) * a.rows * a.num_blocks;
   fill_kernel<<<1024, 256, 0, stream>>>(a.block_max, cells, -INFINITY);
   fill_kernel<<<1024, 256, 0, stream>>>(a.block_sum, cells, 0.0f);
@@ -406,10 +552,21 @@ void launch_simt_statistics(const StatsPassArgs& a, int stride, cudaStream_t str
   const long long segment = unit * std::max(1LL, kSimtSegmentKeys / unit);
   const dim3 grid(static_cast<unsigned>((a.rows + kRows - 1) / kRows), static_cast<unsigned>(a.heads),
                   static_cast<unsigned>((keys + segment - 1) / segment));
+  if (tiled) {
+    const std::size_t shared = tiled_fp32_shared_bytes(a.head_dim);
+    check(cudaFuncSetAttribute(tiled_fp32_statistics_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+          "tiled SIMT kernel shared memory");
+    tiled_fp32_statistics_kernel<<<grid, kTiledThreads, shared, stream>>>(
+        static_cast<const float*>(a.q), static_cast<const float*>(a.k), a.positions, a.rows, a.head_dim, a.score_scale, a.block,
+        segment, a.num_blocks, a.block_max, a.block_sum);
+    check(cudaGetLastError(), "tiled SIMT statistics kernel launch");
+    return "simt-tiled";
+  }
   simt_statistics_kernel<In><<<grid, kThreads, 0, stream>>>(static_cast<const In*>(a.q), static_cast<const In*>(a.k),
                                                             a.positions, a.rows, a.head_dim, stride, a.score_scale,
                                                             a.block, segment, a.num_blocks, a.block_max, a.block_sum);
   check(cudaGetLastError(), "SIMT statistics kernel launch");
+  return "simt";
 }
 
 template <typename In, int kCols>
@@ -571,9 +728,9 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
     else launch_tensor_core_statistics(launch, stream);
   } else {
     switch (a.type) {
-      case InputType::kFloat32: launch_simt_statistics<float>(a, stride, stream); break;
-      case InputType::kBfloat16: launch_simt_statistics<__nv_bfloat16>(a, stride, stream); break;
-      case InputType::kFloat16: launch_simt_statistics<__half>(a, stride, stream); break;
+      case InputType::kFloat32: kernel = launch_simt_statistics<float>(a, stride, stream); break;
+      case InputType::kBfloat16: kernel = launch_simt_statistics<__nv_bfloat16>(a, stride, stream); break;
+      case InputType::kFloat16: kernel = launch_simt_statistics<__half>(a, stride, stream); break;
     }
   }
   const long long warps = static_cast<long long>(a.heads) * a.rows;

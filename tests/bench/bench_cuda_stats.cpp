@@ -122,6 +122,29 @@ double cublas_bf16_gemm_flops(Normal& gen, int m, int n, int k, bool fp32_output
   return 2.0 * m * static_cast<double>(n) * k / (ms * 1e-3);
 }
 
+// C[m x n] = A[m x k] B[k x n] in fp32 on the CUDA cores (CUBLAS_COMPUTE_32F_PEDANTIC: no TF32, no
+// tensor cores), fp32 out, on random inputs; returns FLOP/s. The fp32 pass's yardstick.
+double cublas_fp32_gemm_flops(Normal& gen, int m, int n, int k) {
+  float* a = device_alloc<float>(static_cast<std::size_t>(m) * k, "GEMM A");
+  float* b = device_alloc<float>(static_cast<std::size_t>(n) * k, "GEMM B");
+  float* c = device_alloc<float>(static_cast<std::size_t>(m) * n, "GEMM C");
+  gen.fill(a, static_cast<std::size_t>(m) * k);
+  gen.fill(b, static_cast<std::size_t>(n) * k);
+  cublasHandle_t handle;
+  check(cublasCreate(&handle), "create");
+  const float one = 1.0f, zero = 0.0f;
+  const double ms = time_ms(10, [&]() {
+    check(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, CUDA_R_32F, k, a, CUDA_R_32F, k, &zero, c,
+                       CUDA_R_32F, n, CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT),
+          "fp32 GEMM");
+  });
+  cublasDestroy(handle);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return 2.0 * m * static_cast<double>(n) * k / (ms * 1e-3);
+}
+
 std::vector<std::int64_t> parse_list(const std::string& text) {
   std::vector<std::int64_t> out;
   std::stringstream list(text);
@@ -223,6 +246,7 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
                              : tc_kernel == "auto" ? cuda::TensorCoreKernel::kAuto
                                                    : cuda::TensorCoreKernel::kMma;
       a.tensor_core_rows_per_warp = tc_kernel == "mma32" ? 32 : 16;
+      a.simt_kernel = tc_kernel == "simt" ? cuda::SimtKernel::kBasic : cuda::SimtKernel::kAuto;
       const char* used = pass.run(a, nullptr);
       if (used_kernel) *used_kernel = used;
     }
@@ -371,6 +395,14 @@ int main(int argc, char** argv) {
               peak_gemm / 1e12, peak_elements, d);
   std::printf("RESULT kind=cublas_scores elements_per_s=%.6e\nRESULT kind=cublas_peak elements_per_s=%.6e\n", score_gemm_elements,
               peak_elements);
+  double fp32_gemm_elements = 0.0;
+  if (std::find(o.precisions.begin(), o.precisions.end(), "fp32") != o.precisions.end()) {
+    const double fp32_gemm = cublas_fp32_gemm_flops(gen, 8192, 8192, d);
+    fp32_gemm_elements = fp32_gemm / (2.0 * d);
+    std::printf("cuBLAS fp32 GEMM 8192x8192x%d on CUDA cores (pedantic: no TF32), fp32 out:         %.1f TFLOP/s = %.3e elements/s\n",
+                d, fp32_gemm / 1e12, fp32_gemm_elements);
+    std::printf("RESULT kind=cublas_fp32 elements_per_s=%.6e\n", fp32_gemm_elements);
+  }
 
   std::printf("\n%-8s %-12s %-7s %-12s %-10s %-14s %-10s %-10s %s\n", "T", "prec", "groups", "elements", "ms", "elements/s",
               "vs scores", "vs peak", "GPU memory in use");
@@ -388,7 +420,8 @@ int main(int argc, char** argv) {
         }
       }
       // The tensor-core kernels (bf16/fp16 only); fp32 runs the SIMT kernel once.
-      const std::vector<std::string> variants = precision == Precision::kFp32 ? std::vector<std::string>{"auto"} : o.tc_kernels;
+      // fp32: the default (tiled where it applies) and the basic SIMT kernel.
+      const std::vector<std::string> variants = precision == Precision::kFp32 ? std::vector<std::string>{"auto", "simt"} : o.tc_kernels;
       for (const std::string& variant : variants) {
         if (variant == "wgmma" && !wgmma) continue;
         if (variant == "mma" && !wgmma && std::find(variants.begin(), variants.end(), "auto") != variants.end()) {
@@ -405,6 +438,9 @@ int main(int argc, char** argv) {
         std::printf("%-8lld %-12s %-7lld %-12.3e %-10.2f %-14.3e %-10.3f %-10.3f %.2f GiB\n", static_cast<long long>(T),
                     label.c_str(), static_cast<long long>(groups), elements, ms, rate, rate / score_gemm_elements,
                     rate / peak_elements, gib);
+        if (precision == Precision::kFp32) {
+          std::printf("%-8s %-12s %.3f of cuBLAS's fp32 GEMM rate\n", "", "", rate / fp32_gemm_elements);
+        }
         if (variant == "auto") {
           std::printf("RESULT kind=pass precision=%s T=%lld elements_per_s=%.6e\n", name.c_str(), static_cast<long long>(T), rate);
         }

@@ -859,6 +859,108 @@ TEST_CASE("The tensor-core kernels and layouts give the same statistics", "[cuda
   }
 }
 
+TEST_CASE("The tiled fp32 kernel gives the basic SIMT kernel's statistics", "[cuda]") {
+  // Both form every logit as the same fmaf chain over channels in ascending order: block maxima must be
+  // equal bit for bit; block sums differ only in the order a block's exponentials are added. Random
+  // fp32 inputs, strided rows (the last row tile part empty), three heads, head_dim 4 to 256 (not all
+  // multiples of the 32-channel slice), every block size the tiled kernel takes.
+  const int heads = 3, T = 2100;
+  std::vector<long long> positions;
+  for (long long t = 2; t < T; t += 3) positions.push_back(t);
+  const int rows = static_cast<int>(positions.size());
+  const long long most_blocks = positions.back() / 8 + 1;
+  const auto cells = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(most_blocks);
+  float *q = nullptr, *k = nullptr, *m = nullptr, *l = nullptr;
+  long long* pos = nullptr;
+  double *lse_tokens = nullptr, *lse_all = nullptr;
+  REQUIRE(cudaMalloc(&q, sizeof(float) * static_cast<std::size_t>(heads * rows * 256)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&k, sizeof(float) * static_cast<std::size_t>(T * 256)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&pos, sizeof(long long) * positions.size()) == cudaSuccess);
+  REQUIRE(cudaMalloc(&m, sizeof(float) * cells) == cudaSuccess);
+  REQUIRE(cudaMalloc(&l, sizeof(float) * cells) == cudaSuccess);
+  REQUIRE(cudaMalloc(&lse_tokens, sizeof(double) * static_cast<std::size_t>(heads * rows)) == cudaSuccess);
+  REQUIRE(cudaMalloc(&lse_all, sizeof(double) * static_cast<std::size_t>(heads * rows)) == cudaSuccess);
+  REQUIRE(cudaMemcpy(pos, positions.data(), sizeof(long long) * positions.size(), cudaMemcpyHostToDevice) == cudaSuccess);
+  cuda::StatsPass pass(132);
+  cuda::StatsPassArgs args;
+  args.type = cuda::InputType::kFloat32;
+  args.q = q;
+  args.k = k;
+  args.positions = pos;
+  args.host_positions = positions.data();
+  args.heads = heads;
+  args.rows = rows;
+  args.block_max = m;
+  args.block_sum = l;
+  args.lse_tokens = lse_tokens;
+  args.lse_all = lse_all;
+  double worst = 0;
+  std::size_t compared = 0;
+  for (const int d : {4, 36, 64, 128, 200, 256}) {
+    cuda::fill_normal(q, static_cast<std::size_t>(heads * rows * d), test::seed() + 7 + static_cast<std::uint64_t>(d), nullptr);
+    cuda::fill_normal(k, static_cast<std::size_t>(T * d), test::seed() + 8 + static_cast<std::uint64_t>(d), nullptr);
+    args.head_dim = d;
+    args.score_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+    for (const long long block : {8LL, 16LL, 32LL, 64LL, 192LL}) {
+      CAPTURE(d, block);
+      args.block = block;
+      args.num_blocks = positions.back() / block + 1;
+      const auto n = static_cast<std::size_t>(heads) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(args.num_blocks);
+      auto run = [&](cuda::SimtKernel kernel, const char* expected, std::vector<float>& mo, std::vector<float>& lo,
+                     std::vector<double>& so) {
+        args.simt_kernel = kernel;
+        REQUIRE(std::string(pass.run(args, nullptr)) == expected);
+        mo.resize(n);
+        lo.resize(n);
+        so.resize(static_cast<std::size_t>(heads * rows));
+        REQUIRE(cudaMemcpy(mo.data(), m, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        REQUIRE(cudaMemcpy(lo.data(), l, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
+        REQUIRE(cudaMemcpy(so.data(), lse_tokens, sizeof(double) * so.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+      };
+      std::vector<float> m_basic, l_basic, m_tiled, l_tiled;
+      std::vector<double> lse_basic, lse_tiled;
+      run(cuda::SimtKernel::kBasic, "simt", m_basic, l_basic, lse_basic);
+      run(cuda::SimtKernel::kAuto, "simt-tiled", m_tiled, l_tiled, lse_tiled);
+      std::size_t maxima_differ = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        if (std::memcmp(&m_basic[i], &m_tiled[i], sizeof(float)) != 0) ++maxima_differ;
+        if (!std::isinf(m_basic[i])) {
+          worst = std::max(worst, std::fabs(static_cast<double>(l_basic[i]) - l_tiled[i]) / l_basic[i]);
+          ++compared;
+        } else {
+          CHECK(l_tiled[i] == 0.0f);
+        }
+      }
+      for (std::size_t i = 0; i < lse_basic.size(); ++i) worst = std::max(worst, std::fabs(lse_basic[i] - lse_tiled[i]));
+      CHECK(maxima_differ == 0);
+    }
+  }
+  std::printf("tiled vs basic fp32 SIMT kernel: %zu block sums, largest difference %.2e (tolerance %.0e); block maxima equal\n",
+              compared, worst, kKernelAgreementTolerance);
+  CHECK(worst <= kKernelAgreementTolerance);
+  // Shapes the tiled kernel does not take: the default falls back to the basic kernel; asking for it is a usage error.
+  args.head_dim = 30;
+  args.block = 64;
+  args.num_blocks = positions.back() / 64 + 1;
+  args.simt_kernel = cuda::SimtKernel::kAuto;
+  CHECK(std::string(pass.run(args, nullptr)) == "simt");
+  args.head_dim = 64;
+  args.block = 24;
+  args.num_blocks = positions.back() / 24 + 1;
+  CHECK(std::string(pass.run(args, nullptr)) == "simt");
+  args.simt_kernel = cuda::SimtKernel::kTiled;
+  try {
+    (void)pass.run(args, nullptr);
+    FAIL("the tiled SIMT kernel ran on blocks of 24 keys");
+  } catch (const Error& e) {
+    CHECK(e.kind() == ErrorKind::kUsage);
+  }
+  for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(pos), static_cast<void*>(m),
+                  static_cast<void*>(l), static_cast<void*>(lse_tokens), static_cast<void*>(lse_all)}) {
+    cudaFree(p);
+  }
+}
+
 TEST_CASE("Precision choices the device cannot honour are usage errors", "[cuda]") {
   auto kind_of = [](auto&& call) {
     try {
