@@ -200,6 +200,12 @@ struct Lane {
   DeviceArray<unsigned short> q_rounded;
   DeviceArray<int> overflow;
   DeviceArray<long long> positions;
+  // H2O's simulations (Backend::h2o_evictions).
+  DeviceArray<float> h2o_keys, h2o_keys_t;
+  DeviceArray<long long> h2o_capacity;
+  DeviceArray<double> h2o_sinks, h2o_score, h2o_logits;
+  DeviceArray<int> h2o_cache, h2o_evicted;
+  PinnedArray<int> host_h2o_evicted;
   ResidentKeys own_keys;  // for requests that do not name their layer's tensors (nothing is shared)
 };
 
@@ -333,6 +339,57 @@ class CudaBackend final : public Backend {
     const double* host_errors = download(lane->host_errors, args.errors, errors.size(), "output walk errors", stream);
     lane->synchronize("output walk kernel");
     copy_out(host_errors, errors);
+  }
+
+  bool h2o_evictions(const H2oRequest& req, std::vector<std::int32_t>& evicted) const override {
+    if (req.seq_len <= 0 || req.heads <= 0 || req.budgets <= 0 || req.sets <= 0 || req.kv_heads <= 0) {
+      fail(ErrorKind::kInternal, "H2O simulation of {} keys, {} sets of {} heads, {} budgets", req.seq_len, req.sets, req.heads,
+           req.budgets);
+    }
+    // Key indices are int on the device; the step's queries must fit in shared memory.
+    int shared_limit = 0;
+    check(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_), "shared memory limit");
+    if (req.seq_len > std::numeric_limits<int>::max() / 2 ||
+        h2o_shared_bytes(static_cast<int>(req.heads), static_cast<int>(req.head_dim)) + 2048 > static_cast<std::size_t>(shared_limit)) {
+      return false;
+    }
+    try {
+      check(cudaSetDevice(device_), "cudaSetDevice");
+      LanePool::Lease lane = lanes_->take();
+      const cudaStream_t stream = lane->stream;
+      const std::int64_t T = req.seq_len, d = req.head_dim, G = req.heads, NB = req.budgets, S = req.sets, K = req.kv_heads;
+      H2oSimulationArgs args;
+      args.q = upload(lane->q, req.q, static_cast<std::size_t>(S * G * T * d), "H2O queries", stream);
+      const float* keys = upload(lane->h2o_keys, req.k, static_cast<std::size_t>(K * T * d), "H2O keys", stream);
+      args.keys_t = lane->h2o_keys_t.reserve(static_cast<std::size_t>(K * T * d), "H2O keys, transposed");
+      args.seq_len = T;
+      args.sets = S;
+      args.kv_heads = K;
+      args.heads = static_cast<int>(G);
+      args.head_dim = static_cast<int>(d);
+      args.scale = req.scale;
+      args.sink_logits = req.sink_logits ? upload(lane->h2o_sinks, req.sink_logits, static_cast<std::size_t>(S * G), "H2O sinks", stream)
+                                         : nullptr;
+      args.recent_percent = req.recent_percent;
+      args.budgets = static_cast<int>(NB);
+      static_assert(sizeof(long long) == sizeof(std::int64_t), "capacities are copied as long long");
+      args.capacity = upload(lane->h2o_capacity, reinterpret_cast<const long long*>(req.capacity),
+                             static_cast<std::size_t>(NB * (T - 1)), "H2O capacities", stream);
+      args.cache = lane->h2o_cache.reserve(static_cast<std::size_t>(NB * S * 2 * T), "H2O caches");
+      args.score = lane->h2o_score.reserve(static_cast<std::size_t>(NB * S * T), "H2O scores");
+      args.logits = lane->h2o_logits.reserve(static_cast<std::size_t>(NB * S * G * T), "H2O logits");
+      args.evicted = lane->h2o_evicted.reserve(static_cast<std::size_t>(NB * S * T), "H2O evictions");
+      launch_h2o_simulation(args, keys, stream);
+      evicted.resize(static_cast<std::size_t>(NB * S * T));
+      const int* host = download(lane->host_h2o_evicted, static_cast<const int*>(args.evicted), evicted.size(), "H2O evictions", stream);
+      lane->synchronize("H2O kernel");
+      static_assert(sizeof(int) == sizeof(std::int32_t), "evictions are copied as int");
+      std::memcpy(evicted.data(), host, evicted.size() * sizeof(std::int32_t));
+      return true;
+    } catch (const Error& error) {
+      if (error.kind() != ErrorKind::kResource) throw;
+      return false;  // no room on the device: the selector simulates on the host
+    }
   }
 
   bool page_bound_rankings(const PageBoundRequest& req, std::vector<std::int32_t>& order) const override {

@@ -160,4 +160,28 @@ void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t st
 // Once per device, before the first ranking: the shared memory the longest rankings need.
 void configure_ranking_kernels();
 
+// Backend::h2o_evictions on device data, every (budget, set) of a layer in one launch (a thread block
+// each). Workspace per (budget, set): cache 2 x seq_len ints, score seq_len doubles, logits heads x seq_len
+// doubles; keys_t: [kv_heads][head_dim][seq_len] floats, filled from `keys` ([kv_heads][seq_len][head_dim])
+// by the launch.
+struct H2oSimulationArgs {
+  const float* q = nullptr;              // [sets * heads][seq_len][head_dim]
+  float* keys_t = nullptr;
+  long long seq_len = 0, sets = 1, kv_heads = 1;
+  int heads = 1, head_dim = 0;
+  double scale = 1.0;
+  const double* sink_logits = nullptr;   // [sets * heads] or nullptr
+  long long recent_percent = 50;
+  int budgets = 0;
+  const long long* capacity = nullptr;   // [budgets][seq_len - 1]
+  int* cache = nullptr;
+  double* score = nullptr;
+  double* logits = nullptr;
+  int* evicted = nullptr;                // [budgets][sets][seq_len]
+};
+// Dynamic shared memory of the kernel: the step's query rows in double (the caller declines beyond the
+// device's limit).
+std::size_t h2o_shared_bytes(int heads, int head_dim);
+void launch_h2o_simulation(const H2oSimulationArgs& args, const float* keys, cudaStream_t stream);
+
 }  // namespace hysparse::cuda

@@ -959,3 +959,93 @@ TEST_CASE("quest takes a backend's page rankings where offered: the selector's o
     }
   }
 }
+
+// A backend that simulates H2O's caches the way the host does (proxy::h2o_simulate, the request's logits),
+// or with no recent keys protected (a different policy: the report must change), or malformed (one
+// eviction short; a key evicted before it was cached), which the selector must refuse.
+class H2oBackend final : public Backend {
+ public:
+  enum class Answer { kSame, kNoRecent, kShort, kEarly };
+  explicit H2oBackend(Answer answer) : cpu_(make_cpu_backend()), answer_(answer) {}
+  std::string name() const override { return cpu_->name(); }
+  std::string device() const override { return cpu_->device(); }
+  void block_statistics(const StatsRequest& request, StatsTile& out) const override { cpu_->block_statistics(request, out); }
+  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
+                     std::vector<double>& errors) const override {
+    cpu_->output_errors(request, tile, walks, errors);
+  }
+  bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const override {
+    ++asked_;
+    const std::int64_t T = request.seq_len, d = request.head_dim, S = request.sets;
+    evicted.assign(static_cast<std::size_t>(request.budgets * S * T), 0);
+    for (std::int64_t s = 0; s < S; ++s) {
+      const float* keys = request.k + s * request.kv_heads / S * T * d;
+      auto logits = [&](std::int64_t h, std::int64_t t, const std::vector<std::int64_t>& cache, std::vector<double>& z) {
+        z.resize(cache.size());
+        for (std::size_t i = 0; i < cache.size(); ++i) {
+          z[i] = request.scale * proxy::dot(request.q + ((s * request.heads + h) * T + t) * d, keys + cache[i] * d, d);
+        }
+      };
+      for (std::int64_t b = 0; b < request.budgets; ++b) {
+        proxy::h2o_simulate(T, request.heads, request.capacity + b * (T - 1), answer_ == Answer::kNoRecent ? 0 : request.recent_percent,
+                            request.sink_logits ? request.sink_logits + s * request.heads : nullptr, logits,
+                            &evicted[static_cast<std::size_t>((b * S + s) * T)]);
+      }
+    }
+    if (answer_ == Answer::kShort) evicted.pop_back();
+    if (answer_ == Answer::kEarly) evicted[1] = 1;  // key 1 cannot leave at step 1: it arrives then
+    return true;
+  }
+  std::int64_t asked() const { return asked_; }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  Answer answer_;
+  mutable std::atomic<std::int64_t> asked_{0};
+};
+
+TEST_CASE("h2o takes a backend's evictions where offered: the selector's own report, bit for bit", "[proxies][parity]") {
+  ref::Shape shape;
+  shape.layers = 1;
+  shape.q_heads = 4;
+  shape.kv_heads = 2;
+  shape.seq_len = 90;
+  shape.head_dim = 8;
+  shape.sinks = true;
+  const Capture capture = ref::random_capture(shape, test::seed() + 62);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_h2o_backend.h5";
+  write_capture(path, capture);
+  ReplayOptions options = replay_options("h2o,h2o:recent=25,group=none", tokens({8, 20, 50}));
+  const auto cpu = make_cpu_backend();
+  const ReplayResult expected = run_replay(path, options, *cpu, false);
+  using Answer = H2oBackend::Answer;
+  const H2oBackend same(Answer::kSame), no_recent(Answer::kNoRecent);
+  const ReplayResult result = run_replay(path, options, same, false);
+  const ReplayResult other = run_replay(path, options, no_recent, false);
+  CHECK(same.asked() == 2);  // once per layer and selector: every set (2 KV groups; 4 query heads) and budget in one request
+  bool differs = false;
+  for (std::size_t s = 0; s < expected.selectors.size(); ++s) {
+    for (int m = 0; m < kNumMetrics; ++m) {
+      INFO(expected.selectors[s].label << " " << metric_name(m));
+      const auto& x = expected.selectors[s].head_mean[m].values;
+      const auto& y = result.selectors[s].head_mean[m].values;
+      const auto& w = other.selectors[s].head_mean[m].values;
+      REQUIRE(x.size() == y.size());
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        CHECK((x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i]))));
+        differs = differs || (x[i] != w[i] && !(std::isnan(x[i]) && std::isnan(w[i])));
+      }
+    }
+  }
+  CHECK(differs);  // the evictions are the backend's: another policy's change the report
+  for (const Answer answer : {Answer::kShort, Answer::kEarly}) {
+    const H2oBackend malformed(answer);
+    try {
+      (void)run_replay(path, options, malformed, false);
+      FAIL("malformed evictions were accepted");
+    } catch (const Error& error) {
+      CHECK(error.kind() == ErrorKind::kInternal);
+      CHECK(std::string(error.what()).find("h2o: the backend") != std::string::npos);
+    }
+  }
+}

@@ -133,6 +133,9 @@ class MultiDeviceBackend final : public Backend {
     device_of(request).output_errors(request, tile, walks, errors);
   }
   void prepare_keys(const StatsRequest& request) const override { device_of(request.kv_head).prepare_keys(request); }
+  bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const override {
+    return devices_.front()->h2o_evictions(request, evicted);  // every set in one launch
+  }
   bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const override {
     return device_of(request.kv_head).page_bound_rankings(request, order);
   }

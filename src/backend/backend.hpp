@@ -102,6 +102,24 @@ struct PageBoundRequest {
   std::int64_t kv_head = -1;           // which device of several serves it
 };
 
+// H2O's caches (selector h2o) for every set of query heads of a layer (a KV group's, attention summed, or
+// one head each) and every budget, simulated step by step over all positions (proxy::h2o_simulate is the
+// definition, per set and budget): step t
+// appends key t, each head attends over the cache (logits scale * q . k in double, softmax with the sink
+// logit in the denominator) and adds the probabilities to the keys' scores; then the cache shrinks to
+// capacity[t] - 1 keys, protecting its recent_percent% most recent (of capacity[t]) and evicting the lowest
+// score (ties: the later key; nothing unprotected: the oldest).
+struct H2oRequest {
+  const float* q = nullptr;              // [sets * heads][seq_len][head_dim]: set s's heads are s * heads + 0 .. heads - 1
+  const float* k = nullptr;              // [kv_heads][seq_len][head_dim]; set s attends KV head s * kv_heads / sets
+  std::int64_t sets = 1, heads = 1, kv_heads = 1, seq_len = 0, head_dim = 0;
+  double scale = 1.0;
+  const double* sink_logits = nullptr;   // [sets * heads], or nullptr
+  std::int64_t recent_percent = 50;
+  std::int64_t budgets = 0;
+  const std::int64_t* capacity = nullptr;  // [budgets][seq_len - 1]: the cache size of step t + 1, current key included
+};
+
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
 // (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the
 // products on tensor cores with fp32 accumulation (CUDA only); on captures stored in that
@@ -137,6 +155,17 @@ class Backend {
   virtual bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const {
     (void)request;
     (void)order;
+    return false;
+  }
+  // `request`'s evictions into evicted[(b * sets + s) * seq_len + j]: the first step whose cache (budget b,
+  // set s) no longer holds key j, INT32_MAX if none (resized to budgets * sets * seq_len); or false when the backend leaves it to
+  // the caller (the CPU backend: proxy::h2o_simulate on the same cores is the reference). The CUDA one
+  // simulates on the device (the first of several: one launch for the whole layer): the same logits, its
+  // own exp, log and summation order, so a decision between two scores within rounding may differ.
+  // Thread-safe.
+  virtual bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const {
+    (void)request;
+    (void)evicted;
     return false;
   }
 };

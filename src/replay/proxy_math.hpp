@@ -3,8 +3,10 @@
 // Every score is computed in double with a fixed summation order (channels ascending, keys
 // ascending), so that rankings do not depend on vectorisation or thread count and near-ties
 // resolve like the float64 reference.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "replay/selector.hpp"
@@ -54,6 +56,42 @@ void dots(const float* a, std::int64_t d, std::int64_t n, KeyAt key, double* out
 void row_logits(const LayerContext& layer, std::int64_t h, std::int64_t t, std::int64_t n, std::vector<double>& z);
 // log(exp(sink) + sum_{j<n} exp(z_j)) (the sink term only when has_sink).
 double log_partition(const double* z, std::int64_t n, bool has_sink, double sink);
+
+// H2O's cache for one set of query heads and one budget (Backend::H2oRequest says what each step does):
+// evicted[j] = the first step whose cache no longer holds key j, INT32_MAX if none, j < seq_len.
+// capacity[t], t < seq_len - 1: the cache size of step t + 1, current key included. logits(h, t, cache, z)
+// fills z[i] with the logit of the set's query head h at t for key cache[i]; sink_logits: [heads] or nullptr.
+template <typename Logits>
+void h2o_simulate(std::int64_t seq_len, std::int64_t heads, const std::int64_t* capacity, std::int64_t recent_percent,
+                  const double* sink_logits, Logits logits, std::int32_t* evicted) {
+  std::fill(evicted, evicted + seq_len, std::numeric_limits<std::int32_t>::max());
+  std::vector<std::int64_t> cache;
+  std::vector<double> score(static_cast<std::size_t>(seq_len), 0.0), z;
+  for (std::int64_t t = 0; t < seq_len; ++t) {
+    cache.push_back(t);
+    for (std::int64_t h = 0; h < heads; ++h) {
+      logits(h, t, cache, z);
+      const double lse = log_partition(z.data(), static_cast<std::int64_t>(z.size()), sink_logits != nullptr,
+                                       sink_logits ? sink_logits[h] : 0.0);
+      for (std::size_t i = 0; i < cache.size(); ++i) score[static_cast<std::size_t>(cache[i])] += std::exp(z[i] - lse);
+    }
+    if (t + 1 == seq_len) break;
+    const std::int64_t cap = capacity[t];
+    const std::int64_t recent = cap * recent_percent / 100;
+    const std::int64_t protected_from = t + 2 - recent;  // keys >= this stay (recent for step t+1)
+    while (static_cast<std::int64_t>(cache.size()) > cap - 1) {
+      std::size_t victim = cache.size();
+      for (std::size_t i = 0; i < cache.size(); ++i) {
+        if (cache[i] >= protected_from) continue;
+        if (victim == cache.size() || score[static_cast<std::size_t>(cache[i])] <= score[static_cast<std::size_t>(cache[victim])]) victim = i;
+      }
+      if (victim == cache.size()) victim = 0;  // everything recent: the oldest goes
+      evicted[cache[victim]] = static_cast<std::int32_t>(t + 1);
+      cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(victim));
+    }
+  }
+}
+
 // True probabilities p_j, j = 0..t, of query head h at t (sink logit in the denominator).
 void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p);
 

@@ -434,6 +434,89 @@ TEST_CASE("CUDA Quest page rankings equal the host's, entry for entry", "[cuda]"
 // Output-error walks: the device evaluates the engine's walks (random ones here) from the same q, k,
 // v and tile as the CPU, both held to the float64 reference. The device sums in double where the
 // host sums each step in fp32, so the two differ by fp32 roundings of |o| at most.
+TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
+  // Backend::h2o_evictions against proxy::h2o_simulate on the same request: the same logits (an fma chain
+  // in double), the device's own exp, log and summation order. Random and adversarial inputs: repeated
+  // keys and all-zero queries (scores tied across keys), caches of 1 to more than the sequence, sparsity
+  // capacities that grow with the position, no / some / all keys recent, sinks, one to six heads a set,
+  // several sets over one or several KV heads.
+  const auto gpu = make_backend("cuda");
+  Rng rng(test::seed() + 140);
+  std::int64_t compared = 0, differing = 0;
+  struct Case {
+    std::int64_t T, sets, heads, kv_heads, d, recent;
+    bool sinks, repeated_keys, zero_queries;
+  };
+  const Case cases[] = {{1, 1, 1, 1, 8, 50, false, false, false},    {40, 1, 1, 1, 8, 50, false, false, false},
+                        {300, 2, 4, 2, 64, 50, true, false, false},  {257, 1, 2, 1, 128, 0, false, true, false},
+                        {200, 3, 3, 3, 32, 100, true, false, true},  {600, 4, 1, 2, 16, 25, false, true, false},
+                        {2500, 2, 4, 2, 128, 50, false, false, false}};
+  std::int64_t simulations = 0;
+  for (const Case& k : cases) {
+    CAPTURE(k.T, k.sets, k.heads, k.kv_heads, k.d, k.recent, k.sinks, k.repeated_keys, k.zero_queries);
+    std::vector<float> q(static_cast<std::size_t>(k.sets * k.heads * k.T * k.d)), keys(static_cast<std::size_t>(k.kv_heads * k.T * k.d));
+    for (auto& x : q) x = k.zero_queries ? 0.0f : static_cast<float>(rng.normal());
+    for (std::int64_t g = 0; g < k.kv_heads; ++g) {
+      for (std::int64_t j = 0; j < k.T; ++j) {
+        const std::int64_t source = g * k.T + (k.repeated_keys ? j % 7 : j);  // every 7th key alike
+        Rng key_rng(test::seed() + 141 + static_cast<std::uint64_t>(source));
+        for (std::int64_t c = 0; c < k.d; ++c) {
+          keys[static_cast<std::size_t>((g * k.T + j) * k.d + c)] = static_cast<float>(key_rng.normal());
+        }
+      }
+    }
+    std::vector<double> sinks(static_cast<std::size_t>(k.sets * k.heads));
+    for (auto& x : sinks) x = rng.normal();
+    // Budgets: caches of 1, 5, 64 and T + 3 keys, and a sparsity of 0.7 (capacity grows with the position).
+    const std::int64_t steps = std::max<std::int64_t>(k.T - 1, 0);
+    std::vector<std::int64_t> capacity;
+    for (const std::int64_t size : {std::int64_t{1}, std::int64_t{5}, std::int64_t{64}, k.T + 3, std::int64_t{-1}}) {
+      for (std::int64_t t = 0; t < steps; ++t) {
+        const std::int64_t wanted = size > 0 ? size : (3 * (t + 2) + 9) / 10;
+        capacity.push_back(std::min(std::max<std::int64_t>(wanted, 1), t + 2));
+      }
+    }
+    H2oRequest request;
+    request.q = q.data();
+    request.k = keys.data();
+    request.sets = k.sets;
+    request.heads = k.heads;
+    request.kv_heads = k.kv_heads;
+    request.seq_len = k.T;
+    request.head_dim = k.d;
+    request.scale = 1.0 / std::sqrt(static_cast<double>(k.d));
+    request.sink_logits = k.sinks ? sinks.data() : nullptr;
+    request.recent_percent = k.recent;
+    request.budgets = 5;
+    request.capacity = capacity.data();
+    std::vector<std::int32_t> device;
+    REQUIRE(gpu->h2o_evictions(request, device));
+    REQUIRE(device.size() == static_cast<std::size_t>(5 * k.sets * k.T));
+    for (std::int64_t s = 0; s < k.sets; ++s) {
+      const float* set_keys = &keys[static_cast<std::size_t>(s * k.kv_heads / k.sets * k.T * k.d)];
+      auto logits = [&](std::int64_t h, std::int64_t t, const std::vector<std::int64_t>& cache, std::vector<double>& z) {
+        z.resize(cache.size());
+        proxy::dots(&q[static_cast<std::size_t>(((s * k.heads + h) * k.T + t) * k.d)], k.d, static_cast<std::int64_t>(cache.size()),
+                    [&](std::int64_t i) { return set_keys + cache[static_cast<std::size_t>(i)] * k.d; }, z.data());
+        for (double& x : z) x *= request.scale;
+      };
+      std::vector<std::int32_t> host(static_cast<std::size_t>(k.T));
+      for (std::int64_t b = 0; b < 5; ++b) {
+        proxy::h2o_simulate(k.T, k.heads, capacity.data() + b * steps, k.recent, k.sinks ? sinks.data() + s * k.heads : nullptr,
+                            logits, host.data());
+        ++simulations;
+        for (std::int64_t j = 0; j < k.T; ++j) {
+          ++compared;
+          if (host[static_cast<std::size_t>(j)] != device[static_cast<std::size_t>((b * k.sets + s) * k.T + j)]) ++differing;
+        }
+      }
+    }
+  }
+  std::printf("H2O on the device: %lld keys' eviction steps over %lld simulations, %lld differ from the host's\n",
+              static_cast<long long>(compared), static_cast<long long>(simulations), static_cast<long long>(differing));
+  CHECK(differing == 0);
+}
+
 TEST_CASE("CUDA output-error walks equal the CPU's and the float64 reference", "[cuda]") {
   const auto cpu = make_cpu_backend();
   const auto gpu = make_backend("cuda:0,cuda:0");  // through the multi-device backend, as --gpus does

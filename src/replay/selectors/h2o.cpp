@@ -2,11 +2,15 @@
 // step along the sequence (H2O, arXiv 2306.14048; FMInference/H2O).
 #include <omp.h>
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 
+#include "backend/backend.hpp"
 #include "common/error.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
@@ -54,14 +58,24 @@ class H2oSelector final : public Selector {
   void begin(const ReplayPlan& plan) override { budgets_ = plan.budgets; }
 
   // Simulates the cache of every set over all positions for every budget: evicted_[budget][set][j] is
-  // the first step whose cache no longer holds key j (kNever if none).
+  // the first step whose cache no longer holds key j (kNever if none). On q/k layers they go to the
+  // backend first (the CUDA one runs them on the device); where it declines, they run here.
   void prepare_layer(const LayerContext& layer) override {
-    const std::int64_t T = layer.seq_len(), G = layer.header->group_size();
+    const std::int64_t T = layer.seq_len();
     const std::int64_t sets = group_ == "none" ? layer.header->num_q_heads : layer.header->num_kv_heads;
     const auto NB = static_cast<std::int64_t>(budgets_.size());
     seq_len_ = T;
     sets_ = sets;
     evicted_.assign(static_cast<std::size_t>(NB * sets * T), kNever);
+    // capacity_[b][t]: the cache size of step t + 1 under budget b, the current key included.
+    const std::int64_t steps = std::max<std::int64_t>(T - 1, 0);
+    capacity_.resize(static_cast<std::size_t>(NB * steps));
+    for (std::int64_t bi = 0; bi < NB; ++bi) {
+      for (std::int64_t t = 0; t < steps; ++t) {
+        capacity_[static_cast<std::size_t>(bi * steps + t)] = std::min(budgets_[static_cast<std::size_t>(bi)].blocks_for_row(t + 1, 1), t + 2);
+      }
+    }
+    if (layer.backend && layer.has_qk && simulate_on_backend(layer)) return;
     // One simulation per (budget, set), the largest caches first: their cost grows with the cache,
     // so that the layer does not end waiting on a large one started last.
     std::vector<std::int64_t> order(static_cast<std::size_t>(NB));
@@ -72,8 +86,7 @@ class H2oSelector final : public Selector {
 #pragma omp parallel for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < NB * sets; ++item) {
       const std::int64_t bi = order[static_cast<std::size_t>(item / sets)], s = item % sets;
-      const std::int64_t h0 = group_ == "none" ? s : s * G, h1 = group_ == "none" ? s + 1 : (s + 1) * G;
-      simulate(layer, budgets_[static_cast<std::size_t>(bi)], h0, h1, &evicted_[static_cast<std::size_t>((bi * sets + s) * T)]);
+      simulate(layer, bi, s, &evicted_[static_cast<std::size_t>((bi * sets + s) * T)]);
     }
   }
 
@@ -97,63 +110,81 @@ class H2oSelector final : public Selector {
   }
 
  private:
-  // Step t: the cache holds the survivors and key t; every query head of the set attends over it
-  // (softmax over the cache, sink included) and adds the probabilities to the keys' scores; then the
-  // cache shrinks to C(t+1) - 1 keys for the next step, protecting its recent keys and evicting the
-  // lowest score (ties: the later key goes).
-  void simulate(const LayerContext& layer, const Budget& budget, std::int64_t h0, std::int64_t h1, std::int32_t* evicted) const {
-    const std::int64_t T = layer.seq_len();
-    std::vector<std::int64_t> cache;
-    std::vector<double> score(static_cast<std::size_t>(T), 0.0), z;
-    for (std::int64_t t = 0; t < T; ++t) {
-      cache.push_back(t);
-      for (std::int64_t h = h0; h < h1; ++h) {
-        logits(layer, h, t, cache, z);
-        const double lse = proxy::log_partition(z.data(), static_cast<std::int64_t>(z.size()), layer.has_sinks(),
-                                                layer.has_sinks() ? layer.sink_logit(h) : 0.0);
-        for (std::size_t i = 0; i < cache.size(); ++i) score[static_cast<std::size_t>(cache[i])] += std::exp(z[i] - lse);
-      }
-      if (t + 1 == T) break;
-      const std::int64_t capacity = std::min(budget.blocks_for_row(t + 1, 1), t + 2);
-      const std::int64_t recent = capacity * recent_ / 100;
-      const std::int64_t protected_from = t + 2 - recent;  // keys >= this stay (recent for step t+1)
-      while (static_cast<std::int64_t>(cache.size()) > capacity - 1) {
-        std::size_t victim = cache.size();
-        for (std::size_t i = 0; i < cache.size(); ++i) {
-          if (cache[i] >= protected_from) continue;
-          if (victim == cache.size() || score[static_cast<std::size_t>(cache[i])] <= score[static_cast<std::size_t>(cache[victim])]) victim = i;
-        }
-        if (victim == cache.size()) victim = 0;  // everything recent: the oldest goes
-        evicted[cache[victim]] = static_cast<std::int32_t>(t + 1);
-        cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(victim));
-      }
-    }
+  // The set's query heads [h0, h1).
+  std::pair<std::int64_t, std::int64_t> heads_of(const LayerContext& layer, std::int64_t set) const {
+    const std::int64_t G = layer.header->group_size();
+    return group_ == "none" ? std::pair<std::int64_t, std::int64_t>{set, set + 1} : std::pair<std::int64_t, std::int64_t>{set * G, (set + 1) * G};
   }
 
-  // z_i of query head h at t for the cached keys j = cache[i]: scale * q . k_j, or log p_j on a dense attn layer.
-  static void logits(const LayerContext& layer, std::int64_t h, std::int64_t t, const std::vector<std::int64_t>& cache,
-                     std::vector<double>& z) {
-    const auto n = static_cast<std::int64_t>(cache.size());
-    z.resize(cache.size());
-    if (!layer.has_qk) {
-      const std::int64_t T = layer.seq_len();
-      const float* p = &layer.tensors->attn[static_cast<std::size_t>((h * T + t) * T)];
-      for (std::int64_t i = 0; i < n; ++i) {
-        const float pj = p[cache[static_cast<std::size_t>(i)]];
-        z[static_cast<std::size_t>(i)] = pj > 0.0f ? std::log(static_cast<double>(pj)) : -std::numeric_limits<double>::infinity();
+  // proxy::h2o_simulate on this layer's logits (scale * q . k in double, or log p on a dense attn layer).
+  void simulate(const LayerContext& layer, std::int64_t budget_index, std::int64_t set, std::int32_t* evicted) const {
+    const std::int64_t T = layer.seq_len();
+    const auto [h0, h1] = heads_of(layer, set);
+    std::vector<double> sinks;
+    for (std::int64_t h = h0; h < h1 && layer.has_sinks(); ++h) sinks.push_back(layer.sink_logit(h));
+    auto logits = [&](std::int64_t h, std::int64_t t, const std::vector<std::int64_t>& cache, std::vector<double>& z) {
+      const std::int64_t head = h0 + h;
+      const auto n = static_cast<std::int64_t>(cache.size());
+      z.resize(cache.size());
+      if (!layer.has_qk) {
+        const float* p = &layer.tensors->attn[static_cast<std::size_t>((head * T + t) * T)];
+        for (std::int64_t i = 0; i < n; ++i) {
+          const float pj = p[cache[static_cast<std::size_t>(i)]];
+          z[static_cast<std::size_t>(i)] = pj > 0.0f ? std::log(static_cast<double>(pj)) : -std::numeric_limits<double>::infinity();
+        }
+        return;
       }
-      return;
+      const std::int64_t g = head / layer.header->group_size();
+      proxy::dots(layer.q(head, t), layer.head_dim(), n, [&](std::int64_t i) { return layer.k(g, cache[static_cast<std::size_t>(i)]); },
+                  z.data());
+      for (double& x : z) x *= layer.scale;
+    };
+    const std::int64_t steps = std::max<std::int64_t>(T - 1, 0);
+    proxy::h2o_simulate(T, h1 - h0, &capacity_[static_cast<std::size_t>(budget_index * steps)], recent_,
+                        sinks.empty() ? nullptr : sinks.data(), logits, evicted);
+  }
+
+  // Every budget and set of the layer on the backend (Backend::h2o_evictions); false where it declines.
+  bool simulate_on_backend(const LayerContext& layer) {
+    const std::int64_t T = layer.seq_len(), Hq = layer.header->num_q_heads;
+    const auto NB = static_cast<std::int64_t>(budgets_.size());
+    std::vector<double> sinks;
+    for (std::int64_t h = 0; h < Hq && layer.has_sinks(); ++h) sinks.push_back(layer.sink_logit(h));
+    H2oRequest request;
+    request.q = layer.q(0, 0);
+    request.k = layer.k(0, 0);
+    request.sets = sets_;
+    request.heads = Hq / sets_;
+    request.kv_heads = layer.header->num_kv_heads;
+    request.seq_len = T;
+    request.head_dim = layer.head_dim();
+    request.scale = layer.scale;
+    request.sink_logits = sinks.empty() ? nullptr : sinks.data();
+    request.recent_percent = recent_;
+    request.budgets = NB;
+    request.capacity = capacity_.data();
+    std::vector<std::int32_t> evicted;
+    if (!layer.backend->h2o_evictions(request, evicted)) return false;
+    if (evicted.size() != evicted_.size()) {
+      throw Error(ErrorKind::kInternal, fmt::format("h2o: the backend returned {} evictions for {} budgets x {} sets x {} keys",
+                                                    evicted.size(), NB, sets_, T));
     }
-    const std::int64_t g = h / layer.header->group_size();
-    proxy::dots(layer.q(h, t), layer.head_dim(), n, [&](std::int64_t i) { return layer.k(g, cache[static_cast<std::size_t>(i)]); },
-                z.data());
-    for (double& x : z) x *= layer.scale;
+    for (std::size_t i = 0; i < evicted.size(); ++i) {
+      const auto j = static_cast<std::int64_t>(i) % T;
+      const std::int32_t step = evicted[i];
+      if (step != kNever && (step <= j || step >= T)) {
+        throw Error(ErrorKind::kInternal, fmt::format("h2o: the backend evicted key {} at step {} of {}", j, step, T));
+      }
+    }
+    evicted_ = std::move(evicted);
+    return true;
   }
 
   std::int64_t recent_ = 50, seq_len_ = 0, sets_ = 0;
   std::string group_;
   std::vector<Budget> budgets_;
-  std::vector<std::int32_t> evicted_;  // [budget][set][key]
+  std::vector<std::int32_t> evicted_;   // [budget][set][key]
+  std::vector<std::int64_t> capacity_;  // [budget][step]: see prepare_layer
 };
 
 }  // namespace
