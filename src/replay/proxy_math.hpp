@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/interrupt.hpp"
 #include "replay/selector.hpp"
 
 namespace hysparse::proxy {
@@ -61,6 +62,7 @@ double log_partition(const double* z, std::int64_t n, bool has_sink, double sink
 // evicted[j] = the first step whose cache no longer holds key j, INT32_MAX if none, j < seq_len.
 // capacity[t], t < seq_len - 1: the cache size of step t + 1, current key included. logits(h, t, cache, z)
 // fills z[i] with the logit of the set's query head h at t for key cache[i]; sink_logits: [heads] or nullptr.
+// A signal (common/interrupt.hpp) stops it early, evictions unfinished: the caller checks interrupted() after.
 template <typename Logits>
 void h2o_simulate(std::int64_t seq_len, std::int64_t heads, const std::int64_t* capacity, std::int64_t recent_percent,
                   const double* sink_logits, Logits logits, std::int32_t* evicted) {
@@ -68,6 +70,7 @@ void h2o_simulate(std::int64_t seq_len, std::int64_t heads, const std::int64_t* 
   std::vector<std::int64_t> cache;
   std::vector<double> score(static_cast<std::size_t>(seq_len), 0.0), z;
   for (std::int64_t t = 0; t < seq_len; ++t) {
+    if (t % 256 == 0 && interrupted()) return;  // minutes at long contexts: a signal must not wait for them
     cache.push_back(t);
     for (std::int64_t h = 0; h < heads; ++h) {
       logits(h, t, cache, z);

@@ -50,5 +50,26 @@ for signal in INT TERM; do
   fi
 done
 
+# A selector's long layer setup (H2O simulates its cache over every position: minutes at long contexts)
+# stops at a signal too, within a second, not once the setup is done (it takes ~30 s here).
+"$HYSPARSE" synth -o "$WORK/h2o_long.h5" --layers 1 --q-heads 2 --kv-heads 1 --seq-len 32768 --head-dim 64 > /dev/null
+"$HYSPARSE" replay "$WORK/h2o_long.h5" -o "$WORK/killed_h2o.h5" --selectors h2o --budget 8192 -q > /dev/null 2>&1 &
+victim=$!
+sleep 2
+kill -INT "$victim"
+for _ in $(seq 1 100); do kill -0 "$victim" 2> /dev/null || break; sleep 0.1; done
+if kill -0 "$victim" 2> /dev/null; then
+  echo "FAIL replay-sigint-in-setup: still running 10 s after SIGINT"; failures=$((failures + 1))
+  kill -9 "$victim"; wait "$victim" 2> /dev/null
+else
+  wait "$victim"
+  rc=$?
+  if [[ $rc -ne 7 ]] || compgen -G "$WORK/killed_h2o.h5*" > /dev/null; then
+    echo "FAIL replay-sigint-in-setup: exit $rc (expected 7) or a report was left"; failures=$((failures + 1))
+  else
+    pass=$((pass + 1))
+  fi
+fi
+
 echo "cli tests: $pass passed, $failures failed"
 [[ $failures -eq 0 ]]

@@ -12,6 +12,7 @@
 
 #include "backend/backend.hpp"
 #include "common/error.hpp"
+#include "common/interrupt.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
 
@@ -88,6 +89,7 @@ class H2oSelector final : public Selector {
       const std::int64_t bi = order[static_cast<std::size_t>(item / sets)], s = item % sets;
       simulate(layer, bi, s, &evicted_[static_cast<std::size_t>((bi * sets + s) * T)]);
     }
+    check_interrupted();  // a signal left the simulations unfinished
   }
 
   void rank(const RankContext& c, Rankings& out) override {

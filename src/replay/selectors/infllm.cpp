@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/interrupt.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
 
@@ -69,6 +70,7 @@ class InfLlmSelector final : public Selector {
       Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Z;  // [rows][keys]
       const Eigen::MatrixXd& K = keys[static_cast<std::size_t>(h / G)];
       for (std::int64_t t0 = 0; t0 < T && window_ > 0; t0 += kChunk) {
+        if (interrupted()) break;  // O(T^2) a head: a signal must not wait for it (checked below)
         const std::int64_t rows = std::min(kChunk, T - t0), width = t0 + rows;
         const Eigen::MatrixXd Q =
             Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(layer.q(h, t0), rows, d).cast<double>();
@@ -100,6 +102,7 @@ class InfLlmSelector final : public Selector {
         for (std::int64_t c = 0; c < d; ++c) out[c] /= static_cast<double>(count);
       }
     }
+    check_interrupted();
   }
 
   void rank(const RankContext& c, Rankings& out) override {
