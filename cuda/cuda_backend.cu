@@ -201,7 +201,7 @@ struct Lane {
   DeviceArray<int> overflow;
   DeviceArray<long long> positions;
   // H2O's simulations (Backend::h2o_evictions).
-  DeviceArray<float> h2o_keys, h2o_keys_t;
+  DeviceArray<float> h2o_q, h2o_keys, h2o_keys_t;
   DeviceArray<long long> h2o_capacity;
   DeviceArray<double> h2o_sinks, h2o_score, h2o_logits;
   DeviceArray<int> h2o_cache, h2o_evicted;
@@ -350,16 +350,32 @@ class CudaBackend final : public Backend {
     int shared_limit = 0;
     check(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_), "shared memory limit");
     if (req.seq_len > std::numeric_limits<int>::max() / 2 ||
-        h2o_shared_bytes(static_cast<int>(req.heads), static_cast<int>(req.head_dim)) + 2048 > static_cast<std::size_t>(shared_limit)) {
+        h2o_shared_bytes(static_cast<int>(req.heads), static_cast<int>(req.head_dim)) > static_cast<std::size_t>(shared_limit)) {
       return false;
     }
     try {
       check(cudaSetDevice(device_), "cudaSetDevice");
       LanePool::Lease lane = lanes_->take();
       const cudaStream_t stream = lane->stream;
+      // A layer's queries and workspace (gigabytes at 128K tokens) go back once the simulations are done,
+      // so that the keys of later layers find the room (the lease synchronises the stream first).
+      struct Release {
+        Lane& lane;
+        ~Release() {
+          (void)cudaStreamSynchronize(lane.stream);
+          lane.h2o_q.clear();
+          lane.h2o_keys.clear();
+          lane.h2o_keys_t.clear();
+          lane.h2o_score.clear();
+          lane.h2o_logits.clear();
+          lane.h2o_cache.clear();
+          lane.h2o_evicted.clear();
+          lane.host_h2o_evicted.clear();
+        }
+      } release{*lane};
       const std::int64_t T = req.seq_len, d = req.head_dim, G = req.heads, NB = req.budgets, S = req.sets, K = req.kv_heads;
       H2oSimulationArgs args;
-      args.q = upload(lane->q, req.q, static_cast<std::size_t>(S * G * T * d), "H2O queries", stream);
+      args.q = upload(lane->h2o_q, req.q, static_cast<std::size_t>(S * G * T * d), "H2O queries", stream);
       const float* keys = upload(lane->h2o_keys, req.k, static_cast<std::size_t>(K * T * d), "H2O keys", stream);
       args.keys_t = lane->h2o_keys_t.reserve(static_cast<std::size_t>(K * T * d), "H2O keys, transposed");
       args.seq_len = T;

@@ -68,7 +68,8 @@ struct StatsPassArgs {
 // was made.
 class StatsPass {
  public:
-  explicit StatsPass(int multiprocessors) : multiprocessors_(multiprocessors), wgmma_(wgmma_available()) {}
+  // On the device current when it is made.
+  explicit StatsPass(int multiprocessors);
   StatsPass(const StatsPass&) = delete;
   StatsPass& operator=(const StatsPass&) = delete;
   ~StatsPass();
@@ -79,6 +80,7 @@ class StatsPass {
 
  private:
   int multiprocessors_;
+  int shared_optin_ = 0;  // bytes of shared memory a block may opt in to
   bool wgmma_;
   std::vector<TensorCoreWorkItem> plan_;
   TensorCoreWorkItem* device_plan_ = nullptr;
@@ -179,8 +181,8 @@ struct H2oSimulationArgs {
   double* logits = nullptr;
   int* evicted = nullptr;                // [budgets][sets][seq_len]
 };
-// Dynamic shared memory of the kernel: the step's query rows in double (the caller declines beyond the
-// device's limit).
+// Shared memory the kernel needs: its own and the step's query rows in double (the caller declines beyond
+// the device's limit).
 std::size_t h2o_shared_bytes(int heads, int head_dim);
 void launch_h2o_simulation(const H2oSimulationArgs& args, const float* keys, cudaStream_t stream);
 

@@ -215,14 +215,18 @@ __global__ void transpose_keys_kernel(const float* __restrict__ keys, int heads,
 
 }  // namespace
 
-std::size_t h2o_shared_bytes(int heads, int head_dim) { return static_cast<std::size_t>(heads) * head_dim * sizeof(double); }
+std::size_t h2o_shared_bytes(int heads, int head_dim) {
+  cudaFuncAttributes attributes{};
+  check(cudaFuncGetAttributes(&attributes, h2o_kernel), "H2O kernel attributes");
+  return attributes.sharedSizeBytes + static_cast<std::size_t>(heads) * head_dim * sizeof(double);
+}
 
 void launch_h2o_simulation(const H2oSimulationArgs& args, const float* keys, cudaStream_t stream) {
   const long long n = args.kv_heads * args.seq_len * args.head_dim;
   const auto blocks = static_cast<unsigned>(std::min<long long>(4096, (n + 255) / 256));
   transpose_keys_kernel<<<blocks, 256, 0, stream>>>(keys, args.kv_heads, args.seq_len, args.head_dim, args.keys_t);
   check(cudaGetLastError(), "key transpose launch");
-  const std::size_t shared = h2o_shared_bytes(args.heads, args.head_dim);
+  const std::size_t shared = static_cast<std::size_t>(args.heads) * args.head_dim * sizeof(double);
   check(cudaFuncSetAttribute(h2o_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
         "H2O kernel shared memory");
   h2o_kernel<<<static_cast<unsigned>(args.budgets * args.sets), kH2oThreads, shared, stream>>>(args);

@@ -535,12 +535,15 @@ __global__ void fill_normal_kernel(float* data, long long n, unsigned long long 
 }
 
 // Returns the kernel's name ("simt-tiled" or "simt").
+// shared_optin: the device's shared memory a block may opt in to (the tiled kernel's q tile needs up to 80 KiB).
 template <typename In>
-const char* launch_simt_statistics(const StatsPassArgs& a, int stride, cudaStream_t stream) {
-  const bool tiled_applies = std::is_same_v<In, float> && tiled_fp32_supports(a.block, a.head_dim);
+const char* launch_simt_statistics(const StatsPassArgs& a, int stride, int shared_optin, cudaStream_t stream) {
+  const bool tiled_applies = std::is_same_v<In, float> && tiled_fp32_supports(a.block, a.head_dim) &&
+                             tiled_fp32_shared_bytes(a.head_dim) <= static_cast<std::size_t>(shared_optin);
   if (a.simt_kernel == SimtKernel::kTiled && !tiled_applies) {
     fail(ErrorKind::kUsage, "statistics pass: the tiled SIMT kernel takes fp32 inputs, head_dim a multiple of 4 up to {} "
-         "and blocks of 8, 16, 32 or a multiple of 64 keys (got head_dim {}, block {})", kTiledMaxHeadDim, a.head_dim, a.block);
+         "(its queries within the device's {} bytes of shared memory a block) and blocks of 8, 16, 32 or a multiple of 64 "
+         "keys (got head_dim {}, block {})", kTiledMaxHeadDim, shared_optin, a.head_dim, a.block);
   }
   const bool tiled = tiled_applies && a.simt_kernel != SimtKernel::kBasic;
   const auto cells = static_cast<long long>(a.heads) * a.rows * a.num_blocks;
@@ -641,6 +644,12 @@ void fill_normal(float* data, std::size_t count, std::uint64_t seed, cudaStream_
   check(cudaGetLastError(), "random fill kernel launch");
 }
 
+StatsPass::StatsPass(int multiprocessors) : multiprocessors_(multiprocessors), wgmma_(wgmma_available()) {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&shared_optin_, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory limit");
+}
+
 StatsPass::~StatsPass() {
   if (device_plan_) cudaFree(device_plan_);
 }
@@ -728,9 +737,9 @@ const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
     else launch_tensor_core_statistics(launch, stream);
   } else {
     switch (a.type) {
-      case InputType::kFloat32: kernel = launch_simt_statistics<float>(a, stride, stream); break;
-      case InputType::kBfloat16: kernel = launch_simt_statistics<__nv_bfloat16>(a, stride, stream); break;
-      case InputType::kFloat16: kernel = launch_simt_statistics<__half>(a, stride, stream); break;
+      case InputType::kFloat32: kernel = launch_simt_statistics<float>(a, stride, shared_optin_, stream); break;
+      case InputType::kBfloat16: kernel = launch_simt_statistics<__nv_bfloat16>(a, stride, shared_optin_, stream); break;
+      case InputType::kFloat16: kernel = launch_simt_statistics<__half>(a, stride, shared_optin_, stream); break;
     }
   }
   const long long warps = static_cast<long long>(a.heads) * a.rows;

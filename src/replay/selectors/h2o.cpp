@@ -142,7 +142,7 @@ class H2oSelector final : public Selector {
       for (double& x : z) x *= layer.scale;
     };
     const std::int64_t steps = std::max<std::int64_t>(T - 1, 0);
-    proxy::h2o_simulate(T, h1 - h0, &capacity_[static_cast<std::size_t>(budget_index * steps)], recent_,
+    proxy::h2o_simulate(T, h1 - h0, capacity_.data() + budget_index * steps, recent_,
                         sinks.empty() ? nullptr : sinks.data(), logits, evicted);
   }
 
