@@ -18,7 +18,7 @@ namespace hysparse::proxy {
 // (dot, dots, scalar or vectorised by the compiler) rounds alike; left to itself the compiler fuses
 // some forms and not others.
 inline double multiply_add(double x, double y, double sum) {
-#ifdef __FMA__
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
   return std::fma(x, y, sum);
 #else
   return sum + x * y;
