@@ -116,7 +116,7 @@ class InfLlmSelector final : public Selector {
       // score_b = sum over heads, in head order, of q_h . repr_h[b].
       std::fill(scores.begin(), scores.begin() + memory, 0.0);
       for (std::int64_t h = 0; h < hq_; ++h) {
-        const double* repr = &repr_keys_[static_cast<std::size_t>(h * complete_ * d_)];
+        const double* repr = repr_keys_.data() + h * complete_ * d_;  // no complete block yet: empty
         proxy::dots(layer.q(h, t), d_, memory, [&](std::int64_t b) { return repr + b * d_; }, head_scores.data());
         for (std::int64_t b = 0; b < memory; ++b) scores[static_cast<std::size_t>(b)] += head_scores[static_cast<std::size_t>(b)];
       }

@@ -57,7 +57,7 @@ class MobaSelector final : public Selector {
       for (std::int64_t r = 0; r < c.rows; ++r) {
         const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r), current = blocks - 1;
         const float* q = layer.q(head, t);
-        const double* means = &means_[static_cast<std::size_t>(c.kv_group * blocks_ * d_)];
+        const double* means = means_.data() + c.kv_group * blocks_ * d_;  // no complete block yet: empty
         proxy::dots(q, d_, current, [&](std::int64_t b) { return means + b * d_; }, scores.data());
         if (current_) {
           scores[static_cast<std::size_t>(current)] = std::numeric_limits<double>::infinity();

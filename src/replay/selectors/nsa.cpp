@@ -72,7 +72,7 @@ class NsaSelector final : public Selector {
       for (std::int64_t h = 0; h < c.group_size && visible > 0; ++h) {
         const float* q = layer.q(c.kv_group * c.group_size + h, t);
         logits.resize(static_cast<std::size_t>(visible));
-        const double* keys = &keys_[static_cast<std::size_t>(c.kv_group * compressed_ * d_)];
+        const double* keys = keys_.data() + c.kv_group * compressed_ * d_;  // none compressed yet: empty
         proxy::dots(q, d_, visible, [&](std::int64_t i) { return keys + i * d_; }, logits.data());
         for (double& z : logits) z *= layer.scale;
         const double lse = proxy::log_partition(logits.data(), visible, false, 0.0);
