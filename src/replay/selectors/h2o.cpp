@@ -121,7 +121,8 @@ class H2oSelector final : public Selector {
   // proxy::h2o_simulate on this layer's logits (scale * q . k in double, or log p on a dense attn layer).
   void simulate(const LayerContext& layer, std::int64_t budget_index, std::int64_t set, std::int32_t* evicted) const {
     const std::int64_t T = layer.seq_len();
-    const auto [h0, h1] = heads_of(layer, set);
+    const std::pair<std::int64_t, std::int64_t> heads = heads_of(layer, set);
+    const std::int64_t h0 = heads.first, h1 = heads.second;  // plain names: lambdas capture them (C++17)
     std::vector<double> sinks;
     for (std::int64_t h = h0; h < h1 && layer.has_sinks(); ++h) sinks.push_back(layer.sink_logit(h));
     auto logits = [&](std::int64_t h, std::int64_t t, const std::vector<std::int64_t>& cache, std::vector<double>& z) {
