@@ -5,6 +5,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,26 @@
 #include "replay/engine.hpp"
 
 namespace hysparse::test {
+
+// A test backend that answers every call as the CPU backend does; a test overrides the calls it examines
+// (a device's rankings, page bounds, H2O evictions) and reaches the CPU's answers through cpu().
+class CpuBackedBackend : public Backend {
+ public:
+  CpuBackedBackend() : cpu_(make_cpu_backend()) {}
+  std::string name() const override { return cpu_->name(); }
+  std::string device() const override { return cpu_->device(); }
+  void block_statistics(const StatsRequest& request, StatsTile& out) const override { cpu_->block_statistics(request, out); }
+  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
+                     std::vector<double>& errors) const override {
+    cpu_->output_errors(request, tile, walks, errors);
+  }
+
+ protected:
+  const Backend& cpu() const { return *cpu_; }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+};
 
 // Writes `capture` to the test data directory as `<name>.h5` and replays it with the CPU backend.
 inline ReplayResult replay_capture(const Capture& capture, const std::string& name, const ReplayOptions& options) {

@@ -874,17 +874,10 @@ namespace {
 // order; or, `least_first`, the other way round (the own page still first), so that a report shows
 // whether the selector took them; or a malformed answer (one entry short, or a page beyond the row),
 // which the selector must refuse.
-class PageRankingBackend final : public Backend {
+class PageRankingBackend final : public test::CpuBackedBackend {
  public:
   enum class Answer { kSame, kLeastFirst, kShort, kBeyondRow };
-  explicit PageRankingBackend(Answer answer) : cpu_(make_cpu_backend()), least_first_(answer == Answer::kLeastFirst), answer_(answer) {}
-  std::string name() const override { return cpu_->name(); }
-  std::string device() const override { return cpu_->device(); }
-  void block_statistics(const StatsRequest& request, StatsTile& out) const override { cpu_->block_statistics(request, out); }
-  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
-                     std::vector<double>& errors) const override {
-    cpu_->output_errors(request, tile, walks, errors);
-  }
+  explicit PageRankingBackend(Answer answer) : least_first_(answer == Answer::kLeastFirst), answer_(answer) {}
   bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const override {
     ++asked_;
     // Called from the engine's threads: a broken contract throws (the replay fails), never a Catch2 macro.
@@ -911,7 +904,6 @@ class PageRankingBackend final : public Backend {
   std::int64_t asked() const { return asked_; }
 
  private:
-  std::unique_ptr<Backend> cpu_;
   bool least_first_;
   Answer answer_;
   mutable std::atomic<std::int64_t> asked_{0};
@@ -963,17 +955,10 @@ TEST_CASE("quest takes a backend's page rankings where offered: the selector's o
 // A backend that simulates H2O's caches the way the host does (proxy::h2o_simulate, the request's logits),
 // or with no recent keys protected (a different policy: the report must change), or malformed (one
 // eviction short; a key evicted before it was cached), which the selector must refuse.
-class H2oBackend final : public Backend {
+class H2oBackend final : public test::CpuBackedBackend {
  public:
   enum class Answer { kSame, kNoRecent, kShort, kEarly };
-  explicit H2oBackend(Answer answer) : cpu_(make_cpu_backend()), answer_(answer) {}
-  std::string name() const override { return cpu_->name(); }
-  std::string device() const override { return cpu_->device(); }
-  void block_statistics(const StatsRequest& request, StatsTile& out) const override { cpu_->block_statistics(request, out); }
-  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
-                     std::vector<double>& errors) const override {
-    cpu_->output_errors(request, tile, walks, errors);
-  }
+  explicit H2oBackend(Answer answer) : answer_(answer) {}
   bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const override {
     ++asked_;
     const std::int64_t T = request.seq_len, d = request.head_dim, S = request.sets;
@@ -999,7 +984,6 @@ class H2oBackend final : public Backend {
   std::int64_t asked() const { return asked_; }
 
  private:
-  std::unique_ptr<Backend> cpu_;
   Answer answer_;
   mutable std::atomic<std::int64_t> asked_{0};
 };

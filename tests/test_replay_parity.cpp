@@ -321,14 +321,11 @@ namespace {
 // makes it (StatsTile::mass_order), optionally shorter than asked (`shorten` blocks fewer, at least
 // one): the engine must take it where it serves and rank the rest itself, with the same report.
 // `least_first` ranks the other way round, so that a report shows whether the ranking was taken.
-class HostRankingBackend final : public Backend {
+class HostRankingBackend final : public test::CpuBackedBackend {
  public:
-  explicit HostRankingBackend(std::int64_t shorten, bool least_first = false)
-      : cpu_(make_cpu_backend()), shorten_(shorten), least_first_(least_first) {}
-  std::string name() const override { return cpu_->name(); }
-  std::string device() const override { return cpu_->device(); }
+  explicit HostRankingBackend(std::int64_t shorten, bool least_first = false) : shorten_(shorten), least_first_(least_first) {}
   void block_statistics(const StatsRequest& request, StatsTile& out) const override {
-    cpu_->block_statistics(request, out);
+    cpu().block_statistics(request, out);
     if (request.rank_blocks <= 0) return;
     ++asked_;
     const std::int64_t block = request.rank_block > 0 ? request.rank_block : request.block_size;
@@ -349,16 +346,11 @@ class HostRankingBackend final : public Backend {
       }
     }
   }
-  void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
-                     std::vector<double>& errors) const override {
-    cpu_->output_errors(request, tile, walks, errors);
-  }
   std::int64_t rankings_asked() const { return asked_; }
   // Bit b set: blocks of b keys were ranked (b < 63).
   std::uint64_t rank_blocks_seen() const { return rank_blocks_seen_; }
 
  private:
-  std::unique_ptr<Backend> cpu_;
   std::int64_t shorten_;
   bool least_first_;
   mutable std::atomic<std::int64_t> asked_{0};
