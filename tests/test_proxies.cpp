@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -224,6 +225,44 @@ TEST_CASE("proxy::dots sums every key as proxy::dot does, bit for bit", "[proxie
       INFO("trial " << trial << ": d " << d << ", n " << n << ", key " << i);
       REQUIRE(batched[static_cast<std::size_t>(i)] == proxy::dot(q.data(), &keys[static_cast<std::size_t>(j * d)], d));
       REQUIRE(batched_wide[static_cast<std::size_t>(i)] == proxy::dot(q.data(), &wide[static_cast<std::size_t>(i * d)], d));
+    }
+  }
+}
+
+TEST_CASE("rank_top is the naive sort's prefix: higher score first, ties to the lower index", "[proxies][properties]") {
+  // Every selector ranks through rank_top, which compares pairs on short rows and radix-sorts keys on
+  // long ones: both must give the order of a plain sort by (score descending, index ascending), on
+  // rows of ties, near ties, signed zeros, infinities, subnormals and negative scores, at every cut.
+  Rng rng(test::seed() + 106);
+  const double inf = std::numeric_limits<double>::infinity();
+  const double specials[] = {0.0, -0.0, inf, -inf, 1.0, -1.0, 5e-324, -5e-324, 2.2250738585072014e-308, 1e300, -1e300, 0.5};
+  for (int trial = 0; trial < 400; ++trial) {
+    const std::int64_t sizes[] = {1, 2, 7, 127, 128, 129, 300, 1000, 5000};
+    const std::int64_t num = trial < 360 ? sizes[trial % 9] : 1 + static_cast<std::int64_t>(rng.below(20000));
+    // 0 distinct, 1 few distinct values, 2 specials, 3 one value, 4 values that differ in their last bits only
+    const int kind = trial % 5;
+    std::vector<double> scores(static_cast<std::size_t>(num));
+    for (auto& x : scores) {
+      if (kind == 0) x = rng.normal();
+      if (kind == 1) x = static_cast<double>(rng.below(5)) * 0.25 - 0.5;
+      if (kind == 2) x = specials[rng.below(sizeof specials / sizeof specials[0])];
+      if (kind == 3) x = 0.125;
+      if (kind == 4) x = 1.0 + std::ldexp(static_cast<double>(rng.below(6)), -50);
+    }
+    std::vector<std::int32_t> naive(static_cast<std::size_t>(num));
+    std::iota(naive.begin(), naive.end(), 0);
+    std::sort(naive.begin(), naive.end(), [&](std::int32_t a, std::int32_t b) {
+      const double x = scores[static_cast<std::size_t>(a)], y = scores[static_cast<std::size_t>(b)];
+      return x > y || (x == y && a < b);
+    });
+    const std::int64_t cuts[] = {0, 1, 2, num / 3, num - 1, num, num + 5, static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(num) + 1))};
+    for (const std::int64_t count : cuts) {
+      const std::int64_t n = std::max<std::int64_t>(0, std::min(count, num));
+      std::vector<std::int32_t> ranked(static_cast<std::size_t>(n) + 1, -7);
+      rank_top(scores.data(), num, count, ranked.data());
+      INFO("trial " << trial << ": " << num << " scores of kind " << kind << ", count " << count);
+      for (std::int64_t i = 0; i < n; ++i) REQUIRE(ranked[static_cast<std::size_t>(i)] == naive[static_cast<std::size_t>(i)]);
+      REQUIRE(ranked[static_cast<std::size_t>(n)] == -7);  // nothing written past the count
     }
   }
 }

@@ -1,6 +1,8 @@
 #include "replay/selector.hpp"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <utility>
@@ -63,7 +65,22 @@ void Rankings::reset(std::int64_t sets_, std::int64_t rows_, std::int64_t stride
   log_weight.clear();
 }
 
-void rank_top(const double* scores, std::int64_t num, std::int64_t count, std::int32_t* out) {
+namespace {
+
+// Below this many scores, rank_top compares (score, index) pairs; from it on, it radix-sorts keys.
+constexpr std::int64_t kRadixRankMinScores = 128;
+
+// An unsigned key per score that orders like rank_top: higher score, smaller key. -0 and +0 are one
+// score (the comparison sees them equal), so they map to one key.
+inline std::uint64_t descending_key(double score) {
+  if (score == 0.0) score = 0.0;
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &score, sizeof bits);
+  const std::uint64_t ascending = (bits >> 63) != 0 ? ~bits : bits | (std::uint64_t{1} << 63);
+  return ~ascending;
+}
+
+void rank_top_by_comparison(const double* scores, std::int64_t num, std::int64_t count, std::int32_t* out) {
   // (score, index) pairs side by side: the selection compares without chasing indices.
   struct Entry {
     double score;
@@ -72,15 +89,86 @@ void rank_top(const double* scores, std::int64_t num, std::int64_t count, std::i
   thread_local std::vector<Entry> order;
   order.resize(static_cast<std::size_t>(num));
   for (std::int64_t i = 0; i < num; ++i) order[static_cast<std::size_t>(i)] = {scores[i], static_cast<std::int32_t>(i)};
-  count = std::min(count, num);
   auto better = [](const Entry& a, const Entry& b) {
     return a.score > b.score || (a.score == b.score && a.index < b.index);
   };
-  if (count < num) {
-    std::nth_element(order.begin(), order.begin() + count, order.end(), better);
-  }
+  if (count < num) std::nth_element(order.begin(), order.begin() + count, order.end(), better);
   std::sort(order.begin(), order.begin() + count, better);
   for (std::int64_t i = 0; i < count; ++i) out[i] = order[static_cast<std::size_t>(i)].index;
+}
+
+// The same order without comparing pairs: the count-th smallest key is found on the keys alone; the
+// entries that make the cut are gathered in index order (those equal to the cut: the lowest indices),
+// and a stable least-significant-digit radix sort of their keys' upper halves leaves ties in index
+// order. Keys whose upper halves are equal (scores within about 1e-6 relative, or equal) are then put
+// in order by their lower halves, stably, run by run.
+void rank_top_by_radix(const double* scores, std::int64_t num, std::int64_t count, std::int32_t* out) {
+  struct Entry {
+    std::uint64_t key;
+    std::int32_t index;
+  };
+  thread_local std::vector<std::uint64_t> keys, cut;
+  thread_local std::vector<Entry> entries, swap;
+  keys.resize(static_cast<std::size_t>(num));
+  for (std::int64_t i = 0; i < num; ++i) keys[static_cast<std::size_t>(i)] = descending_key(scores[i]);
+  std::uint64_t threshold = ~std::uint64_t{0};
+  if (count < num) {
+    cut.assign(keys.begin(), keys.end());
+    std::nth_element(cut.begin(), cut.begin() + (count - 1), cut.end());
+    threshold = cut[static_cast<std::size_t>(count - 1)];
+  }
+  std::int64_t below = 0;  // keys strictly inside the cut; the rest of the count are ties at it, lowest index first
+  for (std::int64_t i = 0; i < num; ++i) below += keys[static_cast<std::size_t>(i)] < threshold ? 1 : 0;
+  std::int64_t ties_left = count - below;
+  entries.resize(static_cast<std::size_t>(count));
+  swap.resize(static_cast<std::size_t>(count));
+  constexpr int kDigitBits = 8, kDigits = 32 / kDigitBits, kBuckets = 1 << kDigitBits;
+  auto digit = [](std::uint64_t key, int d) { return static_cast<std::size_t>((key >> (32 + d * kDigitBits)) & (kBuckets - 1)); };
+  std::uint32_t histogram[kDigits][kBuckets] = {};
+  std::int64_t n = 0;
+  for (std::int64_t i = 0; i < num && n < count; ++i) {
+    const std::uint64_t key = keys[static_cast<std::size_t>(i)];
+    if (key < threshold || (key == threshold && ties_left-- > 0)) {
+      entries[static_cast<std::size_t>(n++)] = {key, static_cast<std::int32_t>(i)};
+      for (int d = 0; d < kDigits; ++d) ++histogram[d][digit(key, d)];
+    }
+  }
+  Entry* from = entries.data();
+  Entry* to = swap.data();
+  for (int d = 0; d < kDigits; ++d) {
+    std::uint32_t* buckets = histogram[d];
+    if (buckets[digit(from[0].key, d)] == static_cast<std::uint32_t>(count)) continue;  // a digit all keys share
+    std::uint32_t offset = 0;
+    for (int b = 0; b < kBuckets; ++b) {
+      const std::uint32_t size = buckets[b];
+      buckets[b] = offset;
+      offset += size;
+    }
+    for (std::int64_t i = 0; i < count; ++i) to[buckets[digit(from[i].key, d)]++] = from[i];
+    std::swap(from, to);
+  }
+  auto lower_half_first = [](const Entry& a, const Entry& b) { return (a.key & 0xffffffffu) < (b.key & 0xffffffffu); };
+  for (std::int64_t begin = 0; begin < count;) {
+    std::int64_t end = begin + 1;
+    while (end < count && (from[end].key >> 32) == (from[begin].key >> 32)) ++end;
+    if (end - begin > 1 && !std::is_sorted(from + begin, from + end, lower_half_first)) {
+      std::stable_sort(from + begin, from + end, lower_half_first);
+    }
+    begin = end;
+  }
+  for (std::int64_t i = 0; i < count; ++i) out[i] = from[i].index;
+}
+
+}  // namespace
+
+void rank_top(const double* scores, std::int64_t num, std::int64_t count, std::int32_t* out) {
+  count = std::min(count, num);
+  if (count <= 0) return;
+  if (num < kRadixRankMinScores) {
+    rank_top_by_comparison(scores, num, count, out);
+  } else {
+    rank_top_by_radix(scores, num, count, out);
+  }
 }
 
 std::int64_t ReplayPlan::max_ranking_length(std::int64_t block) const {
