@@ -8,9 +8,11 @@
 // own with its own device buffers and pinned host staging, so one tile's copies overlap other
 // tiles' kernels and copies instead of queueing behind a device-wide lock. Keys are locked per KV
 // head: uploading one head's keys holds up only the tiles of that head.
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -20,6 +22,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "backend/row_statistics.hpp"
@@ -39,6 +42,9 @@ constexpr std::size_t kLanesPerDevice = 4;
 // prepare_keys copies the next layer's keys only while this fraction of the device's memory stays
 // free beside them.
 constexpr std::size_t kPrepareHeadroomFraction = 8;
+// The logits workspace of Backend::attention_received: query rows per pass so that it holds about this
+// many bytes (between 64 and 1024 rows, a multiple of 64).
+constexpr long long kReceivedWorkspaceBytes = 512ll << 20;
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -183,7 +189,10 @@ struct Lane {
   }
   Lane(const Lane&) = delete;
   Lane& operator=(const Lane&) = delete;
-  ~Lane() { (void)cudaStreamDestroy(stream); }
+  ~Lane() {
+    if (blas) (void)cublasDestroy(blas);
+    (void)cudaStreamDestroy(stream);
+  }
   void synchronize(const char* what) const { check(cudaStreamSynchronize(stream), what); }
 
   cudaStream_t stream = nullptr;
@@ -205,7 +214,12 @@ struct Lane {
   DeviceArray<long long> h2o_capacity;
   DeviceArray<double> h2o_sinks, h2o_score, h2o_logits;
   DeviceArray<int> h2o_cache, h2o_evicted;
-  PinnedArray<int> host_h2o_evicted;
+  PinnedArray<int> host_h2o_evicted, h2o_stop;
+  // InfLLM's received attention (Backend::attention_received), and the cuBLAS handle its GEMMs use.
+  DeviceArray<float> received_input;
+  DeviceArray<double> received_q, received_k, received_logits, received_lse, received_sums;
+  PinnedArray<double> host_received;
+  cublasHandle_t blas = nullptr;
   ResidentKeys own_keys;  // for requests that do not name their layer's tensors (nothing is shared)
 };
 
@@ -395,16 +409,110 @@ class CudaBackend final : public Backend {
       args.score = lane->h2o_score.reserve(static_cast<std::size_t>(NB * S * T), "H2O scores");
       args.logits = lane->h2o_logits.reserve(static_cast<std::size_t>(NB * S * G * T), "H2O logits");
       args.evicted = lane->h2o_evicted.reserve(static_cast<std::size_t>(NB * S * T), "H2O evictions");
+      // A flag in pinned host memory that the kernel reads: set at a signal, it ends the simulations early.
+      volatile int* stop = lane->h2o_stop.reserve(1, "H2O stop flag");
+      *stop = 0;
+      void* stop_on_device = nullptr;
+      check(cudaHostGetDevicePointer(&stop_on_device, const_cast<int*>(stop), 0), "H2O stop flag");
+      args.stop = static_cast<const volatile int*>(stop_on_device);
       launch_h2o_simulation(args, keys, stream);
       evicted.resize(static_cast<std::size_t>(NB * S * T));
       const int* host = download(lane->host_h2o_evicted, static_cast<const int*>(args.evicted), evicted.size(), "H2O evictions", stream);
-      lane->synchronize("H2O kernel");
+      // Seconds to minutes at long sequences: the wait polls for a signal.
+      cudaError_t status = cudaErrorNotReady;
+      while ((status = cudaStreamQuery(stream)) == cudaErrorNotReady) {
+        if (*stop == 0 && req.stop_requested && req.stop_requested()) *stop = 1;
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      check(status, "H2O kernel");
+      if (*stop != 0) return false;  // stopped: the caller checks for the signal
       static_assert(sizeof(int) == sizeof(std::int32_t), "evictions are copied as int");
       std::memcpy(evicted.data(), host, evicted.size() * sizeof(std::int32_t));
       return true;
     } catch (const Error& error) {
       if (error.kind() != ErrorKind::kResource) throw;
       return false;  // no room on the device: the selector simulates on the host
+    }
+  }
+
+  bool attention_received(const ReceivedRequest& req, std::vector<double>& received) const override {
+    if (req.seq_len <= 0 || req.heads <= 0 || req.kv_heads <= 0 || req.heads % req.kv_heads != 0 || req.head_dim <= 0) {
+      fail(ErrorKind::kInternal, "received attention of {} keys, {} heads over {} KV heads, head_dim {}", req.seq_len, req.heads,
+           req.kv_heads, req.head_dim);
+    }
+    if (req.seq_len > std::numeric_limits<int>::max()) return false;  // cuBLAS's dimensions are int
+    try {
+      check(cudaSetDevice(device_), "cudaSetDevice");
+      LanePool::Lease lane = lanes_->take();
+      const cudaStream_t stream = lane->stream;
+      // A pass's logits (512 MiB) and the layer's copies go back once the layer is done, so that the keys of
+      // later layers find the room (the lease synchronises the stream first).
+      struct Release {
+        Lane& lane;
+        ~Release() {
+          (void)cudaStreamSynchronize(lane.stream);
+          lane.received_input.clear();
+          lane.received_q.clear();
+          lane.received_k.clear();
+          lane.received_logits.clear();
+          lane.received_lse.clear();
+          lane.received_sums.clear();
+          lane.host_received.clear();
+        }
+      } release{*lane};
+      if (!lane->blas) {
+        const cublasStatus_t status = cublasCreate(&lane->blas);
+        if (status != CUBLAS_STATUS_SUCCESS) {
+          lane->blas = nullptr;
+          fail(status == CUBLAS_STATUS_ALLOC_FAILED ? ErrorKind::kResource : ErrorKind::kDevice, "cuBLAS handle: status {}",
+               static_cast<int>(status));
+        }
+      }
+      const long long T = req.seq_len, d = req.head_dim, H = req.heads, G = req.heads / req.kv_heads;
+      long long rows_per_pass = req.rows_per_pass;
+      if (rows_per_pass <= 0) {
+        rows_per_pass = std::clamp<long long>(kReceivedWorkspaceBytes / static_cast<long long>(sizeof(double)) / T, 64, 1024) / 64 * 64;
+      }
+      const auto cells = static_cast<std::size_t>(T * d);
+      float* input = lane->received_input.reserve(cells, "received attention: inputs");
+      double* queries = lane->received_q.reserve(cells, "received attention: queries in double");
+      double* keys = lane->received_k.reserve(cells, "received attention: keys in double");
+      ReceivedHeadArgs args;
+      args.q = queries;
+      args.k = keys;
+      args.logits = lane->received_logits.reserve(static_cast<std::size_t>(rows_per_pass * T), "received attention: logits");
+      args.lse = lane->received_lse.reserve(static_cast<std::size_t>(rows_per_pass), "received attention: log-sum-exps");
+      args.received = lane->received_sums.reserve(static_cast<std::size_t>(T), "received attention: sums");
+      double* host = lane->host_received.reserve(static_cast<std::size_t>(H * T), "received attention (pinned)");
+      args.seq_len = T;
+      args.head_dim = d;
+      args.window = std::min<long long>(req.window, T);  // a longer window adds nothing (and cannot overflow j + window)
+      args.rows_per_pass = rows_per_pass;
+      args.scale = req.scale;
+      long long widened_kv_head = -1;
+      for (long long h = 0; h < H; ++h) {
+        if (req.stop_requested && req.stop_requested()) return false;  // a layer's heads take seconds at 128K tokens
+        if (h / G != widened_kv_head) {
+          widened_kv_head = h / G;
+          check(cudaMemcpyAsync(input, req.k + widened_kv_head * T * d, cells * sizeof(float), cudaMemcpyHostToDevice, stream),
+                "received attention: keys");
+          launch_widen(input, static_cast<long long>(cells), keys, stream);
+        }
+        check(cudaMemcpyAsync(input, req.q + h * T * d, cells * sizeof(float), cudaMemcpyHostToDevice, stream),
+              "received attention: queries");
+        launch_widen(input, static_cast<long long>(cells), queries, stream);
+        args.has_sink = req.sink_logits != nullptr;
+        args.sink = args.has_sink ? req.sink_logits[h] : 0.0;
+        received_for_head(lane->blas, args, stream);
+        check(cudaMemcpyAsync(host + h * T, args.received, static_cast<std::size_t>(T) * sizeof(double), cudaMemcpyDeviceToHost, stream),
+              "received attention: sums");
+      }
+      lane->synchronize("received attention kernels");
+      received.assign(host, host + H * T);
+      return true;
+    } catch (const Error& error) {
+      if (error.kind() != ErrorKind::kResource) throw;
+      return false;  // no room on the device: the selector computes it on the host
     }
   }
 

@@ -10,6 +10,8 @@
 #include "backend/backend.hpp"
 #include "tensor_core_statistics.hpp"
 
+struct cublasContext;  // cublas_v2.h's handle type (cublasHandle_t), declared here without cuBLAS's headers
+
 namespace hysparse::cuda {
 
 // The element type q and k are held in on the device.
@@ -180,10 +182,28 @@ struct H2oSimulationArgs {
   double* score = nullptr;
   double* logits = nullptr;
   int* evicted = nullptr;                // [budgets][sets][seq_len]
+  const volatile int* stop = nullptr;    // host memory the device reads: nonzero ends every simulation early
 };
 // Shared memory the kernel needs: its own and the step's query rows in double (the caller declines beyond
 // the device's limit).
 std::size_t h2o_shared_bytes(int heads, int head_dim);
 void launch_h2o_simulation(const H2oSimulationArgs& args, const float* keys, cudaStream_t stream);
+
+// Backend::attention_received for one head (attention_received.cu): q, k widened to double on the
+// device (launch_widen); logits workspace rows_per_pass x seq_len doubles, lse rows_per_pass doubles.
+struct ReceivedHeadArgs {
+  const double* q = nullptr;  // [seq_len][head_dim]
+  const double* k = nullptr;  // [seq_len][head_dim], the head's KV head
+  long long seq_len = 0, head_dim = 0, window = 0, rows_per_pass = 64;
+  double scale = 1.0;
+  bool has_sink = false;
+  double sink = 0.0;
+  double* logits = nullptr;
+  double* lse = nullptr;
+  double* received = nullptr;  // [seq_len], written
+};
+void launch_widen(const float* source, long long count, double* target, cudaStream_t stream);
+// Enqueues the head's passes on `stream` (blas: a cuBLAS handle; its stream is set to `stream`).
+void received_for_head(cublasContext* blas, const ReceivedHeadArgs& args, cudaStream_t stream);
 
 }  // namespace hysparse::cuda

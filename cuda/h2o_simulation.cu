@@ -19,6 +19,7 @@ namespace {
 constexpr int kH2oThreads = 512;
 constexpr int kH2oWarps = kH2oThreads / 32;
 constexpr int kH2oHeadsAtOnce = 8;  // heads whose logits one pass over a key's channels forms
+constexpr long long kStopPollSteps = 64;  // steps between reads of the host's stop flag (over PCIe)
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -97,8 +98,16 @@ __global__ void __launch_bounds__(kH2oThreads) h2o_kernel(H2oSimulationArgs a) {
     score[j] = 0.0;
     evicted[j] = INT_MAX;
   }
+  __shared__ int stopping;
   int slots = 0, alive = 0;  // uniform: slots in use (holes included) and keys cached
   for (long long t = 0; t < T; ++t) {
+    if (a.stop && t % kStopPollSteps == 0) {
+      // The host asks every simulation to end (a signal): what is left unwritten is discarded.
+      __syncthreads();
+      if (tid == 0) stopping = *a.stop;
+      __syncthreads();
+      if (stopping) return;
+    }
     if (tid == 0) cache[slots] = static_cast<int>(t);
     ++slots;
     ++alive;

@@ -1072,3 +1072,103 @@ TEST_CASE("h2o takes a backend's evictions where offered: the selector's own rep
     }
   }
 }
+
+// A backend that computes InfLLM's received attention the way the host does (proxy::attention_received),
+// or with every query's attention counted only on its own key (a different statistic: the report must
+// change), or malformed (one head short), which the selector must refuse.
+class ReceivedBackend final : public test::CpuBackedBackend {
+ public:
+  enum class Answer { kSame, kOwnKeyOnly, kShort };
+  explicit ReceivedBackend(Answer answer) : answer_(answer) {}
+  bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const override {
+    ++asked_;
+    ReceivedRequest changed = request;
+    if (answer_ == Answer::kOwnKeyOnly) changed.window = 1;
+    proxy::attention_received(changed, received);
+    if (answer_ == Answer::kShort) received.resize(received.size() - static_cast<std::size_t>(request.seq_len));
+    return true;
+  }
+  std::int64_t asked() const { return asked_; }
+
+ private:
+  Answer answer_;
+  mutable std::atomic<std::int64_t> asked_{0};
+};
+
+TEST_CASE("infllm takes a backend's received attention where offered: the selector's own report, bit for bit",
+          "[proxies][parity]") {
+  ref::Shape shape;
+  shape.layers = 2;
+  shape.q_heads = 4;
+  shape.kv_heads = 2;
+  shape.seq_len = 150;
+  shape.head_dim = 8;
+  shape.sinks = true;
+  const Capture capture = ref::random_capture(shape, test::seed() + 63);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_infllm_backend.h5";
+  write_capture(path, capture);
+  ReplayOptions options = replay_options("infllm:block=8,sinks=4,window=24,repr=3", tokens({16, 40, 80}));
+  const auto cpu = make_cpu_backend();
+  const ReplayResult expected = run_replay(path, options, *cpu, false);
+  using Answer = ReceivedBackend::Answer;
+  const ReceivedBackend same(Answer::kSame), own_key(Answer::kOwnKeyOnly);
+  const ReplayResult result = run_replay(path, options, same, false);
+  const ReplayResult other = run_replay(path, options, own_key, false);
+  CHECK(same.asked() == 2);  // once per layer: every head in one request
+  bool differs = false;
+  for (std::size_t s = 0; s < expected.selectors.size(); ++s) {
+    for (int m = 0; m < kNumMetrics; ++m) {
+      INFO(expected.selectors[s].label << " " << metric_name(m));
+      const auto& x = expected.selectors[s].head_mean[m].values;
+      const auto& y = result.selectors[s].head_mean[m].values;
+      const auto& w = other.selectors[s].head_mean[m].values;
+      REQUIRE(x.size() == y.size());
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        CHECK((x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i]))));
+        differs = differs || (x[i] != w[i] && !(std::isnan(x[i]) && std::isnan(w[i])));
+      }
+    }
+  }
+  CHECK(differs);  // the sums are the backend's: another statistic changes the report
+  const ReceivedBackend malformed(Answer::kShort);
+  try {
+    (void)run_replay(path, options, malformed, false);
+    FAIL("a malformed answer was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+    CHECK(std::string(error.what()).find("infllm: the backend returned") != std::string::npos);
+  }
+}
+
+TEST_CASE("attention received: the definition, by hand, with sinks and windows past the end", "[proxies]") {
+  // One head, 3 keys, head_dim 1: q = k = (1, 2, 3) / scale 1, a sink of logit 0.
+  const std::vector<float> q = {1.0f, 2.0f, 3.0f}, k = {1.0f, 2.0f, 3.0f};
+  const double sink = 0.0;
+  ReceivedRequest request;
+  request.q = q.data();
+  request.k = k.data();
+  request.seq_len = 3;
+  request.head_dim = 1;
+  request.sink_logits = &sink;
+  // p_t(j) = exp(q_t k_j) / (1 + sum_{i <= t} exp(q_t k_i))
+  auto p = [&](int t, int j) {
+    double z = 1.0;
+    for (int i = 0; i <= t; ++i) z += std::exp(static_cast<double>(q[t] * k[i]));
+    return std::exp(static_cast<double>(q[t] * k[j])) / z;
+  };
+  std::vector<double> received;
+  for (const std::int64_t window : {1, 2, 10}) {
+    request.window = window;
+    proxy::attention_received(request, received);
+    REQUIRE(received.size() == 3);
+    for (int j = 0; j < 3; ++j) {
+      double expected = 0.0;
+      for (int t = j; t < 3 && t < j + window; ++t) expected += p(t, j);
+      INFO("window " << window << ", key " << j);
+      CHECK(received[static_cast<std::size_t>(j)] == Approx(expected).epsilon(1e-14));
+    }
+  }
+  request.window = 0;  // InfLLM without a local window: nothing is received
+  proxy::attention_received(request, received);
+  CHECK(received == std::vector<double>(3, 0.0));
+}

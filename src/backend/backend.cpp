@@ -139,6 +139,9 @@ class MultiDeviceBackend final : public Backend {
   bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const override {
     return device_of(request.kv_head).page_bound_rankings(request, order);
   }
+  bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const override {
+    return devices_.front()->attention_received(request, received);  // every head of the layer in one request
+  }
 
  private:
   const Backend& device_of(const StatsRequest& request) const { return device_of(request.kv_head); }

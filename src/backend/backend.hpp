@@ -118,6 +118,28 @@ struct H2oRequest {
   std::int64_t recent_percent = 50;
   std::int64_t budgets = 0;
   const std::int64_t* capacity = nullptr;  // [budgets][seq_len - 1]: the cache size of step t + 1, current key included
+  // Polled while the simulations run where not null: true stops them early, and the backend declines
+  // (the caller then checks for the signal). The replay passes hysparse::interrupted.
+  bool (*stop_requested)() = nullptr;
+};
+
+// The attention each key receives from the `window` queries that follow it (InfLLM's representative
+// scores, selector infllm), for every query head of a layer:
+//   received[h][j] = sum over t in [j, min(T, j + window) - 1], t ascending, of p_t(j),
+//   p_t(j) = exp(z_tj - lse_t), z_tj = scale * q_t . k_j in double, lse_t = log(exp(sink_h) + sum_{j<=t} exp(z_tj)).
+// proxy::attention_received is the definition; each row's log-sum-exp needs every causal logit, so it
+// is O(T^2 d) a head.
+struct ReceivedRequest {
+  const float* q = nullptr;             // [heads][seq_len][head_dim]; head h attends KV head h / (heads / kv_heads)
+  const float* k = nullptr;             // [kv_heads][seq_len][head_dim]
+  std::int64_t heads = 1, kv_heads = 1, seq_len = 0, head_dim = 0;
+  double scale = 1.0;
+  const double* sink_logits = nullptr;  // [heads], or nullptr
+  std::int64_t window = 0;
+  std::int64_t rows_per_pass = 0;       // > 0: the query rows a device forms logits for at once (tests); 0: its choice
+  // Polled between heads where not null: true stops the work early, and the backend declines (the
+  // caller then checks for the signal). The replay passes hysparse::interrupted.
+  bool (*stop_requested)() = nullptr;
 };
 
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
@@ -166,6 +188,16 @@ class Backend {
   virtual bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const {
     (void)request;
     (void)evicted;
+    return false;
+  }
+  // `request`'s received attention into received[h * seq_len + j] (resized to heads * seq_len), or false
+  // where the backend leaves it to the caller (the CPU backend: proxy::attention_received on the same cores
+  // is the reference). The CUDA one computes it on the device (the first of several): logits by a double
+  // GEMM in its own summation order and its own exp and log, so a received sum may differ in the last
+  // bits. Thread-safe.
+  virtual bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const {
+    (void)request;
+    (void)received;
     return false;
   }
 };

@@ -1,5 +1,6 @@
 #include "replay/proxy_math.hpp"
 
+#include <Eigen/Core>
 #include <Eigen/Eigenvalues>
 #include <algorithm>
 #include <cmath>
@@ -40,6 +41,44 @@ void row_logits(const LayerContext& layer, std::int64_t h, std::int64_t t, std::
   const float* keys = layer.k(g, 0);
   dots(q, d, n, [&](std::int64_t j) { return keys + j * d; }, z.data());
   for (double& x : z) x *= layer.scale;
+}
+
+void attention_received(const ReceivedRequest& request, std::vector<double>& received) {
+  const std::int64_t T = request.seq_len, d = request.head_dim, H = request.heads, G = H / request.kv_heads;
+  const std::int64_t W = request.window;
+  received.assign(static_cast<std::size_t>(H * T), 0.0);
+  using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  // Keys of every KV head in double, once: logits come from blocked double GEMMs.
+  std::vector<Eigen::MatrixXd> keys(static_cast<std::size_t>(request.kv_heads));
+  for (std::int64_t g = 0; g < request.kv_heads; ++g) {
+    keys[static_cast<std::size_t>(g)] = Eigen::Map<const RowMajor>(request.k + g * T * d, T, d).cast<double>();
+  }
+  constexpr std::int64_t kChunk = 64;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (std::int64_t h = 0; h < H; ++h) {
+    double* out = &received[static_cast<std::size_t>(h * T)];
+    Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Z;  // [rows][keys]
+    const Eigen::MatrixXd& K = keys[static_cast<std::size_t>(h / G)];
+    const bool has_sink = request.sink_logits != nullptr;
+    const double sink = has_sink ? request.sink_logits[h] : 0.0;
+    for (std::int64_t t0 = 0; t0 < T && W > 0; t0 += kChunk) {
+      if (interrupted()) break;  // O(T^2) a head: a signal must not wait for it
+      const std::int64_t rows = std::min(kChunk, T - t0), width = t0 + rows;
+      const Eigen::MatrixXd Q = Eigen::Map<const RowMajor>(request.q + (h * T + t0) * d, rows, d).cast<double>();
+      // Row-major: each query's logits are contiguous for the passes over them below.
+      Z.noalias() = Q * K.topRows(width).transpose();
+      Z *= request.scale;
+      for (std::int64_t i = 0; i < rows; ++i) {
+        const std::int64_t t = t0 + i;
+        double m = has_sink ? sink : -std::numeric_limits<double>::infinity();
+        for (std::int64_t j = 0; j <= t; ++j) m = std::max(m, Z(i, j));
+        double sum = has_sink ? std::exp(sink - m) : 0.0;
+        for (std::int64_t j = 0; j <= t; ++j) sum += std::exp(Z(i, j) - m);
+        const double lse = m + std::log(sum);
+        for (std::int64_t j = std::max<std::int64_t>(0, t - W + 1); j <= t; ++j) out[j] += std::exp(Z(i, j) - lse);
+      }
+    }
+  }
 }
 
 double log_partition(const double* z, std::int64_t n, bool has_sink, double sink) {

@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "backend/backend.hpp"
 #include "common/interrupt.hpp"
 #include "replay/selector.hpp"
 
@@ -55,6 +56,10 @@ void dots(const float* a, std::int64_t d, std::int64_t n, KeyAt key, double* out
 // Logits z_j of query head h at row t for keys j in [0, n): scale * q.k in double on a q/k layer,
 // log p_j on a dense attn layer (-inf for p_j = 0).
 void row_logits(const LayerContext& layer, std::int64_t h, std::int64_t t, std::int64_t n, std::vector<double>& z);
+// Backend::attention_received's definition (the host's computation, parallel over heads): logits from
+// blocked double GEMMs of 64 query rows, each row's maximum and sum of exponentials in key order.
+// Stops early at a signal (the caller checks).
+void attention_received(const ReceivedRequest& request, std::vector<double>& received);
 // log(exp(sink) + sum_{j<n} exp(z_j)) (the sink term only when has_sink).
 double log_partition(const double* z, std::int64_t n, bool has_sink, double sink);
 

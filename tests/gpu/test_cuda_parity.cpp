@@ -55,6 +55,9 @@ constexpr double kFp16UnitRoundoff = 1.0 / 4096.0;  // 2^-12: fp16 keeps 11 sign
 // and sums, absolute for log-sum-exps): the mma.sync layouts form the same products in the same
 // order (equal in practice); wgmma's accumulation order inside the tensor core is its own.
 constexpr double kKernelAgreementTolerance = 1e-5;
+// Received attention (double logits on both sides; GEMM and log-sum-exp orders and exp/log differ):
+// relative, per key's sum.
+constexpr double kReceivedTolerance = 1e-11;
 
 float round_to(Precision precision, float x) {
   switch (precision) {
@@ -515,6 +518,110 @@ TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
   std::printf("H2O on the device: %lld keys' eviction steps over %lld simulations, %lld differ from the host's\n",
               static_cast<long long>(compared), static_cast<long long>(simulations), static_cast<long long>(differing));
   CHECK(differing == 0);
+}
+
+TEST_CASE("CUDA attention received equals the host's", "[cuda]") {
+  // Backend::attention_received against proxy::attention_received on the same request: logits from a
+  // double GEMM in either case (their own summation orders), the device's exp, log and log-sum-exp tree.
+  // MHA, GQA and MQA; one token; windows of 1, shorter than and past the sequence; slabs of query rows
+  // that do not divide it (several passes, keys whose windows span passes); sinks; repeated keys (ties).
+  const auto gpu = make_backend("cuda");
+  Rng rng(test::seed() + 150);
+  struct Case {
+    std::int64_t T, heads, kv_heads, d, window, rows_per_pass;
+    bool sinks, repeated_keys;
+  };
+  const Case cases[] = {{1, 1, 1, 8, 4, 0, false, false},       {300, 2, 2, 64, 50, 64, true, false},
+                        {300, 4, 2, 64, 1, 64, false, false},   {257, 3, 1, 128, 1000, 128, true, true},
+                        {1000, 4, 2, 128, 200, 192, false, false}, {2100, 8, 2, 32, 4096, 0, true, false}};
+  double largest = 0.0;
+  std::int64_t compared = 0;
+  for (const Case& k : cases) {
+    CAPTURE(k.T, k.heads, k.kv_heads, k.d, k.window, k.rows_per_pass, k.sinks, k.repeated_keys);
+    std::vector<float> q(static_cast<std::size_t>(k.heads * k.T * k.d)), keys(static_cast<std::size_t>(k.kv_heads * k.T * k.d));
+    for (auto& x : q) x = static_cast<float>(rng.normal());
+    for (std::int64_t g = 0; g < k.kv_heads; ++g) {
+      for (std::int64_t j = 0; j < k.T; ++j) {
+        const std::int64_t source = g * k.T + (k.repeated_keys ? j % 5 : j);
+        Rng key_rng(test::seed() + 151 + static_cast<std::uint64_t>(source));
+        for (std::int64_t c = 0; c < k.d; ++c) keys[static_cast<std::size_t>((g * k.T + j) * k.d + c)] = static_cast<float>(key_rng.normal());
+      }
+    }
+    std::vector<double> sinks(static_cast<std::size_t>(k.heads));
+    for (auto& x : sinks) x = 2.0 * rng.normal();
+    ReceivedRequest request;
+    request.q = q.data();
+    request.k = keys.data();
+    request.heads = k.heads;
+    request.kv_heads = k.kv_heads;
+    request.seq_len = k.T;
+    request.head_dim = k.d;
+    request.scale = 1.0 / std::sqrt(static_cast<double>(k.d));
+    request.sink_logits = k.sinks ? sinks.data() : nullptr;
+    request.window = k.window;
+    request.rows_per_pass = k.rows_per_pass;
+    std::vector<double> device, host;
+    REQUIRE(gpu->attention_received(request, device));
+    proxy::attention_received(request, host);
+    REQUIRE(device.size() == host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) {
+      const double error = std::abs(device[i] - host[i]) / std::max(std::abs(host[i]), 1e-300);
+      largest = std::max(largest, error);
+      ++compared;
+      INFO("head " << i / static_cast<std::size_t>(k.T) << ", key " << i % static_cast<std::size_t>(k.T) << ": device "
+                   << device[i] << ", host " << host[i]);
+      REQUIRE(error <= kReceivedTolerance);
+    }
+  }
+  std::printf("Attention received on the device: %lld sums, largest relative difference from the host's %.2e\n",
+              static_cast<long long>(compared), largest);
+}
+
+namespace {
+bool always_stop() { return true; }
+}  // namespace
+
+TEST_CASE("A stop request ends the device's layer-long work early, and the device stays usable", "[cuda]") {
+  // H2O's simulations and the received attention run for seconds to minutes a layer at long sequences;
+  // a signal (stop_requested) must end them, the backend declining, and the next request must be served.
+  const auto gpu = make_backend("cuda");
+  const std::int64_t T = 3000, d = 64;
+  Rng rng(test::seed() + 152);
+  std::vector<float> q(static_cast<std::size_t>(2 * T * d)), keys(static_cast<std::size_t>(T * d));
+  for (auto& x : q) x = static_cast<float>(rng.normal());
+  for (auto& x : keys) x = static_cast<float>(rng.normal());
+  std::vector<std::int64_t> capacity(static_cast<std::size_t>(T - 1), 100);
+  H2oRequest h2o;
+  h2o.q = q.data();
+  h2o.k = keys.data();
+  h2o.sets = 1;
+  h2o.heads = 2;
+  h2o.seq_len = T;
+  h2o.head_dim = d;
+  h2o.budgets = 1;
+  h2o.capacity = capacity.data();
+  ReceivedRequest received;
+  received.q = q.data();
+  received.k = keys.data();
+  received.heads = 2;
+  received.seq_len = T;
+  received.head_dim = d;
+  received.window = 100;
+  std::vector<std::int32_t> evicted;
+  std::vector<double> sums;
+  h2o.stop_requested = always_stop;
+  received.stop_requested = always_stop;
+  CHECK_FALSE(gpu->h2o_evictions(h2o, evicted));
+  CHECK_FALSE(gpu->attention_received(received, sums));
+  h2o.stop_requested = nullptr;
+  received.stop_requested = nullptr;
+  REQUIRE(gpu->h2o_evictions(h2o, evicted));
+  REQUIRE(gpu->attention_received(received, sums));
+  CHECK(evicted.size() == static_cast<std::size_t>(T));
+  CHECK(sums.size() == static_cast<std::size_t>(2 * T));
+  std::int64_t gone = 0;
+  for (const std::int32_t step : evicted) gone += step != std::numeric_limits<std::int32_t>::max();
+  CHECK(gone == T - 100);  // the last step's cache holds 100 keys
 }
 
 TEST_CASE("CUDA output-error walks equal the CPU's and the float64 reference", "[cuda]") {

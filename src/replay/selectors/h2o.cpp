@@ -77,6 +77,7 @@ class H2oSelector final : public Selector {
       }
     }
     if (layer.backend && layer.has_qk && simulate_on_backend(layer)) return;
+    check_interrupted();  // a backend stops early at a signal, and declines
     // One simulation per (budget, set), the largest caches first: their cost grows with the cache,
     // so that the layer does not end waiting on a large one started last.
     std::vector<std::int64_t> order(static_cast<std::size_t>(NB));
@@ -166,6 +167,7 @@ class H2oSelector final : public Selector {
     request.recent_percent = recent_;
     request.budgets = NB;
     request.capacity = capacity_.data();
+    request.stop_requested = interrupted;
     std::vector<std::int32_t> evicted;
     if (!layer.backend->h2o_evictions(request, evicted)) return false;
     if (evicted.size() != evicted_.size()) {

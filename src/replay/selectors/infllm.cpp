@@ -1,14 +1,13 @@
 // infllm: memory blocks represented by their most-attended keys, scored once for all heads of
 // the layer, plus initial and local tokens (InfLLM, arXiv 2402.04617; thunlp/InfLLM).
-#include <omp.h>
-
 #include <fmt/format.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "backend/backend.hpp"
+#include "common/error.hpp"
 #include "common/interrupt.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
@@ -57,42 +56,38 @@ class InfLlmSelector final : public Selector {
     d_ = d;
     hq_ = Hq;
     repr_keys_.assign(static_cast<std::size_t>(Hq * complete_ * d), 0.0);
-    // Keys of every KV head in double, once: logits come from blocked double GEMMs.
-    std::vector<Eigen::MatrixXd> keys(static_cast<std::size_t>(layer.header->num_kv_heads));
-    for (std::int64_t g = 0; g < layer.header->num_kv_heads; ++g) {
-      keys[static_cast<std::size_t>(g)] =
-          Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(layer.k(g, 0), T, d).cast<double>();
+    ReceivedRequest request;
+    request.q = layer.q(0, 0);
+    request.k = layer.k(0, 0);
+    request.heads = Hq;
+    request.kv_heads = layer.header->num_kv_heads;
+    request.seq_len = T;
+    request.head_dim = d;
+    request.scale = layer.scale;
+    std::vector<double> sinks;
+    if (layer.has_sinks()) {
+      for (std::int64_t h = 0; h < Hq; ++h) sinks.push_back(layer.sink_logit(h));
+      request.sink_logits = sinks.data();
     }
-    constexpr std::int64_t kChunk = 64;
+    request.window = window_;
+    request.stop_requested = interrupted;
+    // The backend first (the CUDA one computes it on the device); where it declines, here. Either stops
+    // early at a signal.
+    const bool on_backend = layer.backend && layer.backend->attention_received(request, received_);
+    check_interrupted();
+    if (!on_backend) proxy::attention_received(request, received_);
+    check_interrupted();
+    if (received_.size() != static_cast<std::size_t>(Hq * T)) {
+      throw Error(ErrorKind::kInternal,
+                  fmt::format("infllm: the backend returned {} received sums for {} heads x {} keys", received_.size(), Hq, T));
+    }
 #pragma omp parallel for schedule(dynamic, 1)
     for (std::int64_t h = 0; h < Hq; ++h) {
-      std::vector<double> received(static_cast<std::size_t>(T), 0.0);
-      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Z;  // [rows][keys]
-      const Eigen::MatrixXd& K = keys[static_cast<std::size_t>(h / G)];
-      for (std::int64_t t0 = 0; t0 < T && window_ > 0; t0 += kChunk) {
-        if (interrupted()) break;  // O(T^2) a head: a signal must not wait for it (checked below)
-        const std::int64_t rows = std::min(kChunk, T - t0), width = t0 + rows;
-        const Eigen::MatrixXd Q =
-            Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(layer.q(h, t0), rows, d).cast<double>();
-        // Row-major: each query's logits are contiguous for the passes over them below.
-        Z.noalias() = Q * K.topRows(width).transpose();
-        Z *= layer.scale;
-        for (std::int64_t i = 0; i < rows; ++i) {
-          const std::int64_t t = t0 + i;
-          double m = layer.has_sinks() ? layer.sink_logit(h) : -std::numeric_limits<double>::infinity();
-          for (std::int64_t j = 0; j <= t; ++j) m = std::max(m, Z(i, j));
-          double sum = layer.has_sinks() ? std::exp(layer.sink_logit(h) - m) : 0.0;
-          for (std::int64_t j = 0; j <= t; ++j) sum += std::exp(Z(i, j) - m);
-          const double lse = m + std::log(sum);
-          for (std::int64_t j = std::max<std::int64_t>(0, t - window_ + 1); j <= t; ++j) {
-            received[static_cast<std::size_t>(j)] += std::exp(Z(i, j) - lse);
-          }
-        }
-      }
+      const double* received = &received_[static_cast<std::size_t>(h * T)];
       std::vector<std::int32_t> top(static_cast<std::size_t>(repr_));
       for (std::int64_t b = 0; b < complete_; ++b) {
         const std::int64_t count = std::min(repr_, block_);
-        rank_top(&received[static_cast<std::size_t>(b * block_)], block_, count, top.data());
+        rank_top(received + b * block_, block_, count, top.data());
         std::sort(top.begin(), top.begin() + count);
         double* out = &repr_keys_[static_cast<std::size_t>((h * complete_ + b) * d)];
         for (std::int64_t i = 0; i < count; ++i) {
@@ -102,7 +97,6 @@ class InfLlmSelector final : public Selector {
         for (std::int64_t c = 0; c < d; ++c) out[c] /= static_cast<double>(count);
       }
     }
-    check_interrupted();
   }
 
   void rank(const RankContext& c, Rankings& out) override {
@@ -129,6 +123,7 @@ class InfLlmSelector final : public Selector {
  private:
   std::int64_t repr_ = 4, complete_ = 0, d_ = 0, hq_ = 0;
   std::vector<double> repr_keys_;  // [query head][complete block][d]
+  std::vector<double> received_;   // [query head][key]: attention received from the window's queries
 };
 
 }  // namespace
