@@ -292,6 +292,22 @@ void check_range(InputType type, Lane& lane, const char* what, const StatsReques
   }
 }
 
+// Waits for `stream`'s work, polling `stop_requested` (may be null) every millisecond: false once it
+// asks to stop (after setting *device_flag, when given, which the running kernel reads), with the
+// work still running; the caller returns, and its lease waits for the stream.
+bool finish_unless_stopped(cudaStream_t stream, bool (*stop_requested)(), volatile int* device_flag, const char* what) {
+  cudaError_t status = cudaErrorNotReady;
+  while ((status = cudaStreamQuery(stream)) == cudaErrorNotReady) {
+    if (stop_requested && stop_requested()) {
+      if (device_flag) *device_flag = 1;
+      return false;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  check(status, what);
+  return true;
+}
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, Precision precision) : device_(device), precision_(precision), type_(input_type(precision)) {
@@ -367,6 +383,7 @@ class CudaBackend final : public Backend {
         h2o_shared_bytes(static_cast<int>(req.heads), static_cast<int>(req.head_dim)) > static_cast<std::size_t>(shared_limit)) {
       return false;
     }
+    if (req.stop_requested && req.stop_requested()) return false;
     try {
       check(cudaSetDevice(device_), "cudaSetDevice");
       LanePool::Lease lane = lanes_->take();
@@ -418,14 +435,9 @@ class CudaBackend final : public Backend {
       launch_h2o_simulation(args, keys, stream);
       evicted.resize(static_cast<std::size_t>(NB * S * T));
       const int* host = download(lane->host_h2o_evicted, static_cast<const int*>(args.evicted), evicted.size(), "H2O evictions", stream);
-      // Seconds to minutes at long sequences: the wait polls for a signal.
-      cudaError_t status = cudaErrorNotReady;
-      while ((status = cudaStreamQuery(stream)) == cudaErrorNotReady) {
-        if (*stop == 0 && req.stop_requested && req.stop_requested()) *stop = 1;
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      }
-      check(status, "H2O kernel");
-      if (*stop != 0) return false;  // stopped: the caller checks for the signal
+      // Seconds to minutes at long sequences: the wait polls for a signal, which ends the kernel within
+      // kStopPollSteps positions (the lease then waits for it); the caller checks for the signal.
+      if (!finish_unless_stopped(stream, req.stop_requested, stop, "H2O kernel")) return false;
       static_assert(sizeof(int) == sizeof(std::int32_t), "evictions are copied as int");
       std::memcpy(evicted.data(), host, evicted.size() * sizeof(std::int32_t));
       return true;
@@ -491,7 +503,7 @@ class CudaBackend final : public Backend {
       args.scale = req.scale;
       long long widened_kv_head = -1;
       for (long long h = 0; h < H; ++h) {
-        if (req.stop_requested && req.stop_requested()) return false;  // a layer's heads take seconds at 128K tokens
+        if (req.stop_requested && req.stop_requested()) return false;
         if (h / G != widened_kv_head) {
           widened_kv_head = h / G;
           check(cudaMemcpyAsync(input, req.k + widened_kv_head * T * d, cells * sizeof(float), cudaMemcpyHostToDevice, stream),
@@ -506,8 +518,9 @@ class CudaBackend final : public Backend {
         received_for_head(lane->blas, args, stream);
         check(cudaMemcpyAsync(host + h * T, args.received, static_cast<std::size_t>(T) * sizeof(double), cudaMemcpyDeviceToHost, stream),
               "received attention: sums");
+        // A head takes up to about 0.4 s at 128K tokens: a signal waits for one head at most.
+        if (!finish_unless_stopped(stream, req.stop_requested, nullptr, "received attention kernels")) return false;
       }
-      lane->synchronize("received attention kernels");
       received.assign(host, host + H * T);
       return true;
     } catch (const Error& error) {

@@ -137,8 +137,9 @@ struct ReceivedRequest {
   const double* sink_logits = nullptr;  // [heads], or nullptr
   std::int64_t window = 0;
   std::int64_t rows_per_pass = 0;       // > 0: the query rows a device forms logits for at once (tests); 0: its choice
-  // Polled between heads where not null: true stops the work early, and the backend declines (the
-  // caller then checks for the signal). The replay passes hysparse::interrupted.
+  // Polled while the work runs where not null (between heads, or query slabs on the host): true stops it
+  // early, and a backend declines (the caller then checks for the signal). The replay passes
+  // hysparse::interrupted.
   bool (*stop_requested)() = nullptr;
 };
 

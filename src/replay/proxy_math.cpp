@@ -62,7 +62,7 @@ void attention_received(const ReceivedRequest& request, std::vector<double>& rec
     const bool has_sink = request.sink_logits != nullptr;
     const double sink = has_sink ? request.sink_logits[h] : 0.0;
     for (std::int64_t t0 = 0; t0 < T && W > 0; t0 += kChunk) {
-      if (interrupted()) break;  // O(T^2) a head: a signal must not wait for it
+      if (request.stop_requested && request.stop_requested()) break;  // O(T^2) a head: a signal must not wait for it
       const std::int64_t rows = std::min(kChunk, T - t0), width = t0 + rows;
       const Eigen::MatrixXd Q = Eigen::Map<const RowMajor>(request.q + (h * T + t0) * d, rows, d).cast<double>();
       // Row-major: each query's logits are contiguous for the passes over them below.

@@ -58,7 +58,7 @@ void dots(const float* a, std::int64_t d, std::int64_t n, KeyAt key, double* out
 void row_logits(const LayerContext& layer, std::int64_t h, std::int64_t t, std::int64_t n, std::vector<double>& z);
 // Backend::attention_received's definition (the host's computation, parallel over heads): logits from
 // blocked double GEMMs of 64 query rows, each row's maximum and sum of exponentials in key order.
-// Stops early at a signal (the caller checks).
+// Stops early, leaving partial sums, once request.stop_requested (where given) says so.
 void attention_received(const ReceivedRequest& request, std::vector<double>& received);
 // log(exp(sink) + sum_{j<n} exp(z_j)) (the sink term only when has_sink).
 double log_partition(const double* z, std::int64_t n, bool has_sink, double sink);

@@ -578,50 +578,112 @@ TEST_CASE("CUDA attention received equals the host's", "[cuda]") {
 }
 
 namespace {
-bool always_stop() { return true; }
+// Stop requests for the backend's layer-long work: at once, or at the n-th poll.
+std::atomic<int> polls_before_stop{0};
+bool stop_after_polls() { return polls_before_stop.fetch_sub(1) <= 0; }
+
+// A device allocation freed at the end of the scope.
+template <typename T>
+struct DeviceBuffer {
+  T* data = nullptr;
+  explicit DeviceBuffer(std::size_t count) { REQUIRE(cudaMalloc(&data, sizeof(T) * std::max<std::size_t>(count, 1)) == cudaSuccess); }
+  ~DeviceBuffer() { (void)cudaFree(data); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+};
 }  // namespace
 
 TEST_CASE("A stop request ends the device's layer-long work early, and the device stays usable", "[cuda]") {
   // H2O's simulations and the received attention run for seconds to minutes a layer at long sequences;
   // a signal (stop_requested) must end them, the backend declining, and the next request must be served.
   const auto gpu = make_backend("cuda");
-  const std::int64_t T = 3000, d = 64;
+  const std::int64_t T = 8000, d = 64, heads = 4;  // H2O's kernel runs for tens of milliseconds: polls happen
   Rng rng(test::seed() + 152);
-  std::vector<float> q(static_cast<std::size_t>(2 * T * d)), keys(static_cast<std::size_t>(T * d));
+  std::vector<float> q(static_cast<std::size_t>(heads * T * d)), keys(static_cast<std::size_t>(T * d));
   for (auto& x : q) x = static_cast<float>(rng.normal());
   for (auto& x : keys) x = static_cast<float>(rng.normal());
   std::vector<std::int64_t> capacity(static_cast<std::size_t>(T - 1), 100);
-  H2oRequest h2o;
-  h2o.q = q.data();
-  h2o.k = keys.data();
-  h2o.sets = 1;
-  h2o.heads = 2;
-  h2o.seq_len = T;
-  h2o.head_dim = d;
-  h2o.budgets = 1;
-  h2o.capacity = capacity.data();
-  ReceivedRequest received;
-  received.q = q.data();
-  received.k = keys.data();
-  received.heads = 2;
-  received.seq_len = T;
-  received.head_dim = d;
-  received.window = 100;
-  std::vector<std::int32_t> evicted;
-  std::vector<double> sums;
-  h2o.stop_requested = always_stop;
-  received.stop_requested = always_stop;
-  CHECK_FALSE(gpu->h2o_evictions(h2o, evicted));
-  CHECK_FALSE(gpu->attention_received(received, sums));
-  h2o.stop_requested = nullptr;
-  received.stop_requested = nullptr;
-  REQUIRE(gpu->h2o_evictions(h2o, evicted));
-  REQUIRE(gpu->attention_received(received, sums));
-  CHECK(evicted.size() == static_cast<std::size_t>(T));
-  CHECK(sums.size() == static_cast<std::size_t>(2 * T));
-  std::int64_t gone = 0;
-  for (const std::int32_t step : evicted) gone += step != std::numeric_limits<std::int32_t>::max();
-  CHECK(gone == T - 100);  // the last step's cache holds 100 keys
+
+  SECTION("the H2O kernel reads the flag: set before the launch, no position is simulated") {
+    const std::size_t cells = static_cast<std::size_t>(T * d);
+    DeviceBuffer<float> q_device(cells), keys_device(cells), keys_t(cells);
+    DeviceBuffer<long long> capacity_device(static_cast<std::size_t>(T - 1));
+    DeviceBuffer<int> cache(static_cast<std::size_t>(2 * T)), evicted(static_cast<std::size_t>(T));
+    DeviceBuffer<double> score(static_cast<std::size_t>(T)), logits(static_cast<std::size_t>(T));
+    REQUIRE(cudaMemcpy(q_device.data, q.data(), cells * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
+    REQUIRE(cudaMemcpy(keys_device.data, keys.data(), cells * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
+    static_assert(sizeof(long long) == sizeof(std::int64_t), "capacities are copied as long long");
+    REQUIRE(cudaMemcpy(capacity_device.data, capacity.data(), capacity.size() * sizeof(long long), cudaMemcpyHostToDevice) ==
+            cudaSuccess);
+    int* flag = nullptr;
+    REQUIRE(cudaMallocHost(&flag, sizeof(int)) == cudaSuccess);
+    void* flag_on_device = nullptr;
+    REQUIRE(cudaHostGetDevicePointer(&flag_on_device, flag, 0) == cudaSuccess);
+    cuda::H2oSimulationArgs args;
+    args.q = q_device.data;
+    args.keys_t = keys_t.data;
+    args.seq_len = T;
+    args.head_dim = static_cast<int>(d);
+    args.budgets = 1;
+    args.capacity = capacity_device.data;
+    args.cache = cache.data;
+    args.score = score.data;
+    args.logits = logits.data;
+    args.evicted = evicted.data;
+    args.stop = static_cast<const volatile int*>(flag_on_device);
+    std::vector<int> steps(static_cast<std::size_t>(T));
+    for (const int stop : {1, 0}) {
+      *flag = stop;
+      cuda::launch_h2o_simulation(args, keys_device.data, nullptr);
+      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+      REQUIRE(cudaMemcpy(steps.data(), evicted.data, steps.size() * sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess);
+      std::int64_t gone = 0;
+      for (const int step : steps) gone += step != std::numeric_limits<int>::max();
+      CAPTURE(stop);
+      CHECK(gone == (stop ? 0 : T - 100));  // stopped at position 0; else the last step's cache holds 100 keys
+    }
+    (void)cudaFreeHost(flag);
+  }
+
+  SECTION("the backend declines when stopped at once or part way, then serves the next request") {
+    H2oRequest h2o;
+    h2o.q = q.data();
+    h2o.k = keys.data();
+    h2o.sets = 1;
+    h2o.heads = heads;
+    h2o.seq_len = T;
+    h2o.head_dim = d;
+    h2o.budgets = 1;
+    h2o.capacity = capacity.data();
+    ReceivedRequest received;
+    received.q = q.data();
+    received.k = keys.data();
+    received.heads = heads;
+    received.seq_len = T;
+    received.head_dim = d;
+    received.window = 100;
+    std::vector<std::int32_t> evicted;
+    std::vector<double> sums, host;
+    h2o.stop_requested = stop_after_polls;
+    received.stop_requested = stop_after_polls;
+    for (const int polls : {0, 2}) {  // at the first poll; after two heads' work was queued
+      CAPTURE(polls);
+      polls_before_stop = polls;
+      CHECK_FALSE(gpu->h2o_evictions(h2o, evicted));
+      polls_before_stop = polls;
+      CHECK_FALSE(gpu->attention_received(received, sums));
+    }
+    h2o.stop_requested = nullptr;
+    received.stop_requested = nullptr;
+    REQUIRE(gpu->h2o_evictions(h2o, evicted));
+    REQUIRE(gpu->attention_received(received, sums));
+    proxy::attention_received(received, host);
+    REQUIRE(sums.size() == host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) REQUIRE(std::abs(sums[i] - host[i]) <= kReceivedTolerance * std::abs(host[i]));
+    std::int64_t gone = 0;
+    for (const std::int32_t step : evicted) gone += step != std::numeric_limits<std::int32_t>::max();
+    CHECK(gone == T - 100);
+  }
 }
 
 TEST_CASE("CUDA output-error walks equal the CPU's and the float64 reference", "[cuda]") {

@@ -73,17 +73,18 @@ class InfLlmSelector final : public Selector {
     request.stop_requested = interrupted;
     // The backend first (the CUDA one computes it on the device); where it declines, here. Either stops
     // early at a signal.
-    const bool on_backend = layer.backend && layer.backend->attention_received(request, received_);
+    std::vector<double> received_all;  // [query head][key]
+    const bool on_backend = layer.backend && layer.backend->attention_received(request, received_all);
     check_interrupted();
-    if (!on_backend) proxy::attention_received(request, received_);
+    if (!on_backend) proxy::attention_received(request, received_all);
     check_interrupted();
-    if (received_.size() != static_cast<std::size_t>(Hq * T)) {
+    if (received_all.size() != static_cast<std::size_t>(Hq * T)) {
       throw Error(ErrorKind::kInternal,
-                  fmt::format("infllm: the backend returned {} received sums for {} heads x {} keys", received_.size(), Hq, T));
+                  fmt::format("infllm: the backend returned {} received sums for {} heads x {} keys", received_all.size(), Hq, T));
     }
 #pragma omp parallel for schedule(dynamic, 1)
     for (std::int64_t h = 0; h < Hq; ++h) {
-      const double* received = &received_[static_cast<std::size_t>(h * T)];
+      const double* received = &received_all[static_cast<std::size_t>(h * T)];
       std::vector<std::int32_t> top(static_cast<std::size_t>(repr_));
       for (std::int64_t b = 0; b < complete_; ++b) {
         const std::int64_t count = std::min(repr_, block_);
@@ -123,7 +124,6 @@ class InfLlmSelector final : public Selector {
  private:
   std::int64_t repr_ = 4, complete_ = 0, d_ = 0, hq_ = 0;
   std::vector<double> repr_keys_;  // [query head][complete block][d]
-  std::vector<double> received_;   // [query head][key]: attention received from the window's queries
 };
 
 }  // namespace
