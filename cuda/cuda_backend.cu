@@ -23,6 +23,7 @@
 #include <shared_mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "backend/row_statistics.hpp"
@@ -292,6 +293,24 @@ void check_range(InputType type, Lane& lane, const char* what, const StatsReques
   }
 }
 
+// Frees a lane's layer-sized buffers (a layer's queries and workspace: gigabytes at 128K tokens) when a
+// request ends, its stream synchronised first, so that the keys of later layers find the room.
+template <typename... Arrays>
+class FreedAtEnd {
+ public:
+  explicit FreedAtEnd(cudaStream_t stream, Arrays&... arrays) : stream_(stream), arrays_(arrays...) {}
+  FreedAtEnd(const FreedAtEnd&) = delete;
+  FreedAtEnd& operator=(const FreedAtEnd&) = delete;
+  ~FreedAtEnd() {
+    (void)cudaStreamSynchronize(stream_);
+    std::apply([](auto&... array) { (array.clear(), ...); }, arrays_);
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::tuple<Arrays&...> arrays_;
+};
+
 // Waits for `stream`'s work, polling `stop_requested` (may be null) every millisecond: false once it
 // asks to stop (after setting *device_flag, when given, which the running kernel reads), with the
 // work still running; the caller returns, and its lease waits for the stream.
@@ -388,22 +407,8 @@ class CudaBackend final : public Backend {
       check(cudaSetDevice(device_), "cudaSetDevice");
       LanePool::Lease lane = lanes_->take();
       const cudaStream_t stream = lane->stream;
-      // A layer's queries and workspace (gigabytes at 128K tokens) go back once the simulations are done,
-      // so that the keys of later layers find the room (the lease synchronises the stream first).
-      struct Release {
-        Lane& lane;
-        ~Release() {
-          (void)cudaStreamSynchronize(lane.stream);
-          lane.h2o_q.clear();
-          lane.h2o_keys.clear();
-          lane.h2o_keys_t.clear();
-          lane.h2o_score.clear();
-          lane.h2o_logits.clear();
-          lane.h2o_cache.clear();
-          lane.h2o_evicted.clear();
-          lane.host_h2o_evicted.clear();
-        }
-      } release{*lane};
+      const FreedAtEnd freed(stream, lane->h2o_q, lane->h2o_keys, lane->h2o_keys_t, lane->h2o_score, lane->h2o_logits,
+                             lane->h2o_cache, lane->h2o_evicted, lane->host_h2o_evicted);
       const std::int64_t T = req.seq_len, d = req.head_dim, G = req.heads, NB = req.budgets, S = req.sets, K = req.kv_heads;
       H2oSimulationArgs args;
       args.q = upload(lane->h2o_q, req.q, static_cast<std::size_t>(S * G * T * d), "H2O queries", stream);
@@ -457,21 +462,8 @@ class CudaBackend final : public Backend {
       check(cudaSetDevice(device_), "cudaSetDevice");
       LanePool::Lease lane = lanes_->take();
       const cudaStream_t stream = lane->stream;
-      // A pass's logits (512 MiB) and the layer's copies go back once the layer is done, so that the keys of
-      // later layers find the room (the lease synchronises the stream first).
-      struct Release {
-        Lane& lane;
-        ~Release() {
-          (void)cudaStreamSynchronize(lane.stream);
-          lane.received_input.clear();
-          lane.received_q.clear();
-          lane.received_k.clear();
-          lane.received_logits.clear();
-          lane.received_lse.clear();
-          lane.received_sums.clear();
-          lane.host_received.clear();
-        }
-      } release{*lane};
+      const FreedAtEnd freed(stream, lane->received_input, lane->received_q, lane->received_k, lane->received_logits,
+                             lane->received_lse, lane->received_sums, lane->host_received);
       if (!lane->blas) {
         const cublasStatus_t status = cublasCreate(&lane->blas);
         if (status != CUBLAS_STATUS_SUCCESS) {

@@ -437,6 +437,22 @@ TEST_CASE("CUDA Quest page rankings equal the host's, entry for entry", "[cuda]"
 // Output-error walks: the device evaluates the engine's walks (random ones here) from the same q, k,
 // v and tile as the CPU, both held to the float64 reference. The device sums in double where the
 // host sums each step in fp32, so the two differ by fp32 roundings of |o| at most.
+namespace {
+// Keys [kv_heads][T][d] of standard normal channels; with repeat_every > 0, key j of a head equals key
+// j % repeat_every (scores tied across keys).
+std::vector<float> gaussian_keys(std::int64_t kv_heads, std::int64_t T, std::int64_t d, std::int64_t repeat_every, std::uint64_t seed) {
+  std::vector<float> keys(static_cast<std::size_t>(kv_heads * T * d));
+  for (std::int64_t g = 0; g < kv_heads; ++g) {
+    for (std::int64_t j = 0; j < T; ++j) {
+      const std::int64_t source = g * T + (repeat_every > 0 ? j % repeat_every : j);
+      Rng key_rng(seed + static_cast<std::uint64_t>(source));
+      for (std::int64_t c = 0; c < d; ++c) keys[static_cast<std::size_t>((g * T + j) * d + c)] = static_cast<float>(key_rng.normal());
+    }
+  }
+  return keys;
+}
+}  // namespace
+
 TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
   // Backend::h2o_evictions against proxy::h2o_simulate on the same request: the same logits (an fma chain
   // in double), the device's own exp, log and summation order. Random and adversarial inputs: repeated
@@ -457,17 +473,9 @@ TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
   std::int64_t simulations = 0;
   for (const Case& k : cases) {
     CAPTURE(k.T, k.sets, k.heads, k.kv_heads, k.d, k.recent, k.sinks, k.repeated_keys, k.zero_queries);
-    std::vector<float> q(static_cast<std::size_t>(k.sets * k.heads * k.T * k.d)), keys(static_cast<std::size_t>(k.kv_heads * k.T * k.d));
+    std::vector<float> q(static_cast<std::size_t>(k.sets * k.heads * k.T * k.d));
     for (auto& x : q) x = k.zero_queries ? 0.0f : static_cast<float>(rng.normal());
-    for (std::int64_t g = 0; g < k.kv_heads; ++g) {
-      for (std::int64_t j = 0; j < k.T; ++j) {
-        const std::int64_t source = g * k.T + (k.repeated_keys ? j % 7 : j);  // every 7th key alike
-        Rng key_rng(test::seed() + 141 + static_cast<std::uint64_t>(source));
-        for (std::int64_t c = 0; c < k.d; ++c) {
-          keys[static_cast<std::size_t>((g * k.T + j) * k.d + c)] = static_cast<float>(key_rng.normal());
-        }
-      }
-    }
+    const std::vector<float> keys = gaussian_keys(k.kv_heads, k.T, k.d, k.repeated_keys ? 7 : 0, test::seed() + 141);
     std::vector<double> sinks(static_cast<std::size_t>(k.sets * k.heads));
     for (auto& x : sinks) x = rng.normal();
     // Budgets: caches of 1, 5, 64 and T + 3 keys, and a sparsity of 0.7 (capacity grows with the position).
@@ -538,15 +546,9 @@ TEST_CASE("CUDA attention received equals the host's", "[cuda]") {
   std::int64_t compared = 0;
   for (const Case& k : cases) {
     CAPTURE(k.T, k.heads, k.kv_heads, k.d, k.window, k.rows_per_pass, k.sinks, k.repeated_keys);
-    std::vector<float> q(static_cast<std::size_t>(k.heads * k.T * k.d)), keys(static_cast<std::size_t>(k.kv_heads * k.T * k.d));
+    std::vector<float> q(static_cast<std::size_t>(k.heads * k.T * k.d));
     for (auto& x : q) x = static_cast<float>(rng.normal());
-    for (std::int64_t g = 0; g < k.kv_heads; ++g) {
-      for (std::int64_t j = 0; j < k.T; ++j) {
-        const std::int64_t source = g * k.T + (k.repeated_keys ? j % 5 : j);
-        Rng key_rng(test::seed() + 151 + static_cast<std::uint64_t>(source));
-        for (std::int64_t c = 0; c < k.d; ++c) keys[static_cast<std::size_t>((g * k.T + j) * k.d + c)] = static_cast<float>(key_rng.normal());
-      }
-    }
+    const std::vector<float> keys = gaussian_keys(k.kv_heads, k.T, k.d, k.repeated_keys ? 5 : 0, test::seed() + 151);
     std::vector<double> sinks(static_cast<std::size_t>(k.heads));
     for (auto& x : sinks) x = 2.0 * rng.normal();
     ReceivedRequest request;
