@@ -76,6 +76,8 @@ class NsaSelector final : public Selector {
         proxy::dots(q, d_, visible, [&](std::int64_t i) { return keys + i * d_; }, logits.data());
         for (double& z : logits) z *= layer.scale;
         const double lse = proxy::log_partition(logits.data(), visible, false, 0.0);
+        // Each compressed key's probability, once (a key's window overlaps several blocks).
+        for (double& z : logits) z = std::exp(z - lse);
         // p_slc[b] = sum_{m < block/stride} sum_{n < cmp/stride} p_cmp[(block/stride) b + m - n]: compressed key i
         // counts once per stride-long piece of its window inside block b (summed in ascending i).
         for (std::int64_t b = 0; b < blocks; ++b) {
@@ -84,7 +86,7 @@ class NsaSelector final : public Selector {
           const std::int64_t last = std::min(visible, per_block * (b + 1));
           for (std::int64_t i = first; i < last; ++i) {
             const std::int64_t pieces = std::min(i + per_window, per_block * (b + 1)) - std::max(i, per_block * b);
-            sum += static_cast<double>(pieces) * std::exp(logits[static_cast<std::size_t>(i)] - lse);
+            sum += static_cast<double>(pieces) * logits[static_cast<std::size_t>(i)];
           }
           scores[static_cast<std::size_t>(b)] += sum;
         }
