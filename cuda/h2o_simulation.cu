@@ -18,7 +18,8 @@ namespace {
 
 constexpr int kH2oThreads = 512;
 constexpr int kH2oWarps = kH2oThreads / 32;
-constexpr int kH2oHeadsAtOnce = 8;  // heads whose logits one pass over a key's channels forms
+constexpr int kH2oHeadsAtOnce = 4;  // heads whose logits one pass over a key's channels forms
+constexpr int kH2oKeysAtOnce = 4;   // slots whose logits a thread forms together
 constexpr long long kStopPollSteps = 64;  // steps between reads of the host's stop flag (over PCIe)
 
 void check(cudaError_t status, const char* what) {
@@ -116,27 +117,44 @@ __global__ void __launch_bounds__(kH2oThreads) h2o_kernel(H2oSimulationArgs a) {
       q_step[i] = static_cast<double>(q[(static_cast<long long>(h) * T + t) * d + c]);
     }
     __syncthreads();
-    // Each key's channels are read once for up to kH2oHeadsAtOnce heads; every logit is the host's
-    // chain of fmas over channels in ascending order.
-    for (int i = tid; i < slots; i += kH2oThreads) {
-      const int key = cache[i];
-      if (key < 0) continue;
+    // Each thread forms the logits of kH2oKeysAtOnce slots at a time (their loads in flight together: the
+    // pass is bound by the latency of these gathers), each key's channels read once for up to
+    // kH2oHeadsAtOnce heads; every logit is the host's chain of fmas over channels in ascending order.
+    for (int i0 = tid; i0 < slots; i0 += kH2oThreads * kH2oKeysAtOnce) {
+      int key[kH2oKeysAtOnce];
+#pragma unroll
+      for (int u = 0; u < kH2oKeysAtOnce; ++u) {
+        const int i = i0 + u * kH2oThreads;
+        key[u] = i < slots ? cache[i] : -1;
+      }
       for (int h0 = 0; h0 < heads; h0 += kH2oHeadsAtOnce) {
         const int count = min(kH2oHeadsAtOnce, heads - h0);
-        double sum[kH2oHeadsAtOnce];
+        double sum[kH2oKeysAtOnce][kH2oHeadsAtOnce];
 #pragma unroll
-        for (int u = 0; u < kH2oHeadsAtOnce; ++u) sum[u] = 0.0;
-#pragma unroll 4
+        for (int u = 0; u < kH2oKeysAtOnce; ++u) {
+#pragma unroll
+          for (int v = 0; v < kH2oHeadsAtOnce; ++v) sum[u][v] = 0.0;
+        }
+#pragma unroll 2
         for (int c = 0; c < d; ++c) {
-          const double k = static_cast<double>(keys_t[c * T + key]);
+          double k[kH2oKeysAtOnce];
 #pragma unroll
-          for (int u = 0; u < kH2oHeadsAtOnce; ++u) {
-            if (u < count) sum[u] = fma(q_step[(h0 + u) * d + c], k, sum[u]);
+          for (int u = 0; u < kH2oKeysAtOnce; ++u) k[u] = key[u] >= 0 ? static_cast<double>(keys_t[c * T + key[u]]) : 0.0;
+#pragma unroll
+          for (int v = 0; v < kH2oHeadsAtOnce; ++v) {
+            if (v >= count) break;
+            const double q = q_step[(h0 + v) * d + c];
+#pragma unroll
+            for (int u = 0; u < kH2oKeysAtOnce; ++u) sum[u][v] = fma(q, k[u], sum[u][v]);
           }
         }
 #pragma unroll
-        for (int u = 0; u < kH2oHeadsAtOnce; ++u) {
-          if (u < count) z[(h0 + u) * T + i] = sum[u] * a.scale;
+        for (int u = 0; u < kH2oKeysAtOnce; ++u) {
+          if (key[u] < 0) continue;
+#pragma unroll
+          for (int v = 0; v < kH2oHeadsAtOnce; ++v) {
+            if (v < count) z[(h0 + v) * T + i0 + u * kH2oThreads] = sum[u][v] * a.scale;
+          }
         }
       }
     }
