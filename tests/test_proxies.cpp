@@ -1088,6 +1088,7 @@ class ReceivedBackend final : public test::CpuBackedBackend {
   explicit ReceivedBackend(Answer answer) : answer_(answer) {}
   bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const override {
     ++asked_;
+    if (request.stop_requested == nullptr) ++unstoppable_;  // the replay's signal must reach the work
     ReceivedRequest changed = request;
     if (answer_ == Answer::kOwnKeyOnly) changed.window = 1;
     proxy::attention_received(changed, received);
@@ -1095,10 +1096,11 @@ class ReceivedBackend final : public test::CpuBackedBackend {
     return true;
   }
   std::int64_t asked() const { return asked_; }
+  std::int64_t unstoppable() const { return unstoppable_; }
 
  private:
   Answer answer_;
-  mutable std::atomic<std::int64_t> asked_{0};
+  mutable std::atomic<std::int64_t> asked_{0}, unstoppable_{0};
 };
 
 TEST_CASE("infllm takes a backend's received attention where offered: the selector's own report, bit for bit",
@@ -1121,6 +1123,7 @@ TEST_CASE("infllm takes a backend's received attention where offered: the select
   const ReplayResult result = run_replay(path, options, same, false);
   const ReplayResult other = run_replay(path, options, own_key, false);
   CHECK(same.asked() == 2);  // once per layer: every head in one request
+  CHECK(same.unstoppable() == 0);
   check_same_head_means(expected, result);
   CHECK(head_means_differ(expected, other));  // the sums are the backend's: another statistic changes the report
   const ReceivedBackend malformed(Answer::kShort);
@@ -1162,6 +1165,10 @@ TEST_CASE("attention received: the definition, by hand, with sinks and windows p
     }
   }
   request.window = 0;  // InfLLM without a local window: nothing is received
+  proxy::attention_received(request, received);
+  CHECK(received == std::vector<double>(3, 0.0));
+  request.window = 2;  // a stop request ends the work before its first slab of queries
+  request.stop_requested = [] { return true; };
   proxy::attention_received(request, received);
   CHECK(received == std::vector<double>(3, 0.0));
 }
