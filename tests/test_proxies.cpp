@@ -1136,6 +1136,85 @@ TEST_CASE("infllm takes a backend's received attention where offered: the select
   }
 }
 
+namespace {
+// A device list whose device returns a part of the wrong size: the replay fails with an internal error.
+void check_refused_part(const std::string& path, const ReplayOptions& options, const Backend& devices) {
+  try {
+    (void)run_replay(path, options, devices, false);
+    FAIL("a device's malformed part was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+    CHECK(std::string(error.what()).find("a device returned") != std::string::npos);
+  }
+}
+}  // namespace
+
+// Several devices (Backend::h2o_evictions / attention_received through a device list) split a layer's
+// work by KV heads, a contiguous run per device, all at once: the report is one device's, bit for bit.
+TEST_CASE("A device list splits H2O's and InfLLM's layer work by KV heads: one device's report, bit for bit",
+          "[proxies][parity]") {
+  ref::Shape shape;
+  shape.layers = 2;
+  shape.q_heads = 6;
+  shape.kv_heads = 3;  // over 2 devices: one KV head and two
+  shape.seq_len = 70;
+  shape.head_dim = 8;
+  shape.sinks = true;
+  const Capture capture = ref::random_capture(shape, test::seed() + 64);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_device_list.h5";
+  write_capture(path, capture);
+  const auto cpu = make_cpu_backend();
+  // Devices of one kind, the last `declining` of them plain CPU backends (which leave the work to the host).
+  auto device_list = [](auto make_one, int devices, int declining, std::vector<const Backend*>& members) {
+    std::vector<std::unique_ptr<Backend>> list;
+    members.clear();
+    for (int i = 0; i < devices; ++i) {
+      list.push_back(i < devices - declining ? make_one() : std::unique_ptr<Backend>(make_cpu_backend()));
+      members.push_back(list.back().get());
+    }
+    return make_multi_device_backend(std::move(list));
+  };
+  std::vector<const Backend*> members;
+
+  SECTION("h2o: sets of a KV group and sets of one head") {
+    const ReplayOptions options = replay_options("h2o,h2o:recent=25,group=none", tokens({8, 20}));
+    const ReplayResult expected = run_replay(path, options, *cpu, false);
+    auto make_one = [] { return std::unique_ptr<Backend>(new H2oBackend(H2oBackend::Answer::kSame)); };
+    for (const int devices : {2, 4}) {
+      INFO(devices << " devices");
+      const auto list = device_list(make_one, devices, 0, members);
+      check_same_head_means(expected, run_replay(path, options, *list, false));
+      for (int i = 0; i < devices; ++i) {
+        // Two h2o specs a layer, each one request a device; a fourth device has no KV head of three.
+        CHECK(static_cast<const H2oBackend*>(members[static_cast<std::size_t>(i)])->asked() == (i < 3 ? 4 : 0));
+      }
+    }
+    const auto one_declines = device_list(make_one, 2, 1, members);
+    check_same_head_means(expected, run_replay(path, options, *one_declines, false));  // the host computed it all
+    CHECK(static_cast<const H2oBackend*>(members[0])->asked() == 4);
+    auto make_short = [] { return std::unique_ptr<Backend>(new H2oBackend(H2oBackend::Answer::kShort)); };
+    const auto malformed = device_list(make_short, 2, 0, members);
+    check_refused_part(path, options, *malformed);
+  }
+  SECTION("infllm: the heads of each KV group") {
+    const ReplayOptions options = replay_options("infllm:block=8,sinks=4,window=24,repr=3", tokens({16, 40}));
+    const ReplayResult expected = run_replay(path, options, *cpu, false);
+    auto make_one = [] { return std::unique_ptr<Backend>(new ReceivedBackend(ReceivedBackend::Answer::kSame)); };
+    const auto list = device_list(make_one, 2, 0, members);
+    check_same_head_means(expected, run_replay(path, options, *list, false));
+    for (const Backend* member : members) {
+      CHECK(static_cast<const ReceivedBackend*>(member)->asked() == 2);  // once a layer
+      CHECK(static_cast<const ReceivedBackend*>(member)->unstoppable() == 0);
+    }
+    auto make_other = [] { return std::unique_ptr<Backend>(new ReceivedBackend(ReceivedBackend::Answer::kOwnKeyOnly)); };
+    const auto other = device_list(make_other, 2, 0, members);
+    CHECK(head_means_differ(expected, run_replay(path, options, *other, false)));  // every part is the devices' answer
+    auto make_short = [] { return std::unique_ptr<Backend>(new ReceivedBackend(ReceivedBackend::Answer::kShort)); };
+    const auto malformed = device_list(make_short, 2, 0, members);
+    check_refused_part(path, options, *malformed);
+  }
+}
+
 TEST_CASE("attention received: the definition, by hand, with sinks and windows past the end", "[proxies]") {
   // One head, 3 keys, head_dim 1: q = k = (1, 2, 3) / scale 1, a sink of logit 0.
   const std::vector<float> q = {1.0f, 2.0f, 3.0f}, k = {1.0f, 2.0f, 3.0f};

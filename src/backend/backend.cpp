@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <exception>
+#include <thread>
 
 #include "common/error.hpp"
 
@@ -105,7 +107,8 @@ void check_output_request(const StatsRequest& request, const StatsTile& tile, co
 namespace {
 
 // Several devices as one backend: each request goes to the device of its KV head (kv_head mod N),
-// so the engine's OpenMP threads keep every device busy and a device keeps the keys of its groups.
+// so the engine's OpenMP threads keep every device busy and a device keeps the keys of its groups;
+// a layer's H2O simulations and received attention are split by KV heads over every device.
 class MultiDeviceBackend final : public Backend {
  public:
   explicit MultiDeviceBackend(std::vector<std::unique_ptr<Backend>> devices) : devices_(std::move(devices)) {}
@@ -134,16 +137,84 @@ class MultiDeviceBackend final : public Backend {
   }
   void prepare_keys(const StatsRequest& request) const override { device_of(request.kv_head).prepare_keys(request); }
   bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const override {
-    return devices_.front()->h2o_evictions(request, evicted);  // every set in one launch
+    const std::int64_t sets_per_kv_head = request.kv_heads > 0 ? request.sets / request.kv_heads : 0;
+    if (sets_per_kv_head < 1 || request.sets % request.kv_heads != 0) return devices_.front()->h2o_evictions(request, evicted);
+    const std::int64_t T = request.seq_len, d = request.head_dim, S = request.sets;
+    return split_over_kv_heads(
+        request.kv_heads, static_cast<std::size_t>(request.budgets * S * T), evicted,
+        [&](const Backend& device, std::int64_t g0, std::int64_t g1, std::vector<std::int32_t>& part) {
+          H2oRequest sub = request;
+          const std::int64_t s0 = g0 * sets_per_kv_head;
+          sub.sets = (g1 - g0) * sets_per_kv_head;
+          sub.kv_heads = g1 - g0;
+          sub.q = request.q + s0 * request.heads * T * d;
+          sub.k = request.k + g0 * T * d;
+          if (request.sink_logits) sub.sink_logits = request.sink_logits + s0 * request.heads;
+          if (!device.h2o_evictions(sub, part)) return false;
+          expect_part_size("H2O evictions", part.size(), static_cast<std::size_t>(request.budgets * sub.sets * T));
+          for (std::int64_t b = 0; b < request.budgets; ++b) {
+            std::copy_n(part.begin() + b * sub.sets * T, sub.sets * T, evicted.begin() + (b * S + s0) * T);
+          }
+          return true;
+        });
   }
   bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const override {
     return device_of(request.kv_head).page_bound_rankings(request, order);
   }
   bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const override {
-    return devices_.front()->attention_received(request, received);  // every head of the layer in one request
+    if (request.kv_heads < 1 || request.heads % request.kv_heads != 0) return devices_.front()->attention_received(request, received);
+    const std::int64_t T = request.seq_len, d = request.head_dim, G = request.heads / request.kv_heads;
+    return split_over_kv_heads(
+        request.kv_heads, static_cast<std::size_t>(request.heads * T), received,
+        [&](const Backend& device, std::int64_t g0, std::int64_t g1, std::vector<double>& part) {
+          ReceivedRequest sub = request;
+          sub.heads = (g1 - g0) * G;
+          sub.kv_heads = g1 - g0;
+          sub.q = request.q + g0 * G * T * d;
+          sub.k = request.k + g0 * T * d;
+          if (request.sink_logits) sub.sink_logits = request.sink_logits + g0 * G;
+          if (!device.attention_received(sub, part)) return false;
+          expect_part_size("received attention", part.size(), static_cast<std::size_t>(sub.heads * T));
+          std::copy(part.begin(), part.end(), received.begin() + g0 * G * T);
+          return true;
+        });
   }
 
  private:
+  static void expect_part_size(const char* what, std::size_t got, std::size_t expected) {
+    if (got != expected) fail(ErrorKind::kInternal, "{}: a device returned {} values for its KV heads, expected {}", what, got, expected);
+  }
+
+  // Layer-long work whose KV heads are independent (H2O's sets, InfLLM's heads): a contiguous run of
+  // KV heads per device, all devices at once, each part copied into `whole` (sized `size`) by
+  // run_part(device, first KV head, end, scratch) -> false where that device declines. Every head is
+  // computed alone on any device, so the parts are the single device's bits. False when any device
+  // declines (the caller then computes the whole); the first device's error is rethrown.
+  template <typename Value, typename RunPart>
+  bool split_over_kv_heads(std::int64_t kv_heads, std::size_t size, std::vector<Value>& whole, RunPart&& run_part) const {
+    const auto parts = static_cast<std::int64_t>(std::min<std::size_t>(devices_.size(), static_cast<std::size_t>(kv_heads)));
+    whole.assign(size, Value{});
+    std::vector<std::vector<Value>> scratch(static_cast<std::size_t>(parts));
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(parts));
+    std::vector<char> served(static_cast<std::size_t>(parts), 0);
+    auto run = [&](std::int64_t i) {
+      try {
+        const std::int64_t g0 = i * kv_heads / parts, g1 = (i + 1) * kv_heads / parts;
+        served[static_cast<std::size_t>(i)] = run_part(*devices_[static_cast<std::size_t>(i)], g0, g1, scratch[static_cast<std::size_t>(i)]);
+      } catch (...) {
+        errors[static_cast<std::size_t>(i)] = std::current_exception();
+      }
+    };
+    std::vector<std::thread> others;
+    for (std::int64_t i = 1; i < parts; ++i) others.emplace_back(run, i);
+    run(0);
+    for (auto& thread : others) thread.join();
+    for (const auto& error : errors) {
+      if (error) std::rethrow_exception(error);
+    }
+    return std::all_of(served.begin(), served.end(), [](char s) { return s != 0; });
+  }
+
   const Backend& device_of(const StatsRequest& request) const { return device_of(request.kv_head); }
   const Backend& device_of(std::int64_t kv_head) const {
     const auto n = static_cast<std::int64_t>(devices_.size());
@@ -179,11 +250,16 @@ std::string gpu_device_list(const std::string& gpus) {
   return devices;
 }
 
+std::unique_ptr<Backend> make_multi_device_backend(std::vector<std::unique_ptr<Backend>> devices) {
+  if (devices.empty()) fail(ErrorKind::kInternal, "a device list without devices");
+  return std::make_unique<MultiDeviceBackend>(std::move(devices));
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& device, Precision precision) {
   if (device.find(',') != std::string::npos) {
     std::vector<std::unique_ptr<Backend>> devices;
     for (const auto& one : split_device_list(device)) devices.push_back(make_backend(one, precision));
-    return std::make_unique<MultiDeviceBackend>(std::move(devices));
+    return make_multi_device_backend(std::move(devices));
   }
   if (device == "cpu") {
     if (precision != Precision::kFp32) {

@@ -193,9 +193,9 @@ class Backend {
   }
   // `request`'s received attention into received[h * seq_len + j] (resized to heads * seq_len), or false
   // where the backend leaves it to the caller (the CPU backend: proxy::attention_received on the same cores
-  // is the reference). The CUDA one computes it on the device (the first of several): logits by a double
-  // GEMM in its own summation order and its own exp and log, so a received sum may differ in the last
-  // bits. Thread-safe.
+  // is the reference). The CUDA one computes it on the device (several devices split the KV heads): logits
+  // by a double GEMM in its own summation order and its own exp and log, so a received sum may differ in
+  // the last bits. Thread-safe.
   virtual bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const {
     (void)request;
     (void)received;
@@ -204,6 +204,8 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+// Several backends as one (what a device list makes; tests build it from their own backends).
+std::unique_ptr<Backend> make_multi_device_backend(std::vector<std::unique_ptr<Backend>> devices);
 // "cpu" or "cuda" / "cuda:N". Throws Error(kDevice) when the device is unusable, and
 // Error(kUsage) for a precision the device does not offer (the CPU computes in fp32 only).
 // "cuda:0,cuda:1" -> {"cuda:0", "cuda:1"}; Error(kUsage) on an empty entry.

@@ -460,6 +460,7 @@ TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
   // capacities that grow with the position, no / some / all keys recent, sinks, one to six heads a set,
   // several sets over one or several KV heads.
   const auto gpu = make_backend("cuda");
+  const auto twice = make_backend("cuda:0,cuda:0");  // a device list splits the KV heads: the same bits
   Rng rng(test::seed() + 140);
   std::int64_t compared = 0, differing = 0;
   struct Case {
@@ -503,6 +504,9 @@ TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
     std::vector<std::int32_t> device;
     REQUIRE(gpu->h2o_evictions(request, device));
     REQUIRE(device.size() == static_cast<std::size_t>(5 * k.sets * k.T));
+    std::vector<std::int32_t> split;
+    REQUIRE(twice->h2o_evictions(request, split));
+    CHECK(split == device);
     for (std::int64_t s = 0; s < k.sets; ++s) {
       const float* set_keys = &keys[static_cast<std::size_t>(s * k.kv_heads / k.sets * k.T * k.d)];
       auto logits = [&](std::int64_t h, std::int64_t t, const std::vector<std::int64_t>& cache, std::vector<double>& z) {
@@ -534,6 +538,7 @@ TEST_CASE("CUDA attention received equals the host's", "[cuda]") {
   // MHA, GQA and MQA; one token; windows of 1, shorter than and past the sequence; slabs of query rows
   // that do not divide it (several passes, keys whose windows span passes); sinks; repeated keys (ties).
   const auto gpu = make_backend("cuda");
+  const auto twice = make_backend("cuda:0,cuda:0");  // a device list splits the KV heads: the same bits
   Rng rng(test::seed() + 150);
   struct Case {
     std::int64_t T, heads, kv_heads, d, window, rows_per_pass;
@@ -564,6 +569,9 @@ TEST_CASE("CUDA attention received equals the host's", "[cuda]") {
     request.rows_per_pass = k.rows_per_pass;
     std::vector<double> device, host;
     REQUIRE(gpu->attention_received(request, device));
+    std::vector<double> split;
+    REQUIRE(twice->attention_received(request, split));
+    CHECK(split == device);
     proxy::attention_received(request, host);
     REQUIRE(device.size() == host.size());
     for (std::size_t i = 0; i < host.size(); ++i) {
@@ -1403,8 +1411,9 @@ TEST_CASE("CUDA replay of a synthetic capture equals the CPU's with sparsity bud
 }
 
 TEST_CASE("Several CUDA devices give the report of one, bit for bit", "[cuda]") {
-  // KV heads go to the devices round-robin (MultiDeviceBackend). With one GPU the same device is
-  // listed twice: two backends, each with its own resident keys and streams of work.
+  // KV heads go to the devices round-robin (MultiDeviceBackend), and a layer's H2O and InfLLM work is
+  // split by KV heads over them. With one GPU the same device is listed twice: two backends, each with
+  // its own resident keys and streams of work.
   const CudaStatus status = cuda_status();
   const std::string several = status.devices.size() >= 2 ? "cuda:0,cuda:1" : "cuda:0,cuda:0";
   std::printf("several devices: %s (%zu visible)\n", several.c_str(), status.devices.size());
@@ -1413,7 +1422,7 @@ TEST_CASE("Several CUDA devices give the report of one, bit for bit", "[cuda]") 
   write_capture(path, c);
   ReplayOptions options;
   options.budgets = {{Budget::Kind::kTokens, 64}, {Budget::Kind::kTokens, 256}};
-  options.selectors = parse_selector_list("oracle,swa,hysparse,quest");
+  options.selectors = parse_selector_list("oracle,swa,hysparse,quest,h2o,infllm:block=16,window=64");
   options.schedule = "FS";
   for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
     CAPTURE(to_string(precision));
