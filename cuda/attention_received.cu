@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "block_reduce.cuh"
 #include "common/error.hpp"
 #include "device_statistics.hpp"
 
@@ -32,19 +33,6 @@ __global__ void widen_kernel(const float* source, long long count, double* targe
   }
 }
 
-// Every thread gets the block's maximum (or sum) of v; the same tree whatever the data.
-template <typename Combine>
-__device__ double block_reduce(double v, double* scratch, Combine combine) {
-  for (int offset = 16; offset > 0; offset /= 2) v = combine(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  __syncthreads();  // the previous reduction's readers are done with scratch
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < kRowWarps; ++w) v = combine(v, scratch[w]);
-  return v;
-}
-
 // Row i of the slab (query first_row + i): lse = m + log(exp(sink - m) + sum_{j <= t} exp(z_j - m)).
 __global__ void __launch_bounds__(kRowThreads) row_lse_kernel(const double* logits, long long ld, long long first_row,
                                                               bool has_sink, double sink, double* lse) {
@@ -53,11 +41,11 @@ __global__ void __launch_bounds__(kRowThreads) row_lse_kernel(const double* logi
   const double* z = logits + i * ld;
   double m = -INFINITY;
   for (long long j = threadIdx.x; j <= t; j += kRowThreads) m = fmax(m, z[j]);
-  m = block_reduce(m, scratch, [](double a, double b) { return fmax(a, b); });
+  m = block_reduce<kRowWarps>(m, scratch, [](double a, double b) { return fmax(a, b); });
   if (has_sink) m = fmax(m, sink);
   double sum = 0.0;
   for (long long j = threadIdx.x; j <= t; j += kRowThreads) sum += exp(z[j] - m);
-  sum = block_reduce(sum, scratch, [](double a, double b) { return a + b; });
+  sum = block_reduce<kRowWarps>(sum, scratch, [](double a, double b) { return a + b; });
   if (threadIdx.x == 0) lse[i] = m + log(sum + (has_sink ? exp(sink - m) : 0.0));
 }
 

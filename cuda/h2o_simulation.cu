@@ -10,6 +10,7 @@
 #include <climits>
 #include <cmath>
 
+#include "block_reduce.cuh"
 #include "common/error.hpp"
 #include "device_statistics.hpp"
 
@@ -27,25 +28,11 @@ void check(cudaError_t status, const char* what) {
 }
 
 // Block-wide reductions; every thread gets the result. `scratch` holds kH2oWarps values.
-__device__ double block_max(double v, double* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  __syncthreads();  // the previous reduction's readers are done with scratch
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < kH2oWarps; ++w) v = fmax(v, scratch[w]);
-  return v;
+__device__ __forceinline__ double block_max(double v, double* scratch) {
+  return block_reduce<kH2oWarps>(v, scratch, [](double a, double b) { return fmax(a, b); });
 }
-__device__ double block_sum(double v, double* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < kH2oWarps; ++w) v += scratch[w];
-  return v;
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+  return block_reduce<kH2oWarps>(v, scratch, [](double a, double b) { return a + b; });
 }
 
 // The eviction candidate: lowest score, ties to the later key; and the oldest cached key with its slot.
