@@ -27,6 +27,7 @@ using namespace tile;
 constexpr int kSliceBytes = kKeys * 128;  // one 64-element depth slice of a key tile
 constexpr int kStages = 3;
 constexpr int kThreads = kWgmmaWarpgroups * 128;
+constexpr int kStagedBlocks = 8;  // one row's block cells written at once: 32 bytes, a memory sector
 
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format" of wgmma): start address,
 // leading-dimension byte offset (unused by swizzled K-major layouts; 1 by convention), stride
@@ -155,7 +156,35 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   start_key_pipeline<kStages>(num_tiles, item.key_begin, load_tile);
 
   const int block = static_cast<int>(p.block);
-  auto write_cell = [&](int ri, int b, float m, float l) { store_block(p, head, row_of(ri), b, m, l); };
+  // The block statistics leave through shared memory, kStagedBlocks consecutive blocks of a row at a
+  // time: a row's cells are num_blocks apart from the next row's, so a cell stored as it is finished
+  // is 4 bytes of a 32-byte sector, and those stores bounded the kernel (README, Performance). Each
+  // warp stages its 16 rows' cells; a flush writes each row's run of cells with 8 lanes side by side.
+  __shared__ float staged[kThreads / 32][16][2][kStagedBlocks];  // [warp][row of the warp][max, sum][block % 8]
+  auto write_cell = [&](int ri, int b, float m, float l) {
+    float* cell = &staged[warp][8 * ri + group][0][b % kStagedBlocks];
+    cell[0] = m * p.score_scale;
+    cell[kStagedBlocks] = l;
+  };
+  // Writes the staged cells of blocks [first staged block of b_end's run, b_end] that this work item
+  // made: those at or after its first key and causal for their row. Called by every lane of the warp.
+  auto flush = [&](int b_end) {
+    __syncwarp();
+    const int run_first = b_end / kStagedBlocks * kStagedBlocks;
+    const int first = max(run_first, item.key_begin / block);
+    const int c = lane % kStagedBlocks, array = (lane / kStagedBlocks) % 2, b = run_first + c;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int row_in_warp = 2 * i + lane / 16;
+      // The row's position is pos[row_in_warp / 8] (= i / 4) of the lanes of group row_in_warp % 8.
+      const int row_position = __shfl_sync(0xffffffffu, pos[i / 4], (row_in_warp % 8) * 4);
+      if (b >= first && b <= b_end && row_position >= 0 && static_cast<long long>(b) * block <= row_position) {
+        const long long cell = (static_cast<long long>(head) * p.rows + r0 + row_in_warp) * p.num_blocks + b;
+        (array == 0 ? p.block_max : p.block_sum)[cell] = staged[warp][row_in_warp][array][c];
+      }
+    }
+    __syncwarp();
+  };
   float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
   // Whether this warpgroup forms tile t's scores (uniform over the warpgroup: wgmma is collective).
   auto scored = [&](int t) { return active && item.key_begin + t * kKeys <= group_last; };
@@ -210,6 +239,15 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
       fence_accumulators(acc);
     }
     reduce(t, acc);
+    // The last block this tile finished (-1: none), and whether its run of staged blocks is complete.
+    const int key0 = item.key_begin + t * kKeys;
+    int finished = -1;
+    if constexpr (kBlockN8 > 0) {
+      finished = (key0 + kKeys) / block - 1;
+    } else if ((key0 + kKeys) % block == 0 || t == num_tiles - 1) {
+      finished = key0 / block;
+    }
+    if (finished >= 0 && ((finished + 1) % kStagedBlocks == 0 || t == num_tiles - 1)) flush(finished);
   }
   copy_async_wait<0>();
 }
