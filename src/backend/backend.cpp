@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <system_error>
 #include <thread>
 
 #include "common/error.hpp"
@@ -206,7 +207,13 @@ class MultiDeviceBackend final : public Backend {
       }
     };
     std::vector<std::thread> others;
-    for (std::int64_t i = 1; i < parts; ++i) others.emplace_back(run, i);
+    for (std::int64_t i = 1; i < parts; ++i) {
+      try {
+        others.emplace_back(run, i);
+      } catch (const std::system_error&) {
+        run(i);  // no thread to be had: this part runs here, before the others finish
+      }
+    }
     run(0);
     for (auto& thread : others) thread.join();
     for (const auto& error : errors) {
