@@ -183,9 +183,9 @@ class Backend {
   // `request`'s evictions into evicted[(b * sets + s) * seq_len + j]: the first step whose cache (budget b,
   // set s) no longer holds key j, INT32_MAX if none (resized to budgets * sets * seq_len); or false when the backend leaves it to
   // the caller (the CPU backend: proxy::h2o_simulate on the same cores is the reference). The CUDA one
-  // simulates on the device (the first of several: one launch for the whole layer): the same logits, its
-  // own exp, log and summation order, so a decision between two scores within rounding may differ.
-  // Thread-safe.
+  // simulates on the device (one launch for its sets; several devices split the KV heads): the same
+  // logits, its own exp, log and summation order, so a decision between two scores within rounding may
+  // differ. Thread-safe.
   virtual bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const {
     (void)request;
     (void)evicted;
