@@ -56,12 +56,64 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// The finished pair of block b of query row `row` (a row index of the launch) of `head`: the
-// largest logit (max_score times the score scale) and the block's sum.
-__device__ __forceinline__ void store_block(const TensorCoreLaunch& p, int head, int row, int b, float max_score, float sum) {
-  const long long cell = (static_cast<long long>(head) * p.rows + row) * p.num_blocks + b;
-  p.block_max[cell] = max_score * p.score_scale;
-  p.block_sum[cell] = sum;
+// Finished block pairs leave through shared memory, kStagedBlocks consecutive blocks of a row at a
+// time. A row's cells lie num_blocks floats apart from the next row's, so a pair stored as it is
+// finished is 4 bytes of a 32-byte sector each, and those stores bounded the kernels (README,
+// Performance: a kernel without them ran 1.3x faster). Each warp stages the cells of its 16 rows per
+// m-tile: staged[row of the warp][max, sum][block % kStagedBlocks].
+constexpr int kStagedBlocks = 8;  // 32 bytes of a row's cells: one memory sector
+template <int kMTiles>
+using StagedCells = float[16 * kMTiles][2][kStagedBlocks];
+
+// The pair of block b of the thread's row ri (row 8 ri + group of the warp): the largest logit
+// (max_score times the score scale) and the block's sum.
+template <int kMTiles>
+__device__ __forceinline__ void stage_block(StagedCells<kMTiles>& staged, int ri, int group, int b, float max_score, float sum,
+                                            float score_scale) {
+  staged[8 * ri + group][0][b % kStagedBlocks] = max_score * score_scale;
+  staged[8 * ri + group][1][b % kStagedBlocks] = sum;
+}
+
+// The last block a key tile finished (-1: none): blocks of at most a tile end with it; a longer block
+// ends at a multiple of its size or at the work item's last tile.
+// (Unsigned and, for blocks within a tile, by the compile-time size: a shift, where a division by the
+// launch's block size cost ~30 instructions a tile.)
+template <int kBlockN8>
+__device__ __forceinline__ int finished_block(int key0, int block, bool last_tile) {
+  const auto end = static_cast<unsigned>(key0 + kKeys);
+  if constexpr (kBlockN8 > 0) return static_cast<int>(end / (8u * kBlockN8)) - 1;
+  const auto size = static_cast<unsigned>(block);
+  return end % size == 0 || last_tile ? static_cast<int>(static_cast<unsigned>(key0) / size) : -1;
+}
+
+// Whether the staged run of `finished` is to be written now: it is complete, or the item ends.
+__device__ __forceinline__ bool run_complete(int finished, bool last_tile) {
+  return finished >= 0 && ((static_cast<unsigned>(finished) + 1) % kStagedBlocks == 0 || last_tile);
+}
+
+// Writes the staged pairs of blocks [first block of b_end's run, b_end] that the work item made: at or
+// after its first block, causal for their row. Every lane of the warp calls it; 8 lanes side by side
+// write one row's run (a sector) of one array. r0: the warp's first row of the launch; active: whether
+// the warp has rows (each row's position is read again here: fewer registers than passing them).
+template <int kMTiles>
+__device__ __forceinline__ void flush_staged(StagedCells<kMTiles>& staged, const TensorCoreLaunch& p, int head, int r0,
+                                             bool active, int lane, int first_block, int b_end) {
+  __syncwarp();
+  const int run_first = b_end / kStagedBlocks * kStagedBlocks;
+  const int first = max(run_first, first_block);
+  const int c = lane % kStagedBlocks, array = (lane / kStagedBlocks) % 2, b = run_first + c;
+  if (active && b >= first && b <= b_end) {
+    // The lane's cell in its first row, then two rows on per step (a pointer step, not a 64-bit
+    // index product per row).
+    float* out = (array == 0 ? p.block_max : p.block_sum) + (static_cast<long long>(head) * p.rows + r0 + lane / 16) * p.num_blocks + b;
+    const long long row_step = 2 * p.num_blocks, first_key = static_cast<long long>(b) * p.block;
+#pragma unroll 4
+    for (int i = 0; i < 8 * kMTiles; ++i, out += row_step) {
+      const int row_in_warp = 2 * i + lane / 16, row = r0 + row_in_warp;
+      if (row < p.rows && first_key <= p.positions[row]) *out = staged[row_in_warp][array][c];
+    }
+  }
+  __syncwarp();
 }
 
 // Scores of keys beyond a row's position (pos[ri], -1 for no row) become -inf. ri indexes the

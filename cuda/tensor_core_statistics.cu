@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
   start_key_pipeline<kStages>(num_tiles, item.key_begin, load_tile);
 
   const int block = static_cast<int>(p.block);
-  auto write_cell = [&](int ri, int b, float m, float l) { store_block(p, head, row_of(ri), b, m, l); };
+  __shared__ StagedCells<kMTiles> staged[kTensorCoreRowsPerBlock * 2 / kMTiles / 32];  // each warp's pairs on their way out
+  auto write_cell = [&](int ri, int b, float m, float l) { stage_block<kMTiles>(staged[warp], ri, group, b, m, l, p.score_scale); };
   // Blocks of several key tiles: this thread's running (max score, sum of exp) per row.
   float run_max[kRowsPerThread], run_sum[kRowsPerThread];
 #pragma unroll
@@ -183,6 +184,8 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
         finish_running_block<kMTiles>(run_max, run_sum, key0 / block, block, pos, log2_scale, thread_in_group, write_cell);
       }
     }
+    const int finished = finished_block<kBlockN8>(key0, block, t == num_tiles - 1);
+    if (run_complete(finished, t == num_tiles - 1)) flush_staged<kMTiles>(staged[warp], p, head, r0, active, lane, item.key_begin / block, finished);
   }
   copy_async_wait<0>();  // leave no copy in flight into shared memory at exit
 }

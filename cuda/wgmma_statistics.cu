@@ -27,18 +27,13 @@ using namespace tile;
 constexpr int kSliceBytes = kKeys * 128;  // one 64-element depth slice of a key tile
 constexpr int kStages = 3;
 constexpr int kThreads = kWgmmaWarpgroups * 128;
-constexpr int kStagedBlocks = 8;  // one row's block cells written at once: 32 bytes, a memory sector
 
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format" of wgmma): start address,
 // leading-dimension byte offset (unused by swizzled K-major layouts; 1 by convention), stride
-// byte offset 1024 (from one 8-row atom to the next), 128-byte swizzle; all >> 4.
-__device__ __forceinline__ std::uint64_t smem_descriptor(unsigned address) {
-  std::uint64_t d = static_cast<std::uint64_t>((address & 0x3FFFF) >> 4);
-  d |= std::uint64_t{1} << 16;
-  d |= std::uint64_t{1024 >> 4} << 32;
-  d |= std::uint64_t{1} << 62;
-  return d;
-}
+// byte offset 1024 (from one 8-row atom to the next), 128-byte swizzle; all >> 4. The high word
+// (stride, swizzle) is the same for every tile; the low word holds the address and is built here.
+constexpr std::uint64_t kDescriptorHigh = (std::uint64_t{1024 >> 4} << 32) | (std::uint64_t{1} << 62);
+__device__ __forceinline__ unsigned smem_descriptor_low(unsigned address) { return ((address & 0x3FFFF) >> 4) | (1u << 16); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -57,25 +52,28 @@ __device__ __forceinline__ void fence_accumulators(float (&acc)[1][kN8Tiles][4])
   }
 }
 
-// acc (+)= A (64 x 16, registers) * B (16 x 64 keys, shared memory); accumulate = 0 overwrites.
+// acc (+)= A (64 x 16, registers) * B (16 x 64 keys, shared memory, descriptor's low word b_low;
+// the constant high word is joined inside, so that advancing the address is one 32-bit add where a
+// 64-bit descriptor cost a carry chain and register moves per product); accumulate = 0 overwrites.
 template <bool kFp16>
-__device__ __forceinline__ void wgmma_64x64x16(float (&acc)[1][kN8Tiles][4], const unsigned (&a)[4], std::uint64_t b,
+__device__ __forceinline__ void wgmma_64x64x16(float (&acc)[1][kN8Tiles][4], const unsigned (&a)[4], unsigned b_low,
                                                int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   float(&d)[kN8Tiles][4] = acc[0];
 #define HYSPARSE_WGMMA(TYPE)                                                                                              \
   asm volatile(                                                                                                           \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                      \
+      "{\n.reg .pred p;\n.reg .b64 desc;\n"                                                                               \
+      "cvt.u64.u32 desc, %36;\nor.b64 desc, desc, %37;\nsetp.ne.b32 p, %38, 0;\n"                                         \
       "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                                     \
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                          \
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                                \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                                      \
+      "{%32, %33, %34, %35}, desc, p, 1, 1, 0;\n}\n"                                                                      \
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),       \
         "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),         \
         "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),         \
         "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),         \
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                                       \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_low), "n"(kDescriptorHigh), "r"(accumulate))
   if constexpr (kFp16) {
     HYSPARSE_WGMMA("f16");
   } else {
@@ -83,7 +81,7 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&acc)[1][kN8Tiles][4], con
   }
 #undef HYSPARSE_WGMMA
 #else
-  (void)acc, (void)a, (void)b, (void)accumulate;
+  (void)acc, (void)a, (void)b_low, (void)accumulate;
   __trap();  // never launched: wgmma_available() is false without sm_90a code
 #endif
 }
@@ -156,52 +154,28 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   start_key_pipeline<kStages>(num_tiles, item.key_begin, load_tile);
 
   const int block = static_cast<int>(p.block);
-  // The block statistics leave through shared memory, kStagedBlocks consecutive blocks of a row at a
-  // time: a row's cells are num_blocks apart from the next row's, so a cell stored as it is finished
-  // is 4 bytes of a 32-byte sector, and those stores bounded the kernel (README, Performance). Each
-  // warp stages its 16 rows' cells; a flush writes each row's run of cells with 8 lanes side by side.
-  __shared__ float staged[kThreads / 32][16][2][kStagedBlocks];  // [warp][row of the warp][max, sum][block % 8]
-  auto write_cell = [&](int ri, int b, float m, float l) {
-    float* cell = &staged[warp][8 * ri + group][0][b % kStagedBlocks];
-    cell[0] = m * p.score_scale;
-    cell[kStagedBlocks] = l;
-  };
-  // Writes the staged cells of blocks [first staged block of b_end's run, b_end] that this work item
-  // made: those at or after its first key and causal for their row. Called by every lane of the warp.
-  auto flush = [&](int b_end) {
-    __syncwarp();
-    const int run_first = b_end / kStagedBlocks * kStagedBlocks;
-    const int first = max(run_first, item.key_begin / block);
-    const int c = lane % kStagedBlocks, array = (lane / kStagedBlocks) % 2, b = run_first + c;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int row_in_warp = 2 * i + lane / 16;
-      // The row's position is pos[row_in_warp / 8] (= i / 4) of the lanes of group row_in_warp % 8.
-      const int row_position = __shfl_sync(0xffffffffu, pos[i / 4], (row_in_warp % 8) * 4);
-      if (b >= first && b <= b_end && row_position >= 0 && static_cast<long long>(b) * block <= row_position) {
-        const long long cell = (static_cast<long long>(head) * p.rows + r0 + row_in_warp) * p.num_blocks + b;
-        (array == 0 ? p.block_max : p.block_sum)[cell] = staged[warp][row_in_warp][array][c];
-      }
-    }
-    __syncwarp();
-  };
+  const int first_block = item.key_begin / block;
+  __shared__ StagedCells<1> staged[kThreads / 32];  // each warp's finished pairs on their way out
+  auto write_cell = [&](int ri, int b, float m, float l) { stage_block<1>(staged[warp], ri, group, b, m, l, p.score_scale); };
   float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
   // Whether this warpgroup forms tile t's scores (uniform over the warpgroup: wgmma is collective).
   auto scored = [&](int t) { return active && item.key_begin + t * kKeys <= group_last; };
-  // Tile t is in shared memory and every warpgroup is done reading the stage the next load reuses.
-  auto next_tile_ready = [&](int t) {
+  // Tile t is in shared memory and every warpgroup is done reading the stage the next load reuses
+  // (load_stage: the one tile t - 1 used).
+  auto next_tile_ready = [&](int t, int load_stage) {
     copy_async_wait<kStages - 2>();
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    if (t + kStages - 1 < num_tiles) load_tile(item.key_begin + (t + kStages - 1) * kKeys, (t + kStages - 1) % kStages);
+    if (t + kStages - 1 < num_tiles) load_tile(item.key_begin + (t + kStages - 1) * kKeys, load_stage);
     copy_async_commit();
   };
   // Descriptors of addresses inside the tiles differ from the first tile's only in the start
-  // address field (bits 0-13, address / 16; shared memory stays below 2^18 bytes, so no carry).
-  const std::uint64_t tiles_descriptor = smem_descriptor(tiles_base);
-  auto issue = [&](int t, float(&acc)[1][kN8Tiles][4]) {
-    const std::uint64_t stage_descriptor = tiles_descriptor + static_cast<unsigned>((t % kStages) * (kTileBytes >> 4));
+  // address field (bits 0-13 of the low word, address / 16; shared memory stays below 2^18 bytes,
+  // so no carry leaves it).
+  const unsigned tiles_descriptor = smem_descriptor_low(tiles_base);
+  auto issue = [&](int stage, float(&acc)[1][kN8Tiles][4]) {
+    const unsigned stage_descriptor = tiles_descriptor + static_cast<unsigned>(stage) * (kTileBytes >> 4);
     fence_accumulators(acc);
     wgmma_fence();
 #pragma unroll
@@ -231,23 +205,20 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   float acc[1][kN8Tiles][4];
 #pragma unroll
   for (int n = 0; n < kN8Tiles; ++n) acc[0][n][0] = acc[0][n][1] = acc[0][n][2] = acc[0][n][3] = 0.0f;
-  for (int t = 0; t < num_tiles; ++t) {
-    next_tile_ready(t);
+  // Stages by counters, not t % kStages: tile t reads `stage`; the load made while it is formed fills
+  // the stage tile t - 1 read.
+  for (int t = 0, stage = 0; t < num_tiles; ++t, stage = stage == kStages - 1 ? 0 : stage + 1) {
+    next_tile_ready(t, stage == 0 ? kStages - 1 : stage - 1);
     if (scored(t)) {
-      issue(t, acc);
+      issue(stage, acc);
       wgmma_wait<0>();
       fence_accumulators(acc);
     }
     reduce(t, acc);
-    // The last block this tile finished (-1: none), and whether its run of staged blocks is complete.
-    const int key0 = item.key_begin + t * kKeys;
-    int finished = -1;
-    if constexpr (kBlockN8 > 0) {
-      finished = (key0 + kKeys) / block - 1;
-    } else if ((key0 + kKeys) % block == 0 || t == num_tiles - 1) {
-      finished = key0 / block;
+    const int finished = finished_block<kBlockN8>(item.key_begin + t * kKeys, block, t == num_tiles - 1);
+    if (run_complete(finished, t == num_tiles - 1)) {
+      flush_staged<1>(staged[warp], p, head, r0, active, lane, first_block, finished);
     }
-    if (finished >= 0 && ((finished + 1) % kStagedBlocks == 0 || t == num_tiles - 1)) flush(finished);
   }
   copy_async_wait<0>();
 }
