@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   }
 
   // 128-byte swizzle atoms must start on 1024-byte boundaries (the launch adds the slack).
-  const unsigned tiles_base = (shared_address(shared_raw) + 1023u) & ~1023u;
+  // (Held in a register: ptxas otherwise recomputes it from the CTA's shared window in every tile.)
+  unsigned tiles_base = (shared_address(shared_raw) + 1023u) & ~1023u;
+  asm volatile("" : "+r"(tiles_base));
   const auto* keys = static_cast<const unsigned char*>(p.k);
   // Each thread copies the same kCopies chunks of every key tile: chunk `chunk` of key rows
   // first_key + kKeyStride i. Their offsets are worked out once here; a tile adds only its base.
