@@ -54,7 +54,7 @@ __device__ __forceinline__ void fence_accumulators(float (&acc)[1][kN8Tiles][4])
 
 // acc (+)= A (64 x 16, registers) * B (16 x 64 keys, shared memory, descriptor's low word b_low;
 // the constant high word is joined inside, so that advancing the address is one 32-bit add where a
-// 64-bit descriptor cost a carry chain and register moves per product); accumulate = 0 overwrites.
+// 64-bit descriptor took a carry chain per product); accumulate = 0 overwrites.
 template <bool kFp16>
 __device__ __forceinline__ void wgmma_64x64x16(float (&acc)[1][kN8Tiles][4], const unsigned (&a)[4], unsigned b_low,
                                                int accumulate) {
