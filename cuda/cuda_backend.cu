@@ -221,6 +221,10 @@ struct Lane {
   DeviceArray<double> received_q, received_k, received_logits, received_lse, received_sums;
   PinnedArray<double> host_received;
   cublasHandle_t blas = nullptr;
+  // NSA's scores (Backend::nsa_block_scores): compressed keys of requests that do not name them, logits,
+  // scores.
+  DeviceArray<double> nsa_keys_t, nsa_logits, nsa_scores;
+  PinnedArray<double> host_nsa_keys_t, host_nsa_scores;
   ResidentKeys own_keys;  // for requests that do not name their layer's tensors (nothing is shared)
 };
 
@@ -521,6 +525,70 @@ class CudaBackend final : public Backend {
     }
   }
 
+  bool nsa_block_scores(const NsaScoreRequest& req, std::vector<double>& scores) const override {
+    try {
+      return score_nsa_blocks(req, scores);
+    } catch (const Error& error) {
+      if (error.kind() != ErrorKind::kResource) throw;
+      return false;  // no room on the device: the selector scores on the host
+    }
+  }
+
+  bool score_nsa_blocks(const NsaScoreRequest& req, std::vector<double>& scores) const {
+    if (req.num_rows <= 0 || req.heads <= 0 || req.head_dim <= 0 || req.stride <= 0 || req.block % req.stride != 0 ||
+        req.cmp % req.stride != 0 || req.compressed < 0) {
+      fail(ErrorKind::kInternal, "NSA scores of {} rows, {} heads, head_dim {}, block {}, cmp {}, stride {}", req.num_rows,
+           req.heads, req.head_dim, req.block, req.cmp, req.stride);
+    }
+    if (req.head_dim > kMaxHeadDim) return false;
+    const std::int64_t R = req.num_rows, G = req.heads, d = req.head_dim, C = req.compressed;
+    NsaScoreArgs args;
+    args.heads = static_cast<int>(G);
+    args.rows = static_cast<int>(R);
+    args.head_dim = static_cast<int>(d);
+    args.compressed = C;
+    args.cmp = req.cmp;
+    args.stride = req.stride;
+    args.block = req.block;
+    args.scale = req.scale;
+    args.fused = req.fused;
+    args.width = nsa_visible_keys(args, req.rows[R - 1]);
+    args.blocks = req.rows[R - 1] / req.block + 1;
+    scores.assign(static_cast<std::size_t>(R * args.blocks), 0.0);
+    if (args.width == 0) return true;  // no row sees a compressed key yet: every score is 0
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    LanePool::Lease lane = lanes_->take();
+    const cudaStream_t stream = lane->stream;
+    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
+    for (std::int64_t h = 0; h < G; ++h) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
+        std::copy(src, src + d, host_q + (h * R + r) * d);
+      }
+    }
+    long long* host_positions = lane->host_positions.reserve(static_cast<std::size_t>(R), "query positions (pinned)");
+    std::copy(req.rows, req.rows + R, host_positions);
+    args.q = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
+    args.positions = upload(lane->positions, host_positions, static_cast<std::size_t>(R), "query positions", stream);
+    args.logits = lane->nsa_logits.reserve(static_cast<std::size_t>(G * R * args.width), "NSA logits");
+    args.scores = lane->nsa_scores.reserve(scores.size(), "NSA scores");
+    const double* result = nullptr;
+    if (req.keys_id == 0) {
+      args.keys_t = upload_compressed_keys(req, lane->nsa_keys_t, *lane);
+      launch_nsa_scores(args, stream);
+      result = download(lane->host_nsa_scores, static_cast<const double*>(args.scores), scores.size(), "NSA scores", stream);
+      lane->synchronize("NSA score kernels");
+    } else {
+      const CompressedKeysInUse keys = resident_compressed_keys(req, *lane);
+      args.keys_t = keys.entry.keys_t.get();
+      launch_nsa_scores(args, stream);
+      result = download(lane->host_nsa_scores, static_cast<const double*>(args.scores), scores.size(), "NSA scores", stream);
+      lane->synchronize("NSA score kernels");
+    }
+    copy_out(result, scores);
+    return true;
+  }
+
   bool page_bound_rankings(const PageBoundRequest& req, std::vector<std::int32_t>& order) const override {
     try {
       return rank_pages(req, order);
@@ -785,6 +853,61 @@ class CudaBackend final : public Backend {
     entry.keys = req.seq_len;
   }
 
+  // A KV group's compressed keys (NsaScoreRequest::keys_id names them), channel-major, kept while they
+  // stay the same: one generation a KV head, replaced when a request names other keys.
+  struct CompressedKeys {
+    std::shared_mutex in_use;  // shared while a lane reads them, exclusive while they are replaced
+    DeviceArray<double> keys_t;
+    std::uint64_t keys_id = 0;  // 0: holds nothing
+    const double* host = nullptr;
+    std::int64_t compressed = 0, head_dim = 0;
+    bool holds(const NsaScoreRequest& req) const {
+      return keys_id != 0 && keys_id == req.keys_id && host == req.keys && compressed == req.compressed && head_dim == req.head_dim;
+    }
+  };
+  struct CompressedKeysInUse {
+    const CompressedKeys& entry;
+    std::shared_lock<std::shared_mutex> lock;
+    cudaStream_t stream;
+    ~CompressedKeysInUse() { (void)cudaStreamSynchronize(stream); }  // the lane's kernels read them
+  };
+
+  // The group's compressed keys, transposed on the host and uploaded into `target`; synchronous on the lane.
+  double* upload_compressed_keys(const NsaScoreRequest& req, DeviceArray<double>& target, Lane& lane) const {
+    const std::int64_t C = req.compressed, d = req.head_dim;
+    double* host = lane.host_nsa_keys_t.reserve(static_cast<std::size_t>(C * d), "compressed keys (pinned)");
+    for (std::int64_t i = 0; i < C; ++i) {
+      for (std::int64_t c = 0; c < d; ++c) host[c * C + i] = req.keys[i * d + c];
+    }
+    double* keys_t = upload(target, host, static_cast<std::size_t>(C * d), "compressed keys", lane.stream);
+    lane.synchronize("compressed key upload");  // the pinned staging is the lane's, reused by its next request
+    return keys_t;
+  }
+
+  CompressedKeysInUse resident_compressed_keys(const NsaScoreRequest& req, Lane& lane) const {
+    CompressedKeys* entry = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(resident_mutex_);
+      std::unique_ptr<CompressedKeys>& slot = compressed_keys_[req.kv_head];
+      if (!slot) slot = std::make_unique<CompressedKeys>();
+      entry = slot.get();
+    }
+    for (;;) {
+      {
+        std::shared_lock<std::shared_mutex> shared(entry->in_use);
+        if (entry->holds(req)) return CompressedKeysInUse{*entry, std::move(shared), lane.stream};
+      }
+      std::unique_lock<std::shared_mutex> exclusive(entry->in_use);
+      if (entry->holds(req)) continue;  // uploaded by another request meanwhile
+      entry->keys_id = 0;  // nothing is held until the upload has succeeded
+      upload_compressed_keys(req, entry->keys_t, lane);
+      entry->keys_id = req.keys_id;
+      entry->host = req.keys;
+      entry->compressed = req.compressed;
+      entry->head_dim = req.head_dim;
+    }
+  }
+
  public:
   void prepare_keys(const StatsRequest& req) const override {
     if (req.num_rows <= 0 || req.attn || req.head_dim > kMaxHeadDim || req.kv_head < 0 || req.tensors_id == 0) return;
@@ -811,6 +934,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<LanePool> lanes_;
   mutable std::mutex resident_mutex_;  // guards the map; each entry has its own lock
   mutable std::map<std::int64_t, std::unique_ptr<HeadKeys>> resident_;  // by KV head
+  mutable std::map<std::int64_t, std::unique_ptr<CompressedKeys>> compressed_keys_;  // by KV head, under resident_mutex_
 };
 
 }  // namespace

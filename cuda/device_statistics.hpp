@@ -164,6 +164,26 @@ void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t st
 // Once per device, before the first ranking: the shared memory the longest rankings need.
 void configure_ranking_kernels();
 
+// Backend::nsa_block_scores on device-resident data (nsa_scores.cu): scores[r][b] of the tile's rows,
+// logits with the host's bits (channels ascending, each step fused or not as `fused` says), the softmax
+// and the mapping onto blocks in double.
+struct NsaScoreArgs {
+  const float* q = nullptr;              // [heads][rows][head_dim]: the tile's rows, unscaled
+  const double* keys_t = nullptr;        // [head_dim][compressed]: compressed keys, channel-major
+  const long long* positions = nullptr;  // [rows]
+  int heads = 0, rows = 0, head_dim = 0;
+  long long compressed = 0, cmp = 32, stride = 16, block = 64;
+  long long width = 0;                   // compressed keys the last row sees: the logits' row stride
+  long long blocks = 0;                  // blocks of the last row: the scores' row stride
+  double scale = 1.0;
+  bool fused = true;
+  double* logits = nullptr;              // workspace [heads][rows][width]
+  double* scores = nullptr;              // [rows][blocks]
+};
+long long nsa_visible_keys(const NsaScoreArgs& args, long long position);  // args' cmp, stride, compressed
+std::size_t nsa_logits_shared_bytes(int head_dim);
+void launch_nsa_scores(const NsaScoreArgs& args, cudaStream_t stream);
+
 // Backend::h2o_evictions on device data, every (budget, set) of a layer in one launch (a thread block
 // each). Workspace per (budget, set): cache 2 x seq_len ints, score seq_len doubles, logits heads x seq_len
 // doubles; keys_t: [kv_heads][head_dim][seq_len] floats, filled from `keys` ([kv_heads][seq_len][head_dim])

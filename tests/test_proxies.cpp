@@ -5,7 +5,9 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -1007,6 +1009,65 @@ TEST_CASE("quest takes a backend's page rankings where offered: the selector's o
       CHECK(error.kind() == ErrorKind::kInternal);
       CHECK(std::string(error.what()).find("quest: the backend ranked") != std::string::npos);
     }
+  }
+}
+
+// A backend that scores NSA's blocks the way the host does (proxy::nsa_block_scores), or with the scores
+// negated (least attended first: the report must change), or one score short, which the selector must
+// refuse. It records the ids the requests give their compressed keys (one per layer).
+class NsaScoreBackend final : public test::CpuBackedBackend {
+ public:
+  enum class Answer { kSame, kNegated, kShort };
+  explicit NsaScoreBackend(Answer answer) : answer_(answer) {}
+  bool nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) const override {
+    proxy::nsa_block_scores(request, scores);
+    if (answer_ == Answer::kNegated) {
+      for (double& x : scores) x = -x;
+    }
+    if (answer_ == Answer::kShort) scores.pop_back();
+    std::lock_guard<std::mutex> lock(mutex_);
+    ids_.insert(request.keys_id);
+    return true;
+  }
+  std::set<std::uint64_t> ids() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ids_;
+  }
+
+ private:
+  Answer answer_;
+  mutable std::mutex mutex_;
+  mutable std::set<std::uint64_t> ids_;
+};
+
+TEST_CASE("nsa takes a backend's block scores where offered: the selector's own report, bit for bit", "[proxies][parity]") {
+  ref::Shape shape;
+  shape.layers = 3;
+  shape.seq_len = 150;
+  shape.head_dim = 16;
+  const Capture capture = ref::random_capture(shape, test::seed() + 67);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_nsa_backend.h5";
+  write_capture(path, capture);
+  ReplayOptions options = replay_options("nsa:block=8,cmp=4,stride=2,window=6,initial=0,local=0", tokens({16, 48}));
+  const auto cpu = make_cpu_backend();
+  const ReplayResult expected = run_replay(path, options, *cpu, false);
+  using Answer = NsaScoreBackend::Answer;
+  const NsaScoreBackend same(Answer::kSame), negated(Answer::kNegated);
+  const ReplayResult result = run_replay(path, options, same, false);
+  check_same_head_means(expected, result);
+  // One id a layer's compressed keys, never 0, never reused.
+  const std::set<std::uint64_t> ids = same.ids();
+  CHECK(ids.size() == static_cast<std::size_t>(shape.layers));
+  CHECK(ids.count(0) == 0);
+  // The least attended blocks first: the selector ranked the backend's scores.
+  CHECK(head_means_differ(expected, run_replay(path, options, negated, false)));
+  const NsaScoreBackend short_answer(Answer::kShort);
+  try {
+    (void)run_replay(path, options, short_answer, false);
+    FAIL("a short answer was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+    CHECK(std::string(error.what()).find("nsa: ") != std::string::npos);
   }
 }
 

@@ -162,6 +162,9 @@ class MultiDeviceBackend final : public Backend {
   bool page_bound_rankings(const PageBoundRequest& request, std::vector<std::int32_t>& order) const override {
     return device_of(request.kv_head).page_bound_rankings(request, order);
   }
+  bool nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) const override {
+    return device_of(request.kv_head).nsa_block_scores(request, scores);
+  }
   bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const override {
     if (request.kv_heads < 1 || request.heads % request.kv_heads != 0) return devices_.front()->attention_received(request, received);
     const std::int64_t T = request.seq_len, d = request.head_dim, G = request.heads / request.kv_heads;

@@ -143,6 +143,28 @@ struct ReceivedRequest {
   bool (*stop_requested)() = nullptr;
 };
 
+// NSA's selection scores (selector nsa) of query rows of one KV group, proxy::nsa_block_scores being the
+// definition: per row t, each head's logits z_i = scale * q_t . c_i (in double, channels ascending, each
+// step proxy::multiply_add) over the compressed keys c_i it sees (i < visible(t) = (t - cmp + 1) / stride
+// + 1 for t >= cmp - 1, at most `compressed`; none before), their softmax p_i = exp(z_i - lse), mapped onto
+// the selection blocks b <= t / block by counting key i once per stride-long piece of its window
+// [i stride, i stride + cmp) inside block b (summed in ascending i), and summed over the group's heads in
+// order. scores[r * blocks + b], blocks = rows[num_rows - 1] / block + 1; a row's blocks past its own are 0.
+struct NsaScoreRequest {
+  const float* q = nullptr;        // [heads][seq_len][head_dim]: the KV group's query heads
+  const double* keys = nullptr;    // [compressed][head_dim]: the group's compressed keys (means of cmp keys)
+  // Names the contents of `keys` in this process, never reused (0: unknown), so that a device keeps them
+  // across requests; the caller gives a new id whenever they change.
+  std::uint64_t keys_id = 0;
+  std::int64_t heads = 1, seq_len = 0, head_dim = 0, compressed = 0;
+  std::int64_t cmp = 32, stride = 16, block = 64;  // block and cmp multiples of stride
+  double scale = 1.0;
+  const std::int64_t* rows = nullptr;  // query positions, ascending
+  std::int64_t num_rows = 0;
+  std::int64_t kv_head = -1;           // which KV group (and which device of several)
+  bool fused = true;                   // whether proxy::multiply_add fuses on this build (each step one rounding)
+};
+
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
 // (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the
 // products on tensor cores with fp32 accumulation (CUDA only); on captures stored in that
@@ -199,6 +221,15 @@ class Backend {
   virtual bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const {
     (void)request;
     (void)received;
+    return false;
+  }
+  // `request`'s scores into scores (resized to num_rows * blocks), or false where the backend leaves them to
+  // the caller (the CPU backend: proxy::nsa_block_scores on the same cores is the reference). The CUDA one
+  // computes them on the device with the host's logits, bit for bit, and its own exp, log and order of the
+  // softmax's sum, so a score may differ in the last bits. Thread-safe.
+  virtual bool nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) const {
+    (void)request;
+    (void)scores;
     return false;
   }
 };

@@ -3,6 +3,7 @@
 #include <Eigen/Core>
 #include <Eigen/Eigenvalues>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -88,6 +89,51 @@ double log_partition(const double* z, std::int64_t n, bool has_sink, double sink
   double sum = has_sink ? std::exp(sink - m) : 0.0;
   for (std::int64_t j = 0; j < n; ++j) sum += std::exp(z[j] - m);
   return m + std::log(sum);
+}
+
+std::uint64_t next_data_id() {
+  static std::atomic<std::uint64_t> last{0};
+  return ++last;
+}
+
+void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) {
+  const std::int64_t R = request.num_rows, d = request.head_dim, T = request.seq_len;
+  if (R <= 0 || request.block % request.stride != 0 || request.cmp % request.stride != 0 || request.fused != kMultiplyAddFused) {
+    throw Error(ErrorKind::kInternal, fmt::format("NSA scores: {} rows, block {}, cmp {}, stride {}, fused {}", R, request.block,
+                                                  request.cmp, request.stride, request.fused));
+  }
+  const std::int64_t blocks = request.rows[R - 1] / request.block + 1;
+  const std::int64_t per_block = request.block / request.stride, per_window = request.cmp / request.stride;
+  scores.assign(static_cast<std::size_t>(R * blocks), 0.0);
+  std::vector<double> p;
+  for (std::int64_t r = 0; r < R; ++r) {
+    const std::int64_t t = request.rows[r], row_blocks = t / request.block + 1;
+    // Compressed key i (keys [i*stride, i*stride + cmp)) is visible once all its keys are.
+    const std::int64_t visible =
+        t >= request.cmp - 1 ? std::min(request.compressed, (t - request.cmp + 1) / request.stride + 1) : 0;
+    double* row = &scores[static_cast<std::size_t>(r * blocks)];
+    for (std::int64_t h = 0; h < request.heads && visible > 0; ++h) {
+      const float* q = request.q + (h * T + t) * d;
+      p.resize(static_cast<std::size_t>(visible));
+      dots(q, d, visible, [&](std::int64_t i) { return request.keys + i * d; }, p.data());
+      for (double& z : p) z *= request.scale;
+      const double lse = log_partition(p.data(), visible, false, 0.0);
+      // Each compressed key's probability, once (a key's window overlaps several blocks).
+      for (double& z : p) z = std::exp(z - lse);
+      // p_slc[b] = sum_{m < block/stride} sum_{n < cmp/stride} p_cmp[(block/stride) b + m - n]: compressed key i
+      // counts once per stride-long piece of its window inside block b (summed in ascending i).
+      for (std::int64_t b = 0; b < row_blocks; ++b) {
+        double sum = 0.0;
+        const std::int64_t first = std::max<std::int64_t>(0, per_block * b - (per_window - 1));
+        const std::int64_t last = std::min(visible, per_block * (b + 1));
+        for (std::int64_t i = first; i < last; ++i) {
+          const std::int64_t pieces = std::min(i + per_window, per_block * (b + 1)) - std::max(i, per_block * b);
+          sum += static_cast<double>(pieces) * p[static_cast<std::size_t>(i)];
+        }
+        row[b] += sum;
+      }
+    }
+  }
 }
 
 void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p) {

@@ -18,12 +18,14 @@ namespace hysparse::proxy {
 // One step of a dot product: fused wherever the CPU has FMA, written out so that every form of a sum
 // (dot, dots, scalar or vectorised by the compiler) rounds alike; left to itself the compiler fuses
 // some forms and not others.
-inline double multiply_add(double x, double y, double sum) {
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-  return std::fma(x, y, sum);
+constexpr bool kMultiplyAddFused = true;
 #else
-  return sum + x * y;
+constexpr bool kMultiplyAddFused = false;
 #endif
+inline double multiply_add(double x, double y, double sum) {
+  if constexpr (kMultiplyAddFused) return std::fma(x, y, sum);
+  return sum + x * y;
 }
 
 // sum_c a[c] * b[c] in double, c ascending.
@@ -99,6 +101,14 @@ void h2o_simulate(std::int64_t seq_len, std::int64_t heads, const std::int64_t* 
     }
   }
 }
+
+// A new id for data a selector hands to a backend (NsaScoreRequest::keys_id): never 0, never reused in
+// this process. Thread-safe.
+std::uint64_t next_data_id();
+
+// Backend::nsa_block_scores's definition (NsaScoreRequest says what it computes; request.fused must be
+// kMultiplyAddFused), row by row on the calling thread.
+void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores);
 
 // True probabilities p_j, j = 0..t, of query head h at t (sink logit in the denominator).
 void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p);

@@ -453,6 +453,108 @@ std::vector<float> gaussian_keys(std::int64_t kv_heads, std::int64_t T, std::int
 }
 }  // namespace
 
+// Backend::nsa_block_scores: the logits are the host's bits (channels ascending, fused as the host's
+// multiply-add, or not), the softmax's exp, log and sum order the device's own; a score may differ in its
+// last bits (relative to the row's largest score), and rankings only where two host scores are that close.
+constexpr double kNsaScoreTolerance = 1e-12;
+
+TEST_CASE("CUDA NSA block scores equal the host's up to rounding, and rank alike", "[cuda]") {
+  const auto gpu = make_backend("cuda");
+  struct Case {
+    std::int64_t q_heads, kv_heads, d, T, cmp, stride, block;
+    const char* rows;
+    bool ties;
+  };
+  std::int64_t rows_compared = 0, near_tie_swaps = 0;
+  double largest_difference = 0.0;
+  for (const Case& k : {Case{8, 2, 128, 3000, 32, 16, 64, "random", false},  // GQA, the paper's lengths
+                        Case{4, 4, 64, 700, 4, 2, 8, "all", true},             // MHA, duplicated keys: exact ties
+                        Case{8, 1, 100, 1100, 8, 4, 8, "stride", false},       // MQA, head_dim not a power of two
+                        Case{2, 1, 256, 5000, 64, 64, 64, "last", false},      // cmp = stride = block
+                        Case{3, 1, 16, 90, 32, 16, 48, "all", false}}) {       // rows that see no compressed key
+    CAPTURE(k.q_heads, k.kv_heads, k.d, k.T, k.cmp, k.stride, k.block, k.rows, k.ties);
+    Capture c = gaussian_capture(1, k.q_heads, k.kv_heads, k.d, k.T, false, k.ties,
+                                 test::seed() + static_cast<std::uint64_t>(7 * k.T + k.d));
+    const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
+    const std::int64_t G = k.q_heads / k.kv_heads, g = k.kv_heads - 1, d = k.d;
+    const std::int64_t compressed = k.T >= k.cmp ? (k.T - k.cmp) / k.stride + 1 : 0;
+    std::vector<double> keys(static_cast<std::size_t>(std::max<std::int64_t>(1, compressed) * d));
+    for (std::int64_t i = 0; i < compressed; ++i) {
+      proxy::mean_key(c.layers[0].k.data() + (g * k.T + i * k.stride) * d, k.cmp, d, &keys[static_cast<std::size_t>(i * d)]);
+    }
+    NsaScoreRequest req;
+    req.q = c.layers[0].q.data() + g * G * k.T * d;
+    req.keys = keys.data();
+    req.heads = G;
+    req.seq_len = k.T;
+    req.head_dim = d;
+    req.compressed = compressed;
+    req.cmp = k.cmp;
+    req.stride = k.stride;
+    req.block = k.block;
+    req.scale = 1.0 / std::sqrt(static_cast<double>(d));
+    req.rows = rows.data();
+    req.num_rows = static_cast<std::int64_t>(rows.size());
+    req.kv_head = g;
+    req.fused = proxy::kMultiplyAddFused;
+    std::vector<double> expected;
+    proxy::nsa_block_scores(req, expected);
+    const std::int64_t blocks = rows.back() / k.block + 1;
+    REQUIRE(expected.size() == static_cast<std::size_t>(req.num_rows * blocks));
+    // Uncached keys (id 0), then kept keys (an id; asked twice, the second from the device's copy), and the
+    // other multiply-add (the device honours either; the host's scores differ from it by rounding only).
+    const std::uint64_t id = proxy::next_data_id();
+    for (const auto& [keys_id, fused] : {std::pair<std::uint64_t, bool>{0, req.fused}, {id, req.fused}, {id, req.fused},
+                                         {0, !req.fused}}) {
+      CAPTURE(keys_id, fused);
+      NsaScoreRequest asked = req;
+      asked.keys_id = keys_id;
+      asked.fused = fused;
+      std::vector<double> got;
+      REQUIRE(gpu->nsa_block_scores(asked, got));
+      REQUIRE(got.size() == expected.size());
+      std::vector<std::int32_t> host_order(static_cast<std::size_t>(blocks)), device_order(host_order.size());
+      for (std::int64_t r = 0; r < req.num_rows; ++r) {
+        const std::int64_t t = rows[static_cast<std::size_t>(r)], row_blocks = t / k.block + 1;
+        const double* host = &expected[static_cast<std::size_t>(r * blocks)];
+        const double* device = &got[static_cast<std::size_t>(r * blocks)];
+        const double largest = *std::max_element(host, host + blocks);
+        for (std::int64_t b = 0; b < blocks; ++b) {
+          CAPTURE(r, t, b, host[b], device[b]);
+          if (b >= row_blocks || largest == 0.0) {
+            REQUIRE(device[b] == host[b]);  // past the row, or no compressed key seen: exactly 0
+            continue;
+          }
+          const double difference = std::abs(device[b] - host[b]) / largest;
+          largest_difference = std::max(largest_difference, difference);
+          REQUIRE(difference <= kNsaScoreTolerance);
+        }
+        rank_top(host, row_blocks, row_blocks, host_order.data());
+        rank_top(device, row_blocks, row_blocks, device_order.data());
+        for (std::int64_t i = 0; i < row_blocks; ++i) {
+          if (host_order[static_cast<std::size_t>(i)] == device_order[static_cast<std::size_t>(i)]) continue;
+          CAPTURE(r, t, i, host_order[static_cast<std::size_t>(i)], device_order[static_cast<std::size_t>(i)]);
+          REQUIRE(std::abs(host[host_order[static_cast<std::size_t>(i)]] - host[device_order[static_cast<std::size_t>(i)]]) <=
+                  kNsaScoreTolerance * largest);
+          ++near_tie_swaps;
+        }
+        ++rows_compared;
+      }
+    }
+    // New keys under a new id replace the kept ones (a stale copy would give the old scores).
+    for (double& x : keys) x = -x;
+    std::vector<double> negated, got;
+    proxy::nsa_block_scores(req, negated);
+    NsaScoreRequest asked = req;
+    asked.keys_id = proxy::next_data_id();
+    REQUIRE(gpu->nsa_block_scores(asked, got));
+    for (std::size_t i = 0; i < got.size(); ++i) REQUIRE(std::abs(got[i] - negated[i]) <= kNsaScoreTolerance * (1.0 + std::abs(negated[i])));
+  }
+  std::printf("NSA block scores: %lld rows compared, largest difference %.2e of the row's largest score, %lld ranks swapped by a "
+              "near tie\n",
+              static_cast<long long>(rows_compared), largest_difference, static_cast<long long>(near_tie_swaps));
+}
+
 TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
   // Backend::h2o_evictions against proxy::h2o_simulate on the same request: the same logits (an fma chain
   // in double), the device's own exp, log and summation order. Random and adversarial inputs: repeated

@@ -56,46 +56,46 @@ class NsaSelector final : public Selector {
         proxy::mean_key(layer.k(g, i * stride_), cmp_, d, &keys_[static_cast<std::size_t>((g * compressed_ + i) * d)]);
       }
     }
+    keys_id_ = proxy::next_data_id();
   }
 
   void rank(const RankContext& c, Rankings& out) override {
     const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
     out.reset(1, c.rows, v.num_blocks);
-    const std::int64_t per_block = block_ / stride_, per_window = cmp_ / stride_;
-    std::vector<double> scores(static_cast<std::size_t>(v.num_blocks)), logits;
+    if (c.rows <= 0) return;
+    NsaScoreRequest request;
+    request.q = layer.q(c.kv_group * c.group_size, 0);
+    request.keys = keys_.data() + c.kv_group * compressed_ * d_;  // none compressed yet: empty
+    request.keys_id = keys_id_;
+    request.heads = c.group_size;
+    request.seq_len = layer.seq_len();
+    request.head_dim = d_;
+    request.compressed = compressed_;
+    request.cmp = cmp_;
+    request.stride = stride_;
+    request.block = block_;
+    request.scale = layer.scale;
+    request.rows = c.positions;
+    request.num_rows = c.rows;
+    request.kv_head = c.kv_group;
+    request.fused = proxy::kMultiplyAddFused;
+    // On the replay's device where it offers them (Backend::nsa_block_scores), else here.
+    std::vector<double> scores;
+    if (!layer.backend || !layer.backend->nsa_block_scores(request, scores)) proxy::nsa_block_scores(request, scores);
+    const std::int64_t row_stride = c.positions[c.rows - 1] / block_ + 1;
+    if (scores.size() != static_cast<std::size_t>(c.rows * row_stride)) {
+      throw Error(ErrorKind::kInternal,
+                  fmt::format("nsa: {} block scores for {} rows of up to {} blocks", scores.size(), c.rows, row_stride));
+    }
     for (std::int64_t r = 0; r < c.rows; ++r) {
-      const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r);
-      // Compressed key i (keys [i*stride, i*stride + cmp)) is visible once all its keys are.
-      const std::int64_t visible = t >= cmp_ - 1 ? std::min(compressed_, (t - cmp_ + 1) / stride_ + 1) : 0;
-      std::fill(scores.begin(), scores.begin() + blocks, 0.0);
-      for (std::int64_t h = 0; h < c.group_size && visible > 0; ++h) {
-        const float* q = layer.q(c.kv_group * c.group_size + h, t);
-        logits.resize(static_cast<std::size_t>(visible));
-        const double* keys = keys_.data() + c.kv_group * compressed_ * d_;  // none compressed yet: empty
-        proxy::dots(q, d_, visible, [&](std::int64_t i) { return keys + i * d_; }, logits.data());
-        for (double& z : logits) z *= layer.scale;
-        const double lse = proxy::log_partition(logits.data(), visible, false, 0.0);
-        // Each compressed key's probability, once (a key's window overlaps several blocks).
-        for (double& z : logits) z = std::exp(z - lse);
-        // p_slc[b] = sum_{m < block/stride} sum_{n < cmp/stride} p_cmp[(block/stride) b + m - n]: compressed key i
-        // counts once per stride-long piece of its window inside block b (summed in ascending i).
-        for (std::int64_t b = 0; b < blocks; ++b) {
-          double sum = 0.0;
-          const std::int64_t first = std::max<std::int64_t>(0, per_block * b - (per_window - 1));
-          const std::int64_t last = std::min(visible, per_block * (b + 1));
-          for (std::int64_t i = first; i < last; ++i) {
-            const std::int64_t pieces = std::min(i + per_window, per_block * (b + 1)) - std::max(i, per_block * b);
-            sum += static_cast<double>(pieces) * logits[static_cast<std::size_t>(i)];
-          }
-          scores[static_cast<std::size_t>(b)] += sum;
-        }
-      }
+      const std::int64_t blocks = v.causal_blocks(r);
+      double* row = &scores[static_cast<std::size_t>(r * row_stride)];
       const double forced = std::numeric_limits<double>::infinity();
-      for (std::int64_t b = 0; b < std::min(initial_, blocks); ++b) scores[static_cast<std::size_t>(b)] = forced;
-      for (std::int64_t b = std::max<std::int64_t>(0, blocks - local_); b < blocks; ++b) scores[static_cast<std::size_t>(b)] = forced;
+      for (std::int64_t b = 0; b < std::min(initial_, blocks); ++b) row[b] = forced;
+      for (std::int64_t b = std::max<std::int64_t>(0, blocks - local_); b < blocks; ++b) row[b] = forced;
       const std::int64_t count = std::min(c.ranking_length[r], blocks);
-      rank_top(scores.data(), blocks, count, out.row(0, r));
+      rank_top(row, blocks, count, out.row(0, r));
       out.size(0, r) = static_cast<std::int32_t>(count);
     }
   }
@@ -103,6 +103,7 @@ class NsaSelector final : public Selector {
  private:
   std::int64_t cmp_ = 32, stride_ = 16, initial_ = 1, local_ = 2, compressed_ = 0, d_ = 0;
   std::vector<double> keys_;  // [kv head][compressed key][d]
+  std::uint64_t keys_id_ = 0;  // names keys_' contents for a device that keeps them (NsaScoreRequest::keys_id)
 };
 
 }  // namespace
