@@ -535,10 +535,10 @@ class CudaBackend final : public Backend {
   }
 
   bool score_nsa_blocks(const NsaScoreRequest& req, std::vector<double>& scores) const {
-    if (req.num_rows <= 0 || req.heads <= 0 || req.head_dim <= 0 || req.stride <= 0 || req.block % req.stride != 0 ||
-        req.cmp % req.stride != 0 || req.compressed < 0) {
-      fail(ErrorKind::kInternal, "NSA scores of {} rows, {} heads, head_dim {}, block {}, cmp {}, stride {}", req.num_rows,
-           req.heads, req.head_dim, req.block, req.cmp, req.stride);
+    if (req.num_rows <= 0 || req.heads <= 0 || req.head_dim <= 0 || req.stride < 1 || req.cmp < 1 || req.block < 1 ||
+        req.block % req.stride != 0 || req.cmp % req.stride != 0 || req.compressed < 0) {
+      fail(ErrorKind::kInternal, "NSA scores of {} rows, {} heads, head_dim {}, block {}, cmp {}, stride {}, {} compressed keys",
+           req.num_rows, req.heads, req.head_dim, req.block, req.cmp, req.stride, req.compressed);
     }
     if (req.head_dim > kMaxHeadDim) return false;
     const std::int64_t R = req.num_rows, G = req.heads, d = req.head_dim, C = req.compressed;

@@ -98,9 +98,11 @@ std::uint64_t next_data_id() {
 
 void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) {
   const std::int64_t R = request.num_rows, d = request.head_dim, T = request.seq_len;
-  if (R <= 0 || request.block % request.stride != 0 || request.cmp % request.stride != 0 || request.fused != kMultiplyAddFused) {
-    throw Error(ErrorKind::kInternal, fmt::format("NSA scores: {} rows, block {}, cmp {}, stride {}, fused {}", R, request.block,
-                                                  request.cmp, request.stride, request.fused));
+  if (R <= 0 || request.stride < 1 || request.cmp < 1 || request.block < 1 || request.block % request.stride != 0 ||
+      request.cmp % request.stride != 0 || request.compressed < 0 || request.fused != kMultiplyAddFused) {
+    throw Error(ErrorKind::kInternal, fmt::format("NSA scores: {} rows, block {}, cmp {}, stride {}, {} compressed keys, fused {}",
+                                                  R, request.block, request.cmp, request.stride, request.compressed,
+                                                  request.fused));
   }
   const std::int64_t blocks = request.rows[R - 1] / request.block + 1;
   const std::int64_t per_block = request.block / request.stride, per_window = request.cmp / request.stride;

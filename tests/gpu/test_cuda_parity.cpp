@@ -548,6 +548,7 @@ TEST_CASE("CUDA NSA block scores equal the host's up to rounding, and rank alike
     NsaScoreRequest asked = req;
     asked.keys_id = proxy::next_data_id();
     REQUIRE(gpu->nsa_block_scores(asked, got));
+    REQUIRE(got.size() == negated.size());
     for (std::size_t i = 0; i < got.size(); ++i) REQUIRE(std::abs(got[i] - negated[i]) <= kNsaScoreTolerance * (1.0 + std::abs(negated[i])));
   }
   std::printf("NSA block scores: %lld rows compared, largest difference %.2e of the row's largest score, %lld ranks swapped by a "
