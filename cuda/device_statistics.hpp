@@ -181,7 +181,6 @@ struct NsaScoreArgs {
   double* scores = nullptr;              // [rows][blocks]
 };
 long long nsa_visible_keys(const NsaScoreArgs& args, long long position);  // args' cmp, stride, compressed
-std::size_t nsa_logits_shared_bytes(int head_dim);
 void launch_nsa_scores(const NsaScoreArgs& args, cudaStream_t stream);
 
 // Backend::h2o_evictions on device data, every (budget, set) of a layer in one launch (a thread block

@@ -117,8 +117,6 @@ __global__ void __launch_bounds__(kThreads) nsa_blocks_kernel(const NsaScoreArgs
 
 long long nsa_visible_keys(const NsaScoreArgs& args, long long position) { return visible_keys(position, args); }
 
-std::size_t nsa_logits_shared_bytes(int head_dim) { return static_cast<std::size_t>(kLogitRows) * head_dim * sizeof(double); }
-
 void launch_nsa_scores(const NsaScoreArgs& args, cudaStream_t stream) {
   if (args.rows <= 0 || args.heads <= 0 || args.blocks <= 0) fail(ErrorKind::kInternal, "NSA scores: an empty tile");
   if (args.width > 0) {
@@ -127,7 +125,7 @@ void launch_nsa_scores(const NsaScoreArgs& args, cudaStream_t stream) {
     if (key_chunks > 65535) fail(ErrorKind::kInternal, "NSA scores: {} compressed keys a row", args.width);
     const dim3 grid(static_cast<unsigned>(static_cast<long long>(args.heads) * ((args.rows + kLogitRows - 1) / kLogitRows)),
                     static_cast<unsigned>(key_chunks));
-    const std::size_t shared = nsa_logits_shared_bytes(args.head_dim);
+    const std::size_t shared = static_cast<std::size_t>(kLogitRows) * args.head_dim * sizeof(double);  // the rows' q
     if (args.fused) nsa_logits_kernel<true><<<grid, kThreads, shared, stream>>>(args);
     else nsa_logits_kernel<false><<<grid, kThreads, shared, stream>>>(args);
     check(cudaGetLastError(), "NSA logits kernel launch");
