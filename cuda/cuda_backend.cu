@@ -854,7 +854,10 @@ class CudaBackend final : public Backend {
   }
 
   // A KV group's compressed keys (NsaScoreRequest::keys_id names them), channel-major, kept while they
-  // stay the same: one generation a KV head, replaced when a request names other keys.
+  // stay the same. Each `nsa` spec of a replay names its own (its own cmp and stride), so a KV head keeps
+  // kCompressedKeySets of them; a request for others replaces the oldest (the smallest id: ids grow with
+  // every layer a selector prepares).
+  static constexpr int kCompressedKeySets = 4;
   struct CompressedKeys {
     std::shared_mutex in_use;  // shared while a lane reads them, exclusive while they are replaced
     DeviceArray<double> keys_t;
@@ -884,27 +887,42 @@ class CudaBackend final : public Backend {
     return keys_t;
   }
 
+  struct CompressedKeySets {
+    CompressedKeys set[kCompressedKeySets];
+    std::mutex replacing;  // one replacement per KV head at a time
+  };
+
   CompressedKeysInUse resident_compressed_keys(const NsaScoreRequest& req, Lane& lane) const {
-    CompressedKeys* entry = nullptr;
+    CompressedKeySets* sets = nullptr;
     {
       std::lock_guard<std::mutex> lock(resident_mutex_);
-      std::unique_ptr<CompressedKeys>& slot = compressed_keys_[req.kv_head];
-      if (!slot) slot = std::make_unique<CompressedKeys>();
-      entry = slot.get();
+      std::unique_ptr<CompressedKeySets>& slot = compressed_keys_[req.kv_head];
+      if (!slot) slot = std::make_unique<CompressedKeySets>();
+      sets = slot.get();
     }
     for (;;) {
-      {
-        std::shared_lock<std::shared_mutex> shared(entry->in_use);
-        if (entry->holds(req)) return CompressedKeysInUse{*entry, std::move(shared), lane.stream};
+      for (CompressedKeys& entry : sets->set) {
+        std::shared_lock<std::shared_mutex> shared(entry.in_use);
+        if (entry.holds(req)) return CompressedKeysInUse{entry, std::move(shared), lane.stream};
       }
-      std::unique_lock<std::shared_mutex> exclusive(entry->in_use);
-      if (entry->holds(req)) continue;  // uploaded by another request meanwhile
-      entry->keys_id = 0;  // nothing is held until the upload has succeeded
-      upload_compressed_keys(req, entry->keys_t, lane);
-      entry->keys_id = req.keys_id;
-      entry->host = req.keys;
-      entry->compressed = req.compressed;
-      entry->head_dim = req.head_dim;
+      // Lock order: replacing, then one set exclusively; a reader holds one set's shared lock and waits for nothing.
+      std::lock_guard<std::mutex> replacing(sets->replacing);
+      CompressedKeys* oldest = nullptr;
+      bool held = false;
+      for (CompressedKeys& entry : sets->set) {
+        std::shared_lock<std::shared_mutex> shared(entry.in_use);
+        held = held || entry.holds(req);
+        if (!oldest || entry.keys_id < oldest->keys_id) oldest = &entry;
+      }
+      if (held) continue;  // uploaded by another request meanwhile
+      std::unique_lock<std::shared_mutex> exclusive(oldest->in_use);
+      oldest->keys_id = 0;  // nothing is held until the upload has succeeded
+      upload_compressed_keys(req, oldest->keys_t, lane);
+      oldest->keys_id = req.keys_id;
+      oldest->host = req.keys;
+      oldest->compressed = req.compressed;
+      oldest->head_dim = req.head_dim;
+      // Released and taken again shared at the top of the loop.
     }
   }
 
@@ -934,7 +952,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<LanePool> lanes_;
   mutable std::mutex resident_mutex_;  // guards the map; each entry has its own lock
   mutable std::map<std::int64_t, std::unique_ptr<HeadKeys>> resident_;  // by KV head
-  mutable std::map<std::int64_t, std::unique_ptr<CompressedKeys>> compressed_keys_;  // by KV head, under resident_mutex_
+  mutable std::map<std::int64_t, std::unique_ptr<CompressedKeySets>> compressed_keys_;  // by KV head, under resident_mutex_
 };
 
 }  // namespace

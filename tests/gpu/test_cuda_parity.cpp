@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -554,6 +555,60 @@ TEST_CASE("CUDA NSA block scores equal the host's up to rounding, and rank alike
   std::printf("NSA block scores: %lld rows compared, largest difference %.2e of the row's largest score, %lld ranks swapped by a "
               "near tie\n",
               static_cast<long long>(rows_compared), largest_difference, static_cast<long long>(near_tie_swaps));
+}
+
+// Logits whose channels cancel: channel 0 holds -round(3 b_i), channel 1 adds 3 b_i, so a fused
+// multiply-add leaves the product's rounding error (~1e-16) and an unfused one exactly 0; a scale of 1e16
+// makes those residues logits of order 1. The device must follow the request's multiply-add either way.
+TEST_CASE("CUDA NSA logits follow the request's multiply-add: fused and unfused differ, the host's mode matches", "[cuda]") {
+  const auto gpu = make_backend("cuda");
+  const std::int64_t T = 64, d = 2, cmp = 4, stride = 4, compressed = (T - cmp) / stride + 1;
+  std::vector<float> q(static_cast<std::size_t>(T * d));
+  for (std::int64_t t = 0; t < T; ++t) {
+    q[static_cast<std::size_t>(t * d)] = 1.0f;
+    q[static_cast<std::size_t>(t * d + 1)] = 3.0f;
+  }
+  Rng rng(test::seed() + 83);
+  std::vector<double> keys(static_cast<std::size_t>(compressed * d));
+  for (std::int64_t i = 0; i < compressed; ++i) {
+    const double b = 1.0 + rng.uniform();  // 52 random fraction bits: 3 b is rarely a double
+    keys[static_cast<std::size_t>(i * d)] = -(3.0 * b);
+    keys[static_cast<std::size_t>(i * d + 1)] = b;
+  }
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(T));
+  std::iota(rows.begin(), rows.end(), std::int64_t{0});
+  NsaScoreRequest req;
+  req.q = q.data();
+  req.keys = keys.data();
+  req.heads = 1;
+  req.seq_len = T;
+  req.head_dim = d;
+  req.compressed = compressed;
+  req.cmp = cmp;
+  req.stride = stride;
+  req.block = 8;
+  req.scale = 1e16;
+  req.rows = rows.data();
+  req.num_rows = T;
+  req.kv_head = 0;
+  req.fused = proxy::kMultiplyAddFused;
+  std::vector<double> host, same, other;
+  proxy::nsa_block_scores(req, host);
+  REQUIRE(gpu->nsa_block_scores(req, same));
+  NsaScoreRequest flipped = req;
+  flipped.fused = !req.fused;
+  REQUIRE(gpu->nsa_block_scores(flipped, other));
+  REQUIRE(same.size() == host.size());
+  REQUIRE(other.size() == host.size());
+  double same_difference = 0.0, other_difference = 0.0;
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    same_difference = std::max(same_difference, std::abs(same[i] - host[i]));
+    other_difference = std::max(other_difference, std::abs(other[i] - host[i]));
+  }
+  std::printf("NSA multiply-add modes: the host's mode within %.2e of the host, the other %.2e away\n", same_difference,
+              other_difference);
+  CHECK(same_difference <= kNsaScoreTolerance * 4.0);  // scores are sums of at most per_block + per_window - 1 = 2 probabilities
+  CHECK(other_difference > 1e-3);
 }
 
 TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
@@ -1554,4 +1609,15 @@ TEST_CASE("CUDA replays every registered selector (selectors=all) with the CPU's
     REQUIRE(gpu.selectors.size() == selector_names().size());
     compare_reports(cpu, gpu);
   }
+}
+
+TEST_CASE("CUDA replays with two nsa specs (their own compressed keys) give the CPU's report", "[cuda]") {
+  const Capture c = gaussian_capture(2, 8, 2, 64, 700, false, false, test::seed() + 37);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_two_nsa.h5";
+  write_capture(path, c);
+  ReplayOptions options;
+  options.budgets = {{Budget::Kind::kTokens, 64}, {Budget::Kind::kTokens, 256}};
+  options.selectors = parse_selector_list("nsa:block=16,cmp=8,stride=4,window=32,nsa:block=32,cmp=16,stride=8,window=0");
+  options.queries = "all";
+  compare_reports(replay_with("cpu", Precision::kFp32, path, options), replay_with("cuda", Precision::kFp32, path, options));
 }
