@@ -228,6 +228,33 @@ struct Lane {
   ResidentKeys own_keys;  // for requests that do not name their layer's tensors (nothing is shared)
 };
 
+// A request's query rows ([heads][seq_len][head_dim] on the host) gathered into the lane's pinned
+// [heads][rows][head_dim], each value times `factor` (1, or what the statistics pass folds into q), and
+// enqueued to the device on the lane's stream. Every request type names its rows the same way.
+template <typename Request>
+float* upload_query_rows(const Request& req, Lane& lane, float factor = 1.0f) {
+  const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim;
+  float* host_q = lane.host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
+  for (std::int64_t h = 0; h < G; ++h) {
+    for (std::int64_t r = 0; r < R; ++r) {
+      const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
+      float* dst = host_q + (h * R + r) * d;
+      if (factor == 1.0f) std::copy(src, src + d, dst);
+      else for (std::int64_t c = 0; c < d; ++c) dst[c] = src[c] * factor;
+    }
+  }
+  return upload(lane.q, host_q, static_cast<std::size_t>(G * R * d), "query rows", lane.stream);
+}
+
+// A request's query positions, enqueued to the device on the lane's stream.
+template <typename Request>
+long long* upload_query_positions(const Request& req, Lane& lane) {
+  const auto R = static_cast<std::size_t>(req.num_rows);
+  long long* host_positions = lane.host_positions.reserve(R, "query positions (pinned)");
+  std::copy(req.rows, req.rows + R, host_positions);
+  return upload(lane.positions, host_positions, R, "query positions", lane.stream);
+}
+
 // Up to kLanesPerDevice lanes, made on first need; a caller waits while all are busy.
 class LanePool {
  public:
@@ -361,19 +388,16 @@ class CudaBackend final : public Backend {
     const cudaStream_t stream = lane->stream;
     const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim;
     // The tile's query rows (fp32, unscaled), its row statistics and exact output.
-    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
     double* host_sink_weight = lane->host_sink_weight.reserve(static_cast<std::size_t>(G * R), "sink weights (pinned)");
     for (std::int64_t h = 0; h < G; ++h) {
       for (std::int64_t r = 0; r < R; ++r) {
-        const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
-        std::copy(src, src + d, host_q + (h * R + r) * d);
         const double lse_all = tile.lse_all[static_cast<std::size_t>(h * R + r)];
         host_sink_weight[h * R + r] = req.sink_logits ? std::exp(static_cast<double>(req.sink_logits[h]) - lse_all) : 0.0;
       }
     }
     const KeysInUse keys = resident(req, *lane);
     OutputWalkArgs args;
-    args.q = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
+    args.q = upload_query_rows(req, *lane);
     args.k = keys.entry.k32.get();
     args.v = keys.entry.v.get();
     args.lse_all = upload(lane->lse_all, tile.lse_all.data(), tile.lse_all.size(), "row log-sum-exps with sinks", stream);
@@ -559,17 +583,8 @@ class CudaBackend final : public Backend {
     check(cudaSetDevice(device_), "cudaSetDevice");
     LanePool::Lease lane = lanes_->take();
     const cudaStream_t stream = lane->stream;
-    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
-    for (std::int64_t h = 0; h < G; ++h) {
-      for (std::int64_t r = 0; r < R; ++r) {
-        const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
-        std::copy(src, src + d, host_q + (h * R + r) * d);
-      }
-    }
-    long long* host_positions = lane->host_positions.reserve(static_cast<std::size_t>(R), "query positions (pinned)");
-    std::copy(req.rows, req.rows + R, host_positions);
-    args.q = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
-    args.positions = upload(lane->positions, host_positions, static_cast<std::size_t>(R), "query positions", stream);
+    args.q = upload_query_rows(req, *lane);
+    args.positions = upload_query_positions(req, *lane);
     args.logits = lane->nsa_logits.reserve(static_cast<std::size_t>(G * R * args.width), "NSA logits");
     args.scores = lane->nsa_scores.reserve(scores.size(), "NSA scores");
     const double* result = nullptr;
@@ -609,13 +624,6 @@ class CudaBackend final : public Backend {
     const cudaStream_t stream = lane->stream;
     const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim, P = req.pages;
     const std::int64_t count = req.count;
-    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
-    for (std::int64_t h = 0; h < G; ++h) {
-      for (std::int64_t r = 0; r < R; ++r) {
-        const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
-        std::copy(src, src + d, host_q + (h * R + r) * d);
-      }
-    }
     // Bounds channel-major, so that a warp's threads (consecutive pages) read consecutive words; the
     // bounds are key values, exact in fp32.
     float* host_bounds = lane->host_bounds.reserve(static_cast<std::size_t>(2 * d * P), "page bounds (pinned)");
@@ -625,14 +633,12 @@ class CudaBackend final : public Backend {
         host_bounds[(d + c) * P + b] = static_cast<float>(req.hi[b * d + c]);
       }
     }
-    long long* host_positions = lane->host_positions.reserve(static_cast<std::size_t>(R), "query positions (pinned)");
-    std::copy(req.rows, req.rows + R, host_positions);
     PageBoundRankingArgs args;
-    args.q = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
+    args.q = upload_query_rows(req, *lane);
     const float* bounds = upload(lane->bounds, host_bounds, static_cast<std::size_t>(2 * d * P), "page bounds", stream);
     args.lo = bounds;
     args.hi = bounds + d * P;
-    args.positions = upload(lane->positions, host_positions, static_cast<std::size_t>(R), "query positions", stream);
+    args.positions = upload_query_positions(req, *lane);
     args.heads = static_cast<int>(G);
     args.rows = static_cast<int>(R);
     args.head_dim = static_cast<int>(d);
@@ -675,18 +681,9 @@ class CudaBackend final : public Backend {
     const auto scale = static_cast<float>(req.scale);
     const float q_factor = exact ? scale : (scale < 0.0f ? -1.0f : 1.0f);
     const float score_scale = exact ? 1.0f : std::fabs(scale);
-    float* host_q = lane->host_q.reserve(static_cast<std::size_t>(G * R * d), "query rows (pinned)");
-    for (std::int64_t h = 0; h < G; ++h) {
-      for (std::int64_t r = 0; r < R; ++r) {
-        const float* src = req.q + (h * req.seq_len + req.rows[r]) * d;
-        float* dst = host_q + (h * R + r) * d;
-        for (std::int64_t c = 0; c < d; ++c) dst[c] = src[c] * q_factor;
-      }
-    }
-    long long* host_positions = lane->host_positions.reserve(static_cast<std::size_t>(R), "query positions (pinned)");
-    std::copy(req.rows, req.rows + R, host_positions);
-    float* q32 = upload(lane->q, host_q, static_cast<std::size_t>(G * R * d), "query rows", stream);
-    long long* pos = upload(lane->positions, host_positions, static_cast<std::size_t>(R), "query positions", stream);
+    float* q32 = upload_query_rows(req, *lane, q_factor);
+    long long* pos = upload_query_positions(req, *lane);
+    const long long* host_positions = lane->host_positions.get();
     const void* q = q32;
     if (!exact) {
       void* rounded = lane->q_rounded.reserve(static_cast<std::size_t>(G * R * stride), "rounded query rows");
