@@ -209,8 +209,7 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
   for (int n = 0; n < kN8Tiles; ++n) acc[0][n][0] = acc[0][n][1] = acc[0][n][2] = acc[0][n][3] = 0.0f;
   // Stages by counters, not t % kStages: tile t reads `stage`; the load made while it is formed fills
   // the stage tile t - 1 read.
-  for (int t = 0, stage = 0; t < num_tiles; ++t, stage = stage == kStages - 1 ? 0 : stage + 1) {
-    next_tile_ready(t, stage == 0 ? kStages - 1 : stage - 1);
+  auto product_and_reduce = [&](int t, int stage) {
     if (scored(t)) {
       issue(stage, acc);
       wgmma_wait<0>();
@@ -221,6 +220,10 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
     if (run_complete(finished, t == num_tiles - 1)) {
       flush_staged<1>(staged[warp], p, head, r0, active, lane, first_block, finished);
     }
+  };
+  for (int t = 0, stage = 0; t < num_tiles; ++t, stage = stage == kStages - 1 ? 0 : stage + 1) {
+    next_tile_ready(t, stage == 0 ? kStages - 1 : stage - 1);
+    product_and_reduce(t, stage);
   }
   copy_async_wait<0>();
 }
