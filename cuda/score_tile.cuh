@@ -104,8 +104,9 @@ __device__ __forceinline__ void flush_staged(StagedCells<kMTiles>& staged, const
   const int c = lane % kStagedBlocks, array = (lane / kStagedBlocks) % 2, b = run_first + c;
   if (active && b >= first && b <= b_end) {
     // Eight rows' staged cells and positions are loaded before their first store, so that the loads'
-    // latencies overlap (a load after each store waited ~30 cycles a row: 12% of the wgmma kernel's warp
-    // time, ncu). Eight at a time: sixteen spilled registers in the mma.sync kernel.
+    // latencies overlap (the flush took 12% of the wgmma kernel's warp time, ncu, mostly a ~30-cycle wait on
+    // a position or a staged cell after each row's store). Eight rows at a time: the sixteen rows of the
+    // mma.sync kernel's 32-row warps at once spilled.
     constexpr int kBatch = 8;
     const long long first_key = static_cast<long long>(b) * p.block;
     // The lane's cell in its first row, then two rows on per step (a pointer step, not a 64-bit

@@ -571,7 +571,7 @@ TEST_CASE("CUDA NSA logits follow the request's multiply-add: fused and unfused 
   Rng rng(test::seed() + 83);
   std::vector<double> keys(static_cast<std::size_t>(compressed * d));
   for (std::int64_t i = 0; i < compressed; ++i) {
-    const double b = 1.0 + rng.uniform();  // 52 random fraction bits: 3 b is rarely a double
+    const double b = 1.0 + rng.uniform();  // 3 b is exact for some b (0 in both modes), inexact for most
     keys[static_cast<std::size_t>(i * d)] = -(3.0 * b);
     keys[static_cast<std::size_t>(i * d + 1)] = b;
   }
@@ -607,7 +607,7 @@ TEST_CASE("CUDA NSA logits follow the request's multiply-add: fused and unfused 
   }
   std::printf("NSA multiply-add modes: the host's mode within %.2e of the host, the other %.2e away\n", same_difference,
               other_difference);
-  CHECK(same_difference <= kNsaScoreTolerance * 4.0);  // scores are sums of at most per_block + per_window - 1 = 2 probabilities
+  CHECK(same_difference <= kNsaScoreTolerance * 4.0);  // a score sums at most block / stride + cmp / stride - 1 = 2 probabilities; twice that as margin
   CHECK(other_difference > 1e-3);
 }
 
