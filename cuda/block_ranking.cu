@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "common/error.hpp"
@@ -63,7 +64,102 @@ __device__ __forceinline__ int padded_size(int n) {
   return padded;
 }
 
-// One thread block per (head, row).
+// The ranking key of ranked block i of a row (tile blocks [i factor, (i + 1) factor) up to the row's
+// tile_blocks): its mass by the engine's formulas (build_view), an empty block's 0.
+__device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& args, const float* block_max, const float* block_sum,
+                                                       double lse_tokens, long long tile_blocks, int i) {
+  double mass = 0.0;
+  if (args.factor == 1) {
+    const float m = block_max[i];
+    if (m != -CUDART_INF_F) mass = static_cast<double>(block_sum[i]) * exp(static_cast<double>(m) - lse_tokens);
+  } else {
+    const long long first = static_cast<long long>(i) * args.factor, last = min(first + args.factor, tile_blocks);
+    double m = -CUDART_INF;
+    for (long long j = first; j < last; ++j) m = fmax(m, static_cast<double>(block_max[j]));
+    if (m != -CUDART_INF) {
+      double l = 0.0;
+      for (long long j = first; j < last; ++j) {
+        const double mj = block_max[j];
+        if (mj != -CUDART_INF) l += static_cast<double>(block_sum[j]) * exp(mj - m);
+      }
+      mass = l * exp(m - lse_tokens);
+    }
+  }
+  return order_key(mass);
+}
+
+constexpr int kRadixBits = 8, kRadixBins = 1 << kRadixBits;
+
+// A row longer than the shared memory holds: the count-th highest key is found by a radix select over
+// the row (eight passes of eight bits, most significant first, keys recomputed each pass), then the
+// keys above it and the lowest-indexed count - above keys equal to it are gathered into
+// keys[0, count) for the sort. Returns count.
+__device__ int select_top(const BlockRankingArgs& args, const float* block_max, const float* block_sum, double lse_tokens,
+                          long long tile_blocks, int causal, int count, unsigned long long* keys, int* indices) {
+  __shared__ unsigned histogram[kRadixBins];
+  __shared__ unsigned long long prefix;
+  __shared__ int wanted;  // of the keys under the prefix, the rank (from the top) of the count-th
+  __shared__ int above;
+  __shared__ int warp_ties[kRankingThreads / 32];
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  if (tid == 0) {
+    prefix = 0;
+    wanted = count;
+    above = 0;
+  }
+  unsigned long long mask = 0;
+  for (int shift = 64 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    for (int b = tid; b < kRadixBins; b += kRankingThreads) histogram[b] = 0;
+    __syncthreads();
+    const unsigned long long under = prefix;
+    for (int i = tid; i < causal; i += kRankingThreads) {
+      const unsigned long long key = mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i);
+      if ((key & mask) == under) atomicAdd(&histogram[(key >> shift) & (kRadixBins - 1)], 1u);
+    }
+    __syncthreads();
+    if (tid == 0) {
+      int seen = 0, bin = kRadixBins - 1;
+      while (seen + static_cast<int>(histogram[bin]) < wanted) seen += static_cast<int>(histogram[bin--]);
+      wanted -= seen;
+      prefix = under | (static_cast<unsigned long long>(bin) << shift);
+    }
+    mask |= static_cast<unsigned long long>(kRadixBins - 1) << shift;
+    __syncthreads();
+  }
+  const unsigned long long threshold = prefix;
+  const int ties = wanted, first_tie = count - wanted;  // keys above the threshold fill [0, first_tie)
+  // In index order, chunk by chunk, so that the ties taken are the lowest-indexed ones (tie_base: ties in
+  // the chunks before, the same in every thread).
+  int tie_base = 0;
+  for (int start = 0; start < causal; start += kRankingThreads) {
+    const int i = start + tid;
+    const unsigned long long key = i < causal ? mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i) : 0;
+    if (i < causal && key > threshold) {
+      const int slot = atomicAdd(&above, 1);
+      keys[slot] = key;
+      indices[slot] = i;
+    }
+    const bool tie = i < causal && key == threshold;
+    const unsigned ballot = __ballot_sync(0xffffffffu, tie);
+    if (lane == 0) warp_ties[warp] = __popc(ballot);
+    __syncthreads();
+    int rank = tie_base + __popc(ballot & ((1u << lane) - 1u));
+    for (int w = 0; w < kRankingThreads / 32; ++w) {
+      if (w < warp) rank += warp_ties[w];
+      tie_base += warp_ties[w];
+    }
+    if (tie && rank < ties) {
+      keys[first_tie + rank] = key;
+      indices[first_tie + rank] = i;
+    }
+    __syncthreads();  // warp_ties is read by every thread before the next chunk writes it
+  }
+  __syncthreads();
+  return count;
+}
+
+// One thread block per (head, row). A row of at most `capacity` ranked blocks is sorted whole in shared
+// memory; a longer one (count <= capacity) has its top count selected first.
 __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRankingArgs args, int capacity) {
   extern __shared__ unsigned long long ranking_keys[];  // [capacity], then int indices[capacity]
   int* indices = reinterpret_cast<int*>(ranking_keys + capacity);
@@ -72,40 +168,28 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
   // Rows ascend, so no row has more blocks than the tile; the bound keeps a bad plan inside memory.
   const long long tile_blocks = min(args.positions[r] / args.block + 1, args.num_blocks);
   const int causal = static_cast<int>((tile_blocks + args.factor - 1) / args.factor);
-  const int padded = padded_size(causal);
   const double lse_tokens = args.lse_tokens[cell];
   const float* block_max = args.block_max + cell * args.num_blocks;
   const float* block_sum = args.block_sum + cell * args.num_blocks;
-  for (int i = static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
-    unsigned long long key = 0;
-    int index = INT_MAX;
-    if (i < causal) {
-      // The engine's formulas (build_view); an empty block has mass 0.
-      double mass = 0.0;
-      if (args.factor == 1) {
-        const float m = block_max[i];
-        if (m != -CUDART_INF_F) mass = static_cast<double>(block_sum[i]) * exp(static_cast<double>(m) - lse_tokens);
-      } else {
-        const long long first = static_cast<long long>(i) * args.factor, last = min(first + args.factor, tile_blocks);
-        double m = -CUDART_INF;
-        for (long long j = first; j < last; ++j) m = fmax(m, static_cast<double>(block_max[j]));
-        if (m != -CUDART_INF) {
-          double l = 0.0;
-          for (long long j = first; j < last; ++j) {
-            const double mj = block_max[j];
-            if (mj != -CUDART_INF) l += static_cast<double>(block_sum[j]) * exp(mj - m);
-          }
-          mass = l * exp(m - lse_tokens);
-        }
-      }
-      key = order_key(mass);
-      index = i;
+  const int written = min(args.count, causal);
+  // Entries past the row's (key 0, index INT_MAX) rank after every real one.
+  int filled = 0, padded = 0;
+  if (causal <= capacity) {
+    padded = padded_size(causal);
+    for (int i = static_cast<int>(threadIdx.x); i < causal; i += kRankingThreads) {
+      ranking_keys[i] = mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i);
+      indices[i] = i;
     }
-    ranking_keys[i] = key;
-    indices[i] = index;
+    filled = causal;
+  } else {
+    padded = padded_size(written);
+    filled = select_top(args, block_max, block_sum, lse_tokens, tile_blocks, causal, written, ranking_keys, indices);
+  }
+  for (int i = filled + static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
+    ranking_keys[i] = 0;
+    indices[i] = INT_MAX;
   }
   bitonic_rank(ranking_keys, indices, padded);
-  const int written = min(args.count, causal);
   int* order = args.order + cell * args.count;
   for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[i] = indices[i];
 }
@@ -169,13 +253,15 @@ void configure_ranking_kernels() {
 
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
   const long long ranked_blocks = args.factor >= 1 ? (args.num_blocks + args.factor - 1) / args.factor : 0;
-  if (args.factor < 1 || ranked_blocks > kMaxRankedBlocks || args.count < 1 || args.count > ranked_blocks) {
-    fail(ErrorKind::kInternal, "block ranking of {} blocks of {} tile blocks, {} a row (at most {} blocks)", ranked_blocks,
+  if (args.factor < 1 || args.count < 1 || args.count > ranked_blocks || args.count > kMaxRankedBlocks ||
+      ranked_blocks > INT_MAX) {
+    fail(ErrorKind::kInternal, "block ranking of {} blocks of {} tile blocks, {} a row (at most {} a row)", ranked_blocks,
          args.factor, args.count, kMaxRankedBlocks);
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
-  const int capacity = capacity_for(ranked_blocks);
+  // Rows up to kMaxRankedBlocks are sorted whole; longer ones select their top count first.
+  const int capacity = capacity_for(std::min(ranked_blocks, kMaxRankedBlocks));
   block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, entry_bytes(capacity), stream>>>(args, capacity);
   check(cudaGetLastError(), "block ranking kernel launch");
 }

@@ -144,9 +144,10 @@ void size_tile(const StatsRequest& req, StatsTile& out) {
   out.lse_all.resize(static_cast<std::size_t>(out.heads * out.rows));
   if (req.v) out.output.resize(static_cast<std::size_t>(out.heads * out.rows * out.head_dim));
   else out.output.clear();
-  // Ranked on the device whenever asked, unless a row is too long for one thread block's sort.
+  // Ranked on the device whenever asked, unless the prefix asked is longer than one thread block sorts.
   const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / ranked_block(req) + 1;
-  out.ranked = ranked_blocks <= kMaxRankedBlocks ? std::max<std::int64_t>(0, std::min(req.rank_blocks, ranked_blocks)) : 0;
+  const std::int64_t ranked = std::max<std::int64_t>(0, std::min(req.rank_blocks, ranked_blocks));
+  out.ranked = ranked <= kMaxRankedBlocks ? ranked : 0;
   out.mass_order.resize(static_cast<std::size_t>(out.heads * out.rows * out.ranked));
 }
 

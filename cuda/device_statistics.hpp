@@ -129,8 +129,9 @@ void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream);
 // StatsTile::mass_order on device-resident statistics: order[c][0..min(count, causal blocks)) of every
 // (head, row) cell c = h * rows + r (row stride `count`), the row's causal blocks of `factor` tile blocks
 // by mass (StatsTile's formula, in double), higher first, ties to the lower block. One thread block
-// sorts one row in shared memory, so rows of at most kMaxRankedBlocks blocks only (callers rank longer
-// rows on the host).
+// ranks one row: a row of at most kMaxRankedBlocks blocks sorted whole in shared memory, a longer one
+// after a radix select of its top count; count at most kMaxRankedBlocks (callers rank longer prefixes
+// on the host).
 constexpr long long kMaxRankedBlocks = 4096;
 struct BlockRankingArgs {
   const float* block_max = nullptr;     // [heads][rows][num_blocks]

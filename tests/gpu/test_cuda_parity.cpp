@@ -327,12 +327,21 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
       for (const std::int64_t asked : {std::int64_t{3}, std::int64_t{1500}, std::int64_t{4096}}) check_rankings(*gpu, req, asked, 1);
       check_rankings(*gpu, req, 700, 2);
     }
+    // Rows longer than one thread block sorts: their top blocks are selected first (a radix select over
+    // the row), ties across the cut to the lower blocks; short rows of the same tile are sorted whole.
+    for (const bool ties : {false, true}) {
+      const Capture c = gaussian_capture(1, 2, 1, 16, 9000, true, ties, test::seed() + 9000, precision);
+      const std::vector<std::int64_t> rows = {100, 4095, 4096, 6000, 8999};
+      const StatsRequest req = group_request(c, 0, rows, 1, false);
+      for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{10}, std::int64_t{4096}}) check_rankings(*gpu, req, asked, 1);
+      check_rankings(*gpu, req, 2000, 2);  // 4,500 ranked blocks of two
+    }
   }
-  // Rows longer than one thread block sorts are left to the host.
+  // A longer prefix than one thread block sorts is left to the host.
   const Capture c = gaussian_capture(1, 2, 1, 16, 5000, false, false, test::seed() + 5000);
   const std::vector<std::int64_t> rows = {4096, 4999};
   StatsRequest req = group_request(c, 0, rows, 1, false);
-  req.rank_blocks = 10;
+  req.rank_blocks = 4097;
   StatsTile tile;
   make_backend("cuda")->block_statistics(req, tile);
   CHECK(tile.ranked == 0);
