@@ -822,7 +822,11 @@ class CudaBackend final : public Backend {
         older.clear();
         replace(req, lane, older);
       }
-      // Released and taken again shared at the top of the loop.
+      // Taken shared before `replacing` is let go, so that no other request replaces these keys before
+      // this one has read them (with more layers in flight than generations, they could otherwise
+      // replace each other's keys in turn).
+      exclusive.unlock();
+      return KeysInUse{older, std::shared_lock<std::shared_mutex>(older.in_use), lane.stream};
     }
   }
 
@@ -920,7 +924,10 @@ class CudaBackend final : public Backend {
       oldest->host = req.keys;
       oldest->compressed = req.compressed;
       oldest->head_dim = req.head_dim;
-      // Released and taken again shared at the top of the loop.
+      // Taken shared before `replacing` is let go (as in resident()): with more than
+      // kCompressedKeySets ids in use, requests could otherwise replace each other's keys in turn.
+      exclusive.unlock();
+      return CompressedKeysInUse{*oldest, std::shared_lock<std::shared_mutex>(oldest->in_use), lane.stream};
     }
   }
 
