@@ -95,7 +95,7 @@ __device__ __forceinline__ bool run_complete(int finished, bool last_tile) {
 // after its first block, causal for their row. Every lane of the warp calls it; 8 lanes side by side
 // write one row's run (a sector) of one array. r0: the warp's first row of the launch; active: whether
 // the warp has rows (each row's position is read again here: fewer registers than passing them).
-template <int kMTiles>
+template <int kMTiles, int kBatch>
 __device__ __forceinline__ void flush_staged(StagedCells<kMTiles>& staged, const TensorCoreLaunch& p, int head, int r0,
                                              bool active, int lane, int first_block, int b_end) {
   __syncwarp();
@@ -103,11 +103,11 @@ __device__ __forceinline__ void flush_staged(StagedCells<kMTiles>& staged, const
   const int first = max(run_first, first_block);
   const int c = lane % kStagedBlocks, array = (lane / kStagedBlocks) % 2, b = run_first + c;
   if (active && b >= first && b <= b_end) {
-    // Eight rows' staged cells and positions are loaded before their first store, so that the loads'
+    // kBatch rows' staged cells and positions are loaded before their first store, so that the loads'
     // latencies overlap (the flush took 12% of the wgmma kernel's warp time, ncu, mostly a ~30-cycle wait on
-    // a position or a staged cell after each row's store). Eight rows at a time: the sixteen rows of the
-    // mma.sync kernel's 32-row warps at once spilled.
-    constexpr int kBatch = 8;
+    // a position or a staged cell after each row's store; eight at a time removed it). The registers a
+    // batch holds are a kernel's to spare: the mma.sync kernel's are not (kMmaFlushBatch).
+    static_assert((8 * kMTiles) % kBatch == 0, "whole batches of the warp's row pairs");
     const long long first_key = static_cast<long long>(b) * p.block;
     // The lane's cell in its first row, then two rows on per step (a pointer step, not a 64-bit
     // index product per row).

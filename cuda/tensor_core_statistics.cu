@@ -27,6 +27,9 @@ constexpr int kStages = 3;
 // reads but spills a little and runs 12 warps per multiprocessor instead of 16; the kernel is
 // latency-bound, not shared-memory-bound), and it needs no local memory.
 constexpr int kDefaultRowsPerWarp = 16;
+// Rows a flush loads before its first store (score_tile.cuh): four keep the 16-row layout free of local
+// memory, where eight spilled 8 bytes at blocks of several tiles (ptxas, head_dim 128).
+constexpr int kMmaFlushBatch = 4;
 
 __device__ __forceinline__ void load_matrix_x4(unsigned address, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
       }
     }
     const int finished = finished_block<kBlockN8>(key0, block, t == num_tiles - 1);
-    if (run_complete(finished, t == num_tiles - 1)) flush_staged<kMTiles>(staged[warp], p, head, r0, active, lane, item.key_begin / block, finished);
+    if (run_complete(finished, t == num_tiles - 1)) flush_staged<kMTiles, kMmaFlushBatch>(staged[warp], p, head, r0, active, lane, item.key_begin / block, finished);
   }
   copy_async_wait<0>();  // leave no copy in flight into shared memory at exit
 }

@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, kSteps > 8 ? 1 : 2) wgmma_statistics
     reduce(t, acc);
     const int finished = finished_block<kBlockN8>(item.key_begin + t * kKeys, block, t == num_tiles - 1);
     if (run_complete(finished, t == num_tiles - 1)) {
-      flush_staged<1>(staged[warp], p, head, r0, active, lane, first_block, finished);
+      flush_staged<1, 8>(staged[warp], p, head, r0, active, lane, first_block, finished);
     }
   };
   for (int t = 0, stage = 0; t < num_tiles; ++t, stage = stage == kStages - 1 ? 0 : stage + 1) {
