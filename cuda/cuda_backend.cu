@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -33,6 +34,8 @@
 
 namespace hysparse::cuda {
 namespace {
+
+std::atomic<std::uint64_t> compressed_key_upload_count{0};
 
 constexpr int kMaxHeadDim = 256;
 // Lanes per device. Two already overlap one tile's copies with another's kernels; four cover the
@@ -886,6 +889,7 @@ class CudaBackend final : public Backend {
     }
     double* keys_t = upload(target, host, static_cast<std::size_t>(C * d), "compressed keys", lane.stream);
     lane.synchronize("compressed key upload");  // the pinned staging is the lane's, reused by its next request
+    compressed_key_upload_count.fetch_add(1, std::memory_order_relaxed);
     return keys_t;
   }
 
@@ -961,6 +965,8 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
+std::uint64_t compressed_key_uploads() { return compressed_key_upload_count.load(std::memory_order_relaxed); }
 
 CudaStatus status() {
   CudaStatus result;

@@ -33,6 +33,7 @@
 #include "common/error.hpp"
 #include "common/half.hpp"
 #include "common/random.hpp"
+#include "cuda_backend.hpp"
 #include "device_statistics.hpp"
 #include "replay/engine.hpp"
 #include "replay/proxy_math.hpp"
@@ -1628,5 +1629,14 @@ TEST_CASE("CUDA replays with two nsa specs (their own compressed keys) give the 
   options.budgets = {{Budget::Kind::kTokens, 64}, {Budget::Kind::kTokens, 256}};
   options.selectors = parse_selector_list("nsa:block=16,cmp=8,stride=4,window=32,nsa:block=32,cmp=16,stride=8,window=0");
   options.queries = "all";
-  compare_reports(replay_with("cpu", Precision::kFp32, path, options), replay_with("cuda", Precision::kFp32, path, options));
+  const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
+  const std::uint64_t uploads_before = hysparse::cuda::compressed_key_uploads();
+  const ReplayResult gpu = replay_with("cuda", Precision::kFp32, path, options);
+  compare_reports(cpu, gpu);
+  // Each spec's keys go up once a (layer, KV head) at most, however many query tiles read them: both specs'
+  // sets stay resident side by side.
+  const std::uint64_t uploads = hysparse::cuda::compressed_key_uploads() - uploads_before;
+  INFO("compressed-key uploads: " << uploads);
+  CHECK(uploads > 0);
+  CHECK(uploads <= static_cast<std::uint64_t>(2 * c.header.num_layers * c.header.num_kv_heads));
 }
