@@ -65,13 +65,15 @@ __device__ __forceinline__ int padded_size(int n) {
 }
 
 // The ranking key of ranked block i of a row (tile blocks [i factor, (i + 1) factor) up to the row's
-// tile_blocks): its mass by the engine's formulas (build_view), an empty block's 0.
+// tile_blocks): its mass by the engine's formulas (build_view), an empty block's 0. The rounding is
+// spelled out (the fused form nvcc chose before): the radix select recomputes the key in every pass
+// and needs the same bits each time.
 __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& args, const float* block_max, const float* block_sum,
                                                        double lse_tokens, long long tile_blocks, int i) {
   double mass = 0.0;
   if (args.factor == 1) {
     const float m = block_max[i];
-    if (m != -CUDART_INF_F) mass = static_cast<double>(block_sum[i]) * exp(static_cast<double>(m) - lse_tokens);
+    if (m != -CUDART_INF_F) mass = __dmul_rn(static_cast<double>(block_sum[i]), exp(static_cast<double>(m) - lse_tokens));
   } else {
     const long long first = static_cast<long long>(i) * args.factor, last = min(first + args.factor, tile_blocks);
     double m = -CUDART_INF;
@@ -80,9 +82,9 @@ __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& a
       double l = 0.0;
       for (long long j = first; j < last; ++j) {
         const double mj = block_max[j];
-        if (mj != -CUDART_INF) l += static_cast<double>(block_sum[j]) * exp(mj - m);
+        if (mj != -CUDART_INF) l = __fma_rn(static_cast<double>(block_sum[j]), exp(mj - m), l);
       }
-      mass = l * exp(m - lse_tokens);
+      mass = __dmul_rn(l, exp(m - lse_tokens));
     }
   }
   return order_key(mass);
@@ -119,7 +121,7 @@ __device__ int select_top(const BlockRankingArgs& args, const float* block_max, 
     __syncthreads();
     if (tid == 0) {
       int seen = 0, bin = kRadixBins - 1;
-      while (seen + static_cast<int>(histogram[bin]) < wanted) seen += static_cast<int>(histogram[bin--]);
+      while (bin > 0 && seen + static_cast<int>(histogram[bin]) < wanted) seen += static_cast<int>(histogram[bin--]);
       wanted -= seen;
       prefix = under | (static_cast<unsigned long long>(bin) << shift);
     }
@@ -136,8 +138,10 @@ __device__ int select_top(const BlockRankingArgs& args, const float* block_max, 
     const unsigned long long key = i < causal ? mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i) : 0;
     if (i < causal && key > threshold) {
       const int slot = atomicAdd(&above, 1);
-      keys[slot] = key;
-      indices[slot] = i;
+      if (slot < first_tie) {  // always (the select counted them); a guard on shared memory all the same
+        keys[slot] = key;
+        indices[slot] = i;
+      }
     }
     const bool tie = i < causal && key == threshold;
     const unsigned ballot = __ballot_sync(0xffffffffu, tie);
