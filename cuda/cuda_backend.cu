@@ -555,14 +555,25 @@ class CudaBackend final : public Backend {
 
   bool nsa_block_scores(const NsaScoreRequest& req, std::vector<double>& scores) const override {
     try {
-      return score_nsa_blocks(req, scores);
+      return run_nsa(req, NsaResult::kBlockScores, scores);
     } catch (const Error& error) {
       if (error.kind() != ErrorKind::kResource) throw;
       return false;  // no room on the device: the selector scores on the host
     }
   }
 
-  bool score_nsa_blocks(const NsaScoreRequest& req, std::vector<double>& scores) const {
+  bool pooled_key_logits(const NsaScoreRequest& req, std::vector<double>& logits) const override {
+    try {
+      return run_nsa(req, NsaResult::kLogits, logits);
+    } catch (const Error& error) {
+      if (error.kind() != ErrorKind::kResource) throw;
+      return false;  // no room on the device: the selector computes them on the host
+    }
+  }
+
+  // NSA's block scores, or its logits alone (Backend::pooled_key_logits), of one request into `out`.
+  enum class NsaResult { kBlockScores, kLogits };
+  bool run_nsa(const NsaScoreRequest& req, NsaResult what, std::vector<double>& out) const {
     if (req.num_rows <= 0 || req.heads <= 0 || req.head_dim <= 0 || req.stride < 1 || req.cmp < 1 || req.block < 1 ||
         req.block % req.stride != 0 || req.cmp % req.stride != 0 || req.compressed < 0) {
       fail(ErrorKind::kInternal, "NSA scores of {} rows, {} heads, head_dim {}, block {}, cmp {}, stride {}, {} compressed keys",
@@ -582,29 +593,38 @@ class CudaBackend final : public Backend {
     args.fused = req.fused;
     args.width = nsa_visible_keys(args, req.rows[R - 1]);
     args.blocks = req.rows[R - 1] / req.block + 1;
-    scores.assign(static_cast<std::size_t>(R * args.blocks), 0.0);
-    if (args.width == 0) return true;  // no row sees a compressed key yet: every score is 0
+    const bool logits_only = what == NsaResult::kLogits;
+    out.assign(static_cast<std::size_t>(logits_only ? G * R * args.width : R * args.blocks), 0.0);
+    if (args.width == 0) return true;  // no row sees a compressed key yet: every score is 0, and no logit
     check(cudaSetDevice(device_), "cudaSetDevice");
     LanePool::Lease lane = lanes_->take();
     const cudaStream_t stream = lane->stream;
     args.q = upload_query_rows(req, *lane);
     args.positions = upload_query_positions(req, *lane);
     args.logits = lane->nsa_logits.reserve(static_cast<std::size_t>(G * R * args.width), "NSA logits");
-    args.scores = lane->nsa_scores.reserve(scores.size(), "NSA scores");
+    if (!logits_only) args.scores = lane->nsa_scores.reserve(out.size(), "NSA scores");
     const double* result = nullptr;
+    auto compute = [&] {
+      if (logits_only) {
+        // Logits past a row's visible keys are never written: zeroed first, so that they read 0.
+        check(cudaMemsetAsync(args.logits, 0, out.size() * sizeof(double), stream), "NSA logits clear");
+        launch_nsa_logits(args, stream);
+      } else {
+        launch_nsa_scores(args, stream);
+      }
+      result = download(lane->host_nsa_scores, static_cast<const double*>(logits_only ? args.logits : args.scores), out.size(),
+                        logits_only ? "pooled-key logits" : "NSA scores", stream);
+      lane->synchronize("NSA score kernels");
+    };
     if (req.keys_id == 0) {
       args.keys_t = upload_compressed_keys(req, lane->nsa_keys_t, *lane);
-      launch_nsa_scores(args, stream);
-      result = download(lane->host_nsa_scores, static_cast<const double*>(args.scores), scores.size(), "NSA scores", stream);
-      lane->synchronize("NSA score kernels");
+      compute();
     } else {
       const CompressedKeysInUse keys = resident_compressed_keys(req, *lane);
       args.keys_t = keys.entry.keys_t.get();
-      launch_nsa_scores(args, stream);
-      result = download(lane->host_nsa_scores, static_cast<const double*>(args.scores), scores.size(), "NSA scores", stream);
-      lane->synchronize("NSA score kernels");
+      compute();
     }
-    copy_out(result, scores);
+    copy_out(result, out);
     return true;
   }
 

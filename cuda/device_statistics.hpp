@@ -183,6 +183,9 @@ struct NsaScoreArgs {
 };
 long long nsa_visible_keys(const NsaScoreArgs& args, long long position);  // args' cmp, stride, compressed
 void launch_nsa_scores(const NsaScoreArgs& args, cudaStream_t stream);
+// Only the logits of launch_nsa_scores (its first kernel; needs width > 0): scale * q . c_i where row r sees
+// key i, the rest of `logits` left as it was.
+void launch_nsa_logits(const NsaScoreArgs& args, cudaStream_t stream);
 
 // Backend::h2o_evictions on device data, every (budget, set) of a layer in one launch (a thread block
 // each). Workspace per (budget, set): cache 2 x seq_len ints, score seq_len doubles, logits heads x seq_len

@@ -117,18 +117,23 @@ __global__ void __launch_bounds__(kThreads) nsa_blocks_kernel(const NsaScoreArgs
 
 long long nsa_visible_keys(const NsaScoreArgs& args, long long position) { return visible_keys(position, args); }
 
+void launch_nsa_logits(const NsaScoreArgs& args, cudaStream_t stream) {
+  if (args.rows <= 0 || args.heads <= 0 || args.width <= 0) fail(ErrorKind::kInternal, "NSA logits: an empty tile");
+  // x: (head, chunk of kLogitRows rows), which may be many (MQA); y: chunks of kThreads compressed keys.
+  const long long key_chunks = (args.width + kThreads - 1) / kThreads;
+  if (key_chunks > 65535) fail(ErrorKind::kInternal, "NSA scores: {} compressed keys a row", args.width);
+  const dim3 grid(static_cast<unsigned>(static_cast<long long>(args.heads) * ((args.rows + kLogitRows - 1) / kLogitRows)),
+                  static_cast<unsigned>(key_chunks));
+  const std::size_t shared = static_cast<std::size_t>(kLogitRows) * args.head_dim * sizeof(double);  // the rows' q
+  if (args.fused) nsa_logits_kernel<true><<<grid, kThreads, shared, stream>>>(args);
+  else nsa_logits_kernel<false><<<grid, kThreads, shared, stream>>>(args);
+  check(cudaGetLastError(), "NSA logits kernel launch");
+}
+
 void launch_nsa_scores(const NsaScoreArgs& args, cudaStream_t stream) {
   if (args.rows <= 0 || args.heads <= 0 || args.blocks <= 0) fail(ErrorKind::kInternal, "NSA scores: an empty tile");
   if (args.width > 0) {
-    // x: (head, chunk of kLogitRows rows), which may be many (MQA); y: chunks of kThreads compressed keys.
-    const long long key_chunks = (args.width + kThreads - 1) / kThreads;
-    if (key_chunks > 65535) fail(ErrorKind::kInternal, "NSA scores: {} compressed keys a row", args.width);
-    const dim3 grid(static_cast<unsigned>(static_cast<long long>(args.heads) * ((args.rows + kLogitRows - 1) / kLogitRows)),
-                    static_cast<unsigned>(key_chunks));
-    const std::size_t shared = static_cast<std::size_t>(kLogitRows) * args.head_dim * sizeof(double);  // the rows' q
-    if (args.fused) nsa_logits_kernel<true><<<grid, kThreads, shared, stream>>>(args);
-    else nsa_logits_kernel<false><<<grid, kThreads, shared, stream>>>(args);
-    check(cudaGetLastError(), "NSA logits kernel launch");
+    launch_nsa_logits(args, stream);
     const long long warps = static_cast<long long>(args.heads) * args.rows;
     nsa_softmax_kernel<<<static_cast<unsigned>((warps * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(args);
     check(cudaGetLastError(), "NSA softmax kernel launch");

@@ -1071,6 +1071,120 @@ TEST_CASE("nsa takes a backend's block scores where offered: the selector's own 
   }
 }
 
+// A backend that gives moba's pooled-key logits the way the host does (proxy::pooled_key_logits), or negated
+// (the least similar blocks first: the report must change), or one logit short, which the selector must
+// refuse. It records the requests' key ids and the rows they ask for at once.
+class PooledLogitBackend final : public test::CpuBackedBackend {
+ public:
+  enum class Answer { kSame, kNegated, kShort };
+  explicit PooledLogitBackend(Answer answer) : answer_(answer) {}
+  bool pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits) const override {
+    proxy::pooled_key_logits(request, logits);
+    if (answer_ == Answer::kNegated) {
+      for (double& x : logits) x = -x;
+    }
+    if (answer_ == Answer::kShort && !logits.empty()) logits.pop_back();
+    std::lock_guard<std::mutex> lock(mutex_);
+    ids_.insert(request.keys_id);
+    ++requests_;
+    return true;
+  }
+  std::set<std::uint64_t> ids() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ids_;
+  }
+  std::int64_t requests() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return requests_;
+  }
+
+ private:
+  Answer answer_;
+  mutable std::mutex mutex_;
+  mutable std::set<std::uint64_t> ids_;
+  mutable std::int64_t requests_ = 0;
+};
+
+TEST_CASE("moba takes a backend's pooled-key logits where offered: the selector's own report, bit for bit", "[proxies][parity]") {
+  ref::Shape shape;
+  shape.layers = 2;
+  shape.seq_len = 150;
+  shape.head_dim = 16;
+  const Capture capture = ref::random_capture(shape, test::seed() + 71);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_moba_backend.h5";
+  write_capture(path, capture);
+  // The query's own block forced first, and scored by its causal keys' mean.
+  ReplayOptions options = replay_options("moba:block=8,moba:block=4,current=0", tokens({16, 48}));
+  const auto cpu = make_cpu_backend();
+  const ReplayResult expected = run_replay(path, options, *cpu, false);
+  using Answer = PooledLogitBackend::Answer;
+  const PooledLogitBackend same(Answer::kSame), negated(Answer::kNegated);
+  const ReplayResult result = run_replay(path, options, same, false);
+  check_same_head_means(expected, result);
+  // One id per spec and layer, never 0.
+  const std::set<std::uint64_t> ids = same.ids();
+  CHECK(ids.size() == static_cast<std::size_t>(2 * shape.layers));
+  CHECK(ids.count(0) == 0);
+  CHECK(same.requests() > 0);
+  CHECK(head_means_differ(expected, run_replay(path, options, negated, false)));
+  const PooledLogitBackend short_answer(Answer::kShort);
+  try {
+    (void)run_replay(path, options, short_answer, false);
+    FAIL("a short answer was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+    CHECK(std::string(error.what()).find("moba: ") != std::string::npos);
+  }
+}
+
+TEST_CASE("pooled-key logits are each visible compressed key's scaled dot product, 0 past a row's keys", "[proxies]") {
+  // Against a direct sum in long double over a hand-sized request: cmp 4, stride 2, rows before any key.
+  const std::int64_t T = 13, d = 3, heads = 2, cmp = 4, stride = 2, compressed = (T - cmp) / stride + 1;
+  Rng rng(test::seed() + 73);
+  std::vector<float> q(static_cast<std::size_t>(heads * T * d));
+  for (float& x : q) x = static_cast<float>(rng.normal());
+  std::vector<double> keys(static_cast<std::size_t>(compressed * d));
+  for (double& x : keys) x = rng.normal();
+  const std::vector<std::int64_t> rows = {0, 2, 3, 5, 8, 12};
+  NsaScoreRequest request;
+  request.q = q.data();
+  request.keys = keys.data();
+  request.heads = heads;
+  request.seq_len = T;
+  request.head_dim = d;
+  request.compressed = compressed;
+  request.cmp = cmp;
+  request.stride = stride;
+  request.block = 4;
+  request.scale = 0.5;
+  request.rows = rows.data();
+  request.num_rows = static_cast<std::int64_t>(rows.size());
+  request.fused = proxy::kMultiplyAddFused;
+  std::vector<double> logits;
+  proxy::pooled_key_logits(request, logits);
+  const std::int64_t width = (12 - cmp + 1) / stride + 1;  // the last row's keys: windows ending at 3, 5, 7, 9, 11
+  REQUIRE(width == 5);
+  REQUIRE(logits.size() == static_cast<std::size_t>(heads * request.num_rows * width));
+  for (std::int64_t h = 0; h < heads; ++h) {
+    for (std::int64_t r = 0; r < request.num_rows; ++r) {
+      const std::int64_t t = rows[static_cast<std::size_t>(r)];
+      for (std::int64_t i = 0; i < width; ++i) {
+        CAPTURE(h, t, i);
+        const double got = logits[static_cast<std::size_t>((h * request.num_rows + r) * width + i)];
+        if (i * stride + cmp - 1 > t) {
+          CHECK(got == 0.0);
+          continue;
+        }
+        long double sum = 0.0L;
+        for (std::int64_t c = 0; c < d; ++c) {
+          sum += static_cast<long double>(q[static_cast<std::size_t>((h * T + t) * d + c)]) * keys[static_cast<std::size_t>(i * d + c)];
+        }
+        CHECK(std::abs(got - static_cast<double>(0.5L * sum)) <= 1e-14 * (1.0 + std::abs(static_cast<double>(sum))));
+      }
+    }
+  }
+}
+
 // A backend that simulates H2O's caches the way the host does (proxy::h2o_simulate, the request's logits),
 // or with no recent keys protected (a different policy: the report must change), or malformed (one
 // eviction short; a key evicted before it was cached), which the selector must refuse.

@@ -165,6 +165,9 @@ class MultiDeviceBackend final : public Backend {
   bool nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) const override {
     return device_of(request.kv_head).nsa_block_scores(request, scores);
   }
+  bool pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits) const override {
+    return device_of(request.kv_head).pooled_key_logits(request, logits);
+  }
   bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const override {
     if (request.kv_heads < 1 || request.heads % request.kv_heads != 0) return devices_.front()->attention_received(request, received);
     const std::int64_t T = request.seq_len, d = request.head_dim, G = request.heads / request.kv_heads;

@@ -232,6 +232,16 @@ class Backend {
     (void)scores;
     return false;
   }
+  // NSA's logits alone, before their softmax: logits[(h * num_rows + r) * width + i] = scale * q . c_i for the
+  // compressed keys i that row r sees (NsaScoreRequest's rule and multiply-adds), 0 past them, width = the
+  // keys the last row sees (resized to heads * num_rows * width); or false where the backend leaves them to
+  // the caller. proxy::pooled_key_logits is the definition; the CUDA backend gives its bits. moba's block
+  // scores are these logits over its blocks' mean keys (cmp = stride = its block, scale 1). Thread-safe.
+  virtual bool pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits) const {
+    (void)request;
+    (void)logits;
+    return false;
+  }
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

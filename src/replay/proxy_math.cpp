@@ -96,14 +96,41 @@ std::uint64_t next_data_id() {
   return ++last;
 }
 
-void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) {
-  const std::int64_t R = request.num_rows, d = request.head_dim, T = request.seq_len;
-  if (R <= 0 || request.stride < 1 || request.cmp < 1 || request.block < 1 || request.block % request.stride != 0 ||
-      request.cmp % request.stride != 0 || request.compressed < 0 || request.fused != kMultiplyAddFused) {
-    throw Error(ErrorKind::kInternal, fmt::format("NSA scores: {} rows, block {}, cmp {}, stride {}, {} compressed keys, fused {}",
-                                                  R, request.block, request.cmp, request.stride, request.compressed,
-                                                  request.fused));
+namespace {
+void check_nsa_request(const NsaScoreRequest& request, const char* what) {
+  if (request.num_rows <= 0 || request.stride < 1 || request.cmp < 1 || request.block < 1 ||
+      request.block % request.stride != 0 || request.cmp % request.stride != 0 || request.compressed < 0 ||
+      request.fused != kMultiplyAddFused) {
+    throw Error(ErrorKind::kInternal, fmt::format("{}: {} rows, block {}, cmp {}, stride {}, {} compressed keys, fused {}", what,
+                                                  request.num_rows, request.block, request.cmp, request.stride,
+                                                  request.compressed, request.fused));
   }
+}
+}  // namespace
+
+std::int64_t nsa_visible_keys(const NsaScoreRequest& request, std::int64_t t) {
+  return t >= request.cmp - 1 ? std::min(request.compressed, (t - request.cmp + 1) / request.stride + 1) : 0;
+}
+
+void pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits) {
+  check_nsa_request(request, "pooled-key logits");
+  const std::int64_t R = request.num_rows, d = request.head_dim, T = request.seq_len;
+  const std::int64_t width = nsa_visible_keys(request, request.rows[R - 1]);
+  logits.assign(static_cast<std::size_t>(request.heads * R * width), 0.0);
+  for (std::int64_t h = 0; h < request.heads; ++h) {
+    for (std::int64_t r = 0; r < R; ++r) {
+      const std::int64_t t = request.rows[r];
+      double* z = &logits[static_cast<std::size_t>((h * R + r) * width)];
+      const std::int64_t visible = nsa_visible_keys(request, t);
+      dots(request.q + (h * T + t) * d, d, visible, [&](std::int64_t i) { return request.keys + i * d; }, z);
+      for (std::int64_t i = 0; i < visible; ++i) z[i] *= request.scale;
+    }
+  }
+}
+
+void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores) {
+  check_nsa_request(request, "NSA scores");
+  const std::int64_t R = request.num_rows, d = request.head_dim, T = request.seq_len;
   const std::int64_t blocks = request.rows[R - 1] / request.block + 1;
   const std::int64_t per_block = request.block / request.stride, per_window = request.cmp / request.stride;
   scores.assign(static_cast<std::size_t>(R * blocks), 0.0);
@@ -111,8 +138,7 @@ void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& score
   for (std::int64_t r = 0; r < R; ++r) {
     const std::int64_t t = request.rows[r], row_blocks = t / request.block + 1;
     // Compressed key i (keys [i*stride, i*stride + cmp)) is visible once all its keys are.
-    const std::int64_t visible =
-        t >= request.cmp - 1 ? std::min(request.compressed, (t - request.cmp + 1) / request.stride + 1) : 0;
+    const std::int64_t visible = nsa_visible_keys(request, t);
     double* row = &scores[static_cast<std::size_t>(r * blocks)];
     for (std::int64_t h = 0; h < request.heads && visible > 0; ++h) {
       const float* q = request.q + (h * T + t) * d;

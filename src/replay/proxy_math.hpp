@@ -109,6 +109,10 @@ std::uint64_t next_data_id();
 // Backend::nsa_block_scores's definition (NsaScoreRequest says what it computes; request.fused must be
 // kMultiplyAddFused), row by row on the calling thread.
 void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& scores);
+// The compressed keys a row at position t sees (NsaScoreRequest: each once all its keys are <= t).
+std::int64_t nsa_visible_keys(const NsaScoreRequest& request, std::int64_t t);
+// Backend::pooled_key_logits's definition (request.fused must be kMultiplyAddFused), row by row.
+void pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits);
 
 // True probabilities p_j, j = 0..t, of query head h at t (sink logit in the denominator).
 void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p);

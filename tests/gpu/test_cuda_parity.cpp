@@ -621,6 +621,66 @@ TEST_CASE("CUDA NSA logits follow the request's multiply-add: fused and unfused 
   CHECK(other_difference > 1e-3);
 }
 
+// Backend::pooled_key_logits (moba's block scores): NSA's logits kernel alone, the host's bits.
+TEST_CASE("CUDA pooled-key logits (moba's block scores) are the host's bits", "[cuda]") {
+  const auto gpu = make_backend("cuda");
+  struct Case {
+    std::int64_t q_heads, kv_heads, d, T, cmp, stride;
+    double scale;
+    const char* rows;
+  };
+  std::int64_t logits_compared = 0;
+  for (const Case& k : {Case{8, 2, 128, 3000, 64, 64, 1.0, "random"},  // moba's shape: block means, scale 1
+                        Case{4, 4, 64, 700, 8, 8, 1.0, "all"},        // MHA, every row
+                        Case{8, 1, 100, 1100, 32, 16, 0.1, "stride"},  // MQA, NSA's overlapping windows, a scale
+                        Case{3, 1, 16, 90, 32, 32, 1.0, "all"},        // rows that see no key
+                        Case{2, 1, 16, 20, 32, 32, 1.0, "all"}}) {     // no row sees one: no logit
+    CAPTURE(k.q_heads, k.kv_heads, k.d, k.T, k.cmp, k.stride, k.rows);
+    const Capture c = gaussian_capture(1, k.q_heads, k.kv_heads, k.d, k.T, false, false,
+                                       test::seed() + static_cast<std::uint64_t>(11 * k.T + k.d));
+    const std::vector<std::int64_t> rows = query_rows(k.rows, k.T, test::seed());
+    const std::int64_t G = k.q_heads / k.kv_heads, g = k.kv_heads - 1, d = k.d;
+    const std::int64_t compressed = k.T >= k.cmp ? (k.T - k.cmp) / k.stride + 1 : 0;
+    std::vector<double> keys(static_cast<std::size_t>(std::max<std::int64_t>(1, compressed) * d));
+    for (std::int64_t i = 0; i < compressed; ++i) {
+      proxy::mean_key(c.layers[0].k.data() + (g * k.T + i * k.stride) * d, k.cmp, d, &keys[static_cast<std::size_t>(i * d)]);
+    }
+    NsaScoreRequest req;
+    req.q = c.layers[0].q.data() + g * G * k.T * d;
+    req.keys = keys.data();
+    req.heads = G;
+    req.seq_len = k.T;
+    req.head_dim = d;
+    req.compressed = compressed;
+    req.cmp = k.cmp;
+    req.stride = k.stride;
+    req.block = k.cmp;
+    req.scale = k.scale;
+    req.rows = rows.data();
+    req.num_rows = static_cast<std::int64_t>(rows.size());
+    req.kv_head = g;
+    req.fused = proxy::kMultiplyAddFused;
+    std::vector<double> expected;
+    proxy::pooled_key_logits(req, expected);
+    // Uncached keys, then kept keys (asked twice: the second from the device's copy).
+    const std::uint64_t id = proxy::next_data_id();
+    for (const std::uint64_t keys_id : {std::uint64_t{0}, id, id}) {
+      CAPTURE(keys_id);
+      NsaScoreRequest asked = req;
+      asked.keys_id = keys_id;
+      std::vector<double> got(3, -1.0);  // resized by the call
+      REQUIRE(gpu->pooled_key_logits(asked, got));
+      REQUIRE(got.size() == expected.size());
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        CAPTURE(i, expected[i], got[i]);
+        REQUIRE(got[i] == expected[i]);
+      }
+      logits_compared += static_cast<std::int64_t>(got.size());
+    }
+  }
+  std::printf("pooled-key logits: %lld compared, every one the host's bits\n", static_cast<long long>(logits_compared));
+}
+
 TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
   // Backend::h2o_evictions against proxy::h2o_simulate on the same request: the same logits (an fma chain
   // in double), the device's own exp, log and summation order. Random and adversarial inputs: repeated
@@ -1637,6 +1697,25 @@ TEST_CASE("CUDA replays with two nsa specs (their own compressed keys) give the 
   // sets stay resident side by side.
   const std::uint64_t uploads = hysparse::cuda::compressed_key_uploads() - uploads_before;
   INFO("compressed-key uploads: " << uploads);
+  CHECK(uploads > 0);
+  CHECK(uploads <= static_cast<std::uint64_t>(2 * c.header.num_layers * c.header.num_kv_heads));
+}
+
+TEST_CASE("CUDA replays with moba (its block scores on the device) give the CPU's report", "[cuda]") {
+  const Capture c = gaussian_capture(2, 8, 2, 64, 700, false, false, test::seed() + 41);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_moba.h5";
+  write_capture(path, c);
+  ReplayOptions options;
+  options.budgets = {{Budget::Kind::kTokens, 64}, {Budget::Kind::kTokens, 256}};
+  options.selectors = parse_selector_list("moba:block=16,moba:block=32,current=0");
+  options.queries = "all";
+  const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
+  const std::uint64_t uploads_before = hysparse::cuda::compressed_key_uploads();
+  const ReplayResult gpu = replay_with("cuda", Precision::kFp32, path, options);
+  compare_reports(cpu, gpu);
+  // The blocks' means went to the device (each spec's once a layer and KV head).
+  const std::uint64_t uploads = hysparse::cuda::compressed_key_uploads() - uploads_before;
+  INFO("mean-key uploads: " << uploads);
   CHECK(uploads > 0);
   CHECK(uploads <= static_cast<std::uint64_t>(2 * c.header.num_layers * c.header.num_kv_heads));
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "common/error.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
 
@@ -45,37 +46,68 @@ class MobaSelector final : public Selector {
         proxy::mean_key(layer.k(g, b * block_), block_, d, &means_[static_cast<std::size_t>((g * blocks_ + b) * d)]);
       }
     }
+    means_id_ = proxy::next_data_id();
   }
 
   void rank(const RankContext& c, Rankings& out) override {
     const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
     out.reset(c.group_size, c.rows, v.num_blocks);
-    std::vector<double> scores(static_cast<std::size_t>(v.num_blocks)), partial(static_cast<std::size_t>(d_));
-    for (std::int64_t h = 0; h < c.group_size; ++h) {
-      const std::int64_t head = c.kv_group * c.group_size + h;
-      for (std::int64_t r = 0; r < c.rows; ++r) {
-        const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r), current = blocks - 1;
-        const float* q = layer.q(head, t);
-        const double* means = means_.data() + c.kv_group * blocks_ * d_;  // no complete block yet: empty
-        proxy::dots(q, d_, current, [&](std::int64_t b) { return means + b * d_; }, scores.data());
-        if (current_) {
-          scores[static_cast<std::size_t>(current)] = std::numeric_limits<double>::infinity();
-        } else {
-          proxy::mean_key(layer.k(c.kv_group, current * block_), t + 1 - current * block_, d_, partial.data());
-          scores[static_cast<std::size_t>(current)] = proxy::dot(q, partial.data(), d_);
+    if (c.rows <= 0) return;
+    // The scores q . mean(K_b) of the complete blocks are NSA's logits over compressed keys that are the
+    // blocks' means (cmp = stride = block, scale 1): on the replay's device where it offers them
+    // (Backend::pooled_key_logits), else here, in chunks of rows that bound the logits held at once.
+    NsaScoreRequest request;
+    request.q = layer.q(c.kv_group * c.group_size, 0);
+    request.keys = means_.data() + c.kv_group * blocks_ * d_;  // no complete block yet: empty
+    request.keys_id = means_id_;
+    request.heads = c.group_size;
+    request.seq_len = layer.seq_len();
+    request.head_dim = d_;
+    request.compressed = blocks_;
+    request.cmp = request.stride = request.block = block_;
+    request.scale = 1.0;
+    request.kv_head = c.kv_group;
+    request.fused = proxy::kMultiplyAddFused;
+    const std::int64_t widest = std::max<std::int64_t>(1, proxy::nsa_visible_keys(request, c.positions[c.rows - 1]));
+    const std::int64_t chunk = std::max<std::int64_t>(1, kMaxLogits / (c.group_size * widest));
+    std::vector<double> logits, scores(static_cast<std::size_t>(v.num_blocks)), partial(static_cast<std::size_t>(d_));
+    for (std::int64_t r0 = 0; r0 < c.rows; r0 += chunk) {
+      const std::int64_t n = std::min(chunk, c.rows - r0);
+      request.rows = c.positions + r0;
+      request.num_rows = n;
+      if (!layer.backend || !layer.backend->pooled_key_logits(request, logits)) proxy::pooled_key_logits(request, logits);
+      const std::int64_t width = proxy::nsa_visible_keys(request, c.positions[r0 + n - 1]);
+      if (logits.size() != static_cast<std::size_t>(c.group_size * n * width)) {
+        throw Error(ErrorKind::kInternal, fmt::format("moba: {} pooled-key logits for {} heads x {} rows of up to {} blocks",
+                                                      logits.size(), c.group_size, n, width));
+      }
+      for (std::int64_t h = 0; h < c.group_size; ++h) {
+        for (std::int64_t r = r0; r < r0 + n; ++r) {
+          const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r), current = blocks - 1;
+          // Every block before the query's own is complete, so among the row's visible keys.
+          std::copy_n(logits.data() + (h * n + r - r0) * width, current, scores.begin());
+          if (current_) {
+            scores[static_cast<std::size_t>(current)] = std::numeric_limits<double>::infinity();
+          } else {
+            proxy::mean_key(layer.k(c.kv_group, current * block_), t + 1 - current * block_, d_, partial.data());
+            scores[static_cast<std::size_t>(current)] = proxy::dot(layer.q(c.kv_group * c.group_size + h, t), partial.data(), d_);
+          }
+          const std::int64_t count = std::min(c.ranking_length[r], blocks);
+          rank_top(scores.data(), blocks, count, out.row(h, r));
+          out.size(h, r) = static_cast<std::int32_t>(count);
         }
-        const std::int64_t count = std::min(c.ranking_length[r], blocks);
-        rank_top(scores.data(), blocks, count, out.row(h, r));
-        out.size(h, r) = static_cast<std::int32_t>(count);
       }
     }
   }
 
  private:
+  // Logits a chunk of a tile's rows holds at once (32 MiB).
+  static constexpr std::int64_t kMaxLogits = std::int64_t{1} << 22;
   bool current_ = true;
   std::int64_t blocks_ = 0, d_ = 0;
   std::vector<double> means_;  // [kv head][complete block][d]
+  std::uint64_t means_id_ = 0;  // names means_' contents for a device that keeps them (NsaScoreRequest::keys_id)
 };
 
 }  // namespace
