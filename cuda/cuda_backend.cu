@@ -225,8 +225,8 @@ struct Lane {
   DeviceArray<double> received_q, received_k, received_logits, received_lse, received_sums;
   PinnedArray<double> host_received;
   cublasHandle_t blas = nullptr;
-  // NSA's scores (Backend::nsa_block_scores): compressed keys of requests that do not name them, logits,
-  // scores.
+  // NSA's scores and pooled-key logits (Backend::nsa_block_scores, pooled_key_logits): compressed keys of
+  // requests that do not name them, logits, scores.
   DeviceArray<double> nsa_keys_t, nsa_logits, nsa_scores;
   PinnedArray<double> host_nsa_keys_t, host_nsa_scores;
   ResidentKeys own_keys;  // for requests that do not name their layer's tensors (nothing is shared)
@@ -614,7 +614,7 @@ class CudaBackend final : public Backend {
       }
       result = download(lane->host_nsa_scores, static_cast<const double*>(logits_only ? args.logits : args.scores), out.size(),
                         logits_only ? "pooled-key logits" : "NSA scores", stream);
-      lane->synchronize("NSA score kernels");
+      lane->synchronize(logits_only ? "pooled-key logits kernel" : "NSA score kernels");
     };
     if (req.keys_id == 0) {
       args.keys_t = upload_compressed_keys(req, lane->nsa_keys_t, *lane);
@@ -879,9 +879,9 @@ class CudaBackend final : public Backend {
   }
 
   // A KV group's compressed keys (NsaScoreRequest::keys_id names them), channel-major, kept while they
-  // stay the same. Each `nsa` spec of a replay names its own (its own cmp and stride), so a KV head keeps
-  // kCompressedKeySets of them; a request for others replaces the oldest (the smallest id: ids grow with
-  // every layer a selector prepares).
+  // stay the same. Each `nsa` spec of a replay names its own (its own cmp and stride), and each `moba`
+  // spec its blocks' means, so a KV head keeps kCompressedKeySets of them; a request for others replaces
+  // the oldest (the smallest id: ids grow with every layer a selector prepares).
   static constexpr int kCompressedKeySets = 4;
   struct CompressedKeys {
     std::shared_mutex in_use;  // shared while a lane reads them, exclusive while they are replaced

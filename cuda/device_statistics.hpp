@@ -165,7 +165,7 @@ void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t st
 // Once per device, before the first ranking: the shared memory the longest rankings need.
 void configure_ranking_kernels();
 
-// Backend::nsa_block_scores on device-resident data (nsa_scores.cu): scores[r][b] of the tile's rows,
+// Backend::nsa_block_scores (and pooled_key_logits) on device-resident data (nsa_scores.cu): scores[r][b] of the tile's rows,
 // logits with the host's bits (channels ascending, each step fused or not as `fused` says), the softmax
 // and the mapping onto blocks in double.
 struct NsaScoreArgs {

@@ -1,6 +1,7 @@
 // NSA's selection scores on the device (Backend::nsa_block_scores; proxy::nsa_block_scores is the
-// definition). A row at position t sees about t / stride compressed keys, and each of its query heads
-// forms a logit against every one of them: T^2 head_dim / stride multiply-adds in double a head over
+// definition), and their logits alone (Backend::pooled_key_logits: moba's block scores). A row at
+// position t sees about t / stride compressed keys, and each of its query heads forms a logit
+// against every one of them: T^2 head_dim / stride multiply-adds in double a head over
 // every row, the largest host cost of the nsa selector at long contexts. Three passes per tile:
 // logits (every thread one compressed key for kLogitRows rows, so each key is read once for all of
 // them), each (head, row)'s softmax, and the mapping onto selection blocks summed over the heads in
@@ -121,7 +122,7 @@ void launch_nsa_logits(const NsaScoreArgs& args, cudaStream_t stream) {
   if (args.rows <= 0 || args.heads <= 0 || args.width <= 0) fail(ErrorKind::kInternal, "NSA logits: an empty tile");
   // x: (head, chunk of kLogitRows rows), which may be many (MQA); y: chunks of kThreads compressed keys.
   const long long key_chunks = (args.width + kThreads - 1) / kThreads;
-  if (key_chunks > 65535) fail(ErrorKind::kInternal, "NSA scores: {} compressed keys a row", args.width);
+  if (key_chunks > 65535) fail(ErrorKind::kInternal, "NSA logits: {} compressed keys a row", args.width);
   const dim3 grid(static_cast<unsigned>(static_cast<long long>(args.heads) * ((args.rows + kLogitRows - 1) / kLogitRows)),
                   static_cast<unsigned>(key_chunks));
   const std::size_t shared = static_cast<std::size_t>(kLogitRows) * args.head_dim * sizeof(double);  // the rows' q

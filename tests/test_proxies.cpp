@@ -1079,7 +1079,20 @@ class PooledLogitBackend final : public test::CpuBackedBackend {
   enum class Answer { kSame, kNegated, kShort };
   explicit PooledLogitBackend(Answer answer) : answer_(answer) {}
   bool pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits) const override {
-    proxy::pooled_key_logits(request, logits);
+    // Written out here, not by proxy::pooled_key_logits (the host path), so that the layout is checked too:
+    // proxy::dot sums as the host's dots do.
+    const std::int64_t R = request.num_rows, d = request.head_dim;
+    const std::int64_t width = proxy::nsa_visible_keys(request, request.rows[R - 1]);
+    logits.assign(static_cast<std::size_t>(request.heads * R * width), 0.0);
+    for (std::int64_t h = 0; h < request.heads; ++h) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        const std::int64_t t = request.rows[r];
+        for (std::int64_t i = 0; i < proxy::nsa_visible_keys(request, t); ++i) {
+          logits[static_cast<std::size_t>((h * R + r) * width + i)] =
+              proxy::dot(request.q + (h * request.seq_len + t) * d, request.keys + i * d, d) * request.scale;
+        }
+      }
+    }
     if (answer_ == Answer::kNegated) {
       for (double& x : logits) x = -x;
     }
@@ -1134,6 +1147,70 @@ TEST_CASE("moba takes a backend's pooled-key logits where offered: the selector'
   } catch (const Error& error) {
     CHECK(error.kind() == ErrorKind::kInternal);
     CHECK(std::string(error.what()).find("moba: ") != std::string::npos);
+  }
+}
+
+TEST_CASE("pooled-key logits in chunks of rows are the whole request's, row for row", "[proxies]") {
+  // The chunks moba asks for (proxy::pooled_key_logits_in_chunks), with limits from one row a chunk to all rows
+  // at once, on the host and from a backend, against the whole request's logits.
+  const std::int64_t T = 97, d = 5, heads = 3, block = 8, compressed = T / block;
+  Rng rng(test::seed() + 79);
+  std::vector<float> q(static_cast<std::size_t>(heads * T * d));
+  for (float& x : q) x = static_cast<float>(rng.normal());
+  std::vector<double> keys(static_cast<std::size_t>(compressed * d));
+  for (double& x : keys) x = rng.normal();
+  std::vector<std::int64_t> rows;
+  for (std::int64_t t = 0; t < T; t += 1 + static_cast<std::int64_t>(rng.below(4))) rows.push_back(t);  // from row 0: no key yet
+  NsaScoreRequest request;
+  request.q = q.data();
+  request.keys = keys.data();
+  request.keys_id = proxy::next_data_id();
+  request.heads = heads;
+  request.seq_len = T;
+  request.head_dim = d;
+  request.compressed = compressed;
+  request.cmp = request.stride = request.block = block;
+  request.rows = rows.data();
+  request.num_rows = static_cast<std::int64_t>(rows.size());
+  request.fused = proxy::kMultiplyAddFused;
+  std::vector<double> whole;
+  proxy::pooled_key_logits(request, whole);
+  const std::int64_t R = request.num_rows, width = proxy::nsa_visible_keys(request, rows.back());
+  REQUIRE(whole.size() == static_cast<std::size_t>(heads * R * width));
+  const PooledLogitBackend backend(PooledLogitBackend::Answer::kSame);
+  for (const Backend* source : {static_cast<const Backend*>(nullptr), static_cast<const Backend*>(&backend)}) {
+    for (const std::int64_t limit : {std::int64_t{1}, std::int64_t{5}, std::int64_t{7 * heads * width}, std::int64_t{1} << 22}) {
+      CAPTURE(source != nullptr, limit);
+      std::int64_t next_row = 0, chunks = 0;
+      proxy::pooled_key_logits_in_chunks(source, request, limit, "test",
+                                         [&](std::int64_t r0, std::int64_t n, std::int64_t w, const std::vector<double>& logits) {
+                                           REQUIRE(r0 == next_row);
+                                           REQUIRE(n >= 1);
+                                           REQUIRE(n * heads * std::max<std::int64_t>(1, w) <= std::max<std::int64_t>(limit, heads * width));
+                                           REQUIRE(w == proxy::nsa_visible_keys(request, rows[static_cast<std::size_t>(r0 + n - 1)]));
+                                           for (std::int64_t h = 0; h < heads; ++h) {
+                                             for (std::int64_t r = r0; r < r0 + n; ++r) {
+                                               for (std::int64_t i = 0; i < w; ++i) {
+                                                 REQUIRE(logits[static_cast<std::size_t>((h * n + r - r0) * w + i)] ==
+                                                         whole[static_cast<std::size_t>((h * R + r) * width + i)]);
+                                               }
+                                             }
+                                           }
+                                           next_row = r0 + n;
+                                           ++chunks;
+                                         });
+      CHECK(next_row == R);
+      if (limit == 1) CHECK(chunks == R);
+      if (limit == (std::int64_t{1} << 22)) CHECK(chunks == 1);
+    }
+  }
+  const PooledLogitBackend short_answer(PooledLogitBackend::Answer::kShort);
+  try {
+    proxy::pooled_key_logits_in_chunks(&short_answer, request, 5, "test", [](std::int64_t, std::int64_t, std::int64_t, const std::vector<double>&) {});
+    FAIL("a short answer was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+    CHECK(std::string(error.what()).find("test: ") != std::string::npos);
   }
 }
 

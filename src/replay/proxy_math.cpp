@@ -120,7 +120,7 @@ void pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logi
   for (std::int64_t h = 0; h < request.heads; ++h) {
     for (std::int64_t r = 0; r < R; ++r) {
       const std::int64_t t = request.rows[r];
-      double* z = &logits[static_cast<std::size_t>((h * R + r) * width)];
+      double* z = logits.data() + (h * R + r) * width;  // (data(): with no visible key the vector is empty)
       const std::int64_t visible = nsa_visible_keys(request, t);
       dots(request.q + (h * T + t) * d, d, visible, [&](std::int64_t i) { return request.keys + i * d; }, z);
       for (std::int64_t i = 0; i < visible; ++i) z[i] *= request.scale;

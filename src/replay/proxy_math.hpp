@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "common/error.hpp"
 #include "common/interrupt.hpp"
 #include "replay/selector.hpp"
 
@@ -113,6 +114,32 @@ void nsa_block_scores(const NsaScoreRequest& request, std::vector<double>& score
 std::int64_t nsa_visible_keys(const NsaScoreRequest& request, std::int64_t t);
 // Backend::pooled_key_logits's definition (request.fused must be kMultiplyAddFused), row by row.
 void pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits);
+// The pooled-key logits of `request`'s rows in consecutive chunks of rows, each of at most max_logits
+// logits (at least one row), from `backend` where it offers them (Backend::pooled_key_logits), else from
+// pooled_key_logits: visit(first_row, rows, width, logits) sees logits[(h * rows + r) * width + i] of
+// request rows first_row .. first_row + rows - 1. Error(kInternal) naming `who` when a backend's answer
+// has the wrong size.
+template <typename Visit>
+void pooled_key_logits_in_chunks(const Backend* backend, const NsaScoreRequest& request, std::int64_t max_logits,
+                                 const char* who, Visit&& visit) {
+  const std::int64_t R = request.num_rows;
+  if (R <= 0) return;
+  const std::int64_t widest = std::max<std::int64_t>(1, nsa_visible_keys(request, request.rows[R - 1]));
+  const std::int64_t chunk = std::max<std::int64_t>(1, max_logits / (std::max<std::int64_t>(1, request.heads) * widest));
+  NsaScoreRequest part = request;
+  std::vector<double> logits;
+  for (std::int64_t r0 = 0; r0 < R; r0 += chunk) {
+    part.rows = request.rows + r0;
+    part.num_rows = std::min(chunk, R - r0);
+    if (!backend || !backend->pooled_key_logits(part, logits)) pooled_key_logits(part, logits);
+    const std::int64_t width = nsa_visible_keys(part, part.rows[part.num_rows - 1]);
+    if (logits.size() != static_cast<std::size_t>(part.heads * part.num_rows * width)) {
+      throw Error(ErrorKind::kInternal, fmt::format("{}: {} pooled-key logits for {} heads x {} rows of up to {} keys", who,
+                                                    logits.size(), part.heads, part.num_rows, width));
+    }
+    visit(r0, part.num_rows, width, static_cast<const std::vector<double>&>(logits));
+  }
+}
 
 // True probabilities p_j, j = 0..t, of query head h at t (sink logit in the denominator).
 void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p);

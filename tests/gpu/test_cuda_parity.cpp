@@ -677,6 +677,14 @@ TEST_CASE("CUDA pooled-key logits (moba's block scores) are the host's bits", "[
       }
       logits_compared += static_cast<std::int64_t>(got.size());
     }
+    // New keys under a new id replace the kept ones (a stale copy would give the old logits).
+    for (double& x : keys) x = -x;
+    std::vector<double> negated, got;
+    proxy::pooled_key_logits(req, negated);
+    NsaScoreRequest asked = req;
+    asked.keys_id = proxy::next_data_id();
+    REQUIRE(gpu->pooled_key_logits(asked, got));
+    REQUIRE(got == negated);
   }
   std::printf("pooled-key logits: %lld compared, every one the host's bits\n", static_cast<long long>(logits_compared));
 }

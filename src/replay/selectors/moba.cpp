@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <limits>
 
-#include "common/error.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
 
@@ -69,19 +68,10 @@ class MobaSelector final : public Selector {
     request.scale = 1.0;
     request.kv_head = c.kv_group;
     request.fused = proxy::kMultiplyAddFused;
-    const std::int64_t widest = std::max<std::int64_t>(1, proxy::nsa_visible_keys(request, c.positions[c.rows - 1]));
-    const std::int64_t chunk = std::max<std::int64_t>(1, kMaxLogits / (c.group_size * widest));
-    std::vector<double> logits, scores(static_cast<std::size_t>(v.num_blocks)), partial(static_cast<std::size_t>(d_));
-    for (std::int64_t r0 = 0; r0 < c.rows; r0 += chunk) {
-      const std::int64_t n = std::min(chunk, c.rows - r0);
-      request.rows = c.positions + r0;
-      request.num_rows = n;
-      if (!layer.backend || !layer.backend->pooled_key_logits(request, logits)) proxy::pooled_key_logits(request, logits);
-      const std::int64_t width = proxy::nsa_visible_keys(request, c.positions[r0 + n - 1]);
-      if (logits.size() != static_cast<std::size_t>(c.group_size * n * width)) {
-        throw Error(ErrorKind::kInternal, fmt::format("moba: {} pooled-key logits for {} heads x {} rows of up to {} blocks",
-                                                      logits.size(), c.group_size, n, width));
-      }
+    request.rows = c.positions;
+    request.num_rows = c.rows;
+    std::vector<double> scores(static_cast<std::size_t>(v.num_blocks)), partial(static_cast<std::size_t>(d_));
+    auto rank_rows = [&](std::int64_t r0, std::int64_t n, std::int64_t width, const std::vector<double>& logits) {
       for (std::int64_t h = 0; h < c.group_size; ++h) {
         for (std::int64_t r = r0; r < r0 + n; ++r) {
           const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r), current = blocks - 1;
@@ -98,11 +88,12 @@ class MobaSelector final : public Selector {
           out.size(h, r) = static_cast<std::int32_t>(count);
         }
       }
-    }
+    };
+    proxy::pooled_key_logits_in_chunks(layer.backend, request, kMaxLogits, "moba", rank_rows);
   }
 
  private:
-  // Logits a chunk of a tile's rows holds at once (32 MiB).
+  // Logits a chunk of a tile's rows holds at once (32 MiB; more only where one row's exceed it).
   static constexpr std::int64_t kMaxLogits = std::int64_t{1} << 22;
   bool current_ = true;
   std::int64_t blocks_ = 0, d_ = 0;
