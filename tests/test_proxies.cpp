@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -21,6 +22,7 @@
 #include "kv/footprint.hpp"
 #include "reference/naive_proxies.hpp"
 #include "reference/random_capture.hpp"
+#include "reference/token_score_requests.hpp"
 #include "replay/engine.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
@@ -1259,6 +1261,161 @@ TEST_CASE("pooled-key logits are each visible compressed key's scaled dot produc
         CHECK(std::abs(got - static_cast<double>(0.5L * sum)) <= 1e-14 * (1.0 + std::abs(static_cast<double>(sum))));
       }
     }
+  }
+}
+
+TEST_CASE("token-score rankings are the float64 reference's: random and tied inputs, k = 1 to every block, any block size",
+          "[proxies][parity]") {
+  // proxy::token_score_rankings (the selectors' host path and the device's definition) against the
+  // reference written out key by key; ties ({-1, 0, 1} inputs) test the tie rule in scores and block maxima.
+  Rng rng(test::seed() + 181);
+  std::int64_t requests = 0, ranked = 0;
+  for (const bool ties : {false, true}) {
+    for (const std::int64_t block : {1, 3, 8, 64}) {
+      for (int variant = 0; variant < 6; ++variant) {
+        ref::TokenScoreShape shape;
+        shape.ties = ties;
+        shape.block = block;
+        shape.seq_len = 1 + static_cast<std::int64_t>(rng.below(block == 64 ? 300 : 90));
+        shape.width = 1 + static_cast<std::int64_t>(rng.below(9));
+        shape.sets = 1 + static_cast<std::int64_t>(rng.below(3));
+        shape.terms = 1 + static_cast<std::int64_t>(rng.below(3));
+        shape.given_channels = variant % 2 == 0;
+        shape.channels = shape.given_channels ? 1 + static_cast<std::int64_t>(rng.below(12)) : 1 + static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(shape.width)));
+        shape.divisors = variant % 3 == 1;
+        shape.double_keys = variant >= 3;
+        shape.local = variant == 2 ? 0 : static_cast<std::int64_t>(rng.below(6));
+        shape.row_step = 1 + static_cast<std::int64_t>(rng.below(4));
+        ref::OwnedTokenScoreRequest owned;
+        ref::random_token_score_request(shape, rng, proxy::kMultiplyAddFused, owned);
+        CAPTURE(ties, block, variant, shape.seq_len, shape.width, shape.sets, shape.terms, shape.channels, shape.local);
+        std::vector<std::int32_t> order;
+        proxy::token_score_rankings(owned.request, order);
+        const std::vector<std::int32_t> expected = ref::naive_token_score_rankings(owned.request, proxy::kMultiplyAddFused);
+        REQUIRE(order.size() == expected.size());
+        CHECK(order == expected);
+        ++requests;
+        for (std::int64_t count : owned.counts) ranked += count * shape.sets;
+      }
+    }
+  }
+  // A single token, ranked alone.
+  ref::TokenScoreShape single;
+  single.seq_len = 1;
+  ref::OwnedTokenScoreRequest owned;
+  ref::random_token_score_request(single, rng, proxy::kMultiplyAddFused, owned);
+  owned.counts.assign(1, 1);
+  std::vector<std::int32_t> order;
+  proxy::token_score_rankings(owned.request, order);
+  CHECK(order == std::vector<std::int32_t>(static_cast<std::size_t>(single.sets), 0));
+  INFO(requests << " requests, " << ranked << " blocks ranked");
+  CHECK(ranked > 1000);
+}
+
+TEST_CASE("token-score requests outside their contract are internal errors", "[proxies]") {
+  Rng rng(test::seed() + 182);
+  ref::TokenScoreShape shape;
+  shape.block = 4;
+  auto expect_error = [&](const char* what, const std::function<void(ref::OwnedTokenScoreRequest&)>& spoil) {
+    INFO(what);
+    ref::OwnedTokenScoreRequest owned;
+    ref::random_token_score_request(shape, rng, proxy::kMultiplyAddFused, owned);
+    spoil(owned);
+    std::vector<std::int32_t> order;
+    try {
+      proxy::token_score_rankings(owned.request, order);
+      FAIL("accepted");
+    } catch (const Error& error) {
+      CHECK(error.kind() == ErrorKind::kInternal);
+      CHECK(std::string(error.what()).find("token-score rankings") != std::string::npos);
+    }
+  };
+  expect_error("a channel past the width", [](auto& o) { o.channel[0] = static_cast<std::int32_t>(o.request.width); });
+  expect_error("more blocks than the row has", [](auto& o) { o.counts.back() = o.rows.back() / o.request.block + 2; });
+  expect_error("rows out of order", [](auto& o) { std::swap(o.rows.front(), o.rows.back()); });
+  expect_error("a row past the keys", [](auto& o) { o.rows.back() = o.request.seq_len; });
+  expect_error("both kinds of keys", [](auto& o) { o.request.keys64 = o.weight.data(); });
+  expect_error("the other multiply-add", [](auto& o) { o.request.fused = !proxy::kMultiplyAddFused; });
+  expect_error("implicit channels past the width", [](auto& o) {
+    o.request.channel = nullptr;
+    o.request.channels = o.request.width + 1;
+  });
+}
+
+// A backend that ranks token scores by the reference (ref::naive_token_score_rankings), or with every score
+// negated (the lowest first: the report must change), or one entry short, which the selector must refuse. It
+// records the requests' key ids.
+class TokenScoreBackend final : public test::CpuBackedBackend {
+ public:
+  enum class Answer { kSame, kNegated, kShort };
+  explicit TokenScoreBackend(Answer answer) : answer_(answer) {}
+  bool token_score_rankings(const TokenScoreRequest& request, std::vector<std::int32_t>& order) const override {
+    if (answer_ == Answer::kNegated) {
+      // Every score negated exactly (the recent keys' stay +infinity): the lowest-scored blocks first.
+      std::vector<double> negated(request.weight, request.weight + request.sets * request.num_rows * request.terms * request.channels);
+      for (double& w : negated) w = -w;
+      TokenScoreRequest lowest = request;
+      lowest.weight = negated.data();
+      order = ref::naive_token_score_rankings(lowest, request.fused);
+    } else {
+      order = ref::naive_token_score_rankings(request, request.fused);
+    }
+    if (answer_ == Answer::kShort && !order.empty()) order.pop_back();
+    std::lock_guard<std::mutex> lock(mutex_);
+    ids_.insert(request.keys_id);
+    ++requests_;
+    return true;
+  }
+  std::set<std::uint64_t> ids() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ids_;
+  }
+  std::int64_t requests() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return requests_;
+  }
+
+ private:
+  Answer answer_;
+  mutable std::mutex mutex_;
+  mutable std::set<std::uint64_t> ids_;
+  mutable std::int64_t requests_ = 0;
+};
+
+TEST_CASE("doublesparsity, loki and sparq take a backend's token-score rankings where offered: their own report, bit for bit",
+          "[proxies][parity]") {
+  ref::Shape shape;
+  shape.layers = 2;
+  shape.seq_len = 90;
+  shape.head_dim = 16;
+  const Capture capture = ref::random_capture(shape, test::seed() + 183);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/proxies_token_score_backend.h5";
+  write_capture(path, capture);
+  ReplayOptions options = replay_options("doublesparsity:r=3,loki:r=4,block=4,sparq:r=5,local=3", tokens({8, 24}));
+  options.queries = "last:40";
+  const auto cpu = make_cpu_backend();
+  const ReplayResult expected = run_replay(path, options, *cpu, false);
+  using Answer = TokenScoreBackend::Answer;
+  const TokenScoreBackend same(Answer::kSame), negated(Answer::kNegated);
+  const ReplayResult result = run_replay(path, options, same, false);
+  check_same_head_means(expected, result);
+  // One id per spec and layer, never 0.
+  const std::set<std::uint64_t> ids = same.ids();
+  CHECK(ids.size() == static_cast<std::size_t>(3 * shape.layers));
+  CHECK(ids.count(0) == 0);
+  CHECK(same.requests() > 0);
+  const ReplayResult negated_result = run_replay(path, options, negated, false);
+  for (std::size_t s = 0; s < 3; ++s) {
+    INFO(expected.selectors[s].label);
+    CHECK(negated_result.selectors[s].model_mean[kMassRecall].values[0] < expected.selectors[s].model_mean[kMassRecall].values[0]);
+  }
+  const TokenScoreBackend short_answer(Answer::kShort);
+  try {
+    (void)run_replay(path, options, short_answer, false);
+    FAIL("a short answer was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+    CHECK(std::string(error.what()).find("token-score rankings") != std::string::npos);
   }
 }
 

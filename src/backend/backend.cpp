@@ -168,6 +168,9 @@ class MultiDeviceBackend final : public Backend {
   bool pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits) const override {
     return device_of(request.kv_head).pooled_key_logits(request, logits);
   }
+  bool token_score_rankings(const TokenScoreRequest& request, std::vector<std::int32_t>& order) const override {
+    return device_of(request.kv_head).token_score_rankings(request, order);
+  }
   bool attention_received(const ReceivedRequest& request, std::vector<double>& received) const override {
     if (request.kv_heads < 1 || request.heads % request.kv_heads != 0) return devices_.front()->attention_received(request, received);
     const std::int64_t T = request.seq_len, d = request.head_dim, G = request.heads / request.kv_heads;

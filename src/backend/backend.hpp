@@ -165,6 +165,35 @@ struct NsaScoreRequest {
   bool fused = true;                   // whether proxy::multiply_add fuses on this build (each step one rounding)
 };
 
+// The token scores of a channel-restricted or low-rank proxy (selectors doublesparsity, loki, sparq), ranked
+// by block; proxy::token_score_rankings is the definition. Per set s (a query head, or a KV group's heads
+// together) and row r at position t, for each key j <= t:
+//   score_j = sum over terms u (the first assigned, each next one added) of dot_u(j), divided by
+//             divisor[s][r][u] where divisors are given,
+//   dot_u(j) = sum over i < channels, ascending, of weight[s][r][u][i] * key_j[channel[s][r][u][i]] in double
+//             (each step proxy::multiply_add, fused as `fused` says),
+// keys j > t - local score +infinity; a block's score is the largest of its keys' (proxy::max_over_blocks);
+// order[(s * num_rows + r) * stride + i], i < counts[r], are the row's first counts[r] of its t / block + 1
+// blocks by score, higher first, ties to the lower block (rank_top), stride the largest count.
+struct TokenScoreRequest {
+  const float* keys = nullptr;     // [seq_len][width]: the KV head's keys, or
+  const double* keys64 = nullptr;  // [seq_len][width]: keys in double (e.g. projected onto principal directions)
+  // Names the keys' contents in this process, never reused (proxy::next_data_id; 0: unknown), so that a
+  // device keeps them across requests; the caller gives a new id whenever they change.
+  std::uint64_t keys_id = 0;
+  std::int64_t seq_len = 0, width = 0;
+  std::int64_t sets = 1, terms = 1, channels = 1;
+  const std::int32_t* channel = nullptr;  // [sets][num_rows][terms][channels], each < width; nullptr: channel i is i
+  const double* weight = nullptr;         // [sets][num_rows][terms][channels]
+  const double* divisor = nullptr;        // [sets][num_rows][terms], or nullptr (no division)
+  const std::int64_t* rows = nullptr;     // query positions, ascending
+  std::int64_t num_rows = 0;
+  const std::int64_t* counts = nullptr;   // [num_rows]: blocks ranked a row, 0 .. t / block + 1
+  std::int64_t local = 0, block = 1;
+  std::int64_t kv_head = -1;              // which KV head's keys (and which device of several)
+  bool fused = true;                      // whether proxy::multiply_add fuses on this build
+};
+
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
 // (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the
 // products on tensor cores with fp32 accumulation (CUDA only); on captures stored in that
@@ -240,6 +269,14 @@ class Backend {
   virtual bool pooled_key_logits(const NsaScoreRequest& request, std::vector<double>& logits) const {
     (void)request;
     (void)logits;
+    return false;
+  }
+  // `request`'s rankings into order (resized to sets * num_rows * stride), or false where the backend leaves
+  // them to the caller (the CPU backend: proxy::token_score_rankings on the same cores is the reference).
+  // The CUDA backend gives the host's scores bit for bit, hence its rankings. Thread-safe.
+  virtual bool token_score_rankings(const TokenScoreRequest& request, std::vector<std::int32_t>& order) const {
+    (void)request;
+    (void)order;
     return false;
   }
 };

@@ -183,6 +183,106 @@ void max_over_blocks(const double* token, std::int64_t tokens, std::int64_t bloc
   }
 }
 
+namespace {
+void check_token_score_request(const TokenScoreRequest& request) {
+  const TokenScoreRequest& q = request;
+  const bool shape = q.num_rows > 0 && q.rows && q.counts && q.weight && (q.keys == nullptr) != (q.keys64 == nullptr) &&
+                     q.seq_len > 0 && q.width > 0 && q.sets > 0 && q.terms > 0 && q.channels > 0 && q.block > 0 &&
+                     q.local >= 0 && q.fused == kMultiplyAddFused;
+  bool rows = shape;
+  for (std::int64_t r = 0; rows && r < q.num_rows; ++r) {
+    const std::int64_t t = q.rows[r];
+    rows = t >= 0 && t < q.seq_len && (r == 0 || t > q.rows[r - 1]) && q.counts[r] >= 0 && q.counts[r] <= t / q.block + 1;
+  }
+  bool channels = rows;
+  if (channels && q.channel) {
+    const std::int64_t n = q.sets * q.num_rows * q.terms * q.channels;
+    for (std::int64_t i = 0; channels && i < n; ++i) channels = q.channel[i] >= 0 && q.channel[i] < q.width;
+  } else if (channels) {
+    channels = q.channels <= q.width;
+  }
+  if (!channels) {
+    throw Error(ErrorKind::kInternal,
+                fmt::format("token-score rankings: {} rows of {} keys x {} channels, {} sets x {} terms x {} channels, block {}, "
+                            "local {}, fused {}: rows must ascend inside the keys, counts lie within each row's blocks, "
+                            "channels index the keys' width, and one of keys and keys64 be given",
+                            q.num_rows, q.seq_len, q.width, q.sets, q.terms, q.channels, q.block, q.local, q.fused));
+  }
+}
+}  // namespace
+
+std::int64_t token_score_stride(const TokenScoreRequest& request) {
+  std::int64_t stride = 0;
+  for (std::int64_t r = 0; r < request.num_rows; ++r) stride = std::max(stride, request.counts[r]);
+  return stride;
+}
+
+void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int32_t>& order) {
+  check_token_score_request(request);
+  const TokenScoreRequest& q = request;
+  const std::int64_t R = q.num_rows, W = q.width, n_ch = q.channels, stride = token_score_stride(q);
+  order.assign(static_cast<std::size_t>(q.sets * R * stride), 0);
+  auto key = [&](std::int64_t j, std::int64_t c) {
+    return q.keys ? static_cast<double>(q.keys[j * W + c]) : q.keys64[j * W + c];
+  };
+  // Eight keys at a time: independent sums keep the multiply-add units busy (each key's bits as one at a time).
+  constexpr std::int64_t kLanes = 8;
+  std::vector<double> token, scores;
+  for (std::int64_t s = 0; s < q.sets; ++s) {
+    for (std::int64_t r = 0; r < R; ++r) {
+      const std::int64_t t = q.rows[r], keys = t + 1, cell = s * R + r;
+      token.assign(static_cast<std::size_t>(keys), 0.0);
+      for (std::int64_t u = 0; u < q.terms; ++u) {
+        const std::int64_t term = cell * q.terms + u;
+        const double* w = q.weight + term * n_ch;
+        const std::int32_t* ch = q.channel ? q.channel + term * n_ch : nullptr;
+        const bool divide = q.divisor != nullptr;
+        const double divisor = divide ? q.divisor[term] : 1.0;
+        for (std::int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+          const std::int64_t lanes = std::min(kLanes, keys - j0);
+          double sum[kLanes] = {};
+          for (std::int64_t i = 0; i < n_ch; ++i) {
+            const std::int64_t c = ch ? ch[i] : i;
+            for (std::int64_t l = 0; l < lanes; ++l) sum[l] = multiply_add(w[i], key(j0 + l, c), sum[l]);
+          }
+          for (std::int64_t l = 0; l < lanes; ++l) {
+            const double value = divide ? sum[l] / divisor : sum[l];
+            double& score = token[static_cast<std::size_t>(j0 + l)];
+            score = u == 0 ? value : score + value;
+          }
+        }
+      }
+      for (std::int64_t j = std::max<std::int64_t>(0, t - q.local + 1); j <= t; ++j) {
+        token[static_cast<std::size_t>(j)] = std::numeric_limits<double>::infinity();
+      }
+      const std::int64_t blocks = t / q.block + 1;
+      scores.resize(static_cast<std::size_t>(blocks));
+      max_over_blocks(token.data(), keys, q.block, scores.data());
+      rank_top(scores.data(), blocks, q.counts[r], order.data() + cell * stride);
+    }
+  }
+}
+
+void token_score_rankings(const Backend* backend, const TokenScoreRequest& request, std::int64_t stride, const char* who,
+                          Rankings& out) {
+  out.reset(request.sets, request.num_rows, stride);
+  if (request.num_rows <= 0) return;
+  std::vector<std::int32_t> order;
+  if (!backend || !backend->token_score_rankings(request, order)) token_score_rankings(request, order);
+  const std::int64_t R = request.num_rows, width = token_score_stride(request);
+  if (order.size() != static_cast<std::size_t>(request.sets * R * width) || width > stride) {
+    throw Error(ErrorKind::kInternal, fmt::format("{}: {} token-score rankings for {} sets x {} rows of up to {} blocks (room for {})",
+                                                  who, order.size(), request.sets, R, width, stride));
+  }
+  for (std::int64_t s = 0; s < request.sets; ++s) {
+    for (std::int64_t r = 0; r < R; ++r) {
+      const std::int64_t count = request.counts[r];
+      std::copy_n(order.data() + (s * R + r) * width, count, out.row(s, r));
+      out.size(s, r) = static_cast<std::int32_t>(count);
+    }
+  }
+}
+
 std::vector<double> pool1d(const std::vector<double>& scores, std::int64_t kernel, bool max) {
   const auto n = static_cast<std::int64_t>(scores.size());
   const std::int64_t half = kernel / 2;

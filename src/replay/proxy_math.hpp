@@ -141,6 +141,18 @@ void pooled_key_logits_in_chunks(const Backend* backend, const NsaScoreRequest& 
   }
 }
 
+// Backend::token_score_rankings's definition (TokenScoreRequest says what it ranks; request.fused must be
+// kMultiplyAddFused): order resized to sets * num_rows * token_score_stride(request). Error(kInternal) on a
+// request that breaks TokenScoreRequest's contract.
+void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int32_t>& order);
+// The row stride of token_score_rankings's order: the largest count (0 without rows).
+std::int64_t token_score_stride(const TokenScoreRequest& request);
+// `request`'s rankings from `backend` where it offers them (Backend::token_score_rankings), else from
+// token_score_rankings, into out (reset to request.sets x num_rows x stride, each row's length its count).
+// Error(kInternal) naming `who` when a backend's answer has the wrong size.
+void token_score_rankings(const Backend* backend, const TokenScoreRequest& request, std::int64_t stride, const char* who,
+                          Rankings& out);
+
 // True probabilities p_j, j = 0..t, of query head h at t (sink logit in the denominator).
 void row_probabilities(const LayerContext& layer, std::int64_t h, std::int64_t t, std::vector<double>& p);
 

@@ -781,4 +781,42 @@ std::vector<std::vector<std::vector<RefRowMetrics>>> naive_proxy_metrics(const C
   return result;
 }
 
+std::vector<std::int32_t> naive_token_score_rankings(const TokenScoreRequest& request, bool fused) {
+  const TokenScoreRequest& q = request;
+  std::int64_t stride = 0;
+  for (std::int64_t r = 0; r < q.num_rows; ++r) stride = std::max(stride, q.counts[r]);
+  std::vector<std::int32_t> order(static_cast<std::size_t>(q.sets * q.num_rows * stride), 0);
+  for (std::int64_t s = 0; s < q.sets; ++s) {
+    for (std::int64_t r = 0; r < q.num_rows; ++r) {
+      const std::int64_t t = q.rows[r], blocks = t / q.block + 1;
+      std::vector<double> best(static_cast<std::size_t>(blocks), -std::numeric_limits<double>::infinity());
+      for (std::int64_t j = 0; j <= t; ++j) {
+        double score = 0.0;
+        for (std::int64_t u = 0; u < q.terms; ++u) {
+          const std::int64_t term = (s * q.num_rows + r) * q.terms + u;
+          double dot = 0.0;
+          for (std::int64_t i = 0; i < q.channels; ++i) {
+            const std::int64_t c = q.channel ? q.channel[term * q.channels + i] : i;
+            const double w = q.weight[term * q.channels + i];
+            const double k = q.keys ? static_cast<double>(q.keys[j * q.width + c]) : q.keys64[j * q.width + c];
+            dot = fused ? std::fma(w, k, dot) : dot + w * k;
+          }
+          const double value = q.divisor ? dot / q.divisor[term] : dot;
+          score = u == 0 ? value : score + value;
+        }
+        if (j > t - q.local) score = std::numeric_limits<double>::infinity();
+        double& block_best = best[static_cast<std::size_t>(j / q.block)];
+        if (score > block_best) block_best = score;
+      }
+      std::vector<std::int32_t> blocks_by_score(static_cast<std::size_t>(blocks));
+      for (std::int64_t b = 0; b < blocks; ++b) blocks_by_score[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(b);
+      std::stable_sort(blocks_by_score.begin(), blocks_by_score.end(), [&](std::int32_t a, std::int32_t b) {
+        return best[static_cast<std::size_t>(a)] > best[static_cast<std::size_t>(b)];
+      });
+      std::copy_n(blocks_by_score.begin(), q.counts[r], order.begin() + (s * q.num_rows + r) * stride);
+    }
+  }
+  return order;
+}
+
 }  // namespace hysparse::reference

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.hpp"
 #include "reference/naive_replay.hpp"
 
 namespace hysparse::reference {
@@ -54,5 +55,11 @@ std::vector<std::vector<std::vector<RefRowMetrics>>> naive_proxy_metrics(const C
 
 // Quest's page bound written out: sum_i max(q_i * max_j k_j[i], q_i * min_j k_j[i]) over the keys given.
 double naive_quest_bound(const std::vector<double>& q, const std::vector<std::vector<double>>& keys);
+
+// Backend::token_score_rankings written out: per (set, row), every key's score one key at a time (each
+// multiply-add fused where `fused`, channels ascending, terms in order), the recent keys' +infinity, each
+// block's largest score by a scan, then the blocks stably sorted by score (ties keep the lower block).
+// [sets][rows][stride], stride the largest count, entries past a row's count 0.
+std::vector<std::int32_t> naive_token_score_rankings(const TokenScoreRequest& request, bool fused);
 
 }  // namespace hysparse::reference

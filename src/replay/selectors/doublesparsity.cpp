@@ -63,32 +63,45 @@ class DoubleSparsitySelector final : public Selector {
       }
       channels_[static_cast<std::size_t>(h)] = proxy::top_channels(stat, r);
     }
+    keys_id_ = proxy::next_data_id();
   }
 
   void rank(const RankContext& c, Rankings& out) override {
-    const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
-    out.reset(c.group_size, c.rows, v.num_blocks);
-    std::vector<double> token, scores(static_cast<std::size_t>(v.num_blocks));
-    for (std::int64_t h = 0; h < c.group_size; ++h) {
-      const std::int64_t head = c.kv_group * c.group_size + h;
-      const std::vector<std::int64_t>& channels = channels_[static_cast<std::size_t>(head)];
-      for (std::int64_t r = 0; r < c.rows; ++r) {
-        const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r);
-        const float* q = layer.q(head, t);
-        token.resize(static_cast<std::size_t>(t + 1));
-        for (std::int64_t j = 0; j <= t; ++j) {
-          const float* k = layer.k(c.kv_group, j);
-          double s = 0.0;
-          for (std::int64_t ch : channels) s += static_cast<double>(q[ch]) * static_cast<double>(k[ch]);
-          token[static_cast<std::size_t>(j)] = s;
+    const std::int64_t G = c.group_size, R = c.rows, n = static_cast<std::int64_t>(channels_.front().size());
+    // Per query head, its calibrated channels of q (the weights) and of each key: on the replay's device
+    // where it offers the rankings (Backend::token_score_rankings), else here.
+    std::vector<std::int32_t> channel(static_cast<std::size_t>(G * R * n));
+    std::vector<double> weight(channel.size());
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(R));
+    for (std::int64_t h = 0; h < G; ++h) {
+      const std::vector<std::int64_t>& channels = channels_[static_cast<std::size_t>(c.kv_group * G + h)];
+      for (std::int64_t r = 0; r < R; ++r) {
+        const float* q = layer.q(c.kv_group * G + h, c.positions[r]);
+        for (std::int64_t i = 0; i < n; ++i) {
+          const auto at = static_cast<std::size_t>((h * R + r) * n + i);
+          channel[at] = static_cast<std::int32_t>(channels[static_cast<std::size_t>(i)]);
+          weight[at] = static_cast<double>(q[channels[static_cast<std::size_t>(i)]]);
         }
-        proxy::max_over_blocks(token.data(), t + 1, block_, scores.data());
-        const std::int64_t count = std::min(c.ranking_length[r], blocks);
-        rank_top(scores.data(), blocks, count, out.row(h, r));
-        out.size(h, r) = static_cast<std::int32_t>(count);
       }
     }
+    for (std::int64_t r = 0; r < R; ++r) counts[static_cast<std::size_t>(r)] = std::min(c.ranking_length[r], c.view->causal_blocks(r));
+    TokenScoreRequest request;
+    request.keys = layer.k(c.kv_group, 0);
+    request.keys_id = keys_id_;
+    request.seq_len = layer.seq_len();
+    request.width = layer.head_dim();
+    request.sets = G;
+    request.channels = n;
+    request.channel = channel.data();
+    request.weight = weight.data();
+    request.rows = c.positions;
+    request.num_rows = R;
+    request.counts = counts.data();
+    request.block = block_;
+    request.kv_head = c.kv_group;
+    request.fused = proxy::kMultiplyAddFused;
+    proxy::token_score_rankings(layer.backend, request, c.view->num_blocks, "doublesparsity", out);
   }
 
  private:
@@ -96,6 +109,7 @@ class DoubleSparsitySelector final : public Selector {
   std::string channel_;
   CalibrationSplit split_;
   std::vector<std::vector<std::int64_t>> channels_;  // [query head]: the calibrated channels, ascending
+  std::uint64_t keys_id_ = 0;  // names the layer's keys for a device that keeps them (TokenScoreRequest::keys_id)
 };
 
 }  // namespace

@@ -57,32 +57,38 @@ class LokiSelector final : public Selector {
       for (std::int64_t j = 0; j < T; ++j) project(layer.k(g, j), P, &projected_[static_cast<std::size_t>((g * T + j) * rank_)]);
     }
     seq_len_ = T;
+    keys_id_ = proxy::next_data_id();
   }
 
   void rank(const RankContext& c, Rankings& out) override {
-    const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
-    out.reset(c.group_size, c.rows, v.num_blocks);
-    std::vector<double> token, scores(static_cast<std::size_t>(v.num_blocks)), qp(static_cast<std::size_t>(rank_));
+    const std::int64_t G = c.group_size, R = c.rows;
     const std::vector<double>& P = components_[static_cast<std::size_t>(c.kv_group)];
-    for (std::int64_t h = 0; h < c.group_size; ++h) {
-      const std::int64_t head = c.kv_group * c.group_size + h;
-      for (std::int64_t r = 0; r < c.rows; ++r) {
-        const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r);
-        project(layer.q(head, t), P, qp.data());
-        token.resize(static_cast<std::size_t>(t + 1));
-        for (std::int64_t j = 0; j <= t; ++j) {
-          const double* kp = &projected_[static_cast<std::size_t>((c.kv_group * seq_len_ + j) * rank_)];
-          double s = 0.0;
-          for (std::int64_t i = 0; i < rank_; ++i) s += qp[static_cast<std::size_t>(i)] * kp[i];
-          token[static_cast<std::size_t>(j)] = s;
-        }
-        proxy::max_over_blocks(token.data(), t + 1, block_, scores.data());
-        const std::int64_t count = std::min(c.ranking_length[r], blocks);
-        rank_top(scores.data(), blocks, count, out.row(h, r));
-        out.size(h, r) = static_cast<std::int32_t>(count);
+    // Each query row projected here; the scores against the projected keys on the replay's device where
+    // it offers the rankings (Backend::token_score_rankings), else here.
+    std::vector<double> weight(static_cast<std::size_t>(G * R * rank_));
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(R));
+    for (std::int64_t h = 0; h < G; ++h) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        project(layer.q(c.kv_group * G + h, c.positions[r]), P, &weight[static_cast<std::size_t>((h * R + r) * rank_)]);
       }
     }
+    for (std::int64_t r = 0; r < R; ++r) counts[static_cast<std::size_t>(r)] = std::min(c.ranking_length[r], c.view->causal_blocks(r));
+    TokenScoreRequest request;
+    request.keys64 = &projected_[static_cast<std::size_t>(c.kv_group * seq_len_ * rank_)];
+    request.keys_id = keys_id_;
+    request.seq_len = seq_len_;
+    request.width = rank_;
+    request.sets = G;
+    request.channels = rank_;
+    request.weight = weight.data();
+    request.rows = c.positions;
+    request.num_rows = R;
+    request.counts = counts.data();
+    request.block = block_;
+    request.kv_head = c.kv_group;
+    request.fused = proxy::kMultiplyAddFused;
+    proxy::token_score_rankings(layer.backend, request, c.view->num_blocks, "loki", out);
   }
 
  private:
@@ -99,6 +105,7 @@ class LokiSelector final : public Selector {
   CalibrationSplit split_;
   std::vector<std::vector<double>> components_;  // [kv head]: d x rank, row-major
   std::vector<double> projected_;                // [kv head][key][rank]
+  std::uint64_t keys_id_ = 0;  // names projected_'s contents for a device that keeps them (TokenScoreRequest::keys_id)
 };
 
 }  // namespace

@@ -43,48 +43,67 @@ class SparqSelector final : public Selector {
   }
   bool ranks_per_head() const override { return false; }
 
-  void prepare_layer(const LayerContext& layer) override { require_qk(layer); }
+  void prepare_layer(const LayerContext& layer) override {
+    require_qk(layer);
+    keys_id_ = proxy::next_data_id();
+  }
 
   void rank(const RankContext& c, Rankings& out) override {
-    const BlockView& v = *c.view;
     const LayerContext& layer = *c.layer_context;
     const std::int64_t d = layer.head_dim(), r_channels = std::min(d, r_ > 0 ? r_ : std::max<std::int64_t>(1, d / 8));
-    out.reset(1, c.rows, v.num_blocks);
-    std::vector<double> magnitude(static_cast<std::size_t>(d)), token, scores(static_cast<std::size_t>(v.num_blocks));
-    for (std::int64_t r = 0; r < c.rows; ++r) {
-      const std::int64_t t = c.positions[r], blocks = v.causal_blocks(r);
+    const std::int64_t G = c.group_size, R = c.rows;
+    // Per row, its channels and one term per head of the group (q's channels as weights, the head's
+    // temperature as divisor); the scores on the replay's device where it offers the rankings
+    // (Backend::token_score_rankings), else here.
+    std::vector<std::int32_t> channel(static_cast<std::size_t>(R * G * r_channels));
+    std::vector<double> weight(channel.size()), divisor(static_cast<std::size_t>(R * G)), magnitude(static_cast<std::size_t>(d));
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(R));
+    for (std::int64_t r = 0; r < R; ++r) {
+      const std::int64_t t = c.positions[r];
       std::fill(magnitude.begin(), magnitude.end(), 0.0);
-      for (std::int64_t h = 0; h < c.group_size; ++h) {
-        const float* q = layer.q(c.kv_group * c.group_size + h, t);
+      for (std::int64_t h = 0; h < G; ++h) {
+        const float* q = layer.q(c.kv_group * G + h, t);
         for (std::int64_t ch = 0; ch < d; ++ch) magnitude[static_cast<std::size_t>(ch)] += std::abs(static_cast<double>(q[ch]));
       }
       const std::vector<std::int64_t> channels = proxy::top_channels(magnitude, r_channels);
-      token.assign(static_cast<std::size_t>(t + 1), 0.0);
-      for (std::int64_t h = 0; h < c.group_size; ++h) {
-        const float* q = layer.q(c.kv_group * c.group_size + h, t);
+      for (std::int64_t h = 0; h < G; ++h) {
+        const float* q = layer.q(c.kv_group * G + h, t);
         double kept = 0.0, all = 0.0;
         for (std::int64_t ch = 0; ch < d; ++ch) all += std::abs(static_cast<double>(q[ch]));
         for (std::int64_t ch : channels) kept += std::abs(static_cast<double>(q[ch]));
-        const double temperature = kept > 0 ? std::sqrt(static_cast<double>(d) * kept / all) : 1.0;
-        for (std::int64_t j = 0; j <= t; ++j) {
-          const float* k = layer.k(c.kv_group, j);
-          double s = 0.0;
-          for (std::int64_t ch : channels) s += static_cast<double>(q[ch]) * static_cast<double>(k[ch]);
-          token[static_cast<std::size_t>(j)] += s / temperature;
+        divisor[static_cast<std::size_t>(r * G + h)] = kept > 0 ? std::sqrt(static_cast<double>(d) * kept / all) : 1.0;
+        for (std::int64_t i = 0; i < r_channels; ++i) {
+          const auto at = static_cast<std::size_t>((r * G + h) * r_channels + i);
+          channel[at] = static_cast<std::int32_t>(channels[static_cast<std::size_t>(i)]);
+          weight[at] = static_cast<double>(q[channels[static_cast<std::size_t>(i)]]);
         }
       }
-      for (std::int64_t j = std::max<std::int64_t>(0, t - local_ + 1); j <= t; ++j) {
-        token[static_cast<std::size_t>(j)] = std::numeric_limits<double>::infinity();
-      }
-      proxy::max_over_blocks(token.data(), t + 1, block_, scores.data());
-      const std::int64_t count = std::min(c.ranking_length[r], blocks);
-      rank_top(scores.data(), blocks, count, out.row(0, r));
-      out.size(0, r) = static_cast<std::int32_t>(count);
+      counts[static_cast<std::size_t>(r)] = std::min(c.ranking_length[r], c.view->causal_blocks(r));
     }
+    TokenScoreRequest request;
+    request.keys = layer.k(c.kv_group, 0);
+    request.keys_id = keys_id_;
+    request.seq_len = layer.seq_len();
+    request.width = d;
+    request.sets = 1;
+    request.terms = G;
+    request.channels = r_channels;
+    request.channel = channel.data();
+    request.weight = weight.data();
+    request.divisor = divisor.data();
+    request.rows = c.positions;
+    request.num_rows = R;
+    request.counts = counts.data();
+    request.local = local_;
+    request.block = block_;
+    request.kv_head = c.kv_group;
+    request.fused = proxy::kMultiplyAddFused;
+    proxy::token_score_rankings(layer.backend, request, c.view->num_blocks, "sparq", out);
   }
 
  private:
   std::int64_t r_ = 0, local_ = 1;
+  std::uint64_t keys_id_ = 0;  // names the layer's keys for a device that keeps them (TokenScoreRequest::keys_id)
 };
 
 }  // namespace
