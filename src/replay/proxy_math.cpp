@@ -222,12 +222,16 @@ void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int
   const TokenScoreRequest& q = request;
   const std::int64_t R = q.num_rows, W = q.width, n_ch = q.channels, stride = token_score_stride(q);
   order.assign(static_cast<std::size_t>(q.sets * R * stride), 0);
-  auto key = [&](std::int64_t j, std::int64_t c) {
-    return q.keys ? static_cast<double>(q.keys[j * W + c]) : q.keys64[j * W + c];
-  };
-  // Eight keys at a time: independent sums keep the multiply-add units busy (each key's bits as one at a time).
-  constexpr std::int64_t kLanes = 8;
-  std::vector<double> token, scores;
+  // The keys every row reads, channel-major in double: each channel's multiply-adds then run over
+  // consecutive keys, which the compiler vectorises (every key's sum still steps through its channels in order).
+  const std::int64_t keys_read = q.rows[R - 1] + 1;
+  std::vector<double> keys_t(static_cast<std::size_t>(W * keys_read));
+  for (std::int64_t j = 0; j < keys_read; ++j) {
+    for (std::int64_t c = 0; c < W; ++c) {
+      keys_t[static_cast<std::size_t>(c * keys_read + j)] = q.keys ? static_cast<double>(q.keys[j * W + c]) : q.keys64[j * W + c];
+    }
+  }
+  std::vector<double> token, dot, scores;
   for (std::int64_t s = 0; s < q.sets; ++s) {
     for (std::int64_t r = 0; r < R; ++r) {
       const std::int64_t t = q.rows[r], keys = t + 1, cell = s * R + r;
@@ -236,20 +240,22 @@ void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int
         const std::int64_t term = cell * q.terms + u;
         const double* w = q.weight + term * n_ch;
         const std::int32_t* ch = q.channel ? q.channel + term * n_ch : nullptr;
-        const bool divide = q.divisor != nullptr;
-        const double divisor = divide ? q.divisor[term] : 1.0;
-        for (std::int64_t j0 = 0; j0 < keys; j0 += kLanes) {
-          const std::int64_t lanes = std::min(kLanes, keys - j0);
-          double sum[kLanes] = {};
-          for (std::int64_t i = 0; i < n_ch; ++i) {
-            const std::int64_t c = ch ? ch[i] : i;
-            for (std::int64_t l = 0; l < lanes; ++l) sum[l] = multiply_add(w[i], key(j0 + l, c), sum[l]);
-          }
-          for (std::int64_t l = 0; l < lanes; ++l) {
-            const double value = divide ? sum[l] / divisor : sum[l];
-            double& score = token[static_cast<std::size_t>(j0 + l)];
-            score = u == 0 ? value : score + value;
-          }
+        dot.assign(static_cast<std::size_t>(keys), 0.0);
+        double* sum = dot.data();
+        for (std::int64_t i = 0; i < n_ch; ++i) {
+          const double x = w[i];
+          const double* k = keys_t.data() + (ch ? ch[i] : i) * keys_read;
+          for (std::int64_t j = 0; j < keys; ++j) sum[j] = multiply_add(x, k[j], sum[j]);
+        }
+        double* score = token.data();
+        if (q.divisor) {
+          const double divisor = q.divisor[term];
+          for (std::int64_t j = 0; j < keys; ++j) sum[j] /= divisor;
+        }
+        if (u == 0) {
+          std::copy_n(sum, keys, score);
+        } else {
+          for (std::int64_t j = 0; j < keys; ++j) score[j] += sum[j];
         }
       }
       for (std::int64_t j = std::max<std::int64_t>(0, t - q.local + 1); j <= t; ++j) {
