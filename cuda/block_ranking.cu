@@ -9,59 +9,13 @@
 
 #include "common/error.hpp"
 #include "device_statistics.hpp"
+#include "ranking.cuh"
 
 namespace hysparse::cuda {
 namespace {
 
-constexpr int kRankingThreads = 256;
-
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
-}
-
-// A double as an unsigned integer in the same order (-0 as +0: the host's comparisons tie them).
-__device__ __forceinline__ unsigned long long order_key(double x) {
-  if (x == 0.0) x = 0.0;
-  const auto bits = static_cast<unsigned long long>(__double_as_longlong(x));
-  return (bits >> 63) ? ~bits : bits | 0x8000000000000000ull;
-}
-
-// Higher key first, then the lower index: rank_top's order.
-__device__ __forceinline__ bool ranks_before(unsigned long long key_a, int index_a, unsigned long long key_b, int index_b) {
-  return key_a > key_b || (key_a == key_b && index_a < index_b);
-}
-
-// Sorts the thread block's entries [0, padded) in shared memory by a bitonic network; padded is a power
-// of two, its entries beyond the row (key 0, index INT_MAX) rank after every real one. Entries written
-// before the call are visible to every thread (each stage starts with a barrier), and the sorted ones
-// after it.
-__device__ void bitonic_rank(unsigned long long* keys, int* indices, int padded) {
-  for (int size = 2; size <= padded; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      __syncthreads();
-      for (int i = static_cast<int>(threadIdx.x); i < padded / 2; i += kRankingThreads) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const unsigned long long key_lo = keys[lo], key_hi = keys[hi];
-        const int index_lo = indices[lo], index_hi = indices[hi];
-        // Sub-sequences alternate direction until the last merge, which runs forward.
-        const bool forward = (lo & size) == 0;
-        const bool swap = forward ? ranks_before(key_hi, index_hi, key_lo, index_lo) : ranks_before(key_lo, index_lo, key_hi, index_hi);
-        if (swap) {
-          keys[lo] = key_hi;
-          keys[hi] = key_lo;
-          indices[lo] = index_hi;
-          indices[hi] = index_lo;
-        }
-      }
-    }
-  }
-  __syncthreads();
-}
-
-__device__ __forceinline__ int padded_size(int n) {
-  int padded = 1;
-  while (padded < n) padded <<= 1;
-  return padded;
 }
 
 // The ranking key of ranked block i of a row (tile blocks [i factor, (i + 1) factor) up to the row's
@@ -90,78 +44,6 @@ __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& a
   return order_key(mass);
 }
 
-constexpr int kRadixBits = 8, kRadixBins = 1 << kRadixBits;
-
-// A row longer than the shared memory holds: the count-th highest key is found by a radix select over
-// the row (eight passes of eight bits, most significant first, keys recomputed each pass), then the
-// keys above it and the lowest-indexed count - above keys equal to it are gathered into
-// keys[0, count) for the sort. Returns count.
-__device__ int select_top(const BlockRankingArgs& args, const float* block_max, const float* block_sum, double lse_tokens,
-                          long long tile_blocks, int causal, int count, unsigned long long* keys, int* indices) {
-  __shared__ unsigned histogram[kRadixBins];
-  __shared__ unsigned long long prefix;
-  __shared__ int wanted;  // of the keys under the prefix, the rank (from the top) of the count-th
-  __shared__ int above;
-  __shared__ int warp_ties[kRankingThreads / 32];
-  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
-  if (tid == 0) {
-    prefix = 0;
-    wanted = count;
-    above = 0;
-  }
-  unsigned long long mask = 0;
-  for (int shift = 64 - kRadixBits; shift >= 0; shift -= kRadixBits) {
-    for (int b = tid; b < kRadixBins; b += kRankingThreads) histogram[b] = 0;
-    __syncthreads();
-    const unsigned long long under = prefix;
-    for (int i = tid; i < causal; i += kRankingThreads) {
-      const unsigned long long key = mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i);
-      if ((key & mask) == under) atomicAdd(&histogram[(key >> shift) & (kRadixBins - 1)], 1u);
-    }
-    __syncthreads();
-    if (tid == 0) {
-      int seen = 0, bin = kRadixBins - 1;
-      while (bin > 0 && seen + static_cast<int>(histogram[bin]) < wanted) seen += static_cast<int>(histogram[bin--]);
-      wanted -= seen;
-      prefix = under | (static_cast<unsigned long long>(bin) << shift);
-    }
-    mask |= static_cast<unsigned long long>(kRadixBins - 1) << shift;
-    __syncthreads();
-  }
-  const unsigned long long threshold = prefix;
-  const int ties = wanted, first_tie = count - wanted;  // keys above the threshold fill [0, first_tie)
-  // In index order, chunk by chunk, so that the ties taken are the lowest-indexed ones (tie_base: ties in
-  // the chunks before, the same in every thread).
-  int tie_base = 0;
-  for (int start = 0; start < causal; start += kRankingThreads) {
-    const int i = start + tid;
-    const unsigned long long key = i < causal ? mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i) : 0;
-    if (i < causal && key > threshold) {
-      const int slot = atomicAdd(&above, 1);
-      if (slot < first_tie) {  // always (the select counted them); a guard on shared memory all the same
-        keys[slot] = key;
-        indices[slot] = i;
-      }
-    }
-    const bool tie = i < causal && key == threshold;
-    const unsigned ballot = __ballot_sync(0xffffffffu, tie);
-    if (lane == 0) warp_ties[warp] = __popc(ballot);
-    __syncthreads();
-    int rank = tie_base + __popc(ballot & ((1u << lane) - 1u));
-    for (int w = 0; w < kRankingThreads / 32; ++w) {
-      if (w < warp) rank += warp_ties[w];
-      tie_base += warp_ties[w];
-    }
-    if (tie && rank < ties) {
-      keys[first_tie + rank] = key;
-      indices[first_tie + rank] = i;
-    }
-    __syncthreads();  // warp_ties is read by every thread before the next chunk writes it
-  }
-  __syncthreads();
-  return count;
-}
-
 // One thread block per (head, row). A row of at most `capacity` ranked blocks is sorted whole in shared
 // memory; a longer one (count <= capacity) has its top count selected first.
 __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRankingArgs args, int capacity) {
@@ -179,15 +61,16 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
   // Entries past the row's (key 0, index INT_MAX) rank after every real one.
   int filled = 0, padded = 0;
   if (causal <= capacity) {
-    padded = padded_size(causal);
+    padded = static_cast<int>(padded_size(causal));
     for (int i = static_cast<int>(threadIdx.x); i < causal; i += kRankingThreads) {
       ranking_keys[i] = mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i);
       indices[i] = i;
     }
     filled = causal;
   } else {
-    padded = padded_size(written);
-    filled = select_top(args, block_max, block_sum, lse_tokens, tile_blocks, causal, written, ranking_keys, indices);
+    padded = static_cast<int>(padded_size(written));
+    auto key_at = [&](int i) { return mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i); };
+    filled = select_top(key_at, causal, written, ranking_keys, indices);
   }
   for (int i = filled + static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
     ranking_keys[i] = 0;
@@ -207,7 +90,7 @@ __global__ void __launch_bounds__(kRankingThreads) page_bound_ranking_kernel(Pag
   const long long cell = blockIdx.x;
   const int r = static_cast<int>(cell % args.rows);
   const int pages = static_cast<int>(min(args.positions[r] / args.page + 1, args.pages));
-  const int padded = padded_size(pages);
+  const int padded = static_cast<int>(padded_size(pages));
   for (int c = static_cast<int>(threadIdx.x); c < args.head_dim; c += kRankingThreads) q[c] = args.q[cell * args.head_dim + c];
   __syncthreads();
   for (int i = static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
@@ -236,22 +119,14 @@ __global__ void __launch_bounds__(kRankingThreads) page_bound_ranking_kernel(Pag
   for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[i] = indices[i];
 }
 
-int capacity_for(long long entries) {
-  int capacity = 1;
-  while (capacity < entries) capacity <<= 1;
-  return capacity;
-}
-
-std::size_t entry_bytes(int capacity) { return static_cast<std::size_t>(capacity) * (sizeof(unsigned long long) + sizeof(int)); }
-
 }  // namespace
 
 void configure_ranking_kernels() {
-  const std::size_t most = entry_bytes(static_cast<int>(kMaxRankedBlocks)) + kMaxBoundHeadDim * sizeof(float);
+  const std::size_t most = ranking_entry_bytes(static_cast<int>(kMaxRankedBlocks)) + kMaxBoundHeadDim * sizeof(float);
   check(cudaFuncSetAttribute(page_bound_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)),
         "page ranking shared memory");
   check(cudaFuncSetAttribute(block_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(entry_bytes(static_cast<int>(kMaxRankedBlocks)))),
+                             static_cast<int>(ranking_entry_bytes(static_cast<int>(kMaxRankedBlocks)))),
         "block ranking shared memory");
 }
 
@@ -265,8 +140,8 @@ void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
   // Rows up to kMaxRankedBlocks are sorted whole; longer ones select their top count first.
-  const int capacity = capacity_for(std::min(ranked_blocks, kMaxRankedBlocks));
-  block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, entry_bytes(capacity), stream>>>(args, capacity);
+  const int capacity = static_cast<int>(padded_size(std::min(ranked_blocks, kMaxRankedBlocks)));
+  block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, ranking_entry_bytes(capacity), stream>>>(args, capacity);
   check(cudaGetLastError(), "block ranking kernel launch");
 }
 
@@ -278,8 +153,8 @@ void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t st
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
-  const int capacity = capacity_for(args.pages);
-  const std::size_t shared = entry_bytes(capacity) + static_cast<std::size_t>(args.head_dim) * sizeof(float);
+  const int capacity = static_cast<int>(padded_size(args.pages));
+  const std::size_t shared = ranking_entry_bytes(capacity) + static_cast<std::size_t>(args.head_dim) * sizeof(float);
   page_bound_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, shared, stream>>>(args, capacity);
   check(cudaGetLastError(), "page ranking kernel launch");
 }

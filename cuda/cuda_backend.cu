@@ -25,6 +25,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "backend/row_statistics.hpp"
@@ -35,7 +36,7 @@
 namespace hysparse::cuda {
 namespace {
 
-std::atomic<std::uint64_t> compressed_key_upload_count{0};
+std::atomic<std::uint64_t> resident_array_upload_count{0};
 
 constexpr int kMaxHeadDim = 256;
 // Lanes per device. Two already overlap one tile's copies with another's kernels; four cover the
@@ -49,6 +50,10 @@ constexpr std::size_t kPrepareHeadroomFraction = 8;
 // The logits workspace of Backend::attention_received: query rows per pass so that it holds about this
 // many bytes (between 64 and 1024 rows, a multiple of 64).
 constexpr long long kReceivedWorkspaceBytes = 512ll << 20;
+// The block scores of Backend::token_score_rankings: rows per launch so that they take at most this many bytes
+// (set_token_score_workspace_bytes changes it, for tests).
+constexpr std::int64_t kTokenScoreWorkspaceBytes = std::int64_t{256} << 20;
+std::atomic<std::int64_t> token_score_workspace_bytes{kTokenScoreWorkspaceBytes};
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -228,7 +233,18 @@ struct Lane {
   // NSA's scores and pooled-key logits (Backend::nsa_block_scores, pooled_key_logits): compressed keys of
   // requests that do not name them, logits, scores.
   DeviceArray<double> nsa_keys_t, nsa_logits, nsa_scores;
-  PinnedArray<double> host_nsa_keys_t, host_nsa_scores;
+  PinnedArray<double> host_nsa_scores;
+  // Token-score rankings (Backend::token_score_rankings): keys of requests that do not name them, the rows'
+  // terms, the block scores' workspace.
+  DeviceArray<double> token_keys, token_weights, token_divisors, token_scores;
+  DeviceArray<int> token_channels;
+  DeviceArray<long long> token_counts;
+  PinnedArray<double> host_token_weights, host_token_divisors;
+  PinnedArray<int> host_token_channels;
+  PinnedArray<long long> host_token_counts;
+  PinnedArray<double> host_array;  // the staging of resident arrays' uploads
+  PinnedArray<float> host_array32;
+  DeviceArray<float> token_keys32;
   ResidentKeys own_keys;  // for requests that do not name their layer's tensors (nothing is shared)
 };
 
@@ -373,6 +389,7 @@ class CudaBackend final : public Backend {
                                describe(precision_));
     lanes_ = std::make_unique<LanePool>(prop.multiProcessorCount);
     configure_ranking_kernels();
+    configure_token_score_kernels();
   }
   std::string name() const override { return "cuda"; }
   std::string device() const override { return description_; }
@@ -616,15 +633,116 @@ class CudaBackend final : public Backend {
                         logits_only ? "pooled-key logits" : "NSA scores", stream);
       lane->synchronize(logits_only ? "pooled-key logits kernel" : "NSA score kernels");
     };
+    // Channel-major, so that a warp's threads (consecutive keys) read consecutive words.
+    auto transpose = [&](double* host) {
+      for (std::int64_t i = 0; i < C; ++i) {
+        for (std::int64_t c = 0; c < d; ++c) host[c * C + i] = req.keys[i * d + c];
+      }
+    };
     if (req.keys_id == 0) {
-      args.keys_t = upload_compressed_keys(req, lane->nsa_keys_t, *lane);
+      args.keys_t = upload_array(lane->nsa_keys_t, d, C, "compressed keys", *lane, transpose);
       compute();
     } else {
-      const CompressedKeysInUse keys = resident_compressed_keys(req, *lane);
-      args.keys_t = keys.entry.keys_t.get();
+      const ArrayInUse keys = resident_array<double>(req.kv_head, req.keys_id, req.keys, d, C, "compressed keys", *lane, transpose);
+      args.keys_t = keys.entry.data.get();
       compute();
     }
     copy_out(result, out);
+    return true;
+  }
+
+  bool token_score_rankings(const TokenScoreRequest& req, std::vector<std::int32_t>& order) const override {
+    try {
+      return rank_token_scores(req, order);
+    } catch (const Error& error) {
+      if (error.kind() != ErrorKind::kResource) throw;
+      return false;  // no room on the device: the selector ranks on the host
+    }
+  }
+
+  bool rank_token_scores(const TokenScoreRequest& req, std::vector<std::int32_t>& order) const {
+    check_token_score_request(req);  // before any index of the request reaches the device
+    const std::int64_t R = req.num_rows, S = req.sets, U = req.terms, n = req.channels, W = req.width, T = req.seq_len;
+    std::int64_t stride = 0;  // the largest count (proxy::token_score_stride)
+    for (std::int64_t r = 0; r < R; ++r) stride = std::max(stride, req.counts[r]);
+    // Longer prefixes than one thread block sorts, or more keys than int indexes: the caller ranks them.
+    if (stride > kMaxTokenRanked || T > std::numeric_limits<int>::max() || S * R > std::numeric_limits<int>::max()) return false;
+    TokenScoreArgs args;
+    args.width = static_cast<int>(W);
+    args.sets = static_cast<int>(S);
+    args.terms = static_cast<int>(U);
+    args.channels = static_cast<int>(n);
+    // Wider keys, or more terms a row, than a score block's shared memory holds: the caller ranks them.
+    if (!token_scores_fit(args)) return false;
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    LanePool::Lease lane = lanes_->take();
+    const cudaStream_t stream = lane->stream;
+    const auto terms = static_cast<std::size_t>(S * R * U), weights = terms * static_cast<std::size_t>(n);
+    // The rows' terms (channels spelled out where the request leaves them implicit) and counts.
+    int* host_channels = lane->host_token_channels.reserve(weights, "token-score channels (pinned)");
+    double* host_weights = lane->host_token_weights.reserve(weights, "token-score weights (pinned)");
+    long long* host_counts = lane->host_token_counts.reserve(static_cast<std::size_t>(R), "token-score counts (pinned)");
+    for (std::size_t i = 0; i < weights; ++i) {
+      host_channels[i] = req.channel ? req.channel[i] : static_cast<int>(i % static_cast<std::size_t>(n));
+      host_weights[i] = req.weight[i];
+    }
+    for (std::int64_t r = 0; r < R; ++r) host_counts[r] = req.counts[r];
+    args.channel = upload(lane->token_channels, host_channels, weights, "token-score channels", stream);
+    args.weight = upload(lane->token_weights, host_weights, weights, "token-score weights", stream);
+    if (req.divisor) {
+      double* host_divisors = lane->host_token_divisors.reserve(terms, "token-score divisors (pinned)");
+      std::copy_n(req.divisor, terms, host_divisors);
+      args.divisor = upload(lane->token_divisors, host_divisors, terms, "token-score divisors", stream);
+    }
+    args.positions = upload_query_positions(req, *lane);
+    const long long* host_positions = lane->host_positions.get();
+    args.counts = upload(lane->token_counts, host_counts, static_cast<std::size_t>(R), "token-score counts", stream);
+    args.total_rows = static_cast<int>(R);
+    args.local = req.local;
+    args.block = req.block;
+    args.num_blocks = req.rows[R - 1] / req.block + 1;
+    args.fused = req.fused;
+    args.stride = static_cast<int>(stride);
+    order.assign(static_cast<std::size_t>(S * R * stride), 0);
+    args.order = lane->rankings.reserve(std::max<std::size_t>(1, order.size()), "token-score rankings");
+    check(cudaMemsetAsync(args.order, 0, order.size() * sizeof(int), stream), "token-score rankings clear");
+    // Rows in chunks whose block scores fit the workspace (one row at least).
+    const std::int64_t chunk = std::clamp<std::int64_t>(token_score_workspace_bytes.load() / static_cast<std::int64_t>(sizeof(double)) /
+                                                            (S * args.num_blocks), 1, R);
+    args.scores = lane->token_scores.reserve(static_cast<std::size_t>(S * chunk * args.num_blocks), "token-score workspace");
+    auto compute = [&] {
+      for (std::int64_t r0 = 0; r0 < R; r0 += chunk) {
+        args.row_begin = static_cast<int>(r0);
+        args.rows = static_cast<int>(std::min(chunk, R - r0));
+        launch_token_score_rankings(args, host_positions, host_counts, stream);
+      }
+      const int* ranked = download(lane->host_rankings, static_cast<const int*>(args.order), order.size(), "token-score rankings", stream);
+      lane->synchronize("token-score kernels");
+      copy_out(ranked, order);
+    };
+    // The keys as the request gives them (fp32 widened on the device, exactly).
+    const std::int64_t values = T * W;
+    if (req.keys) {
+      auto copy = [&](float* host) { std::copy_n(req.keys, values, host); };
+      if (req.keys_id == 0) {
+        args.keys32 = upload_array(lane->token_keys32, T, W, "token-score keys", *lane, copy);
+        compute();
+      } else {
+        const ArrayInUse keys = resident_array<float>(req.kv_head, req.keys_id, req.keys, T, W, "token-score keys", *lane, copy);
+        args.keys32 = keys.entry.data32.get();
+        compute();
+      }
+    } else {
+      auto copy = [&](double* host) { std::copy_n(req.keys64, values, host); };
+      if (req.keys_id == 0) {
+        args.keys = upload_array(lane->token_keys, T, W, "token-score keys", *lane, copy);
+        compute();
+      } else {
+        const ArrayInUse keys = resident_array<double>(req.kv_head, req.keys_id, req.keys64, T, W, "token-score keys", *lane, copy);
+        args.keys = keys.entry.data.get();
+        compute();
+      }
+    }
     return true;
   }
 
@@ -878,80 +996,100 @@ class CudaBackend final : public Backend {
     entry.keys = req.seq_len;
   }
 
-  // A KV group's compressed keys (NsaScoreRequest::keys_id names them), channel-major, kept while they
-  // stay the same. Each `nsa` spec of a replay names its own (its own cmp and stride), and each `moba`
-  // spec its blocks' means, so a KV head keeps kCompressedKeySets of them; a request for others replaces
-  // the oldest (the smallest id: ids grow with every layer a selector prepares).
-  static constexpr int kCompressedKeySets = 4;
-  struct CompressedKeys {
-    std::shared_mutex in_use;  // shared while a lane reads them, exclusive while they are replaced
-    DeviceArray<double> keys_t;
-    std::uint64_t keys_id = 0;  // 0: holds nothing
-    const double* host = nullptr;
-    std::int64_t compressed = 0, head_dim = 0;
-    bool holds(const NsaScoreRequest& req) const {
-      return keys_id != 0 && keys_id == req.keys_id && host == req.keys && compressed == req.compressed && head_dim == req.head_dim;
+  // Arrays of doubles a selector names by an id (NsaScoreRequest::keys_id, TokenScoreRequest::keys_id), kept
+  // on the device while they stay the same: each `nsa` spec of a replay names its compressed keys (its own
+  // cmp and stride), each `moba` spec its blocks' means, each `doublesparsity` and `sparq` spec the layer's
+  // keys and each `loki` spec its projected keys, so a KV head keeps kResidentArrays of them; a request for
+  // another replaces the oldest (the smallest id: ids grow with every layer a selector prepares).
+  static constexpr int kResidentArrays = 8;
+  struct ResidentArray {
+    std::shared_mutex in_use;  // shared while a lane reads it, exclusive while it is replaced
+    DeviceArray<double> data;  // the array, in double or in float (one of them holds it)
+    DeviceArray<float> data32;
+    std::uint64_t id = 0;  // 0: holds nothing
+    const void* host = nullptr;
+    std::int64_t rows = 0, width = 0;
+    bool holds(std::uint64_t id_, const void* host_, std::int64_t rows_, std::int64_t width_) const {
+      return id != 0 && id == id_ && host == host_ && rows == rows_ && width == width_;
+    }
+    template <typename T>
+    DeviceArray<T>& array() {
+      if constexpr (std::is_same_v<T, float>) {
+        return data32;
+      } else {
+        return data;
+      }
     }
   };
-  struct CompressedKeysInUse {
-    const CompressedKeys& entry;
+  struct ArrayInUse {
+    const ResidentArray& entry;
     std::shared_lock<std::shared_mutex> lock;
     cudaStream_t stream;
-    ~CompressedKeysInUse() { (void)cudaStreamSynchronize(stream); }  // the lane's kernels read them
+    ~ArrayInUse() { (void)cudaStreamSynchronize(stream); }  // the lane's kernels read it
   };
-
-  // The group's compressed keys, transposed on the host and uploaded into `target`; synchronous on the lane.
-  double* upload_compressed_keys(const NsaScoreRequest& req, DeviceArray<double>& target, Lane& lane) const {
-    const std::int64_t C = req.compressed, d = req.head_dim;
-    double* host = lane.host_nsa_keys_t.reserve(static_cast<std::size_t>(C * d), "compressed keys (pinned)");
-    for (std::int64_t i = 0; i < C; ++i) {
-      for (std::int64_t c = 0; c < d; ++c) host[c * C + i] = req.keys[i * d + c];
-    }
-    double* keys_t = upload(target, host, static_cast<std::size_t>(C * d), "compressed keys", lane.stream);
-    lane.synchronize("compressed key upload");  // the pinned staging is the lane's, reused by its next request
-    compressed_key_upload_count.fetch_add(1, std::memory_order_relaxed);
-    return keys_t;
-  }
-
-  struct CompressedKeySets {
-    CompressedKeys set[kCompressedKeySets];
+  struct ResidentArrays {
+    ResidentArray set[kResidentArrays];
     std::mutex replacing;  // one replacement per KV head at a time
   };
 
-  CompressedKeysInUse resident_compressed_keys(const NsaScoreRequest& req, Lane& lane) const {
-    CompressedKeySets* sets = nullptr;
+  // rows x width values (float or double) written by fill(pinned) into the lane's staging and uploaded
+  // into `target`; synchronous on the lane.
+  template <typename T, typename Fill>
+  T* upload_array(DeviceArray<T>& target, std::int64_t rows, std::int64_t width, const char* what, Lane& lane, Fill fill) const {
+    const auto count = static_cast<std::size_t>(rows * width);
+    T* host = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      host = lane.host_array32.reserve(count, what);
+    } else {
+      host = lane.host_array.reserve(count, what);
+    }
+    fill(host);
+    T* data = upload(target, host, count, what, lane.stream);
+    lane.synchronize(what);  // the pinned staging is the lane's, reused by its next request
+    resident_array_upload_count.fetch_add(1, std::memory_order_relaxed);
+    return data;
+  }
+
+  // The array a request names (id, host address, shape) on the device: the resident one, or uploaded
+  // (fill as in upload_array) in place of its KV head's oldest.
+  template <typename T, typename Fill>
+  ArrayInUse resident_array(std::int64_t kv_head, std::uint64_t id, const void* host, std::int64_t rows, std::int64_t width,
+                            const char* what, Lane& lane, Fill fill) const {
+    ResidentArrays* sets = nullptr;
     {
       std::lock_guard<std::mutex> lock(resident_mutex_);
-      std::unique_ptr<CompressedKeySets>& slot = compressed_keys_[req.kv_head];
-      if (!slot) slot = std::make_unique<CompressedKeySets>();
+      std::unique_ptr<ResidentArrays>& slot = resident_arrays_[kv_head];
+      if (!slot) slot = std::make_unique<ResidentArrays>();
       sets = slot.get();
     }
     for (;;) {
-      for (CompressedKeys& entry : sets->set) {
+      for (ResidentArray& entry : sets->set) {
         std::shared_lock<std::shared_mutex> shared(entry.in_use);
-        if (entry.holds(req)) return CompressedKeysInUse{entry, std::move(shared), lane.stream};
+        if (entry.holds(id, host, rows, width)) return ArrayInUse{entry, std::move(shared), lane.stream};
       }
-      // Lock order: replacing, then one set exclusively; a reader holds one set's shared lock and waits for nothing.
+      // Lock order: replacing, then one entry exclusively; a reader holds one entry's shared lock and waits for nothing.
       std::lock_guard<std::mutex> replacing(sets->replacing);
-      CompressedKeys* oldest = nullptr;
+      ResidentArray* oldest = nullptr;
       bool held = false;
-      for (CompressedKeys& entry : sets->set) {
+      for (ResidentArray& entry : sets->set) {
         std::shared_lock<std::shared_mutex> shared(entry.in_use);
-        held = held || entry.holds(req);
-        if (!oldest || entry.keys_id < oldest->keys_id) oldest = &entry;
+        held = held || entry.holds(id, host, rows, width);
+        if (!oldest || entry.id < oldest->id) oldest = &entry;
       }
       if (held) continue;  // uploaded by another request meanwhile
       std::unique_lock<std::shared_mutex> exclusive(oldest->in_use);
-      oldest->keys_id = 0;  // nothing is held until the upload has succeeded
-      upload_compressed_keys(req, oldest->keys_t, lane);
-      oldest->keys_id = req.keys_id;
-      oldest->host = req.keys;
-      oldest->compressed = req.compressed;
-      oldest->head_dim = req.head_dim;
+      oldest->id = 0;  // nothing is held until the upload has succeeded
+      oldest->data.clear();  // whichever type held the previous array
+      oldest->data32.clear();
+      upload_array(oldest->array<T>(), rows, width, what, lane, fill);
+      oldest->id = id;
+      oldest->host = host;
+      oldest->rows = rows;
+      oldest->width = width;
       // Taken shared before `replacing` is let go (as in resident()): with more than
-      // kCompressedKeySets ids in use, requests could otherwise replace each other's keys in turn.
+      // kResidentArrays ids in use, requests could otherwise replace each other's arrays in turn.
       exclusive.unlock();
-      return CompressedKeysInUse{*oldest, std::shared_lock<std::shared_mutex>(oldest->in_use), lane.stream};
+      return ArrayInUse{*oldest, std::shared_lock<std::shared_mutex>(oldest->in_use), lane.stream};
     }
   }
 
@@ -981,12 +1119,16 @@ class CudaBackend final : public Backend {
   std::unique_ptr<LanePool> lanes_;
   mutable std::mutex resident_mutex_;  // guards the map; each entry has its own lock
   mutable std::map<std::int64_t, std::unique_ptr<HeadKeys>> resident_;  // by KV head
-  mutable std::map<std::int64_t, std::unique_ptr<CompressedKeySets>> compressed_keys_;  // by KV head, under resident_mutex_
+  mutable std::map<std::int64_t, std::unique_ptr<ResidentArrays>> resident_arrays_;  // by KV head, under resident_mutex_
 };
 
 }  // namespace
 
-std::uint64_t compressed_key_uploads() { return compressed_key_upload_count.load(std::memory_order_relaxed); }
+std::uint64_t resident_array_uploads() { return resident_array_upload_count.load(std::memory_order_relaxed); }
+
+std::int64_t set_token_score_workspace_bytes(std::int64_t bytes) {
+  return token_score_workspace_bytes.exchange(bytes > 0 ? bytes : kTokenScoreWorkspaceBytes);
+}
 
 CudaStatus status() {
   CudaStatus result;

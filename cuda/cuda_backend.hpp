@@ -10,8 +10,11 @@ namespace hysparse::cuda {
 CudaStatus status();
 // device_index < status().devices.size()
 std::unique_ptr<Backend> make_backend(int device_index, Precision precision);
-// NSA compressed-key uploads since the process started, all backends together: tests read it to see
-// that a layer's keys stay resident across its requests.
-std::uint64_t compressed_key_uploads();
+// Uploads of arrays selectors name by an id (NSA's compressed keys, the token-score proxies' keys) since
+// the process started, all backends together: tests read it to see that they stay resident across requests.
+std::uint64_t resident_array_uploads();
+// The bytes of block scores Backend::token_score_rankings holds at once (it ranks a request's rows in chunks
+// that fit); bytes <= 0 restores the default. Returns the previous value. For tests of the chunking.
+std::int64_t set_token_score_workspace_bytes(std::int64_t bytes);
 
 }  // namespace hysparse::cuda

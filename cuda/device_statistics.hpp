@@ -187,6 +187,41 @@ void launch_nsa_scores(const NsaScoreArgs& args, cudaStream_t stream);
 // key i, the rest of `logits` left as it was.
 void launch_nsa_logits(const NsaScoreArgs& args, cudaStream_t stream);
 
+// Backend::token_score_rankings on device data (token_scores.cu; proxy::token_score_rankings is the
+// definition): every (set, row) of rows [row_begin, row_begin + rows) of a request of total_rows rows
+// scored against the keys (the host's bits: channels ascending, each step fused or not as `fused` says, the
+// division and the terms' sum correctly rounded), each block's largest score into `scores`, then the row's
+// first count blocks ranked into order[(s * total_rows + row) * stride + i] (rank_top's order; the rest of a
+// row is left as it was). Counts up to kMaxTokenRanked (callers rank longer prefixes on the host).
+constexpr long long kMaxTokenRanked = 16384;
+struct TokenScoreArgs {
+  const double* keys = nullptr;          // [seq_len][width], or
+  const float* keys32 = nullptr;         // [seq_len][width] (widened on the device: exact)
+  int width = 0;
+  int sets = 1, terms = 1, channels = 1;
+  const int* channel = nullptr;          // [sets][total_rows][terms][channels], each < width
+  const double* weight = nullptr;        // [sets][total_rows][terms][channels]
+  const double* divisor = nullptr;       // [sets][total_rows][terms], or nullptr
+  const long long* positions = nullptr;  // [total_rows]
+  const long long* counts = nullptr;     // [total_rows]: 0 .. t / block + 1, at most kMaxTokenRanked
+  int total_rows = 0, row_begin = 0, rows = 0;
+  long long local = 0, block = 1;
+  long long num_blocks = 0;              // blocks of the request's last row: the workspace's row stride
+  bool fused = true;
+  double* scores = nullptr;              // workspace [sets][rows][num_blocks]
+  int stride = 0;                        // order's row stride (the largest count)
+  int* order = nullptr;                  // [sets][total_rows][stride]
+};
+// Enqueues the two kernels; host_positions and host_counts (the whole request's, on the host) size the
+// ranking's shared memory.
+void launch_token_score_rankings(const TokenScoreArgs& args, const long long* host_positions, const long long* host_counts,
+                                 cudaStream_t stream);
+// Whether a score block has the shared memory for one row of `args`'s width, terms and channels (the caller
+// ranks on the host where not).
+bool token_scores_fit(const TokenScoreArgs& args);
+// Once per device, before the first launch: the shared memory the kernels may take.
+void configure_token_score_kernels();
+
 // Backend::h2o_evictions on device data, every (budget, set) of a layer in one launch (a thread block
 // each). Workspace per (budget, set): cache 2 x seq_len ints, score seq_len doubles, logits heads x seq_len
 // doubles; keys_t: [kv_heads][head_dim][seq_len] floats, filled from `keys` ([kv_heads][seq_len][head_dim])

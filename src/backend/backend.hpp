@@ -168,13 +168,14 @@ struct NsaScoreRequest {
 // The token scores of a channel-restricted or low-rank proxy (selectors doublesparsity, loki, sparq), ranked
 // by block; proxy::token_score_rankings is the definition. Per set s (a query head, or a KV group's heads
 // together) and row r at position t, for each key j <= t:
-//   score_j = sum over terms u (the first assigned, each next one added) of dot_u(j), divided by
-//             divisor[s][r][u] where divisors are given,
-//   dot_u(j) = sum over i < channels, ascending, of weight[s][r][u][i] * key_j[channel[s][r][u][i]] in double
-//             (each step proxy::multiply_add, fused as `fused` says),
+//   score_j = sum over terms u (the first assigned, each next one added) of dot_u(j) / divisor[s][r][u]
+//             (no division without divisors),
+//   dot_u(j) = sum over i < channels, ascending, of weight[s][r][u][i] * key_j[channel[s][r][u][i]] in double,
+//             each step one fused multiply-add where `fused`, else a rounded product and a rounded sum (the
+//             host computes only its own mode, proxy::kMultiplyAddFused; a device either),
 // keys j > t - local score +infinity; a block's score is the largest of its keys' (proxy::max_over_blocks);
 // order[(s * num_rows + r) * stride + i], i < counts[r], are the row's first counts[r] of its t / block + 1
-// blocks by score, higher first, ties to the lower block (rank_top), stride the largest count.
+// blocks by score, higher first, ties to the lower block (rank_top), stride the largest count; the rest 0.
 struct TokenScoreRequest {
   const float* keys = nullptr;     // [seq_len][width]: the KV head's keys, or
   const double* keys64 = nullptr;  // [seq_len][width]: keys in double (e.g. projected onto principal directions)
@@ -193,6 +194,10 @@ struct TokenScoreRequest {
   std::int64_t kv_head = -1;              // which KV head's keys (and which device of several)
   bool fused = true;                      // whether proxy::multiply_add fuses on this build
 };
+// Error(kInternal) unless `request` keeps TokenScoreRequest's contract (rows ascending inside the keys, counts
+// within each row's blocks, channels inside the width, one kind of keys): checked by every backend before it
+// reads a key.
+void check_token_score_request(const TokenScoreRequest& request);
 
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
 // (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the

@@ -183,33 +183,6 @@ void max_over_blocks(const double* token, std::int64_t tokens, std::int64_t bloc
   }
 }
 
-namespace {
-void check_token_score_request(const TokenScoreRequest& request) {
-  const TokenScoreRequest& q = request;
-  const bool shape = q.num_rows > 0 && q.rows && q.counts && q.weight && (q.keys == nullptr) != (q.keys64 == nullptr) &&
-                     q.seq_len > 0 && q.width > 0 && q.sets > 0 && q.terms > 0 && q.channels > 0 && q.block > 0 &&
-                     q.local >= 0 && q.fused == kMultiplyAddFused;
-  bool rows = shape;
-  for (std::int64_t r = 0; rows && r < q.num_rows; ++r) {
-    const std::int64_t t = q.rows[r];
-    rows = t >= 0 && t < q.seq_len && (r == 0 || t > q.rows[r - 1]) && q.counts[r] >= 0 && q.counts[r] <= t / q.block + 1;
-  }
-  bool channels = rows;
-  if (channels && q.channel) {
-    const std::int64_t n = q.sets * q.num_rows * q.terms * q.channels;
-    for (std::int64_t i = 0; channels && i < n; ++i) channels = q.channel[i] >= 0 && q.channel[i] < q.width;
-  } else if (channels) {
-    channels = q.channels <= q.width;
-  }
-  if (!channels) {
-    throw Error(ErrorKind::kInternal,
-                fmt::format("token-score rankings: {} rows of {} keys x {} channels, {} sets x {} terms x {} channels, block {}, "
-                            "local {}, fused {}: rows must ascend inside the keys, counts lie within each row's blocks, "
-                            "channels index the keys' width, and one of keys and keys64 be given",
-                            q.num_rows, q.seq_len, q.width, q.sets, q.terms, q.channels, q.block, q.local, q.fused));
-  }
-}
-}  // namespace
 
 std::int64_t token_score_stride(const TokenScoreRequest& request) {
   std::int64_t stride = 0;
@@ -219,6 +192,10 @@ std::int64_t token_score_stride(const TokenScoreRequest& request) {
 
 void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int32_t>& order) {
   check_token_score_request(request);
+  if (request.fused != kMultiplyAddFused) {
+    throw Error(ErrorKind::kInternal, fmt::format("token-score rankings: the host sums with fused multiply-adds {}, the request asks {}",
+                                                  kMultiplyAddFused ? "on" : "off", request.fused ? "on" : "off"));
+  }
   const TokenScoreRequest& q = request;
   const std::int64_t R = q.num_rows, W = q.width, n_ch = q.channels, stride = token_score_stride(q);
   order.assign(static_cast<std::size_t>(q.sets * R * stride), 0);

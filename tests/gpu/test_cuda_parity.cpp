@@ -38,12 +38,15 @@
 #include "replay/engine.hpp"
 #include "replay/proxy_math.hpp"
 #include "replay/selector.hpp"
+#include "reference/naive_proxies.hpp"
 #include "reference/output_walks.hpp"
+#include "reference/token_score_requests.hpp"
 #include "replay_test_support.hpp"
 #include "synth/synth.hpp"
 
 using namespace hysparse;
 using test::group_request;
+namespace ref = hysparse::reference;
 
 namespace {
 
@@ -687,6 +690,158 @@ TEST_CASE("CUDA pooled-key logits (moba's block scores) are the host's bits", "[
     REQUIRE(got == negated);
   }
   std::printf("pooled-key logits: %lld compared, every one the host's bits\n", static_cast<long long>(logits_compared));
+}
+
+TEST_CASE("CUDA token-score rankings (doublesparsity, loki, sparq) are the host's, entry for entry", "[cuda]") {
+  // The device scores with the host's bits, so its rankings equal proxy::token_score_rankings's (and, in the
+  // other multiply-add mode, the reference's) exactly: random and tied inputs, every block size, rows that
+  // share a score block and rows that fill one alone, whole-row sorts and selections of a long row's top.
+  const auto gpu = make_backend("cuda");
+  Rng rng(test::seed() + 191);
+  struct Case {
+    std::int64_t seq_len, width, sets, terms, channels, block, local, row_step, count_cap;
+    bool given_channels, divisors, double_keys, ties;
+  };
+  const Case cases[] = {
+      {90, 6, 2, 1, 3, 1, 0, 3, 0, true, false, false, false},        // doublesparsity's shape, token level
+      {90, 6, 2, 1, 3, 1, 0, 3, 0, true, false, false, true},         // ties
+      {300, 8, 3, 1, 8, 3, 0, 1, 0, false, false, true, false},       // loki's: projected keys, every row (many score blocks)
+      {257, 16, 1, 4, 2, 8, 3, 2, 0, true, true, false, false},       // sparq's: terms of the group's heads, divisors, recent keys
+      {257, 16, 1, 4, 2, 8, 3, 2, 0, true, true, false, true},        // ties
+      {700, 128, 4, 1, 16, 64, 0, 37, 0, true, false, false, false},  // head_dim 128, blocks of 64
+      {1, 5, 2, 2, 3, 1, 1, 1, 0, true, true, false, false},          // a single token
+      {9000, 12, 2, 2, 3, 1, 2, 1500, 300, true, true, false, false}, // long rows: their top selected, then sorted
+      {9000, 12, 1, 1, 4, 1, 0, 1500, 0, false, false, true, true},   // long rows, ties, counts up to every block
+      {20000, 4, 1, 1, 2, 1, 0, 6000, 16000, true, false, false, false},  // counts near the device's largest
+      {400, 64, 1, 8, 32, 2, 1, 1, 0, true, true, false, false},      // sparq's at 8 heads a group: fewer rows a score block
+  };
+  std::int64_t rows_compared = 0, entries_compared = 0;
+  for (const Case& k : cases) {
+    for (const bool fused : {proxy::kMultiplyAddFused, !proxy::kMultiplyAddFused}) {
+      CAPTURE(k.seq_len, k.width, k.sets, k.terms, k.channels, k.block, k.local, k.given_channels, k.divisors, k.double_keys,
+              k.ties, fused);
+      ref::TokenScoreShape shape;
+      shape.seq_len = k.seq_len;
+      shape.width = k.width;
+      shape.sets = k.sets;
+      shape.terms = k.terms;
+      shape.channels = k.channels;
+      shape.block = k.block;
+      shape.local = k.local;
+      shape.row_step = k.row_step;
+      shape.count_cap = k.count_cap;
+      shape.given_channels = k.given_channels;
+      shape.divisors = k.divisors;
+      shape.double_keys = k.double_keys;
+      shape.ties = k.ties;
+      ref::OwnedTokenScoreRequest owned;
+      ref::random_token_score_request(shape, rng, fused, owned);
+      TokenScoreRequest& req = owned.request;
+      req.kv_head = 0;
+      std::vector<std::int32_t> expected;
+      if (fused == proxy::kMultiplyAddFused) {
+        proxy::token_score_rankings(req, expected);
+      } else {
+        expected = ref::naive_token_score_rankings(req, fused);
+      }
+      // Keys uploaded for the request, then kept (asked twice: the second from the device's copy).
+      const std::uint64_t id = proxy::next_data_id();
+      for (const std::uint64_t keys_id : {std::uint64_t{0}, id, id}) {
+        CAPTURE(keys_id);
+        req.keys_id = keys_id;
+        std::vector<std::int32_t> got(3, -1);  // resized by the call
+        REQUIRE(gpu->token_score_rankings(req, got));
+        REQUIRE(got.size() == expected.size());
+        for (std::size_t i = 0; i < got.size(); ++i) {
+          CAPTURE(i, expected[i], got[i]);
+          REQUIRE(got[i] == expected[i]);
+        }
+        rows_compared += req.sets * req.num_rows;
+        entries_compared += static_cast<std::int64_t>(got.size());
+      }
+    }
+  }
+  // Rows in several launches (a workspace of a few rows' block scores), the same rankings.
+  const std::int64_t previous = hysparse::cuda::set_token_score_workspace_bytes(4096);
+  for (const std::int64_t block : {1, 7}) {
+    ref::TokenScoreShape shape;
+    shape.seq_len = 600;
+    shape.width = 8;
+    shape.sets = 3;
+    shape.terms = 2;
+    shape.channels = 3;
+    shape.block = block;
+    shape.divisors = true;
+    shape.row_step = 2;
+    ref::OwnedTokenScoreRequest owned;
+    ref::random_token_score_request(shape, rng, proxy::kMultiplyAddFused, owned);
+    std::vector<std::int32_t> expected, got;
+    proxy::token_score_rankings(owned.request, expected);
+    REQUIRE(gpu->token_score_rankings(owned.request, got));
+    CHECK(got == expected);
+    entries_compared += static_cast<std::int64_t>(got.size());
+  }
+  hysparse::cuda::set_token_score_workspace_bytes(previous);
+  std::printf("token-score rankings: %lld rows, %lld entries compared, every one the host's\n", static_cast<long long>(rows_compared),
+              static_cast<long long>(entries_compared));
+}
+
+TEST_CASE("CUDA token-score keys stay resident under their id, and longer prefixes are left to the host", "[cuda]") {
+  const auto gpu = make_backend("cuda");
+  Rng rng(test::seed() + 192);
+  ref::TokenScoreShape shape;
+  shape.seq_len = 500;
+  shape.width = 8;
+  shape.channels = 4;
+  ref::OwnedTokenScoreRequest owned;
+  ref::random_token_score_request(shape, rng, proxy::kMultiplyAddFused, owned);
+  TokenScoreRequest& req = owned.request;
+  req.kv_head = 1;
+  req.keys_id = proxy::next_data_id();
+  std::vector<std::int32_t> first, again, expected;
+  const std::uint64_t before = hysparse::cuda::resident_array_uploads();
+  REQUIRE(gpu->token_score_rankings(req, first));
+  REQUIRE(gpu->token_score_rankings(req, again));
+  CHECK(hysparse::cuda::resident_array_uploads() - before == 1);
+  CHECK(first == again);
+  // New keys under a new id replace the kept ones (a stale copy would give the old rankings).
+  for (float& x : owned.keys) x = -x;
+  proxy::token_score_rankings(req, expected);
+  req.keys_id = proxy::next_data_id();
+  REQUIRE(gpu->token_score_rankings(req, again));
+  CHECK(hysparse::cuda::resident_array_uploads() - before == 2);
+  CHECK(again == expected);
+  CHECK(again != first);
+  // A prefix longer than one thread block sorts, or keys wider than a score block stages: declined, the
+  // selector ranks on the host.
+  ref::TokenScoreShape long_rows;
+  long_rows.seq_len = hysparse::cuda::kMaxTokenRanked + 100;
+  long_rows.width = 2;
+  long_rows.channels = 1;
+  ref::OwnedTokenScoreRequest longer;
+  ref::random_token_score_request(long_rows, rng, proxy::kMultiplyAddFused, longer);
+  longer.rows.assign(1, long_rows.seq_len - 1);
+  longer.counts.assign(1, hysparse::cuda::kMaxTokenRanked + 1);
+  longer.request.rows = longer.rows.data();
+  longer.request.counts = longer.counts.data();
+  longer.request.num_rows = 1;
+  std::vector<std::int32_t> declined;
+  check_token_score_request(longer.request);  // a valid request
+  CHECK_FALSE(gpu->token_score_rankings(longer.request, declined));
+  ref::TokenScoreShape wide;
+  wide.seq_len = 40;
+  wide.width = 700;
+  ref::OwnedTokenScoreRequest wider;
+  ref::random_token_score_request(wide, rng, proxy::kMultiplyAddFused, wider);
+  CHECK_FALSE(gpu->token_score_rankings(wider.request, declined));
+  // A request outside the contract is refused before the device reads it.
+  wider.channel[0] = 700;
+  try {
+    (void)gpu->token_score_rankings(wider.request, declined);
+    FAIL("a channel past the width was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+  }
 }
 
 TEST_CASE("CUDA H2O evictions equal the host simulation's", "[cuda]") {
@@ -1698,12 +1853,12 @@ TEST_CASE("CUDA replays with two nsa specs (their own compressed keys) give the 
   options.selectors = parse_selector_list("nsa:block=16,cmp=8,stride=4,window=32,nsa:block=32,cmp=16,stride=8,window=0");
   options.queries = "all";
   const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
-  const std::uint64_t uploads_before = hysparse::cuda::compressed_key_uploads();
+  const std::uint64_t uploads_before = hysparse::cuda::resident_array_uploads();
   const ReplayResult gpu = replay_with("cuda", Precision::kFp32, path, options);
   compare_reports(cpu, gpu);
   // Each spec's keys go up once a (layer, KV head) at most, however many query tiles read them: both specs'
   // sets stay resident side by side.
-  const std::uint64_t uploads = hysparse::cuda::compressed_key_uploads() - uploads_before;
+  const std::uint64_t uploads = hysparse::cuda::resident_array_uploads() - uploads_before;
   INFO("compressed-key uploads: " << uploads);
   CHECK(uploads > 0);
   CHECK(uploads <= static_cast<std::uint64_t>(2 * c.header.num_layers * c.header.num_kv_heads));
@@ -1718,12 +1873,32 @@ TEST_CASE("CUDA replays with moba (its block scores on the device) give the CPU'
   options.selectors = parse_selector_list("moba:block=16,moba:block=32,current=0");
   options.queries = "all";
   const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
-  const std::uint64_t uploads_before = hysparse::cuda::compressed_key_uploads();
+  const std::uint64_t uploads_before = hysparse::cuda::resident_array_uploads();
   const ReplayResult gpu = replay_with("cuda", Precision::kFp32, path, options);
   compare_reports(cpu, gpu);
   // The blocks' means went to the device (each spec's once a layer and KV head).
-  const std::uint64_t uploads = hysparse::cuda::compressed_key_uploads() - uploads_before;
+  const std::uint64_t uploads = hysparse::cuda::resident_array_uploads() - uploads_before;
   INFO("mean-key uploads: " << uploads);
   CHECK(uploads > 0);
   CHECK(uploads <= static_cast<std::uint64_t>(2 * c.header.num_layers * c.header.num_kv_heads));
+}
+
+TEST_CASE("CUDA replays with doublesparsity, loki and sparq (their rankings on the device) give the CPU's report", "[cuda]") {
+  const Capture c = gaussian_capture(2, 8, 2, 64, 600, false, true, test::seed() + 43);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_token_proxies.h5";
+  write_capture(path, c);
+  ReplayOptions options;
+  options.budgets = {{Budget::Kind::kTokens, 32}, {Budget::Kind::kTokens, 200}};
+  options.selectors = parse_selector_list("doublesparsity,doublesparsity:r=4,channel=q,block=8,loki,loki:r=3,block=16,sinks=2,"
+                                          "sparq,sparq:r=5,local=4,block=4");
+  options.queries = "all";
+  const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
+  const std::uint64_t uploads_before = hysparse::cuda::resident_array_uploads();
+  const ReplayResult gpu = replay_with("cuda", Precision::kFp32, path, options);
+  compare_reports(cpu, gpu);
+  // Each spec's keys went to the device once a layer and KV head.
+  const std::uint64_t uploads = hysparse::cuda::resident_array_uploads() - uploads_before;
+  INFO("token-score key uploads: " << uploads);
+  CHECK(uploads > 0);
+  CHECK(uploads <= static_cast<std::uint64_t>(6 * c.header.num_layers * c.header.num_kv_heads));
 }

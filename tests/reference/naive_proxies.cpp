@@ -799,7 +799,12 @@ std::vector<std::int32_t> naive_token_score_rankings(const TokenScoreRequest& re
             const std::int64_t c = q.channel ? q.channel[term * q.channels + i] : i;
             const double w = q.weight[term * q.channels + i];
             const double k = q.keys ? static_cast<double>(q.keys[j * q.width + c]) : q.keys64[j * q.width + c];
-            dot = fused ? std::fma(w, k, dot) : dot + w * k;
+            if (fused) {
+              dot = std::fma(w, k, dot);
+            } else {
+              volatile double product = w * k;  // rounded on its own: the compiler may not fuse it into the sum
+              dot = dot + product;
+            }
           }
           const double value = q.divisor ? dot / q.divisor[term] : dot;
           score = u == 0 ? value : score + value;
