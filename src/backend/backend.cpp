@@ -76,31 +76,6 @@ std::int64_t OutputWalks::checkpoint() {
   return checkpoints++;
 }
 
-void check_token_score_request(const TokenScoreRequest& request) {
-  const TokenScoreRequest& q = request;
-  const bool shape = q.num_rows > 0 && q.rows && q.counts && q.weight && (q.keys == nullptr) != (q.keys64 == nullptr) &&
-                     q.seq_len > 0 && q.width > 0 && q.sets > 0 && q.terms > 0 && q.channels > 0 && q.block > 0 && q.local >= 0;
-  bool rows = shape;
-  for (std::int64_t r = 0; rows && r < q.num_rows; ++r) {
-    const std::int64_t t = q.rows[r];
-    rows = t >= 0 && t < q.seq_len && (r == 0 || t > q.rows[r - 1]) && q.counts[r] >= 0 && q.counts[r] <= t / q.block + 1;
-  }
-  bool channels = rows;
-  if (channels && q.channel) {
-    const std::int64_t n = q.sets * q.num_rows * q.terms * q.channels;
-    for (std::int64_t i = 0; channels && i < n; ++i) channels = q.channel[i] >= 0 && q.channel[i] < q.width;
-  } else if (channels) {
-    channels = q.channels <= q.width;
-  }
-  if (!channels) {
-    throw Error(ErrorKind::kInternal,
-                fmt::format("token-score rankings: {} rows of {} keys x {} channels, {} sets x {} terms x {} channels, block {}, "
-                            "local {}: rows must ascend inside the keys, counts lie within each row's blocks, channels index "
-                            "the keys' width, and one of keys and keys64 be given",
-                            q.num_rows, q.seq_len, q.width, q.sets, q.terms, q.channels, q.block, q.local));
-  }
-}
-
 void check_output_request(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks) {
   auto broken = [](const std::string& what) { throw Error(ErrorKind::kInternal, "output_errors: " + what); };
   if (!request.q || !request.k || !request.v || request.attn) broken("needs the q, k and v of a q/k layer");

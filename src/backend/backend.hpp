@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "common/error.hpp"
+
 namespace hysparse {
 
 // Exact softmax statistics of the query rows of the heads that share one KV head.
@@ -196,8 +198,30 @@ struct TokenScoreRequest {
 };
 // Error(kInternal) unless `request` keeps TokenScoreRequest's contract (rows ascending inside the keys, counts
 // within each row's blocks, channels inside the width, one kind of keys): checked by every backend before it
-// reads a key.
-void check_token_score_request(const TokenScoreRequest& request);
+// reads a key. Inline: the host path (replay/) and the CUDA backend each link it without the other.
+inline void check_token_score_request(const TokenScoreRequest& request) {
+  const TokenScoreRequest& q = request;
+  const bool shape = q.num_rows > 0 && q.rows && q.counts && q.weight && (q.keys == nullptr) != (q.keys64 == nullptr) &&
+                     q.seq_len > 0 && q.width > 0 && q.sets > 0 && q.terms > 0 && q.channels > 0 && q.block > 0 && q.local >= 0;
+  bool valid = shape;
+  for (std::int64_t r = 0; valid && r < q.num_rows; ++r) {
+    const std::int64_t t = q.rows[r];
+    valid = t >= 0 && t < q.seq_len && (r == 0 || t > q.rows[r - 1]) && q.counts[r] >= 0 && q.counts[r] <= t / q.block + 1;
+  }
+  if (valid && q.channel) {
+    const std::int64_t n = q.sets * q.num_rows * q.terms * q.channels;
+    for (std::int64_t i = 0; valid && i < n; ++i) valid = q.channel[i] >= 0 && q.channel[i] < q.width;
+  } else if (valid) {
+    valid = q.channels <= q.width;
+  }
+  if (!valid) {
+    fail(ErrorKind::kInternal,
+         "token-score rankings: {} rows of {} keys x {} channels, {} sets x {} terms x {} channels, block {}, local {}: rows "
+         "must ascend inside the keys, counts lie within each row's blocks, channels index the keys' width, and one of "
+         "keys and keys64 be given",
+         q.num_rows, q.seq_len, q.width, q.sets, q.terms, q.channels, q.block, q.local);
+  }
+}
 
 // What the logits are computed from. kFp32 is exact fp32 arithmetic on the captured values
 // (every backend). kBf16 / kFp16 round q and k once to that type on the device and form the

@@ -1884,7 +1884,9 @@ TEST_CASE("CUDA replays with moba (its block scores on the device) give the CPU'
 }
 
 TEST_CASE("CUDA replays with doublesparsity, loki and sparq (their rankings on the device) give the CPU's report", "[cuda]") {
-  const Capture c = gaussian_capture(2, 8, 2, 64, 600, false, true, test::seed() + 43);
+  // No tied inputs: a tie in mass may fall either way between the fp32 statistics of the two devices and move
+  // topk_overlap (the oracle's top k); the rankings' ties are the unit test's.
+  const Capture c = gaussian_capture(2, 8, 2, 64, 600, false, false, test::seed() + 43);
   const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_token_proxies.h5";
   write_capture(path, c);
   ReplayOptions options;
