@@ -354,12 +354,17 @@ double simhash_sample_probability(double cosine, std::int64_t bits, std::int64_t
 
 std::uint32_t simhash_code(const double* x, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
                            std::int64_t bits) {
+  // The bits' sums side by side, each in channel order: independent chains keep the multiply-add units busy.
+  constexpr std::int64_t kMaxBits = 32;
+  double sum[kMaxBits] = {};
+  const double* w = &planes[static_cast<std::size_t>(table * bits * d)];
+  for (std::int64_t c = 0; c < d; ++c) {
+    const double xc = x[c];
+    for (std::int64_t b = 0; b < bits; ++b) sum[b] = multiply_add(w[b * d + c], xc, sum[b]);
+  }
   std::uint32_t code = 0;
   for (std::int64_t b = 0; b < bits; ++b) {
-    const double* w = &planes[static_cast<std::size_t>((table * bits + b) * d)];
-    double s = 0.0;
-    for (std::int64_t c = 0; c < d; ++c) s += w[c] * x[c];
-    if (s > 0.0) code |= std::uint32_t{1} << b;
+    if (sum[b] > 0.0) code |= std::uint32_t{1} << b;
   }
   return code;
 }

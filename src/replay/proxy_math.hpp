@@ -183,7 +183,8 @@ std::vector<double> principal_components(const std::vector<const float*>& keys, 
 // MagicPIG's SimHash collision probability: with u = 1 - arccos(cos)/pi, the probability that
 // K bits agree in at least 2 of L tables: 1 - (1 - u^K)^L - L u^K (1 - u^K)^(L-1).
 double simhash_sample_probability(double cosine, std::int64_t bits, std::int64_t tables);
-// The hash of one vector in one table: bit b set when hyperplane (table*K + b) . x > 0.
+// The hash of one vector in one table: bit b (b < 32) set when hyperplane (table*K + b) . x > 0 (channels ascending,
+// each step multiply_add).
 std::uint32_t simhash_code(const double* x, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
                            std::int64_t bits);
 // Gaussian hyperplanes [K*L][d] for one KV head (deterministic in seed and KV head).

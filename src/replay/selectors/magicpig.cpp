@@ -60,7 +60,9 @@ class MagicPigSelector final : public Selector {
     d_ = d;
     centred_.assign(static_cast<std::size_t>(Hkv * T * d), 0.0);
     norms_.assign(static_cast<std::size_t>(Hkv * T), 0.0);
-    codes_.assign(static_cast<std::size_t>(Hkv * T * tables_), 0);
+    std::vector<std::uint32_t> codes(static_cast<std::size_t>(T * tables_));  // [key][table] of one KV head
+    bucket_codes_.assign(static_cast<std::size_t>(Hkv * tables_ * T), 0);
+    bucket_keys_.assign(bucket_codes_.size(), 0);
     for (std::int64_t g = 0; g < Hkv; ++g) {
       std::vector<double> mean(static_cast<std::size_t>(d));
       proxy::mean_key(layer.k(g, 0), T, d, mean.data());
@@ -75,8 +77,20 @@ class MagicPigSelector final : public Selector {
         }
         norms_[static_cast<std::size_t>(g * T + j)] = std::sqrt(norm);
         for (std::int64_t l = 0; l < tables_; ++l) {
-          codes_[static_cast<std::size_t>((g * T + j) * tables_ + l)] = proxy::simhash_code(x, planes_[static_cast<std::size_t>(g)], d, l, bits_);
+          codes[static_cast<std::size_t>(j * tables_ + l)] = proxy::simhash_code(x, planes_[static_cast<std::size_t>(g)], d, l, bits_);
         }
+      }
+      // Each table's keys grouped by code, ascending within a code: a query finds the keys it collides with
+      // in a table by a binary search instead of comparing every key's code.
+#pragma omp parallel for schedule(dynamic, 1)
+      for (std::int64_t l = 0; l < tables_; ++l) {
+        const std::size_t base = static_cast<std::size_t>((g * tables_ + l) * T);
+        std::int32_t* keys = &bucket_keys_[base];
+        for (std::int64_t j = 0; j < T; ++j) keys[j] = static_cast<std::int32_t>(j);
+        std::stable_sort(keys, keys + T, [&](std::int32_t a, std::int32_t b) {
+          return codes[static_cast<std::size_t>(a * tables_ + l)] < codes[static_cast<std::size_t>(b * tables_ + l)];
+        });
+        for (std::int64_t i = 0; i < T; ++i) bucket_codes_[base + static_cast<std::size_t>(i)] = codes[static_cast<std::size_t>(keys[i] * tables_ + l)];
       }
     }
   }
@@ -88,7 +102,7 @@ class MagicPigSelector final : public Selector {
     out.enable_weights();
     const auto& planes = planes_[static_cast<std::size_t>(c.kv_group)];
     std::vector<double> q(static_cast<std::size_t>(d_));
-    std::vector<std::uint32_t> code(static_cast<std::size_t>(tables_));
+    std::vector<std::int32_t> hits(static_cast<std::size_t>(seq_len_), 0), touched, candidates;
     for (std::int64_t h = 0; h < c.group_size; ++h) {
       const std::int64_t head = c.kv_group * c.group_size + h;
       for (std::int64_t r = 0; r < c.rows; ++r) {
@@ -100,17 +114,31 @@ class MagicPigSelector final : public Selector {
           q_norm += q[static_cast<std::size_t>(ch)] * q[static_cast<std::size_t>(ch)];
         }
         q_norm = std::sqrt(q_norm);
-        for (std::int64_t l = 0; l < tables_; ++l) code[static_cast<std::size_t>(l)] = proxy::simhash_code(q.data(), planes, d_, l, bits_);
-        // Candidates: every key outside the static (sink and recent) keys.
+        // Candidates: every key outside the static (sink and recent) keys whose code equals the query's in at
+        // least `collisions_` tables, in key order.
         const std::int64_t begin = std::min(sinks_, t + 1), end = window_ > 0 ? std::max(begin, t - window_ + 1) : t + 1;
+        touched.clear();
+        for (std::int64_t l = 0; l < tables_ && begin < end; ++l) {
+          const std::uint32_t code = proxy::simhash_code(q.data(), planes, d_, l, bits_);
+          const std::size_t base = static_cast<std::size_t>((c.kv_group * tables_ + l) * seq_len_);
+          const std::uint32_t* codes = &bucket_codes_[base];
+          const auto [lo, hi] = std::equal_range(codes, codes + seq_len_, code);
+          const std::int32_t* keys = &bucket_keys_[base];
+          const std::int32_t* first = std::lower_bound(keys + (lo - codes), keys + (hi - codes), static_cast<std::int32_t>(begin));
+          for (const std::int32_t* k = first; k != keys + (hi - codes) && *k < end; ++k) {
+            if (hits[static_cast<std::size_t>(*k)]++ == 0) touched.push_back(*k);
+          }
+        }
+        candidates.clear();
+        for (std::int32_t j : touched) {
+          if (hits[static_cast<std::size_t>(j)] >= collisions_) candidates.push_back(j);
+          hits[static_cast<std::size_t>(j)] = 0;
+        }
+        std::sort(candidates.begin(), candidates.end());
         std::int32_t* row = out.row(h, r);
         double* weight = out.weights(h, r);
         std::int32_t count = 0;
-        for (std::int64_t j = begin; j < end; ++j) {
-          const std::uint32_t* key_code = &codes_[static_cast<std::size_t>((c.kv_group * seq_len_ + j) * tables_)];
-          std::int64_t hits = 0;
-          for (std::int64_t l = 0; l < tables_; ++l) hits += key_code[l] == code[static_cast<std::size_t>(l)] ? 1 : 0;
-          if (hits < collisions_) continue;
+        for (std::int32_t j : candidates) {
           const double* x = &centred_[static_cast<std::size_t>((c.kv_group * seq_len_ + j) * d_)];
           const double norm = norms_[static_cast<std::size_t>(c.kv_group * seq_len_ + j)];
           double dot = 0.0;
@@ -118,7 +146,7 @@ class MagicPigSelector final : public Selector {
           const double cosine = q_norm > 0 && norm > 0 ? dot / (q_norm * norm) : 0.0;
           const double p = proxy::simhash_sample_probability(cosine, bits_, tables_);
           weight[count] = -std::log(p + 1e-4);
-          row[count++] = static_cast<std::int32_t>(j);
+          row[count++] = j;
         }
         out.size(h, r) = count;
       }
@@ -129,7 +157,10 @@ class MagicPigSelector final : public Selector {
   std::int64_t bits_ = 10, tables_ = 150, collisions_ = 2, seq_len_ = 0, d_ = 0;
   std::vector<std::vector<double>> planes_;  // [kv head][bits * tables][d]
   std::vector<double> centred_, norms_;      // [kv head][key][d], [kv head][key]
-  std::vector<std::uint32_t> codes_;         // [kv head][key][table]
+  // [kv head][table][i]: each table's key codes in ascending order, and the keys that have them (ascending
+  // within a code).
+  std::vector<std::uint32_t> bucket_codes_;
+  std::vector<std::int32_t> bucket_keys_;
 };
 
 }  // namespace
