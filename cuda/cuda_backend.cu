@@ -666,7 +666,8 @@ class CudaBackend final : public Backend {
     std::int64_t stride = 0;  // the largest count (proxy::token_score_stride)
     for (std::int64_t r = 0; r < R; ++r) stride = std::max(stride, req.counts[r]);
     // Longer prefixes than one thread block sorts, or more keys than int indexes: the caller ranks them.
-    if (stride > kMaxTokenRanked || T > std::numeric_limits<int>::max() || S * R > std::numeric_limits<int>::max()) return false;
+    constexpr std::int64_t kMaxInt = std::numeric_limits<int>::max();
+    if (stride > kMaxTokenRanked || T > kMaxInt || S * R > kMaxInt || W > kMaxInt || U > kMaxInt || n > kMaxInt) return false;
     TokenScoreArgs args;
     args.width = static_cast<int>(W);
     args.sets = static_cast<int>(S);

@@ -199,15 +199,41 @@ void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int
   const TokenScoreRequest& q = request;
   const std::int64_t R = q.num_rows, W = q.width, n_ch = q.channels, stride = token_score_stride(q);
   order.assign(static_cast<std::size_t>(q.sets * R * stride), 0);
-  // The keys every row reads, channel-major in double: each channel's multiply-adds then run over
-  // consecutive keys, which the compiler vectorises (every key's sum still steps through its channels in order).
+  // The channels the request reads of the keys every row reads, channel-major (fp32 keys kept as fp32, widened
+  // exactly at use): each channel's multiply-adds then run over consecutive keys, which the compiler vectorises
+  // (every key's sum still steps through its channels in order).
   const std::int64_t keys_read = q.rows[R - 1] + 1;
-  std::vector<double> keys_t(static_cast<std::size_t>(W * keys_read));
+  std::vector<std::int64_t> slot(static_cast<std::size_t>(W), -1);  // channel -> its row in the copy
+  std::int64_t used = 0;
+  const std::int64_t listed = q.sets * R * q.terms * n_ch;
+  for (std::int64_t i = 0; i < (q.channel ? listed : n_ch); ++i) {
+    std::int64_t& at = slot[static_cast<std::size_t>(q.channel ? q.channel[i] : i)];
+    if (at < 0) at = used++;
+  }
+  std::vector<float> keys32_t(q.keys ? static_cast<std::size_t>(used * keys_read) : 0);
+  std::vector<double> keys64_t(q.keys ? 0 : static_cast<std::size_t>(used * keys_read));
   for (std::int64_t j = 0; j < keys_read; ++j) {
     for (std::int64_t c = 0; c < W; ++c) {
-      keys_t[static_cast<std::size_t>(c * keys_read + j)] = q.keys ? static_cast<double>(q.keys[j * W + c]) : q.keys64[j * W + c];
+      const std::int64_t at = slot[static_cast<std::size_t>(c)];
+      if (at < 0) continue;
+      const auto to = static_cast<std::size_t>(at * keys_read + j);
+      if (q.keys) {
+        keys32_t[to] = q.keys[j * W + c];
+      } else {
+        keys64_t[to] = q.keys64[j * W + c];
+      }
     }
   }
+  auto multiply_add_over_keys = [&](double x, std::int64_t channel, std::int64_t keys, double* sum) {
+    const auto row = static_cast<std::size_t>(slot[static_cast<std::size_t>(channel)] * keys_read);
+    if (q.keys) {
+      const float* k = keys32_t.data() + row;
+      for (std::int64_t j = 0; j < keys; ++j) sum[j] = multiply_add(x, static_cast<double>(k[j]), sum[j]);
+    } else {
+      const double* k = keys64_t.data() + row;
+      for (std::int64_t j = 0; j < keys; ++j) sum[j] = multiply_add(x, k[j], sum[j]);
+    }
+  };
   std::vector<double> token, dot, scores;
   for (std::int64_t s = 0; s < q.sets; ++s) {
     for (std::int64_t r = 0; r < R; ++r) {
@@ -219,11 +245,7 @@ void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int
         const std::int32_t* ch = q.channel ? q.channel + term * n_ch : nullptr;
         dot.assign(static_cast<std::size_t>(keys), 0.0);
         double* sum = dot.data();
-        for (std::int64_t i = 0; i < n_ch; ++i) {
-          const double x = w[i];
-          const double* k = keys_t.data() + (ch ? ch[i] : i) * keys_read;
-          for (std::int64_t j = 0; j < keys; ++j) sum[j] = multiply_add(x, k[j], sum[j]);
-        }
+        for (std::int64_t i = 0; i < n_ch; ++i) multiply_add_over_keys(w[i], ch ? ch[i] : i, keys, sum);
         double* score = token.data();
         if (q.divisor) {
           const double divisor = q.divisor[term];
@@ -352,21 +374,23 @@ double simhash_sample_probability(double cosine, std::int64_t bits, std::int64_t
   return 1.0 - std::pow(1.0 - hit, L) - L * hit * std::pow(1.0 - hit, L - 1.0);
 }
 
-std::uint32_t simhash_code(const double* x, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
-                           std::int64_t bits) {
-  // The bits' sums side by side, each in channel order: independent chains keep the multiply-add units busy.
-  constexpr std::int64_t kMaxBits = 32;
-  double sum[kMaxBits] = {};
-  const double* w = &planes[static_cast<std::size_t>(table * bits * d)];
-  for (std::int64_t c = 0; c < d; ++c) {
-    const double xc = x[c];
-    for (std::int64_t b = 0; b < bits; ++b) sum[b] = multiply_add(w[b * d + c], xc, sum[b]);
-  }
-  std::uint32_t code = 0;
+void simhash_codes(const double* x_t, std::int64_t n, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
+                   std::int64_t bits, std::uint32_t* codes) {
+  if (bits < 1 || bits > 32) throw Error(ErrorKind::kInternal, fmt::format("SimHash codes of {} bits (1 to 32)", bits));
+  std::fill(codes, codes + n, 0u);
+  std::vector<double> sum(static_cast<std::size_t>(n));
   for (std::int64_t b = 0; b < bits; ++b) {
-    if (sum[b] > 0.0) code |= std::uint32_t{1} << b;
+    std::fill(sum.begin(), sum.end(), 0.0);
+    const double* w = &planes[static_cast<std::size_t>((table * bits + b) * d)];
+    for (std::int64_t c = 0; c < d; ++c) {
+      const double wc = w[c];
+      const double* x = x_t + c * n;
+      for (std::int64_t i = 0; i < n; ++i) sum[static_cast<std::size_t>(i)] = multiply_add(wc, x[i], sum[static_cast<std::size_t>(i)]);
+    }
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (sum[static_cast<std::size_t>(i)] > 0.0) codes[i] |= std::uint32_t{1} << b;
+    }
   }
-  return code;
 }
 
 std::vector<double> simhash_planes(std::uint64_t seed, std::int64_t kv_head, std::int64_t d, std::int64_t count) {

@@ -183,10 +183,11 @@ std::vector<double> principal_components(const std::vector<const float*>& keys, 
 // MagicPIG's SimHash collision probability: with u = 1 - arccos(cos)/pi, the probability that
 // K bits agree in at least 2 of L tables: 1 - (1 - u^K)^L - L u^K (1 - u^K)^(L-1).
 double simhash_sample_probability(double cosine, std::int64_t bits, std::int64_t tables);
-// The hash of one vector in one table: bit b (b < 32) set when hyperplane (table*K + b) . x > 0 (channels ascending,
-// each step multiply_add).
-std::uint32_t simhash_code(const double* x, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
-                           std::int64_t bits);
+// The SimHash codes of n vectors (x_t: [d][n], channel-major) in one table into codes[0, n): bit b (b < 32) of a
+// code set when hyperplane (table*K + b) . x > 0, each sum in channel order, each step multiply_add; the vectors'
+// sums side by side, which the compiler vectorises.
+void simhash_codes(const double* x_t, std::int64_t n, const std::vector<double>& planes, std::int64_t d, std::int64_t table,
+                   std::int64_t bits, std::uint32_t* codes);
 // Gaussian hyperplanes [K*L][d] for one KV head (deterministic in seed and KV head).
 std::vector<double> simhash_planes(std::uint64_t seed, std::int64_t kv_head, std::int64_t d, std::int64_t count);
 

@@ -532,10 +532,22 @@ class Naive {
     for (auto& w : planes) {
       for (double& x : w) x = rng.normal();
     }
+    // Each bit's sum in channel order, each step one fused multiply-add where the build has them (the
+    // definition's), so that a sum near 0 falls on the same side as the selector's.
     auto hash = [&](const std::vector<double>& x, std::int64_t table) {
       std::uint32_t code = 0;
       for (std::int64_t b = 0; b < K; ++b) {
-        if (dot(planes[idx(table * K + b)], x) > 0) code |= std::uint32_t{1} << b;
+        const std::vector<double>& w = planes[idx(table * K + b)];
+        double sum = 0.0;
+        for (std::size_t e = 0; e < x.size(); ++e) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+          sum = std::fma(w[e], x[e], sum);
+#else
+          volatile double product = w[e] * x[e];
+          sum = sum + product;
+#endif
+        }
+        if (sum > 0) code |= std::uint32_t{1} << b;
       }
       return code;
     };

@@ -60,7 +60,7 @@ class MagicPigSelector final : public Selector {
     d_ = d;
     centred_.assign(static_cast<std::size_t>(Hkv * T * d), 0.0);
     norms_.assign(static_cast<std::size_t>(Hkv * T), 0.0);
-    std::vector<std::uint32_t> codes(static_cast<std::size_t>(T * tables_));  // [key][table] of one KV head
+    std::vector<std::uint32_t> codes(static_cast<std::size_t>(tables_ * T));  // [table][key] of one KV head
     bucket_codes_.assign(static_cast<std::size_t>(Hkv * tables_ * T), 0);
     bucket_keys_.assign(bucket_codes_.size(), 0);
     for (std::int64_t g = 0; g < Hkv; ++g) {
@@ -76,8 +76,18 @@ class MagicPigSelector final : public Selector {
           norm += x[c] * x[c];
         }
         norms_[static_cast<std::size_t>(g * T + j)] = std::sqrt(norm);
+      }
+      // Every table's codes of the keys, a chunk of keys at once.
+      constexpr std::int64_t kCodeChunk = 256;
+#pragma omp parallel for schedule(dynamic, 1)
+      for (std::int64_t j0 = 0; j0 < T; j0 += kCodeChunk) {
+        const std::int64_t n = std::min(kCodeChunk, T - j0);
+        std::vector<double> x_t(static_cast<std::size_t>(d * n));
+        for (std::int64_t j = 0; j < n; ++j) {
+          for (std::int64_t c = 0; c < d; ++c) x_t[static_cast<std::size_t>(c * n + j)] = centred_[static_cast<std::size_t>((g * T + j0 + j) * d + c)];
+        }
         for (std::int64_t l = 0; l < tables_; ++l) {
-          codes[static_cast<std::size_t>(j * tables_ + l)] = proxy::simhash_code(x, planes_[static_cast<std::size_t>(g)], d, l, bits_);
+          proxy::simhash_codes(x_t.data(), n, planes_[static_cast<std::size_t>(g)], d, l, bits_, &codes[static_cast<std::size_t>(l * T + j0)]);
         }
       }
       // Each table's keys grouped by code, ascending within a code: a query finds the keys it collides with
@@ -87,10 +97,9 @@ class MagicPigSelector final : public Selector {
         const std::size_t base = static_cast<std::size_t>((g * tables_ + l) * T);
         std::int32_t* keys = &bucket_keys_[base];
         for (std::int64_t j = 0; j < T; ++j) keys[j] = static_cast<std::int32_t>(j);
-        std::stable_sort(keys, keys + T, [&](std::int32_t a, std::int32_t b) {
-          return codes[static_cast<std::size_t>(a * tables_ + l)] < codes[static_cast<std::size_t>(b * tables_ + l)];
-        });
-        for (std::int64_t i = 0; i < T; ++i) bucket_codes_[base + static_cast<std::size_t>(i)] = codes[static_cast<std::size_t>(keys[i] * tables_ + l)];
+        const std::uint32_t* table_codes = &codes[static_cast<std::size_t>(l * T)];
+        std::stable_sort(keys, keys + T, [&](std::int32_t a, std::int32_t b) { return table_codes[a] < table_codes[b]; });
+        for (std::int64_t i = 0; i < T; ++i) bucket_codes_[base + static_cast<std::size_t>(i)] = table_codes[keys[i]];
       }
     }
   }
@@ -101,10 +110,19 @@ class MagicPigSelector final : public Selector {
     out.reset(c.group_size, c.rows, v.num_blocks);
     out.enable_weights();
     const auto& planes = planes_[static_cast<std::size_t>(c.kv_group)];
-    std::vector<double> q(static_cast<std::size_t>(d_));
+    std::vector<double> q(static_cast<std::size_t>(d_)), q_t(static_cast<std::size_t>(d_ * c.rows));
+    std::vector<std::uint32_t> query_codes(static_cast<std::size_t>(tables_ * c.rows));  // [table][row]
     std::vector<std::int32_t> hits(static_cast<std::size_t>(seq_len_), 0), touched, candidates;
     for (std::int64_t h = 0; h < c.group_size; ++h) {
       const std::int64_t head = c.kv_group * c.group_size + h;
+      // The tile's queries' codes, every table, all rows at once.
+      for (std::int64_t r = 0; r < c.rows; ++r) {
+        const float* qf = layer.q(head, c.positions[r]);
+        for (std::int64_t ch = 0; ch < d_; ++ch) q_t[static_cast<std::size_t>(ch * c.rows + r)] = static_cast<double>(qf[ch]);
+      }
+      for (std::int64_t l = 0; l < tables_; ++l) {
+        proxy::simhash_codes(q_t.data(), c.rows, planes, d_, l, bits_, &query_codes[static_cast<std::size_t>(l * c.rows)]);
+      }
       for (std::int64_t r = 0; r < c.rows; ++r) {
         const std::int64_t t = c.positions[r];
         const float* qf = layer.q(head, t);
@@ -119,7 +137,7 @@ class MagicPigSelector final : public Selector {
         const std::int64_t begin = std::min(sinks_, t + 1), end = window_ > 0 ? std::max(begin, t - window_ + 1) : t + 1;
         touched.clear();
         for (std::int64_t l = 0; l < tables_ && begin < end; ++l) {
-          const std::uint32_t code = proxy::simhash_code(q.data(), planes, d_, l, bits_);
+          const std::uint32_t code = query_codes[static_cast<std::size_t>(l * c.rows + r)];
           const std::size_t base = static_cast<std::size_t>((c.kv_group * tables_ + l) * seq_len_);
           const std::uint32_t* codes = &bucket_codes_[base];
           const auto [lo, hi] = std::equal_range(codes, codes + seq_len_, code);
