@@ -1014,10 +1014,35 @@ TEST_CASE("quest takes a backend's page rankings where offered: the selector's o
   }
 }
 
+// A CPU-backed backend that records the key ids its requests name, and how many requests it served.
+class KeyIdRecordingBackend : public test::CpuBackedBackend {
+ public:
+  std::set<std::uint64_t> ids() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ids_;
+  }
+  std::int64_t requests() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return requests_;
+  }
+
+ protected:
+  void record(std::uint64_t keys_id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ids_.insert(keys_id);
+    ++requests_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  mutable std::set<std::uint64_t> ids_;
+  mutable std::int64_t requests_ = 0;
+};
+
 // A backend that scores NSA's blocks the way the host does (proxy::nsa_block_scores), or with the scores
 // negated (least attended first: the report must change), or one score short, which the selector must
 // refuse. It records the ids the requests give their compressed keys (one per layer).
-class NsaScoreBackend final : public test::CpuBackedBackend {
+class NsaScoreBackend final : public KeyIdRecordingBackend {
  public:
   enum class Answer { kSame, kNegated, kShort };
   explicit NsaScoreBackend(Answer answer) : answer_(answer) {}
@@ -1027,19 +1052,12 @@ class NsaScoreBackend final : public test::CpuBackedBackend {
       for (double& x : scores) x = -x;
     }
     if (answer_ == Answer::kShort) scores.pop_back();
-    std::lock_guard<std::mutex> lock(mutex_);
-    ids_.insert(request.keys_id);
+    record(request.keys_id);
     return true;
-  }
-  std::set<std::uint64_t> ids() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return ids_;
   }
 
  private:
   Answer answer_;
-  mutable std::mutex mutex_;
-  mutable std::set<std::uint64_t> ids_;
 };
 
 TEST_CASE("nsa takes a backend's block scores where offered: the selector's own report, bit for bit", "[proxies][parity]") {
@@ -1076,7 +1094,7 @@ TEST_CASE("nsa takes a backend's block scores where offered: the selector's own 
 // A backend that gives moba's pooled-key logits the way the host does (proxy::pooled_key_logits), or negated
 // (the least similar blocks first: the report must change), or one logit short, which the selector must
 // refuse. It records the requests' key ids and the rows they ask for at once.
-class PooledLogitBackend final : public test::CpuBackedBackend {
+class PooledLogitBackend final : public KeyIdRecordingBackend {
  public:
   enum class Answer { kSame, kNegated, kShort };
   explicit PooledLogitBackend(Answer answer) : answer_(answer) {}
@@ -1099,25 +1117,12 @@ class PooledLogitBackend final : public test::CpuBackedBackend {
       for (double& x : logits) x = -x;
     }
     if (answer_ == Answer::kShort && !logits.empty()) logits.pop_back();
-    std::lock_guard<std::mutex> lock(mutex_);
-    ids_.insert(request.keys_id);
-    ++requests_;
+    record(request.keys_id);
     return true;
-  }
-  std::set<std::uint64_t> ids() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return ids_;
-  }
-  std::int64_t requests() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return requests_;
   }
 
  private:
   Answer answer_;
-  mutable std::mutex mutex_;
-  mutable std::set<std::uint64_t> ids_;
-  mutable std::int64_t requests_ = 0;
 };
 
 TEST_CASE("moba takes a backend's pooled-key logits where offered: the selector's own report, bit for bit", "[proxies][parity]") {
@@ -1345,7 +1350,7 @@ TEST_CASE("token-score requests outside their contract are internal errors", "[p
 // A backend that ranks token scores by the reference (ref::naive_token_score_rankings), or with every score
 // negated (the lowest first: the report must change), or one entry short, which the selector must refuse. It
 // records the requests' key ids.
-class TokenScoreBackend final : public test::CpuBackedBackend {
+class TokenScoreBackend final : public KeyIdRecordingBackend {
  public:
   enum class Answer { kSame, kNegated, kShort };
   explicit TokenScoreBackend(Answer answer) : answer_(answer) {}
@@ -1361,25 +1366,12 @@ class TokenScoreBackend final : public test::CpuBackedBackend {
       order = ref::naive_token_score_rankings(request, request.fused);
     }
     if (answer_ == Answer::kShort && !order.empty()) order.pop_back();
-    std::lock_guard<std::mutex> lock(mutex_);
-    ids_.insert(request.keys_id);
-    ++requests_;
+    record(request.keys_id);
     return true;
-  }
-  std::set<std::uint64_t> ids() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return ids_;
-  }
-  std::int64_t requests() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return requests_;
   }
 
  private:
   Answer answer_;
-  mutable std::mutex mutex_;
-  mutable std::set<std::uint64_t> ids_;
-  mutable std::int64_t requests_ = 0;
 };
 
 TEST_CASE("doublesparsity, loki and sparq take a backend's token-score rankings where offered: their own report, bit for bit",
