@@ -184,6 +184,21 @@ void max_over_blocks(const double* token, std::int64_t tokens, std::int64_t bloc
 }
 
 
+TokenScoreRequest tile_token_score_request(const RankContext& context, std::int64_t block, std::vector<std::int64_t>& counts) {
+  counts.resize(static_cast<std::size_t>(context.rows));
+  for (std::int64_t r = 0; r < context.rows; ++r) {
+    counts[static_cast<std::size_t>(r)] = std::min(context.ranking_length[r], context.view->causal_blocks(r));
+  }
+  TokenScoreRequest request;
+  request.rows = context.positions;
+  request.num_rows = context.rows;
+  request.counts = counts.data();
+  request.block = block;
+  request.kv_head = context.kv_group;
+  request.fused = kMultiplyAddFused;
+  return request;
+}
+
 std::int64_t token_score_stride(const TokenScoreRequest& request) {
   std::int64_t stride = 0;
   for (std::int64_t r = 0; r < request.num_rows; ++r) stride = std::max(stride, request.counts[r]);

@@ -145,6 +145,10 @@ void pooled_key_logits_in_chunks(const Backend* backend, const NsaScoreRequest& 
 // kMultiplyAddFused): order resized to sets * num_rows * token_score_stride(request). Error(kInternal) on a
 // request that breaks TokenScoreRequest's contract.
 void token_score_rankings(const TokenScoreRequest& request, std::vector<std::int32_t>& order);
+// A request for the rows of a selector's tile: rows, counts (each row's ranking length capped at its causal
+// blocks of `block` keys, written into `counts`), block, KV head and this build's multiply-add; the caller gives
+// the keys and the rows' terms.
+TokenScoreRequest tile_token_score_request(const RankContext& context, std::int64_t block, std::vector<std::int64_t>& counts);
 // The row stride of token_score_rankings's order: the largest count (0 without rows).
 std::int64_t token_score_stride(const TokenScoreRequest& request);
 // `request`'s rankings from `backend` where it offers them (Backend::token_score_rankings), else from

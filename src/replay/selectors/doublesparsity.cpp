@@ -73,7 +73,6 @@ class DoubleSparsitySelector final : public Selector {
     // where it offers the rankings (Backend::token_score_rankings), else here.
     std::vector<std::int32_t> channel(static_cast<std::size_t>(G * R * n));
     std::vector<double> weight(channel.size());
-    std::vector<std::int64_t> counts(static_cast<std::size_t>(R));
     for (std::int64_t h = 0; h < G; ++h) {
       const std::vector<std::int64_t>& channels = channels_[static_cast<std::size_t>(c.kv_group * G + h)];
       for (std::int64_t r = 0; r < R; ++r) {
@@ -85,8 +84,8 @@ class DoubleSparsitySelector final : public Selector {
         }
       }
     }
-    for (std::int64_t r = 0; r < R; ++r) counts[static_cast<std::size_t>(r)] = std::min(c.ranking_length[r], c.view->causal_blocks(r));
-    TokenScoreRequest request;
+    std::vector<std::int64_t> counts;
+    TokenScoreRequest request = proxy::tile_token_score_request(c, block_, counts);
     request.keys = layer.k(c.kv_group, 0);
     request.keys_id = keys_id_;
     request.seq_len = layer.seq_len();
@@ -95,12 +94,6 @@ class DoubleSparsitySelector final : public Selector {
     request.channels = n;
     request.channel = channel.data();
     request.weight = weight.data();
-    request.rows = c.positions;
-    request.num_rows = R;
-    request.counts = counts.data();
-    request.block = block_;
-    request.kv_head = c.kv_group;
-    request.fused = proxy::kMultiplyAddFused;
     proxy::token_score_rankings(layer.backend, request, c.view->num_blocks, "doublesparsity", out);
   }
 

@@ -67,14 +67,13 @@ class LokiSelector final : public Selector {
     // Each query row projected here; the scores against the projected keys on the replay's device where
     // it offers the rankings (Backend::token_score_rankings), else here.
     std::vector<double> weight(static_cast<std::size_t>(G * R * rank_));
-    std::vector<std::int64_t> counts(static_cast<std::size_t>(R));
     for (std::int64_t h = 0; h < G; ++h) {
       for (std::int64_t r = 0; r < R; ++r) {
         project(layer.q(c.kv_group * G + h, c.positions[r]), P, &weight[static_cast<std::size_t>((h * R + r) * rank_)]);
       }
     }
-    for (std::int64_t r = 0; r < R; ++r) counts[static_cast<std::size_t>(r)] = std::min(c.ranking_length[r], c.view->causal_blocks(r));
-    TokenScoreRequest request;
+    std::vector<std::int64_t> counts;
+    TokenScoreRequest request = proxy::tile_token_score_request(c, block_, counts);
     request.keys64 = &projected_[static_cast<std::size_t>(c.kv_group * seq_len_ * rank_)];
     request.keys_id = keys_id_;
     request.seq_len = seq_len_;
@@ -82,12 +81,6 @@ class LokiSelector final : public Selector {
     request.sets = G;
     request.channels = rank_;
     request.weight = weight.data();
-    request.rows = c.positions;
-    request.num_rows = R;
-    request.counts = counts.data();
-    request.block = block_;
-    request.kv_head = c.kv_group;
-    request.fused = proxy::kMultiplyAddFused;
     proxy::token_score_rankings(layer.backend, request, c.view->num_blocks, "loki", out);
   }
 

@@ -57,7 +57,6 @@ class SparqSelector final : public Selector {
     // (Backend::token_score_rankings), else here.
     std::vector<std::int32_t> channel(static_cast<std::size_t>(R * G * r_channels));
     std::vector<double> weight(channel.size()), divisor(static_cast<std::size_t>(R * G)), magnitude(static_cast<std::size_t>(d));
-    std::vector<std::int64_t> counts(static_cast<std::size_t>(R));
     for (std::int64_t r = 0; r < R; ++r) {
       const std::int64_t t = c.positions[r];
       std::fill(magnitude.begin(), magnitude.end(), 0.0);
@@ -78,9 +77,9 @@ class SparqSelector final : public Selector {
           weight[at] = static_cast<double>(q[channels[static_cast<std::size_t>(i)]]);
         }
       }
-      counts[static_cast<std::size_t>(r)] = std::min(c.ranking_length[r], c.view->causal_blocks(r));
     }
-    TokenScoreRequest request;
+    std::vector<std::int64_t> counts;
+    TokenScoreRequest request = proxy::tile_token_score_request(c, block_, counts);
     request.keys = layer.k(c.kv_group, 0);
     request.keys_id = keys_id_;
     request.seq_len = layer.seq_len();
@@ -91,13 +90,7 @@ class SparqSelector final : public Selector {
     request.channel = channel.data();
     request.weight = weight.data();
     request.divisor = divisor.data();
-    request.rows = c.positions;
-    request.num_rows = R;
-    request.counts = counts.data();
     request.local = local_;
-    request.block = block_;
-    request.kv_head = c.kv_group;
-    request.fused = proxy::kMultiplyAddFused;
     proxy::token_score_rankings(layer.backend, request, c.view->num_blocks, "sparq", out);
   }
 
