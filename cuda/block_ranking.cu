@@ -6,8 +6,11 @@
 
 #include <algorithm>
 #include <climits>
+#include <vector>
 
 #include "common/error.hpp"
+#include "common/portable_exp.hpp"
+#include "cuda_backend.hpp"
 #include "device_statistics.hpp"
 #include "ranking.cuh"
 
@@ -19,7 +22,8 @@ void check(cudaError_t status, const char* what) {
 }
 
 // The ranking key of ranked block i of a row (tile blocks [i factor, (i + 1) factor) up to the row's
-// tile_blocks): its mass by the engine's formulas (build_view), an empty block's 0. The rounding is
+// tile_blocks): its mass by the engine's formulas (build_view) and its exponential (portable_exp: the
+// host's bits), an empty block's 0. The rounding is
 // spelled out (the fused form nvcc chose before): the radix select recomputes the key in every pass
 // and needs the same bits each time.
 __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& args, const float* block_max, const float* block_sum,
@@ -27,7 +31,7 @@ __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& a
   double mass = 0.0;
   if (args.factor == 1) {
     const float m = block_max[i];
-    if (m != -CUDART_INF_F) mass = __dmul_rn(static_cast<double>(block_sum[i]), exp(static_cast<double>(m) - lse_tokens));
+    if (m != -CUDART_INF_F) mass = __dmul_rn(static_cast<double>(block_sum[i]), portable_exp(static_cast<double>(m) - lse_tokens));
   } else {
     const long long first = static_cast<long long>(i) * args.factor, last = min(first + args.factor, tile_blocks);
     double m = -CUDART_INF;
@@ -36,9 +40,9 @@ __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& a
       double l = 0.0;
       for (long long j = first; j < last; ++j) {
         const double mj = block_max[j];
-        if (mj != -CUDART_INF) l = __fma_rn(static_cast<double>(block_sum[j]), exp(mj - m), l);
+        if (mj != -CUDART_INF) l = __fma_rn(static_cast<double>(block_sum[j]), portable_exp(mj - m), l);
       }
-      mass = __dmul_rn(l, exp(m - lse_tokens));
+      mass = __dmul_rn(l, portable_exp(m - lse_tokens));
     }
   }
   return order_key(mass);
@@ -119,7 +123,30 @@ __global__ void __launch_bounds__(kRankingThreads) page_bound_ranking_kernel(Pag
   for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[i] = indices[i];
 }
 
+__global__ void portable_exp_kernel(const double* __restrict__ x, double* __restrict__ out, long long n) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = portable_exp(x[i]);
+}
+
 }  // namespace
+
+std::vector<double> portable_exp_on_device(const std::vector<double>& x) {
+  std::vector<double> out(x.size());
+  if (x.empty()) return out;
+  const std::size_t bytes = x.size() * sizeof(double);
+  double* device = nullptr;
+  check(cudaMalloc(&device, 2 * bytes), "cudaMalloc (portable_exp test)");
+  cudaError_t status = cudaMemcpy(device, x.data(), bytes, cudaMemcpyHostToDevice);
+  if (status == cudaSuccess) {
+    const auto n = static_cast<long long>(x.size());
+    portable_exp_kernel<<<static_cast<unsigned>((n + 255) / 256), 256>>>(device, device + x.size(), n);
+    status = cudaGetLastError();
+  }
+  if (status == cudaSuccess) status = cudaMemcpy(out.data(), device + x.size(), bytes, cudaMemcpyDeviceToHost);
+  cudaFree(device);
+  check(status, "portable_exp test");
+  return out;
+}
 
 void configure_ranking_kernels() {
   const std::size_t most = ranking_entry_bytes(static_cast<int>(kMaxRankedBlocks)) + kMaxBoundHeadDim * sizeof(float);

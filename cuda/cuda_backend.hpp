@@ -2,6 +2,7 @@
 // The CUDA side as seen from C++: no CUDA or Eigen types cross this header.
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "backend/backend.hpp"
 
@@ -16,5 +17,7 @@ std::uint64_t resident_array_uploads();
 // The bytes of block scores Backend::token_score_rankings holds at once (it ranks a request's rows in chunks
 // that fit); bytes <= 0 restores the default. Returns the previous value. For tests of the chunking.
 std::int64_t set_token_score_workspace_bytes(std::int64_t bytes);
+// portable_exp of every x, evaluated on the current device: tests compare it with the host's bits.
+std::vector<double> portable_exp_on_device(const std::vector<double>& x);
 
 }  // namespace hysparse::cuda

@@ -11,6 +11,7 @@
 
 #include "backend/backend.hpp"
 #include "capture/capture.hpp"
+#include "common/portable_exp.hpp"
 #include "replay/engine.hpp"
 
 namespace hysparse::test {
@@ -73,7 +74,8 @@ inline StatsRequest group_request(const Capture& c, std::int64_t group, const st
 }
 
 // The masses of the causal blocks of `factor` tile blocks of (h, r) of a tile whose row r is at
-// `position`, as the replay engine computes them from the tile (build_view; StatsTile::mass_order).
+// `position`, as the replay engine computes them from the tile (build_view; StatsTile::mass_order):
+// the same operations, so the same bits.
 inline void view_masses(const StatsTile& tile, std::int64_t h, std::int64_t r, std::int64_t position, std::int64_t tile_block,
                         std::int64_t factor, std::vector<double>& mass) {
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
@@ -86,15 +88,15 @@ inline void view_masses(const StatsTile& tile, std::int64_t h, std::int64_t r, s
     for (std::int64_t i = first; i < last; ++i) m = std::max(m, static_cast<double>(tile.block_max[tile.at(h, r, i)]));
     if (m == kNegInf) continue;
     if (factor == 1) {
-      mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * std::exp(m - lse_tokens);
+      mass[static_cast<std::size_t>(b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * portable_exp(m - lse_tokens);
       continue;
     }
     double l = 0.0;
     for (std::int64_t i = first; i < last; ++i) {
       const double mi = tile.block_max[tile.at(h, r, i)];
-      if (mi != kNegInf) l += static_cast<double>(tile.block_sum[tile.at(h, r, i)]) * std::exp(mi - m);
+      if (mi != kNegInf) l = std::fma(static_cast<double>(tile.block_sum[tile.at(h, r, i)]), portable_exp(mi - m), l);
     }
-    mass[static_cast<std::size_t>(b)] = l * std::exp(m - lse_tokens);
+    mass[static_cast<std::size_t>(b)] = l * portable_exp(m - lse_tokens);
   }
 }
 

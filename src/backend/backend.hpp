@@ -51,8 +51,8 @@ struct StatsTile {
   // in double as the replay engine computes it from the tile (a block of f tile blocks: m = their largest
   // max, l = sum of block_sum * exp(block_max - m), mass = l * exp(m - lse_tokens); f = 1: block_sum *
   // exp(block_max - lse_tokens)), higher first, ties to the lower block (rank_top's rule); row r holds
-  // min(ranked, causal blocks of r). On a device whose exp differs from the host's in the last bit, two
-  // blocks whose masses are that close may come in the other order (a tie up to rounding).
+  // min(ranked, causal blocks of r). The exponentials are portable_exp's and the sums fused, so a device
+  // ranks the host's bits.
   std::int64_t ranked = 0;
   std::vector<std::int32_t> mass_order;
   std::size_t at(std::int64_t h, std::int64_t r, std::int64_t b) const {

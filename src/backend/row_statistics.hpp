@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "backend/backend.hpp"
+#include "common/portable_exp.hpp"
 
 namespace hysparse {
 
@@ -24,10 +26,18 @@ inline void finish_row_statistics(const StatsRequest& req, StatsTile& out, std::
     const std::int64_t blocks = req.rows[r] / req.block_size + 1;
     float row_max = kNegInf;
     for (std::int64_t b = 0; b < blocks; ++b) row_max = std::max(row_max, out.block_max[out.at(h, r, b)]);
+    // The exponentials in a loop the compiler vectorises, then their sum in block order (an empty
+    // block, m = -inf and l = 0, adds 0 x 0).
     double total = 0.0;
-    for (std::int64_t b = 0; b < blocks; ++b) {
-      const float m = out.block_max[out.at(h, r, b)];
-      if (m != kNegInf) total += static_cast<double>(out.block_sum[out.at(h, r, b)]) * std::exp(static_cast<double>(m) - row_max);
+    if (row_max != kNegInf) {
+      thread_local std::vector<double> exps;
+      exps.resize(static_cast<std::size_t>(blocks));
+      const float* block_max = &out.block_max[out.at(h, r, 0)];
+      const float* block_sum = &out.block_sum[out.at(h, r, 0)];
+      for (std::int64_t b = 0; b < blocks; ++b) {
+        exps[static_cast<std::size_t>(b)] = portable_exp(static_cast<double>(block_max[b]) - static_cast<double>(row_max));
+      }
+      for (std::int64_t b = 0; b < blocks; ++b) total = std::fma(static_cast<double>(block_sum[b]), exps[static_cast<std::size_t>(b)], total);
     }
     const double lse_tokens = static_cast<double>(row_max) + std::log(total);
     double lse_all = lse_tokens;

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "common/error.hpp"
+#include "common/portable_exp.hpp"
 #include "common/interrupt.hpp"
 #include "common/memory.hpp"
 #include "replay/kv_price.hpp"
@@ -128,7 +129,7 @@ class RowAccess {
     if (base_mass_) return base_mass_[b];
     const auto cell = static_cast<std::size_t>((head_local_ * tile_.rows + r_) * tile_.num_blocks + b);
     const double m = tile_.block_max[cell];
-    return m == kNegInf ? 0.0 : static_cast<double>(tile_.block_sum[cell]) * std::exp(m - lse_tokens_);
+    return m == kNegInf ? 0.0 : static_cast<double>(tile_.block_sum[cell]) * portable_exp(m - lse_tokens_);
   }
   // Share of the keys [j0, j1) of one base block: summed key by key, or where that is the larger
   // part of the block's causal keys, the block's share less its other keys (fewer keys recomputed).
@@ -291,6 +292,7 @@ struct ForcedConfig {
 struct Workspace {
   StatsTile tile;
   std::vector<BlockView> views;
+  std::vector<double> block_exps;  // scratch of build_view
   // Per fixed forced config, [heads][rows][num_blocks]: the residual mass of every block. A config
   // without forced keys reads its view's mass; the others patch a copy of it (residual_storage).
   std::vector<const std::vector<double>*> residual_mass;
@@ -350,8 +352,9 @@ struct Workspace {
   std::vector<double> errors;
 };
 
+// `exps`: scratch.
 void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions,
-                BlockView& view) {
+                BlockView& view, std::vector<double>& exps) {
   const std::int64_t factor = block / base;
   view.block = block;
   view.heads = tile.heads;
@@ -368,29 +371,37 @@ void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, co
       const std::int64_t base_blocks = positions[r] / base + 1;
       if (factor == 1) {
         // The tile's own blocks: one exponential a block (exp(m - lse_all) is exp(m - lse_tokens)
-        // times the row's token share of the mass, sinks excluded).
-        const double token_share = std::exp(lse_tokens - lse_all);
+        // times the row's token share of the mass, sinks excluded). Without a branch, so that the
+        // compiler vectorises it: an empty block (m = -inf, l = 0) gets 0 x 0.
+        const double token_share = portable_exp(lse_tokens - lse_all);
+        const float* block_max = &tile.block_max[tile.at(h, r, 0)];
+        const float* block_sum = &tile.block_sum[tile.at(h, r, 0)];
+        double* mass = &view.mass[view.at(h, r, 0)];
+        double* max_prob = &view.max_prob[view.at(h, r, 0)];
         for (std::int64_t b = 0; b < base_blocks; ++b) {
-          const double m = tile.block_max[tile.at(h, r, b)];
-          if (m == kNegInf) continue;
-          const double e = std::exp(m - lse_tokens);
-          view.mass[view.at(h, r, b)] = static_cast<double>(tile.block_sum[tile.at(h, r, b)]) * e;
-          view.max_prob[view.at(h, r, b)] = e * token_share;
+          const double e = portable_exp(static_cast<double>(block_max[b]) - lse_tokens);
+          mass[b] = static_cast<double>(block_sum[b]) * e;
+          max_prob[b] = e * token_share;
         }
         continue;
       }
+      // Coarser blocks: a block's largest tile-block max m, its tile blocks' exponentials against m (a
+      // vectorised loop), then their sum in tile-block order, each step fused, as the device sums it (an
+      // empty tile block adds 0 x 0).
+      const float* block_max = &tile.block_max[tile.at(h, r, 0)];
+      const float* block_sum = &tile.block_sum[tile.at(h, r, 0)];
+      exps.resize(static_cast<std::size_t>(factor));
       for (std::int64_t b = 0; b < view.causal_blocks(r); ++b) {
-        double m = kNegInf;
-        const std::int64_t first = b * factor, last = std::min((b + 1) * factor, base_blocks);
-        for (std::int64_t i = first; i < last; ++i) m = std::max(m, static_cast<double>(tile.block_max[tile.at(h, r, i)]));
-        if (m == kNegInf) continue;
+        const std::int64_t first = b * factor, count = std::min((b + 1) * factor, base_blocks) - first;
+        float peak = -std::numeric_limits<float>::infinity();
+        for (std::int64_t i = 0; i < count; ++i) peak = std::max(peak, block_max[first + i]);
+        if (peak == -std::numeric_limits<float>::infinity()) continue;
+        const double m = peak;
+        for (std::int64_t i = 0; i < count; ++i) exps[static_cast<std::size_t>(i)] = portable_exp(static_cast<double>(block_max[first + i]) - m);
         double l = 0.0;
-        for (std::int64_t i = first; i < last; ++i) {
-          const double mi = tile.block_max[tile.at(h, r, i)];
-          if (mi != kNegInf) l += static_cast<double>(tile.block_sum[tile.at(h, r, i)]) * std::exp(mi - m);
-        }
-        view.mass[view.at(h, r, b)] = l * std::exp(m - lse_tokens);
-        view.max_prob[view.at(h, r, b)] = std::exp(m - lse_all);
+        for (std::int64_t i = 0; i < count; ++i) l = std::fma(static_cast<double>(block_sum[first + i]), exps[static_cast<std::size_t>(i)], l);
+        view.mass[view.at(h, r, b)] = l * portable_exp(m - lse_tokens);
+        view.max_prob[view.at(h, r, b)] = portable_exp(m - lse_all);
       }
     }
   }
@@ -1122,7 +1133,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       statistics_ns += nanoseconds_since(statistics_started);
 
       ws.views.resize(block_sizes.size());
-      for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
+      for (std::size_t v = 0; v < block_sizes.size(); ++v) build_view(ws.tile, base_block, block_sizes[v], positions, ws.views[v], ws.block_exps);
       const BlockView* base_view = base_view_index >= 0 ? &ws.views[static_cast<std::size_t>(base_view_index)] : nullptr;
 
       // Forced-key summaries per fixed config, head and row, and the residual mass of every block
