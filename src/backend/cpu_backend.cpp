@@ -9,6 +9,7 @@
 
 #include "backend/backend.hpp"
 #include "backend/row_statistics.hpp"
+#include "common/portable_exp.hpp"
 #include "common/error.hpp"
 
 namespace hysparse {
@@ -191,6 +192,20 @@ std::vector<std::vector<std::size_t>> group_walks(const OutputWalks& walks) {
   return groups;
 }
 
+// A step's key weights w_j = exp(scale z_j - lse_all) * factor into weight[0, n) (fp32, for the product
+// with v) and their sum in key order into total (double): the exponentials in a loop the compiler
+// vectorises, the sum after it.
+void step_weights(const float* dot, std::int64_t n, double scale, double lse_all, double factor, float* weight, double& total) {
+  thread_local std::vector<double> w;
+  w.resize(static_cast<std::size_t>(n));
+  double* values = w.data();
+  for (std::int64_t j = 0; j < n; ++j) values[j] = portable_exp(scale * static_cast<double>(dot[j]) - lse_all) * factor;
+  for (std::int64_t j = 0; j < n; ++j) {
+    weight[j] = static_cast<float>(values[j]);
+    total += values[j];
+  }
+}
+
 void evaluate_walk_group(const StatsRequest& req, const StatsTile& tile, const OutputWalks& walks,
                          const std::vector<std::size_t>& group, std::vector<double>& errors) {
   const std::int64_t d = req.head_dim, m = static_cast<std::int64_t>(group.size());
@@ -243,11 +258,8 @@ void evaluate_walk_group(const StatsRequest& req, const StatsTile& tile, const O
         const OutputWalk& walk = walks.walks[group[static_cast<std::size_t>(k)]];
         dot.noalias() = keys * Eigen::Map<const Eigen::VectorXf>(req.q + (walk.head * req.seq_len + req.rows[r]) * d, d);
         weight.resize(n);
-        for (std::int64_t j = 0; j < n; ++j) {
-          const double w = std::exp(req.scale * static_cast<double>(dot[j]) - lse_all[static_cast<std::size_t>(k)]) * factor;
-          weight[j] = static_cast<float>(w);
-          denominator[static_cast<std::size_t>(k)] += w;
-        }
+        step_weights(dot.data(), n, req.scale, lse_all[static_cast<std::size_t>(k)], factor, weight.data(),
+                     denominator[static_cast<std::size_t>(k)]);
         sum.noalias() = values.transpose() * weight;
         for (std::int64_t c = 0; c < d; ++c) numerator[static_cast<std::size_t>(k * d + c)] += sum[c];
       }
@@ -256,12 +268,8 @@ void evaluate_walk_group(const StatsRequest& req, const StatsTile& tile, const O
     dots.noalias() = keys * queries;  // [n][m]
     weights.resize(n, m);
     for (std::int64_t k = 0; k < m; ++k) {
-      double& total = denominator[static_cast<std::size_t>(k)];
-      for (std::int64_t j = 0; j < n; ++j) {
-        const double w = std::exp(req.scale * static_cast<double>(dots(j, k)) - lse_all[static_cast<std::size_t>(k)]) * factor;
-        weights(j, k) = static_cast<float>(w);
-        total += w;
-      }
+      step_weights(&dots(0, k), n, req.scale, lse_all[static_cast<std::size_t>(k)], factor, &weights(0, k),
+                   denominator[static_cast<std::size_t>(k)]);
     }
     sums.noalias() = values.transpose() * weights;  // [d][m]
     for (std::int64_t k = 0; k < m; ++k) {

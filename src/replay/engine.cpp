@@ -91,15 +91,6 @@ class RowAccess {
       p_ = in.tensors->attn.data() + (head_ * T_ + t) * T_;
     }
   }
-  double logit(std::int64_t j) const {
-    if (p_) return p_[j] > 0.0f ? std::log(static_cast<double>(p_[j])) : kNegInf;
-    double dot = 0.0;
-    const float* key = k_ + j * d_;
-    for (std::int64_t c = 0; c < d_; ++c) dot += static_cast<double>(q_[c]) * key[c];
-    return in_.scale * dot;
-  }
-  // p_j normalised by the row's token mass.
-  double token_share(std::int64_t j) const { return std::exp(logit(j) - lse_tokens_); }
   // For keys [j0, j1): share[j - j0] = p_j / token mass. Vectorised over keys.
   void range(std::int64_t j0, std::int64_t j1, std::vector<double>& share) const { exps(j0, j1, lse_tokens_, share); }
   // Sum of p_j / token mass over keys [j0, j1): whole blocks of the tile (base block size `base`)
@@ -167,7 +158,8 @@ class RowAccess {
     Eigen::Map<const Eigen::VectorXf> query(q_, d_);
     thread_local Eigen::VectorXf dots;
     dots.noalias() = keys * query;
-    for (std::int64_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = std::exp(in_.scale * static_cast<double>(dots[i]) - shift);
+    double* values = out.data();
+    for (std::int64_t i = 0; i < n; ++i) values[i] = portable_exp(in_.scale * static_cast<double>(dots[i]) - shift);
   }
 
   const LayerInputs& in_;
