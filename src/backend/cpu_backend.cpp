@@ -9,8 +9,8 @@
 
 #include "backend/backend.hpp"
 #include "backend/row_statistics.hpp"
-#include "common/portable_exp.hpp"
 #include "common/error.hpp"
+#include "common/portable_exp.hpp"
 
 namespace hysparse {
 namespace {

@@ -20,9 +20,9 @@
 #include <type_traits>
 
 #include "common/error.hpp"
-#include "common/portable_exp.hpp"
 #include "common/interrupt.hpp"
 #include "common/memory.hpp"
+#include "common/portable_exp.hpp"
 #include "replay/kv_price.hpp"
 #include "replay/selector.hpp"
 
