@@ -639,14 +639,10 @@ class CudaBackend final : public Backend {
         for (std::int64_t c = 0; c < d; ++c) host[c * C + i] = req.keys[i * d + c];
       }
     };
-    if (req.keys_id == 0) {
-      args.keys_t = upload_array(lane->nsa_keys_t, d, C, "compressed keys", *lane, transpose);
+    with_array(lane->nsa_keys_t, req.kv_head, req.keys_id, req.keys, d, C, "compressed keys", *lane, transpose, [&](const double* keys) {
+      args.keys_t = keys;
       compute();
-    } else {
-      const ArrayInUse keys = resident_array<double>(req.kv_head, req.keys_id, req.keys, d, C, "compressed keys", *lane, transpose);
-      args.keys_t = keys.entry.data.get();
-      compute();
-    }
+    });
     copy_out(result, out);
     return true;
   }
@@ -725,24 +721,16 @@ class CudaBackend final : public Backend {
     const std::int64_t values = T * W;
     if (req.keys) {
       auto copy = [&](float* host) { std::copy_n(req.keys, values, host); };
-      if (req.keys_id == 0) {
-        args.keys32 = upload_array(lane->token_keys32, T, W, "token-score keys", *lane, copy);
+      with_array(lane->token_keys32, req.kv_head, req.keys_id, req.keys, T, W, "token-score keys", *lane, copy, [&](const float* keys) {
+        args.keys32 = keys;
         compute();
-      } else {
-        const ArrayInUse keys = resident_array<float>(req.kv_head, req.keys_id, req.keys, T, W, "token-score keys", *lane, copy);
-        args.keys32 = keys.entry.data32.get();
-        compute();
-      }
+      });
     } else {
       auto copy = [&](double* host) { std::copy_n(req.keys64, values, host); };
-      if (req.keys_id == 0) {
-        args.keys = upload_array(lane->token_keys, T, W, "token-score keys", *lane, copy);
+      with_array(lane->token_keys, req.kv_head, req.keys_id, req.keys64, T, W, "token-score keys", *lane, copy, [&](const double* keys) {
+        args.keys = keys;
         compute();
-      } else {
-        const ArrayInUse keys = resident_array<double>(req.kv_head, req.keys_id, req.keys64, T, W, "token-score keys", *lane, copy);
-        args.keys = keys.entry.data.get();
-        compute();
-      }
+      });
     }
     return true;
   }
@@ -1021,6 +1009,14 @@ class CudaBackend final : public Backend {
         return data;
       }
     }
+    template <typename T>
+    const T* device_data() const {
+      if constexpr (std::is_same_v<T, float>) {
+        return data32.get();
+      } else {
+        return data.get();
+      }
+    }
   };
   struct ArrayInUse {
     const ResidentArray& entry;
@@ -1092,6 +1088,19 @@ class CudaBackend final : public Backend {
       exclusive.unlock();
       return ArrayInUse{*oldest, std::shared_lock<std::shared_mutex>(oldest->in_use), lane.stream};
     }
+  }
+
+  // Runs compute(device pointer) on the array a request names: with id 0 uploaded into the lane's own
+  // `scratch`, otherwise the resident copy (resident_array), held while compute runs.
+  template <typename T, typename Fill, typename Compute>
+  void with_array(DeviceArray<T>& scratch, std::int64_t kv_head, std::uint64_t id, const void* host, std::int64_t rows,
+                  std::int64_t width, const char* what, Lane& lane, Fill fill, Compute compute) const {
+    if (id == 0) {
+      compute(static_cast<const T*>(upload_array(scratch, rows, width, what, lane, fill)));
+      return;
+    }
+    const ArrayInUse in_use = resident_array<T>(kv_head, id, host, rows, width, what, lane, fill);
+    compute(in_use.entry.template device_data<T>());
   }
 
  public:
