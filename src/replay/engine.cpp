@@ -344,7 +344,7 @@ struct Workspace {
   std::vector<double> errors;
 };
 
-// `exps`: scratch.
+// The masses and largest probabilities of `block`-key blocks from a tile of `base`-key blocks (`exps`: scratch).
 void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions,
                 BlockView& view, std::vector<double>& exps) {
   const std::int64_t factor = block / base;
