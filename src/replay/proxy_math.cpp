@@ -426,6 +426,9 @@ void CrossLayerStore::reset(std::int64_t num_sets, std::int64_t rows, std::int64
 void CrossLayerStore::record(const RankContext& c, Score score, Group group) {
   const BlockView& v = *c.view;
   const std::vector<double>& source = score == Score::kMax ? v.max_prob : v.mass;
+  if (source.size() != v.mass.size()) {
+    throw Error(ErrorKind::kInternal, "a cross-layer selection reads block maxima that its view does not hold (Selector::reads_block_max)");
+  }
   std::vector<double> scores(static_cast<std::size_t>(v.num_blocks));
   const std::int64_t sets = group == Group::kNone ? c.group_size : 1;
   for (std::int64_t r = 0; r < c.rows; ++r) {

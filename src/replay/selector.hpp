@@ -27,7 +27,8 @@ struct BlockView {
   std::int64_t block = 0, heads = 0, rows = 0, num_blocks = 0;  // num_blocks: of the tile's last row
   const std::int64_t* positions = nullptr;                      // t of each row
   std::vector<double> mass;      // [heads][rows][num_blocks]: M_b, normalised by the row's token mass
-  std::vector<double> max_prob;  // [heads][rows][num_blocks]: P_b, the largest true probability in the block
+  std::vector<double> max_prob;  // [heads][rows][num_blocks]: P_b, the largest true probability in the block;
+                                 // empty in a view whose selectors do not read it (Selector::reads_block_max)
   std::int64_t causal_blocks(std::int64_t r) const { return positions[r] / block + 1; }
   std::size_t at(std::int64_t h, std::int64_t r, std::int64_t b) const {
     return static_cast<std::size_t>((h * rows + r) * num_blocks + b);
@@ -182,6 +183,8 @@ class Selector {
   std::int64_t window() const { return window_; }   // -1: window = budget (swa)
   virtual bool ranks_per_head() const = 0;          // false: one ranking per KV group
   virtual bool selects_blocks() const { return true; }
+  // Whether rank() reads BlockView::max_prob: the engine fills it only in the views someone reads it from.
+  virtual bool reads_block_max() const { return false; }
   virtual BudgetUse budget_use() const { return BudgetUse::kNested; }
   virtual LayerRole role(std::int64_t /*layer*/) const { return LayerRole::kSparse; }
   virtual void begin(const ReplayPlan& /*plan*/) {}

@@ -43,6 +43,7 @@ class ReuseSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return group_ == "none"; }
+  bool reads_block_max() const override { return score_ == "prob"; }
   LayerRole role(std::int64_t layer) const override {
     if (layers_.empty() || layer < layers_.front()) return LayerRole::kFull;
     const bool selection = std::binary_search(layers_.begin(), layers_.end(), layer);
