@@ -149,34 +149,35 @@ std::vector<double> portable_exp_on_device(const std::vector<double>& x) {
 }
 
 void configure_ranking_kernels() {
-  const std::size_t most = ranking_entry_bytes(static_cast<int>(kMaxRankedBlocks)) + kMaxBoundHeadDim * sizeof(float);
+  const std::size_t most = ranking_entry_bytes(static_cast<int>(kMaxRankedPages)) + kMaxBoundHeadDim * sizeof(float);
   check(cudaFuncSetAttribute(page_bound_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)),
         "page ranking shared memory");
   check(cudaFuncSetAttribute(block_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(ranking_entry_bytes(static_cast<int>(kMaxRankedBlocks)))),
+                             static_cast<int>(ranking_entry_bytes(static_cast<int>(kMaxRankedPrefix)))),
         "block ranking shared memory");
 }
 
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
   const long long ranked_blocks = args.factor >= 1 ? (args.num_blocks + args.factor - 1) / args.factor : 0;
-  if (args.factor < 1 || args.count < 1 || args.count > ranked_blocks || args.count > kMaxRankedBlocks ||
+  if (args.factor < 1 || args.count < 1 || args.count > ranked_blocks || args.count > kMaxRankedPrefix ||
       ranked_blocks > INT_MAX) {
     fail(ErrorKind::kInternal, "block ranking of {} blocks of {} tile blocks, {} a row (at most {} a row)", ranked_blocks,
-         args.factor, args.count, kMaxRankedBlocks);
+         args.factor, args.count, kMaxRankedPrefix);
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
-  // Rows up to kMaxRankedBlocks are sorted whole; longer ones select their top count first.
-  const int capacity = static_cast<int>(padded_size(std::min(ranked_blocks, kMaxRankedBlocks)));
+  // The entries the longest row sorts (sorts_whole): rows up to that many are sorted whole (ascending
+  // rows: the last is the longest), longer ones select their top count first.
+  const int capacity = static_cast<int>(sorts_whole(ranked_blocks, args.count) ? padded_size(ranked_blocks) : padded_size(args.count));
   block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, ranking_entry_bytes(capacity), stream>>>(args, capacity);
   check(cudaGetLastError(), "block ranking kernel launch");
 }
 
 void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t stream) {
-  if (args.pages > kMaxRankedBlocks || args.count < 1 || args.count > args.pages || args.head_dim < 1 ||
+  if (args.pages > kMaxRankedPages || args.count < 1 || args.count > args.pages || args.head_dim < 1 ||
       args.head_dim > kMaxBoundHeadDim) {
     fail(ErrorKind::kInternal, "page ranking of {} pages, {} a row, head_dim {} (at most {} pages, head_dim {})", args.pages,
-         args.count, args.head_dim, kMaxRankedBlocks, kMaxBoundHeadDim);
+         args.count, args.head_dim, kMaxRankedPages, kMaxBoundHeadDim);
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;

@@ -155,7 +155,7 @@ void size_tile(const StatsRequest& req, StatsTile& out) {
   // Ranked on the device whenever asked, unless the prefix asked is longer than one thread block sorts.
   const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / ranked_block(req) + 1;
   const std::int64_t ranked = std::max<std::int64_t>(0, std::min(req.rank_blocks, ranked_blocks));
-  out.ranked = ranked <= kMaxRankedBlocks ? ranked : 0;
+  out.ranked = ranked <= kMaxRankedPrefix ? ranked : 0;
   out.mass_order.resize(static_cast<std::size_t>(out.heads * out.rows * out.ranked));
 }
 
@@ -663,7 +663,7 @@ class CudaBackend final : public Backend {
     for (std::int64_t r = 0; r < R; ++r) stride = std::max(stride, req.counts[r]);
     // Longer prefixes than one thread block sorts, or more keys than int indexes: the caller ranks them.
     constexpr std::int64_t kMaxInt = std::numeric_limits<int>::max();
-    if (stride > kMaxTokenRanked || T > kMaxInt || S * R > kMaxInt || W > kMaxInt || U > kMaxInt || n > kMaxInt) return false;
+    if (stride > kMaxRankedPrefix || T > kMaxInt || S * R > kMaxInt || W > kMaxInt || U > kMaxInt || n > kMaxInt) return false;
     TokenScoreArgs args;
     args.width = static_cast<int>(W);
     args.sets = static_cast<int>(S);
@@ -749,7 +749,7 @@ class CudaBackend final : public Backend {
       fail(ErrorKind::kInternal, "page ranking of {} rows, {} of {} pages a row", req.num_rows, req.count, req.pages);
     }
     // Longer rows than one thread block sorts, or wider heads than its staging: the caller ranks them.
-    if (req.pages > kMaxRankedBlocks || req.head_dim > kMaxBoundHeadDim) return false;
+    if (req.pages > kMaxRankedPages || req.head_dim > kMaxBoundHeadDim) return false;
     check(cudaSetDevice(device_), "cudaSetDevice");
     LanePool::Lease lane = lanes_->take();
     const cudaStream_t stream = lane->stream;

@@ -129,10 +129,11 @@ void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream);
 // StatsTile::mass_order on device-resident statistics: order[c][0..min(count, causal blocks)) of every
 // (head, row) cell c = h * rows + r (row stride `count`), the row's causal blocks of `factor` tile blocks
 // by mass (StatsTile's formula, in double), higher first, ties to the lower block. One thread block
-// ranks one row: a row of at most kMaxRankedBlocks blocks sorted whole in shared memory, a longer one
-// after a radix select of its top count; count at most kMaxRankedBlocks (callers rank longer prefixes
-// on the host).
-constexpr long long kMaxRankedBlocks = 4096;
+// ranks one row: a row that fits the shared memory its count needs (or kSortWholeEntries) sorted whole,
+// a longer one after a radix select of its top count; count at most kMaxRankedPrefix.
+// Prefixes a thread block ranks in shared memory (a key and an index each: 192 KiB, which Hopper's
+// 227 KiB a block holds): block and token-score rankings; callers rank longer prefixes on the host.
+constexpr long long kMaxRankedPrefix = 16384;
 struct BlockRankingArgs {
   const float* block_max = nullptr;     // [heads][rows][num_blocks]
   const float* block_sum = nullptr;
@@ -149,7 +150,8 @@ void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);
 // Backend::page_bound_rankings on device-resident data: per (head, row) cell c = h * rows + r, the row's
 // own page first, then its earlier pages by Quest's bound (in double, channel by channel, no fused
 // multiply-adds: the host's bits), higher first, ties to the lower page; order[c][0..min(count, pages of
-// the row)). At most kMaxRankedBlocks pages and kMaxBoundHeadDim channels.
+// the row)). At most kMaxRankedPages pages (sorted whole) and kMaxBoundHeadDim channels.
+constexpr long long kMaxRankedPages = 4096;
 constexpr int kMaxBoundHeadDim = 256;
 struct PageBoundRankingArgs {
   const float* q = nullptr;              // [heads][rows][head_dim], unscaled
@@ -192,8 +194,7 @@ void launch_nsa_logits(const NsaScoreArgs& args, cudaStream_t stream);
 // scored against the keys (the host's bits: channels ascending, each step fused or not as `fused` says, the
 // division and the terms' sum correctly rounded), each block's largest score into `scores`, then the row's
 // first count blocks ranked into order[(s * total_rows + row) * stride + i] (rank_top's order; the rest of a
-// row is left as it was). Counts up to kMaxTokenRanked (callers rank longer prefixes on the host).
-constexpr long long kMaxTokenRanked = 16384;
+// row is left as it was). Counts up to kMaxRankedPrefix (callers rank longer prefixes on the host).
 struct TokenScoreArgs {
   const double* keys = nullptr;          // [seq_len][width], or
   const float* keys32 = nullptr;         // [seq_len][width] (widened on the device: exact)
@@ -203,7 +204,7 @@ struct TokenScoreArgs {
   const double* weight = nullptr;        // [sets][total_rows][terms][channels]
   const double* divisor = nullptr;       // [sets][total_rows][terms], or nullptr
   const long long* positions = nullptr;  // [total_rows]
-  const long long* counts = nullptr;     // [total_rows]: 0 .. t / block + 1, at most kMaxTokenRanked
+  const long long* counts = nullptr;     // [total_rows]: 0 .. t / block + 1, at most kMaxRankedPrefix
   int total_rows = 0, row_begin = 0, rows = 0;
   long long local = 0, block = 1;
   long long num_blocks = 0;              // blocks of the request's last row: the workspace's row stride

@@ -59,6 +59,16 @@ __host__ __device__ __forceinline__ long long padded_size(long long n) {
   return padded;
 }
 
+// A row is sorted whole while it needs no more room than selecting its top count would, or this many
+// entries; longer ones have their top count selected first.
+constexpr long long kSortWholeEntries = 4096;
+
+// Entries a row's ranking sorts: all its blocks, or its top count once selected.
+__host__ __device__ __forceinline__ bool sorts_whole(long long blocks, long long count) {
+  const long long whole = padded_size(blocks);
+  return whole <= kSortWholeEntries || whole <= padded_size(count);
+}
+
 constexpr int kRadixBits = 8, kRadixBins = 1 << kRadixBits;
 
 // The row's `count` best entries (key_at(i), i < entries) gathered into keys[0, count) and indices (in no

@@ -23,8 +23,6 @@ constexpr int kMaxScoreRows = kScoreThreads / 32 * 4;  // rows a score block ser
 // Shared memory for the rows' weights, channels and divisors; fewer rows a block where a row's take more.
 constexpr int kRowStagingBytes = 48 * 1024;
 constexpr int kMaxScoreSharedBytes = 160 * 1024;
-// A row is sorted whole while it needs no more room than selecting its top count would, or this many entries.
-constexpr long long kSortWholeEntries = 4096;
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -52,12 +50,6 @@ int rows_per_score_block(const TokenScoreArgs& a) {
     --rows;
   }
   return rows;
-}
-
-// Entries a row's ranking sorts: all its blocks, or its top count once selected.
-__host__ __device__ __forceinline__ bool sorts_whole(long long blocks, long long count) {
-  const long long whole = padded_size(blocks);
-  return whole <= kSortWholeEntries || whole <= padded_size(count);
 }
 
 template <bool kFused>
@@ -172,7 +164,7 @@ void configure_token_score_kernels() {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxScoreSharedBytes), "token score shared memory");
   }
   check(cudaFuncSetAttribute(token_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(ranking_entry_bytes(static_cast<int>(kMaxTokenRanked)))),
+                             static_cast<int>(ranking_entry_bytes(static_cast<int>(kMaxRankedPrefix)))),
         "token ranking shared memory");
 }
 
@@ -186,7 +178,7 @@ void launch_token_score_rankings(const TokenScoreArgs& args, const long long* ho
                shared <= static_cast<std::size_t>(kMaxScoreSharedBytes);
   for (int r = args.row_begin; valid && r < args.row_begin + args.rows; ++r) {
     const long long blocks = host_positions[r] / args.block + 1, count = host_counts[r];
-    valid = blocks <= args.num_blocks && count >= 0 && count <= blocks && count <= kMaxTokenRanked && count <= args.stride;
+    valid = blocks <= args.num_blocks && count >= 0 && count <= blocks && count <= kMaxRankedPrefix && count <= args.stride;
     if (valid && count > 0) capacity = std::max(capacity, sorts_whole(blocks, count) ? padded_size(blocks) : padded_size(count));
   }
   if (!valid) {

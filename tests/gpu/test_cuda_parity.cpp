@@ -356,21 +356,28 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
     }
     // Rows longer than one thread block sorts: their top blocks are selected first (a radix select over
     // the row), ties across the cut to the lower blocks; short rows of the same tile are sorted whole.
+    // Prefixes past 4,096 (a token-level budget plus the blocks a window touches) sort in larger
+    // shared memory, rows up to its size whole.
     for (const bool ties : {false, true}) {
       const Capture c = gaussian_capture(1, 2, 1, 16, 9000, true, ties, test::seed() + 9000, precision);
-      const std::vector<std::int64_t> rows = {100, 4095, 4096, 6000, 8999};
+      const std::vector<std::int64_t> rows = {100, 4095, 4096, 6000, 8192, 8999};
       const StatsRequest req = group_request(c, 0, rows, 1, false);
-      for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{10}, std::int64_t{4096}}) check_rankings(*gpu, req, asked, 1);
+      for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{10}, std::int64_t{4096}, std::int64_t{4225}, std::int64_t{8999}}) {
+        check_rankings(*gpu, req, asked, 1);
+      }
       check_rankings(*gpu, req, 2000, 2);  // 4,500 ranked blocks of two
     }
   }
-  // A longer prefix than one thread block sorts is left to the host.
-  const Capture c = gaussian_capture(1, 2, 1, 16, 5000, false, false, test::seed() + 5000);
-  const std::vector<std::int64_t> rows = {4096, 4999};
+  // The longest prefix a thread block ranks, of a longer row; one more is left to the host.
+  constexpr std::int64_t kPrefix = hysparse::cuda::kMaxRankedPrefix;
+  const Capture c = gaussian_capture(1, 2, 1, 16, kPrefix + 1000, false, true, test::seed() + 5000);
+  const std::vector<std::int64_t> rows = {kPrefix - 1, kPrefix + 999};
   StatsRequest req = group_request(c, 0, rows, 1, false);
-  req.rank_blocks = 4097;
+  const auto gpu = make_backend("cuda");
+  check_rankings(*gpu, req, kPrefix, 1);
+  req.rank_blocks = kPrefix + 1;
   StatsTile tile;
-  make_backend("cuda")->block_statistics(req, tile);
+  gpu->block_statistics(req, tile);
   CHECK(tile.ranked == 0);
   CHECK(tile.mass_order.empty());
   std::printf("block rankings: %lld (head, row) rankings, %lld entries, every one the host's\n", static_cast<long long>(rankings),
@@ -838,13 +845,13 @@ TEST_CASE("CUDA token-score keys stay resident under their id, and longer prefix
   // A prefix longer than one thread block sorts, or keys wider than a score block stages: declined, the
   // selector ranks on the host.
   ref::TokenScoreShape long_rows;
-  long_rows.seq_len = hysparse::cuda::kMaxTokenRanked + 100;
+  long_rows.seq_len = hysparse::cuda::kMaxRankedPrefix + 100;
   long_rows.width = 2;
   long_rows.channels = 1;
   ref::OwnedTokenScoreRequest longer;
   ref::random_token_score_request(long_rows, rng, proxy::kMultiplyAddFused, longer);
   longer.rows.assign(1, long_rows.seq_len - 1);
-  longer.counts.assign(1, hysparse::cuda::kMaxTokenRanked + 1);
+  longer.counts.assign(1, hysparse::cuda::kMaxRankedPrefix + 1);
   longer.request.rows = longer.rows.data();
   longer.request.counts = longer.counts.data();
   longer.request.num_rows = 1;
