@@ -54,6 +54,8 @@ class LokiSelector final : public Selector {
       for (std::int64_t t : split_.positions) keys.push_back(layer.k(g, t));
       std::vector<double>& P = components_[static_cast<std::size_t>(g)];
       P = proxy::principal_components(keys, d, rank_);
+      // Every key of the layer projected: the bulk of the layer's setup, which runs before its tiles.
+#pragma omp parallel for schedule(static)
       for (std::int64_t j = 0; j < T; ++j) project(layer.k(g, j), P, &projected_[static_cast<std::size_t>((g * T + j) * rank_)]);
     }
     seq_len_ = T;
@@ -86,11 +88,14 @@ class LokiSelector final : public Selector {
 
  private:
   // out[i] = sum_c x[c] P[c][i], c ascending.
+  // out[i] = sum over channels c, ascending, of x[c] P[c][i]; every output's sum steps through the
+  // channels in order, and the loop over outputs vectorises.
   void project(const float* x, const std::vector<double>& P, double* out) const {
-    for (std::int64_t i = 0; i < rank_; ++i) {
-      double s = 0.0;
-      for (std::int64_t c = 0; c < d_; ++c) s += static_cast<double>(x[c]) * P[static_cast<std::size_t>(c * rank_ + i)];
-      out[i] = s;
+    std::fill(out, out + rank_, 0.0);
+    for (std::int64_t c = 0; c < d_; ++c) {
+      const double xc = static_cast<double>(x[c]);
+      const double* row = &P[static_cast<std::size_t>(c * rank_)];
+      for (std::int64_t i = 0; i < rank_; ++i) out[i] += xc * row[i];
     }
   }
 
