@@ -415,6 +415,32 @@ void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, co
   }
 }
 
+// A sum of gathered values, values[index[i]] for i = 0, 1, ... added in segments, in four independent
+// running sums (element i into sum i % 4), so that the gather's loads overlap instead of waiting on one
+// chain of additions; the total is (s0 + s1) + (s2 + s3). Segments compose: the total of [0, n) does not
+// depend on where they were cut.
+class GatheredSum {
+ public:
+  void reset() { lanes_[0] = lanes_[1] = lanes_[2] = lanes_[3] = 0.0; }
+  void add(const double* values, const std::int32_t* index, std::int64_t from, std::int64_t to) {
+    std::int64_t i = from;
+    for (; i < to && (i & 3) != 0; ++i) lanes_[i & 3] += values[index[i]];
+    double s0 = lanes_[0], s1 = lanes_[1], s2 = lanes_[2], s3 = lanes_[3];
+    for (; i + 4 <= to; i += 4) {
+      s0 += values[index[i]];
+      s1 += values[index[i + 1]];
+      s2 += values[index[i + 2]];
+      s3 += values[index[i + 3]];
+    }
+    lanes_[0] = s0, lanes_[1] = s1, lanes_[2] = s2, lanes_[3] = s3;
+    for (; i < to; ++i) lanes_[i & 3] += values[index[i]];
+  }
+  double total() const { return (lanes_[0] + lanes_[1]) + (lanes_[2] + lanes_[3]); }
+
+ private:
+  double lanes_[4] = {0.0, 0.0, 0.0, 0.0};
+};
+
 // Per-row metric values of one layer: [metric][selector][budget][head][row].
 class RowMetrics {
  public:
@@ -1302,7 +1328,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const std::int32_t* order = nullptr;
             const double* log_weight = nullptr;
             std::int64_t order_length = 0, taken = 0, selected_keys = 0;
-            double selected_mass = 0.0;
+            GatheredSum selected_mass;
             // A walk of the output estimate starts from the fixed forced keys (sinks, then window).
             auto start = [&](const Rankings& rk) {
               for (std::int64_t i = 0; i < order_length; ++i) {
@@ -1313,7 +1339,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               log_weight = sel.selects_blocks() && rk.weighted() ? rk.weights(set, r) : nullptr;
               for (std::int64_t i = 0; i < order_length; ++i) ws.stamp[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
               taken = selected_keys = 0;
-              selected_mass = 0.0;
+              selected_mass.reset();
               if (want_output) {
                 ws.walks.begin_walk(h, r);
                 ws.walks.add(0, fixed_ranges.sink_end);
@@ -1323,6 +1349,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             if (plan.budget_use != BudgetUse::kPerBudget) start(rankings[0]);
 
             // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
+            const double* row_residual = &residual[view.at(h, r, 0)];
+            GatheredSum oracle_sum;
             double oracle_mass = fixed.mass;
             std::int64_t oracle_taken = 0;
             // Budget-window SWA: whole base blocks are added once as the window grows; the partial
@@ -1366,9 +1394,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
               } else {
                 const std::int64_t use = nested ? std::min<std::int64_t>(n, order_length) : order_length;
+                if (taken < use) selected_mass.add(row_residual, order, taken, use);
                 for (; taken < use; ++taken) {
                   const std::int64_t b = order[taken];
-                  selected_mass += residual[view.at(h, r, b)];
                   selected_keys += block_keys(b) - fixed_ranges.count_in(b * B, (b + 1) * B);
                   if (want_output) {
                     // The block's keys outside the forced ranges: at most two runs.
@@ -1378,7 +1406,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                     ws.walks.add(a0, a1, log_weight ? std::exp(log_weight[taken]) : 1.0);
                   }
                 }
-                mass = fixed.mass + selected_mass;
+                mass = fixed.mass + selected_mass.total();
                 keys = fixed.count + selected_keys;
                 if (!nested) compared = std::min(use, causal);
                 nominal = plan.budget_use == BudgetUse::kFree ? keys : sel.selects_blocks() ? n * B : fixed.count;
@@ -1392,15 +1420,14 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
               }
               if (nested) {
-                for (; oracle_taken < n; ++oracle_taken) {
-                  const std::int64_t b = oracle_order[oracle_taken];
-                  oracle_mass += residual[view.at(h, r, b)];
-                }
+                if (oracle_taken < n) oracle_sum.add(row_residual, oracle_order, oracle_taken, n);
+                oracle_taken = std::max(oracle_taken, n);
               } else {
                 // Equal-size oracle: as many blocks as the selection holds, beside the same forced keys.
-                oracle_mass = fixed.mass;
-                for (std::int64_t i = 0; i < compared; ++i) oracle_mass += residual[view.at(h, r, oracle_order[i])];
+                oracle_sum.reset();
+                oracle_sum.add(row_residual, oracle_order, 0, compared);
               }
+              oracle_mass = fixed.mass + oracle_sum.total();
               const bool whole_row = keys >= t + 1;
               if (whole_row) {
                 // Exact: every causal key is attended. With the same forced keys the oracle is never
