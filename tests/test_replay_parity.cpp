@@ -313,6 +313,23 @@ TEST_CASE("replay properties: full budget gives recall 1, the oracle bounds ever
       }
     }
   }
+  // A per-head oracle is its own reference: its mass and the reference's are the same sum, added in the
+  // same order however the budgets cut it, so the ratio is exactly 1 in every row. One long, flat row
+  // per layer (a mean over rows would hide a last-bit difference), where a sum in another order rounds
+  // differently somewhere.
+  Shape long_rows;
+  long_rows.layers = 6;
+  long_rows.seq_len = 2000;
+  long_rows.sinks = true;
+  long_rows.logit_scale = 0.25;
+  const Capture long_capture = random_capture(long_rows, test::seed() + 52);
+  ReplayOptions own_options = replay_options("oracle:block=1,oracle:block=1,sinks=2,window=5,oracle:block=4", tokens({64, 300, 1000}));
+  own_options.queries = "last:1";
+  const ReplayResult own = replay_capture(long_capture, "parity_oracle_self", own_options);
+  for (const auto& s : own.selectors) {
+    INFO(s.spec);
+    for (const double ratio : s.head_mean[kRecallVsOracle].values) CHECK(ratio == 1.0);
+  }
 }
 
 namespace {
