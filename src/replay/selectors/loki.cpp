@@ -88,14 +88,15 @@ class LokiSelector final : public Selector {
 
  private:
   // out[i] = sum_c x[c] P[c][i], c ascending.
-  // out[i] = sum over channels c, ascending, of x[c] P[c][i]; every output's sum steps through the
-  // channels in order, and the loop over outputs vectorises.
+  // out[i] = sum over channels c, ascending, of x[c] P[c][i], each step proxy::multiply_add (fused where
+  // the build has fused multiply-adds: the compiler's choice would differ between loop forms); the loop
+  // over outputs vectorises.
   void project(const float* x, const std::vector<double>& P, double* out) const {
     std::fill(out, out + rank_, 0.0);
     for (std::int64_t c = 0; c < d_; ++c) {
       const double xc = static_cast<double>(x[c]);
       const double* row = &P[static_cast<std::size_t>(c * rank_)];
-      for (std::int64_t i = 0; i < rank_; ++i) out[i] += xc * row[i];
+      for (std::int64_t i = 0; i < rank_; ++i) out[i] = proxy::multiply_add(xc, row[i], out[i]);
     }
   }
 
