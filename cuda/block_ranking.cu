@@ -166,9 +166,11 @@ void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
-  // The entries the longest row sorts (sorts_whole): rows up to that many are sorted whole (ascending
-  // rows: the last is the longest), longer ones select their top count first.
-  const int capacity = static_cast<int>(sorts_whole(ranked_blocks, args.count) ? padded_size(ranked_blocks) : padded_size(args.count));
+  // The entries the longest row sorts (sorts_whole; ascending rows: the last is the longest), and at
+  // least kSortWholeEntries where rows reach it: rows up to the capacity are sorted whole, longer ones
+  // select their top count first.
+  const long long longest = sorts_whole(ranked_blocks, args.count) ? padded_size(ranked_blocks) : padded_size(args.count);
+  const int capacity = static_cast<int>(std::max(longest, std::min(padded_size(ranked_blocks), kSortWholeEntries)));
   block_ranking_kernel<<<static_cast<unsigned>(cells), kRankingThreads, ranking_entry_bytes(capacity), stream>>>(args, capacity);
   check(cudaGetLastError(), "block ranking kernel launch");
 }

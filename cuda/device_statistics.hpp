@@ -129,8 +129,9 @@ void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream);
 // StatsTile::mass_order on device-resident statistics: order[c][0..min(count, causal blocks)) of every
 // (head, row) cell c = h * rows + r (row stride `count`), the row's causal blocks of `factor` tile blocks
 // by mass (StatsTile's formula, in double), higher first, ties to the lower block. One thread block
-// ranks one row: a row that fits the shared memory its count needs (or kSortWholeEntries) sorted whole,
-// a longer one after a radix select of its top count; count at most kMaxRankedPrefix.
+// ranks one row: a row of at most kSortWholeEntries blocks, or of no more than the shared memory the
+// tile's longest row needs holds, sorted whole, a longer one after a radix select of its top count;
+// count at most kMaxRankedPrefix.
 // Prefixes a thread block ranks in shared memory (a key and an index each: 192 KiB, which Hopper's
 // 227 KiB a block holds): block and token-score rankings; callers rank longer prefixes on the host.
 constexpr long long kMaxRankedPrefix = 16384;

@@ -1652,3 +1652,40 @@ TEST_CASE("attention received: the definition, by hand, with sinks and windows p
   proxy::attention_received(request, received);
   CHECK(received == std::vector<double>(3, 0.0));
 }
+
+TEST_CASE("a cross-layer store ranks by block maxima only from a view that holds them", "[proxies]") {
+  // The engine fills BlockView::max_prob only in views whose selectors say they read it
+  // (Selector::reads_block_max); a selector that reads it without saying so is an internal error, never a
+  // read past an empty array.
+  const std::vector<std::int64_t> positions = {5, 9};
+  BlockView view;
+  view.block = 2;
+  view.heads = 2;
+  view.rows = 2;
+  view.positions = positions.data();
+  view.num_blocks = positions.back() / view.block + 1;
+  for (std::int64_t i = 0; i < view.heads * view.rows * view.num_blocks; ++i) view.mass.push_back(1.0 / static_cast<double>(i + 1));
+  std::vector<std::int64_t> length = {2, 2};
+  RankContext c;
+  c.kv_group = 0;
+  c.group_size = 2;
+  c.rows = 2;
+  c.positions = positions.data();
+  c.view = &view;
+  c.ranking_length = length.data();
+  proxy::CrossLayerStore store;
+  store.reset(1, 2, 2, view.num_blocks);
+  store.record(c, proxy::CrossLayerStore::Score::kMass, proxy::CrossLayerStore::Group::kMax);  // mass: always there
+  try {
+    store.record(c, proxy::CrossLayerStore::Score::kMax, proxy::CrossLayerStore::Group::kMax);
+    FAIL("block maxima read from a view without them");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kInternal);
+  }
+  view.max_prob = view.mass;
+  store.record(c, proxy::CrossLayerStore::Score::kMax, proxy::CrossLayerStore::Group::kMax);
+  Rankings out;
+  store.recall(c, proxy::CrossLayerStore::Group::kMax, out);
+  CHECK(out.size(0, 0) == 2);
+  CHECK(out.row(0, 0)[0] == 0);  // the largest value: the first block
+}

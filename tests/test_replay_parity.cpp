@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -17,6 +19,7 @@
 #include "reference/naive_replay.hpp"
 #include "reference/random_capture.hpp"
 #include "replay/engine.hpp"
+#include "replay/gathered_sum.hpp"
 #include "replay/selector.hpp"
 
 using namespace hysparse;
@@ -282,6 +285,41 @@ TEST_CASE("selectors with different block sizes share one statistics pass (gcd) 
       }
     }
   }
+}
+
+TEST_CASE("GatheredSum's total is its four lanes' whatever segments it is added in", "[replay][metrics]") {
+  // Values of many magnitudes, so that sums in another order (or lanes counted from a segment's start)
+  // round differently.
+  Rng rng(test::seed() + 77);
+  std::int64_t compared = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    const std::int64_t n = 1 + static_cast<std::int64_t>(rng.next() % 700);
+    std::vector<double> values(static_cast<std::size_t>(n));
+    for (double& v : values) v = rng.uniform() * std::pow(10.0, -static_cast<double>(rng.next() % 12));
+    std::vector<std::int32_t> index(static_cast<std::size_t>(n));
+    std::iota(index.begin(), index.end(), 0);
+    for (std::int64_t i = n - 1; i > 0; --i) std::swap(index[static_cast<std::size_t>(i)], index[rng.next() % static_cast<std::uint64_t>(i + 1)]);
+    double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+    for (std::int64_t i = 0; i < n; ++i) lanes[i % 4] += values[static_cast<std::size_t>(index[static_cast<std::size_t>(i)])];
+    const double expected = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    GatheredSum whole, cut;
+    whole.add(values.data(), index.data(), 0, n);
+    CHECK(whole.total() == expected);
+    // Random cuts, empty segments and ones that start off a multiple of four included.
+    std::int64_t at = 0;
+    while (at < n) {
+      const std::int64_t next = std::min(n, at + static_cast<std::int64_t>(rng.next() % 9));
+      cut.add(values.data(), index.data(), at, next);
+      at = next;
+    }
+    CAPTURE(trial, n);
+    CHECK(cut.total() == expected);
+    cut.reset();
+    cut.add(values.data(), index.data(), 0, 0);
+    CHECK(cut.total() == 0.0);
+    ++compared;
+  }
+  std::printf("GatheredSum: %lld sums, each equal to its lanes' whatever the cuts\n", static_cast<long long>(compared));
 }
 
 TEST_CASE("replay properties: full budget gives recall 1, the oracle bounds every selector, recall grows with budget",

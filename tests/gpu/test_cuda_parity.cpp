@@ -345,8 +345,8 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
         for (const std::int64_t asked : {std::int64_t{1}, std::int64_t{5}, num_blocks, num_blocks + 7}) check_rankings(*gpu, req, asked, factor);
       }
     }
-    // Rows of 1,024 to 4,096 blocks (the most one thread block sorts): every thread compares several
-    // pairs a stage, and the shared memory is full. Token-level blocks, with ties.
+    // Rows of 1,024 to 4,096 blocks (the most a thread block sorts whole for short prefixes): every
+    // thread compares several pairs a stage. Token-level blocks, with ties.
     for (const bool ties : {false, true}) {
       const Capture c = gaussian_capture(1, 4, 1, 32, 4096, true, ties, test::seed() + 4096, precision);
       const std::vector<std::int64_t> rows = {1023, 1024, 2047, 2048, 4095};
@@ -354,10 +354,10 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
       for (const std::int64_t asked : {std::int64_t{3}, std::int64_t{1500}, std::int64_t{4096}}) check_rankings(*gpu, req, asked, 1);
       check_rankings(*gpu, req, 700, 2);
     }
-    // Rows longer than one thread block sorts: their top blocks are selected first (a radix select over
-    // the row), ties across the cut to the lower blocks; short rows of the same tile are sorted whole.
-    // Prefixes past 4,096 (a token-level budget plus the blocks a window touches) sort in larger
-    // shared memory, rows up to its size whole.
+    // Rows longer than a thread block sorts whole: their top blocks are selected first (a radix select
+    // over the row), ties across the cut to the lower blocks; rows of up to 4,096 blocks of the same tile
+    // are sorted whole. Prefixes past 4,096 (a token-level budget plus the blocks a window touches) sort
+    // in larger shared memory, and rows up to its size whole.
     for (const bool ties : {false, true}) {
       const Capture c = gaussian_capture(1, 2, 1, 16, 9000, true, ties, test::seed() + 9000, precision);
       const std::vector<std::int64_t> rows = {100, 4095, 4096, 6000, 8192, 8999};

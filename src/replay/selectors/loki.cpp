@@ -87,7 +87,6 @@ class LokiSelector final : public Selector {
   }
 
  private:
-  // out[i] = sum_c x[c] P[c][i], c ascending.
   // out[i] = sum over channels c, ascending, of x[c] P[c][i], each step proxy::multiply_add (fused where
   // the build has fused multiply-adds: the compiler's choice would differ between loop forms); the loop
   // over outputs vectorises.
