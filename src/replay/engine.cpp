@@ -1326,7 +1326,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
             const double* row_residual = &residual[view.at(h, r, 0)];
             GatheredSum oracle_sum;
-            double oracle_mass = fixed.mass;
             std::int64_t oracle_taken = 0;
             // Budget-window SWA: whole base blocks are added once as the window grows; the partial
             // block at the window's start is recomputed per budget. window_begin: keys added to the output.
@@ -1402,7 +1401,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 oracle_sum.reset();
                 oracle_sum.add(row_residual, oracle_order, 0, compared);
               }
-              oracle_mass = fixed.mass + oracle_sum.total();
+              double oracle_mass = fixed.mass + oracle_sum.total();
               const bool whole_row = keys >= t + 1;
               if (whole_row) {
                 // Exact: every causal key is attended. With the same forced keys the oracle is never
