@@ -148,21 +148,49 @@ std::vector<double> portable_exp_on_device(const std::vector<double>& x) {
   return out;
 }
 
-void configure_ranking_kernels() {
-  const std::size_t most = ranking_entry_bytes(static_cast<int>(kMaxRankedPages)) + kMaxBoundHeadDim * sizeof(float);
-  check(cudaFuncSetAttribute(page_bound_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)),
+static_assert(kMinRankingSharedBytes >= kSortWholeEntries * (sizeof(unsigned long long) + sizeof(int)) + kRankingStaticBytes,
+              "a device that holds the page rankings sorts rows of kSortWholeEntries blocks whole");
+
+bool has_kernels_for_current_device() {
+  cudaFuncAttributes attributes{};
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, block_ranking_kernel);
+  if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction) {
+    cudaGetLastError();  // not sticky: clear it
+    return false;
+  }
+  check(status, "kernel attributes");
+  return true;
+}
+
+long long ranked_prefix_limit(std::size_t shared_bytes) {
+  for (long long prefix = kMaxRankedPrefix; prefix >= kSortWholeEntries; prefix /= 2) {
+    if (ranking_entry_bytes(static_cast<int>(prefix)) + kRankingStaticBytes <= shared_bytes) return prefix;
+  }
+  return 0;
+}
+
+void configure_ranking_kernels(std::size_t shared_bytes) {
+  for (const void* kernel : {reinterpret_cast<const void*>(block_ranking_kernel), reinterpret_cast<const void*>(page_bound_ranking_kernel)}) {
+    cudaFuncAttributes attributes{};
+    check(cudaFuncGetAttributes(&attributes, kernel), "ranking kernel attributes");
+    if (attributes.sharedSizeBytes > kRankingStaticBytes) {
+      fail(ErrorKind::kInternal, "a ranking kernel declares {} bytes of static shared memory, more than the {} its launches leave",
+           attributes.sharedSizeBytes, kRankingStaticBytes);
+    }
+  }
+  check(cudaFuncSetAttribute(page_bound_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kPageRankingBytes)),
         "page ranking shared memory");
   check(cudaFuncSetAttribute(block_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(ranking_entry_bytes(static_cast<int>(kMaxRankedPrefix)))),
+                             static_cast<int>(ranking_entry_bytes(static_cast<int>(ranked_prefix_limit(shared_bytes))))),
         "block ranking shared memory");
 }
 
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
   const long long ranked_blocks = args.factor >= 1 ? (args.num_blocks + args.factor - 1) / args.factor : 0;
-  if (args.factor < 1 || args.count < 1 || args.count > ranked_blocks || args.count > kMaxRankedPrefix ||
-      ranked_blocks > INT_MAX) {
-    fail(ErrorKind::kInternal, "block ranking of {} blocks of {} tile blocks, {} a row (at most {} a row)", ranked_blocks,
-         args.factor, args.count, kMaxRankedPrefix);
+  if (args.factor < 1 || args.count < 1 || args.count > ranked_blocks || args.count > args.prefix_limit ||
+      args.prefix_limit > kMaxRankedPrefix || ranked_blocks > INT_MAX) {
+    fail(ErrorKind::kInternal, "block ranking of {} blocks of {} tile blocks, {} a row (at most {} a row on this device)",
+         ranked_blocks, args.factor, args.count, args.prefix_limit);
   }
   const long long cells = static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;

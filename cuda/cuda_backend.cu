@@ -54,6 +54,9 @@ constexpr long long kReceivedWorkspaceBytes = 512ll << 20;
 // (set_token_score_workspace_bytes changes it, for tests).
 constexpr std::int64_t kTokenScoreWorkspaceBytes = std::int64_t{256} << 20;
 std::atomic<std::int64_t> token_score_workspace_bytes{kTokenScoreWorkspaceBytes};
+// The shared memory a block may take on backends made from now on, below the device's own (0: the device's);
+// set_shared_memory_limit changes it, for tests that play a smaller GPU.
+std::atomic<std::int64_t> shared_memory_limit_bytes{0};
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -139,8 +142,9 @@ std::int64_t ranked_block(const StatsRequest& req) {
   return block;
 }
 
-// Sizes a tile for `req` without clearing it: every value is overwritten by the downloads.
-void size_tile(const StatsRequest& req, StatsTile& out) {
+// Sizes a tile for `req` without clearing it: every value is overwritten by the downloads. The device
+// ranks prefixes up to prefix_limit (ranked_prefix_limit of its shared memory).
+void size_tile(const StatsRequest& req, long long prefix_limit, StatsTile& out) {
   out.heads = req.heads;
   out.rows = req.num_rows;
   out.head_dim = req.head_dim;
@@ -155,7 +159,7 @@ void size_tile(const StatsRequest& req, StatsTile& out) {
   // Ranked on the device whenever asked, unless the prefix asked is longer than one thread block sorts.
   const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / ranked_block(req) + 1;
   const std::int64_t ranked = std::max<std::int64_t>(0, std::min(req.rank_blocks, ranked_blocks));
-  out.ranked = ranked <= kMaxRankedPrefix ? ranked : 0;
+  out.ranked = ranked <= prefix_limit ? ranked : 0;
   out.mass_order.resize(static_cast<std::size_t>(out.heads * out.rows * out.ranked));
 }
 
@@ -387,9 +391,25 @@ class CudaBackend final : public Backend {
     description_ = fmt::format("cuda:{} {} (sm_{}{}, {} SMs, {:.1f} GiB), {}", device_, prop.name, prop.major, prop.minor,
                                prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) / 1073741824.0,
                                describe(precision_));
+    if (!has_kernels_for_current_device()) {
+      fail(ErrorKind::kDevice, "cuda:{} {} has compute capability {}.{}, and this build has no code for it (CUDA architectures {}): "
+           "configure with -DCMAKE_CUDA_ARCHITECTURES={}{} and rebuild", device_, prop.name, prop.major, prop.minor,
+           HYSPARSE_CUDA_ARCHITECTURES, prop.major, prop.minor);
+    }
+    // Rankings take as long a prefix as a block's shared memory holds (Hopper: 16,384 blocks; 99-163 KiB
+    // GPUs: 8,192); the kernels may take the device's whole limit, the decisions follow the (test) limit.
+    int device_shared = 0;
+    check(cudaDeviceGetAttribute(&device_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_), "shared memory limit");
+    const std::int64_t cap = shared_memory_limit_bytes.load();
+    shared_bytes_ = static_cast<std::size_t>(cap > 0 ? std::min<std::int64_t>(cap, device_shared) : device_shared);
+    if (shared_bytes_ < kMinRankingSharedBytes) {
+      fail(ErrorKind::kDevice, "cuda:{} {} lets a thread block take {} bytes of shared memory; the rankings need {}", device_,
+           prop.name, shared_bytes_, kMinRankingSharedBytes);
+    }
+    prefix_limit_ = ranked_prefix_limit(shared_bytes_);
     lanes_ = std::make_unique<LanePool>(prop.multiProcessorCount);
-    configure_ranking_kernels();
-    configure_token_score_kernels();
+    configure_ranking_kernels(static_cast<std::size_t>(device_shared));
+    configure_token_score_kernels(static_cast<std::size_t>(device_shared));
   }
   std::string name() const override { return "cuda"; }
   std::string device() const override { return description_; }
@@ -445,10 +465,8 @@ class CudaBackend final : public Backend {
            req.budgets);
     }
     // Key indices are int on the device; the step's queries must fit in shared memory.
-    int shared_limit = 0;
-    check(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_), "shared memory limit");
     if (req.seq_len > std::numeric_limits<int>::max() / 2 ||
-        h2o_shared_bytes(static_cast<int>(req.heads), static_cast<int>(req.head_dim)) > static_cast<std::size_t>(shared_limit)) {
+        h2o_shared_bytes(static_cast<int>(req.heads), static_cast<int>(req.head_dim)) > shared_bytes_) {
       return false;
     }
     if (req.stop_requested && req.stop_requested()) return false;
@@ -663,12 +681,14 @@ class CudaBackend final : public Backend {
     for (std::int64_t r = 0; r < R; ++r) stride = std::max(stride, req.counts[r]);
     // Longer prefixes than one thread block sorts, or more keys than int indexes: the caller ranks them.
     constexpr std::int64_t kMaxInt = std::numeric_limits<int>::max();
-    if (stride > kMaxRankedPrefix || T > kMaxInt || S * R > kMaxInt || W > kMaxInt || U > kMaxInt || n > kMaxInt) return false;
+    if (stride > prefix_limit_ || T > kMaxInt || S * R > kMaxInt || W > kMaxInt || U > kMaxInt || n > kMaxInt) return false;
     TokenScoreArgs args;
     args.width = static_cast<int>(W);
     args.sets = static_cast<int>(S);
     args.terms = static_cast<int>(U);
     args.channels = static_cast<int>(n);
+    args.prefix_limit = prefix_limit_;
+    args.shared_bytes = shared_bytes_;
     // Wider keys, or more terms a row, than a score block's shared memory holds: the caller ranks them.
     if (!token_scores_fit(args)) return false;
     check(cudaSetDevice(device_), "cudaSetDevice");
@@ -801,7 +821,7 @@ class CudaBackend final : public Backend {
     check(cudaSetDevice(device_), "cudaSetDevice");
     LanePool::Lease lane = lanes_->take();
     const cudaStream_t stream = lane->stream;
-    size_tile(req, out);
+    size_tile(req, prefix_limit_, out);
     const std::int64_t G = req.heads, R = req.num_rows, d = req.head_dim;
     const bool exact = type_ == InputType::kFloat32;
     const int stride = input_stride(type_, static_cast<int>(d));
@@ -864,6 +884,7 @@ class CudaBackend final : public Backend {
       ranking.factor = static_cast<int>(ranked_block(req) / req.block_size);
       ranking.count = static_cast<int>(out.ranked);
       ranking.order = lane->rankings.reserve(out.mass_order.size(), "block rankings");
+      ranking.prefix_limit = prefix_limit_;
       launch_block_ranking(ranking, stream);
       mass_order = download(lane->host_rankings, static_cast<const int*>(ranking.order), out.mass_order.size(), "block rankings", stream);
     }
@@ -1126,6 +1147,8 @@ class CudaBackend final : public Backend {
   Precision precision_;
   InputType type_;
   std::string description_;
+  std::size_t shared_bytes_ = 0;  // shared memory a block may take (the device's opt-in limit, or a test's smaller one)
+  long long prefix_limit_ = 0;    // ranked_prefix_limit(shared_bytes_): longer prefixes are left to the host
   std::unique_ptr<LanePool> lanes_;
   mutable std::mutex resident_mutex_;  // guards the map; each entry has its own lock
   mutable std::map<std::int64_t, std::unique_ptr<HeadKeys>> resident_;  // by KV head
@@ -1135,6 +1158,8 @@ class CudaBackend final : public Backend {
 }  // namespace
 
 std::uint64_t resident_array_uploads() { return resident_array_upload_count.load(std::memory_order_relaxed); }
+
+std::int64_t set_shared_memory_limit(std::int64_t bytes) { return shared_memory_limit_bytes.exchange(std::max<std::int64_t>(bytes, 0)); }
 
 std::int64_t set_token_score_workspace_bytes(std::int64_t bytes) {
   return token_score_workspace_bytes.exchange(bytes > 0 ? bytes : kTokenScoreWorkspaceBytes);

@@ -17,6 +17,10 @@ std::uint64_t resident_array_uploads();
 // The bytes of block scores Backend::token_score_rankings holds at once (it ranks a request's rows in chunks
 // that fit); bytes <= 0 restores the default. Returns the previous value. For tests of the chunking.
 std::int64_t set_token_score_workspace_bytes(std::int64_t bytes);
+// The shared memory a thread block may take on CUDA backends made from now on, where less than the device's
+// own: a test plays a GPU with less (A100: 166,912 bytes; compute capability 8.6/8.9: 101,376), whose rankings
+// leave longer prefixes to the host. bytes <= 0 restores the device's. Returns the previous value (0: none).
+std::int64_t set_shared_memory_limit(std::int64_t bytes);
 // portable_exp of every x, evaluated on the current device: tests compare it with the host's bits.
 std::vector<double> portable_exp_on_device(const std::vector<double>& x);
 

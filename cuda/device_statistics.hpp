@@ -4,6 +4,7 @@
 // here copies between host and device except the small work plan.
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -131,10 +132,18 @@ void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream);
 // by mass (StatsTile's formula, in double), higher first, ties to the lower block. One thread block
 // ranks one row: a row of at most kSortWholeEntries blocks, or of no more than the shared memory the
 // tile's longest row needs holds, sorted whole, a longer one after a radix select of its top count;
-// count at most kMaxRankedPrefix.
-// Prefixes a thread block ranks in shared memory (a key and an index each: 192 KiB, which Hopper's
-// 227 KiB a block holds): block and token-score rankings; callers rank longer prefixes on the host.
+// count at most the args' prefix_limit.
+// The longest prefix any device ranks (block and token-score rankings) in one thread block's shared memory,
+// a key and an index each: 192 KiB, which Hopper's 227 KiB a block holds. A device ranks up to
+// ranked_prefix_limit(its shared memory): 8,192 on an A100 (163 KiB) or an sm_86/89 card (99 KiB); callers
+// rank longer prefixes on the host.
 constexpr long long kMaxRankedPrefix = 16384;
+// Static shared memory the ranking kernels may declare beside their entries (select_top's histogram and
+// counters: 1,072 bytes); configure_ranking_kernels checks it against the compiled kernels.
+constexpr std::size_t kRankingStaticBytes = 2048;
+// The longest power-of-two prefix, up to kMaxRankedPrefix, whose entries fit `shared_bytes` a block beside
+// kRankingStaticBytes; 0 where not even kSortWholeEntries fit (the backend refuses such a device).
+long long ranked_prefix_limit(std::size_t shared_bytes);
 struct BlockRankingArgs {
   const float* block_max = nullptr;     // [heads][rows][num_blocks]
   const float* block_sum = nullptr;
@@ -145,6 +154,7 @@ struct BlockRankingArgs {
   int factor = 1;                       // tile blocks per ranked block
   int count = 0;                        // 1..ranked blocks of the last row
   int* order = nullptr;                 // [heads][rows][count]
+  long long prefix_limit = 0;           // the device's ranked_prefix_limit
 };
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);
 
@@ -154,6 +164,11 @@ void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);
 // the row)). At most kMaxRankedPages pages (sorted whole) and kMaxBoundHeadDim channels.
 constexpr long long kMaxRankedPages = 4096;
 constexpr int kMaxBoundHeadDim = 256;
+// The page ranking's most dynamic shared memory: 49 KiB.
+constexpr std::size_t kPageRankingBytes = (kMaxRankedPages * (sizeof(unsigned long long) + sizeof(int))) + kMaxBoundHeadDim * sizeof(float);
+// The shared memory a block must be able to take for the rankings (pages, and rows of kSortWholeEntries
+// blocks sorted whole): every GPU of compute capability 7.0 or newer has it.
+constexpr std::size_t kMinRankingSharedBytes = kPageRankingBytes + kRankingStaticBytes;
 struct PageBoundRankingArgs {
   const float* q = nullptr;              // [heads][rows][head_dim], unscaled
   const float* lo = nullptr;             // [head_dim][pages]: per-channel key minima (exact in fp32)
@@ -165,8 +180,13 @@ struct PageBoundRankingArgs {
   int* order = nullptr;                  // [heads][rows][count]
 };
 void launch_page_bound_ranking(const PageBoundRankingArgs& args, cudaStream_t stream);
-// Once per device, before the first ranking: the shared memory the longest rankings need.
-void configure_ranking_kernels();
+// Whether this build holds code the current device runs (CMAKE_CUDA_ARCHITECTURES names its architecture,
+// or an older one whose PTX it compiles).
+bool has_kernels_for_current_device();
+// Once per device, before the first ranking: lets the ranking kernels take the shared memory of the
+// longest prefix that fits `shared_bytes` a block (the device's opt-in limit, at least
+// kMinRankingSharedBytes). Error(kInternal) if the kernels' static shared memory exceeds kRankingStaticBytes.
+void configure_ranking_kernels(std::size_t shared_bytes);
 
 // Backend::nsa_block_scores (and pooled_key_logits) on device-resident data (nsa_scores.cu): scores[r][b] of the tile's rows,
 // logits with the host's bits (channels ascending, each step fused or not as `fused` says), the softmax
@@ -195,7 +215,7 @@ void launch_nsa_logits(const NsaScoreArgs& args, cudaStream_t stream);
 // scored against the keys (the host's bits: channels ascending, each step fused or not as `fused` says, the
 // division and the terms' sum correctly rounded), each block's largest score into `scores`, then the row's
 // first count blocks ranked into order[(s * total_rows + row) * stride + i] (rank_top's order; the rest of a
-// row is left as it was). Counts up to kMaxRankedPrefix (callers rank longer prefixes on the host).
+// row is left as it was). Counts up to prefix_limit (callers rank longer prefixes on the host).
 struct TokenScoreArgs {
   const double* keys = nullptr;          // [seq_len][width], or
   const float* keys32 = nullptr;         // [seq_len][width] (widened on the device: exact)
@@ -205,7 +225,7 @@ struct TokenScoreArgs {
   const double* weight = nullptr;        // [sets][total_rows][terms][channels]
   const double* divisor = nullptr;       // [sets][total_rows][terms], or nullptr
   const long long* positions = nullptr;  // [total_rows]
-  const long long* counts = nullptr;     // [total_rows]: 0 .. t / block + 1, at most kMaxRankedPrefix
+  const long long* counts = nullptr;     // [total_rows]: 0 .. t / block + 1, at most prefix_limit
   int total_rows = 0, row_begin = 0, rows = 0;
   long long local = 0, block = 1;
   long long num_blocks = 0;              // blocks of the request's last row: the workspace's row stride
@@ -213,6 +233,8 @@ struct TokenScoreArgs {
   double* scores = nullptr;              // workspace [sets][rows][num_blocks]
   int stride = 0;                        // order's row stride (the largest count)
   int* order = nullptr;                  // [sets][total_rows][stride]
+  long long prefix_limit = 0;            // the device's ranked_prefix_limit
+  std::size_t shared_bytes = 0;          // shared memory a block may take on the device (its opt-in limit)
 };
 // Enqueues the two kernels; host_positions and host_counts (the whole request's, on the host) size the
 // ranking's shared memory.
@@ -221,8 +243,9 @@ void launch_token_score_rankings(const TokenScoreArgs& args, const long long* ho
 // Whether a score block has the shared memory for one row of `args`'s width, terms and channels (the caller
 // ranks on the host where not).
 bool token_scores_fit(const TokenScoreArgs& args);
-// Once per device, before the first launch: the shared memory the kernels may take.
-void configure_token_score_kernels();
+// Once per device, before the first launch: lets the kernels take what they may need of `shared_bytes` a
+// block (the device's opt-in limit).
+void configure_token_score_kernels(std::size_t shared_bytes);
 
 // Backend::h2o_evictions on device data, every (budget, set) of a layer in one launch (a thread block
 // each). Workspace per (budget, set): cache 2 x seq_len ints, score seq_len doubles, logits heads x seq_len

@@ -22,7 +22,9 @@ constexpr int kKeyChunk = 32;                          // keys staged at once: o
 constexpr int kMaxScoreRows = kScoreThreads / 32 * 4;  // rows a score block serves: four a warp
 // Shared memory for the rows' weights, channels and divisors; fewer rows a block where a row's take more.
 constexpr int kRowStagingBytes = 48 * 1024;
-constexpr int kMaxScoreSharedBytes = 160 * 1024;
+// A score block's most shared memory (wide keys), within the device's limit (TokenScoreArgs::shared_bytes).
+constexpr std::size_t kMaxScoreSharedBytes = 160 * 1024;
+std::size_t score_shared_limit(std::size_t device_bytes) { return std::min(kMaxScoreSharedBytes, device_bytes); }
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::kDevice, "CUDA {}: {}", what, cudaGetErrorString(status));
@@ -41,12 +43,13 @@ std::size_t score_shared_bytes(const TokenScoreArgs& a, int rows_per_block) {
 }
 
 // Rows a score block serves: up to kMaxScoreRows, fewer where their terms would take more than
-// kRowStagingBytes; 0 where not even one row fits the shared memory.
+// kRowStagingBytes; 0 where not even one row fits the shared memory (the kernel declares none statically).
 int rows_per_score_block(const TokenScoreArgs& a) {
-  if (score_shared_bytes(a, 1) > static_cast<std::size_t>(kMaxScoreSharedBytes)) return 0;
+  const std::size_t limit = score_shared_limit(a.shared_bytes);
+  if (score_shared_bytes(a, 1) > limit) return 0;
   int rows = kMaxScoreRows;
   while (rows > 1 && (score_shared_bytes(a, rows) - score_shared_bytes(a, 0) > static_cast<std::size_t>(kRowStagingBytes) ||
-                      score_shared_bytes(a, rows) > static_cast<std::size_t>(kMaxScoreSharedBytes))) {
+                      score_shared_bytes(a, rows) > limit)) {
     --rows;
   }
   return rows;
@@ -159,12 +162,25 @@ __global__ void __launch_bounds__(kRankingThreads) token_ranking_kernel(const To
 
 bool token_scores_fit(const TokenScoreArgs& args) { return rows_per_score_block(args) > 0; }
 
-void configure_token_score_kernels() {
+void configure_token_score_kernels(std::size_t shared_bytes) {
   for (const void* kernel : {reinterpret_cast<const void*>(token_score_kernel<true>), reinterpret_cast<const void*>(token_score_kernel<false>)}) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxScoreSharedBytes), "token score shared memory");
+    cudaFuncAttributes attributes{};
+    check(cudaFuncGetAttributes(&attributes, kernel), "token score kernel attributes");
+    if (attributes.sharedSizeBytes != 0) {
+      fail(ErrorKind::kInternal, "the token score kernel declares {} bytes of static shared memory; its launches assume none",
+           attributes.sharedSizeBytes);
+    }
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(score_shared_limit(shared_bytes))),
+          "token score shared memory");
+  }
+  cudaFuncAttributes attributes{};
+  check(cudaFuncGetAttributes(&attributes, token_ranking_kernel), "token ranking kernel attributes");
+  if (attributes.sharedSizeBytes > kRankingStaticBytes) {
+    fail(ErrorKind::kInternal, "the token ranking kernel declares {} bytes of static shared memory, more than the {} its launches leave",
+         attributes.sharedSizeBytes, kRankingStaticBytes);
   }
   check(cudaFuncSetAttribute(token_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(ranking_entry_bytes(static_cast<int>(kMaxRankedPrefix)))),
+                             static_cast<int>(ranking_entry_bytes(static_cast<int>(ranked_prefix_limit(shared_bytes))))),
         "token ranking shared memory");
 }
 
@@ -175,10 +191,10 @@ void launch_token_score_rankings(const TokenScoreArgs& args, const long long* ho
   long long capacity = 1;
   bool valid = rows_per_block > 0 && (args.keys == nullptr) != (args.keys32 == nullptr) && args.rows > 0 && args.row_begin >= 0 && args.row_begin + args.rows <= args.total_rows && args.sets > 0 &&
                args.terms > 0 && args.channels > 0 && args.width > 0 && args.block > 0 && args.local >= 0 &&
-               shared <= static_cast<std::size_t>(kMaxScoreSharedBytes);
+               shared <= score_shared_limit(args.shared_bytes) && args.prefix_limit <= kMaxRankedPrefix;
   for (int r = args.row_begin; valid && r < args.row_begin + args.rows; ++r) {
     const long long blocks = host_positions[r] / args.block + 1, count = host_counts[r];
-    valid = blocks <= args.num_blocks && count >= 0 && count <= blocks && count <= kMaxRankedPrefix && count <= args.stride;
+    valid = blocks <= args.num_blocks && count >= 0 && count <= blocks && count <= args.prefix_limit && count <= args.stride;
     if (valid && count > 0) capacity = std::max(capacity, sorts_whole(blocks, count) ? padded_size(blocks) : padded_size(count));
   }
   if (!valid) {

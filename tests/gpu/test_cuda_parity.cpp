@@ -1854,6 +1854,85 @@ TEST_CASE("Several CUDA devices give the report of one, bit for bit", "[cuda]") 
   }
 }
 
+TEST_CASE("A GPU with less shared memory ranks the prefixes it holds and leaves longer ones to the host", "[cuda]") {
+  // Played on this GPU by capping the shared memory a backend counts on (set_shared_memory_limit): an A100's
+  // 163 KiB and a compute capability 8.6/8.9 card's 99 KiB hold prefixes of 8,192 entries where Hopper holds
+  // 16,384. What such a device declines, the host ranks: the same reports.
+  struct RestoreLimit {
+    std::int64_t previous;
+    ~RestoreLimit() { hysparse::cuda::set_shared_memory_limit(previous); }
+  };
+  const RestoreLimit restore{hysparse::cuda::set_shared_memory_limit(0)};
+  const auto full = make_backend("cuda");
+  constexpr std::int64_t kHeld = 8192;
+  const Capture c = gaussian_capture(1, 2, 1, 16, kHeld + 900, true, true, test::seed() + 8192);
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_small_shared.h5";
+  write_capture(path, c);
+  Rng rng(test::seed() + 193);
+  ReplayOptions options;
+  options.budgets = {{Budget::Kind::kTokens, 100}, {Budget::Kind::kTokens, static_cast<double>(kHeld + 300)}};
+  options.selectors = parse_selector_list("oracle:block=1,swa:block=1,window=64,hysparse:block=1,loki:block=1,oracle");
+  options.schedule = "FS";
+  options.queries = "last:3";
+  const ReplayResult cpu = replay_with("cpu", Precision::kFp32, path, options);
+  const ReplayResult on_hopper = replay_with("cuda", Precision::kFp32, path, options);
+  for (const std::int64_t limit : {std::int64_t{166912}, std::int64_t{101376}}) {
+    CAPTURE(limit);
+    hysparse::cuda::set_shared_memory_limit(limit);
+    const auto small = make_backend("cuda");
+    // Block rankings: 8,192 of a 9,092-block row on the device, entry for entry the full device's; one more declined.
+    const std::vector<std::int64_t> rows = {kHeld - 1, kHeld + 899};
+    StatsRequest req = group_request(c, 0, rows, 1, false);
+    req.rank_block = 1;
+    StatsTile expected, got;
+    for (const std::int64_t asked : {kHeld, kHeld + 1}) {
+      req.rank_blocks = asked;
+      full->block_statistics(req, expected);
+      small->block_statistics(req, got);
+      REQUIRE(expected.ranked == asked);
+      CHECK(got.ranked == (asked <= kHeld ? asked : 0));
+      if (got.ranked > 0) CHECK(got.mass_order == expected.mass_order);
+      CHECK(got.block_sum == expected.block_sum);
+    }
+    // Token-score rankings: the same rule.
+    ref::TokenScoreShape shape;
+    shape.seq_len = kHeld + 400;
+    shape.width = 4;
+    shape.channels = 2;
+    ref::OwnedTokenScoreRequest owned;
+    ref::random_token_score_request(shape, rng, proxy::kMultiplyAddFused, owned);
+    owned.rows.assign(1, shape.seq_len - 1);
+    owned.request.rows = owned.rows.data();
+    owned.request.num_rows = 1;
+    for (const std::int64_t count : {kHeld, kHeld + 1}) {
+      owned.counts.assign(1, count);
+      owned.request.counts = owned.counts.data();
+      std::vector<std::int32_t> host, device;
+      proxy::token_score_rankings(owned.request, host);
+      CHECK(small->token_score_rankings(owned.request, device) == (count <= kHeld));
+      if (count <= kHeld) CHECK(device == host);
+      CHECK(full->token_score_rankings(owned.request, device));
+      CHECK(device == host);
+    }
+    // A replay whose token-level budget passes the prefix: the CPU's report, and the full device's bit for bit.
+    ReplayOptions on_small = options;
+    on_small.device = "cuda";
+    on_small.precision = "fp32";
+    const ReplayResult report = run_replay(path, on_small, *small, false);
+    compare_reports(cpu, report);
+    compare_reports(on_hopper, report, true);
+  }
+  // Less than the rankings need (no GPU of compute capability 7.0 or newer has so little): the device is refused.
+  hysparse::cuda::set_shared_memory_limit(40 * 1024);
+  try {
+    (void)make_backend("cuda");
+    FAIL("a device with 40 KiB of shared memory a block was accepted");
+  } catch (const Error& error) {
+    CHECK(error.kind() == ErrorKind::kDevice);
+    CHECK(std::string(error.what()).find("shared memory") != std::string::npos);
+  }
+}
+
 TEST_CASE("CUDA replays every registered selector (selectors=all) with the CPU's report", "[cuda]") {
   // The proxies score keys from q and k on the host; the device's block statistics feed every
   // mass and every selection ranked by attention. All sixteen, defaults, blocks of 16.
