@@ -197,7 +197,7 @@ struct ResidentKeys {
 
 // One stream with everything a request needs: device buffers, pinned staging, the pass's plan.
 struct Lane {
-  explicit Lane(int multiprocessors) : pass(multiprocessors) {
+  Lane(int multiprocessors, std::size_t shared_bytes) : pass(multiprocessors, shared_bytes) {
     // Non-blocking: nothing on the legacy default stream may serialise the lanes.
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream creation");
   }
@@ -282,7 +282,8 @@ long long* upload_query_positions(const Request& req, Lane& lane) {
 // Up to kLanesPerDevice lanes, made on first need; a caller waits while all are busy.
 class LanePool {
  public:
-  explicit LanePool(int multiprocessors) : multiprocessors_(multiprocessors) {}
+  // shared_bytes: the shared memory a block may take (StatsPass's limit).
+  LanePool(int multiprocessors, std::size_t shared_bytes) : multiprocessors_(multiprocessors), shared_bytes_(shared_bytes) {}
   class Lease {
    public:
     Lease(LanePool& pool, Lane& lane) : pool_(pool), lane_(lane) {}
@@ -305,7 +306,7 @@ class LanePool {
     std::unique_lock<std::mutex> lock(mutex_);
     idle_changed_.wait(lock, [&] { return !idle_.empty() || lanes_.size() < kLanesPerDevice; });
     if (idle_.empty()) {
-      lanes_.push_back(std::make_unique<Lane>(multiprocessors_));
+      lanes_.push_back(std::make_unique<Lane>(multiprocessors_, shared_bytes_));
       idle_.push_back(lanes_.back().get());
     }
     Lane* lane = idle_.back();
@@ -322,6 +323,7 @@ class LanePool {
     idle_changed_.notify_one();
   }
   int multiprocessors_;
+  std::size_t shared_bytes_;
   std::mutex mutex_;
   std::condition_variable idle_changed_;
   std::vector<std::unique_ptr<Lane>> lanes_;
@@ -391,6 +393,10 @@ class CudaBackend final : public Backend {
     description_ = fmt::format("cuda:{} {} (sm_{}{}, {} SMs, {:.1f} GiB), {}", device_, prop.name, prop.major, prop.minor,
                                prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) / 1073741824.0,
                                describe(precision_));
+    if (prop.major < 8) {
+      fail(ErrorKind::kDevice, "cuda:{} {} has compute capability {}.{}; hysparse's kernels need 8.0 or newer (bf16 tensor cores)",
+           device_, prop.name, prop.major, prop.minor);
+    }
     if (!has_kernels_for_current_device()) {
       fail(ErrorKind::kDevice, "cuda:{} {} has compute capability {}.{}, and this build has no code for it (CUDA architectures {}): "
            "configure with -DCMAKE_CUDA_ARCHITECTURES={}{} and rebuild", device_, prop.name, prop.major, prop.minor,
@@ -407,7 +413,7 @@ class CudaBackend final : public Backend {
            prop.name, shared_bytes_, kMinRankingSharedBytes);
     }
     prefix_limit_ = ranked_prefix_limit(shared_bytes_);
-    lanes_ = std::make_unique<LanePool>(prop.multiProcessorCount);
+    lanes_ = std::make_unique<LanePool>(prop.multiProcessorCount, shared_bytes_);
     configure_ranking_kernels(static_cast<std::size_t>(device_shared));
     configure_token_score_kernels(static_cast<std::size_t>(device_shared));
   }

@@ -71,8 +71,9 @@ struct StatsPassArgs {
 // was made.
 class StatsPass {
  public:
-  // On the device current when it is made.
-  explicit StatsPass(int multiprocessors);
+  // On the device current when it is made; shared_limit > 0 caps the shared memory a block is counted
+  // on below the device's own (a backend playing a smaller GPU).
+  explicit StatsPass(int multiprocessors, std::size_t shared_limit = 0);
   StatsPass(const StatsPass&) = delete;
   StatsPass& operator=(const StatsPass&) = delete;
   ~StatsPass();

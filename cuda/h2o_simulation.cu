@@ -241,7 +241,13 @@ void launch_h2o_simulation(const H2oSimulationArgs& args, const float* keys, cud
   transpose_keys_kernel<<<blocks, 256, 0, stream>>>(keys, args.kv_heads, args.seq_len, args.head_dim, args.keys_t);
   check(cudaGetLastError(), "key transpose launch");
   const std::size_t shared = static_cast<std::size_t>(args.heads) * args.head_dim * sizeof(double);
-  check(cudaFuncSetAttribute(h2o_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+  // The device's whole allowance, not this launch's need: a value set per launch could lower the limit under
+  // another lane's launch between its own set and launch.
+  int device = 0, optin = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory limit");
+  const std::size_t allowance = static_cast<std::size_t>(optin) - std::min(static_cast<std::size_t>(optin), h2o_shared_bytes(0, 0));
+  check(cudaFuncSetAttribute(h2o_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(allowance)),
         "H2O kernel shared memory");
   h2o_kernel<<<static_cast<unsigned>(args.budgets * args.sets), kH2oThreads, shared, stream>>>(args);
   check(cudaGetLastError(), "H2O kernel launch");

@@ -577,7 +577,10 @@ void launch_output_with(const void* q, const void* k, const float* v, const long
                         int heads, int rows, int d, int ld, float score_scale, const OutputSegments& split,
                         float* output, float* workspace, cudaStream_t stream) {
   const std::size_t shared = static_cast<std::size_t>(kKeys * d) * sizeof(float);
-  check(cudaFuncSetAttribute(output_kernel<In, kCols>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+  // The instantiation's largest head_dim (4 kCols), not this launch's: a value set per launch could lower the
+  // limit under another lane's launch between its own set and launch.
+  check(cudaFuncSetAttribute(output_kernel<In, kCols>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(static_cast<std::size_t>(kKeys * 4 * kCols) * sizeof(float))),
         "output kernel shared memory");
   const dim3 grid(static_cast<unsigned>((rows + kRows - 1) / kRows), static_cast<unsigned>(heads),
                   static_cast<unsigned>(split.segments));
@@ -644,10 +647,11 @@ void fill_normal(float* data, std::size_t count, std::uint64_t seed, cudaStream_
   check(cudaGetLastError(), "random fill kernel launch");
 }
 
-StatsPass::StatsPass(int multiprocessors) : multiprocessors_(multiprocessors), wgmma_(wgmma_available()) {
+StatsPass::StatsPass(int multiprocessors, std::size_t shared_limit) : multiprocessors_(multiprocessors), wgmma_(wgmma_available()) {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&shared_optin_, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory limit");
+  if (shared_limit > 0) shared_optin_ = static_cast<int>(std::min<std::size_t>(shared_limit, static_cast<std::size_t>(shared_optin_)));
 }
 
 StatsPass::~StatsPass() {
@@ -657,12 +661,15 @@ StatsPass::~StatsPass() {
 const char* StatsPass::run(const StatsPassArgs& a, cudaStream_t stream) {
   if (a.rows <= 0 || a.heads <= 0) fail(ErrorKind::kInternal, "statistics pass: no rows");
   const int stride = input_stride(a.type, a.head_dim);
-  const bool tensor_cores = a.type != InputType::kFloat32 && tensor_core_supports(a.block, stride) && a.score_scale > 0.0f;
+  // kAuto: wgmma wherever it runs (compute capability 9.0; measured faster there, README), else mma.sync
+  // where a block's shared memory holds its key stages (not at head_dim 256 on 99 KiB GPUs), else SIMT.
+  const bool asked_wgmma = a.tensor_core_kernel == TensorCoreKernel::kWgmma;
+  const bool wgmma = asked_wgmma || (a.tensor_core_kernel == TensorCoreKernel::kAuto && wgmma_);
+  const bool tensor_cores = a.type != InputType::kFloat32 && tensor_core_supports(a.block, stride) && a.score_scale > 0.0f &&
+                            (wgmma || a.tensor_core_kernel == TensorCoreKernel::kMma ||
+                             mma_shared_bytes(stride) <= static_cast<std::size_t>(shared_optin_));
   const char* kernel = "simt";
   if (tensor_cores) {
-    // kAuto: wgmma wherever it runs (compute capability 9.0; measured faster there, README), else mma.sync.
-    const bool asked_wgmma = a.tensor_core_kernel == TensorCoreKernel::kWgmma;
-    const bool wgmma = asked_wgmma || (a.tensor_core_kernel == TensorCoreKernel::kAuto && wgmma_);
     if (asked_wgmma && !wgmma_) fail(ErrorKind::kUsage, "statistics pass: the wgmma kernel needs a compute capability 9.0 GPU");
     kernel = wgmma ? "wgmma" : "mma";
     // Thread blocks of 128 query rows: one row group (a warp of 16 or 32 rows for mma.sync, a

@@ -193,9 +193,12 @@ __global__ void __launch_bounds__(kTensorCoreRowsPerBlock * 2 / kMTiles, kMTiles
   copy_async_wait<0>();  // leave no copy in flight into shared memory at exit
 }
 
+// Dynamic shared memory: the key stages of kSteps 16-channel bf16/fp16 slices.
+constexpr int key_stage_bytes(int steps) { return kStages * kKeys * steps * 16 * 2; }
+
 template <bool kFp16, int kSteps, int kBlockN8, int kMTiles>
 void launch_with(const TensorCoreLaunch& p, cudaStream_t stream) {
-  constexpr int kSharedBytes = kStages * kKeys * kSteps * 16 * 2;
+  constexpr int kSharedBytes = key_stage_bytes(kSteps);
   constexpr int kThreads = kTensorCoreRowsPerBlock * 2 / kMTiles;
   auto* kernel = tensor_core_statistics_kernel<kFp16, kSteps, kBlockN8, kMTiles>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
@@ -233,6 +236,13 @@ void launch_type(const TensorCoreLaunch& p, cudaStream_t stream) {
 int tensor_core_rows_per_warp(int depth, int requested) {
   if (depth > 128) return 16;  // 32 rows of depth-256 query fragments would not fit in registers
   return requested == 16 || requested == 32 ? requested : kDefaultRowsPerWarp;
+}
+
+std::size_t mma_shared_bytes(int depth) {
+  // The staged cells (static) are the same whatever the rows per warp: a warp's rows x kStagedBlocks x (max, sum).
+  constexpr std::size_t staged = sizeof(StagedCells<1>) * (kTensorCoreRowsPerBlock * 2 / 32);
+  static_assert(sizeof(StagedCells<2>) * (kTensorCoreRowsPerBlock * 2 / 2 / 32) == staged, "staged cells per block");
+  return static_cast<std::size_t>(key_stage_bytes(depth / 16)) + staged;
 }
 
 bool tensor_core_supports(long long block, int depth) {

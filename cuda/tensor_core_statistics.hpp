@@ -5,6 +5,7 @@
 // the CUDA backend: statistics_pass.cu plans the work and launches them through this header.
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace hysparse::cuda {
@@ -50,6 +51,9 @@ struct TensorCoreLaunch {
 // Whether the tensor-core kernel handles this block size and padded depth: blocks of 8, 16,
 // 32 or 64 keys (several per key tile) or any multiple of 64 (several key tiles per block).
 bool tensor_core_supports(long long block, int depth);
+// Shared memory a block of the mma.sync kernel takes at this padded depth (key stages and staged cells):
+// 104 KiB at 256, more than compute capability 8.6/8.9 GPUs give a block (99 KiB).
+std::size_t mma_shared_bytes(int depth);
 // Rows per warp the kernel runs at this depth: `requested` (16 or 32) where it fits, else the
 // default (0 asks for the default).
 int tensor_core_rows_per_warp(int depth, int requested);

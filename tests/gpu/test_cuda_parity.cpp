@@ -51,6 +51,15 @@ namespace ref = hysparse::reference;
 
 namespace {
 
+// The longest prefix this GPU ranks (ranked_prefix_limit of its shared memory: 16,384 on Hopper, 8,192 on an
+// A100 or a compute capability 8.6/8.9 card); longer ones are left to the host.
+std::int64_t device_prefix_limit() {
+  int device = 0, shared = 0;
+  REQUIRE(cudaGetDevice(&device) == cudaSuccess);
+  REQUIRE(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess);
+  return hysparse::cuda::ranked_prefix_limit(static_cast<std::size_t>(shared));
+}
+
 constexpr double kGpuMassTolerance = 1e-5;      // relative, block masses and mass metrics
 constexpr double kGpuLogitTolerance = 1e-4;     // absolute: block max logits and log-sum-exps
 constexpr double kGpuOutputTolerance = 1e-4;    // relative, per output vector
@@ -296,6 +305,7 @@ TEST_CASE("portable_exp gives the host's bits on the device", "[cuda]") {
 
 TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, ties to the lower block", "[cuda]") {
   std::int64_t rankings = 0, entries = 0;
+  const std::int64_t limit = device_prefix_limit();
   // factor: tile blocks per ranked block (the engine's view of a larger block size).
   auto check_rankings = [&](const Backend& gpu, const StatsRequest& req, std::int64_t asked, std::int64_t factor) {
     CAPTURE(req.heads, req.seq_len, req.block_size, req.num_rows, asked, factor);
@@ -305,8 +315,8 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
     StatsTile tile;
     gpu.block_statistics(ranked_request, tile);
     const std::int64_t block = req.block_size * factor;
-    const std::int64_t num_blocks = req.rows[req.num_rows - 1] / block + 1;
-    REQUIRE(tile.ranked == std::min(asked, num_blocks));
+    const std::int64_t num_blocks = req.rows[req.num_rows - 1] / block + 1, wanted = std::min(asked, num_blocks);
+    REQUIRE(tile.ranked == (wanted <= limit ? wanted : 0));  // longer prefixes than the device holds: the host's
     REQUIRE(tile.mass_order.size() == static_cast<std::size_t>(tile.heads * tile.rows * tile.ranked));
     std::vector<double> mass;
     std::vector<std::int32_t> expected;
@@ -369,13 +379,12 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
     }
   }
   // The longest prefix a thread block ranks, of a longer row; one more is left to the host.
-  constexpr std::int64_t kPrefix = hysparse::cuda::kMaxRankedPrefix;
-  const Capture c = gaussian_capture(1, 2, 1, 16, kPrefix + 1000, false, true, test::seed() + 5000);
-  const std::vector<std::int64_t> rows = {kPrefix - 1, kPrefix + 999};
+  const Capture c = gaussian_capture(1, 2, 1, 16, limit + 1000, false, true, test::seed() + 5000);
+  const std::vector<std::int64_t> rows = {limit - 1, limit + 999};
   StatsRequest req = group_request(c, 0, rows, 1, false);
   const auto gpu = make_backend("cuda");
-  check_rankings(*gpu, req, kPrefix, 1);
-  req.rank_blocks = kPrefix + 1;
+  check_rankings(*gpu, req, limit, 1);
+  req.rank_blocks = limit + 1;
   StatsTile tile;
   gpu->block_statistics(req, tile);
   CHECK(tile.ranked == 0);
@@ -776,6 +785,11 @@ TEST_CASE("CUDA token-score rankings (doublesparsity, loki, sparq) are the host'
       }
       // Keys uploaded for the request, then kept (asked twice: the second from the device's copy).
       const std::uint64_t id = proxy::next_data_id();
+      if (*std::max_element(owned.counts.begin(), owned.counts.end()) > device_prefix_limit()) {
+        std::vector<std::int32_t> declined;
+        CHECK_FALSE(gpu->token_score_rankings(req, declined));  // this GPU ranks shorter prefixes: the host's
+        continue;
+      }
       for (const std::uint64_t keys_id : {std::uint64_t{0}, id, id}) {
         CAPTURE(keys_id);
         req.keys_id = keys_id;
@@ -845,13 +859,13 @@ TEST_CASE("CUDA token-score keys stay resident under their id, and longer prefix
   // A prefix longer than one thread block sorts, or keys wider than a score block stages: declined, the
   // selector ranks on the host.
   ref::TokenScoreShape long_rows;
-  long_rows.seq_len = hysparse::cuda::kMaxRankedPrefix + 100;
+  long_rows.seq_len = device_prefix_limit() + 100;
   long_rows.width = 2;
   long_rows.channels = 1;
   ref::OwnedTokenScoreRequest longer;
   ref::random_token_score_request(long_rows, rng, proxy::kMultiplyAddFused, longer);
   longer.rows.assign(1, long_rows.seq_len - 1);
-  longer.counts.assign(1, hysparse::cuda::kMaxRankedPrefix + 1);
+  longer.counts.assign(1, device_prefix_limit() + 1);
   longer.request.rows = longer.rows.data();
   longer.request.counts = longer.counts.data();
   longer.request.num_rows = 1;
@@ -1863,9 +1877,18 @@ TEST_CASE("A GPU with less shared memory ranks the prefixes it holds and leaves 
     ~RestoreLimit() { hysparse::cuda::set_shared_memory_limit(previous); }
   };
   const RestoreLimit restore{hysparse::cuda::set_shared_memory_limit(0)};
+  // The mma.sync kernel's key stages at head_dim 256 fit an A100's block but not a 99 KiB one's (the
+  // statistics pass computes bf16 scores in SIMT there).
+  CHECK(hysparse::cuda::mma_shared_bytes(256) > 101376);
+  CHECK(hysparse::cuda::mma_shared_bytes(256) <= 166912);
+  CHECK(hysparse::cuda::mma_shared_bytes(128) <= 101376);
+  if (device_prefix_limit() < hysparse::cuda::kMaxRankedPrefix) {
+    WARN("this GPU's own shared memory ranks prefixes of " << device_prefix_limit() << ": the smaller GPUs are not played");
+    return;
+  }
   const auto full = make_backend("cuda");
   constexpr std::int64_t kHeld = 8192;
-  const Capture c = gaussian_capture(1, 2, 1, 16, kHeld + 900, true, true, test::seed() + 8192);
+  const Capture c = gaussian_capture(2, 2, 1, 16, kHeld + 900, true, true, test::seed() + 8192);
   const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/gpu_small_shared.h5";
   write_capture(path, c);
   Rng rng(test::seed() + 193);
@@ -1914,6 +1937,18 @@ TEST_CASE("A GPU with less shared memory ranks the prefixes it holds and leaves 
       CHECK(full->token_score_rankings(owned.request, device));
       CHECK(device == host);
     }
+    // Keys of 400 channels in double: a score block stages 32 x 401 x 8 = 102,656 bytes of them, which 163 KiB
+    // hold and 99 KiB do not (the host ranks them there).
+    ref::TokenScoreShape wide;
+    wide.seq_len = 300;
+    wide.width = 400;
+    wide.channels = 3;
+    ref::OwnedTokenScoreRequest wider;
+    ref::random_token_score_request(wide, rng, proxy::kMultiplyAddFused, wider);
+    std::vector<std::int32_t> host, device;
+    proxy::token_score_rankings(wider.request, host);
+    CHECK(small->token_score_rankings(wider.request, device) == (limit > 102656));
+    if (limit > 102656) CHECK(device == host);
     // A replay whose token-level budget passes the prefix: the CPU's report, and the full device's bit for bit.
     ReplayOptions on_small = options;
     on_small.device = "cuda";
