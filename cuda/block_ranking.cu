@@ -158,6 +158,13 @@ bool has_kernels_for_current_device() {
     cudaGetLastError();  // not sticky: clear it
     return false;
   }
+  // Only PTX for this GPU, and the driver cannot compile it: say how to avoid the compilation.
+  if (status == cudaErrorUnsupportedPtxVersion || status == cudaErrorInvalidPtx || status == cudaErrorJitCompilerNotFound) {
+    cudaGetLastError();
+    fail(ErrorKind::kDevice, "CUDA cannot compile this build's PTX for the GPU ({}): update the driver, or build for the GPU's "
+         "own architecture (-DCMAKE_CUDA_ARCHITECTURES=<its compute capability, e.g. 90>) so that nothing is compiled at run time",
+         cudaGetErrorString(status));
+  }
   check(status, "kernel attributes");
   return true;
 }

@@ -1488,8 +1488,16 @@ TEST_CASE("The tensor-core kernels and layouts give the same statistics", "[cuda
   if (pass.wgmma()) {
     variants.push_back({"wgmma", cuda::TensorCoreKernel::kWgmma, 0});
   }
+  int device = 0, shared_optin = 0;
+  REQUIRE(cudaGetDevice(&device) == cudaSuccess);
+  REQUIRE(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess);
   for (const int d : {64, 128, 256}) {
     const int stride = cuda::input_stride(cuda::InputType::kBfloat16, d);
+    if (cuda::mma_shared_bytes(stride) > static_cast<std::size_t>(shared_optin)) {
+      std::printf("head_dim %d: the mma.sync kernel's %zu bytes of shared memory exceed this GPU's %d a block\n", d,
+                  cuda::mma_shared_bytes(stride), shared_optin);
+      continue;
+    }
     cuda::fill_normal(q32, static_cast<std::size_t>(heads * rows * d), test::seed() + static_cast<std::uint64_t>(d), nullptr);
     cuda::fill_normal(k32, static_cast<std::size_t>(T * d), test::seed() + 1 + static_cast<std::uint64_t>(d), nullptr);
     REQUIRE(cudaMemset(k, 0, static_cast<std::size_t>(padded_keys * stride * 2)) == cudaSuccess);
