@@ -64,7 +64,10 @@ __global__ void __launch_bounds__(kKeyThreads) received_kernel(const double* log
 
 void check_blas(cublasStatus_t status, const char* what) {
   if (status == CUBLAS_STATUS_SUCCESS) return;
-  if (status == CUBLAS_STATUS_ALLOC_FAILED) fail(ErrorKind::kResource, "cuBLAS {}: out of device memory", what);
+  if (status == CUBLAS_STATUS_ALLOC_FAILED) {
+    (void)cudaGetLastError();  // a failed allocation inside cuBLAS must not reach this thread's next launch check
+    fail(ErrorKind::kResource, "cuBLAS {}: out of device memory", what);
+  }
   fail(ErrorKind::kDevice, "cuBLAS {}: status {}", what, static_cast<int>(status));
 }
 

@@ -470,14 +470,16 @@ class CudaBackend final : public Backend {
       fail(ErrorKind::kInternal, "H2O simulation of {} keys, {} sets of {} heads, {} budgets", req.seq_len, req.sets, req.heads,
            req.budgets);
     }
+    if (req.stop_requested && req.stop_requested()) return false;
+    // This device first: h2o_shared_bytes reads the kernel's attributes on the current one (a fresh thread of a
+    // multi-device backend starts on GPU 0).
+    check(cudaSetDevice(device_), "cudaSetDevice");
     // Key indices are int on the device; the step's queries must fit in shared memory.
     if (req.seq_len > std::numeric_limits<int>::max() / 2 ||
         h2o_shared_bytes(static_cast<int>(req.heads), static_cast<int>(req.head_dim)) > shared_bytes_) {
       return false;
     }
-    if (req.stop_requested && req.stop_requested()) return false;
     try {
-      check(cudaSetDevice(device_), "cudaSetDevice");
       LanePool::Lease lane = lanes_->take();
       const cudaStream_t stream = lane->stream;
       const FreedAtEnd freed(stream, lane->h2o_q, lane->h2o_keys, lane->h2o_keys_t, lane->h2o_score, lane->h2o_logits,
@@ -541,6 +543,7 @@ class CudaBackend final : public Backend {
         const cublasStatus_t status = cublasCreate(&lane->blas);
         if (status != CUBLAS_STATUS_SUCCESS) {
           lane->blas = nullptr;
+          (void)cudaGetLastError();  // as after a failed allocation: not for this thread's next launch check
           fail(status == CUBLAS_STATUS_ALLOC_FAILED ? ErrorKind::kResource : ErrorKind::kDevice, "cuBLAS handle: status {}",
                static_cast<int>(status));
         }

@@ -552,12 +552,18 @@ const char* launch_simt_statistics(const StatsPassArgs& a, int stride, int share
   // Key segments of whole blocks spread a long row over many thread blocks.
   const long long keys = a.host_positions[a.rows - 1] + 1;
   const long long unit = std::lcm(static_cast<long long>(kKeys), a.block);
-  const long long segment = unit * std::max(1LL, kSimtSegmentKeys / unit);
+  // Longer segments where a row's keys would need more of them than a grid's third dimension holds (65,535).
+  const long long segments_held = 65535;
+  const long long fewest_units = (keys + unit * segments_held - 1) / (unit * segments_held);
+  const long long segment = unit * std::max({1LL, kSimtSegmentKeys / unit, fewest_units});
   const dim3 grid(static_cast<unsigned>((a.rows + kRows - 1) / kRows), static_cast<unsigned>(a.heads),
                   static_cast<unsigned>((keys + segment - 1) / segment));
   if (tiled) {
     const std::size_t shared = tiled_fp32_shared_bytes(a.head_dim);
-    check(cudaFuncSetAttribute(tiled_fp32_statistics_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+    // The largest head_dim's allowance (within the device's), not this launch's: a value set per launch could
+    // lower the limit under another lane's launch of a larger head_dim between its own set and launch.
+    const std::size_t allowance = std::min(tiled_fp32_shared_bytes(kTiledMaxHeadDim), static_cast<std::size_t>(shared_optin));
+    check(cudaFuncSetAttribute(tiled_fp32_statistics_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(allowance)),
           "tiled SIMT kernel shared memory");
     tiled_fp32_statistics_kernel<<<grid, kTiledThreads, shared, stream>>>(
         static_cast<const float*>(a.q), static_cast<const float*>(a.k), a.positions, a.rows, a.head_dim, a.score_scale, a.block,
