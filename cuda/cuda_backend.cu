@@ -774,8 +774,9 @@ class CudaBackend final : public Backend {
   }
 
   bool rank_pages(const PageBoundRequest& req, std::vector<std::int32_t>& order) const {
-    if (req.num_rows <= 0 || req.count <= 0 || req.count > req.pages) {
-      fail(ErrorKind::kInternal, "page ranking of {} rows, {} of {} pages a row", req.num_rows, req.count, req.pages);
+    if (req.num_rows <= 0 || req.count <= 0 || req.count > req.pages || req.page <= 0) {
+      fail(ErrorKind::kInternal, "page ranking of {} rows, {} of {} pages of {} keys a row", req.num_rows, req.count, req.pages,
+           req.page);
     }
     // Longer rows than one thread block sorts, or wider heads than its staging: the caller ranks them.
     if (req.pages > kMaxRankedPages || req.head_dim > kMaxBoundHeadDim) return false;
@@ -815,7 +816,9 @@ class CudaBackend final : public Backend {
   }
 
   void block_statistics(const StatsRequest& req, StatsTile& out) const override {
-    if (req.num_rows <= 0) throw Error(ErrorKind::kInternal, "block_statistics: no rows");
+    if (req.num_rows <= 0 || req.block_size <= 0) {
+      fail(ErrorKind::kInternal, "block_statistics: {} rows, blocks of {} keys", req.num_rows, req.block_size);
+    }
     if (req.attn) {
       fail(ErrorKind::kUsage, "--device cuda replays q/k layers; this capture has dense attn layers (use --device cpu)");
     }

@@ -286,7 +286,9 @@ class CpuBackend final : public Backend {
                        EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION);
   }
   void block_statistics(const StatsRequest& req, StatsTile& out) const override {
-    if (req.num_rows <= 0) throw Error(ErrorKind::kInternal, "block_statistics: no rows");
+    if (req.num_rows <= 0 || req.block_size <= 0) {
+      fail(ErrorKind::kInternal, "block_statistics: {} rows, blocks of {} keys", req.num_rows, req.block_size);
+    }
     allocate_tile(req, out);
     if (req.attn) dense_layer_statistics(req, out);
     else qk_layer_statistics(req, out);

@@ -1306,6 +1306,49 @@ TEST_CASE("Concurrent CUDA requests and prepared keys give the numbers of one re
   }
 }
 
+TEST_CASE("Concurrent fp32 requests of two head_dims on one device give the numbers of one at a time", "[cuda]") {
+  // The tiled fp32 kernel's shared memory grows with head_dim (32 KiB at 64, 80 KiB at 256): its allowance is
+  // the device's, set once, so a request of the smaller head_dim cannot lower it under the larger one's launch.
+  constexpr std::int64_t kT = 700, kRounds = 24;
+  constexpr int kThreads = 6;
+  const Capture narrow = gaussian_capture(1, 2, 1, 64, kT, false, false, test::seed() + 31);
+  const Capture wide = gaussian_capture(1, 2, 1, 256, kT, false, false, test::seed() + 32);
+  const std::vector<std::int64_t> rows = query_rows("all", kT, test::seed());
+  auto request = [&](const Capture& c, std::uint64_t id) {
+    StatsRequest req = group_request(c, 0, rows, 64, false);
+    req.layer = 0;
+    req.kv_head = 0;
+    req.tensors_id = id;
+    return req;
+  };
+  const auto gpu = make_backend("cuda", Precision::kFp32);
+  StatsTile expected[2];
+  gpu->block_statistics(request(narrow, 1), expected[0]);
+  gpu->block_statistics(request(wide, 2), expected[1]);
+  std::atomic<int> failures{0}, mismatches{0};
+  std::vector<std::thread> pool;
+  for (int i = 0; i < kThreads; ++i) {
+    pool.emplace_back([&, i] {
+      try {
+        StatsTile tile;
+        for (std::int64_t round = 0; round < kRounds; ++round) {
+          const int which = static_cast<int>((i + round) % 2);
+          gpu->block_statistics(request(which ? wide : narrow, which ? 2 : 1), tile);
+          if (!same_bits(tile.block_max, expected[which].block_max) || !same_bits(tile.block_sum, expected[which].block_sum)) {
+            ++mismatches;
+          }
+        }
+      } catch (const std::exception& e) {
+        std::printf("  request failed: %s\n", e.what());
+        ++failures;
+      }
+    });
+  }
+  for (auto& thread : pool) thread.join();
+  CHECK(failures == 0);
+  CHECK(mismatches == 0);
+}
+
 TEST_CASE("CUDA bf16/fp16 statistics equal the CPU's on inputs exact in that type", "[cuda]") {
   const auto cpu = make_cpu_backend();
   for (const Precision precision : {Precision::kBf16, Precision::kFp16}) {
