@@ -1,4 +1,5 @@
-// Per-row rankings on the device: blocks by mass (StatsTile::mass_order) and Quest's pages by their
+// Per-row rankings on the device: blocks by mass (StatsTile::mass_order) or by their largest probability
+// over a KV group (group_max_order), and Quest's pages by their
 // bound (Backend::page_bound_rankings). The host would otherwise score and sort every (head, row) of
 // every tile, which bounds the GPU path (README, Performance).
 #include <cuda_runtime.h>
@@ -48,8 +49,34 @@ __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& a
   return order_key(mass);
 }
 
-// One thread block per (head, row). A row of at most `capacity` ranked blocks is sorted whole in shared
-// memory; a longer one (count <= capacity) has its top count selected first.
+// The ranking key of ranked block i of row r by group: max over the heads of the block's largest probability
+// P_b (build_view's formulas: at factor 1, exp(m - lse_tokens) x exp(lse_tokens - lse_all), the first factor
+// shared with the mass; coarser, exp(m - lse_all) with m the largest tile-block max), an empty block's 0.
+__device__ __forceinline__ unsigned long long group_max_key(const BlockRankingArgs& args, int r, long long tile_blocks, int i) {
+  double best = 0.0;  // probabilities are >= 0: the host's std::max from 0 gives the same
+  for (int h = 0; h < args.heads; ++h) {
+    const long long cell = static_cast<long long>(h) * args.rows + r;
+    const float* block_max = args.block_max + cell * args.num_blocks;
+    const double lse_tokens = args.lse_tokens[cell], lse_all = args.lse_all[cell];
+    double p = 0.0;
+    if (args.factor == 1) {
+      const float m = block_max[i];
+      if (m != -CUDART_INF_F) {
+        p = __dmul_rn(portable_exp(static_cast<double>(m) - lse_tokens), portable_exp(lse_tokens - lse_all));
+      }
+    } else {
+      const long long first = static_cast<long long>(i) * args.factor, last = min(first + args.factor, tile_blocks);
+      double m = -CUDART_INF;
+      for (long long j = first; j < last; ++j) m = fmax(m, static_cast<double>(block_max[j]));
+      if (m != -CUDART_INF) p = portable_exp(m - lse_all);
+    }
+    best = fmax(best, p);
+  }
+  return order_key(best);
+}
+
+// One thread block per (head, row), or per row by group. A row of at most `capacity` ranked blocks is
+// sorted whole in shared memory; a longer one (count <= capacity) has its top count selected first.
 __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRankingArgs args, int capacity) {
   extern __shared__ unsigned long long ranking_keys[];  // [capacity], then int indices[capacity]
   int* indices = reinterpret_cast<int*>(ranking_keys + capacity);
@@ -58,22 +85,24 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
   // Rows ascend, so no row has more blocks than the tile; the bound keeps a bad plan inside memory.
   const long long tile_blocks = min(args.positions[r] / args.block + 1, args.num_blocks);
   const int causal = static_cast<int>((tile_blocks + args.factor - 1) / args.factor);
-  const double lse_tokens = args.lse_tokens[cell];
+  const double lse_tokens = args.by_group_max ? 0.0 : args.lse_tokens[cell];
   const float* block_max = args.block_max + cell * args.num_blocks;
   const float* block_sum = args.block_sum + cell * args.num_blocks;
   const int written = min(args.count, causal);
+  auto key_at = [&](int i) {
+    return args.by_group_max ? group_max_key(args, r, tile_blocks, i) : mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i);
+  };
   // Entries past the row's (key 0, index INT_MAX) rank after every real one.
   int filled = 0, padded = 0;
   if (causal <= capacity) {
     padded = static_cast<int>(padded_size(causal));
     for (int i = static_cast<int>(threadIdx.x); i < causal; i += kRankingThreads) {
-      ranking_keys[i] = mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i);
+      ranking_keys[i] = key_at(i);
       indices[i] = i;
     }
     filled = causal;
   } else {
     padded = static_cast<int>(padded_size(written));
-    auto key_at = [&](int i) { return mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i); };
     filled = select_top(key_at, causal, written, ranking_keys, indices);
   }
   for (int i = filled + static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
@@ -199,7 +228,8 @@ void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream) {
     fail(ErrorKind::kInternal, "block ranking of {} blocks of {} tile blocks, {} a row (at most {} a row on this device)",
          ranked_blocks, args.factor, args.count, args.prefix_limit);
   }
-  const long long cells = static_cast<long long>(args.heads) * args.rows;
+  if (args.by_group_max && !args.lse_all) fail(ErrorKind::kInternal, "a block ranking by group without log-sum-exps");
+  const long long cells = args.by_group_max ? args.rows : static_cast<long long>(args.heads) * args.rows;
   if (cells == 0) return;
   // The entries the longest row sorts (sorts_whole; ascending rows: the last is the longest), and at
   // least kSortWholeEntries where rows reach it: rows up to the capacity are sorted whole, longer ones

@@ -133,13 +133,22 @@ void copy_out(const T* pinned, std::vector<T>& out) {
   if (!out.empty()) std::memcpy(out.data(), pinned, out.size() * sizeof(T));
 }
 
-// The block size of the ranking `req` asks for (StatsRequest::rank_block; a multiple of block_size).
-std::int64_t ranked_block(const StatsRequest& req) {
-  const std::int64_t block = req.rank_block > 0 ? req.rank_block : req.block_size;
+// The block size of a ranking `req` asks for (StatsRequest::rank_block or group_rank_block: `asked`; a
+// multiple of block_size, 0 for block_size).
+std::int64_t ranked_block(const StatsRequest& req, std::int64_t asked) {
+  const std::int64_t block = asked > 0 ? asked : req.block_size;
   if (block % req.block_size != 0) {
     fail(ErrorKind::kInternal, "ranking blocks of {} keys from statistics of blocks of {}", block, req.block_size);
   }
   return block;
+}
+
+// How many blocks of each row the device ranks for a request of `wanted` blocks of `block` keys: none
+// where the prefix is longer than one thread block sorts (the caller ranks those rows).
+std::int64_t device_ranked(const StatsRequest& req, std::int64_t wanted, std::int64_t block, long long prefix_limit) {
+  const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / block + 1;
+  const std::int64_t ranked = std::max<std::int64_t>(0, std::min(wanted, ranked_blocks));
+  return ranked <= prefix_limit ? ranked : 0;
 }
 
 // Sizes a tile for `req` without clearing it: every value is overwritten by the downloads. The device
@@ -157,10 +166,10 @@ void size_tile(const StatsRequest& req, long long prefix_limit, StatsTile& out) 
   if (req.v) out.output.resize(static_cast<std::size_t>(out.heads * out.rows * out.head_dim));
   else out.output.clear();
   // Ranked on the device whenever asked, unless the prefix asked is longer than one thread block sorts.
-  const std::int64_t ranked_blocks = req.rows[req.num_rows - 1] / ranked_block(req) + 1;
-  const std::int64_t ranked = std::max<std::int64_t>(0, std::min(req.rank_blocks, ranked_blocks));
-  out.ranked = ranked <= prefix_limit ? ranked : 0;
+  out.ranked = device_ranked(req, req.rank_blocks, ranked_block(req, req.rank_block), prefix_limit);
   out.mass_order.resize(static_cast<std::size_t>(out.heads * out.rows * out.ranked));
+  out.group_ranked = device_ranked(req, req.group_rank_blocks, ranked_block(req, req.group_rank_block), prefix_limit);
+  out.group_max_order.resize(static_cast<std::size_t>(out.rows * out.group_ranked));
 }
 
 const char* describe(Precision precision) {
@@ -214,8 +223,9 @@ struct Lane {
   PinnedArray<float> host_q, host_block_max, host_block_sum, host_output, host_bounds;
   PinnedArray<long long> host_positions;
   PinnedArray<double> host_lse_tokens, host_lse_all, host_sink_weight, host_errors;
-  PinnedArray<int> host_overflow, host_rankings;
+  PinnedArray<int> host_overflow, host_rankings, host_group_rankings;
   DeviceArray<int> rankings;  // block or page rankings (one request at a time per lane)
+  DeviceArray<int> group_rankings;  // block rankings by group, beside the block rankings by mass
   DeviceArray<float> q, sinks, block_max, block_sum, output, output_partials, bounds;
   DeviceArray<double> lse_tokens, lse_all, sink_weight, factors, errors;
   DeviceArray<OutputWalk> walks;
@@ -893,12 +903,33 @@ class CudaBackend final : public Backend {
       ranking.rows = args.rows;
       ranking.block = args.block;
       ranking.num_blocks = args.num_blocks;
-      ranking.factor = static_cast<int>(ranked_block(req) / req.block_size);
+      ranking.factor = static_cast<int>(ranked_block(req, req.rank_block) / req.block_size);
       ranking.count = static_cast<int>(out.ranked);
       ranking.order = lane->rankings.reserve(out.mass_order.size(), "block rankings");
       ranking.prefix_limit = prefix_limit_;
       launch_block_ranking(ranking, stream);
       mass_order = download(lane->host_rankings, static_cast<const int*>(ranking.order), out.mass_order.size(), "block rankings", stream);
+    }
+    const int* group_max_order = nullptr;
+    if (out.group_ranked > 0) {
+      BlockRankingArgs ranking;
+      ranking.block_max = args.block_max;
+      ranking.block_sum = args.block_sum;
+      ranking.lse_tokens = args.lse_tokens;
+      ranking.lse_all = args.lse_all;
+      ranking.positions = pos;
+      ranking.heads = args.heads;
+      ranking.rows = args.rows;
+      ranking.block = args.block;
+      ranking.num_blocks = args.num_blocks;
+      ranking.factor = static_cast<int>(ranked_block(req, req.group_rank_block) / req.block_size);
+      ranking.count = static_cast<int>(out.group_ranked);
+      ranking.order = lane->group_rankings.reserve(out.group_max_order.size(), "block rankings by group");
+      ranking.prefix_limit = prefix_limit_;
+      ranking.by_group_max = true;
+      launch_block_ranking(ranking, stream);
+      group_max_order = download(lane->host_group_rankings, static_cast<const int*>(ranking.order), out.group_max_order.size(),
+                                 "block rankings by group", stream);
     }
     const float* output = nullptr;
     if (req.v) {
@@ -916,6 +947,7 @@ class CudaBackend final : public Backend {
     copy_out(lse_all, out.lse_all);
     if (output) copy_out(output, out.output);
     if (mass_order) copy_out(mass_order, out.mass_order);
+    if (group_max_order) copy_out(group_max_order, out.group_max_order);
   }
 
  private:

@@ -145,17 +145,21 @@ constexpr std::size_t kRankingStaticBytes = 2048;
 // The longest power-of-two prefix, up to kMaxRankedPrefix, whose entries fit `shared_bytes` a block beside
 // kRankingStaticBytes; 0 where not even kSortWholeEntries fit (the backend refuses such a device).
 long long ranked_prefix_limit(std::size_t shared_bytes);
+// by_group_max: StatsTile::group_max_order instead, one ranking per row (cell c = r) by the largest
+// probability of a block, max over the heads (StatsTile's formula, portable_exp's bits), into order[r].
 struct BlockRankingArgs {
   const float* block_max = nullptr;     // [heads][rows][num_blocks]
   const float* block_sum = nullptr;
   const double* lse_tokens = nullptr;   // [heads][rows]
+  const double* lse_all = nullptr;      // [heads][rows]: by_group_max only
   const long long* positions = nullptr; // [rows]
   int heads = 0, rows = 0;
   long long block = 64, num_blocks = 0; // the tile's blocks
   int factor = 1;                       // tile blocks per ranked block
   int count = 0;                        // 1..ranked blocks of the last row
-  int* order = nullptr;                 // [heads][rows][count]
+  int* order = nullptr;                 // [heads][rows][count], or [rows][count] by_group_max
   long long prefix_limit = 0;           // the device's ranked_prefix_limit
+  bool by_group_max = false;
 };
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);
 

@@ -100,6 +100,33 @@ inline void view_masses(const StatsTile& tile, std::int64_t h, std::int64_t r, s
   }
 }
 
+// The largest probability of each causal block of `factor` tile blocks of row r, max over the tile's heads,
+// as the replay engine computes it from the tile (build_view's max_prob; StatsTile::group_max_order): the
+// same operations, so the same bits.
+inline void view_group_max_probabilities(const StatsTile& tile, std::int64_t r, std::int64_t position, std::int64_t tile_block,
+                                         std::int64_t factor, std::vector<double>& best) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const std::int64_t tile_blocks = position / tile_block + 1, causal = position / (tile_block * factor) + 1;
+  best.assign(static_cast<std::size_t>(causal), 0.0);
+  for (std::int64_t h = 0; h < tile.heads; ++h) {
+    const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
+    const double lse_all = tile.lse_all[static_cast<std::size_t>(h * tile.rows + r)];
+    const double token_share = portable_exp(lse_tokens - lse_all);
+    for (std::int64_t b = 0; b < causal; ++b) {
+      const std::int64_t first = b * factor, last = std::min((b + 1) * factor, tile_blocks);
+      float peak = kNegInf;
+      for (std::int64_t i = first; i < last; ++i) peak = std::max(peak, tile.block_max[tile.at(h, r, i)]);
+      double p = 0.0;
+      if (factor == 1) {
+        p = portable_exp(static_cast<double>(peak) - lse_tokens) * token_share;  // an empty block: 0 x token_share
+      } else if (peak != kNegInf) {
+        p = portable_exp(static_cast<double>(peak) - lse_all);
+      }
+      best[static_cast<std::size_t>(b)] = std::max(best[static_cast<std::size_t>(b)], p);
+    }
+  }
+}
+
 inline std::vector<Budget> tokens(std::initializer_list<double> values) {
   std::vector<Budget> b;
   for (double v : values) b.push_back({Budget::Kind::kTokens, v});

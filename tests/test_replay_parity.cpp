@@ -381,6 +381,7 @@ class HostRankingBackend final : public test::CpuBackedBackend {
   explicit HostRankingBackend(std::int64_t shorten, bool least_first = false) : shorten_(shorten), least_first_(least_first) {}
   void block_statistics(const StatsRequest& request, StatsTile& out) const override {
     cpu().block_statistics(request, out);
+    rank_by_group(request, out);
     if (request.rank_blocks <= 0) return;
     ++asked_;
     const std::int64_t block = request.rank_block > 0 ? request.rank_block : request.block_size;
@@ -401,6 +402,25 @@ class HostRankingBackend final : public test::CpuBackedBackend {
       }
     }
   }
+  // StatsTile::group_max_order, shortened and reversed alike.
+  void rank_by_group(const StatsRequest& request, StatsTile& out) const {
+    if (request.group_rank_blocks <= 0) return;
+    ++group_asked_;
+    const std::int64_t block = request.group_rank_block > 0 ? request.group_rank_block : request.block_size;
+    const std::int64_t factor = block / request.block_size, num_blocks = request.rows[request.num_rows - 1] / block + 1;
+    out.group_ranked = std::max<std::int64_t>(1, std::min(request.group_rank_blocks, num_blocks) - shorten_);
+    out.group_max_order.assign(static_cast<std::size_t>(out.rows * out.group_ranked), -1);
+    std::vector<double> best;
+    for (std::int64_t r = 0; r < out.rows; ++r) {
+      test::view_group_max_probabilities(out, r, request.rows[r], request.block_size, factor, best);
+      if (least_first_) {
+        for (double& x : best) x = -x;
+      }
+      const auto causal = static_cast<std::int64_t>(best.size());
+      rank_top(best.data(), causal, std::min(out.group_ranked, causal), &out.group_max_order[static_cast<std::size_t>(r * out.group_ranked)]);
+    }
+  }
+  std::int64_t group_rankings_asked() const { return group_asked_; }
   std::int64_t rankings_asked() const { return asked_; }
   // Bit b set: blocks of b keys were ranked (b < 63).
   std::uint64_t rank_blocks_seen() const { return rank_blocks_seen_; }
@@ -408,7 +428,7 @@ class HostRankingBackend final : public test::CpuBackedBackend {
  private:
   std::int64_t shorten_;
   bool least_first_;
-  mutable std::atomic<std::int64_t> asked_{0};
+  mutable std::atomic<std::int64_t> asked_{0}, group_asked_{0};
   mutable std::atomic<std::uint64_t> rank_blocks_seen_{0};
 };
 
@@ -477,5 +497,68 @@ TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine'
     const Table& wrong_recall = wrong.selectors[0].head_mean[kMassRecall];
     CHECK(wrong_recall.at(1, 1, 0) < expected_recall.at(1, 1, 0) - 0.05);
   }
+  }
+}
+
+TEST_CASE("a backend's ranking of blocks by group max gives the report of the engine's own, also when it is short",
+          "[replay][parity]") {
+  // The reuse matrix and the selectors that rank by the largest probability over a KV group (hysparse, reuse
+  // with score=prob,group=max) share one ranking per tile; a backend ranks the reuse matrix's view, or else the
+  // first such selector's. hysparse:block=16 beside the reuse matrix's 8 is ranked by the host.
+  struct Config {
+    const char* selectors;
+    std::int64_t reuse_budget;
+    bool hysparse_ranked;  // whether hysparse's view is the one the backend ranks
+  };
+  for (const auto& [selectors, reuse_budget, hysparse_ranked] :
+       {Config{"oracle,hysparse:block=8,window=12", 24, true}, Config{"oracle,hysparse:block=16,window=12", 24, false},
+        Config{"oracle,reuse:score=prob,group=max,layers=0,hysparse:block=8,sinks=2,window=12", 0, true}}) {
+    for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
+      Shape shape;
+      shape.values = values;
+      shape.layers = 3;
+      shape.seq_len = 150;
+      shape.sinks = true;
+      const Capture capture = random_capture(shape, test::seed() + 53);
+      const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/parity_backend_group_ranking.h5";
+      write_capture(path, capture);
+      ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
+      options.block_size = 8;
+      options.schedule = "FSS";
+      options.reuse_budget = reuse_budget;
+      const auto cpu = make_cpu_backend();
+      const ReplayResult expected = run_replay(path, options, *cpu, false);
+      for (const std::int64_t shorten : {0, 2}) {
+        CAPTURE(selectors, static_cast<int>(values), shorten);
+        const HostRankingBackend ranking(shorten);
+        const ReplayResult result = run_replay(path, options, ranking, false);
+        CHECK(ranking.group_rankings_asked() > 0);
+        REQUIRE(result.selectors.size() == expected.selectors.size());
+        for (std::size_t s = 0; s < result.selectors.size(); ++s) {
+          const SelectorResult& a = expected.selectors[s];
+          const SelectorResult& b = result.selectors[s];
+          for (int m = 0; m < kNumMetrics; ++m) {
+            require_identical(a.head_mean[m], b.head_mean[m], a.label + " " + metric_name(m));
+            require_identical(a.model_mean[m], b.model_mean[m], a.label + " model " + metric_name(m));
+          }
+          require_identical(a.head_recall_min, b.head_recall_min, a.label + " head min");
+        }
+        require_identical(expected.reuse, result.reuse, "reuse matrix");
+      }
+      if (values != Shape::Values::kGaussian) continue;
+      // The engine must take the backend's ranking: the least probable blocks first move hysparse's sparse
+      // layers' recall (and the reuse matrix's).
+      const HostRankingBackend least_first(0, true);
+      const ReplayResult wrong = run_replay(path, options, least_first, false);
+      const auto hysparse = static_cast<std::size_t>(expected.selectors.size() - 1);
+      const Table& expected_recall = expected.selectors[hysparse].layer_mean[kMassRecall];
+      const Table& wrong_recall = wrong.selectors[hysparse].layer_mean[kMassRecall];
+      if (reuse_budget > 0) CHECK(std::abs(wrong.reuse.at(0, 0) - expected.reuse.at(0, 0)) > 0.01);
+      if (hysparse_ranked) {
+        CHECK(std::abs(wrong_recall.at(1, 1) - expected_recall.at(1, 1)) > 0.01);
+      } else {
+        CHECK(wrong_recall.at(1, 1) == expected_recall.at(1, 1));  // hysparse's view is the host's
+      }
+    }
   }
 }

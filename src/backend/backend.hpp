@@ -34,6 +34,10 @@ struct StatsRequest {
   // ranks on the same cores; a device backend ranks where the statistics are, so that the host does not
   // sort every row.
   std::int64_t rank_blocks = 0, rank_block = 0;
+  // > 0: the caller also wants every row's causal blocks of group_rank_block keys (a multiple of block_size)
+  // ranked by their largest probability over the request's heads (StatsTile::group_max_order), the first
+  // min(group_rank_blocks, causal blocks) of each; a backend may decline as above.
+  std::int64_t group_rank_blocks = 0, group_rank_block = 0;
 };
 
 // Per (head, row, block): m = max logit in the block, l = sum exp(z - m) over the
@@ -55,6 +59,12 @@ struct StatsTile {
   // ranks the host's bits.
   std::int64_t ranked = 0;
   std::vector<std::int32_t> mass_order;
+  // When group_ranked > 0: [rows][group_ranked], the blocks of group_rank_block keys of each row by
+  // max over the heads h of P_b(h), the block's largest probability as the replay engine computes it
+  // (block_max_probability), higher first, ties to the lower block; row r holds min(group_ranked, causal
+  // blocks of r). HySparse's selection (score max, group max) and the cross-layer reuse matrix rank this way.
+  std::int64_t group_ranked = 0;
+  std::vector<std::int32_t> group_max_order;
   std::size_t at(std::int64_t h, std::int64_t r, std::int64_t b) const {
     return static_cast<std::size_t>((h * rows + r) * num_blocks + b);
   }

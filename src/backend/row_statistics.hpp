@@ -63,6 +63,8 @@ inline void allocate_tile(const StatsRequest& req, StatsTile& out) {
   else out.output.clear();
   out.ranked = 0;  // blocks are ranked by the caller
   out.mass_order.clear();
+  out.group_ranked = 0;
+  out.group_max_order.clear();
 }
 
 }  // namespace hysparse

@@ -237,18 +237,19 @@ struct SharedRanking {
     order.resize(static_cast<std::size_t>(heads * rows * stride));
     length.assign(static_cast<std::size_t>(heads * rows), -1);
   }
-  // Takes the backend's ranking of the tile by mass (StatsTile::mass_order) of `view`'s blocks (the
-  // request's rank_block): rows with fewer ranked blocks than a later request are ranked again here.
-  void adopt(const StatsTile& tile, const BlockView& view) {
-    if (tile.mass_order.size() != static_cast<std::size_t>(tile.heads * rows * tile.ranked) || tile.ranked > stride) {
-      throw Error(ErrorKind::kInternal, fmt::format("backend ranking of {} entries for {} heads x {} rows x {} blocks",
-                                                    tile.mass_order.size(), tile.heads, rows, tile.ranked));
+  // Takes a backend's ranking of the tile's rows ([sets][rows][ranked]: StatsTile::mass_order, or
+  // group_max_order with one set) of `view`'s blocks: rows with fewer ranked blocks than a later request
+  // are ranked again here.
+  void adopt(const std::vector<std::int32_t>& ranking, std::int64_t ranked, std::int64_t sets, const BlockView& view) {
+    if (ranking.size() != static_cast<std::size_t>(sets * rows * ranked) || ranked > stride) {
+      throw Error(ErrorKind::kInternal, fmt::format("backend ranking of {} entries for {} sets x {} rows x {} blocks",
+                                                    ranking.size(), sets, rows, ranked));
     }
-    for (std::int64_t h = 0; h < tile.heads; ++h) {
+    for (std::int64_t h = 0; h < sets; ++h) {
       for (std::int64_t r = 0; r < rows; ++r) {
         const auto cell = static_cast<std::size_t>(h * rows + r);
-        const std::int64_t n = std::min(tile.ranked, view.causal_blocks(r));
-        const std::int32_t* from = &tile.mass_order[cell * static_cast<std::size_t>(tile.ranked)];
+        const std::int64_t n = std::min(ranked, view.causal_blocks(r));
+        const std::int32_t* from = &ranking[cell * static_cast<std::size_t>(ranked)];
         std::int32_t* to = &order[cell * static_cast<std::size_t>(stride)];
         for (std::int64_t i = 0; i < n; ++i) {
           if (from[i] < 0 || from[i] >= view.causal_blocks(r)) {
@@ -295,6 +296,21 @@ struct Workspace {
   std::vector<double> scores;
   std::vector<SharedRanking> oracle_rankings;  // per fixed forced config with forced keys: by residual mass
   std::vector<SharedRanking> mass_rankings;    // per view: by mass
+  std::vector<SharedRanking> group_rankings;   // per view that wants it: by max over the group's heads of max_prob
+  // The first `count` blocks of row r of `view` (view index v) by max over heads of max_prob, ranked once.
+  const std::int32_t* top_by_group_max(const BlockView& view, std::size_t v, std::int64_t r, std::int64_t count) {
+    auto group_max = [&](std::int64_t b) {
+      double best = 0.0;  // probabilities are >= 0
+      for (std::int64_t h = 0; h < view.heads; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
+      return best;
+    };
+    SharedRanking& ranking = group_rankings[v];
+    if (view.max_prob.empty() && ranking.length[static_cast<std::size_t>(r)] < count) {
+      throw Error(ErrorKind::kInternal, fmt::format("a group ranking of {} blocks asked of a row the backend ranked {} of",
+                                                    count, ranking.length[static_cast<std::size_t>(r)]));
+    }
+    return ranking.top(0, r, view.causal_blocks(r), count, group_max, scores);
+  }
   std::vector<std::pair<double, std::int64_t>> touched;  // scratch of top_by_residual
   // The first `longest` blocks of (h, r) of `view` (config c's) by config c's residual mass. Its
   // forced keys touch the few blocks of `forced.residual`; every other block's residual is its mass.
@@ -715,6 +731,12 @@ struct ReplayRun::Impl {
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
   std::int64_t base_view_index = -1;            // the view whose blocks are the tile's (-1: none)
   std::vector<char> view_needs_max;             // per view: whether a reader needs BlockView::max_prob
+  // Per view: whether the reuse matrix or a selector ranks its blocks by their largest probability over a
+  // KV group's heads (shared per tile: Workspace::top_by_group_max); max_prob is filled for that ranking only
+  // where the backend did not rank it.
+  std::vector<char> view_wants_group;
+  std::int64_t group_view = -1;                 // the view whose group ranking the backend is asked for (-1: none)
+  std::vector<std::int64_t> group_rank_blocks;  // per tile: StatsRequest::group_rank_blocks
   // Per view a selector reads, per tile: StatsRequest::rank_blocks when the backend ranks that view.
   std::vector<std::vector<std::int64_t>> view_rank_blocks;
   std::int64_t walk_steps_per_flush = kWalkStepsPerFlush;
@@ -900,9 +922,15 @@ void ReplayRun::Impl::setup() {
   // Block maxima cost a second pass over every view's cells; only the reuse matrix and the selectors
   // that rank by them read them.
   view_needs_max.assign(block_sizes.size(), 0);
-  if (reuse_view >= 0) view_needs_max[static_cast<std::size_t>(reuse_view)] = 1;
+  view_wants_group.assign(block_sizes.size(), 0);
+  if (reuse_view >= 0) view_wants_group[static_cast<std::size_t>(reuse_view)] = 1;
   for (const SelectorPlan& plan : plans) {
     if (plan.selector->reads_block_max()) view_needs_max[static_cast<std::size_t>(plan.view_index)] = 1;
+    if (plan.selector->ranks_by_group_max()) view_wants_group[static_cast<std::size_t>(plan.view_index)] = 1;
+  }
+  group_view = reuse_view;
+  for (std::size_t v = 0; v < block_sizes.size() && group_view < 0; ++v) {
+    if (view_wants_group[v]) group_view = static_cast<std::int64_t>(v);
   }
   for (auto b : block_sizes) base_block = gcd(base_block, b);
 
@@ -1014,6 +1042,23 @@ void ReplayRun::Impl::setup() {
       for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(t, B));
       std::int64_t& wanted = view_rank_blocks[v][static_cast<std::size_t>(i / tile_rows)];
       wanted = std::max(wanted, std::min(t / B + 1, n + touched_blocks[v]));
+    }
+  }
+  // The group ranking a backend may make beside the statistics (StatsRequest::group_rank_blocks): as long as
+  // the reuse matrix's selection and the longest budget of a selector that ranks that view by group.
+  group_rank_blocks.assign(static_cast<std::size_t>(tiles), 0);
+  if (group_view >= 0) {
+    const std::int64_t B = block_sizes[static_cast<std::size_t>(group_view)];
+    bool by_selector = false;
+    for (const SelectorPlan& plan : plans) by_selector |= plan.view_index == group_view && plan.selector->ranks_by_group_max();
+    for (std::int64_t i = 0; i < R; ++i) {
+      const std::int64_t t = rows[static_cast<std::size_t>(i)];
+      std::int64_t n = group_view == reuse_view ? reuse_count : 0;
+      if (by_selector) {
+        for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(t, B));
+      }
+      std::int64_t& wanted = group_rank_blocks[static_cast<std::size_t>(i / tile_rows)];
+      wanted = std::max(wanted, std::min(t / B + 1, n));
     }
   }
   if (options.walk_steps_per_flush > 0) walk_steps_per_flush = options.walk_steps_per_flush;
@@ -1137,6 +1182,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         request.rank_blocks = view_rank_blocks[static_cast<std::size_t>(ranked_view)][static_cast<std::size_t>(tile_index)];
         request.rank_block = block_sizes[static_cast<std::size_t>(ranked_view)];
       }
+      if (group_view >= 0) {
+        request.group_rank_blocks = group_rank_blocks[static_cast<std::size_t>(tile_index)];
+        request.group_rank_block = block_sizes[static_cast<std::size_t>(group_view)];
+      }
       if (inputs.dense) {
         request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
       } else {
@@ -1151,7 +1200,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
 
       ws.views.resize(block_sizes.size());
       for (std::size_t v = 0; v < block_sizes.size(); ++v) {
-        build_view(ws.tile, base_block, block_sizes[v], positions, view_needs_max[v] != 0, ws.views[v], ws.block_exps);
+        // The group ranking reads block maxima only where the backend did not rank it as long as asked.
+        const bool group_served = static_cast<std::int64_t>(v) == group_view && ws.tile.group_ranked > 0 &&
+                                  ws.tile.group_ranked >= std::min(request.group_rank_blocks, positions[nr - 1] / block_sizes[v] + 1);
+        const bool group_from_host = view_wants_group[v] && !group_served;
+        build_view(ws.tile, base_block, block_sizes[v], positions, view_needs_max[v] != 0 || group_from_host, ws.views[v],
+                   ws.block_exps);
       }
       const BlockView* base_view = base_view_index >= 0 ? &ws.views[static_cast<std::size_t>(base_view_index)] : nullptr;
 
@@ -1188,7 +1242,16 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         ws.mass_rankings[v].reset(G, nr, ws.views[v].num_blocks, touched_blocks[v]);
       }
       if (ws.tile.ranked > 0 && ranked_view >= 0) {
-        ws.mass_rankings[static_cast<std::size_t>(ranked_view)].adopt(ws.tile, ws.views[static_cast<std::size_t>(ranked_view)]);
+        ws.mass_rankings[static_cast<std::size_t>(ranked_view)].adopt(ws.tile.mass_order, ws.tile.ranked, ws.tile.heads,
+                                                                       ws.views[static_cast<std::size_t>(ranked_view)]);
+      }
+      ws.group_rankings.resize(ws.views.size());
+      for (std::size_t v = 0; v < ws.views.size(); ++v) {
+        if (view_wants_group[v]) ws.group_rankings[v].reset(1, nr, ws.views[v].num_blocks);
+      }
+      if (ws.tile.group_ranked > 0 && group_view >= 0) {
+        ws.group_rankings[static_cast<std::size_t>(group_view)].adopt(ws.tile.group_max_order, ws.tile.group_ranked, 1,
+                                                                      ws.views[static_cast<std::size_t>(group_view)]);
       }
 
       // Rankings from every selector (eviction selectors: one per budget).
@@ -1216,6 +1279,11 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
           const auto c = static_cast<std::size_t>(plan.reference_config);
           return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
         };
+        if (plan.selector->ranks_by_group_max()) {
+          context.top_by_group_max = [&ws, &view, &plan](std::int64_t r, std::int64_t count) {
+            return ws.top_by_group_max(view, static_cast<std::size_t>(plan.view_index), r, count);
+          };
+        }
         context.layer_context = &layer_context;
         std::vector<Rankings>& out = ws.rankings[static_cast<std::size_t>(s)];
         if (plan.budget_use == BudgetUse::kPerBudget) {
@@ -1439,16 +1507,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       if (reuse_enabled) {
         const BlockView& view = ws.views[static_cast<std::size_t>(reuse_view)];
         for (std::int64_t r = 0; r < nr; ++r) {
-          const std::int64_t causal = view.causal_blocks(r);
-          ws.scores.resize(static_cast<std::size_t>(causal));
-          for (std::int64_t b = 0; b < causal; ++b) {
-            double best = 0.0;
-            for (std::int64_t h = 0; h < G; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
-            ws.scores[static_cast<std::size_t>(b)] = best;
-          }
-          const std::int64_t count = std::min(reuse_count, causal);
+          const std::int64_t count = std::min(reuse_count, view.causal_blocks(r));
           const std::size_t slot = static_cast<std::size_t>((layer * Hkv + g) * R + i0 + r);
-          rank_top(ws.scores.data(), causal, count, &reuse_store[slot * static_cast<std::size_t>(reuse_count)]);
+          const std::int32_t* top = ws.top_by_group_max(view, static_cast<std::size_t>(reuse_view), r, count);
+          std::copy(top, top + count, &reuse_store[slot * static_cast<std::size_t>(reuse_count)]);
           reuse_length[slot] = static_cast<std::int32_t>(count);
           for (std::int64_t f = 0; f <= layer; ++f) {
             const std::size_t source = static_cast<std::size_t>((f * Hkv + g) * R + i0 + r);

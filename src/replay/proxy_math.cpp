@@ -425,6 +425,17 @@ void CrossLayerStore::reset(std::int64_t num_sets, std::int64_t rows, std::int64
 
 void CrossLayerStore::record(const RankContext& c, Score score, Group group) {
   const BlockView& v = *c.view;
+  if (score == Score::kMax && group == Group::kMax && c.top_by_group_max) {
+    // The engine's shared ranking (the device's where it ranked them): the same order as below.
+    for (std::int64_t r = 0; r < c.rows; ++r) {
+      const std::int64_t count = std::min(c.ranking_length[r], v.causal_blocks(r));
+      const std::int32_t* top = c.top_by_group_max(r, count);
+      const auto slot = static_cast<std::size_t>(c.kv_group * rows_ + c.row_begin + r);
+      std::copy(top, top + count, &stored_[slot * static_cast<std::size_t>(stride_)]);
+      length_[slot] = static_cast<std::int32_t>(count);
+    }
+    return;
+  }
   const std::vector<double>& source = score == Score::kMax ? v.max_prob : v.mass;
   if (source.size() != v.mass.size()) {
     throw Error(ErrorKind::kInternal, "a cross-layer selection reads block maxima that its view does not hold (Selector::reads_block_max)");

@@ -99,6 +99,10 @@ struct RankContext {
   // The first `count` blocks of (head, row) by residual mass, ranked once per tile by the engine
   // and shared with its oracle references (rank_top's order and tie rule); count <= ranking_length[row].
   std::function<const std::int32_t*(std::int64_t head, std::int64_t row, std::int64_t count)> top_by_residual;
+  // The first `count` blocks of the row by max over the group's heads of BlockView::max_prob (rank_top's
+  // order and tie rule; count <= ranking_length[row]): ranked once per tile, shared with the reuse matrix,
+  // and by the device where it ranks them. Set for selectors whose ranks_by_group_max() is true.
+  std::function<const std::int32_t*(std::int64_t row, std::int64_t count)> top_by_group_max;
   const LayerContext* layer_context = nullptr;  // the layer's tensors (q/k for proxies)
   // BudgetUse::kPerBudget only: the budget this call ranks for (index into the replay's budgets).
   std::int64_t budget_index = -1;
@@ -185,6 +189,9 @@ class Selector {
   virtual bool selects_blocks() const { return true; }
   // Whether rank() reads BlockView::max_prob: the engine fills it only in the views someone reads it from.
   virtual bool reads_block_max() const { return false; }
+  // Whether rank() ranks blocks by their largest probability, max over the KV group's heads, through
+  // RankContext::top_by_group_max (and reads no other max_prob).
+  virtual bool ranks_by_group_max() const { return false; }
   virtual BudgetUse budget_use() const { return BudgetUse::kNested; }
   virtual LayerRole role(std::int64_t /*layer*/) const { return LayerRole::kSparse; }
   virtual void begin(const ReplayPlan& /*plan*/) {}

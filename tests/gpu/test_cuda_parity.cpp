@@ -303,8 +303,26 @@ TEST_CASE("portable_exp gives the host's bits on the device", "[cuda]") {
 // tile, M_b = l_b exp(m_b - lse_tokens), in double, with the host's operations (portable_exp, fused
 // sums), so the ranking must be rank_top's on the host masses entry for entry, ties to the lower block.
 
+//
+// StatsTile::group_max_order, asked beside it: one ranking per row by the largest probability of a block, max
+// over the heads (build_view's max_prob, portable_exp's bits), rank_top's on the host values likewise.
+
 TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, ties to the lower block", "[cuda]") {
-  std::int64_t rankings = 0, entries = 0;
+  std::int64_t rankings = 0, entries = 0, group_rankings = 0, group_entries = 0;
+  // The first n of `got` are the first n of rank_top on `scores` (a row of `causal` blocks).
+  auto require_ranked = [](const std::int32_t* got, std::vector<double>& scores, std::int64_t causal, std::int64_t n) {
+    std::vector<std::int32_t> expected(static_cast<std::size_t>(n));
+    rank_top(scores.data(), causal, n, expected.data());
+    std::vector<char> seen(static_cast<std::size_t>(causal), 0);
+    for (std::int64_t i = 0; i < n; ++i) {
+      REQUIRE(got[i] >= 0);
+      REQUIRE(got[i] < causal);
+      REQUIRE(!seen[static_cast<std::size_t>(got[i])]);
+      seen[static_cast<std::size_t>(got[i])] = 1;
+      CAPTURE(i, scores[static_cast<std::size_t>(got[i])], scores[static_cast<std::size_t>(expected[static_cast<std::size_t>(i)])]);
+      REQUIRE(got[i] == expected[static_cast<std::size_t>(i)]);
+    }
+  };
   const std::int64_t limit = device_prefix_limit();
   // factor: tile blocks per ranked block (the engine's view of a larger block size).
   auto check_rankings = [&](const Backend& gpu, const StatsRequest& req, std::int64_t asked, std::int64_t factor) {
@@ -312,33 +330,31 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
     StatsRequest ranked_request = req;
     ranked_request.rank_blocks = asked;
     ranked_request.rank_block = req.block_size * factor;
+    ranked_request.group_rank_blocks = asked;
+    ranked_request.group_rank_block = req.block_size * factor;
     StatsTile tile;
     gpu.block_statistics(ranked_request, tile);
     const std::int64_t block = req.block_size * factor;
     const std::int64_t num_blocks = req.rows[req.num_rows - 1] / block + 1, wanted = std::min(asked, num_blocks);
     REQUIRE(tile.ranked == (wanted <= limit ? wanted : 0));  // longer prefixes than the device holds: the host's
     REQUIRE(tile.mass_order.size() == static_cast<std::size_t>(tile.heads * tile.rows * tile.ranked));
-    std::vector<double> mass;
-    std::vector<std::int32_t> expected;
-    for (std::int64_t h = 0; h < tile.heads; ++h) {
-      for (std::int64_t r = 0; r < tile.rows; ++r) {
-        const std::int64_t causal = req.rows[r] / block + 1, n = std::min(tile.ranked, causal);
-        test::view_masses(tile, h, r, req.rows[r], req.block_size, factor, mass);
-        expected.resize(static_cast<std::size_t>(n));
-        rank_top(mass.data(), causal, n, expected.data());
-        const std::int32_t* got = &tile.mass_order[static_cast<std::size_t>((h * tile.rows + r) * tile.ranked)];
-        std::vector<char> seen(static_cast<std::size_t>(causal), 0);
-        for (std::int64_t i = 0; i < n; ++i) {
-          REQUIRE(got[i] >= 0);
-          REQUIRE(got[i] < causal);
-          REQUIRE(!seen[static_cast<std::size_t>(got[i])]);
-          seen[static_cast<std::size_t>(got[i])] = 1;
-          CAPTURE(h, r, i, mass[static_cast<std::size_t>(got[i])], mass[static_cast<std::size_t>(expected[static_cast<std::size_t>(i)])]);
-          REQUIRE(got[i] == expected[static_cast<std::size_t>(i)]);
-          ++entries;
-        }
+    REQUIRE(tile.group_ranked == tile.ranked);
+    REQUIRE(tile.group_max_order.size() == static_cast<std::size_t>(tile.rows * tile.group_ranked));
+    std::vector<double> scores;
+    for (std::int64_t r = 0; r < tile.rows; ++r) {
+      const std::int64_t causal = req.rows[r] / block + 1, n = std::min(tile.ranked, causal);
+      for (std::int64_t h = 0; h < tile.heads; ++h) {
+        CAPTURE(h, r);
+        test::view_masses(tile, h, r, req.rows[r], req.block_size, factor, scores);
+        require_ranked(&tile.mass_order[static_cast<std::size_t>((h * tile.rows + r) * tile.ranked)], scores, causal, n);
+        entries += n;
         ++rankings;
       }
+      CAPTURE(r);
+      test::view_group_max_probabilities(tile, r, req.rows[r], req.block_size, factor, scores);
+      require_ranked(&tile.group_max_order[static_cast<std::size_t>(r * tile.group_ranked)], scores, causal, n);
+      group_entries += n;
+      ++group_rankings;
     }
   };
   for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
@@ -385,12 +401,16 @@ TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, 
   const auto gpu = make_backend("cuda");
   check_rankings(*gpu, req, limit, 1);
   req.rank_blocks = limit + 1;
+  req.group_rank_blocks = limit + 1;
   StatsTile tile;
   gpu->block_statistics(req, tile);
   CHECK(tile.ranked == 0);
   CHECK(tile.mass_order.empty());
-  std::printf("block rankings: %lld (head, row) rankings, %lld entries, every one the host's\n", static_cast<long long>(rankings),
-              static_cast<long long>(entries));
+  CHECK(tile.group_ranked == 0);
+  CHECK(tile.group_max_order.empty());
+  std::printf("block rankings: %lld (head, row) rankings, %lld entries, every one the host's; by group: %lld rows, %lld entries\n",
+              static_cast<long long>(rankings), static_cast<long long>(entries), static_cast<long long>(group_rankings),
+              static_cast<long long>(group_entries));
 }
 
 // Backend::page_bound_rankings: Quest's bounds are sums of exact products of fp32 values in double, in
@@ -1958,14 +1978,19 @@ TEST_CASE("A GPU with less shared memory ranks the prefixes it holds and leaves 
     const std::vector<std::int64_t> rows = {kHeld - 1, kHeld + 899};
     StatsRequest req = group_request(c, 0, rows, 1, false);
     req.rank_block = 1;
+    req.group_rank_block = 1;
     StatsTile expected, got;
     for (const std::int64_t asked : {kHeld, kHeld + 1}) {
       req.rank_blocks = asked;
+      req.group_rank_blocks = asked;
       full->block_statistics(req, expected);
       small->block_statistics(req, got);
       REQUIRE(expected.ranked == asked);
+      REQUIRE(expected.group_ranked == asked);
       CHECK(got.ranked == (asked <= kHeld ? asked : 0));
+      CHECK(got.group_ranked == got.ranked);
       if (got.ranked > 0) CHECK(got.mass_order == expected.mass_order);
+      if (got.group_ranked > 0) CHECK(got.group_max_order == expected.group_max_order);
       CHECK(got.block_sum == expected.block_sum);
     }
     // Token-score rankings: the same rule.
