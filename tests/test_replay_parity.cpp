@@ -441,6 +441,36 @@ void require_identical(const Table& a, const Table& b, const std::string& what) 
   }
 }
 
+// The report tables the rankings feed: per selector, every metric's head and model means, head quantiles and
+// saturated rows; and the reuse matrix.
+void require_same_report(const ReplayResult& expected, const ReplayResult& result) {
+  REQUIRE(result.selectors.size() == expected.selectors.size());
+  for (std::size_t s = 0; s < result.selectors.size(); ++s) {
+    const SelectorResult& a = expected.selectors[s];
+    const SelectorResult& b = result.selectors[s];
+    for (int m = 0; m < kNumMetrics; ++m) {
+      require_identical(a.head_mean[m], b.head_mean[m], a.label + " " + metric_name(m));
+      require_identical(a.model_mean[m], b.model_mean[m], a.label + " model " + metric_name(m));
+    }
+    require_identical(a.head_recall_min, b.head_recall_min, a.label + " head min");
+    require_identical(a.head_recall_p10, b.head_recall_p10, a.label + " head p10");
+    require_identical(a.saturated_rows, b.saturated_rows, a.label + " saturated");
+  }
+  require_identical(expected.reuse, result.reuse, "reuse matrix");
+}
+
+// A 3-layer, 150-token capture with sinks for the backend-ranking tests, written to `name`; its path.
+std::string write_ranking_capture(Shape::Values values, std::uint64_t seed, const char* name) {
+  Shape shape;
+  shape.values = values;
+  shape.layers = 3;
+  shape.seq_len = 150;
+  shape.sinks = true;
+  const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/" + name;
+  write_capture(path, random_capture(shape, seed));
+  return path;
+}
+
 }  // namespace
 
 TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine's own, also when it is short",
@@ -457,14 +487,7 @@ TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine'
         Config{"oracle:block=16,oracle:block=16,sinks=2,window=9,swa:block=16,hysparse:block=16,window=12,quest:block=4",
                (std::uint64_t{1} << 16) | (std::uint64_t{1} << 4)}}) {
   for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
-    Shape shape;
-    shape.values = values;
-    shape.layers = 3;
-    shape.seq_len = 150;
-    shape.sinks = true;
-    const Capture capture = random_capture(shape, test::seed() + 51);
-    const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/parity_backend_ranking.h5";
-    write_capture(path, capture);
+    const std::string path = write_ranking_capture(values, test::seed() + 51, "parity_backend_ranking.h5");
     ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
     options.block_size = 8;
     options.schedule = "FSS";
@@ -476,18 +499,7 @@ TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine'
       const ReplayResult result = run_replay(path, options, ranking, false);
       CHECK(ranking.rankings_asked() > 0);
       CHECK(ranking.rank_blocks_seen() == ranked_blocks);
-      REQUIRE(result.selectors.size() == expected.selectors.size());
-      for (std::size_t s = 0; s < result.selectors.size(); ++s) {
-        const SelectorResult& a = expected.selectors[s];
-        const SelectorResult& b = result.selectors[s];
-        for (int m = 0; m < kNumMetrics; ++m) {
-          require_identical(a.head_mean[m], b.head_mean[m], a.label + " " + metric_name(m));
-          require_identical(a.model_mean[m], b.model_mean[m], a.label + " model " + metric_name(m));
-        }
-        require_identical(a.head_recall_min, b.head_recall_min, a.label + " head min");
-        require_identical(a.head_recall_p10, b.head_recall_p10, a.label + " head p10");
-        require_identical(a.saturated_rows, b.saturated_rows, a.label + " saturated");
-      }
+      require_same_report(expected, result);
     }
     // The engine must take the backend's ranking, not rank again: the oracle's nested budgets take
     // the first blocks of it, so the least massive first gives it less recall at a budget below the row.
@@ -514,14 +526,7 @@ TEST_CASE("a backend's ranking of blocks by group max gives the report of the en
        {Config{"oracle,hysparse:block=8,window=12", 24, true}, Config{"oracle,hysparse:block=16,window=12", 24, false},
         Config{"oracle,reuse:score=prob,group=max,layers=0,hysparse:block=8,sinks=2,window=12", 0, true}}) {
     for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
-      Shape shape;
-      shape.values = values;
-      shape.layers = 3;
-      shape.seq_len = 150;
-      shape.sinks = true;
-      const Capture capture = random_capture(shape, test::seed() + 53);
-      const std::string path = std::string(HYSPARSE_TEST_DATA_DIR) + "/parity_backend_group_ranking.h5";
-      write_capture(path, capture);
+      const std::string path = write_ranking_capture(values, test::seed() + 53, "parity_backend_group_ranking.h5");
       ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
       options.block_size = 8;
       options.schedule = "FSS";
@@ -533,17 +538,7 @@ TEST_CASE("a backend's ranking of blocks by group max gives the report of the en
         const HostRankingBackend ranking(shorten);
         const ReplayResult result = run_replay(path, options, ranking, false);
         CHECK(ranking.group_rankings_asked() > 0);
-        REQUIRE(result.selectors.size() == expected.selectors.size());
-        for (std::size_t s = 0; s < result.selectors.size(); ++s) {
-          const SelectorResult& a = expected.selectors[s];
-          const SelectorResult& b = result.selectors[s];
-          for (int m = 0; m < kNumMetrics; ++m) {
-            require_identical(a.head_mean[m], b.head_mean[m], a.label + " " + metric_name(m));
-            require_identical(a.model_mean[m], b.model_mean[m], a.label + " model " + metric_name(m));
-          }
-          require_identical(a.head_recall_min, b.head_recall_min, a.label + " head min");
-        }
-        require_identical(expected.reuse, result.reuse, "reuse matrix");
+        require_same_report(expected, result);
       }
       if (values != Shape::Values::kGaussian) continue;
       // The engine must take the backend's ranking: the least probable blocks first move hysparse's sparse
