@@ -18,6 +18,7 @@
 #include "kv/schedule.hpp"
 #include "reference/naive_replay.hpp"
 #include "reference/random_capture.hpp"
+#include "replay/block_view.hpp"
 #include "replay/engine.hpp"
 #include "replay/gathered_sum.hpp"
 #include "replay/selector.hpp"
@@ -406,6 +407,7 @@ class HostRankingBackend final : public test::CpuBackedBackend {
   void rank_by_group(const StatsRequest& request, StatsTile& out) const {
     if (request.group_rank_blocks <= 0) return;
     ++group_asked_;
+    group_layers_ |= std::uint64_t{1} << std::min<std::int64_t>(std::max<std::int64_t>(request.layer, 0), 63);
     const std::int64_t block = request.group_rank_block > 0 ? request.group_rank_block : request.block_size;
     const std::int64_t factor = block / request.block_size, num_blocks = request.rows[request.num_rows - 1] / block + 1;
     out.group_ranked = std::max<std::int64_t>(1, std::min(request.group_rank_blocks, num_blocks) - shorten_);
@@ -421,6 +423,8 @@ class HostRankingBackend final : public test::CpuBackedBackend {
     }
   }
   std::int64_t group_rankings_asked() const { return group_asked_; }
+  // Bit l set: a group ranking was asked in layer l (l < 63).
+  std::uint64_t group_layers() const { return group_layers_; }
   std::int64_t rankings_asked() const { return asked_; }
   // Bit b set: blocks of b keys were ranked (b < 63).
   std::uint64_t rank_blocks_seen() const { return rank_blocks_seen_; }
@@ -429,6 +433,7 @@ class HostRankingBackend final : public test::CpuBackedBackend {
   std::int64_t shorten_;
   bool least_first_;
   mutable std::atomic<std::int64_t> asked_{0}, group_asked_{0};
+  mutable std::atomic<std::uint64_t> group_layers_{0};
   mutable std::atomic<std::uint64_t> rank_blocks_seen_{0};
 };
 
@@ -514,17 +519,22 @@ TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine'
 
 TEST_CASE("a backend's ranking of blocks by group max gives the report of the engine's own, also when it is short",
           "[replay][parity]") {
-  // The reuse matrix and the selectors that rank by the largest probability over a KV group (hysparse, reuse
-  // with score=prob,group=max) share one ranking per tile; a backend ranks the reuse matrix's view, or else the
-  // first such selector's. hysparse:block=16 beside the reuse matrix's 8 is ranked by the host.
+  // The reuse matrix and the selectors that rank by the largest probability over a KV group (hysparse in its
+  // full layers, reuse with score=prob,group=max in its selection layers) share one ranking per tile; a backend
+  // is asked, in the layers that read one, for the one of the smallest blocks. hysparse:block=16 beside the reuse
+  // matrix's 8, or hysparse:block=8 beside the reuse selector's single tokens (its default block), is ranked by
+  // the host; without the reuse matrix only the full layer 0 asks (schedule FSS).
   struct Config {
     const char* selectors;
     std::int64_t reuse_budget;
-    bool hysparse_ranked;  // whether hysparse's view is the one the backend ranks
+    bool hysparse_ranked;       // whether hysparse's view is the one the backend ranks
+    std::uint64_t asked_layers; // bit l: layer l asks the backend
   };
-  for (const auto& [selectors, reuse_budget, hysparse_ranked] :
-       {Config{"oracle,hysparse:block=8,window=12", 24, true}, Config{"oracle,hysparse:block=16,window=12", 24, false},
-        Config{"oracle,reuse:score=prob,group=max,layers=0,hysparse:block=8,sinks=2,window=12", 0, true}}) {
+  for (const auto& [selectors, reuse_budget, hysparse_ranked, asked_layers] :
+       {Config{"oracle,hysparse:block=8,window=12", 24, true, 7}, Config{"oracle,hysparse:block=16,window=12", 24, false, 7},
+        Config{"oracle,reuse:score=prob,group=max,layers=0,block=8,hysparse:block=8,sinks=2,window=12", 0, true, 1},
+        Config{"oracle,reuse:score=prob,group=max,layers=0,hysparse:block=8,sinks=2,window=12", 0, false, 1},  // reuse's token blocks
+        Config{"oracle,hysparse:block=16,window=12,hysparse:block=8,window=12", 0, true, 1}}) {
     for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
       const std::string path = write_ranking_capture(values, test::seed() + 53, "parity_backend_group_ranking.h5");
       ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
@@ -538,9 +548,11 @@ TEST_CASE("a backend's ranking of blocks by group max gives the report of the en
         const HostRankingBackend ranking(shorten);
         const ReplayResult result = run_replay(path, options, ranking, false);
         CHECK(ranking.group_rankings_asked() > 0);
+        CHECK(ranking.group_layers() == asked_layers);
         require_same_report(expected, result);
       }
       if (values != Shape::Values::kGaussian) continue;
+      CAPTURE(selectors);
       // The engine must take the backend's ranking: the least probable blocks first move hysparse's sparse
       // layers' recall (and the reuse matrix's).
       const HostRankingBackend least_first(0, true);
@@ -556,4 +568,57 @@ TEST_CASE("a backend's ranking of blocks by group max gives the report of the en
       }
     }
   }
+}
+
+TEST_CASE("block views' masses and largest probabilities are the bits the device-ranking references compute", "[replay][parity]") {
+  // test::view_masses and test::view_group_max_probabilities are what the GPU tests hold the device's rankings to;
+  // the engine ranks build_block_view's values. They must be the same numbers, bit for bit, for the GPU tests
+  // to mean the engine's order: random and tied logits, sinks, a row without its own full block, blocks of
+  // one to three tile blocks.
+  const auto cpu = make_cpu_backend();
+  std::int64_t cells = 0;
+  for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies, Shape::Values::kIdentical}) {
+    Shape shape;
+    shape.values = values;
+    shape.layers = 1;
+    shape.q_heads = 6;
+    shape.kv_heads = 2;
+    shape.seq_len = 203;
+    shape.sinks = true;
+    const Capture capture = random_capture(shape, test::seed() + 57);
+    std::vector<std::int64_t> rows;
+    for (std::int64_t t = 0; t < shape.seq_len; t += 7) rows.push_back(t);
+    rows.push_back(shape.seq_len - 1);
+    for (const std::int64_t base : {1, 4, 5}) {
+      StatsTile tile;
+      cpu->block_statistics(test::group_request(capture, 1, rows, base, false), tile);
+      for (const std::int64_t factor : {1, 2, 3}) {
+        CAPTURE(static_cast<int>(values), base, factor);
+        BlockView view;
+        std::vector<double> scratch, expected;
+        build_block_view(tile, base, base * factor, rows.data(), true, view, scratch);
+        for (std::int64_t r = 0; r < tile.rows; ++r) {
+          const std::int64_t causal = view.causal_blocks(r);
+          for (std::int64_t h = 0; h < tile.heads; ++h) {
+            test::view_masses(tile, h, r, rows[static_cast<std::size_t>(r)], base, factor, expected);
+            REQUIRE(static_cast<std::int64_t>(expected.size()) == causal);
+            for (std::int64_t b = 0; b < causal; ++b) {
+              CAPTURE(r, h, b);
+              REQUIRE(view.mass[view.at(h, r, b)] == expected[static_cast<std::size_t>(b)]);
+            }
+          }
+          test::view_group_max_probabilities(tile, r, rows[static_cast<std::size_t>(r)], base, factor, expected);
+          REQUIRE(static_cast<std::int64_t>(expected.size()) == causal);
+          for (std::int64_t b = 0; b < causal; ++b) {
+            double best = 0.0;
+            for (std::int64_t h = 0; h < tile.heads; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
+            CAPTURE(r, b);
+            REQUIRE(best == expected[static_cast<std::size_t>(b)]);
+            ++cells;
+          }
+        }
+      }
+    }
+  }
+  CHECK(cells > 1000);
 }

@@ -23,6 +23,7 @@
 #include "common/interrupt.hpp"
 #include "common/memory.hpp"
 #include "common/portable_exp.hpp"
+#include "replay/block_view.hpp"
 #include "replay/gathered_sum.hpp"
 #include "replay/kv_price.hpp"
 #include "replay/selector.hpp"
@@ -286,7 +287,7 @@ struct ForcedConfig {
 struct Workspace {
   StatsTile tile;
   std::vector<BlockView> views;
-  std::vector<double> block_exps;  // scratch of build_view
+  std::vector<double> block_exps;  // scratch of build_block_view
   // Per fixed forced config, [heads][rows][num_blocks]: the residual mass of every block. A config
   // without forced keys reads its view's mass; the others patch a copy of it (residual_storage).
   std::vector<const std::vector<double>*> residual_mass;
@@ -360,77 +361,6 @@ struct Workspace {
   std::vector<double*> error_targets;
   std::vector<double> errors;
 };
-
-// The masses and largest probabilities of `block`-key blocks from a tile of `base`-key blocks (`exps`: scratch).
-void build_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions, bool with_max,
-                BlockView& view, std::vector<double>& exps) {
-  const std::int64_t factor = block / base;
-  view.block = block;
-  view.heads = tile.heads;
-  view.rows = tile.rows;
-  view.positions = positions;
-  view.num_blocks = positions[tile.rows - 1] / block + 1;
-  // Every cell is written once below (a token-level view is the tile's largest array, and its passes
-  // are bound by memory bandwidth on a many-core host): no fill before.
-  const auto cells = static_cast<std::size_t>(view.heads * view.rows * view.num_blocks);
-  view.mass.resize(cells);
-  if (with_max) {
-    view.max_prob.resize(cells);
-  } else {
-    view.max_prob.clear();
-  }
-  for (std::int64_t h = 0; h < tile.heads; ++h) {
-    for (std::int64_t r = 0; r < tile.rows; ++r) {
-      const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(h * tile.rows + r)];
-      const double lse_all = tile.lse_all[static_cast<std::size_t>(h * tile.rows + r)];
-      const std::int64_t base_blocks = positions[r] / base + 1, causal = view.causal_blocks(r);
-      const float* block_max = &tile.block_max[tile.at(h, r, 0)];
-      const float* block_sum = &tile.block_sum[tile.at(h, r, 0)];
-      double* mass = &view.mass[view.at(h, r, 0)];
-      double* max_prob = with_max ? &view.max_prob[view.at(h, r, 0)] : nullptr;
-      std::fill(mass + causal, mass + view.num_blocks, 0.0);
-      if (with_max) std::fill(max_prob + causal, max_prob + view.num_blocks, 0.0);
-      if (factor == 1) {
-        // The tile's own blocks: one exponential a block (exp(m - lse_all) is exp(m - lse_tokens)
-        // times the row's token share of the mass, sinks excluded). Without a branch, so that the
-        // compiler vectorises it: an empty block (m = -inf, l = 0) gets 0 x 0.
-        const double token_share = portable_exp(lse_tokens - lse_all);
-        if (with_max) {
-          for (std::int64_t b = 0; b < base_blocks; ++b) {
-            const double e = portable_exp(static_cast<double>(block_max[b]) - lse_tokens);
-            mass[b] = static_cast<double>(block_sum[b]) * e;
-            max_prob[b] = e * token_share;
-          }
-        } else {
-          for (std::int64_t b = 0; b < base_blocks; ++b) {
-            mass[b] = static_cast<double>(block_sum[b]) * portable_exp(static_cast<double>(block_max[b]) - lse_tokens);
-          }
-        }
-        continue;
-      }
-      // Coarser blocks: a block's largest tile-block max m, its tile blocks' exponentials against m (a
-      // vectorised loop), then their sum in tile-block order, each step fused, as the device sums it (an
-      // empty tile block adds 0 x 0).
-      exps.resize(static_cast<std::size_t>(factor));
-      for (std::int64_t b = 0; b < causal; ++b) {
-        const std::int64_t first = b * factor, count = std::min((b + 1) * factor, base_blocks) - first;
-        float peak = -std::numeric_limits<float>::infinity();
-        for (std::int64_t i = 0; i < count; ++i) peak = std::max(peak, block_max[first + i]);
-        if (peak == -std::numeric_limits<float>::infinity()) {
-          mass[b] = 0.0;
-          if (with_max) max_prob[b] = 0.0;
-          continue;
-        }
-        const double m = peak;
-        for (std::int64_t i = 0; i < count; ++i) exps[static_cast<std::size_t>(i)] = portable_exp(static_cast<double>(block_max[first + i]) - m);
-        double l = 0.0;
-        for (std::int64_t i = 0; i < count; ++i) l = std::fma(static_cast<double>(block_sum[first + i]), exps[static_cast<std::size_t>(i)], l);
-        mass[b] = l * portable_exp(m - lse_tokens);
-        if (with_max) max_prob[b] = portable_exp(m - lse_all);
-      }
-    }
-  }
-}
 
 // Per-row metric values of one layer: [metric][selector][budget][head][row].
 class RowMetrics {
@@ -731,12 +661,13 @@ struct ReplayRun::Impl {
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
   std::int64_t base_view_index = -1;            // the view whose blocks are the tile's (-1: none)
   std::vector<char> view_needs_max;             // per view: whether a reader needs BlockView::max_prob
-  // Per view: whether the reuse matrix or a selector ranks its blocks by their largest probability over a
-  // KV group's heads (shared per tile: Workspace::top_by_group_max); max_prob is filled for that ranking only
-  // where the backend did not rank it.
-  std::vector<char> view_wants_group;
-  std::int64_t group_view = -1;                 // the view whose group ranking the backend is asked for (-1: none)
-  std::vector<std::int64_t> group_rank_blocks;  // per tile: StatsRequest::group_rank_blocks
+  // Per view, per tile: StatsRequest::group_rank_blocks where the reuse matrix or a selector ranks the view's
+  // blocks by their largest probability over a KV group's heads in some layer (empty: none does).
+  std::vector<std::vector<std::int64_t>> view_group_rank_blocks;
+  // This layer's: per view, whether its group ranking is read (shared per tile: Workspace::top_by_group_max;
+  // max_prob is filled for it only where the backend did not rank it); the view the backend is asked for.
+  std::vector<char> layer_wants_group;
+  std::int64_t group_view = -1;
   // Per view a selector reads, per tile: StatsRequest::rank_blocks when the backend ranks that view.
   std::vector<std::vector<std::int64_t>> view_rank_blocks;
   std::int64_t walk_steps_per_flush = kWalkStepsPerFlush;
@@ -922,15 +853,8 @@ void ReplayRun::Impl::setup() {
   // Block maxima cost a second pass over every view's cells; only the reuse matrix and the selectors
   // that rank by them read them.
   view_needs_max.assign(block_sizes.size(), 0);
-  view_wants_group.assign(block_sizes.size(), 0);
-  if (reuse_view >= 0) view_wants_group[static_cast<std::size_t>(reuse_view)] = 1;
   for (const SelectorPlan& plan : plans) {
     if (plan.selector->reads_block_max()) view_needs_max[static_cast<std::size_t>(plan.view_index)] = 1;
-    if (plan.selector->ranks_by_group_max()) view_wants_group[static_cast<std::size_t>(plan.view_index)] = 1;
-  }
-  group_view = reuse_view;
-  for (std::size_t v = 0; v < block_sizes.size() && group_view < 0; ++v) {
-    if (view_wants_group[v]) group_view = static_cast<std::int64_t>(v);
   }
   for (auto b : block_sizes) base_block = gcd(base_block, b);
 
@@ -1044,20 +968,28 @@ void ReplayRun::Impl::setup() {
       wanted = std::max(wanted, std::min(t / B + 1, n + touched_blocks[v]));
     }
   }
-  // The group ranking a backend may make beside the statistics (StatsRequest::group_rank_blocks): as long as
-  // the reuse matrix's selection and the longest budget of a selector that ranks that view by group.
-  group_rank_blocks.assign(static_cast<std::size_t>(tiles), 0);
-  if (group_view >= 0) {
-    const std::int64_t B = block_sizes[static_cast<std::size_t>(group_view)];
+  // The group ranking a backend may make beside the statistics (StatsRequest::group_rank_blocks), for each
+  // view ranked by group in some layer: as long as the reuse matrix's selection and the longest budget of a
+  // selector that ranks that view by group. Which view is asked for is chosen per layer (run_layer).
+  view_group_rank_blocks.assign(block_sizes.size(), {});
+  for (std::size_t v = 0; v < block_sizes.size(); ++v) {
     bool by_selector = false;
-    for (const SelectorPlan& plan : plans) by_selector |= plan.view_index == group_view && plan.selector->ranks_by_group_max();
+    for (const SelectorPlan& plan : plans) {
+      for (std::int64_t l = 0; l < L && plan.view_index == static_cast<std::int64_t>(v); ++l) {
+        by_selector |= plan.selector->ranks_by_group_max(l);
+      }
+    }
+    const bool by_reuse = static_cast<std::int64_t>(v) == reuse_view;
+    if (!by_selector && !by_reuse) continue;
+    const std::int64_t B = block_sizes[v];
+    view_group_rank_blocks[v].assign(static_cast<std::size_t>(tiles), 0);
     for (std::int64_t i = 0; i < R; ++i) {
       const std::int64_t t = rows[static_cast<std::size_t>(i)];
-      std::int64_t n = group_view == reuse_view ? reuse_count : 0;
+      std::int64_t n = by_reuse ? reuse_count : 0;
       if (by_selector) {
         for (const auto& budget : options.budgets) n = std::max(n, budget.blocks_for_row(t, B));
       }
-      std::int64_t& wanted = group_rank_blocks[static_cast<std::size_t>(i / tile_rows)];
+      std::int64_t& wanted = view_group_rank_blocks[v][static_cast<std::size_t>(i / tile_rows)];
       wanted = std::max(wanted, std::min(t / B + 1, n));
     }
   }
@@ -1144,6 +1076,19 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       ranked_view = plan.view_index;
     }
   }
+  // The views ranked by group in this layer (the reuse matrix's, every layer; a selector's, where it says so),
+  // and of them the one of the smallest blocks for the backend, as for the ranking by mass.
+  layer_wants_group.assign(block_sizes.size(), 0);
+  if (reuse_view >= 0) layer_wants_group[static_cast<std::size_t>(reuse_view)] = 1;
+  for (const SelectorPlan& plan : plans) {
+    if (plan.selector->ranks_by_group_max(layer)) layer_wants_group[static_cast<std::size_t>(plan.view_index)] = 1;
+  }
+  group_view = -1;
+  for (std::size_t v = 0; v < block_sizes.size(); ++v) {
+    if (layer_wants_group[v] && (group_view < 0 || block_sizes[v] < block_sizes[static_cast<std::size_t>(group_view)])) {
+      group_view = static_cast<std::int64_t>(v);
+    }
+  }
   // Reuse sums per work item, reduced in item order: the same numbers whatever thread ran what.
   if (reuse_enabled) reuse_item_sums.assign(static_cast<std::size_t>(Hkv * tiles * L), 0.0);
 
@@ -1183,7 +1128,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         request.rank_block = block_sizes[static_cast<std::size_t>(ranked_view)];
       }
       if (group_view >= 0) {
-        request.group_rank_blocks = group_rank_blocks[static_cast<std::size_t>(tile_index)];
+        request.group_rank_blocks = view_group_rank_blocks[static_cast<std::size_t>(group_view)][static_cast<std::size_t>(tile_index)];
         request.group_rank_block = block_sizes[static_cast<std::size_t>(group_view)];
       }
       if (inputs.dense) {
@@ -1203,8 +1148,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         // The group ranking reads block maxima only where the backend did not rank it as long as asked.
         const bool group_served = static_cast<std::int64_t>(v) == group_view && ws.tile.group_ranked > 0 &&
                                   ws.tile.group_ranked >= std::min(request.group_rank_blocks, positions[nr - 1] / block_sizes[v] + 1);
-        const bool group_from_host = view_wants_group[v] && !group_served;
-        build_view(ws.tile, base_block, block_sizes[v], positions, view_needs_max[v] != 0 || group_from_host, ws.views[v],
+        const bool group_from_host = layer_wants_group[v] && !group_served;
+        build_block_view(ws.tile, base_block, block_sizes[v], positions, view_needs_max[v] != 0 || group_from_host, ws.views[v],
                    ws.block_exps);
       }
       const BlockView* base_view = base_view_index >= 0 ? &ws.views[static_cast<std::size_t>(base_view_index)] : nullptr;
@@ -1247,7 +1192,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       }
       ws.group_rankings.resize(ws.views.size());
       for (std::size_t v = 0; v < ws.views.size(); ++v) {
-        if (view_wants_group[v]) ws.group_rankings[v].reset(1, nr, ws.views[v].num_blocks);
+        if (layer_wants_group[v]) ws.group_rankings[v].reset(1, nr, ws.views[v].num_blocks);
       }
       if (ws.tile.group_ranked > 0 && group_view >= 0) {
         ws.group_rankings[static_cast<std::size_t>(group_view)].adopt(ws.tile.group_max_order, ws.tile.group_ranked, 1,
@@ -1279,7 +1224,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
           const auto c = static_cast<std::size_t>(plan.reference_config);
           return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
         };
-        if (plan.selector->ranks_by_group_max()) {
+        if (plan.selector->ranks_by_group_max(layer)) {
           context.top_by_group_max = [&ws, &view, &plan](std::int64_t r, std::int64_t count) {
             return ws.top_by_group_max(view, static_cast<std::size_t>(plan.view_index), r, count);
           };

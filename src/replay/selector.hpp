@@ -189,9 +189,10 @@ class Selector {
   virtual bool selects_blocks() const { return true; }
   // Whether rank() reads BlockView::max_prob: the engine fills it only in the views someone reads it from.
   virtual bool reads_block_max() const { return false; }
-  // Whether rank() ranks blocks by their largest probability, max over the KV group's heads, through
-  // RankContext::top_by_group_max (and reads no other max_prob).
-  virtual bool ranks_by_group_max() const { return false; }
+  // Whether rank() in `layer` (after begin()) ranks blocks by their largest probability, max over the KV
+  // group's heads, through RankContext::top_by_group_max (and reads no other max_prob): the engine asks a
+  // backend for that ranking in such layers only.
+  virtual bool ranks_by_group_max(std::int64_t /*layer*/) const { return false; }
   virtual BudgetUse budget_use() const { return BudgetUse::kNested; }
   virtual LayerRole role(std::int64_t /*layer*/) const { return LayerRole::kSparse; }
   virtual void begin(const ReplayPlan& /*plan*/) {}

@@ -43,7 +43,9 @@ class HySparseSelector final : public Selector {
   }
   bool ranks_per_head() const override { return false; }
   bool reads_block_max() const override { return score_ == "max" && group_ != "max"; }
-  bool ranks_by_group_max() const override { return score_ == "max" && group_ == "max"; }
+  bool ranks_by_group_max(std::int64_t layer) const override {
+    return score_ == "max" && group_ == "max" && role(layer) == LayerRole::kFull;  // full layers record the selection
+  }
   LayerRole role(std::int64_t layer) const override {
     return full_[static_cast<std::size_t>(layer)] ? LayerRole::kFull : LayerRole::kSparse;
   }

@@ -44,7 +44,9 @@ class ReuseSelector final : public Selector {
   }
   bool ranks_per_head() const override { return group_ == "none"; }
   bool reads_block_max() const override { return score_ == "prob" && group_ != "max"; }
-  bool ranks_by_group_max() const override { return score_ == "prob" && group_ == "max"; }
+  bool ranks_by_group_max(std::int64_t layer) const override {
+    return score_ == "prob" && group_ == "max" && std::binary_search(layers_.begin(), layers_.end(), layer);
+  }
   LayerRole role(std::int64_t layer) const override {
     if (layers_.empty() || layer < layers_.front()) return LayerRole::kFull;
     const bool selection = std::binary_search(layers_.begin(), layers_.end(), layer);
