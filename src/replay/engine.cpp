@@ -850,8 +850,8 @@ void ReplayRun::Impl::setup() {
     plans.push_back(plan);
   }
   reuse_view = reuse_enabled ? view_of(options.block_size) : -1;
-  // Block maxima cost a second pass over every view's cells; only the reuse matrix and the selectors
-  // that rank by them read them.
+  // Block maxima cost a second pass over every view's cells; only the selectors that read them do (the
+  // rankings by group fill them where no backend ranked: run_layer).
   view_needs_max.assign(block_sizes.size(), 0);
   for (const SelectorPlan& plan : plans) {
     if (plan.selector->reads_block_max()) view_needs_max[static_cast<std::size_t>(plan.view_index)] = 1;
@@ -975,9 +975,8 @@ void ReplayRun::Impl::setup() {
   for (std::size_t v = 0; v < block_sizes.size(); ++v) {
     bool by_selector = false;
     for (const SelectorPlan& plan : plans) {
-      for (std::int64_t l = 0; l < L && plan.view_index == static_cast<std::int64_t>(v); ++l) {
-        by_selector |= plan.selector->ranks_by_group_max(l);
-      }
+      if (plan.view_index != static_cast<std::int64_t>(v)) continue;
+      for (std::int64_t l = 0; l < L; ++l) by_selector |= plan.selector->ranks_by_group_max(l);
     }
     const bool by_reuse = static_cast<std::int64_t>(v) == reuse_view;
     if (!by_selector && !by_reuse) continue;
@@ -1149,8 +1148,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         const bool group_served = static_cast<std::int64_t>(v) == group_view && ws.tile.group_ranked > 0 &&
                                   ws.tile.group_ranked >= std::min(request.group_rank_blocks, positions[nr - 1] / block_sizes[v] + 1);
         const bool group_from_host = layer_wants_group[v] && !group_served;
-        build_block_view(ws.tile, base_block, block_sizes[v], positions, view_needs_max[v] != 0 || group_from_host, ws.views[v],
-                   ws.block_exps);
+        build_block_view(ws.tile, base_block, block_sizes[v], positions, view_needs_max[v] != 0 || group_from_host,
+                         ws.views[v], ws.block_exps);
       }
       const BlockView* base_view = base_view_index >= 0 ? &ws.views[static_cast<std::size_t>(base_view_index)] : nullptr;
 
