@@ -61,7 +61,7 @@ struct StatsTile {
   std::vector<std::int32_t> mass_order;
   // When group_ranked > 0: [rows][group_ranked], the blocks of group_rank_block keys of each row by
   // max over the heads h of P_b(h), the block's largest probability as the replay engine computes it
-  // (block_max_probability), higher first, ties to the lower block; row r holds min(group_ranked, causal
+  // (build_block_view's max_prob), higher first, ties to the lower block; row r holds min(group_ranked, causal
   // blocks of r). HySparse's selection (score max, group max) and the cross-layer reuse matrix rank this way.
   std::int64_t group_ranked = 0;
   std::vector<std::int32_t> group_max_order;

@@ -101,7 +101,7 @@ struct RankContext {
   std::function<const std::int32_t*(std::int64_t head, std::int64_t row, std::int64_t count)> top_by_residual;
   // The first `count` blocks of the row by max over the group's heads of BlockView::max_prob (rank_top's
   // order and tie rule; count <= ranking_length[row]): ranked once per tile, shared with the reuse matrix,
-  // and by the device where it ranks them. Set for selectors whose ranks_by_group_max() is true.
+  // and by the device where it ranks them. Set in the layers where the selector's ranks_by_group_max(layer).
   std::function<const std::int32_t*(std::int64_t row, std::int64_t count)> top_by_group_max;
   const LayerContext* layer_context = nullptr;  // the layer's tensors (q/k for proxies)
   // BudgetUse::kPerBudget only: the budget this call ranks for (index into the replay's budgets).
