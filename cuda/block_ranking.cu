@@ -23,7 +23,7 @@ void check(cudaError_t status, const char* what) {
 }
 
 // The ranking key of ranked block i of a row (tile blocks [i factor, (i + 1) factor) up to the row's
-// tile_blocks): its mass by the engine's formulas (build_view) and its exponential (portable_exp: the
+// tile_blocks): its mass by the engine's formulas (build_block_view) and its exponential (portable_exp: the
 // host's bits), an empty block's 0. The rounding is
 // spelled out (the fused form nvcc chose before): the radix select recomputes the key in every pass
 // and needs the same bits each time.
@@ -50,7 +50,7 @@ __device__ __forceinline__ unsigned long long mass_key(const BlockRankingArgs& a
 }
 
 // The ranking key of ranked block i of row r by group: max over the heads of the block's largest probability
-// P_b (build_view's formulas: at factor 1, exp(m - lse_tokens) x exp(lse_tokens - lse_all), the first factor
+// P_b (build_block_view's formulas: at factor 1, exp(m - lse_tokens) x exp(lse_tokens - lse_all), the first factor
 // shared with the mass; coarser, exp(m - lse_all) with m the largest tile-block max), an empty block's 0.
 __device__ __forceinline__ unsigned long long group_max_key(const BlockRankingArgs& args, int r, long long tile_blocks, int i) {
   double best = 0.0;  // probabilities are >= 0: the host's std::max from 0 gives the same

@@ -74,7 +74,7 @@ inline StatsRequest group_request(const Capture& c, std::int64_t group, const st
 }
 
 // The masses of the causal blocks of `factor` tile blocks of (h, r) of a tile whose row r is at
-// `position`, as the replay engine computes them from the tile (build_view; StatsTile::mass_order):
+// `position`, as the replay engine computes them from the tile (build_block_view; StatsTile::mass_order):
 // the same operations, so the same bits.
 inline void view_masses(const StatsTile& tile, std::int64_t h, std::int64_t r, std::int64_t position, std::int64_t tile_block,
                         std::int64_t factor, std::vector<double>& mass) {
@@ -101,7 +101,7 @@ inline void view_masses(const StatsTile& tile, std::int64_t h, std::int64_t r, s
 }
 
 // The largest probability of each causal block of `factor` tile blocks of row r, max over the tile's heads,
-// as the replay engine computes it from the tile (build_view's max_prob; StatsTile::group_max_order): the
+// as the replay engine computes it from the tile (build_block_view's max_prob; StatsTile::group_max_order): the
 // same operations, so the same bits.
 inline void view_group_max_probabilities(const StatsTile& tile, std::int64_t r, std::int64_t position, std::int64_t tile_block,
                                          std::int64_t factor, std::vector<double>& best) {

@@ -272,7 +272,7 @@ TEST_CASE("CUDA fp32 block statistics equal the CPU backend's", "[cuda]") {
               worst.mass_relative, kGpuMassTolerance, worst.logit, kGpuLogitTolerance, worst.output, kGpuOutputTolerance);
 }
 
-// portable_exp is the block masses' exponential on both sides (build_view, the device's ranking keys):
+// portable_exp is the block masses' exponential on both sides (build_block_view, the device's ranking keys):
 // the device must give the host's bits, over the whole range, at its limits and on NaN.
 TEST_CASE("portable_exp gives the host's bits on the device", "[cuda]") {
   Rng g(test::seed());
@@ -305,7 +305,7 @@ TEST_CASE("portable_exp gives the host's bits on the device", "[cuda]") {
 
 //
 // StatsTile::group_max_order, asked beside it: one ranking per row by the largest probability of a block, max
-// over the heads (build_view's max_prob, portable_exp's bits), rank_top's on the host values likewise.
+// over the heads (build_block_view's max_prob, portable_exp's bits), rank_top's on the host values likewise.
 
 TEST_CASE("CUDA rankings of blocks by mass are rank_top's on the tile's masses, ties to the lower block", "[cuda]") {
   std::int64_t rankings = 0, entries = 0, group_rankings = 0, group_entries = 0;
