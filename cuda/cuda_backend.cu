@@ -892,26 +892,10 @@ class CudaBackend final : public Backend {
     const float* block_sum = download(lane->host_block_sum, args.block_sum, cells, "block sums", stream);
     const double* lse_tokens = download(lane->host_lse_tokens, args.lse_tokens, rows, "row log-sum-exps", stream);
     const double* lse_all = download(lane->host_lse_all, args.lse_all, rows, "row log-sum-exps with sinks", stream);
-    const int* mass_order = nullptr;
-    if (out.ranked > 0) {
-      BlockRankingArgs ranking;
-      ranking.block_max = args.block_max;
-      ranking.block_sum = args.block_sum;
-      ranking.lse_tokens = args.lse_tokens;
-      ranking.positions = pos;
-      ranking.heads = args.heads;
-      ranking.rows = args.rows;
-      ranking.block = args.block;
-      ranking.num_blocks = args.num_blocks;
-      ranking.factor = static_cast<int>(ranked_block(req, req.rank_block) / req.block_size);
-      ranking.count = static_cast<int>(out.ranked);
-      ranking.order = lane->rankings.reserve(out.mass_order.size(), "block rankings");
-      ranking.prefix_limit = prefix_limit_;
-      launch_block_ranking(ranking, stream);
-      mass_order = download(lane->host_rankings, static_cast<const int*>(ranking.order), out.mass_order.size(), "block rankings", stream);
-    }
-    const int* group_max_order = nullptr;
-    if (out.group_ranked > 0) {
+    // The rankings asked beside the statistics (by mass, and by largest probability over the group), each
+    // into its own device array and pinned copy.
+    auto rank = [&](std::int64_t asked_block, std::int64_t count, bool by_group_max, DeviceArray<int>& device_order,
+                    PinnedArray<int>& host_order, std::size_t entries, const char* what) {
       BlockRankingArgs ranking;
       ranking.block_max = args.block_max;
       ranking.block_sum = args.block_sum;
@@ -922,15 +906,21 @@ class CudaBackend final : public Backend {
       ranking.rows = args.rows;
       ranking.block = args.block;
       ranking.num_blocks = args.num_blocks;
-      ranking.factor = static_cast<int>(ranked_block(req, req.group_rank_block) / req.block_size);
-      ranking.count = static_cast<int>(out.group_ranked);
-      ranking.order = lane->group_rankings.reserve(out.group_max_order.size(), "block rankings by group");
+      ranking.factor = static_cast<int>(ranked_block(req, asked_block) / req.block_size);
+      ranking.count = static_cast<int>(count);
+      ranking.order = device_order.reserve(entries, what);
       ranking.prefix_limit = prefix_limit_;
-      ranking.by_group_max = true;
+      ranking.by_group_max = by_group_max;
       launch_block_ranking(ranking, stream);
-      group_max_order = download(lane->host_group_rankings, static_cast<const int*>(ranking.order), out.group_max_order.size(),
-                                 "block rankings by group", stream);
-    }
+      return download(host_order, static_cast<const int*>(ranking.order), entries, what, stream);
+    };
+    const int* mass_order = out.ranked > 0 ? rank(req.rank_block, out.ranked, false, lane->rankings, lane->host_rankings,
+                                                  out.mass_order.size(), "block rankings")
+                                           : nullptr;
+    const int* group_max_order = out.group_ranked > 0
+                                     ? rank(req.group_rank_block, out.group_ranked, true, lane->group_rankings,
+                                            lane->host_group_rankings, out.group_max_order.size(), "block rankings by group")
+                                     : nullptr;
     const float* output = nullptr;
     if (req.v) {
       float* device_output = lane->output.reserve(out.output.size(), "outputs");
