@@ -75,8 +75,8 @@ __device__ __forceinline__ unsigned long long group_max_key(const BlockRankingAr
   return order_key(best);
 }
 
-// One thread block per (head, row), or per row by group. A row of at most `capacity` ranked blocks is
-// sorted whole in shared memory; a longer one (count <= capacity) has its top count selected first.
+// One thread block per (head, row), or per row by group (rank_row: a row of at most `capacity` ranked blocks
+// is held in shared memory; a longer one (count <= capacity) has its top count selected first).
 __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRankingArgs args, int capacity) {
   extern __shared__ unsigned long long ranking_keys[];  // [capacity], then int indices[capacity]
   int* indices = reinterpret_cast<int*>(ranking_keys + capacity);
@@ -88,28 +88,10 @@ __global__ void __launch_bounds__(kRankingThreads) block_ranking_kernel(BlockRan
   const double lse_tokens = args.by_group_max ? 0.0 : args.lse_tokens[cell];
   const float* block_max = args.block_max + cell * args.num_blocks;
   const float* block_sum = args.block_sum + cell * args.num_blocks;
-  const int written = min(args.count, causal);
   auto key_at = [&](int i) {
     return args.by_group_max ? group_max_key(args, r, tile_blocks, i) : mass_key(args, block_max, block_sum, lse_tokens, tile_blocks, i);
   };
-  // Entries past the row's (key 0, index INT_MAX) rank after every real one.
-  int filled = 0, padded = 0;
-  if (causal <= capacity) {
-    padded = static_cast<int>(padded_size(causal));
-    for (int i = static_cast<int>(threadIdx.x); i < causal; i += kRankingThreads) {
-      ranking_keys[i] = key_at(i);
-      indices[i] = i;
-    }
-    filled = causal;
-  } else {
-    padded = static_cast<int>(padded_size(written));
-    filled = select_top(key_at, causal, written, ranking_keys, indices);
-  }
-  for (int i = filled + static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
-    ranking_keys[i] = 0;
-    indices[i] = INT_MAX;
-  }
-  bitonic_rank(ranking_keys, indices, padded);
+  const int written = rank_row(key_at, causal, args.count, capacity, ranking_keys, indices, args.select_in_shared);
   int* order = args.order + cell * args.count;
   for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[i] = indices[i];
 }
@@ -152,6 +134,17 @@ __global__ void __launch_bounds__(kRankingThreads) page_bound_ranking_kernel(Pag
   for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[i] = indices[i];
 }
 
+// rank_rows_on_device: one thread block per row of `entries[r]` scores at scores + offsets[r].
+__global__ void __launch_bounds__(kRankingThreads) score_ranking_kernel(const double* scores, const long long* offsets,
+                                                                        const int* entries, int count, int capacity, bool select,
+                                                                        int* order) {
+  extern __shared__ unsigned long long ranking_keys[];
+  int* indices = reinterpret_cast<int*>(ranking_keys + capacity);
+  const double* row = scores + offsets[blockIdx.x];
+  const int written = rank_row([&](int i) { return order_key(row[i]); }, entries[blockIdx.x], count, capacity, ranking_keys, indices, select);
+  for (int i = static_cast<int>(threadIdx.x); i < written; i += kRankingThreads) order[static_cast<long long>(blockIdx.x) * count + i] = indices[i];
+}
+
 __global__ void portable_exp_kernel(const double* __restrict__ x, double* __restrict__ out, long long n) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = portable_exp(x[i]);
@@ -174,6 +167,60 @@ std::vector<double> portable_exp_on_device(const std::vector<double>& x) {
   if (status == cudaSuccess) status = cudaMemcpy(out.data(), device + x.size(), bytes, cudaMemcpyDeviceToHost);
   cudaFree(device);
   check(status, "portable_exp test");
+  return out;
+}
+
+std::vector<std::vector<int>> rank_rows_on_device(const std::vector<std::vector<double>>& rows, int count, int capacity,
+                                                  bool select_in_shared) {
+  std::vector<std::vector<int>> out(rows.size());
+  if (rows.empty()) return out;
+  std::vector<double> scores;
+  std::vector<long long> offsets;
+  std::vector<int> entries;
+  long long longest = 1;
+  for (const auto& row : rows) {
+    if (row.empty()) fail(ErrorKind::kInternal, "rank_rows_on_device: an empty row");
+    offsets.push_back(static_cast<long long>(scores.size()));
+    entries.push_back(static_cast<int>(row.size()));
+    scores.insert(scores.end(), row.begin(), row.end());
+    longest = std::max(longest, static_cast<long long>(row.size()));
+  }
+  if (capacity == 0) capacity = static_cast<int>(padded_size(longest));
+  if (count < 1 || capacity < padded_size(count) || padded_size(capacity) != capacity ||
+      ranking_entry_bytes(capacity) + kRankingStaticBytes > kMinRankingSharedBytes) {
+    fail(ErrorKind::kInternal, "rank_rows_on_device: count {}, capacity {}", count, capacity);
+  }
+  double* device_scores = nullptr;
+  long long* device_offsets = nullptr;
+  int* device_entries = nullptr;
+  int* device_order = nullptr;
+  const std::size_t order_entries = rows.size() * static_cast<std::size_t>(count);
+  cudaError_t status = cudaMalloc(&device_scores, scores.size() * sizeof(double));
+  if (status == cudaSuccess) status = cudaMalloc(&device_offsets, offsets.size() * sizeof(long long));
+  if (status == cudaSuccess) status = cudaMalloc(&device_entries, entries.size() * sizeof(int));
+  if (status == cudaSuccess) status = cudaMalloc(&device_order, order_entries * sizeof(int));
+  if (status == cudaSuccess) status = cudaMemcpy(device_scores, scores.data(), scores.size() * sizeof(double), cudaMemcpyHostToDevice);
+  if (status == cudaSuccess) status = cudaMemcpy(device_offsets, offsets.data(), offsets.size() * sizeof(long long), cudaMemcpyHostToDevice);
+  if (status == cudaSuccess) status = cudaMemcpy(device_entries, entries.data(), entries.size() * sizeof(int), cudaMemcpyHostToDevice);
+  if (status == cudaSuccess) status = cudaFuncSetAttribute(score_ranking_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                           static_cast<int>(ranking_entry_bytes(capacity)));
+  if (status == cudaSuccess) {
+    score_ranking_kernel<<<static_cast<unsigned>(rows.size()), kRankingThreads, ranking_entry_bytes(capacity)>>>(
+        device_scores, device_offsets, device_entries, count, capacity, select_in_shared, device_order);
+    status = cudaGetLastError();
+  }
+  std::vector<int> order(order_entries);
+  if (status == cudaSuccess) status = cudaMemcpy(order.data(), device_order, order_entries * sizeof(int), cudaMemcpyDeviceToHost);
+  for (void* p : {static_cast<void*>(device_scores), static_cast<void*>(device_offsets), static_cast<void*>(device_entries),
+                  static_cast<void*>(device_order)}) {
+    cudaFree(p);
+  }
+  check(status, "rank_rows_on_device");
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    const auto written = std::min<std::size_t>(static_cast<std::size_t>(count), rows[r].size());
+    out[r].assign(order.begin() + static_cast<std::ptrdiff_t>(r * static_cast<std::size_t>(count)),
+                  order.begin() + static_cast<std::ptrdiff_t>(r * static_cast<std::size_t>(count) + written));
+  }
   return out;
 }
 

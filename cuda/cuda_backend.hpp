@@ -23,5 +23,11 @@ std::int64_t set_token_score_workspace_bytes(std::int64_t bytes);
 std::int64_t set_shared_memory_limit(std::int64_t bytes);
 // portable_exp of every x, evaluated on the current device: tests compare it with the host's bits.
 std::vector<double> portable_exp_on_device(const std::vector<double>& x);
+// The device's ranking of rows of scores (ranking.cuh's rank_row, as the block and token-score rankings run
+// it): rows[i]'s first min(count, size) indices, higher first, ties to the lower index. `capacity` (a power of
+// two >= the padded count; 0: the longest row's padded size) is the entries a thread block holds in shared memory:
+// longer rows select with their keys recomputed. select_in_shared false sorts held rows whole. For tests.
+std::vector<std::vector<int>> rank_rows_on_device(const std::vector<std::vector<double>>& rows, int count, int capacity,
+                                                  bool select_in_shared);
 
 }  // namespace hysparse::cuda

@@ -132,15 +132,16 @@ void launch_output_walks(const OutputWalkArgs& args, cudaStream_t stream);
 // (head, row) cell c = h * rows + r (row stride `count`), the row's causal blocks of `factor` tile blocks
 // by mass (StatsTile's formula, in double), higher first, ties to the lower block. One thread block
 // ranks one row: a row of at most kSortWholeEntries blocks, or of no more than the shared memory the
-// tile's longest row needs holds, sorted whole, a longer one after a radix select of its top count;
-// count at most the args' prefix_limit.
+// tile's longest row needs holds, is held in shared memory (sorted whole, or its top count selected first
+// where that is a small part of it: ranking.cuh's rank_row), a longer one after a radix select of its top
+// count; count at most the args' prefix_limit.
 // The longest prefix any device ranks (block and token-score rankings) in one thread block's shared memory,
 // a key and an index each: 192 KiB, which Hopper's 227 KiB a block holds. A device ranks up to
 // ranked_prefix_limit(its shared memory): 8,192 on an A100 (163 KiB) or an sm_86/89 card (99 KiB); callers
 // rank longer prefixes on the host.
 constexpr long long kMaxRankedPrefix = 16384;
 // Static shared memory the ranking kernels may declare beside their entries (select_top's histogram and
-// counters: 1,072 bytes); configure_ranking_kernels checks it against the compiled kernels.
+// counters: 1,112 bytes); configure_ranking_kernels checks it against the compiled kernels.
 constexpr std::size_t kRankingStaticBytes = 2048;
 // The longest power-of-two prefix, up to kMaxRankedPrefix, whose entries fit `shared_bytes` a block beside
 // kRankingStaticBytes; 0 where not even kSortWholeEntries fit (the backend refuses such a device).
@@ -160,6 +161,9 @@ struct BlockRankingArgs {
   int* order = nullptr;                 // [heads][rows][count], or [rows][count] by_group_max
   long long prefix_limit = 0;           // the device's ranked_prefix_limit
   bool by_group_max = false;
+  // false: rows held in shared memory are sorted whole, never selected first (rank_row; benchmarks and tests
+  // compare the two, which rank alike).
+  bool select_in_shared = true;
 };
 void launch_block_ranking(const BlockRankingArgs& args, cudaStream_t stream);
 

@@ -137,23 +137,7 @@ __global__ void __launch_bounds__(kRankingThreads) token_ranking_kernel(const To
   if (count == 0) return;
   const double* scores = a.scores + (static_cast<long long>(set) * a.rows + r) * a.num_blocks;
   auto key_at = [&](int i) { return order_key(scores[i]); };
-  int filled = 0, padded = 0;
-  if (sorts_whole(blocks, count)) {
-    padded = static_cast<int>(padded_size(blocks));
-    for (int i = static_cast<int>(threadIdx.x); i < blocks; i += kRankingThreads) {
-      ranking_keys[i] = key_at(i);
-      indices[i] = i;
-    }
-    filled = static_cast<int>(blocks);
-  } else {
-    padded = static_cast<int>(padded_size(count));
-    filled = select_top(key_at, static_cast<int>(blocks), static_cast<int>(count), ranking_keys, indices);
-  }
-  for (int i = filled + static_cast<int>(threadIdx.x); i < padded; i += kRankingThreads) {
-    ranking_keys[i] = 0;
-    indices[i] = INT_MAX;
-  }
-  bitonic_rank(ranking_keys, indices, padded);
+  rank_row(key_at, static_cast<int>(blocks), static_cast<int>(count), capacity, ranking_keys, indices, true);
   int* order = a.order + (static_cast<long long>(set) * a.total_rows + row) * a.stride;
   for (int i = static_cast<int>(threadIdx.x); i < count; i += kRankingThreads) order[i] = indices[i];
 }

@@ -7,11 +7,15 @@
 //   hysparse_bench_cuda [--seq-lens 8192,32768,131072] [--head-dim 128] [--q-heads 32] [--kv-heads 8]
 //                       [--block 64] [--precisions fp32,bf16] [--repeats 3] [--fp32-max-elements 3e9]
 //                       [--host-api-seq-lens 8192,32768] [--tc-kernels auto,mma] [--profile]
+//                       [--ranking-seq-lens 32768,131072] [--mass-rank-count 36] [--group-rank-count 32]
 // --tc-kernels times these tensor-core kernels for bf16/fp16: auto (the backend's choice: wgmma on
 // compute capability 9.0, else mma.sync), wgmma (compute capability 9.0; skipped elsewhere), mma (16
 // rows per warp), mma32 (32 rows per warp).
 // --profile runs one bf16 pass of one KV group at the first length per --tc-kernels entry and
 // nothing else (for ncu).
+// The block rankings a replay asks beside the statistics are timed on one KV group's statistics of every causal
+// row (--ranking-seq-lens; the counts: the default budgets' longest, 2,048 tokens = 32 blocks, plus the blocks a
+// window touches, and by group the longest of the budgets and the reuse matrix's), next to that group's bf16 pass.
 // Lines starting with RESULT are for scripts/bench_torch_stats.py.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -22,6 +26,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -174,6 +179,8 @@ double used_gib() {
 struct Options {
   std::vector<std::int64_t> seq_lens = {8192, 32768, 131072};
   std::vector<std::int64_t> host_api_seq_lens = {8192, 32768};
+  std::vector<std::int64_t> ranking_seq_lens = {32768, 131072};
+  int mass_rank_count = 36, group_rank_count = 32;
   std::vector<std::string> precisions = {"fp32", "bf16"};
   std::vector<std::string> tc_kernels = {"auto", "mma"};
   std::int64_t d = 128, q_heads = 32, kv_heads = 8, block = 64;
@@ -183,9 +190,11 @@ struct Options {
 };
 
 // The device pass over `groups` KV groups at length T: input rounding plus statistics and row
-// log-sum-exps, every causal row. Returns milliseconds (median over repeats).
+// log-sum-exps, every causal row. Returns milliseconds (median over repeats). `after`, where given, is called
+// with the last group's arguments and the milliseconds while its statistics are still on the device.
 double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std::int64_t groups, int repeats,
-                      Normal& gen, double* memory_gib, const std::string& tc_kernel = "auto", std::string* used_kernel = nullptr) {
+                      Normal& gen, double* memory_gib, const std::string& tc_kernel = "auto", std::string* used_kernel = nullptr,
+                      const std::function<void(const cuda::StatsPassArgs&, double ms)>& after = {}) {
   const std::int64_t G = o.q_heads / o.kv_heads, d = o.d;
   const cuda::InputType type = precision == Precision::kFp32 ? cuda::InputType::kFloat32
                                : precision == Precision::kBf16 ? cuda::InputType::kBfloat16
@@ -219,6 +228,7 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
   check(cudaGetDeviceProperties(&prop, 0), "properties");
   cuda::StatsPass pass(prop.multiProcessorCount);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  cuda::StatsPassArgs last;
   auto run_all = [&]() {
     for (std::int64_t g = 0; g < groups; ++g) {
       // fp32 keeps the CPU backend's convention (q pre-scaled); bf16/fp16 scale the fp32 scores.
@@ -249,10 +259,12 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
       a.simt_kernel = tc_kernel == "simt" ? cuda::SimtKernel::kBasic : cuda::SimtKernel::kAuto;
       const char* used = pass.run(a, nullptr);
       if (used_kernel) *used_kernel = used;
+      last = a;
     }
   };
   const double ms = time_ms(repeats, run_all);
   check(cudaGetLastError(), "statistics pass");
+  if (after) after(last, ms);
   if (memory_gib) *memory_gib = used_gib();
   // Every cell written (no NaN left) and finite log-sum-exps, on the first and last rows of each head.
   std::vector<float> sample(static_cast<std::size_t>(64 * num_blocks));
@@ -280,6 +292,60 @@ double device_pass_ms(const Options& o, Precision precision, std::int64_t T, std
     cudaFree(p);
   }
   return ms;
+}
+
+// The rankings of one KV group's statistics of every causal row at length T (`pass`: resident on the device):
+// by mass, every (head, row)'s first `count` blocks; by group, every row's. Each timed with rows held in shared
+// memory selected first where rank_row chooses to (the backend's ranking) and sorted whole, which must give the
+// same orders. Prints a line each; returns false if the two disagree.
+bool bench_rankings(const Options& o, const cuda::StatsPassArgs& pass, double pass_ms, int repeats) {
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "properties");
+  cuda::configure_ranking_kernels(prop.sharedMemPerBlockOptin);
+  bool same = true;
+  for (const bool by_group : {false, true}) {
+    cuda::BlockRankingArgs args;
+    args.block_max = pass.block_max;
+    args.block_sum = pass.block_sum;
+    args.lse_tokens = pass.lse_tokens;
+    args.lse_all = pass.lse_all;
+    args.positions = pass.positions;
+    args.heads = pass.heads;
+    args.rows = pass.rows;
+    args.block = pass.block;
+    args.num_blocks = pass.num_blocks;
+    args.count = static_cast<int>(std::min<long long>(by_group ? o.group_rank_count : o.mass_rank_count, pass.num_blocks));
+    args.prefix_limit = cuda::ranked_prefix_limit(prop.sharedMemPerBlockOptin);
+    args.by_group_max = by_group;
+    const long long cells = by_group ? args.rows : static_cast<long long>(args.heads) * args.rows;
+    const auto entries = static_cast<std::size_t>(cells * args.count);
+    int* orders[2] = {device_alloc<int>(entries, "rankings"), device_alloc<int>(entries, "rankings")};
+    double ms[2] = {0, 0};
+    for (int strategy = 0; strategy < 2; ++strategy) {
+      args.select_in_shared = strategy == 0;
+      args.order = orders[strategy];
+      ms[strategy] = time_ms(repeats, [&]() { cuda::launch_block_ranking(args, nullptr); });
+    }
+    std::vector<int> selected(entries), sorted(entries);
+    check(cudaMemcpy(selected.data(), orders[0], entries * sizeof(int), cudaMemcpyDeviceToHost), "rankings");
+    check(cudaMemcpy(sorted.data(), orders[1], entries * sizeof(int), cudaMemcpyDeviceToHost), "rankings");
+    // Rows with fewer blocks than count leave their tail unwritten: compare the written entries only.
+    std::int64_t differ = 0;
+    for (long long c = 0; c < cells; ++c) {
+      const long long row = c % args.rows, written = std::min<long long>(args.count, row / args.block + 1);
+      for (long long i = 0; i < written; ++i) differ += selected[static_cast<std::size_t>(c * args.count + i)] != sorted[static_cast<std::size_t>(c * args.count + i)];
+    }
+    same = same && differ == 0;
+    std::printf("%-8lld %-9s %-10lld %-6d %-14.2f %-16.2f %-9.2f %-12.3e %.3f%s\n", static_cast<long long>(pass.rows),
+                by_group ? "by group" : "by mass", cells, args.count, ms[0], ms[1], ms[1] / ms[0], static_cast<double>(cells) / (ms[0] * 1e-3),
+                ms[0] / pass_ms, differ ? " ORDERS DIFFER" : "");
+    std::printf("RESULT kind=ranking by=%s T=%lld count=%d ms=%.4f sort_whole_ms=%.4f pass_ms=%.4f\n", by_group ? "group" : "mass",
+                static_cast<long long>(pass.rows), args.count, ms[0], ms[1], pass_ms);
+    std::fflush(stdout);
+    cudaFree(orders[0]);
+    cudaFree(orders[1]);
+  }
+  return same;
 }
 
 // Through Backend::block_statistics (what the replay engine calls): query rows and statistics
@@ -339,6 +405,9 @@ int main(int argc, char** argv) {
     const std::string value = argv[++i];
     if (flag == "--seq-lens") o.seq_lens = parse_list(value);
     else if (flag == "--host-api-seq-lens") o.host_api_seq_lens = parse_list(value);
+    else if (flag == "--ranking-seq-lens") o.ranking_seq_lens = parse_list(value);
+    else if (flag == "--mass-rank-count") o.mass_rank_count = std::stoi(value);
+    else if (flag == "--group-rank-count") o.group_rank_count = std::stoi(value);
     else if (flag == "--precisions") o.precisions = parse_words(value);
     else if (flag == "--tc-kernels") {
       o.tc_kernels = parse_words(value);
@@ -447,6 +516,22 @@ int main(int argc, char** argv) {
         std::fflush(stdout);
       }
     }
+  }
+
+  std::printf("\nblock rankings of one KV group's statistics, every causal row (ms: median of %d; 'select' is the backend's):\n",
+              o.repeats);
+  std::printf("%-8s %-9s %-10s %-6s %-14s %-16s %-9s %-12s %s\n", "T", "ranking", "rows", "count", "ms, select", "ms, sort whole",
+              "speedup", "rows/s", "vs the group's bf16 pass");
+  bool rankings_agree = true;
+  for (std::int64_t T : o.ranking_seq_lens) {
+    double gib = 0;
+    device_pass_ms(o, Precision::kBf16, T, 1, o.repeats, gen, &gib, "auto", nullptr, [&](const cuda::StatsPassArgs& a, double pass_ms) {
+      rankings_agree = bench_rankings(o, a, pass_ms, o.repeats) && rankings_agree;
+    });
+  }
+  if (!rankings_agree) {
+    std::fprintf(stderr, "the rankings selected first and sorted whole differ\n");
+    return 1;
   }
 
   std::printf("\nthrough Backend::block_statistics (one KV group, 4096-row tiles, statistics copied to the host):\n");

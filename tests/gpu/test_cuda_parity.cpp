@@ -60,6 +60,13 @@ std::int64_t device_prefix_limit() {
   return hysparse::cuda::ranked_prefix_limit(static_cast<std::size_t>(shared));
 }
 
+// The least power of two >= n: the entries a row of n occupies in a thread block's ranking.
+int padded_size_of(int n) {
+  int padded = 1;
+  while (padded < n) padded <<= 1;
+  return padded;
+}
+
 constexpr double kGpuMassTolerance = 1e-5;      // relative, block masses and mass metrics
 constexpr double kGpuLogitTolerance = 1e-4;     // absolute: block max logits and log-sum-exps
 constexpr double kGpuOutputTolerance = 1e-4;    // relative, per output vector
@@ -297,6 +304,67 @@ TEST_CASE("portable_exp gives the host's bits on the device", "[cuda]") {
   }
   std::printf("portable_exp: %zu arguments, %zu differ between host and device\n", x.size(), differing);
   CHECK(differing == 0);
+}
+
+// ranking.cuh's rank_row, which every block and token-score ranking runs, on rows made to break it: all ties,
+// two values, +0 and -0, infinities, keys that differ only in their last bits (every radix pass), few distinct
+// values across the cut, and rows longer than the shared memory given (selected with keys recomputed), each
+// with its top count selected first and sorted whole. rank_top on the host is the definition.
+TEST_CASE("The device's row ranking is rank_top's on adversarial rows, selected first or sorted whole", "[cuda]") {
+  Rng g(test::seed());
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<std::vector<double>> rows;
+  for (const int n : {1, 2, 3, 31, 255, 256, 257, 1000, 2048, 4096}) {
+    rows.emplace_back(static_cast<std::size_t>(n), 0.5);  // all ties
+    std::vector<double> row(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) row[static_cast<std::size_t>(i)] = (i % 2) ? 1.0 : 2.0;
+    rows.push_back(row);
+    for (int i = 0; i < n; ++i) row[static_cast<std::size_t>(i)] = (i % 3 == 0) ? -0.0 : (i % 3 == 1 ? 0.0 : -1e-300);
+    rows.push_back(row);
+    const double epsilon = std::numeric_limits<double>::epsilon();
+    for (int i = 0; i < n; ++i) row[static_cast<std::size_t>(i)] = 1.0 + static_cast<double>(1 + i % 7 + static_cast<int>(g.below(4))) * epsilon;
+    rows.push_back(row);
+    // Finite doubles whose bits agree in their first `same` bytes: the select decides in byte same + 1 or later.
+    for (const int same : {1, 3, 5, 7}) {
+      const std::uint64_t common = g.next() & 0x3fffffffffffffffull, keep = ~0ull << (64 - 8 * same);
+      for (int i = 0; i < n; ++i) {
+        const std::uint64_t bits = (common & keep) | (g.next() & ~keep & 0x3fffffffffffffffull);
+        std::memcpy(&row[static_cast<std::size_t>(i)], &bits, sizeof bits);
+      }
+      rows.push_back(row);
+    }
+    for (int i = 0; i < n; ++i) row[static_cast<std::size_t>(i)] = static_cast<double>(g.below(5));
+    rows.push_back(row);
+    for (int i = 0; i < n; ++i) row[static_cast<std::size_t>(i)] = g.normal();
+    if (n > 2) {
+      row[0] = inf;
+      row[static_cast<std::size_t>(n - 1)] = -inf;
+      row[static_cast<std::size_t>(n / 2)] = inf;
+    }
+    rows.push_back(row);
+    for (int i = 0; i < n; ++i) row[static_cast<std::size_t>(i)] = std::ldexp(1.0 + static_cast<double>(g.below(1u << 20)) * 0x1p-52, -static_cast<int>(g.below(3)));
+    rows.push_back(row);
+  }
+  std::int64_t ranked = 0;
+  for (const int count : {1, 2, 7, 64, 255, 1024, 4095}) {
+    for (const int capacity : {0, 256, 1024}) {  // 0: the longest row's, 4,096
+      if (capacity != 0 && capacity < padded_size_of(count)) continue;
+      for (const bool select : {true, false}) {
+        CAPTURE(count, capacity, select);
+        const auto got = cuda::rank_rows_on_device(rows, count, capacity, select);
+        REQUIRE(got.size() == rows.size());
+        for (std::size_t r = 0; r < rows.size(); ++r) {
+          const auto n = static_cast<std::int64_t>(rows[r].size()), written = std::min<std::int64_t>(count, n);
+          std::vector<std::int32_t> expected(static_cast<std::size_t>(written));
+          rank_top(rows[r].data(), n, written, expected.data());
+          CAPTURE(r, n);
+          CHECK(got[r] == expected);
+          ++ranked;
+        }
+      }
+    }
+  }
+  std::printf("row rankings: %lld adversarial rows ranked, every one rank_top's\n", static_cast<long long>(ranked));
 }
 
 // StatsTile::mass_order: the device ranks each row's blocks by the mass the engine computes from the
