@@ -667,6 +667,8 @@ struct ReplayRun::Impl {
   // This layer's: per view, whether its group ranking is read (shared per tile: Workspace::top_by_group_max;
   // max_prob is filled for it only where the backend did not rank it); the view the backend is asked for.
   std::vector<char> layer_wants_group;
+  // [config]: the fixed forced configurations whose residuals this layer reads (of selectors sparse in it).
+  std::vector<char> layer_wants_config;
   std::int64_t group_view = -1;
   // Per view a selector reads, per tile: StatsRequest::rank_blocks when the backend ranks that view.
   std::vector<std::vector<std::int64_t>> view_rank_blocks;
@@ -1077,6 +1079,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   }
   // The views ranked by group in this layer (the reuse matrix's, every layer; a selector's, where it says so),
   // and of them the one of the smallest blocks for the backend, as for the ranking by mass.
+  // Residuals (forced keys' shares, key by key where a window cuts a block) only for the selectors that are
+  // sparse in this layer: one attending in full reads none (hysparse's full layers rank by group).
+  layer_wants_config.assign(configs.size(), 0);
+  for (const SelectorPlan& plan : plans) {
+    if (plan.selector->role(layer) != LayerRole::kFull) layer_wants_config[static_cast<std::size_t>(plan.reference_config)] = 1;
+  }
   layer_wants_group.assign(block_sizes.size(), 0);
   if (reuse_view >= 0) layer_wants_group[static_cast<std::size_t>(reuse_view)] = 1;
   for (const SelectorPlan& plan : plans) {
@@ -1159,6 +1167,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       ws.residual_mass.resize(configs.size());
       ws.residual_storage.resize(configs.size());
       for (std::size_t c = 0; c < configs.size(); ++c) {
+        if (!layer_wants_config[c]) {
+          ws.residual_mass[c] = nullptr;
+          continue;
+        }
         const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
         const bool forced = configs[c].sinks != 0 || configs[c].window != 0;
         if (forced) ws.residual_storage[c] = view.mass;
@@ -1219,10 +1231,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         context.view = &view;
         context.ranking_length = length.data();
         context.residual_mass = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-        context.top_by_residual = [this, &ws, &view, &plan, &summaries, nr](std::int64_t h, std::int64_t r, std::int64_t count) {
-          const auto c = static_cast<std::size_t>(plan.reference_config);
-          return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
-        };
+        if (context.residual_mass) {
+          context.top_by_residual = [this, &ws, &view, &plan, &summaries, nr](std::int64_t h, std::int64_t r, std::int64_t count) {
+            const auto c = static_cast<std::size_t>(plan.reference_config);
+            return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
+          };
+        }
         if (plan.selector->ranks_by_group_max(layer)) {
           context.top_by_group_max = [&ws, &view, &plan](std::int64_t r, std::int64_t count) {
             return ws.top_by_group_max(view, static_cast<std::size_t>(plan.view_index), r, count);

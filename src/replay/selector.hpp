@@ -94,7 +94,9 @@ struct RankContext {
   const BlockView* view = nullptr;          // at the selector's block size
   const std::int64_t* ranking_length = nullptr;  // [rows]: blocks to rank (max budget, capped at the causal blocks)
   // Residual mass per head and block: the block's mass outside the selector's fixed forced keys
-  // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks].
+  // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks]. Null, and
+  // top_by_residual empty, in layers where the selector attends in full (role kFull): the engine
+  // computes residuals only for the selectors sparse in a layer.
   const std::vector<double>* residual_mass = nullptr;
   // The first `count` blocks of (head, row) by residual mass, ranked once per tile by the engine
   // and shared with its oracle references (rank_top's order and tie rule); count <= ranking_length[row].
