@@ -288,8 +288,9 @@ struct Workspace {
   StatsTile tile;
   std::vector<BlockView> views;
   std::vector<double> block_exps;  // scratch of build_block_view
-  // Per fixed forced config, [heads][rows][num_blocks]: the residual mass of every block. A config
-  // without forced keys reads its view's mass; the others patch a copy of it (residual_storage).
+  // Per fixed forced config, [heads][rows][num_blocks]: the residual mass of every block, for selectors that
+  // read it whole (RankContext::residual_mass). A config without forced keys reads its view's mass; the
+  // others patch a copy of it (residual_storage) where a selector reads it, else none (null).
   std::vector<const std::vector<double>*> residual_mass;
   std::vector<std::vector<double>> residual_storage;
   std::vector<std::vector<Rankings>> rankings;   // per selector: one, or one per budget (kPerBudget)
@@ -355,6 +356,20 @@ struct Workspace {
     return out;
   }
   std::vector<std::int32_t> reuse_ranking;
+  // sum.add over a row of residual masses: the row's masses with the blocks the forced keys touch read as
+  // their residuals, written into the row for the call and restored after it (no copy of the tile's masses).
+  std::vector<double> patched_masses;
+  void add_residual(GatheredSum& sum, double* row_mass, const ForcedSummary& forced, const std::int32_t* index,
+                    std::int64_t from, std::int64_t to) {
+    patched_masses.resize(forced.residual.size());
+    for (std::size_t i = 0; i < forced.residual.size(); ++i) {
+      const auto b = static_cast<std::size_t>(forced.residual[i].first);
+      patched_masses[i] = row_mass[b];
+      row_mass[b] = forced.residual[i].second;
+    }
+    sum.add(row_mass, index, from, to);
+    for (std::size_t i = forced.residual.size(); i-- > 0;) row_mass[static_cast<std::size_t>(forced.residual[i].first)] = patched_masses[i];
+  }
   // The tile's output-error walks, evaluated by the backend after its metrics: the error of
   // checkpoint i goes to *error_targets[i].
   OutputWalks walks;
@@ -669,6 +684,9 @@ struct ReplayRun::Impl {
   std::vector<char> layer_wants_group;
   // [config]: the fixed forced configurations whose residuals this layer reads (of selectors sparse in it).
   std::vector<char> layer_wants_config;
+  // [config]: whether a selector of the configuration reads its whole residual array (reads_residual_mass);
+  // the metrics read residuals through the view's masses, patched for the call (Workspace::add_residual).
+  std::vector<char> config_keeps_residual;
   std::int64_t group_view = -1;
   // Per view a selector reads, per tile: StatsRequest::rank_blocks when the backend ranks that view.
   std::vector<std::vector<std::int64_t>> view_rank_blocks;
@@ -924,6 +942,10 @@ void ReplayRun::Impl::setup() {
   reuse_store.assign(static_cast<std::size_t>(L * Hkv * R * std::max<std::int64_t>(reuse_count, 1)), 0);
   reuse_length.assign(static_cast<std::size_t>(L * Hkv * R), 0);
 
+  config_keeps_residual.assign(configs.size(), 0);
+  for (const SelectorPlan& plan : plans) {
+    if (plan.selector->reads_residual_mass()) config_keeps_residual[static_cast<std::size_t>(plan.reference_config)] = 1;
+  }
   // Blocks a configuration's forced keys can touch per row ([0, sinks) and a window starting anywhere),
   // the most over each view's configurations: how much longer its ranking by mass is made.
   touched_blocks.assign(block_sizes.size(), 0);
@@ -1173,8 +1195,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         }
         const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
         const bool forced = configs[c].sinks != 0 || configs[c].window != 0;
-        if (forced) ws.residual_storage[c] = view.mass;
-        ws.residual_mass[c] = forced ? &ws.residual_storage[c] : &view.mass;
+        const bool stored = forced && config_keeps_residual[c];
+        if (stored) ws.residual_storage[c] = view.mass;
+        ws.residual_mass[c] = !forced ? &view.mass : stored ? &ws.residual_storage[c] : nullptr;
         summaries[c].resize(static_cast<std::size_t>(G * nr));
         for (std::int64_t h = 0; h < G; ++h) {
           for (std::int64_t r = 0; r < nr; ++r) {
@@ -1182,7 +1205,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
             ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
             summary = summarise_forced(row, ranges, view.block, base_block);
-            for (const auto& [b, m] : summary.residual) ws.residual_storage[c][view.at(h, r, b)] = m;
+            if (stored) {
+              for (const auto& [b, m] : summary.residual) ws.residual_storage[c][view.at(h, r, b)] = m;
+            }
           }
         }
       }
@@ -1230,8 +1255,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         context.positions = positions;
         context.view = &view;
         context.ranking_length = length.data();
-        context.residual_mass = ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
-        if (context.residual_mass) {
+        const auto config = static_cast<std::size_t>(plan.reference_config);
+        context.residual_mass = ws.residual_mass[config];
+        if (layer_wants_config[config]) {
           context.top_by_residual = [this, &ws, &view, &plan, &summaries, nr](std::int64_t h, std::int64_t r, std::int64_t count) {
             const auto c = static_cast<std::size_t>(plan.reference_config);
             return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
@@ -1319,7 +1345,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               }
             }
             longest = std::min(longest, causal);
-            const std::vector<double>& residual = *ws.residual_mass[static_cast<std::size_t>(plan.reference_config)];
             const auto reference = static_cast<std::size_t>(plan.reference_config);
             const std::int32_t* oracle_order = ws.top_by_residual(configs[reference], reference, view, h, r, longest, fixed);
             const std::int32_t* pure_order = ws.mass_rankings[static_cast<std::size_t>(plan.view_index)].top(
@@ -1350,7 +1375,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             if (plan.budget_use != BudgetUse::kPerBudget) start(rankings[0]);
 
             // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
-            const double* row_residual = &residual[view.at(h, r, 0)];
+            // The row's masses, read as residuals by add_residual (fixed's few touched blocks patched for the call).
+            double* row_mass = ws.views[static_cast<std::size_t>(plan.view_index)].mass.data() + view.at(h, r, 0);
             GatheredSum oracle_sum;
             std::int64_t oracle_taken = 0;
             // Budget-window SWA: whole base blocks are added once as the window grows; the partial
@@ -1394,7 +1420,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
               } else {
                 const std::int64_t use = nested ? std::min<std::int64_t>(n, order_length) : order_length;
-                if (taken < use) selected_mass.add(row_residual, order, taken, use);
+                if (taken < use) ws.add_residual(selected_mass, row_mass, fixed, order, taken, use);
                 for (; taken < use; ++taken) {
                   const std::int64_t b = order[taken];
                   selected_keys += block_keys(b) - fixed_ranges.count_in(b * B, (b + 1) * B);
@@ -1420,12 +1446,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
               }
               if (nested) {
-                if (oracle_taken < n) oracle_sum.add(row_residual, oracle_order, oracle_taken, n);
+                if (oracle_taken < n) ws.add_residual(oracle_sum, row_mass, fixed, oracle_order, oracle_taken, n);
                 oracle_taken = std::max(oracle_taken, n);
               } else {
                 // Equal-size oracle: as many blocks as the selection holds, beside the same forced keys.
                 oracle_sum.reset();
-                oracle_sum.add(row_residual, oracle_order, 0, compared);
+                ws.add_residual(oracle_sum, row_mass, fixed, oracle_order, 0, compared);
               }
               double oracle_mass = fixed.mass + oracle_sum.total();
               const bool whole_row = keys >= t + 1;

@@ -94,9 +94,9 @@ struct RankContext {
   const BlockView* view = nullptr;          // at the selector's block size
   const std::int64_t* ranking_length = nullptr;  // [rows]: blocks to rank (max budget, capped at the causal blocks)
   // Residual mass per head and block: the block's mass outside the selector's fixed forced keys
-  // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks]. Null, and
-  // top_by_residual empty, in layers where the selector attends in full (role kFull): the engine
-  // computes residuals only for the selectors sparse in a layer.
+  // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks]. Null unless the
+  // selector reads_residual_mass(), and null with top_by_residual empty in layers where it attends in
+  // full (role kFull): the engine computes residuals only for the selectors sparse in a layer.
   const std::vector<double>* residual_mass = nullptr;
   // The first `count` blocks of (head, row) by residual mass, ranked once per tile by the engine
   // and shared with its oracle references (rank_top's order and tie rule); count <= ranking_length[row].
@@ -191,6 +191,9 @@ class Selector {
   virtual bool selects_blocks() const { return true; }
   // Whether rank() reads BlockView::max_prob: the engine fills it only in the views someone reads it from.
   virtual bool reads_block_max() const { return false; }
+  // Whether rank() reads RankContext::residual_mass, the whole array (the engine builds it only for those;
+  // top_by_residual is there for every selector sparse in the layer).
+  virtual bool reads_residual_mass() const { return false; }
   // Whether rank() in `layer` (after begin()) ranks blocks by their largest probability, max over the KV
   // group's heads, through RankContext::top_by_group_max (and reads no other max_prob): the engine asks a
   // backend for that ranking in such layers only.

@@ -28,10 +28,11 @@ class OracleSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return group_ == "none"; }
+  // Per head, the engine's shared ranking by residual is this selection; over a group, the residuals are summed.
+  bool reads_residual_mass() const override { return group_ != "none"; }
 
   void rank(const RankContext& c, Rankings& out) override {
     const BlockView& v = *c.view;
-    const std::vector<double>& residual = *c.residual_mass;
     out.reset(ranks_per_head() ? c.group_size : 1, c.rows, v.num_blocks);
     std::vector<double> scores(static_cast<std::size_t>(v.num_blocks));
     for (std::int64_t r = 0; r < c.rows; ++r) {
@@ -45,12 +46,14 @@ class OracleSelector final : public Selector {
             const std::int32_t* top = c.top_by_residual(h, r, n);
             std::copy(top, top + n, out.row(h, r));
           } else {
+            const std::vector<double>& residual = *c.residual_mass;
             for (std::int64_t b = 0; b < blocks; ++b) scores[static_cast<std::size_t>(b)] = residual[v.at(h, r, b)];
             rank_top(scores.data(), blocks, n, out.row(h, r));
           }
           out.size(h, r) = static_cast<std::int32_t>(n);
         }
       } else {
+        const std::vector<double>& residual = *c.residual_mass;
         for (std::int64_t b = 0; b < blocks; ++b) {
           double score = group_ == "sum" ? 0.0 : -1.0;
           for (std::int64_t h = 0; h < c.group_size; ++h) {
