@@ -94,9 +94,10 @@ struct RankContext {
   const BlockView* view = nullptr;          // at the selector's block size
   const std::int64_t* ranking_length = nullptr;  // [rows]: blocks to rank (max budget, capped at the causal blocks)
   // Residual mass per head and block: the block's mass outside the selector's fixed forced keys
-  // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks]. Null unless the
-  // selector reads_residual_mass(), and null with top_by_residual empty in layers where it attends in
-  // full (role kFull): the engine computes residuals only for the selectors sparse in a layer.
+  // (equal to its mass for blocks they do not touch), [heads][rows][num_blocks]: the view's masses for a
+  // selector without forced keys; for one with forced keys, null unless it reads_residual_mass(). Null, with
+  // top_by_residual empty, in layers where the selector attends in full (role kFull): the engine computes
+  // residuals only for the selectors sparse in a layer.
   const std::vector<double>* residual_mass = nullptr;
   // The first `count` blocks of (head, row) by residual mass, ranked once per tile by the engine
   // and shared with its oracle references (rank_top's order and tie rule); count <= ranking_length[row].
