@@ -429,6 +429,13 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  // The rankings' kernels take 1 .. kSortWholeEntries (a prefix every device holds) and refuse others.
+  for (const int count : {o.mass_rank_count, o.group_rank_count}) {
+    if (count < 1 || count > 4096) {
+      std::fprintf(stderr, "--mass-rank-count / --group-rank-count: %d (expected 1 to 4096)\n", count);
+      return 2;
+    }
+  }
   const CudaStatus status = cuda_status();
   if (status.devices.empty()) {
     std::printf("no CUDA device: %s\n", status.why_none.c_str());
