@@ -1099,14 +1099,14 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       ranked_view = plan.view_index;
     }
   }
-  // The views ranked by group in this layer (the reuse matrix's, every layer; a selector's, where it says so),
-  // and of them the one of the smallest blocks for the backend, as for the ranking by mass.
   // Residuals (forced keys' shares, key by key where a window cuts a block) only for the selectors that are
   // sparse in this layer: one attending in full reads none (hysparse's full layers rank by group).
   layer_wants_config.assign(configs.size(), 0);
   for (const SelectorPlan& plan : plans) {
     if (plan.selector->role(layer) != LayerRole::kFull) layer_wants_config[static_cast<std::size_t>(plan.reference_config)] = 1;
   }
+  // The views ranked by group in this layer (the reuse matrix's, every layer; a selector's, where it says so),
+  // and of them the one of the smallest blocks for the backend, as for the ranking by mass.
   layer_wants_group.assign(block_sizes.size(), 0);
   if (reuse_view >= 0) layer_wants_group[static_cast<std::size_t>(reuse_view)] = 1;
   for (const SelectorPlan& plan : plans) {
