@@ -3,11 +3,14 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <exception>
+#include <limits>
 #include <system_error>
 #include <thread>
 
 #include "common/error.hpp"
+#include "common/key_share.hpp"
 
 #ifdef HYSPARSE_HAVE_CUDA
 #include "cuda_backend.hpp"
@@ -105,6 +108,59 @@ void check_output_request(const StatsRequest& request, const StatsTile& tile, co
   if (next != static_cast<std::int64_t>(walks.steps.size())) broken("steps outside every walk");
 }
 
+void check_key_runs(const StatsRequest& request, const StatsTile& tile, const std::vector<KeyRun>& runs) {
+  auto broken = [](const std::string& what) { throw Error(ErrorKind::kInternal, "key_run_shares: " + what); };
+  if (request.attn ? request.q || request.k : !request.q || !request.k) broken("needs the q and k of a q/k layer, or a dense one");
+  if (tile.heads != request.heads || tile.rows != request.num_rows ||
+      tile.lse_tokens.size() != static_cast<std::size_t>(tile.heads * tile.rows)) {
+    broken("the tile does not match the request");
+  }
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const KeyRun& run = runs[i];
+    const bool inside = run.head >= 0 && run.head < request.heads && run.row >= 0 && run.row < request.num_rows &&
+                        run.begin >= 0 && run.begin <= run.end && run.end <= request.rows[run.row] + 1 &&
+                        (run.ascending == 0 || run.ascending == 1);
+    if (!inside) {
+      broken(fmt::format("run {} (head {}, row {}, keys [{}, {}), ascending {}) is outside a tile of {} heads x {} rows", i,
+                         run.head, run.row, run.begin, run.end, run.ascending, request.heads, request.num_rows));
+    }
+  }
+}
+
+void key_run_shares_on_host(const StatsRequest& request, const StatsTile& tile, const std::vector<KeyRun>& runs,
+                            std::vector<double>& sums) {
+  check_key_runs(request, tile, runs);
+  sums.resize(runs.size());
+  const std::int64_t T = request.seq_len, d = request.head_dim;
+  thread_local std::vector<double> shares;
+  thread_local std::vector<float> dots;
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const KeyRun& run = runs[i];
+    const std::int64_t t = request.rows[run.row];
+    const double lse_tokens = tile.lse_tokens[static_cast<std::size_t>(run.head * request.num_rows + run.row)];
+    shares.resize(static_cast<std::size_t>(run.end - run.begin));
+    if (request.attn) {
+      const float* p = request.attn + (run.head * T + t) * T;
+      for (std::int64_t j = run.begin; j < run.end; ++j) {
+        const double z = p[j] > 0.0f ? std::log(static_cast<double>(p[j])) : -std::numeric_limits<double>::infinity();
+        shares[static_cast<std::size_t>(j - run.begin)] = std::exp(z - lse_tokens);
+      }
+    } else {
+      // key_share in two passes (the same operations): the dots, then the exponentials in a loop the
+      // compiler vectorises.
+      const float* q = request.q + (run.head * T + t) * d;
+      dots.resize(shares.size());
+      for (std::int64_t j = run.begin; j < run.end; ++j) dots[static_cast<std::size_t>(j - run.begin)] = key_dot(q, request.k + j * d, d);
+      const double scale = request.scale;
+      for (std::size_t j = 0; j < shares.size(); ++j) shares[j] = portable_exp(std::fma(scale, static_cast<double>(dots[j]), -lse_tokens));
+    }
+    if (run.ascending) std::sort(shares.begin(), shares.end());
+    double sum = 0.0;
+    for (double share : shares) sum += share;
+    sums[i] = sum;
+  }
+}
+
 namespace {
 
 // Several devices as one backend: each request goes to the device of its KV head (kv_head mod N),
@@ -137,6 +193,11 @@ class MultiDeviceBackend final : public Backend {
     device_of(request).output_errors(request, tile, walks, errors);
   }
   void prepare_keys(const StatsRequest& request) const override { device_of(request.kv_head).prepare_keys(request); }
+  bool key_run_shares(const StatsRequest& request, const StatsTile& tile, const std::vector<KeyRun>& runs,
+                      std::vector<double>& sums) const override {
+    return device_of(request).key_run_shares(request, tile, runs, sums);
+  }
+
   bool h2o_evictions(const H2oRequest& request, std::vector<std::int32_t>& evicted) const override {
     const std::int64_t sets_per_kv_head = request.kv_heads > 0 ? request.sets / request.kv_heads : 0;
     if (sets_per_kv_head < 1 || request.sets % request.kv_heads != 0) return devices_.front()->h2o_evictions(request, evicted);

@@ -99,6 +99,23 @@ struct OutputWalks {
 // contract, checked by every backend before it reads a key.
 void check_output_request(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks);
 
+// Shares of runs of keys of a tile's (head, row)s, for the keys the replay takes one by one (forced sinks and
+// windows, and the keys of blocks they cut). A run's sum is, from 0, sum_j share_j over keys j in [begin,
+// end) in key order, or in ascending order of the shares where `ascending` (equal multisets of shares then
+// sum alike), each addition rounded in double;
+//   share_j = exp(z_j - lse_tokens): key_share's bits for a q/k layer (fp32 q and k whatever the precision),
+//             exp(log p_j - lse_tokens) for a dense one (std::log and std::exp; the host's).
+struct KeyRun {
+  std::int32_t head = 0, row = 0;   // of the tile (head within the KV group, tile row)
+  std::int32_t begin = 0, end = 0;  // keys, 0 <= begin <= end <= the row's position + 1
+  std::int32_t ascending = 0;       // 1: summed in ascending order of the shares
+};
+// Error(kInternal) unless every run lies inside `request`'s rows and heads and `tile` matches the request.
+void check_key_runs(const StatsRequest& request, const StatsTile& tile, const std::vector<KeyRun>& runs);
+// The definition, on the host: sums[i] of runs[i] (resized to runs.size()).
+void key_run_shares_on_host(const StatsRequest& request, const StatsTile& tile, const std::vector<KeyRun>& runs,
+                            std::vector<double>& sums);
+
 // Quest's ranking of the pages of one KV head for query rows of its heads (a proxy's scores, computed
 // where the device is). Per (head, row): the row's own (last, partial) page first, then its earlier pages
 // by the bound sum_c max(q_c hi_c, q_c lo_c) (proxy::quest_bound: in double, channel by channel, in that
@@ -256,6 +273,17 @@ class Backend {
   // precision (like every key the host computes one by one). Thread-safe.
   virtual void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
                              std::vector<double>& errors) const = 0;
+  // `runs`' sums (KeyRun) into sums, or false where the backend leaves them to the caller
+  // (key_run_shares_on_host): the CPU backend does (the same cores); the CUDA one computes the runs of a q/k
+  // layer where its keys are, with key_share's bits, and declines dense layers. Thread-safe.
+  virtual bool key_run_shares(const StatsRequest& request, const StatsTile& tile, const std::vector<KeyRun>& runs,
+                              std::vector<double>& sums) const {
+    (void)request;
+    (void)tile;
+    (void)runs;
+    (void)sums;
+    return false;
+  }
   // A hint that requests for `request`'s layer and KV head (k, v when given, tensors_id, rows: the rows
   // that will be asked for; q unused) come soon: a device backend copies the keys while other work runs.
   // Thread-safe. Results never depend on it: a backend may decline (the CUDA one does without room to

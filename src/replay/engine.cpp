@@ -4,7 +4,6 @@
 
 #include <fmt/ranges.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -72,106 +71,32 @@ struct LayerInputs {
   double scale = 1.0;
 };
 
-// Exact row quantities that metrics need beyond the block statistics.
-class RowAccess {
+// A row's share of a base block (what the metrics add for whole blocks of a window), from the tile's
+// masses per base block where built, else from the statistics with the same formula.
+class BaseShares {
  public:
-  // `base_view`: the tile's masses per base block when built (a view whose blocks are the tile's), read
-  // instead of computed again; nullptr: computed from the statistics, with the same formula.
-  RowAccess(const LayerInputs& in, const StatsTile& tile, std::int64_t kv_group, std::int64_t head_local,
-            std::int64_t r, std::int64_t t, const BlockView* base_view)
-      : in_(in), tile_(tile), t_(t), r_(r), head_local_(head_local) {
-    if (base_view) base_mass_ = &base_view->mass[base_view->at(head_local, r, 0)];
-    const auto& h = *in.header;
-    head_ = kv_group * h.group_size() + head_local;
-    d_ = h.head_dim;
-    T_ = h.seq_len;
-    lse_tokens_ = tile.lse_tokens[static_cast<std::size_t>(head_local * tile.rows + r)];
-    if (!in.dense) {
-      q_ = in.tensors->q.data() + (head_ * T_ + t) * d_;
-      k_ = in.tensors->k.data() + kv_group * T_ * d_;
+  // `base_view`: a view whose blocks are the tile's, or nullptr.
+  BaseShares(const StatsTile& tile, std::int64_t head_local, std::int64_t r, const BlockView* base_view) : tile_(tile) {
+    if (base_view) {
+      base_mass_ = &base_view->mass[base_view->at(head_local, r, 0)];
     } else {
-      p_ = in.tensors->attn.data() + (head_ * T_ + t) * T_;
+      cell_ = tile.at(head_local, r, 0);
+      lse_tokens_ = tile.lse_tokens[static_cast<std::size_t>(head_local * tile.rows + r)];
     }
   }
-  // For keys [j0, j1): share[j - j0] = p_j / token mass. Vectorised over keys.
-  void range(std::int64_t j0, std::int64_t j1, std::vector<double>& share) const { exps(j0, j1, lse_tokens_, share); }
-  // Sum of p_j / token mass over keys [j0, j1): whole blocks of the tile (base block size `base`)
-  // from their statistics, only the keys of partially covered blocks one by one (fp32 q/k on the
-  // host, as every forced key is), at a cost that does not grow with the range. Equal to the sum of
-  // range() up to rounding with fp32 statistics; with --precision bf16/fp16 whole blocks carry the
-  // device's rounding of q/k, like every block the selectors rank.
-  double share_sum(std::int64_t j0, std::int64_t j1, std::int64_t base) const {
-    thread_local std::vector<double> share;
-    double sum = 0.0;
-    for (std::int64_t j = j0; j < j1;) {
-      const std::int64_t b = j / base, lo = b * base, hi = std::min((b + 1) * base, t_ + 1);
-      if (j == lo && hi <= j1) {
-        sum += block_share(b);
-        j = hi;
-      } else {
-        const std::int64_t end = std::min(hi, j1);
-        range(j, end, share);
-        for (double p : share) sum += p;
-        j = end;
-      }
-    }
-    return sum;
-  }
-  // Share of a base block from its statistics (0 for a block without causal keys).
-  double block_share(std::int64_t b) const {
+  // Share of base block b (0 for a block without causal keys).
+  double operator()(std::int64_t b) const {
     if (base_mass_) return base_mass_[b];
-    const auto cell = static_cast<std::size_t>((head_local_ * tile_.rows + r_) * tile_.num_blocks + b);
+    const std::size_t cell = cell_ + static_cast<std::size_t>(b);
     const double m = tile_.block_max[cell];
     return m == kNegInf ? 0.0 : static_cast<double>(tile_.block_sum[cell]) * portable_exp(m - lse_tokens_);
   }
-  // Share of the keys [j0, j1) of one base block: summed key by key, or where that is the larger
-  // part of the block's causal keys, the block's share less its other keys (fewer keys recomputed).
-  double partial_share(std::int64_t j0, std::int64_t j1, std::int64_t base) const {
-    thread_local std::vector<double> share;
-    const std::int64_t b = j0 / base, lo = b * base, hi = std::min((b + 1) * base, t_ + 1);
-    double sum = 0.0;
-    if (2 * (j1 - j0) <= hi - lo) {
-      range(j0, j1, share);
-      for (double p : share) sum += p;
-      return sum;
-    }
-    for (auto [a0, a1] : {std::pair<std::int64_t, std::int64_t>{lo, j0}, {j1, hi}}) {
-      range(a0, a1, share);
-      for (double p : share) sum += p;
-    }
-    return std::max(0.0, block_share(b) - sum);  // rounding of the fp32 block sum can undercut the rest
-  }
 
  private:
-  // out[j - j0] = exp(z_j - shift) for keys [j0, j1).
-  void exps(std::int64_t j0, std::int64_t j1, double shift, std::vector<double>& out) const {
-    const std::int64_t n = std::max<std::int64_t>(0, j1 - j0);
-    out.resize(static_cast<std::size_t>(n));
-    if (n == 0) return;
-    if (p_) {
-      for (std::int64_t i = 0; i < n; ++i) {
-        const double z = p_[j0 + i] > 0.0f ? std::log(static_cast<double>(p_[j0 + i])) : kNegInf;
-        out[static_cast<std::size_t>(i)] = std::exp(z - shift);
-      }
-      return;
-    }
-    using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    Eigen::Map<const RowMajor> keys(k_ + j0 * d_, n, d_);
-    Eigen::Map<const Eigen::VectorXf> query(q_, d_);
-    thread_local Eigen::VectorXf dots;
-    dots.noalias() = keys * query;
-    double* values = out.data();
-    for (std::int64_t i = 0; i < n; ++i) values[i] = portable_exp(in_.scale * static_cast<double>(dots[i]) - shift);
-  }
-
-  const LayerInputs& in_;
   const StatsTile& tile_;
-  std::int64_t t_, r_, head_local_, head_ = 0, d_ = 0, T_ = 0;
-  double lse_tokens_ = 0;
-  const float* q_ = nullptr;
-  const float* k_ = nullptr;
-  const float* p_ = nullptr;
   const double* base_mass_ = nullptr;
+  std::size_t cell_ = 0;
+  double lse_tokens_ = 0;
 };
 
 // Forced keys of one (head, row): their total share, and the residual share (mass of the
@@ -182,33 +107,38 @@ struct ForcedSummary {
   std::vector<std::pair<std::int64_t, double>> residual;  // (block, share of its non-forced keys), few entries
 };
 
-// `block`: the view's block size; `base`: the tile's (whole base blocks of a forced range take
-// their share from the block statistics, see RowAccess::share_sum).
-ForcedSummary summarise_forced(const RowAccess& row, const ForcedRanges& forced, std::int64_t block, std::int64_t base) {
-  ForcedSummary s;
-  s.count = forced.count();
+// The pieces of a row's forced keys, in the order their shares are summed, given to `visit`:
+//   visit.whole(b)             base block b lies inside a forced range: its share from the block statistics;
+//   visit.run(j0, j1)          keys [j0, j1) of a base block a range cuts: their shares, key by key (a KeyRun);
+//   visit.residual(b, j0, j1)  view block b (`block` keys) touched by the forced keys; its non-forced keys are
+//                              [j0, j1), possibly empty, their shares summed in ascending order (a KeyRun).
+// Whole base blocks take their share from the statistics, so the cost does not grow with the window; with
+// --precision bf16/fp16 they carry the device's rounding of q/k, like every block the selectors rank.
+template <typename Visit>
+void visit_forced(const ForcedRanges& forced, std::int64_t block, std::int64_t base, Visit& visit) {
   std::int64_t last_block = -1;
   for (auto [j0, j1] : {std::pair<std::int64_t, std::int64_t>{0, forced.sink_end}, {forced.window_begin, forced.t + 1}}) {
     if (j1 <= j0) continue;
-    s.mass += row.share_sum(j0, j1, base);
+    for (std::int64_t j = j0; j < j1;) {
+      const std::int64_t b = j / base, lo = b * base, hi = std::min((b + 1) * base, forced.t + 1);
+      if (j == lo && hi <= j1) {
+        visit.whole(b);
+        j = hi;
+      } else {
+        const std::int64_t end = std::min(hi, j1);
+        visit.run(j, end);
+        j = end;
+      }
+    }
     // Blocks touched by this range: their non-forced keys form one run between the two ranges.
     for (std::int64_t b = j0 / block; b <= (j1 - 1) / block; ++b) {
       if (b == last_block) continue;
       last_block = b;
       const std::int64_t lo = std::max(b * block, forced.sink_end);
       const std::int64_t hi = std::min(std::min((b + 1) * block, forced.t + 1), forced.window_begin);
-      double residual = 0.0;
-      if (lo < hi) {
-        // Summed in ascending order so that equal multisets of probabilities tie exactly.
-        std::vector<double> run;
-        row.range(lo, hi, run);
-        std::sort(run.begin(), run.end());
-        for (double p : run) residual += p;
-      }
-      s.residual.emplace_back(b, residual);
+      visit.residual(b, lo, std::max(lo, hi));
     }
   }
-  return s;
 }
 
 // Everything one selector needs at one block size, per layer tile.
@@ -283,6 +213,14 @@ struct ForcedConfig {
   std::int64_t view, sinks, window;
 };
 
+// A budget window's cut base block: *target = the run's sum, or with complement_block >= 0 that block's share
+// less the run's sum.
+struct PartialRun {
+  double* target;
+  std::int64_t complement_block;
+  std::int64_t head, row;
+};
+
 // Per-thread scratch, reused across tiles.
 struct Workspace {
   StatsTile tile;
@@ -293,6 +231,11 @@ struct Workspace {
   // others patch a copy of it (residual_storage) where a selector reads it, else none (null).
   std::vector<const std::vector<double>*> residual_mass;
   std::vector<std::vector<double>> residual_storage;
+  std::vector<std::vector<ForcedSummary>> summaries;  // per fixed forced config: [heads][rows] of the tile
+  std::vector<KeyRun> key_runs;                        // the tile's runs of keys summed one by one (forced, cut)
+  std::vector<double> key_run_sums;
+  std::vector<std::vector<double>> window_partials;    // per budget-window selector: [heads][rows][budgets]
+  std::vector<PartialRun> partial_runs;                // the last of key_runs: budget windows' cut blocks
   std::vector<std::vector<Rankings>> rankings;   // per selector: one, or one per budget (kPerBudget)
   std::vector<std::int32_t> stamp;
   std::vector<double> scores;
@@ -1184,8 +1127,81 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       const BlockView* base_view = base_view_index >= 0 ? &ws.views[static_cast<std::size_t>(base_view_index)] : nullptr;
 
       // Forced-key summaries per fixed config, head and row, and the residual mass of every block
-      // (its mass outside the forced keys: what selecting it adds).
-      std::vector<std::vector<ForcedSummary>> summaries(configs.size());
+      // (its mass outside the forced keys: what selecting it adds); and the share of the base block that
+      // each budget's window of a budget-window SWA cuts. Their keys are summed one by one, in runs the
+      // backend computes where the keys are (key_run_shares), all of the tile's at once.
+      ws.key_runs.clear();
+      struct PlanRuns {
+        std::vector<KeyRun>& runs;
+        std::int32_t h, r;
+        void whole(std::int64_t) {}
+        void run(std::int64_t j0, std::int64_t j1) { runs.push_back({h, r, static_cast<std::int32_t>(j0), static_cast<std::int32_t>(j1), 0}); }
+        void residual(std::int64_t, std::int64_t j0, std::int64_t j1) {
+          if (j0 < j1) runs.push_back({h, r, static_cast<std::int32_t>(j0), static_cast<std::int32_t>(j1), 1});
+        }
+      };
+      ws.summaries.resize(configs.size());
+      for (std::size_t c = 0; c < configs.size(); ++c) {
+        if (!layer_wants_config[c]) continue;
+        const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
+        ws.summaries[c].resize(static_cast<std::size_t>(G * nr));
+        for (std::int64_t h = 0; h < G; ++h) {
+          for (std::int64_t r = 0; r < nr; ++r) {
+            PlanRuns plan{ws.key_runs, static_cast<std::int32_t>(h), static_cast<std::int32_t>(r)};
+            visit_forced(ForcedRanges(configs[c].sinks, configs[c].window, positions[r]), view.block, base_block, plan);
+          }
+        }
+      }
+      // A budget window's cut base block [lo, hi) from `from`: the keys [from, hi), or where they are the larger
+      // part, the block's share less the keys [lo, from) (fewer keys computed).
+      ws.window_partials.resize(static_cast<std::size_t>(S));
+      ws.partial_runs.clear();
+      for (std::int64_t s = 0; s < S; ++s) {
+        const SelectorPlan& plan = plans[static_cast<std::size_t>(s)];
+        if (!plan.budget_window || plan.selector->role(layer) == LayerRole::kFull) continue;
+        const std::int64_t B = ws.views[static_cast<std::size_t>(plan.view_index)].block;
+        std::vector<double>& partials = ws.window_partials[static_cast<std::size_t>(s)];
+        partials.assign(static_cast<std::size_t>(G * nr * NB), 0.0);
+        for (std::int64_t h = 0; h < G; ++h) {
+          for (std::int64_t r = 0; r < nr; ++r) {
+            const std::int64_t t = positions[r];
+            if (t < plan.first_scored) continue;
+            for (std::int64_t bi = 0; bi < NB; ++bi) {
+              if (!plan.applicable[static_cast<std::size_t>(bi)]) continue;
+              const ForcedRanges ranges(plan.selector->sinks(), options.budgets[static_cast<std::size_t>(bi)].blocks_for_row(t, B) * B, t);
+              const std::int64_t from = std::max(ranges.window_begin, ranges.sink_end);
+              if (from % base_block == 0 || from > t) continue;
+              const std::int64_t lo = from / base_block * base_block, hi = std::min(lo + base_block, t + 1);
+              const bool complement = 2 * (hi - from) > hi - lo;
+              ws.partial_runs.push_back({&partials[static_cast<std::size_t>((h * nr + r) * NB + bi)], complement ? from / base_block : -1, h, r});
+              ws.key_runs.push_back({static_cast<std::int32_t>(h), static_cast<std::int32_t>(r),
+                                     static_cast<std::int32_t>(complement ? lo : from), static_cast<std::int32_t>(complement ? from : hi), 0});
+            }
+          }
+        }
+      }
+      const std::size_t forced_runs = ws.key_runs.size() - ws.partial_runs.size();
+      if (!ws.key_runs.empty() && !backend.key_run_shares(request, ws.tile, ws.key_runs, ws.key_run_sums)) {
+        key_run_shares_on_host(request, ws.tile, ws.key_runs, ws.key_run_sums);
+      }
+      for (std::size_t i = 0; i < ws.partial_runs.size(); ++i) {
+        const PartialRun& partial = ws.partial_runs[i];
+        const double sum = ws.key_run_sums[forced_runs + i];
+        // Rounding of the fp32 block sum can undercut the rest.
+        *partial.target = partial.complement_block < 0
+                              ? sum
+                              : std::max(0.0, BaseShares(ws.tile, partial.head, partial.row, base_view)(partial.complement_block) - sum);
+      }
+      // The summaries from the runs' sums, in the order they were planned.
+      struct SumRuns {
+        const double* sums;
+        BaseShares shares;
+        ForcedSummary& summary;
+        void whole(std::int64_t b) { summary.mass += shares(b); }
+        void run(std::int64_t, std::int64_t) { summary.mass += *sums++; }
+        void residual(std::int64_t b, std::int64_t j0, std::int64_t j1) { summary.residual.emplace_back(b, j0 < j1 ? *sums++ : 0.0); }
+      };
+      const double* next_sum = ws.key_run_sums.data();
       ws.residual_mass.resize(configs.size());
       ws.residual_storage.resize(configs.size());
       for (std::size_t c = 0; c < configs.size(); ++c) {
@@ -1198,18 +1214,24 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         const bool stored = forced && config_keeps_residual[c];
         if (stored) ws.residual_storage[c] = view.mass;
         ws.residual_mass[c] = !forced ? &view.mass : stored ? &ws.residual_storage[c] : nullptr;
-        summaries[c].resize(static_cast<std::size_t>(G * nr));
         for (std::int64_t h = 0; h < G; ++h) {
           for (std::int64_t r = 0; r < nr; ++r) {
-            const RowAccess row(inputs, ws.tile, g, h, r, positions[r], base_view);
             const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
-            ForcedSummary& summary = summaries[c][static_cast<std::size_t>(h * nr + r)];
-            summary = summarise_forced(row, ranges, view.block, base_block);
+            ForcedSummary& summary = ws.summaries[c][static_cast<std::size_t>(h * nr + r)];
+            summary.mass = 0.0;
+            summary.count = ranges.count();
+            summary.residual.clear();
+            SumRuns sum_runs{next_sum, BaseShares(ws.tile, h, r, base_view), summary};
+            visit_forced(ranges, view.block, base_block, sum_runs);
+            next_sum = sum_runs.sums;
             if (stored) {
               for (const auto& [b, m] : summary.residual) ws.residual_storage[c][view.at(h, r, b)] = m;
             }
           }
         }
+      }
+      if (next_sum != ws.key_run_sums.data() + forced_runs) {
+        throw Error(ErrorKind::kInternal, fmt::format("forced keys read {} of their {} key runs' sums", next_sum - ws.key_run_sums.data(), forced_runs));
       }
 
       // Shared rankings of this tile (filled on demand, by selectors and by the metrics below).
@@ -1258,9 +1280,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         const auto config = static_cast<std::size_t>(plan.reference_config);
         context.residual_mass = ws.residual_mass[config];
         if (layer_wants_config[config]) {
-          context.top_by_residual = [this, &ws, &view, &plan, &summaries, nr](std::int64_t h, std::int64_t r, std::int64_t count) {
+          context.top_by_residual = [this, &ws, &view, &plan, nr](std::int64_t h, std::int64_t r, std::int64_t count) {
             const auto c = static_cast<std::size_t>(plan.reference_config);
-            return ws.top_by_residual(configs[c], c, view, h, r, count, summaries[c][static_cast<std::size_t>(h * nr + r)]);
+            return ws.top_by_residual(configs[c], c, view, h, r, count, ws.summaries[c][static_cast<std::size_t>(h * nr + r)]);
           };
         }
         if (plan.selector->ranks_by_group_max(layer)) {
@@ -1326,8 +1348,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
               }
               continue;
             }
-            const RowAccess row(inputs, ws.tile, g, h, r, t, base_view);
-            const ForcedSummary& fixed = summaries[static_cast<std::size_t>(plan.reference_config)][static_cast<std::size_t>(h * nr + r)];
+            const BaseShares base_share(ws.tile, h, r, base_view);
+            const ForcedSummary& fixed = ws.summaries[static_cast<std::size_t>(plan.reference_config)][static_cast<std::size_t>(h * nr + r)];
             const ForcedRanges fixed_ranges(sel.sinks(), std::max<std::int64_t>(0, sel.window()), t);
             auto block_keys = [&](std::int64_t b) { return std::min((b + 1) * B, t + 1) - b * B; };
             const std::int64_t set = sel.ranks_per_head() ? h : 0;
@@ -1401,12 +1423,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 }
                 const std::int64_t first_whole = (from + base_block - 1) / base_block;
                 for (; first_whole_block > first_whole; --first_whole_block) {
-                  whole_blocks_mass += row.block_share(first_whole_block - 1);
+                  whole_blocks_mass += base_share(first_whole_block - 1);
                 }
-                double partial = 0.0;
-                if (from % base_block != 0 && from <= t) {
-                  partial = row.partial_share(from, std::min(first_whole * base_block, t + 1), base_block);
-                }
+                // The cut base block's keys from the window's start (planned with the tile's key runs; 0 where none).
+                const double partial = ws.window_partials[static_cast<std::size_t>(s)][static_cast<std::size_t>((h * nr + r) * NB + bi)];
                 mass = fixed.mass + whole_blocks_mass + partial;
                 keys = ranges.count();
                 nominal = budget.blocks_for_row(t, B) * B;
