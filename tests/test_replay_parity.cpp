@@ -570,6 +570,87 @@ TEST_CASE("a backend's ranking of blocks by group max gives the report of the en
   }
 }
 
+namespace {
+
+// A backend that builds the block view asked beside the statistics (StatsRequest::view_block) as a device
+// does: build_block_view's arrays (halved with `halve`, to show the engine reads them), the largest
+// probabilities where asked or where it declines a ranking by group of the same blocks (it declines every
+// ranking, like the CPU), and NaN statistics where the caller says it reads only the view.
+class HostViewBackend final : public test::CpuBackedBackend {
+ public:
+  explicit HostViewBackend(bool halve = false) : halve_(halve) {}
+  void block_statistics(const StatsRequest& request, StatsTile& out) const override {
+    cpu().block_statistics(request, out);
+    if (request.view_block <= 0) return;
+    ++views_;
+    const bool group_left = request.group_rank_blocks > 0 &&
+                            (request.group_rank_block > 0 ? request.group_rank_block : request.block_size) == request.view_block;
+    const bool with_max = request.view_max_prob || group_left;
+    if (with_max) ++with_max_;
+    BlockView view;
+    std::vector<double> exps;
+    build_block_view(out, request.block_size, request.view_block, request.rows, with_max, view, exps);
+    if (halve_) {
+      for (double& m : view.mass) m *= 0.5;
+    }
+    out.view_blocks = view.num_blocks;
+    out.view_mass = view.mass;
+    out.view_max_prob = view.max_prob;
+    if (!request.statistics_needed) {
+      ++without_statistics_;
+      std::fill(out.block_max.begin(), out.block_max.end(), std::numeric_limits<float>::quiet_NaN());
+      std::fill(out.block_sum.begin(), out.block_sum.end(), std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  std::int64_t views() const { return views_; }
+  std::int64_t with_max() const { return with_max_; }
+  std::int64_t without_statistics() const { return without_statistics_; }
+
+ private:
+  bool halve_;
+  mutable std::atomic<std::int64_t> views_{0}, with_max_{0}, without_statistics_{0};
+};
+
+}  // namespace
+
+TEST_CASE("a backend's block view gives the report of the engine's own", "[replay][parity]") {
+  // One view (its statistics stay with the backend), several views (the others built from the statistics; hysparse's
+  // blocks are 64 by default), a view whose largest probabilities a selector reads, rankings by group that the
+  // backend declines (their largest probabilities come with the view), token level.
+  struct Config {
+    const char* selectors;
+    std::int64_t reuse_budget;
+    bool one_view, with_max;
+  };
+  for (const auto& [selectors, reuse_budget, one_view, with_max] :
+       {Config{"oracle,swa,hysparse:block=8", 24, true, true}, Config{"oracle,swa,hysparse", 24, false, true},
+        Config{"oracle,oracle:sinks=2,window=9,swa,hysparse:block=8,window=12", 0, true, true},
+        Config{"oracle,swa:sinks=3", 0, true, false}, Config{"oracle:block=16,swa,hysparse:block=8,window=12", 24, false, true},
+        Config{"hysparse:score=max,group=sum,block=16,window=20,swa:block=16", 0, true, true},
+        Config{"oracle:block=1,sinks=1,window=3,swa:block=1", 0, true, false}}) {
+    for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
+      CAPTURE(selectors, static_cast<int>(values));
+      const std::string path = write_ranking_capture(values, test::seed() + 57, "parity_backend_view.h5");
+      ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
+      options.block_size = 8;
+      options.schedule = "FSS";
+      options.reuse_budget = reuse_budget;
+      const auto cpu = make_cpu_backend();
+      const ReplayResult expected = run_replay(path, options, *cpu, false);
+      const HostViewBackend viewing;
+      const ReplayResult result = run_replay(path, options, viewing, false);
+      CHECK(viewing.views() > 0);
+      CHECK((viewing.without_statistics() == viewing.views()) == one_view);
+      CHECK((viewing.with_max() > 0) == with_max);
+      require_same_report(expected, result);
+      // The engine reads the backend's view, not one of its own.
+      const HostViewBackend halving(true);
+      const ReplayResult halved = run_replay(path, options, halving, false);
+      CHECK(halved.selectors[0].model_mean[kMassRecall].at(0, 0) != expected.selectors[0].model_mean[kMassRecall].at(0, 0));
+    }
+  }
+}
+
 TEST_CASE("block views' masses and largest probabilities are the bits the device-ranking references compute", "[replay][parity]") {
   // test::view_masses and test::view_group_max_probabilities are what the GPU tests hold the device's rankings to;
   // the engine ranks build_block_view's values. They must be the same numbers, bit for bit, for the GPU tests

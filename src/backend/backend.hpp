@@ -38,6 +38,15 @@ struct StatsRequest {
   // ranked by their largest probability over the request's heads (StatsTile::group_max_order), the first
   // min(group_rank_blocks, causal blocks) of each; a backend may decline as above.
   std::int64_t group_rank_blocks = 0, group_rank_block = 0;
+  // > 0: the caller also wants the block view of view_block keys (a multiple of block_size) built beside the
+  // statistics (StatsTile::view_mass, by build_block_view's formulas and bits), and with view_max_prob its blocks'
+  // largest probabilities too. A backend may decline (view_blocks = 0): the CPU one does, as its caller builds
+  // views on the same cores; a device backend builds it where the statistics are, and also gives the largest
+  // probabilities where it declines a ranking by group of the same blocks that the request asks. With
+  // statistics_needed false, a backend that built the view may leave block_max and block_sum empty.
+  std::int64_t view_block = 0;
+  bool view_max_prob = false;
+  bool statistics_needed = true;
 };
 
 // Per (head, row, block): m = max logit in the block, l = sum exp(z - m) over the
@@ -65,6 +74,11 @@ struct StatsTile {
   // blocks of r). HySparse's selection (score max, group max) and the cross-layer reuse matrix rank this way.
   std::int64_t group_ranked = 0;
   std::vector<std::int32_t> group_max_order;
+  // When view_blocks > 0 (StatsRequest::view_block): [heads][rows][view_blocks], view_blocks = the last row's
+  // position / view_block + 1, BlockView's arrays as build_block_view makes them (0 past a row's causal
+  // blocks); view_max_prob empty unless asked (or needed by a declined ranking by group).
+  std::int64_t view_blocks = 0;
+  std::vector<double> view_mass, view_max_prob;
   std::size_t at(std::int64_t h, std::int64_t r, std::int64_t b) const {
     return static_cast<std::size_t>((h * rows + r) * num_blocks + b);
   }

@@ -65,6 +65,9 @@ inline void allocate_tile(const StatsRequest& req, StatsTile& out) {
   out.mass_order.clear();
   out.group_ranked = 0;
   out.group_max_order.clear();
+  out.view_blocks = 0;  // views are built by the caller
+  out.view_mass.clear();
+  out.view_max_prob.clear();
 }
 
 }  // namespace hysparse

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/error.hpp"
 #include "common/portable_exp.hpp"
 
 namespace hysparse {
@@ -75,6 +76,26 @@ void build_block_view(const StatsTile& tile, std::int64_t base, std::int64_t blo
         if (with_max) max_prob[b] = portable_exp(m - lse_all);
       }
     }
+  }
+}
+
+void adopt_block_view(StatsTile& tile, std::int64_t block, const std::int64_t* positions, bool with_max, BlockView& view) {
+  view.block = block;
+  view.heads = tile.heads;
+  view.rows = tile.rows;
+  view.positions = positions;
+  view.num_blocks = positions[tile.rows - 1] / block + 1;
+  const auto cells = static_cast<std::size_t>(view.heads * view.rows * view.num_blocks);
+  if (tile.view_blocks != view.num_blocks || tile.view_mass.size() != cells || (with_max && tile.view_max_prob.size() != cells)) {
+    fail(ErrorKind::kInternal, "a backend's block view of {} blocks ({} masses, {} maxima) for {} heads x {} rows x {} blocks{}",
+         tile.view_blocks, tile.view_mass.size(), tile.view_max_prob.size(), view.heads, view.rows, view.num_blocks,
+         with_max ? " with maxima" : "");
+  }
+  view.mass.swap(tile.view_mass);
+  if (with_max) {
+    view.max_prob.swap(tile.view_max_prob);
+  } else {
+    view.max_prob.clear();
   }
 }
 

@@ -15,4 +15,8 @@ namespace hysparse {
 void build_block_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions, bool with_max,
                       BlockView& view, std::vector<double>& exps);
 
+// The view a backend built beside the statistics (StatsRequest::view_block), its arrays moved out of the tile
+// (Error(kInternal) where the tile does not hold that view, or its largest probabilities with_max).
+void adopt_block_view(StatsTile& tile, std::int64_t block, const std::int64_t* positions, bool with_max, BlockView& view);
+
 }  // namespace hysparse

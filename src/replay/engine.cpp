@@ -1061,6 +1061,10 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       group_view = static_cast<std::int64_t>(v);
     }
   }
+  // The view of the smallest blocks is asked of the backend beside the statistics (a device builds it where they
+  // are); the tile's block statistics come back only where another view or a base block's share reads them.
+  const auto built_view = static_cast<std::size_t>(std::min_element(block_sizes.begin(), block_sizes.end()) - block_sizes.begin());
+  const bool statistics_needed = block_sizes.size() > 1 || base_view_index != static_cast<std::int64_t>(built_view);
   // Reuse sums per work item, reduced in item order: the same numbers whatever thread ran what.
   if (reuse_enabled) reuse_item_sums.assign(static_cast<std::size_t>(Hkv * tiles * L), 0.0);
 
@@ -1103,6 +1107,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         request.group_rank_blocks = view_group_rank_blocks[static_cast<std::size_t>(group_view)][static_cast<std::size_t>(tile_index)];
         request.group_rank_block = block_sizes[static_cast<std::size_t>(group_view)];
       }
+      request.view_block = block_sizes[built_view];
+      request.statistics_needed = statistics_needed;
+      // Its largest probabilities where a selector reads them, or a ranking by group of its blocks that the
+      // backend is not asked for (one it declines brings them anyway).
+      const bool group_asked = group_view == static_cast<std::int64_t>(built_view) && request.group_rank_blocks > 0;
+      request.view_max_prob = view_needs_max[built_view] != 0 || (layer_wants_group[built_view] && !group_asked);
       if (inputs.dense) {
         request.attn = tensors.attn.data() + g * G * header.seq_len * header.seq_len;
       } else {
@@ -1121,8 +1131,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         const bool group_served = static_cast<std::int64_t>(v) == group_view && ws.tile.group_ranked > 0 &&
                                   ws.tile.group_ranked >= std::min(request.group_rank_blocks, positions[nr - 1] / block_sizes[v] + 1);
         const bool group_from_host = layer_wants_group[v] && !group_served;
-        build_block_view(ws.tile, base_block, block_sizes[v], positions, view_needs_max[v] != 0 || group_from_host,
-                         ws.views[v], ws.block_exps);
+        const bool with_max = view_needs_max[v] != 0 || group_from_host;
+        if (v == built_view && ws.tile.view_blocks > 0) {
+          adopt_block_view(ws.tile, block_sizes[v], positions, with_max, ws.views[v]);
+        } else {
+          build_block_view(ws.tile, base_block, block_sizes[v], positions, with_max, ws.views[v], ws.block_exps);
+        }
       }
       const BlockView* base_view = base_view_index >= 0 ? &ws.views[static_cast<std::size_t>(base_view_index)] : nullptr;
 
