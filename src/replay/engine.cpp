@@ -1069,9 +1069,9 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   if (reuse_enabled) reuse_item_sums.assign(static_cast<std::size_t>(Hkv * tiles * L), 0.0);
 
   std::exception_ptr failure;
-  // Where the layer's thread time goes (progress lines): the backend's statistics and output-error
-  // calls, and everything else a work item does (views, selections, metrics), in nanoseconds.
-  std::atomic<std::int64_t> statistics_ns{0}, output_error_ns{0}, item_ns{0};
+  // Where the layer's thread time goes (progress lines): the statistics, key runs and output errors
+  // (backend calls), and everything else a work item does (views, selections, metrics), in nanoseconds.
+  std::atomic<std::int64_t> statistics_ns{0}, key_runs_ns{0}, output_error_ns{0}, item_ns{0};
   auto nanoseconds_since = [](std::chrono::steady_clock::time_point start) {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
   };
@@ -1195,8 +1195,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         }
       }
       const std::size_t forced_runs = ws.key_runs.size() - ws.partial_runs.size();
-      if (!ws.key_runs.empty() && !backend.key_run_shares(request, ws.tile, ws.key_runs, ws.key_run_sums)) {
-        key_run_shares_on_host(request, ws.tile, ws.key_runs, ws.key_run_sums);
+      if (!ws.key_runs.empty()) {
+        const auto runs_started = std::chrono::steady_clock::now();
+        if (!backend.key_run_shares(request, ws.tile, ws.key_runs, ws.key_run_sums)) {
+          key_run_shares_on_host(request, ws.tile, ws.key_runs, ws.key_run_sums);
+        }
+        key_runs_ns += nanoseconds_since(runs_started);
       }
       for (std::size_t i = 0; i < ws.partial_runs.size(); ++i) {
         const PartialRun& partial = ws.partial_runs[i];
@@ -1661,19 +1665,20 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
   if (progress) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
     const double statistics = 1e-9 * static_cast<double>(statistics_ns.load());
+    const double key_runs = 1e-9 * static_cast<double>(key_runs_ns.load());
     const double output_error = 1e-9 * static_cast<double>(output_error_ns.load());
-    const double host = 1e-9 * static_cast<double>(item_ns.load()) - statistics - output_error;
+    const double host = 1e-9 * static_cast<double>(item_ns.load()) - statistics - key_runs - output_error;
     auto between = [](std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
       return std::chrono::duration<double>(b - a).count();
     };
     fmt::print(stderr,
                "replay: layer {}/{} done in {:.2f} s ({:.3g} scores/s; reading and setup {:.2f} s, tiles {:.2f} s, "
-               "reduction {:.2f} s; thread-seconds of the tiles over {} threads: statistics {:.2f}, output error {:.2f}, "
-               "selections and metrics {:.2f})\n",
+               "reduction {:.2f} s; thread-seconds of the tiles over {} threads: statistics {:.2f}, key runs {:.2f}, "
+               "output error {:.2f}, selections and metrics {:.2f})\n",
                layer + 1, L, seconds, seconds > 0 ? static_cast<double>(layer_elements) / seconds : 0.0,
                between(layer_started, tiles_started), between(tiles_started, reduction_started),
                between(reduction_started, std::chrono::steady_clock::now()), omp_get_max_threads(), statistics,
-               output_error, host);
+               key_runs, output_error, host);
   }
   result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_started).count();
   next_layer = layer + 1;
