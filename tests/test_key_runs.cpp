@@ -46,14 +46,8 @@ TEST_CASE("Key runs' shares on the host equal the float64 reference", "[key_runs
   const auto cpu = make_cpu_backend();
   for (const RunCase& k : kRunCases) {
     CAPTURE(k.q_heads, k.kv_heads, k.head_dim, k.seq_len, k.sinks, k.scale_sign);
-    reference::Shape shape;
-    shape.layers = 1;
-    shape.q_heads = k.q_heads;
-    shape.kv_heads = k.kv_heads;
-    shape.head_dim = k.head_dim;
-    shape.seq_len = k.seq_len;
-    shape.sinks = k.sinks;
-    const Capture c = reference::random_capture(shape, test::seed() + static_cast<std::uint64_t>(k.seq_len));
+    const Capture c = reference::random_capture(reference::one_layer(k.q_heads, k.kv_heads, k.head_dim, k.seq_len, k.sinks),
+                                                test::seed() + static_cast<std::uint64_t>(k.seq_len));
     std::vector<std::int64_t> rows;
     for (std::int64_t t = 0; t < k.seq_len; t += 1 + t % 5) rows.push_back(t);
     for (std::int64_t group = 0; group < k.kv_heads; ++group) {

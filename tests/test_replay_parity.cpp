@@ -478,6 +478,19 @@ std::string write_ranking_capture(Shape::Values values, std::uint64_t seed, cons
 
 }  // namespace
 
+namespace {
+
+// The options of the tests of a backend's rankings and views: blocks of 8, schedule FSS, four token budgets.
+ReplayOptions backend_test_options(const char* selectors, std::int64_t reuse_budget) {
+  ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
+  options.block_size = 8;
+  options.schedule = "FSS";
+  options.reuse_budget = reuse_budget;
+  return options;
+}
+
+}  // namespace
+
 TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine's own, also when it is short",
           "[replay][parity]") {
   // The ranked view is, per layer, the one of the smallest blocks a selector reads there: the statistics'
@@ -493,9 +506,7 @@ TEST_CASE("a backend's ranking of blocks by mass gives the report of the engine'
                (std::uint64_t{1} << 16) | (std::uint64_t{1} << 4)}}) {
   for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
     const std::string path = write_ranking_capture(values, test::seed() + 51, "parity_backend_ranking.h5");
-    ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
-    options.block_size = 8;
-    options.schedule = "FSS";
+    const ReplayOptions options = backend_test_options(selectors, 0);
     const auto cpu = make_cpu_backend();
     const ReplayResult expected = run_replay(path, options, *cpu, false);
     for (const std::int64_t shorten : {0, 3}) {
@@ -537,10 +548,7 @@ TEST_CASE("a backend's ranking of blocks by group max gives the report of the en
         Config{"oracle,hysparse:block=16,window=12,hysparse:block=8,window=12", 0, true, 1}}) {
     for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
       const std::string path = write_ranking_capture(values, test::seed() + 53, "parity_backend_group_ranking.h5");
-      ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
-      options.block_size = 8;
-      options.schedule = "FSS";
-      options.reuse_budget = reuse_budget;
+      const ReplayOptions options = backend_test_options(selectors, reuse_budget);
       const auto cpu = make_cpu_backend();
       const ReplayResult expected = run_replay(path, options, *cpu, false);
       for (const std::int64_t shorten : {0, 2}) {
@@ -631,10 +639,7 @@ TEST_CASE("a backend's block view gives the report of the engine's own", "[repla
     for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
       CAPTURE(selectors, static_cast<int>(values));
       const std::string path = write_ranking_capture(values, test::seed() + 57, "parity_backend_view.h5");
-      ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
-      options.block_size = 8;
-      options.schedule = "FSS";
-      options.reuse_budget = reuse_budget;
+      const ReplayOptions options = backend_test_options(selectors, reuse_budget);
       const auto cpu = make_cpu_backend();
       const ReplayResult expected = run_replay(path, options, *cpu, false);
       const HostViewBackend viewing;

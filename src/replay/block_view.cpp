@@ -9,17 +9,26 @@
 
 namespace hysparse {
 
-void build_block_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions, bool with_max,
-                      BlockView& view, std::vector<double>& exps) {
-  const std::int64_t factor = block / base;
+namespace {
+
+// The view's shape for `tile`'s heads and rows; returns its cells.
+std::size_t shape_view(const StatsTile& tile, std::int64_t block, const std::int64_t* positions, BlockView& view) {
   view.block = block;
   view.heads = tile.heads;
   view.rows = tile.rows;
   view.positions = positions;
   view.num_blocks = positions[tile.rows - 1] / block + 1;
+  return static_cast<std::size_t>(view.heads * view.rows * view.num_blocks);
+}
+
+}  // namespace
+
+void build_block_view(const StatsTile& tile, std::int64_t base, std::int64_t block, const std::int64_t* positions, bool with_max,
+                      BlockView& view, std::vector<double>& exps) {
+  const std::int64_t factor = block / base;
+  const std::size_t cells = shape_view(tile, block, positions, view);
   // Every cell is written once below (a token-level view is the tile's largest array, and its passes
   // are bound by memory bandwidth on a many-core host): no fill before.
-  const auto cells = static_cast<std::size_t>(view.heads * view.rows * view.num_blocks);
   view.mass.resize(cells);
   if (with_max) {
     view.max_prob.resize(cells);
@@ -80,12 +89,7 @@ void build_block_view(const StatsTile& tile, std::int64_t base, std::int64_t blo
 }
 
 void adopt_block_view(StatsTile& tile, std::int64_t block, const std::int64_t* positions, bool with_max, BlockView& view) {
-  view.block = block;
-  view.heads = tile.heads;
-  view.rows = tile.rows;
-  view.positions = positions;
-  view.num_blocks = positions[tile.rows - 1] / block + 1;
-  const auto cells = static_cast<std::size_t>(view.heads * view.rows * view.num_blocks);
+  const std::size_t cells = shape_view(tile, block, positions, view);
   if (tile.view_blocks != view.num_blocks || tile.view_mass.size() != cells || (with_max && tile.view_max_prob.size() != cells)) {
     fail(ErrorKind::kInternal, "a backend's block view of {} blocks ({} masses, {} maxima) for {} heads x {} rows x {} blocks{}",
          tile.view_blocks, tile.view_mass.size(), tile.view_max_prob.size(), view.heads, view.rows, view.num_blocks,

@@ -20,4 +20,16 @@ struct Shape {
 
 Capture random_capture(const Shape& shape, std::uint64_t seed);
 
+// One layer of the given heads, head_dim and length (Gaussian values, v captured), sink logits where asked.
+inline Shape one_layer(std::int64_t q_heads, std::int64_t kv_heads, std::int64_t head_dim, std::int64_t seq_len, bool sinks) {
+  Shape shape;
+  shape.layers = 1;
+  shape.q_heads = q_heads;
+  shape.kv_heads = kv_heads;
+  shape.head_dim = head_dim;
+  shape.seq_len = seq_len;
+  shape.sinks = sinks;
+  return shape;
+}
+
 }  // namespace hysparse::reference
