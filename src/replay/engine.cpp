@@ -63,12 +63,10 @@ struct ForcedRanges {
   }
 };
 
-// One (layer, KV group) worth of inputs, shared read-only by the tile workers.
+// What the tile workers read of the layer beside its tensors.
 struct LayerInputs {
-  const CaptureHeader* header = nullptr;
-  const LayerTensors* tensors = nullptr;
-  bool dense = false;
-  double scale = 1.0;
+  bool dense = false;  // attn probabilities instead of q/k
+  double scale = 1.0;  // the softmax scale of the logits
 };
 
 // A row's share of a base block (what the metrics add for whole blocks of a window), from the tile's
@@ -829,7 +827,6 @@ void ReplayRun::Impl::setup() {
   for (auto& sel : selectors) sel->begin(replay_plan);
   for (std::size_t s = 0; s < selectors.size(); ++s) plans[s].first_scored = selectors[s]->first_scored_position();
 
-  inputs.header = &header;
   inputs.scale = header.effective_softmax_scale();
   bool any_v = false;
   for (std::int64_t l = 0; l < L; ++l) any_v = any_v || reader->layer(l).has_v;
@@ -1025,7 +1022,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       }
     }
   }
-  inputs.tensors = &tensors;
   inputs.dense = !info.has_qk();
   layer_context.layer = layer;
   layer_context.tensors = &tensors;
