@@ -41,8 +41,8 @@ struct StatsRequest {
   // > 0: the caller also wants the block view of view_block keys (a multiple of block_size) built beside the
   // statistics (StatsTile::view_mass, by build_block_view's formulas and bits), and with view_max_prob its blocks'
   // largest probabilities too. A backend may decline (view_blocks = 0): the CPU one does, as its caller builds
-  // views on the same cores; a device backend builds it where the statistics are, and also gives the largest
-  // probabilities where it declines a ranking by group of the same blocks that the request asks. With
+  // views on the same cores. A backend that builds it (a device, where the statistics are) also gives the
+  // largest probabilities where it declines a ranking by group of the same blocks that the request asks. With
   // statistics_needed false, a backend that built the view may leave block_max and block_sum empty.
   std::int64_t view_block = 0;
   bool view_max_prob = false;
@@ -288,8 +288,8 @@ class Backend {
   virtual void output_errors(const StatsRequest& request, const StatsTile& tile, const OutputWalks& walks,
                              std::vector<double>& errors) const = 0;
   // `runs`' sums (KeyRun) into sums, or false where the backend leaves them to the caller
-  // (key_run_shares_on_host): the CPU backend does (the same cores); the CUDA one computes the runs of a q/k
-  // layer where its keys are, with key_share's bits, and declines dense layers. Thread-safe.
+  // (key_run_shares_on_host): the CPU backend does (the same cores); a device backend may sum a q/k layer's
+  // runs where its keys are, with key_share's bits. Thread-safe.
   virtual bool key_run_shares(const StatsRequest& request, const StatsTile& tile, const std::vector<KeyRun>& runs,
                               std::vector<double>& sums) const {
     (void)request;
