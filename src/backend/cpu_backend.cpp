@@ -59,36 +59,38 @@ void dense_layer_statistics(const StatsRequest& req, StatsTile& out) {
 }
 
 void qk_layer_statistics(const StatsRequest& req, StatsTile& out) {
-  const std::int64_t d = req.head_dim, B = req.block_size, R = req.num_rows;
+  const std::int64_t d = req.head_dim, B = req.block_size, R = req.num_rows, G = req.heads;
   const std::int64_t last = req.rows[R - 1];
   const std::int64_t chunk = ((std::max(kMinKeyChunk, B) + B - 1) / B) * B;
   const auto scale = static_cast<float>(req.scale);
 
-  RowMatrix q_rows(R, d), scores, probabilities, output;
+  // The query rows of every head of the group, interleaved by row (row r of head h at r * G + h): the rows
+  // that see a key chunk are then one block for all heads, so each chunk of keys is packed once for the
+  // group's product, not once per head.
+  RowMatrix q_rows(R * G, d), scores, probabilities, output;
   Eigen::ArrayXf exps(std::max<std::int64_t>(B, 1));
-  std::vector<float> running_max(static_cast<std::size_t>(R));
+  std::vector<float> running_max(static_cast<std::size_t>(R * G), kNegInf);
   Eigen::Map<const RowMatrix> keys(req.k, req.seq_len, d);
-  for (std::int64_t h = 0; h < req.heads; ++h) {
+  for (std::int64_t h = 0; h < G; ++h) {
     const float* q_head = req.q + h * req.seq_len * d;
     for (std::int64_t r = 0; r < R; ++r) {
-      q_rows.row(r) = Eigen::Map<const Eigen::RowVectorXf>(q_head + req.rows[r] * d, d) * scale;
+      q_rows.row(r * G + h) = Eigen::Map<const Eigen::RowVectorXf>(q_head + req.rows[r] * d, d) * scale;
     }
-    if (req.v) {
-      output.setZero(R, d);
-      std::fill(running_max.begin(), running_max.end(), kNegInf);
-    }
-    for (std::int64_t c0 = 0; c0 <= last; c0 += chunk) {
-      const std::int64_t width = std::min(chunk, last + 1 - c0);
-      // First row that sees any key of this chunk (rows are ascending).
-      const std::int64_t r_begin = std::lower_bound(req.rows, req.rows + R, c0) - req.rows;
-      const std::int64_t active = R - r_begin;
-      if (active <= 0) continue;
-      scores.noalias() = q_rows.bottomRows(active) * keys.middleRows(c0, width).transpose();
-      if (req.v) probabilities.setZero(active, width);
-      for (std::int64_t i = 0; i < active; ++i) {
-        const std::int64_t r = r_begin + i;
-        const std::int64_t visible = std::min(width, req.rows[r] + 1 - c0);
-        float* z = scores.row(i).data();
+  }
+  if (req.v) output.setZero(R * G, d);
+  for (std::int64_t c0 = 0; c0 <= last; c0 += chunk) {
+    const std::int64_t width = std::min(chunk, last + 1 - c0);
+    // First row that sees any key of this chunk (rows are ascending).
+    const std::int64_t r_begin = std::lower_bound(req.rows, req.rows + R, c0) - req.rows;
+    const std::int64_t active = R - r_begin;
+    if (active <= 0) continue;
+    scores.noalias() = q_rows.bottomRows(active * G) * keys.middleRows(c0, width).transpose();
+    if (req.v) probabilities.setZero(active * G, width);
+    for (std::int64_t i = 0; i < active; ++i) {
+      const std::int64_t r = r_begin + i;
+      const std::int64_t visible = std::min(width, req.rows[r] + 1 - c0);
+      for (std::int64_t h = 0; h < G; ++h) {
+        float* z = scores.row(i * G + h).data();
         for (std::int64_t b0 = 0; b0 < visible; b0 += B) {
           const std::int64_t len = std::min(B, visible - b0);
           Eigen::Map<Eigen::ArrayXf> segment(z + b0, len);
@@ -101,24 +103,26 @@ void qk_layer_statistics(const StatsRequest& req, StatsTile& out) {
         }
         if (req.v) {
           Eigen::Map<Eigen::ArrayXf> visible_scores(z, visible);
-          const float previous = running_max[static_cast<std::size_t>(r)];
-          const float current = std::max(previous, visible_scores.maxCoeff());
-          if (previous != kNegInf) output.row(r) *= std::exp(previous - current);
-          running_max[static_cast<std::size_t>(r)] = current;
-          probabilities.row(i).head(visible) = (visible_scores - current).exp().matrix().transpose();
+          float& row_max = running_max[static_cast<std::size_t>(r * G + h)];
+          const float current = std::max(row_max, visible_scores.maxCoeff());
+          if (row_max != kNegInf) output.row(r * G + h) *= std::exp(row_max - current);
+          row_max = current;
+          probabilities.row(i * G + h).head(visible) = (visible_scores - current).exp().matrix().transpose();
         }
       }
-      if (req.v) {
-        Eigen::Map<const RowMatrix> values(req.v + c0 * d, width, d);
-        output.bottomRows(active).noalias() += probabilities * values;
-      }
     }
-    finish_row_statistics(req, out, h);
     if (req.v) {
+      Eigen::Map<const RowMatrix> values(req.v + c0 * d, width, d);
+      output.bottomRows(active * G).noalias() += probabilities * values;
+    }
+  }
+  for (std::int64_t h = 0; h < G; ++h) finish_row_statistics(req, out, h);
+  if (req.v) {
+    for (std::int64_t h = 0; h < G; ++h) {
       for (std::int64_t r = 0; r < R; ++r) {
         const double lse_all = out.lse_all[static_cast<std::size_t>(h * R + r)];
-        const auto factor = static_cast<float>(std::exp(static_cast<double>(running_max[static_cast<std::size_t>(r)]) - lse_all));
-        Eigen::Map<Eigen::RowVectorXf>(&out.output[static_cast<std::size_t>((h * R + r) * d)], d) = output.row(r) * factor;
+        const auto factor = static_cast<float>(std::exp(static_cast<double>(running_max[static_cast<std::size_t>(r * G + h)]) - lse_all));
+        Eigen::Map<Eigen::RowVectorXf>(&out.output[static_cast<std::size_t>((h * R + r) * d)], d) = output.row(r * G + h) * factor;
       }
     }
   }
