@@ -476,10 +476,6 @@ std::string write_ranking_capture(Shape::Values values, std::uint64_t seed, cons
   return path;
 }
 
-}  // namespace
-
-namespace {
-
 // The options of the tests of a backend's rankings and views: blocks of 8, schedule FSS, four token budgets.
 ReplayOptions backend_test_options(const char* selectors, std::int64_t reuse_budget) {
   ReplayOptions options = replay_options(selectors, tokens({8, 24, 56, 200}));
