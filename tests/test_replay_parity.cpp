@@ -652,41 +652,6 @@ TEST_CASE("a backend's block view gives the report of the engine's own", "[repla
   }
 }
 
-TEST_CASE("views left unbuilt give the report of built ones, bit for bit", "[replay][parity]") {
-  // Where no selector of a view reads its masses whole (oracle per head, swa, hysparse ranking by group max),
-  // the engine computes only the blocks its metrics read. Another selector on the same view that reads them
-  // (oracle:group=sum) makes the engine build it: the first selectors' reports must not move, with the CPU's
-  // rankings and with a device's (HostRankingBackend, full length and short), at the statistics' blocks and
-  // at coarser ones, with and without forced keys and the reuse matrix.
-  struct Config {
-    const char* selectors;
-    const char* reader;
-    std::int64_t reuse_budget;
-  };
-  for (const auto& [selectors, reader, reuse_budget] :
-       {Config{"oracle,oracle:sinks=2,window=9,swa,hysparse:window=12", "oracle:group=sum", 0},
-        Config{"oracle:block=16,oracle:block=16,sinks=2,window=9,swa:block=16,hysparse:block=16,window=12,swa",
-               "oracle:block=16,group=sum", 0},
-        Config{"oracle,swa:sinks=3,hysparse:block=8,sinks=1,window=12", "oracle:group=max", 24},
-        Config{"oracle:block=24,swa:block=24,sinks=1,swa", "oracle:block=24,group=sum", 0}}) {
-    for (const auto values : {Shape::Values::kGaussian, Shape::Values::kTies}) {
-      const std::string path = write_ranking_capture(values, test::seed() + 59, "parity_unbuilt_view.h5");
-      // Without output errors: a walk equal to the reader's is evaluated with it, by other products (other bits).
-      ReplayOptions unbuilt_options = backend_test_options(selectors, reuse_budget);
-      ReplayOptions built_options = backend_test_options((std::string(selectors) + "," + reader).c_str(), reuse_budget);
-      unbuilt_options.output_error = built_options.output_error = false;
-      const auto cpu = make_cpu_backend();
-      const HostRankingBackend full(0), shortened(2);
-      for (const Backend* backend : std::initializer_list<const Backend*>{cpu.get(), &full, &shortened}) {
-        CAPTURE(selectors, static_cast<int>(values), backend == cpu.get() ? "cpu" : backend == &full ? "ranking" : "short ranking");
-        ReplayResult built = run_replay(path, built_options, *backend, false);
-        built.selectors.pop_back();  // the reader
-        require_same_report(built, run_replay(path, unbuilt_options, *backend, false));
-      }
-    }
-  }
-}
-
 TEST_CASE("block views' masses and largest probabilities are the bits the device-ranking references compute", "[replay][parity]") {
   // test::view_masses and test::view_group_max_probabilities are what the GPU tests hold the device's rankings to;
   // the engine ranks build_block_view's values. They must be the same numbers, bit for bit, for the GPU tests
@@ -722,18 +687,6 @@ TEST_CASE("block views' masses and largest probabilities are the bits the device
             for (std::int64_t b = 0; b < causal; ++b) {
               CAPTURE(r, h, b);
               REQUIRE(view.mass[view.at(h, r, b)] == expected[static_cast<std::size_t>(b)]);
-            }
-            // An unbuilt view's masses, block by block and row by row, are the built view's bits.
-            BlockView unbuilt;
-            leave_block_view_unbuilt(tile, base, base * factor, rows.data(), unbuilt);
-            REQUIRE(unbuilt.mass.empty());
-            REQUIRE(unbuilt.num_blocks == view.num_blocks);
-            std::vector<double> row(static_cast<std::size_t>(causal));
-            build_view_row(tile, base, base * factor, h, r, rows[static_cast<std::size_t>(r)], row.data(), nullptr, scratch);
-            for (std::int64_t b = 0; b < causal; ++b) {
-              CAPTURE(r, h, b);
-              REQUIRE(view_mass(unbuilt, h, r, b) == expected[static_cast<std::size_t>(b)]);
-              REQUIRE(row[static_cast<std::size_t>(b)] == expected[static_cast<std::size_t>(b)]);
             }
           }
           test::view_group_max_probabilities(tile, r, rows[static_cast<std::size_t>(r)], base, factor, expected);

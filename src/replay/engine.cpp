@@ -75,7 +75,7 @@ class BaseShares {
  public:
   // `base_view`: a view whose blocks are the tile's, or nullptr.
   BaseShares(const StatsTile& tile, std::int64_t head_local, std::int64_t r, const BlockView* base_view) : tile_(tile) {
-    if (base_view && !base_view->unbuilt_from) {
+    if (base_view) {
       base_mass_ = &base_view->mass[base_view->at(head_local, r, 0)];
     } else {
       cell_ = tile.at(head_local, r, 0);
@@ -86,7 +86,8 @@ class BaseShares {
   double operator()(std::int64_t b) const {
     if (base_mass_) return base_mass_[b];
     const std::size_t cell = cell_ + static_cast<std::size_t>(b);
-    return tile_block_mass(tile_.block_max[cell], tile_.block_sum[cell], lse_tokens_);
+    const double m = tile_.block_max[cell];
+    return m == kNegInf ? 0.0 : static_cast<double>(tile_.block_sum[cell]) * portable_exp(m - lse_tokens_);
   }
 
  private:
@@ -189,15 +190,15 @@ struct SharedRanking {
       }
     }
   }
-  // The first `longest` blocks of (h, r) by their scores, b < causal, which fill(scores) writes.
-  template <typename Fill>
-  const std::int32_t* top(std::int64_t h, std::int64_t r, std::int64_t causal, std::int64_t longest, Fill fill,
+  // The first `longest` blocks of (h, r) by score(b), b < causal.
+  template <typename Score>
+  const std::int32_t* top(std::int64_t h, std::int64_t r, std::int64_t causal, std::int64_t longest, Score score,
                           std::vector<double>& scratch) {
     const auto cell = static_cast<std::size_t>(h * rows + r);
     std::int32_t* out = &order[cell * static_cast<std::size_t>(stride)];
     if (length[cell] < longest) {
       scratch.resize(static_cast<std::size_t>(causal));
-      fill(scratch.data());
+      for (std::int64_t b = 0; b < causal; ++b) scratch[static_cast<std::size_t>(b)] = score(b);
       const std::int64_t ranked = std::min(causal, longest + slack);
       rank_top(scratch.data(), causal, ranked, out);
       length[cell] = ranked;
@@ -239,26 +240,12 @@ struct Workspace {
   std::vector<SharedRanking> oracle_rankings;  // per fixed forced config with forced keys: by residual mass
   std::vector<SharedRanking> mass_rankings;    // per view: by mass
   std::vector<SharedRanking> group_rankings;   // per view that wants it: by max over the group's heads of max_prob
-  // Writes the causal masses of (h, r) of `view` into scores (a SharedRanking's fill): its row, or for an
-  // unbuilt view the row built from the tile (build_view_row: build_block_view's bits).
-  auto row_masses(const BlockView& view, std::int64_t h, std::int64_t r) {
-    return [this, &view, h, r](double* out) {
-      if (view.unbuilt_from) {
-        build_view_row(*view.unbuilt_from, view.unbuilt_base, view.block, h, r, view.positions[r], out, nullptr, block_exps);
-      } else {
-        const double* row = &view.mass[view.at(h, r, 0)];
-        std::copy(row, row + view.causal_blocks(r), out);
-      }
-    };
-  }
   // The first `count` blocks of row r of `view` (view index v) by max over heads of max_prob, ranked once.
   const std::int32_t* top_by_group_max(const BlockView& view, std::size_t v, std::int64_t r, std::int64_t count) {
-    auto group_max = [&](double* out) {
-      for (std::int64_t b = 0; b < view.causal_blocks(r); ++b) {
-        double best = 0.0;  // probabilities are >= 0
-        for (std::int64_t h = 0; h < view.heads; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
-        out[b] = best;
-      }
+    auto group_max = [&](std::int64_t b) {
+      double best = 0.0;  // probabilities are >= 0
+      for (std::int64_t h = 0; h < view.heads; ++h) best = std::max(best, view.max_prob[view.at(h, r, b)]);
+      return best;
     };
     SharedRanking& ranking = group_rankings[v];
     if (view.max_prob.empty() && ranking.length[static_cast<std::size_t>(r)] < count) {
@@ -275,9 +262,9 @@ struct Workspace {
   const std::int32_t* top_by_residual(const ForcedConfig& config, std::size_t c, const BlockView& view, std::int64_t h,
                                       std::int64_t r, std::int64_t longest, const ForcedSummary& forced) {
     const std::int64_t causal = view.causal_blocks(r);
-    auto mass = [&](std::int64_t b) { return view_mass(view, h, r, b); };
+    auto mass = [&](std::int64_t b) { return view.mass[view.at(h, r, b)]; };
     SharedRanking& by_mass = mass_rankings[static_cast<std::size_t>(config.view)];
-    if (config.sinks == 0 && config.window == 0) return by_mass.top(h, r, causal, longest, row_masses(view, h, r), scores);
+    if (config.sinks == 0 && config.window == 0) return by_mass.top(h, r, causal, longest, mass, scores);
     SharedRanking& ranking = oracle_rankings[c];
     const auto cell = static_cast<std::size_t>(h * ranking.rows + r);
     std::int32_t* out = &ranking.order[cell * static_cast<std::size_t>(ranking.stride)];
@@ -290,7 +277,7 @@ struct Workspace {
     };
     std::sort(touched.begin(), touched.end(), [&](const auto& x, const auto& y) { return better(x.first, x.second, y.first, y.second); });
     const std::int64_t base_length = std::min(causal, longest + static_cast<std::int64_t>(touched.size()));
-    const std::int32_t* base = by_mass.top(h, r, causal, base_length, row_masses(view, h, r), scores);
+    const std::int32_t* base = by_mass.top(h, r, causal, base_length, mass, scores);
     auto is_touched = [&](std::int64_t b) {
       for (const auto& entry : touched) {
         if (entry.second == b) return true;
@@ -310,23 +297,11 @@ struct Workspace {
     return out;
   }
   std::vector<std::int32_t> reuse_ranking;
-  // sum.add over the residual masses of (h, r) of `view`: its masses with the blocks the forced keys touch read
-  // as their residuals. A built row is patched for the call and restored after it (no copy of the tile's
-  // masses); an unbuilt one computes the masses it gathers.
+  // sum.add over a row of residual masses: the row's masses with the blocks the forced keys touch read as
+  // their residuals, written into the row for the call and restored after it (no copy of the tile's masses).
   std::vector<double> patched_masses;
-  void add_residual(GatheredSum& sum, BlockView& view, std::int64_t h, std::int64_t r, const ForcedSummary& forced,
-                    const std::int32_t* index, std::int64_t from, std::int64_t to) {
-    if (view.unbuilt_from) {
-      sum.add([&](std::int64_t i) {
-        const std::int32_t b = index[i];
-        for (const auto& [block, residual] : forced.residual) {
-          if (block == b) return residual;
-        }
-        return view_mass(view, h, r, b);
-      }, from, to);
-      return;
-    }
-    double* row_mass = view.mass.data() + view.at(h, r, 0);
+  void add_residual(GatheredSum& sum, double* row_mass, const ForcedSummary& forced, const std::int32_t* index,
+                    std::int64_t from, std::int64_t to) {
     patched_masses.resize(forced.residual.size());
     for (std::size_t i = 0; i < forced.residual.size(); ++i) {
       const auto b = static_cast<std::size_t>(forced.residual[i].first);
@@ -642,7 +617,6 @@ struct ReplayRun::Impl {
   std::int64_t reuse_view = -1, base_block = 0, reuse_count = 0, tile_rows = 1, tiles = 0;
   std::int64_t base_view_index = -1;            // the view whose blocks are the tile's (-1: none)
   std::vector<char> view_needs_max;             // per view: whether a reader needs BlockView::max_prob
-  std::vector<char> layer_reads_mass;           // per view, this layer's: whether a selector reads its masses whole
   // Per view, per tile: StatsRequest::group_rank_blocks where the reuse matrix or a selector ranks the view's
   // blocks by their largest probability over a KV group's heads in some layer (empty: none does).
   std::vector<std::vector<std::int64_t>> view_group_rank_blocks;
@@ -1064,11 +1038,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
       ranked_view = plan.view_index;
     }
   }
-  // The views whose masses a selector reads whole in this layer; the others are left unbuilt (read block by block).
-  layer_reads_mass.assign(block_sizes.size(), 0);
-  for (const SelectorPlan& plan : plans) {
-    if (plan.selector->reads_block_mass(layer)) layer_reads_mass[static_cast<std::size_t>(plan.view_index)] = 1;
-  }
   // Residuals (forced keys' shares, key by key where a window cuts a block) only for the selectors that are
   // sparse in this layer: one attending in full reads none (hysparse's full layers rank by group).
   layer_wants_config.assign(configs.size(), 0);
@@ -1161,8 +1130,6 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         const bool with_max = view_needs_max[v] != 0 || group_from_host;
         if (v == built_view && ws.tile.view_blocks > 0) {
           adopt_block_view(ws.tile, block_sizes[v], positions, with_max, ws.views[v]);
-        } else if (!with_max && !layer_reads_mass[v]) {
-          leave_block_view_unbuilt(ws.tile, base_block, block_sizes[v], positions, ws.views[v]);
         } else {
           build_block_view(ws.tile, base_block, block_sizes[v], positions, with_max, ws.views[v], ws.block_exps);
         }
@@ -1259,9 +1226,8 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
         const BlockView& view = ws.views[static_cast<std::size_t>(configs[c].view)];
         const bool forced = configs[c].sinks != 0 || configs[c].window != 0;
         const bool stored = forced && config_keeps_residual[c];
-        if (stored && view.unbuilt_from) throw Error(ErrorKind::kInternal, "a selector reads the residual masses of an unbuilt view");
         if (stored) ws.residual_storage[c] = view.mass;
-        ws.residual_mass[c] = view.unbuilt_from ? nullptr : !forced ? &view.mass : stored ? &ws.residual_storage[c] : nullptr;
+        ws.residual_mass[c] = !forced ? &view.mass : stored ? &ws.residual_storage[c] : nullptr;
         for (std::int64_t h = 0; h < G; ++h) {
           for (std::int64_t r = 0; r < nr; ++r) {
             const ForcedRanges ranges(configs[c].sinks, configs[c].window, positions[r]);
@@ -1418,7 +1384,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const auto reference = static_cast<std::size_t>(plan.reference_config);
             const std::int32_t* oracle_order = ws.top_by_residual(configs[reference], reference, view, h, r, longest, fixed);
             const std::int32_t* pure_order = ws.mass_rankings[static_cast<std::size_t>(plan.view_index)].top(
-                h, r, causal, longest, ws.row_masses(view, h, r), ws.scores);
+                h, r, causal, longest, [&](std::int64_t b) { return view.mass[view.at(h, r, b)]; }, ws.scores);
 
             // The ranking being walked: its blocks are stamped with their rank; sums grow incrementally.
             const std::int32_t* order = nullptr;
@@ -1446,7 +1412,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
 
             // Walk the budgets in increasing block count (token budgets ascend; sparsity descends).
             // The row's masses, read as residuals by add_residual (fixed's few touched blocks patched for the call).
-            BlockView& row_view = ws.views[static_cast<std::size_t>(plan.view_index)];
+            double* row_mass = ws.views[static_cast<std::size_t>(plan.view_index)].mass.data() + view.at(h, r, 0);
             GatheredSum oracle_sum;
             std::int64_t oracle_taken = 0;
             // Budget-window SWA: whole base blocks are added once as the window grows; the partial
@@ -1488,7 +1454,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
               } else {
                 const std::int64_t use = nested ? std::min<std::int64_t>(n, order_length) : order_length;
-                if (taken < use) ws.add_residual(selected_mass, row_view, h, r, fixed, order, taken, use);
+                if (taken < use) ws.add_residual(selected_mass, row_mass, fixed, order, taken, use);
                 for (; taken < use; ++taken) {
                   const std::int64_t b = order[taken];
                   selected_keys += block_keys(b) - fixed_ranges.count_in(b * B, (b + 1) * B);
@@ -1514,12 +1480,12 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
                 metrics.at(kTopkOverlap, s, bi, head, row_index) = all > 0 ? in / all : 1.0;
               }
               if (nested) {
-                if (oracle_taken < n) ws.add_residual(oracle_sum, row_view, h, r, fixed, oracle_order, oracle_taken, n);
+                if (oracle_taken < n) ws.add_residual(oracle_sum, row_mass, fixed, oracle_order, oracle_taken, n);
                 oracle_taken = std::max(oracle_taken, n);
               } else {
                 // Equal-size oracle: as many blocks as the selection holds, beside the same forced keys.
                 oracle_sum.reset();
-                ws.add_residual(oracle_sum, row_view, h, r, fixed, oracle_order, 0, compared);
+                ws.add_residual(oracle_sum, row_mass, fixed, oracle_order, 0, compared);
               }
               double oracle_mass = fixed.mass + oracle_sum.total();
               const bool whole_row = keys >= t + 1;
@@ -1569,7 +1535,7 @@ void ReplayRun::Impl::run_layer(std::int64_t layer) {
             const std::int32_t* chosen = &reuse_store[source * static_cast<std::size_t>(reuse_count)];
             for (std::int64_t h = 0; h < G; ++h) {
               double recall = 0.0;
-              for (std::int32_t i = 0; i < reuse_length[source]; ++i) recall += view_mass(view, h, r, chosen[i]);
+              for (std::int32_t i = 0; i < reuse_length[source]; ++i) recall += view.mass[view.at(h, r, chosen[i])];
               reuse_item_sums[static_cast<std::size_t>(item * L + f)] += std::min(1.0, recall);
             }
           }

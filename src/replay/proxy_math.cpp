@@ -436,9 +436,6 @@ void CrossLayerStore::record(const RankContext& c, Score score, Group group) {
     }
     return;
   }
-  if (v.unbuilt_from) {
-    throw Error(ErrorKind::kInternal, "a cross-layer selection reads the masses of an unbuilt view (Selector::reads_block_mass)");
-  }
   const std::vector<double>& source = score == Score::kMax ? v.max_prob : v.mass;
   if (source.size() != v.mass.size()) {
     throw Error(ErrorKind::kInternal, "a cross-layer selection reads block maxima that its view does not hold (Selector::reads_block_max)");

@@ -21,7 +21,6 @@
 namespace hysparse {
 
 class Backend;
-struct StatsTile;
 
 // Exact statistics of one (layer, KV group, row tile) at one block size.
 struct BlockView {
@@ -30,11 +29,6 @@ struct BlockView {
   std::vector<double> mass;      // [heads][rows][num_blocks]: M_b, normalised by the row's token mass
   std::vector<double> max_prob;  // [heads][rows][num_blocks]: P_b, the largest true probability in the block;
                                  // empty in a view whose selectors do not read it (Selector::reads_block_max)
-  // Not null: the view is unbuilt, mass and max_prob are empty and the engine computes a block's mass from
-  // this tile's statistics when it reads one (replay/block_view.hpp: view_mass). The engine leaves a view so
-  // only where no selector reads its arrays (Selector::reads_block_mass).
-  const StatsTile* unbuilt_from = nullptr;
-  std::int64_t unbuilt_base = 0;  // the tile's block size
   std::int64_t causal_blocks(std::int64_t r) const { return positions[r] / block + 1; }
   std::size_t at(std::int64_t h, std::int64_t r, std::int64_t b) const {
     return static_cast<std::size_t>((h * rows + r) * num_blocks + b);
@@ -198,11 +192,6 @@ class Selector {
   virtual bool selects_blocks() const { return true; }
   // Whether rank() reads BlockView::max_prob: the engine fills it only in the views someone reads it from.
   virtual bool reads_block_max() const { return false; }
-  // Whether rank() in `layer` may read BlockView::mass or RankContext::residual_mass (itself, or through
-  // proxy::CrossLayerStore::record with masses or without the group-max ranking). Where no selector of a view
-  // does, the engine leaves the view's masses unbuilt (BlockView::unbuilt_from) and computes only the blocks
-  // its metrics read; true, the safe answer, builds them.
-  virtual bool reads_block_mass(std::int64_t /*layer*/) const { return true; }
   // Whether rank() reads RankContext::residual_mass, the whole array (the engine builds it only for those;
   // top_by_residual is there for every selector sparse in the layer).
   virtual bool reads_residual_mass() const { return false; }

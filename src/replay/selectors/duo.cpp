@@ -49,7 +49,6 @@ class DuoSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return true; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
   BudgetUse budget_use() const override { return BudgetUse::kFree; }
   bool calibrates() const override { return true; }
   std::int64_t first_scored_position() const override { return split_.first_scored; }

@@ -54,7 +54,6 @@ class H2oSelector final : public Selector {
     return std::min(budget.blocks_for_row(seq_len, 1), seq_len);
   }
   bool ranks_per_head() const override { return group_ == "none"; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
   BudgetUse budget_use() const override { return BudgetUse::kPerBudget; }
 
   void begin(const ReplayPlan& plan) override { budgets_ = plan.budgets; }

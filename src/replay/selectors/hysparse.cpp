@@ -46,10 +46,6 @@ class HySparseSelector final : public Selector {
   bool ranks_by_group_max(std::int64_t layer) const override {
     return score_ == "max" && group_ == "max" && role(layer) == LayerRole::kFull;  // full layers record the selection
   }
-  // Sparse layers recall a stored selection; full layers record one, by the group-max ranking alone.
-  bool reads_block_mass(std::int64_t layer) const override {
-    return role(layer) == LayerRole::kFull && !(score_ == "max" && group_ == "max");
-  }
   LayerRole role(std::int64_t layer) const override {
     return full_[static_cast<std::size_t>(layer)] ? LayerRole::kFull : LayerRole::kSparse;
   }

@@ -44,7 +44,6 @@ class InfLlmSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return false; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
 
   // Representative score r_h[j]: the true attention key j receives from queries j .. j + window - 1
   // (InfLLM accumulates it while the key is in the local window); blocks outside the window at row t

@@ -37,7 +37,6 @@ class LokiSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return true; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
   std::int64_t first_scored_position() const override { return split_.first_scored; }
   std::string calibration_note() const override { return split_.note; }
 

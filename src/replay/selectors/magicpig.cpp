@@ -45,7 +45,6 @@ class MagicPigSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return true; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
   BudgetUse budget_use() const override { return BudgetUse::kFree; }
 
   void begin(const ReplayPlan& plan) override {

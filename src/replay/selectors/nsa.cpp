@@ -44,7 +44,6 @@ class NsaSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return false; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
 
   void prepare_layer(const LayerContext& layer) override {
     require_qk(layer);

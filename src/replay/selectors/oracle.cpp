@@ -30,7 +30,6 @@ class OracleSelector final : public Selector {
   bool ranks_per_head() const override { return group_ == "none"; }
   // Per head, the engine's shared ranking by residual is this selection; over a group, the residuals are summed.
   bool reads_residual_mass() const override { return group_ != "none"; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return group_ != "none"; }
 
   void rank(const RankContext& c, Rankings& out) override {
     const BlockView& v = *c.view;

@@ -35,7 +35,6 @@ class OracleTopPSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return true; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
   BudgetUse budget_use() const override { return BudgetUse::kFree; }
 
   // The threshold decision uses the row's exact probabilities in double (not the float statistics),

@@ -35,7 +35,6 @@ class QuestSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return true; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
   LayerRole role(std::int64_t layer) const override { return layer < dense_ ? LayerRole::kFull : LayerRole::kSparse; }
 
   void prepare_layer(const LayerContext& layer) override {

@@ -47,10 +47,6 @@ class ReuseSelector final : public Selector {
   bool ranks_by_group_max(std::int64_t layer) const override {
     return score_ == "prob" && group_ == "max" && std::binary_search(layers_.begin(), layers_.end(), layer);
   }
-  // Selection layers record a selection (by the group-max ranking alone with score=prob,group=max); the rest recall.
-  bool reads_block_mass(std::int64_t layer) const override {
-    return std::binary_search(layers_.begin(), layers_.end(), layer) && !(score_ == "prob" && group_ == "max");
-  }
   LayerRole role(std::int64_t layer) const override {
     if (layers_.empty() || layer < layers_.front()) return LayerRole::kFull;
     const bool selection = std::binary_search(layers_.begin(), layers_.end(), layer);

@@ -46,7 +46,6 @@ class SnapKvSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return group_ == "none"; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }  // its own scores only
   BudgetUse budget_use() const override { return BudgetUse::kPerBudget; }
   std::int64_t first_scored_position() const override { return prompt_end_; }
 

@@ -33,7 +33,6 @@ class SwaSelector final : public Selector {
     return i;
   }
   bool ranks_per_head() const override { return false; }
-  bool reads_block_mass(std::int64_t /*layer*/) const override { return false; }
   bool selects_blocks() const override { return false; }
   void rank(const RankContext& c, Rankings& out) override { out.reset(1, c.rows, 0); }
 };
