@@ -26,9 +26,15 @@
 namespace hysparse {
 namespace portable_exp_detail {
 
-// 2^k for k in [-1022, 1023], built from its exponent bits.
-HYSPARSE_HOST_DEVICE_INLINE double power_of_two(std::int64_t k) {
-  const std::uint64_t bits = static_cast<std::uint64_t>(k + 1023) << 52;
+// 2^k for an integer-valued k in [-1022, 1023], built from its exponent bits. k + 1023 + 2^52 holds the
+// biased exponent in its low mantissa bits, which a shift moves into place: double arithmetic and one
+// 64-bit shift, which AVX2 has in vector form (unlike a double-to-int64 conversion), so that loops over
+// blocks vectorise on x86 CPUs without AVX-512 too.
+HYSPARSE_HOST_DEVICE_INLINE double power_of_two(double k) {
+  const double biased = (k + 1023.0) + 4503599627370496.0;  // + 2^52: exact for the integers in range
+  std::uint64_t bits;
+  std::memcpy(&bits, &biased, sizeof bits);
+  bits <<= 52;
   double value;
   std::memcpy(&value, &bits, sizeof value);
   return value;
@@ -40,6 +46,7 @@ HYSPARSE_HOST_DEVICE_INLINE double portable_exp(double x) {
 #if !defined(__CUDA_ARCH__)
   using std::fma;
   using std::rint;
+  using std::trunc;
 #endif
   constexpr double kLog2E = 1.4426950408889634074;
   // ln 2 split so that k * kLn2High is exact for |k| < 2^11 (its low 32 bits are zero).
@@ -67,11 +74,10 @@ HYSPARSE_HOST_DEVICE_INLINE double portable_exp(double x) {
   p = fma(p, r, 0.5);
   p = fma(p, r, 1.0);
   p = fma(p, r, 1.0);
-  // Times 2^k in two exact halves, each a normal power of two; only the second product rounds (to a
-  // subnormal, 0 or +inf where exp does).
-  const auto exponent = static_cast<std::int64_t>(k);
-  const std::int64_t half = exponent / 2;
-  const double value = p * portable_exp_detail::power_of_two(half) * portable_exp_detail::power_of_two(exponent - half);
+  // Times 2^k in two exact halves (k / 2 rounded toward zero, and the rest), each a normal power of two;
+  // only the second product rounds (to a subnormal, 0 or +inf where exp does).
+  const double half = trunc(k * 0.5);
+  const double value = p * portable_exp_detail::power_of_two(half) * portable_exp_detail::power_of_two(k - half);
   return x == x ? value : x;
 }
 
