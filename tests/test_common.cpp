@@ -161,6 +161,28 @@ TEST_CASE("portable_exp is within one ulp of exp, exact at its limits, and the s
   CHECK(differing == 0);
 }
 
+TEST_CASE("portable_exp's scaling by 2^k is exact: the integer construction's bits for every exponent", "[common]") {
+  // portable_exp scales by 2^half * 2^(k - half), half = k / 2 rounded toward zero, for the integers k that
+  // rint(clamped x log2 e) takes. Its powers of two come from double arithmetic and a shift (vectorisable
+  // with AVX2); every step is exact, so they must be the bits of the plain integer construction (a double to
+  // int64 conversion, what the host did before and any device does alike), for every k.
+  std::int64_t checked = 0;
+  for (std::int64_t k = -1076; k <= 1025; ++k) {
+    const double half = std::trunc(static_cast<double>(k) * 0.5);
+    REQUIRE(half == static_cast<double>(k / 2));
+    for (const std::int64_t e : {k / 2, k - k / 2}) {
+      const std::uint64_t expected = static_cast<std::uint64_t>(e + 1023) << 52;
+      const double value = portable_exp_detail::power_of_two(static_cast<double>(e));
+      std::uint64_t bits;
+      std::memcpy(&bits, &value, sizeof bits);
+      CAPTURE(k, e);
+      REQUIRE(bits == expected);
+      ++checked;
+    }
+  }
+  CHECK(checked == 2 * 2102);
+}
+
 namespace {
 
 // HYSPARSE_SHA256_CACHE for one test, restored afterwards.
